@@ -1,0 +1,7 @@
+"""nanoflow: a throughput-oriented LLM serving engine (NanoFlow's nano-batched pipeline)."""
+from nanoflow.entrypoints.llm import LLM
+from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"

@@ -1,0 +1,211 @@
+"""Model and engine configuration.
+
+`ModelConfig` is the one description of an architecture that the loaders, the model, the
+cost model and the pipeline share. It is read from an HF `config.json`, from GGUF metadata,
+or from a named shape preset (for benchmarks with dummy weights).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+# HF architecture name -> our family name. All are the Llama decoder with small variations.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: {ROPE_TYPES})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count (embedding included once; tied lm_head not counted twice)."""
+        h, i = self.hidden_size, self.intermediate_size
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if arch is None and not archs:
+            arch = MODEL_TYPES.get(cfg.get("model_type", ""))
+        if arch is None:
+            raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+                             f"supported: {sorted(ARCHITECTURES)}")
+        try:
+            heads = cfg["num_attention_heads"]
+            hidden = cfg["hidden_size"]
+            # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling.
+            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+            theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+            if "type" in rope and "rope_type" not in rope:
+                rope["rope_type"] = rope.pop("type")
+            eos = cfg.get("eos_token_id")
+            window = cfg.get("sliding_window")
+            if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+                window = None
+            return cls(
+                architecture=arch,
+                vocab_size=cfg["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=cfg["intermediate_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or hidden // heads,
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=float(theta),
+                rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                qkv_bias=arch == "qwen2" or cfg.get("attention_bias", False),
+                o_bias=arch != "qwen2" and cfg.get("attention_bias", False),
+                mlp_bias=cfg.get("mlp_bias", False),
+                sliding_window=window,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            )
+        except KeyError as e:
+            raise ValueError(f"malformed model config: missing field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_file(cls, path: str) -> "ModelConfig":
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"malformed model config {path}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"malformed model config {path}: expected a JSON object")
+        return cls.from_hf(cfg)
+
+
+def _preset(arch, vocab, hidden, inter, layers, heads, kv, theta, max_pos, eps, **kw) -> ModelConfig:
+    return ModelConfig(architecture=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                       num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
+                       rope_theta=theta, max_position_embeddings=max_pos, rms_norm_eps=eps, **kw)
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+# Shapes of the public models (from their config.json), for benchmarks with dummy weights.
+PRESETS: dict[str, ModelConfig] = {
+    "llama-2-7b": _preset("llama", 32000, 4096, 11008, 32, 32, 32, 1e4, 4096, 1e-5, bos_token_id=1, eos_token_ids=[2]),
+    "llama-2-13b": _preset("llama", 32000, 5120, 13824, 40, 40, 40, 1e4, 4096, 1e-5, bos_token_id=1, eos_token_ids=[2]),
+    "llama-2-70b": _preset("llama", 32000, 8192, 28672, 80, 64, 8, 1e4, 4096, 1e-5, bos_token_id=1, eos_token_ids=[2]),
+    "llama-3-8b": _preset("llama", 128256, 4096, 14336, 32, 32, 8, 5e5, 8192, 1e-5, bos_token_id=128000,
+                          eos_token_ids=[128001, 128009]),
+    "llama-3-70b": _preset("llama", 128256, 8192, 28672, 80, 64, 8, 5e5, 8192, 1e-5, bos_token_id=128000,
+                           eos_token_ids=[128001, 128009]),
+    "llama-3.1-8b": _preset("llama", 128256, 4096, 14336, 32, 32, 8, 5e5, 131072, 1e-5, bos_token_id=128000,
+                            eos_token_ids=[128001, 128008, 128009], rope_scaling=_LLAMA3_ROPE),
+    "qwen2-7b": _preset("qwen2", 152064, 3584, 18944, 28, 28, 4, 1e6, 32768, 1e-6, qkv_bias=True,
+                        eos_token_ids=[151643]),
+    "qwen2-72b": _preset("qwen2", 152064, 8192, 29568, 80, 64, 8, 1e6, 32768, 1e-6, qkv_bias=True,
+                         eos_token_ids=[151643]),
+    "mistral-7b": _preset("mistral", 32768, 4096, 14336, 32, 32, 8, 1e6, 32768, 1e-5, bos_token_id=1,
+                          eos_token_ids=[2]),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: str | None) -> torch.dtype:
+    """'auto' means fp32 on the CPU and the checkpoint's half type (else bf16) on the GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.float16 if model_dtype == "float16" else torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(names)}")
+    return names[dtype]
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Knobs of the engine; defaults follow vLLM's where the meaning is the same."""
+    max_num_batched_tokens: int | None = None  # dense token budget per iteration
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # else sized from memory
+    gpu_memory_utilization: float = 0.9
+    kv_cache_gb: float = 1.0  # CPU KV cache size when num_kv_blocks is not given
+    admission: str = "kv"  # "kv": free blocks for the prompt; "predicted": predicted peak use
+    predicted_output_len: int | None = None  # for admission="predicted"; None: max_tokens
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.admission not in ("kv", "predicted"):
+            raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
+        if self.block_size <= 0 or self.max_num_seqs <= 0:
+            raise ValueError("block_size and max_num_seqs must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_batched_tokens must be positive")
+
+
+def read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

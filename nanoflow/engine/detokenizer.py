@@ -1,0 +1,49 @@
+"""Incremental detokenization and stop strings.
+
+Decoding only the new ids would break words apart (byte-level pieces, sentencepiece's leading
+spaces), so each step decodes a short window that starts a few tokens back and emits what it adds
+past the previous window. A trailing U+FFFD means an incomplete UTF-8 sequence: wait for more.
+"""
+from __future__ import annotations
+
+from nanoflow.engine.sequence import Sequence
+from nanoflow.tokenizer import Tokenizer
+
+
+def detokenize(tokenizer: Tokenizer, seq: Sequence) -> str:
+    """Append the text of newly generated tokens to seq.output_text and return it."""
+    skip = seq.params.skip_special_tokens
+    ids = seq.token_ids
+    prefix = tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=skip)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return ""
+    delta = full[len(prefix):]
+    seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+    seq.output_text += delta
+    return delta
+
+
+def find_stop(seq: Sequence, delta_len: int) -> str | None:
+    """If a stop string now occurs in the output, cut the text there and return the stop string."""
+    stops = seq.params.stop_strings
+    if not stops or not delta_len:
+        return None
+    text = seq.output_text
+    # only a match that overlaps the new text can be new
+    begin = max(len(text) - delta_len - max(map(len, stops)) + 1, 0)
+    hits = [(i, s) for s in stops if (i := text.find(s, begin)) >= 0]
+    if not hits:
+        return None
+    i, stop = min(hits)
+    seq.output_text = text[: i + len(stop)] if seq.params.include_stop_str_in_output else text[:i]
+    return stop
+
+
+def visible_text(seq: Sequence, finished: bool) -> str:
+    """While running, hold back a tail that could still become a stop string."""
+    stops = seq.params.stop_strings
+    if finished or not stops or seq.params.include_stop_str_in_output:
+        return seq.output_text
+    hold = max(map(len, stops)) - 1
+    return seq.output_text[: len(seq.output_text) - hold] if hold else seq.output_text

@@ -1,0 +1,188 @@
+"""The engine: requests in, one iteration per `step()`, outputs out.
+
+step = schedule (scheduler) -> execute (runner) -> postprocess (tokens, text, stop checks).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nanoflow.config import EngineConfig, resolve_dtype
+from nanoflow.engine.detokenizer import detokenize, find_stop, visible_text
+from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
+from nanoflow.engine.sequence import Request, Sequence, Status
+from nanoflow.executor.model_runner import ModelOutput, ModelRunner
+from nanoflow.layers.sampler import LogprobRows
+from nanoflow.models.loader import build_model, resolve
+from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+from nanoflow.tokenizer import Tokenizer
+
+Prompt = str | list[int] | dict
+
+
+class LLMEngine:
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, load_format: str = "auto",
+                 dtype: str | torch.dtype = "auto", device: str | None = None, **engine_args):
+        self.config = EngineConfig(**engine_args)
+        self.source = resolve(model)
+        cfg = self.source.config
+        self.model_config = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
+        self.tokenizer = self._load_tokenizer(tokenizer)
+        limit = cfg.max_position_embeddings
+        if self.config.max_model_len is not None and self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context length {limit}")
+        self.max_model_len = self.config.max_model_len or limit
+        model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len, self.config.seed)
+        self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
+        self.runner = ModelRunner(model_, self.config, self.eos_token_ids)
+        self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens)
+        self.requests: dict[str, Request] = {}
+        self.stats = {"iterations": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
+        if path is not None:
+            return Tokenizer.from_dir(path)
+        if self.source.kind == "gguf":
+            return Tokenizer.from_gguf(self.source.gguf_reader)
+        if self.source.kind == "hf":
+            try:
+                return Tokenizer.from_dir(self.source.path)
+            except FileNotFoundError:
+                return None  # token-id prompts only
+        return None
+
+    # -- requests --------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids, or tokenizer=PATH")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.model_config.vocab_size})")
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room in the context length "
+                             f"(max_model_len = {self.max_model_len})")
+        blocks = self.scheduler.blocks
+        if blocks.blocks_for(len(ids) + 1) > blocks.num_blocks:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the KV cache holds "
+                             f"({blocks.num_blocks * blocks.block_size} tokens)")
+        req = Request(request_id, text, ids, params)
+        room = self.max_model_len - len(ids)
+        for seq in req.seqs:
+            seq.max_tokens = min(params.max_tokens or room, room)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.stats["prompt_tokens"] += len(ids) * params.n
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if seq.status is not Status.FINISHED:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the iteration ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.empty:
+            return []
+        result = self.runner.execute(out)
+        self.scheduler.update(out)
+        return self.postprocess(out, result)
+
+    def postprocess(self, out: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
+        self.stats["iterations"] += 1
+        touched: dict[str, Request] = {}
+        for i, rows in result.prompt_logprobs.items():
+            c = out.chunks[i]
+            targets = c.seq.token_ids[c.start + 1:]
+            c.seq.request.prompt_logprobs += [self._position(rows, r, targets[r], c.seq.params.prompt_logprobs)
+                                              for r in range(len(rows.logprob))]
+        sampled = [c for c in out.chunks if c.samples]
+        now = time.monotonic()
+        for j, (c, token) in enumerate(zip(sampled, result.token_ids)):
+            seq = c.seq
+            req = seq.request
+            touched[req.request_id] = req
+            req.first_token_time = req.first_token_time or now
+            seq.token_ids.append(token)
+            self.stats["generation_tokens"] += 1
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._position(result.logprobs, j, token, seq.params.logprobs))
+                seq.cumulative_logprob += result.logprobs.logprob[j]
+            self._check_stop(seq, token)
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        delta = detokenize(self.tokenizer, seq) if self.tokenizer else ""
+        reason = stop = None
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                reason = "stop"
+            elif params.stop_token_ids and token in params.stop_token_ids:
+                reason, stop = "stop", token
+            elif (s := find_stop(seq, len(delta))) is not None:
+                reason, stop = "stop", s
+        if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop
+            self.scheduler.finish(seq)
+
+    def _position(self, rows: LogprobRows, j: int, target: int, k: int) -> PositionLogprobs:
+        """Row j as {token id: Logprob}: its top-k tokens and the target token."""
+        decode = self.tokenizer.id_to_token if self.tokenizer else (lambda _: None)
+        entry = {t: Logprob(v, r + 1, decode(t))
+                 for r, (t, v) in enumerate(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k]))}
+        entry[target] = Logprob(rows.logprob[j], rows.rank[j], decode(target))
+        return entry
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            done = seq.status is Status.FINISHED
+            outs.append(CompletionOutput(
+                index=seq.index, text=visible_text(seq, done), token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time}
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
+                             req.finished, metrics)

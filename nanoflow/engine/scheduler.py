@@ -1,0 +1,143 @@
+"""NanoFlow's dense batch: each iteration takes one token from every running decode sequence and
+fills the rest of a fixed token budget with chunked prefill.
+
+Admission is first-come first-served, gated by KV blocks (the whole prompt must fit) or, with
+admission="predicted", by the predicted peak KV use of everything running (NanoFlow's policy,
+which avoids preemption). When a decode sequence needs a block and none is free, the newest
+running sequence is preempted and later recomputed.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanoflow.config import EngineConfig
+from nanoflow.engine.block_manager import BlockManager
+from nanoflow.engine.sequence import Sequence, Status
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Tokens [start, start + length) of a sequence, computed this iteration."""
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:  # reaches the end of the sequence, so the next token is sampled
+        return self.start + self.length == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[Chunk] = field(default_factory=list)  # decode chunks first, then prefill chunks
+    num_decode: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int):
+        self.config = config
+        self.budget = max_num_batched_tokens
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.budget
+        # 1. one token for every running decode sequence, oldest first
+        for seq in [s for s in self.running if s.num_pending == 1]:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted by an older sequence in this loop
+                continue
+            if not self._make_room(seq, seq.num_tokens, out):
+                continue
+            out.chunks.append(Chunk(seq, seq.num_computed, 1))
+            budget -= 1
+        out.num_decode = len(out.chunks)
+        # 2. continue prefills in flight (their blocks were allocated at admission)
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_pending > 1:
+                n = min(seq.num_pending, budget)
+                out.chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+        # 3. admit waiting sequences in order while the budget and the KV cache allow
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admissible(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_tokens)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_pending, budget)
+            out.chunks.append(Chunk(seq, seq.num_computed, n))
+            budget -= n
+        return out
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the iteration ran: the scheduled tokens are in the KV cache."""
+        for c in out.chunks:
+            c.seq.num_computed = c.start + c.length
+
+    # -- policies --------------------------------------------------------------------------------
+    def _admissible(self, seq: Sequence) -> bool:
+        # room for the prompt and its first generated token
+        if self.blocks.needed(seq, seq.num_tokens + 1) > self.blocks.num_free:
+            return False
+        if self.config.admission == "predicted":
+            peak = sum(self._predicted_peak(s) for s in self.running) + self._predicted_peak(seq)
+            return peak <= self.blocks.num_blocks
+        return True
+
+    def _predicted_peak(self, seq: Sequence) -> int:
+        out_len = self.config.predicted_output_len or seq.max_tokens or 0
+        remaining = max(seq.num_prompt_tokens + out_len - seq.num_tokens, 0)
+        return self.blocks.blocks_for(seq.num_tokens + remaining)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Allocate blocks for seq, preempting the newest running sequences if needed."""
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)  # recomputed from scratch on readmission
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        out.chunks = [c for c in out.chunks if c.seq is not seq]
+        self.num_preemptions += 1

@@ -1,0 +1,88 @@
+"""Request and sequence state. A request with n > 1 has n sequences sharing its prompt."""
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum
+
+import torch
+
+from nanoflow.outputs import PositionLogprobs
+from nanoflow.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = 1
+    RUNNING = 2
+    FINISHED = 3
+
+
+class Request:
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "arrival_time",
+                 "prompt_logprobs", "first_token_time")
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.seqs = [Sequence(self, i) for i in range(params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.seqs)
+
+
+class Sequence:
+    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
+                 "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
+                 "prefix_offset", "read_offset", "generator", "max_tokens")
+
+    def __init__(self, request: Request, index: int):
+        params = request.params
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.index = index
+        self.token_ids = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed = 0  # tokens whose KV is in the cache
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.output_text = ""
+        # incremental detokenization window (see detokenizer.py)
+        self.prefix_offset = max(self.num_prompt_tokens - 6, 0)
+        self.read_offset = self.num_prompt_tokens
+        self.max_tokens = params.max_tokens
+        # A seeded request draws from its own generator (made on the device by the sampler), so its
+        # samples do not depend on what else is in the batch.
+        self.generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params

@@ -1,0 +1,78 @@
+"""The `nanoflow` command: generate (and, as they land, serve, bench, tune)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory, .gguf file or shape preset (default: SmolLM2-135M)")
+    p.add_argument("--tokenizer", default=None, help="HF directory with tokenizer.json (default: the model's)")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="dense token budget per iteration")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size on the CPU")
+    p.add_argument("--admission", choices=["kv", "predicted"], default="kv")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(tokenizer=a.tokenizer, load_format=a.load_format, dtype=a.dtype, device=a.device,
+                max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
+                max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
+                gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
+                admission=a.admission, seed=a.seed)
+
+
+def generate(a: argparse.Namespace) -> int:
+    from nanoflow import LLM, SamplingParams
+    llm = LLM(a.model, **engine_kwargs(a))
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.sample_seed,
+                            stop=a.stop or None, ignore_eos=a.ignore_eos)
+    prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    if not a.chat:
+        sys.stdout.write(a.prompt)
+    shown = 0
+    for out in llm.stream(prompt, params):
+        text = out.outputs[0].text
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    g.add_argument("prompt")
+    add_engine_args(g)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.set_defaults(func=generate)
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"nanoflow: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The offline API: `LLM(model).generate(prompts, params)` and `LLM.chat(messages, params)`."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+from tqdm import tqdm
+
+from nanoflow.engine.llm_engine import LLMEngine, Prompt
+from nanoflow.outputs import RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs):
+        """model: an HF directory, a .gguf file, a shape preset (with load_format='dummy'), or None for the
+        embedded default (SmolLM2-135M-Instruct). kwargs: see LLMEngine and EngineConfig."""
+        self.engine = LLMEngine(model, **kwargs)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = _as_list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(str(next(self._ids)))
+                self.engine.add_request(ids[-1], prompt, p)
+        except Exception:
+            for rid in ids:  # leave the engine as it was
+                self.engine.abort_request(rid)
+            raise
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every iteration that changed it."""
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, prompt, sampling_params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(rid)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
+             **template_kwargs) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.chat_prompt(c, add_generation_prompt, chat_template, **template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None,
+                    **template_kwargs) -> dict:
+        """Token ids of a conversation rendered by the chat template (special tokens come from the template)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template, **template_kwargs)
+        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # one prompt of token ids
+    return list(prompts)

@@ -1,0 +1,80 @@
+"""Plain-torch kernels: the CPU path and the oracle every GPU kernel is tested against.
+
+Layouts shared by every backend:
+  qkv rows hold [q | k | v] per token; q is [tokens, num_heads, head_dim].
+  KV cache of one layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
+  a token's slot is block_id * block_size + offset.
+  Attention metadata: query_start [S+1] (token offsets of each sequence in q), seq_lens [S] (KV length
+  including this step's tokens; a sequence's queries are its last positions, i.e. causal aligned
+  bottom-right), block_tables [S, max_blocks].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return y if out is None else out.copy_(y)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor) -> torch.Tensor:
+    """residual += x; out = rms_norm(residual)."""
+    residual.add_(x)
+    return rms_norm(residual, weight, eps, out)
+
+
+def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return out.copy_(F.silu(gate) * up)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """Rotate q [n, Hq, D] and k [n, Hkv, D] in place (neox layout: halves of the head dim).
+
+    cos_sin [max_pos, D] holds cos in the first half and sin in the second, in float32.
+    """
+    cos, sin = cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    for x in (q, k):
+        x1, x2 = x.chunk(2, dim=-1)
+        r1 = x1 * cos - x2 * sin
+        r2 = x2 * cos + x1 * sin
+        x.copy_(torch.cat((r1, r2), dim=-1))
+
+
+def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's k, v [n, Hkv, D] into their slots; slot -1 means padding (skipped)."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: list[int],
+                    seq_lens: list[int], block_tables: torch.Tensor, scale: float, out: torch.Tensor,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its paged KV (prefill chunks and decode alike)."""
+    block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
+    for i, seq_len in enumerate(seq_lens):
+        qs, qe = query_start[i], query_start[i + 1]
+        nq = qe - qs
+        if nq == 0:
+            continue
+        blocks = block_tables[i, : (seq_len + block_size - 1) // block_size]
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [L, Hkv, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
+        qi = q[qs:qe].float().unflatten(1, (num_kv, -1))  # [nq, Hkv, G, D]
+        scores = torch.einsum("qhgd,khd->hgqk", qi, k) * scale
+        pos_q = torch.arange(seq_len - nq, seq_len, device=q.device)[:, None]
+        pos_k = torch.arange(seq_len, device=q.device)[None, :]
+        mask = pos_k <= pos_q
+        if sliding_window is not None:
+            mask &= pos_q - pos_k < sliding_window
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[qs:qe] = torch.einsum("hgqk,khd->qhgd", probs, v).flatten(1, 2).to(out.dtype)
+    return out

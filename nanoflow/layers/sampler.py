@@ -1,0 +1,91 @@
+"""Sampling in torch ops, batched over rows with per-row parameters.
+
+Order (as vLLM): penalties, min_tokens bans, temperature, min_p, top_k / top_p, then an exponential
+race (argmax of p / q, q ~ Exp(1)), which samples from p without normalizing it. A seeded row draws
+its q from its own generator, so its result does not depend on the rest of the batch.
+Logprobs are of the model's raw distribution (before penalties and temperature).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    temperature: torch.Tensor  # [R] float32, 0 = greedy
+    top_k: torch.Tensor  # [R] long, 0 = off
+    top_p: torch.Tensor  # [R] float32
+    min_p: torch.Tensor  # [R] float32
+    generators: list[torch.Generator | None]
+    repetition_penalty: torch.Tensor | None = None  # [R]; None when no row uses penalties
+    presence_penalty: torch.Tensor | None = None
+    frequency_penalty: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None  # [R, V] bool: token occurs in the prompt
+    output_counts: torch.Tensor | None = None  # [R, V] float: occurrences in the output so far
+    banned: torch.Tensor | None = None  # [R, V] bool: tokens not allowed yet (min_tokens)
+    num_logprobs: int = -1  # top-k logprobs to return per row; -1 = none
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature == 0).all())
+
+
+@dataclass(slots=True)
+class LogprobRows:
+    """For each row: the logprob and rank of its target token, and the top-k alternatives."""
+    logprob: list[float]
+    rank: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    if md.repetition_penalty is None:
+        return logits
+    counts = md.output_counts
+    seen = md.prompt_mask | (counts > 0)
+    rp = md.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return logits - md.frequency_penalty[:, None] * counts - md.presence_penalty[:, None] * (counts > 0)
+
+
+def filter_probs(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Zero the tokens that min_p, top_k and top_p exclude."""
+    if bool((md.min_p > 0).any()):
+        probs = probs.masked_fill(probs < md.min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    if bool((md.top_k > 0).any()) or bool((md.top_p < 1).any()):
+        sorted_p, order = probs.sort(-1, descending=True)
+        ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        drop = (md.top_k[:, None] > 0) & (ranks >= md.top_k[:, None])
+        drop |= (sorted_p.cumsum(-1) - sorted_p) >= md.top_p[:, None]  # mass before it already reaches p
+        drop[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """logits [R, V] float32 -> token ids [R]."""
+    logits = apply_penalties(logits, md)
+    if md.banned is not None:
+        logits = logits.masked_fill(md.banned, float("-inf"))
+    greedy = logits.argmax(-1)
+    if md.all_greedy:
+        return greedy
+    temp = torch.where(md.temperature > 0, md.temperature, 1.0)[:, None]
+    probs = filter_probs((logits / temp).softmax(-1), md)
+    q = torch.empty_like(probs).exponential_()
+    for i, gen in enumerate(md.generators):
+        if gen is not None:
+            q[i].exponential_(generator=gen)
+    sampled = (probs / q).argmax(-1)
+    return torch.where(md.temperature > 0, sampled, greedy)
+
+
+def logprob_rows(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> LogprobRows:
+    """logprobs [R, V] (log-softmaxed), targets [R] -> host lists."""
+    target_lp = logprobs.gather(-1, targets[:, None])
+    rank = (logprobs > target_lp).sum(-1) + 1
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
+    return LogprobRows(target_lp[:, 0].tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist())

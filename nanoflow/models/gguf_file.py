@@ -1,0 +1,77 @@
+"""Reading GGUF files (llama.cpp's format) with the `gguf` package: metadata, config, dequantized tensors."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from nanoflow.config import ModelConfig
+
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+
+def open_gguf(path: str):
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors/asserts on bad files
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
+
+
+def field(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    arch = field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {sorted(GGUF_ARCHS)}")
+
+    def g(key, default=None):
+        v = field(reader, f"{arch}.{key}")
+        return default if v is None else v
+
+    names = {t.name for t in reader.tensors}
+    heads, hidden = g("attention.head_count"), g("embedding_length")
+    rope = None
+    if g("rope.scaling.type") == "linear":
+        rope = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    eos = field(reader, "tokenizer.ggml.eos_token_id")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    return ModelConfig(
+        architecture=GGUF_ARCHS[arch],
+        vocab_size=g("vocab_size") or len(tokens),
+        hidden_size=hidden,
+        intermediate_size=g("feed_forward_length"),
+        num_layers=g("block_count"),
+        num_heads=heads,
+        num_kv_heads=g("attention.head_count_kv", heads),
+        head_dim=g("attention.key_length", hidden // heads),
+        rms_norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=g("rope.freq_base", 10000.0),
+        rope_scaling=rope,
+        max_position_embeddings=g("context_length", 4096),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        sliding_window=g("attention.sliding_window"),
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[] if eos is None else [eos],
+    )
+
+
+def unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's conversion, which interleaves each head's two rotary halves."""
+    return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(reader) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, float32 tensor in PyTorch's [out, in] layout), dequantizing quantized types."""
+    from gguf import GGMLQuantizationType, quants
+    for t in reader.tensors:
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = np.array(t.data, dtype=np.float32)
+        else:
+            data = quants.dequantize(t.data, t.tensor_type)
+        yield t.name, torch.from_numpy(data.reshape(tuple(reversed([int(x) for x in t.shape]))))

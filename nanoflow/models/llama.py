@@ -1,0 +1,170 @@
+"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2), written as per-layer operations.
+
+Each operation reads and writes rows [a, b) of a `Workspace` (one row per token), so the same
+model runs plainly (every op over all rows) or cut into nano-batches by the pipeline. Weights are
+fused where that makes fewer, larger GEMMs: q|k|v in one matrix, gate|up in another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanoflow import kernels
+from nanoflow.config import ModelConfig
+from nanoflow.layers.rotary import cos_sin_table
+from nanoflow.models.batch import ForwardBatch
+
+# The operations of one decoder layer, in dependency order.
+LAYER_OPS = ("attn_norm", "qkv", "rope_kv", "decode_attn", "prefill_attn", "o_proj",
+             "mlp_norm", "gate_up", "act", "down")
+
+
+@dataclass(slots=True)
+class Workspace:
+    """Activation buffers of one iteration, one row per token."""
+    residual: torch.Tensor
+    hidden: torch.Tensor  # output of o_proj / down, added into residual by the next norm
+    normed: torch.Tensor
+    qkv: torch.Tensor
+    attn: torch.Tensor
+    gate_up: torch.Tensor
+    act: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device) -> "Workspace":
+        def buf(width):
+            return torch.empty(num_tokens, width, dtype=dtype, device=device)
+        h = cfg.hidden_size
+        return cls(buf(h), buf(h), buf(h), buf(cfg.q_size + 2 * cfg.kv_size), buf(cfg.q_size),
+                   buf(2 * cfg.intermediate_size), buf(cfg.intermediate_size))
+
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, num_tokens: int, dtype: torch.dtype) -> int:
+        width = 4 * cfg.hidden_size + 2 * cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
+        return num_tokens * width * torch.empty((), dtype=dtype).element_size()
+
+    def rows(self, n: int) -> "Workspace":
+        return Workspace(*(getattr(self, f)[:n] for f in self.__slots__))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _param(*shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        qkv = cfg.q_size + 2 * cfg.kv_size
+        p = dict(dtype=dtype, device=device)
+        self.attn_norm = _param(h, **p)
+        self.qkv = _param(qkv, h, **p)
+        self.qkv_bias = _param(qkv, **p) if cfg.qkv_bias else None
+        self.o = _param(h, cfg.q_size, **p)
+        self.o_bias = _param(h, **p) if cfg.o_bias else None
+        self.mlp_norm = _param(h, **p)
+        self.gate_up = _param(2 * i, h, **p)
+        self.gate_up_bias = _param(2 * i, **p) if cfg.mlp_bias else None
+        self.down = _param(h, i, **p)
+        self.down_bias = _param(h, **p) if cfg.mlp_bias else None
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
+        super().__init__()
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        p = dict(dtype=dtype, device=device)
+        self.embed = _param(cfg.vocab_size, cfg.hidden_size, **p)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size, **p)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **p)
+        self.register_buffer("cos_sin", cos_sin_table(cfg, max_positions, device), persistent=False)
+        self.scale = cfg.head_dim ** -0.5
+        self.k = kernels.backend(device)
+        self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+
+    # -- operations over rows [a, b) -------------------------------------------------------------
+    def embed_tokens(self, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        torch.index_select(self.embed, 0, batch.input_ids[a:b], out=ws.residual[a:b])
+
+    def attn_norm(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        w = self.layers[l].attn_norm
+        if l == 0:  # the embedding was written straight into the residual stream
+            self.k.rms_norm(ws.residual[a:b], w, self.cfg.rms_norm_eps, out=ws.normed[a:b])
+        else:
+            self.k.add_rms_norm(ws.hidden[a:b], ws.residual[a:b], w, self.cfg.rms_norm_eps, out=ws.normed[a:b])
+
+    def qkv(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        layer = self.layers[l]
+        _linear(ws.normed[a:b], layer.qkv, layer.qkv_bias, ws.qkv[a:b])
+
+    def _split_qkv(self, ws: Workspace, a: int, b: int):
+        c, n = self.cfg, b - a
+        qkv = ws.qkv[a:b]
+        q = qkv[:, : c.q_size].view(n, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size: c.q_size + c.kv_size].view(n, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim)
+        return q, k, v
+
+    def rope_kv(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        q, k, v = self._split_qkv(ws, a, b)
+        self.k.rope(q, k, batch.positions[a:b], self.cos_sin)
+        self.k.append_kv(k, v, self.kv_cache[l, 0], self.kv_cache[l, 1], batch.slot_mapping[a:b])
+
+    def _attention(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        if a >= b:
+            return
+        span = batch.span(a, b)
+        q, _, _ = self._split_qkv(ws, a, b)
+        out = ws.attn[a:b].view(b - a, self.cfg.num_heads, self.cfg.head_dim)
+        self.k.paged_attention(q, self.kv_cache[l, 0], self.kv_cache[l, 1], span.query_start, span.seq_lens,
+                               span.block_tables, self.scale, out, self.cfg.sliding_window)
+
+    def decode_attn(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        self._attention(l, ws, batch, a, min(b, batch.num_decode))
+
+    def prefill_attn(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        self._attention(l, ws, batch, max(a, batch.num_decode), b)
+
+    def o_proj(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        layer = self.layers[l]
+        _linear(ws.attn[a:b], layer.o, layer.o_bias, ws.hidden[a:b])
+
+    def mlp_norm(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        w = self.layers[l].mlp_norm
+        self.k.add_rms_norm(ws.hidden[a:b], ws.residual[a:b], w, self.cfg.rms_norm_eps, out=ws.normed[a:b])
+
+    def gate_up(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        layer = self.layers[l]
+        _linear(ws.normed[a:b], layer.gate_up, layer.gate_up_bias, ws.gate_up[a:b])
+
+    def act(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        self.k.silu_mul(ws.gate_up[a:b], out=ws.act[a:b])
+
+    def down(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        layer = self.layers[l]
+        _linear(ws.act[a:b], layer.down, layer.down_bias, ws.hidden[a:b])
+
+    def compute_logits(self, ws: Workspace, batch: ForwardBatch) -> torch.Tensor:
+        rows = batch.logits_rows
+        x = ws.residual.index_select(0, rows) + ws.hidden.index_select(0, rows)
+        x = self.k.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        return torch.mm(x, self.lm_head.t()).float()
+
+    # -- the plain forward: every op over all rows, in order --------------------------------------
+    def forward(self, batch: ForwardBatch, ws: Workspace) -> torch.Tensor:
+        n = batch.num_tokens
+        self.embed_tokens(ws, batch, 0, n)
+        for l in range(self.cfg.num_layers):
+            for op in LAYER_OPS:
+                getattr(self, op)(l, ws, batch, 0, n)
+        return self.compute_logits(ws, batch)

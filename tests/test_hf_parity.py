@@ -1,0 +1,56 @@
+"""The plain model equals HF transformers on the same weights (fp32, CPU)."""
+import pytest
+import torch
+
+from nanoflow import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46],
+           [1000, 2000, 3000],
+           [77] * 30,
+           list(range(100, 125))]
+
+
+def hf_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_generation_matches_hf(hf_model):
+    path, model = hf_model
+    llm = LLM(path)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, 12)
+
+
+def test_logprobs_match_hf(hf_model):
+    """Prompt logprobs cover every position's full distribution; tolerance 1e-4 (fp32)."""
+    path, model = hf_model
+    llm = LLM(path)
+    prompt = PROMPTS[0] + PROMPTS[3]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5, logprobs=3),
+                       use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        target = prompt[pos]
+        assert entry[target].logprob == pytest.approx(ref[pos - 1, target].item(), abs=1e-4)
+        assert entry[target].rank == int((ref[pos - 1] > ref[pos - 1, target]).sum()) + 1
+        top = ref[pos - 1].topk(5)
+        for r, (tid, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+            assert entry[tid].logprob == pytest.approx(lp, abs=1e-4)
+    sampled = out.outputs[0].logprobs[0]
+    token = out.outputs[0].token_ids[0]
+    assert token == int(ref[-1].argmax()) and sampled[token].rank == 1 and len(sampled) == 3
+
+
+def test_sharded_safetensors(tmp_path, tokenizer_dir):
+    from conftest import make_hf_model
+    model = make_hf_model(str(tmp_path), "llama", tokenizer_dir, seed=3, max_shard_size="2MB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    out = LLM(str(tmp_path)).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                      use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(model, PROMPTS[1], 8)
