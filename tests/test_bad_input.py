@@ -1,0 +1,111 @@
+"""Bad input raises a clear error naming the problem, and the engine stays usable."""
+import json
+import os
+import shutil
+
+import pytest
+
+from nanoflow import LLM, SamplingParams
+
+
+def test_missing_model_path():
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        LLM("/no/such/model")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def _copy(src, dst, **config_changes):
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(config_changes)
+    for k, v in config_changes.items():
+        if v is None:
+            del cfg[k]
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def test_malformed_config(tmp_path, llama_dir):
+    bad = tmp_path / "m"
+    shutil.copytree(llama_dir, bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="malformed model config"):
+        LLM(str(bad))
+    _copy(llama_dir, tmp_path / "m2", hidden_size=None)
+    with pytest.raises(ValueError, match="missing field 'hidden_size'"):
+        LLM(str(tmp_path / "m2"))
+
+
+def test_unsupported_architecture(tmp_path, llama_dir):
+    _copy(llama_dir, tmp_path / "m", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path, llama_dir):
+    _copy(llama_dir, tmp_path / "m", intermediate_size=96)
+    with pytest.raises(ValueError, match=r"weight .model.layers.0.mlp.*has shape"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_unknown_preset_and_format():
+    with pytest.raises(ValueError, match="unknown load_format"):
+        LLM("llama-3-8b", load_format="pickle")
+    with pytest.raises(FileNotFoundError, match="preset"):
+        LLM("llama-9-8b")
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(n=0), "n"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(logprobs=100), "logprobs"), (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_invalid_sampling_params(kw, name):
+    with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):
+        SamplingParams(**kw)
+
+
+def test_bad_prompts_leave_the_engine_usable(llama_dir):
+    llm = LLM(llama_dir, max_model_len=64)
+    ok = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(ValueError, match="prompt has 64 tokens.*max_model_len = 64"):
+        llm.generate([[5] * 64], ok)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([""], ok)
+    with pytest.raises(ValueError, match="token id 999999 is out of range"):
+        llm.generate([[1, 999999]], ok)
+    with pytest.raises(TypeError, match="prompt must be"):
+        llm.generate([3.5], ok)
+    # a bad prompt in a list rejects the whole call and leaves nothing behind
+    with pytest.raises(ValueError):
+        llm.generate([[1, 2, 3], [5] * 100], ok)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.scheduler.blocks.num_free == llm.engine.scheduler.blocks.num_blocks
+    out = llm.generate([[1, 2, 3]], ok, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_prompt_larger_than_kv_cache(llama_dir):
+    llm = LLM(llama_dir, num_kv_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="more than the KV cache holds"):
+        llm.generate([[5] * 20], SamplingParams())
+
+
+def test_max_model_len_beyond_the_model(llama_dir):
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        LLM(llama_dir, max_model_len=10**6)
+
+
+def test_bad_engine_options(llama_dir):
+    with pytest.raises(ValueError, match="admission"):
+        LLM(llama_dir, admission="magic")
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(llama_dir, dtype="int3")

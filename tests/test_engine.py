@@ -1,0 +1,133 @@
+"""Engine behaviour: batching, chunked prefill, preemption, stops, n > 1, seeds, abort."""
+import pytest
+
+from nanoflow import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+           [1000, 2000, 3000], [77] * 37, list(range(100, 131)), [31337, 2, 3]]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    """Each prompt alone, with a budget larger than any prompt."""
+    llm = LLM(llama_dir, max_num_batched_tokens=256)
+    return [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in PROMPTS]
+
+
+def test_batch_equals_single(llama_dir, reference):
+    outs = LLM(llama_dir, max_num_batched_tokens=256).generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert tokens(outs) == tokens(reference)
+
+
+def test_chunked_prefill_equals_whole_prefill(llama_dir, reference):
+    llm = LLM(llama_dir, max_num_batched_tokens=7)  # every prompt is cut into chunks, mixed with decodes
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert tokens(outs) == tokens(reference)
+    for out, ref in zip(outs, reference):
+        for a, b in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
+            (t, lp), = a.items()
+            assert lp.logprob == pytest.approx(b[t].logprob, abs=1e-4)
+
+
+def test_dense_batch_shape(llama_dir):
+    """Decode tokens come first, then prefill chunks fill the budget exactly."""
+    llm = LLM(llama_dir, max_num_batched_tokens=16)
+    eng = llm.engine
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(str(i), p, GREEDY)
+    seen_mixed = False
+    while eng.has_unfinished_requests():
+        sched = eng.scheduler
+        decodes = sum(s.num_pending == 1 for s in sched.running)
+        prefill = sum(s.num_pending for s in sched.running if s.num_pending > 1)
+        prefill += sum(s.num_pending for s in sched.waiting)
+        out = sched.schedule()
+        lens = [c.length for c in out.chunks]
+        assert out.num_decode == decodes and all(n == 1 for n in lens[:decodes])
+        assert sum(lens) == min(16, decodes + prefill)  # the budget is filled while prefill work remains
+        seen_mixed |= out.num_decode > 0 and len(lens) > out.num_decode
+        result = eng.runner.execute(out)
+        sched.update(out)
+        eng.postprocess(out, result)
+    assert seen_mixed
+
+
+SHORT = [[1000, 2000, 3000], [31337, 2, 3], [9, 8, 7, 6, 5], [400, 401], [12, 13, 14, 15]]
+
+
+@pytest.fixture(scope="module")
+def short_reference(llama_dir):
+    llm = LLM(llama_dir)
+    return [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in SHORT]
+
+
+def test_preemption_gives_same_outputs(llama_dir, short_reference):
+    # all five prompts fit at admission (8 blocks of 4 tokens), but not once each grows by 10 tokens
+    llm = LLM(llama_dir, num_kv_blocks=10, block_size=4)
+    outs = llm.generate(SHORT, GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert tokens(outs) == tokens(short_reference)
+    assert llm.engine.scheduler.blocks.num_free == 10  # everything given back
+
+
+def test_predicted_admission_avoids_preemption(llama_dir, short_reference):
+    llm = LLM(llama_dir, num_kv_blocks=10, block_size=4, admission="predicted")
+    outs = llm.generate(SHORT, GREEDY, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions == 0
+    assert tokens(outs) == tokens(short_reference)
+
+
+def test_seeded_sampling_is_independent_of_batch(llama_dir):
+    llm = LLM(llama_dir)
+    p = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], p, use_tqdm=False)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    mixed = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [other, p, other], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+    unseeded = llm.generate([PROMPTS[0]] * 4, other, use_tqdm=False)
+    assert len({tuple(o.outputs[0].token_ids) for o in unseeded}) > 1  # sampling does vary
+
+
+def test_n_greater_than_one(llama_dir):
+    llm = LLM(llama_dir)
+    out = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 and o.finish_reason == "length" for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_max_tokens_and_context_length(llama_dir):
+    llm = LLM(llama_dir, max_model_len=40)
+    out = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 40 - len(PROMPTS[3]) and out.finish_reason == "length"
+
+
+def test_stop_token_ids_and_min_tokens(llama_dir, reference):
+    ref = reference[0].outputs[0].token_ids
+    llm = LLM(llama_dir)
+    stop_at = ref[4]
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at],
+                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    k = ref.index(stop_at)
+    assert out.token_ids == ref[: k + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    late = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[ref[0]],
+                                                     min_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(late.token_ids) >= 3 and ref[0] not in late.token_ids[:3]
+
+
+def test_abort_frees_blocks(llama_dir):
+    llm = LLM(llama_dir, num_kv_blocks=64)
+    eng = llm.engine
+    eng.add_request("a", PROMPTS[2], SamplingParams(max_tokens=50))
+    eng.step()
+    assert eng.scheduler.blocks.num_free < 64
+    out = eng.abort_request("a")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert eng.scheduler.blocks.num_free == 64 and not eng.has_unfinished_requests()

@@ -1,0 +1,102 @@
+"""The sampler's filters and penalties, on synthetic logits."""
+import pytest
+import torch
+
+from nanoflow.layers.sampler import SamplingMetadata, apply_penalties, filter_probs, logprob_rows, sample
+
+V = 50
+
+
+def md(rows, **kw):
+    cols = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    cols.update(kw)
+    return SamplingMetadata(torch.full((rows,), float(cols["temperature"])), torch.full((rows,), cols["top_k"]),
+                            torch.full((rows,), float(cols["top_p"])), torch.full((rows,), float(cols["min_p"])),
+                            [None] * rows)
+
+
+def draws(logits, m, n=4000):
+    torch.manual_seed(0)
+    return torch.stack([sample(logits, m) for _ in range(n // logits.shape[0])]).flatten().unique().tolist()
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, V, generator=g) * 2
+
+
+def test_greedy_is_argmax(logits):
+    assert sample(logits, md(1, temperature=0)).item() == logits.argmax().item()
+
+
+def test_top_k_restricts_support(logits):
+    support = set(draws(logits, md(1, top_k=3)))
+    assert support == set(logits[0].topk(3).indices.tolist())
+
+
+def test_top_p_restricts_support_to_the_nucleus(logits):
+    probs = logits[0].softmax(-1)
+    p_sorted, order = probs.sort(descending=True)
+    k = int((p_sorted.cumsum(0) < 0.6).sum()) + 1  # smallest prefix reaching 0.6
+    support = set(draws(logits, md(1, top_p=0.6)))
+    assert support == set(order[:k].tolist())
+
+
+def test_min_p_restricts_support(logits):
+    probs = logits[0].softmax(-1)
+    allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+    assert set(draws(logits, md(1, min_p=0.2))) == allowed
+
+
+def test_filters_compose_per_row():
+    logits = torch.randn(2, V)
+    m = md(2)
+    m.top_k = torch.tensor([1, 0])
+    probs = filter_probs(logits.softmax(-1), m)
+    assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == V
+
+
+def test_temperature_sharpens(logits):
+    torch.manual_seed(0)
+    cold = [sample(logits, md(1, temperature=0.05)).item() for _ in range(200)]
+    assert cold.count(logits.argmax().item()) > 190
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).log_softmax(-1)
+    torch.manual_seed(0)
+    counts = torch.bincount(torch.stack([sample(logits.expand(1000, 3), md(1000)) for _ in range(10)]).flatten(),
+                            minlength=3).float()
+    assert torch.allclose(counts / counts.sum(), logits.exp()[0], atol=0.02)
+
+
+def test_penalties_as_specified():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    m = md(1)
+    m.repetition_penalty = torch.tensor([2.0])
+    m.presence_penalty = torch.tensor([0.5])
+    m.frequency_penalty = torch.tensor([0.25])
+    m.prompt_mask = torch.tensor([[True, False, False, False]])
+    m.output_counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    out = apply_penalties(logits, m)
+    # token 0: prompt only -> 2 / 2; token 1: negative, seen once -> -2 * 2 - 0.25 - 0.5
+    # token 2: seen 3 times -> 1 / 2 - 0.75 - 0.5; token 3: unseen
+    assert out[0].tolist() == pytest.approx([1.0, -4.75, -0.75, 0.5])
+
+
+def test_seeded_rows_are_reproducible(logits):
+    m = md(3)
+    m.generators = [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(5)]
+    a = sample(logits.expand(3, V), m)
+    m.generators = [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(5)]
+    b = sample(logits.expand(3, V), m)
+    assert a[0] == b[0] == a[2] == b[2]
+
+
+def test_logprob_rows_rank_and_topk(logits):
+    lp = logits.log_softmax(-1)
+    target = lp[0].argsort()[-3]  # third most likely
+    rows = logprob_rows(lp, target[None], 4)
+    assert rows.rank == [3] and rows.logprob[0] == pytest.approx(lp[0, target].item())
+    assert rows.top_ids[0] == lp[0].topk(4).indices.tolist()

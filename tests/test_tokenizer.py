@@ -1,0 +1,50 @@
+"""Tokenizer loading, incremental detokenization and chat templates."""
+import random
+
+import pytest
+
+from nanoflow.engine.detokenizer import detokenize
+from nanoflow.engine.sequence import Request
+from nanoflow.sampling_params import SamplingParams
+from nanoflow.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return Tokenizer.from_dir(tokenizer_dir)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_incremental_detokenization_equals_full_decode(tok, seed):
+    rng = random.Random(seed)
+    text = "".join(rng.choice(["Hello", " wörld", " ", "\n", "🎉", "東京", "123", "it's", "  x"]) for _ in range(30))
+    ids = tok.encode(text, add_special_tokens=False)
+    # split where the prompt ends on a whole character (else neither side decodes alone)
+    k = next(k for k in range(5, len(ids)) if tok.decode(ids[:k]) + tok.decode(ids[k:]) == tok.decode(ids))
+    prompt, output = ids[:k], ids[k:]
+    seq = Request("r", None, prompt, SamplingParams()).seqs[0]
+    pieces = []
+    for t in output:
+        seq.token_ids.append(t)
+        pieces.append(detokenize(tok, seq))
+    assert "".join(pieces) == seq.output_text == tok.decode(output)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_chat_template_matches_transformers(tok, tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    for gen in (True, False):
+        assert tok.apply_chat_template(msgs, gen) == hf.apply_chat_template(msgs, add_generation_prompt=gen,
+                                                                            tokenize=False)
+
+
+def test_chat_template_errors(tok):
+    with pytest.raises(ValueError, match="empty"):
+        tok.apply_chat_template([])
+    with pytest.raises(ValueError, match="role"):
+        tok.apply_chat_template([{"content": "x"}])
+    with pytest.raises(ValueError, match="chat template error: nope"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ raise_exception('nope') }}")
