@@ -191,6 +191,9 @@ class EngineConfig:
     kv_cache_gb: float = 1.0  # CPU KV cache size when num_kv_blocks is not given
     admission: str = "kv"  # "kv": free blocks for the prompt; "predicted": predicted peak use
     predicted_output_len: int | None = None  # for admission="predicted"; None: max_tokens
+    # None: CUDA graphs on the GPU, plain eager on the CPU. True on the CPU runs the graph path's static
+    # buffers and padding eagerly (how the CPU tests cover it); False: eager everywhere (--enforce-eager).
+    cuda_graph: bool | None = None
     seed: int = 0
 
     def __post_init__(self):

@@ -4,6 +4,12 @@ import shutil
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter (set before anything imports triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 # Small random models of each supported family, saved as HF directories with a real tokenizer.
 ARCH_CONFIGS = {
     # Llama 3.1-style: GQA and llama3 rope scaling (a short original context makes the scaling bite)

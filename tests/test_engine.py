@@ -131,3 +131,31 @@ def test_abort_frees_blocks(llama_dir):
     out = eng.abort_request("a")
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert eng.scheduler.blocks.num_free == 64 and not eng.has_unfinished_requests()
+
+
+def test_buckets_cover_every_size():
+    from nanoflow.executor.cuda_graphs import buckets
+    sizes = buckets(2048)
+    assert sizes[:5] == [8, 16, 32, 64, 128] and sizes[-1] == 2048
+    assert all(b - a <= 64 for a, b in zip(sizes[4:], sizes[5:]))
+    assert buckets(100) == [8, 16, 32, 64, 100] and buckets(5) == [5]
+
+
+def test_graph_path_with_padding_equals_eager(llama_dir, reference):
+    """The CUDA-graph path's static buffers, bucketing and padding (run eagerly on the CPU)."""
+    llm = LLM(llama_dir, max_num_batched_tokens=48, cuda_graph=True)
+    runner = llm.engine.runner
+    seen = []
+    original = runner.graphs.run
+
+    def spy(batch):
+        seen.append((batch.num_tokens, runner.graphs.bucket(batch.num_tokens)))
+        return original(batch)
+    runner.graphs.run = spy
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert tokens(outs) == tokens(reference)
+    for o, r in zip(outs, reference):
+        for a, b in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
+            (t, lp), = a.items()
+            assert lp.logprob == pytest.approx(b[t].logprob, abs=1e-4)
+    assert any(n < size for n, size in seen)  # some iterations really were padded

@@ -38,7 +38,7 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or limit
         model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len, self.config.seed)
         self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
-        self.runner = ModelRunner(model_, self.config, self.eos_token_ids)
+        self.runner = ModelRunner(model_, self.config, self.eos_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens)
         self.requests: dict[str, Request] = {}
         self.stats = {"iterations": 0, "prompt_tokens": 0, "generation_tokens": 0}

@@ -12,6 +12,7 @@ import torch
 from nanoflow.config import EngineConfig, ModelConfig
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
+from nanoflow.executor.cuda_graphs import GraphRunner
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
@@ -36,7 +37,7 @@ class _Plan:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: set[int]):
+    def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: set[int], max_model_len: int):
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.config = config
@@ -50,10 +51,20 @@ class ModelRunner:
             raise ValueError("not enough memory for the KV cache; lower max_num_batched_tokens or raise "
                              "gpu_memory_utilization / kv_cache_gb")
         c = self.cfg
-        model.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
-                                     dtype=self.dtype, device=self.device)
+        # one spare block past the last: padding rows write their KV there
+        model.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks + 1, self.block_size, c.num_kv_heads,
+                                     c.head_dim, dtype=self.dtype, device=self.device)
+        self.pad_slot = self.num_blocks * self.block_size
+        self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device)
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        self.graphs: GraphRunner | None = None
+        if config.cuda_graph if config.cuda_graph is not None else on_gpu:
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = GraphRunner(model, self.ws, self.max_num_tokens, config.max_num_seqs, max_blocks,
+                                      self.pad_slot, capture=on_gpu)
+            if on_gpu:
+                self.graphs.capture_all()
 
     def _blocks_from_memory(self) -> int:
         per_block = self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
@@ -71,8 +82,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         batch, plan = self.prepare(out)
-        ws = Workspace.allocate(self.cfg, batch.num_tokens, self.dtype, self.device)
-        logits = self.model(batch, ws)
+        if self.graphs is not None:
+            ws = self.graphs.run(batch)
+            batch = batch.to(self.device)
+        else:
+            batch = batch.to(self.device)
+            ws = self.ws.rows(batch.num_tokens)
+            self.model.forward_layers(batch, ws)
+        logits = self.model.compute_logits(ws, batch)
         return self.postprocess(out, logits, plan)
 
     def prepare(self, out: SchedulerOutput) -> tuple[ForwardBatch, _Plan]:
@@ -97,14 +114,12 @@ class ModelRunner:
                 plan.sample_rows.append(len(rows))
                 rows.append(base + c.length - 1)
                 plan.sample_chunks.append(c)
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        pin = self.device.type == "cuda"
 
-        def dev(x, dtype=torch.long):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-        batch = ForwardBatch(dev(ids), dev(pos), dev(slots), qs, lens, table.to(self.device), out.num_decode,
-                             dev(rows))
-        return batch, plan
+        def host(x):
+            t = torch.tensor(x, dtype=torch.long)
+            return t.pin_memory() if pin else t
+        return ForwardBatch(host(ids), host(pos), host(slots), qs, lens, tables, out.num_decode, host(rows)), plan
 
     @staticmethod
     def _prompt_logprob_rows(c: Chunk) -> int:

@@ -1,13 +1,16 @@
-"""Kernel backends. Every backend exposes the functions of `reference` with the same signatures."""
+"""Kernel backends. Every backend exposes the functions of `reference` with the same signatures:
+rms_norm, add_rms_norm, silu_mul, rope, append_kv, decode_attention, prefill_attention."""
 from __future__ import annotations
 
 import types
 
 import torch
 
-from nanoflow.kernels import reference
-
 
 def backend(device: torch.device) -> types.ModuleType:
-    """The kernels for a device: plain torch on the CPU."""
+    """Plain torch on the CPU; Triton + torch.compile on CUDA (imported only there)."""
+    if device.type == "cuda":
+        from nanoflow.kernels import gpu
+        return gpu
+    from nanoflow.kernels import reference
     return reference

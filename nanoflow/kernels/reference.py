@@ -4,14 +4,15 @@ Layouts shared by every backend:
   qkv rows hold [q | k | v] per token; q is [tokens, num_heads, head_dim].
   KV cache of one layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
   a token's slot is block_id * block_size + offset.
-  Attention metadata: query_start [S+1] (token offsets of each sequence in q), seq_lens [S] (KV length
-  including this step's tokens; a sequence's queries are its last positions, i.e. causal aligned
-  bottom-right), block_tables [S, max_blocks].
+  Attention metadata: an `AttentionMeta` (models/batch.py) whose rows index q and out absolutely.
+  Padding rows of a batch write their KV to a spare slot past the last block.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from nanoflow.models.batch import AttentionMeta
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,28 +48,23 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
 
 def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's k, v [n, Hkv, D] into their slots; slot -1 means padding (skipped)."""
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    """Scatter this step's k, v [n, Hkv, D] into their slots."""
     k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start: list[int],
-                    seq_lens: list[int], block_tables: torch.Tensor, scale: float, out: torch.Tensor,
-                    sliding_window: int | None = None) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+                    scale: float, out: torch.Tensor, sliding_window: int | None = None) -> None:
     """Causal attention of each sequence's queries over its paged KV (prefill chunks and decode alike)."""
     block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
-    for i, seq_len in enumerate(seq_lens):
-        qs, qe = query_start[i], query_start[i + 1]
-        nq = qe - qs
+    tables = meta.block_tables
+    for i, (qs, nq, seq_len) in enumerate(zip(meta.q_start.tolist(), meta.q_len.tolist(), meta.seq_lens.tolist())):
         if nq == 0:
             continue
-        blocks = block_tables[i, : (seq_len + block_size - 1) // block_size]
+        blocks = tables[i, : (seq_len + block_size - 1) // block_size].long()
         k = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [L, Hkv, D]
         v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
-        qi = q[qs:qe].float().unflatten(1, (num_kv, -1))  # [nq, Hkv, G, D]
+        qi = q[qs: qs + nq].float().unflatten(1, (num_kv, -1))  # [nq, Hkv, G, D]
         scores = torch.einsum("qhgd,khd->hgqk", qi, k) * scale
         pos_q = torch.arange(seq_len - nq, seq_len, device=q.device)[:, None]
         pos_k = torch.arange(seq_len, device=q.device)[None, :]
@@ -76,5 +72,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if sliding_window is not None:
             mask &= pos_q - pos_k < sliding_window
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        out[qs:qe] = torch.einsum("hgqk,khd->qhgd", probs, v).flatten(1, 2).to(out.dtype)
-    return out
+        out[qs: qs + nq] = torch.einsum("hgqk,khd->qhgd", probs, v).flatten(1, 2).to(out.dtype)
+
+
+decode_attention = paged_attention
+prefill_attention = paged_attention

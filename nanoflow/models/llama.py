@@ -14,7 +14,7 @@ from torch import nn
 from nanoflow import kernels
 from nanoflow.config import ModelConfig
 from nanoflow.layers.rotary import cos_sin_table
-from nanoflow.models.batch import ForwardBatch
+from nanoflow.models.batch import DECODE, PREFILL, ForwardBatch
 
 # The operations of one decoder layer, in dependency order.
 LAYER_OPS = ("attn_norm", "qkv", "rope_kv", "decode_attn", "prefill_attn", "o_proj",
@@ -120,20 +120,21 @@ class LlamaModel(nn.Module):
         self.k.rope(q, k, batch.positions[a:b], self.cos_sin)
         self.k.append_kv(k, v, self.kv_cache[l, 0], self.kv_cache[l, 1], batch.slot_mapping[a:b])
 
-    def _attention(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
-        if a >= b:
+    def _attention(self, kind: str, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        meta = batch.attention(kind, a, b)
+        if meta.capacity == 0:
             return
-        span = batch.span(a, b)
-        q, _, _ = self._split_qkv(ws, a, b)
-        out = ws.attn[a:b].view(b - a, self.cfg.num_heads, self.cfg.head_dim)
-        self.k.paged_attention(q, self.kv_cache[l, 0], self.kv_cache[l, 1], span.query_start, span.seq_lens,
-                               span.block_tables, self.scale, out, self.cfg.sliding_window)
+        c, n = self.cfg, ws.qkv.shape[0]
+        q = ws.qkv[:, : c.q_size].view(n, c.num_heads, c.head_dim)
+        out = ws.attn.view(n, c.num_heads, c.head_dim)
+        fn = self.k.decode_attention if kind == DECODE else self.k.prefill_attention
+        fn(q, self.kv_cache[l, 0], self.kv_cache[l, 1], meta, self.scale, out, c.sliding_window)
 
     def decode_attn(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
-        self._attention(l, ws, batch, a, min(b, batch.num_decode))
+        self._attention(DECODE, l, ws, batch, a, b)
 
     def prefill_attn(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
-        self._attention(l, ws, batch, max(a, batch.num_decode), b)
+        self._attention(PREFILL, l, ws, batch, a, b)
 
     def o_proj(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         layer = self.layers[l]
@@ -161,10 +162,13 @@ class LlamaModel(nn.Module):
         return torch.mm(x, self.lm_head.t()).float()
 
     # -- the plain forward: every op over all rows, in order --------------------------------------
-    def forward(self, batch: ForwardBatch, ws: Workspace) -> torch.Tensor:
+    def forward_layers(self, batch: ForwardBatch, ws: Workspace) -> None:
         n = batch.num_tokens
         self.embed_tokens(ws, batch, 0, n)
         for l in range(self.cfg.num_layers):
             for op in LAYER_OPS:
                 getattr(self, op)(l, ws, batch, 0, n)
+
+    def forward(self, batch: ForwardBatch, ws: Workspace) -> torch.Tensor:
+        self.forward_layers(batch, ws)
         return self.compute_logits(ws, batch)

@@ -1,0 +1,103 @@
+"""The whole iteration (embedding and every layer) as CUDA graphs, one per bucket of token counts.
+
+A batch of T tokens runs in the graph of the smallest bucket >= T. Buckets: 8, 16, 32, 64, 128, then
+every 64 tokens up to the token budget, so padding costs at most 63 rows once batches are large.
+Padding rows take token 0 at position 0, write their KV to a spare slot that no sequence owns, and
+belong to no sequence, so attention ignores them. Inputs and attention metadata live in static
+buffers that each iteration overwrites before the replay; the logits (a handful of rows, a
+dynamic count) are computed after the replay, outside the graph.
+
+With capture=False the same static-buffer path runs eagerly: that is how the CPU tests cover the
+bucketing and padding logic.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from nanoflow.models.batch import DECODE, PREFILL, AttentionMeta, ForwardBatch
+from nanoflow.models.llama import LlamaModel, Workspace
+
+
+def buckets(max_tokens: int) -> list[int]:
+    sizes = [s for s in (8, 16, 32, 64) if s < max_tokens] + list(range(128, max_tokens, 64))
+    return sorted(set(sizes + [max_tokens]))
+
+
+def _meta(capacity: int, width: int, device) -> AttentionMeta:
+    def z(*shape):
+        return torch.zeros(*shape, dtype=torch.int32, device=device)
+    return AttentionMeta(z(capacity), z(capacity), z(capacity), z(capacity, width))
+
+
+def _view(meta: AttentionMeta, n: int) -> AttentionMeta:
+    return AttentionMeta(meta.q_start[:n], meta.q_len[:n], meta.seq_lens[:n], meta.block_tables[:n])
+
+
+class GraphRunner:
+    def __init__(self, model: LlamaModel, ws: Workspace, max_tokens: int, max_seqs: int, max_blocks_per_seq: int,
+                 pad_slot: int, capture: bool = True):
+        self.model, self.ws = model, ws
+        self.sizes = buckets(max_tokens)
+        self.max_seqs = max_seqs
+        self.pad_slot = pad_slot
+        self.capture = capture
+        dev = model.device
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self.slots = torch.full((max_tokens,), pad_slot, dtype=torch.long, device=dev)
+        cap = min(max_tokens, max_seqs)
+        self.metas = {kind: _meta(cap, max_blocks_per_seq, dev) for kind in (DECODE, PREFILL)}
+        self.batches: dict[int, ForwardBatch] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def bucket(self, num_tokens: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        if size not in self.batches:
+            cap = min(size, self.max_seqs)
+            b = ForwardBatch(self.input_ids[:size], self.positions[:size], self.slots[:size], [0, size], [], [],
+                             0, self.input_ids[:0])
+            b.attn = {(kind, 0, size): _view(m, cap) for kind, m in self.metas.items()}
+            self.batches[size] = b
+        return self.batches[size]
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Warm up (compiles, autotunes) and capture every bucket, largest first, in one memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            batch = self._static_batch(size)
+            ws = self.ws.rows(size)
+            self.model.forward_layers(batch, ws)  # eager warm-up: no sequences, every row padding
+            torch.cuda.synchronize()
+            for meta in batch.attn.values():
+                meta.derived.clear()  # what kernels derive from the metadata is recomputed inside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.model.forward_layers(batch, ws)
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def run(self, batch: ForwardBatch) -> Workspace:
+        """Copy the batch into the static buffers of its bucket and replay; returns the workspace rows."""
+        n = batch.num_tokens
+        size = self.bucket(n)
+        static = self._static_batch(size)
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slots[:n].copy_(batch.slot_mapping, non_blocking=True)
+        self.slots[n:size].fill_(self.pad_slot)
+        pin = self.model.device.type == "cuda"
+        for (kind, _, _), meta in static.attn.items():
+            meta.copy_(batch.build_attention(kind, 0, n, pin=pin))
+        ws = self.ws.rows(size)
+        if self.capture:
+            self.graphs[size].replay()
+        else:
+            for meta in static.attn.values():
+                meta.derived.clear()
+            self.model.forward_layers(static, ws)
+        return ws

@@ -1,0 +1,197 @@
+"""Paged attention in Triton: decode (split-KV, then a combine step) and chunked prefill (flash style).
+
+Both read every shape they need from `AttentionMeta` device tensors, with a grid fixed by the
+metadata's capacity, so they replay inside CUDA graphs whatever the batch holds. Grouped-query
+attention: a program serves all query heads of one KV head, so each KV tile is read once for them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanoflow.models.batch import AttentionMeta
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
+                         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+                         stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + s)
+    if seq_len == 0:  # padding entry
+        return
+    row = tl.load(Q_START + s)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N  # a whole number of tiles
+    start = lo + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    heads = kvh * G + offs_g
+    q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=offs_g[:, None] < G,
+                other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=valid, other=0)
+        kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out_mask = offs_g < G
+    has = end > start
+    lse = tl.where(has, m + tl.log(l), float("-inf"))
+    o = tl.where(has, acc / l[:, None], 0.0)
+    base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
+    tl.store(PART_O + base[:, None] + offs_d[None, :], o, mask=out_mask[:, None])
+    tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, lse, mask=out_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, stride_oh,
+                           stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+                           D: tl.constexpr, SPLITS: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    if tl.load(SEQ_LENS + s) == 0:
+        return
+    row = tl.load(Q_START + s)
+    offs_p = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, D)
+    lse = tl.load(PART_LSE + s * stride_pl_s + h * stride_pl_h + offs_p)
+    w = tl.exp(lse - tl.max(lse, 0))
+    o = tl.load(PART_O + s * stride_po_s + h * stride_po_h + offs_p[:, None] * stride_po_p + offs_d[None, :])
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(OUT + row * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+                     scale: float, out: torch.Tensor, sliding_window: int | None = None,
+                     splits: int = 16, block_n: int = 64) -> None:
+    """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D]."""
+    num_heads, d = q.shape[1], q.shape[2]
+    num_kv, page = k_cache.shape[2], k_cache.shape[1]
+    g = num_heads // num_kv
+    cap = meta.capacity
+    parts = meta.derived.get("decode_parts")
+    if parts is None or parts[0].shape[2] != splits:
+        parts = (torch.empty(cap, num_heads, splits, d, dtype=torch.float32, device=q.device),
+                 torch.empty(cap, num_heads, splits, dtype=torch.float32, device=q.device))
+        meta.derived["decode_parts"] = parts
+    part_o, part_lse = parts
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
+    _decode_split_kernel[(cap, num_kv, splits)](
+        q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, part_o, part_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
+        sliding_window or 0,
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n, SPLITS=splits,
+        HAS_WINDOW=sliding_window is not None, num_warps=4, num_stages=2)
+    _decode_combine_kernel[(cap, num_heads)](
+        part_o, part_lse, out, meta.q_start, meta.seq_lens, out.stride(0), out.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        D=d, SPLITS=splits, num_warps=4)
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+                    scale, window,
+                    G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr,
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.load(TILE_SEQ + tile)
+    if s < 0:  # no work for this tile
+        return
+    q0 = tl.load(TILE_Q + tile)
+    q_start = tl.load(Q_START + s)
+    q_len = tl.load(Q_LEN + s)
+    seq_len = tl.load(SEQ_LENS + s)
+    offs_m = tl.arange(0, BLOCK_Q * G_PAD)  # (query row, head in group) flattened
+    r = q0 + offs_m // G_PAD
+    g = offs_m % G_PAD
+    row_ok = (r < q_len) & (g < G)
+    head = kvh * G + g
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (q_start + r)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    pos_q = seq_len - q_len + r
+    hi = tl.minimum(seq_len - q_len + q0 + BLOCK_Q, seq_len)  # causal limit of the tile's last row
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - q_len + q0 - window + 1, 0) // BLOCK_N * BLOCK_N
+    m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * G_PAD, D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < hi
+        page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=valid, other=0)
+        kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        allowed = valid[None, :] & (offs_n[None, :] <= pos_q[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (pos_q[:, None] - offs_n[None, :] < window)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    o = acc / tl.where(l == 0, 1.0, l)[:, None]
+    tl.store(OUT + (q_start + r)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _tiles(meta: AttentionMeta, num_rows: int, block_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map each program to (sequence, first query row) with device ops only (graph-capturable)."""
+    key = ("prefill_tiles", block_q)
+    if key not in meta.derived:
+        per_seq = (meta.q_len.long() + block_q - 1) // block_q
+        ends = per_seq.cumsum(0)
+        ids = torch.arange(num_rows // block_q + meta.capacity + 1, device=meta.q_len.device)
+        seq = torch.searchsorted(ends, ids, right=True)
+        inside = seq < meta.capacity
+        seq = seq.clamp(max=meta.capacity - 1)
+        first = ends[seq] - per_seq[seq]
+        meta.derived[key] = (torch.where(inside, seq, -1).int(), ((ids - first) * block_q).int())
+    return meta.derived[key]
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64) -> None:
+    num_heads, d = q.shape[1], q.shape[2]
+    num_kv, page = k_cache.shape[2], k_cache.shape[1]
+    g = num_heads // num_kv
+    g_pad = triton.next_power_of_2(g)
+    block_q = max(128 // g_pad, 1) if d <= 128 else max(64 // g_pad, 1)
+    tile_seq, tile_q = _tiles(meta, q.shape[0], block_q)
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
+    _prefill_kernel[(tile_seq.shape[0], num_kv)](
+        q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.q_len, meta.seq_lens, tile_seq, tile_q,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), meta.block_tables.stride(0), scale, sliding_window or 0,
+        G=g, G_PAD=g_pad, BLOCK_Q=block_q, D=d, PAGE=page, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
+        num_warps=4 if block_q * g_pad <= 64 else 8, num_stages=2)
