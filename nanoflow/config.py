@@ -194,6 +194,8 @@ class EngineConfig:
     # None: CUDA graphs on the GPU, plain eager on the CPU. True on the CPU runs the graph path's static
     # buffers and padding eagerly (how the CPU tests cover it); False: eager everywhere (--enforce-eager).
     cuda_graph: bool | None = None
+    # None: on for CUDA (iteration i + 1 is scheduled while the GPU runs i), off on the CPU
+    async_scheduling: bool | None = None
     seed: int = 0
 
     def __post_init__(self):

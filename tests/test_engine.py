@@ -148,9 +148,9 @@ def test_graph_path_with_padding_equals_eager(llama_dir, reference):
     seen = []
     original = runner.graphs.run
 
-    def spy(batch):
+    def spy(batch, feed=None):
         seen.append((batch.num_tokens, runner.graphs.bucket(batch.num_tokens)))
-        return original(batch)
+        return original(batch, feed)
     runner.graphs.run = spy
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert tokens(outs) == tokens(reference)
@@ -159,3 +159,60 @@ def test_graph_path_with_padding_equals_eager(llama_dir, reference):
             (t, lp), = a.items()
             assert lp.logprob == pytest.approx(b[t].logprob, abs=1e-4)
     assert any(n < size for n, size in seen)  # some iterations really were padded
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_async_scheduling_equals_sync(llama_dir, graph):
+    """Iteration i + 1 scheduled before i's tokens reach the host: same results, every sampling feature."""
+    params = [GREEDY,
+              SamplingParams(temperature=0.8, top_k=20, seed=3, max_tokens=9, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3,
+                             seed=4, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, min_tokens=4, stop_token_ids=[0], ignore_eos=True),
+              SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)]
+
+    def run(async_):
+        llm = LLM(llama_dir, max_num_batched_tokens=24, async_scheduling=async_, cuda_graph=graph)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert llm.engine.scheduler.blocks.num_free == llm.engine.scheduler.blocks.num_blocks
+        return [[(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in r.outputs] for r in outs]
+    assert run(True) == run(False)
+
+
+def test_async_late_stop_drops_the_extra_token(llama_dir, reference):
+    """A stop token is seen one iteration late: the token computed meanwhile is discarded."""
+    ref = reference[0].outputs[0].token_ids
+    llm = LLM(llama_dir, async_scheduling=True)
+    eng = llm.engine
+    stop_at = ref[3]
+    eng.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at],
+                                                    ignore_eos=True))
+    launched = []
+    original = eng.runner.launch
+    eng.runner.launch = lambda out: launched.append(out.num_tokens) or original(out)
+    final = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            final = o
+    k = ref.index(stop_at)
+    assert final.outputs[0].token_ids == ref[: k + 1] and final.outputs[0].finish_reason == "stop"
+    assert len(launched) == 1 + (k + 1)  # the prefill, k decodes, and one decode too many
+    assert eng.scheduler.blocks.num_free == eng.scheduler.blocks.num_blocks
+
+
+def test_async_length_stop_is_not_late(llama_dir):
+    """max_tokens is known ahead: no wasted iteration."""
+    llm = LLM(llama_dir, async_scheduling=True)
+    eng = llm.engine
+    eng.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    n = 0
+    original = eng.runner.launch
+
+    def count(out):
+        nonlocal n
+        n += 1
+        return original(out)
+    eng.runner.launch = count
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert n == 5  # the prefill samples token 1, four decodes sample tokens 2..5

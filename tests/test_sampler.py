@@ -12,7 +12,7 @@ def md(rows, **kw):
     cols.update(kw)
     return SamplingMetadata(torch.full((rows,), float(cols["temperature"])), torch.full((rows,), cols["top_k"]),
                             torch.full((rows,), float(cols["top_p"])), torch.full((rows,), float(cols["min_p"])),
-                            [None] * rows)
+                            [None] * rows, all_greedy=cols["temperature"] == 0)
 
 
 def draws(logits, m, n=4000):
@@ -97,6 +97,6 @@ def test_seeded_rows_are_reproducible(logits):
 def test_logprob_rows_rank_and_topk(logits):
     lp = logits.log_softmax(-1)
     target = lp[0].argsort()[-3]  # third most likely
-    rows = logprob_rows(lp, target[None], 4)
+    rows = logprob_rows(lp, target[None], 4).tolist()
     assert rows.rank == [3] and rows.logprob[0] == pytest.approx(lp[0, target].item())
     assert rows.top_ids[0] == lp[0].topk(4).indices.tolist()

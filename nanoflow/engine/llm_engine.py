@@ -39,8 +39,12 @@ class LLMEngine:
         model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len, self.config.seed)
         self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         self.runner = ModelRunner(model_, self.config, self.eos_token_ids, self.max_model_len)
-        self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens)
+        self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens,
+                                   self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
         self.stats = {"iterations": 0, "prompt_tokens": 0, "generation_tokens": 0}
 
     def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
@@ -111,16 +115,22 @@ class LLMEngine:
         return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.inflight is not None
 
     # -- the iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One iteration. With asynchronous scheduling, iteration i + 1 is scheduled and launched before
+        the results of iteration i are read back, so the GPU never waits for the CPU's bookkeeping;
+        a sequence that hit EOS in i was already given a token in i + 1, which is dropped."""
         out = self.scheduler.schedule()
-        if out.empty:
-            return []
-        result = self.runner.execute(out)
-        self.scheduler.update(out)
-        return self.postprocess(out, result)
+        launch = None
+        if not out.empty:
+            launch = self.runner.launch(out)
+            self.scheduler.update(out)
+        if not self.async_scheduling:
+            return self.postprocess(out, self.runner.collect(launch)) if launch else []
+        previous, self.inflight = self.inflight, (out, launch) if launch else None
+        return self.postprocess(previous[0], self.runner.collect(previous[1])) if previous else []
 
     def postprocess(self, out: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
         self.stats["iterations"] += 1
@@ -134,6 +144,9 @@ class LLMEngine:
         now = time.monotonic()
         for j, (c, token) in enumerate(zip(sampled, result.token_ids)):
             seq = c.seq
+            seq.num_inflight -= 1
+            if seq.status is Status.FINISHED:  # stopped (or aborted) while this token was being computed
+                continue
             req = seq.request
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
@@ -147,7 +160,7 @@ class LLMEngine:
         for req in touched.values():
             outputs.append(self._output(req))
             if req.finished:
-                del self.requests[req.request_id]
+                self.requests.pop(req.request_id, None)
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:

@@ -23,9 +23,7 @@ class Chunk:
     start: int
     length: int
 
-    @property
-    def samples(self) -> bool:  # reaches the end of the sequence, so the next token is sampled
-        return self.start + self.length == self.seq.num_tokens
+    samples: bool = False  # reaches the end of the sequence, so the next token is sampled
 
 
 @dataclass(slots=True)
@@ -44,9 +42,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int):
+    def __init__(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int, max_model_len: int):
         self.config = config
         self.budget = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
@@ -71,14 +70,14 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.budget
         # 1. one token for every running decode sequence, oldest first
-        for seq in [s for s in self.running if s.num_pending == 1]:
+        for seq in [s for s in self.running if s.num_pending == 1 and not self._reaches_length(s)]:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted by an older sequence in this loop
                 continue
-            if not self._make_room(seq, seq.num_tokens, out):
+            if not self._make_room(seq, seq.num_computed + 1, out):
                 continue
-            out.chunks.append(Chunk(seq, seq.num_computed, 1))
+            out.chunks.append(Chunk(seq, seq.num_computed, 1, True))
             budget -= 1
         out.num_decode = len(out.chunks)
         # 2. continue prefills in flight (their blocks were allocated at admission)
@@ -87,28 +86,34 @@ class Scheduler:
                 break
             if seq.num_pending > 1:
                 n = min(seq.num_pending, budget)
-                out.chunks.append(Chunk(seq, seq.num_computed, n))
+                out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
                 budget -= n
         # 3. admit waiting sequences in order while the budget and the KV cache allow
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self._admissible(seq):
+            if seq.num_inflight or not self._admissible(seq):  # a preempted one waits for its last token
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_pending, budget)
-            out.chunks.append(Chunk(seq, seq.num_computed, n))
+            out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
             budget -= n
         return out
 
     def update(self, out: SchedulerOutput) -> None:
-        """After the iteration ran: the scheduled tokens are in the KV cache."""
+        """Once the iteration is launched: its tokens count as computed, its samples as in flight."""
         for c in out.chunks:
             c.seq.num_computed = c.start + c.length
+            c.seq.num_inflight += c.samples
 
     # -- policies --------------------------------------------------------------------------------
+    def _reaches_length(self, seq: Sequence) -> bool:
+        """Its in-flight token is its last: it finishes on 'length' when that token lands."""
+        return seq.num_inflight > 0 and (seq.num_generated >= seq.max_tokens
+                                         or seq.num_tokens + seq.num_inflight >= self.max_model_len)
+
     def _admissible(self, seq: Sequence) -> bool:
         # room for the prompt and its first generated token
         if self.blocks.needed(seq, seq.num_tokens + 1) > self.blocks.num_free:

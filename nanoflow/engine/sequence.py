@@ -42,7 +42,7 @@ class Request:
 class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
                  "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
-                 "prefix_offset", "read_offset", "generator", "max_tokens")
+                 "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight")
 
     def __init__(self, request: Request, index: int):
         params = request.params
@@ -52,6 +52,7 @@ class Sequence:
         self.token_ids = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed = 0  # tokens whose KV is in the cache
+        self.num_inflight = 0  # sampled on the GPU, not yet appended (asynchronous scheduling)
         self.block_table: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: str | None = None
@@ -73,11 +74,17 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        """Tokens to compute, counting one still in flight."""
+        return len(self.token_ids) + self.num_inflight - self.num_computed
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens including those in flight."""
+        return self.num_output_tokens + self.num_inflight
 
     @property
     def output_token_ids(self) -> list[int]:

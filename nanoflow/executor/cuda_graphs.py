@@ -81,12 +81,16 @@ class GraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, batch: ForwardBatch) -> Workspace:
-        """Copy the batch into the static buffers of its bucket and replay; returns the workspace rows."""
+    def run(self, batch: ForwardBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Workspace:
+        """Copy the batch into the static buffers of its bucket and replay; returns the workspace rows.
+
+        feed: (rows, tokens) on the device, input tokens that the previous iteration sampled."""
         n = batch.num_tokens
         size = self.bucket(n)
         static = self._static_batch(size)
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        if feed is not None:
+            self.input_ids[feed[0]] = feed[1]
         self.positions[:n].copy_(batch.positions, non_blocking=True)
         self.slots[:n].copy_(batch.slot_mapping, non_blocking=True)
         self.slots[n:size].fill_(self.pad_slot)

@@ -30,10 +30,21 @@ class ModelOutput:
 
 @dataclass(slots=True)
 class _Plan:
-    """Where each chunk's logits rows are."""
+    """Where each chunk's logits rows are, and which input rows take a token still on the GPU."""
     sample_rows: list[int]  # logits row of each sampling chunk
     sample_chunks: list[Chunk]
     prompt_rows: dict[int, tuple[int, int]]  # chunk index -> (first logits row, number of rows)
+    feed_rows: list[int] = field(default_factory=list)  # input rows whose token the last launch sampled
+    feed_src: list[int] = field(default_factory=list)  # ... and its index in that launch's tokens
+
+
+@dataclass(slots=True)
+class Launch:
+    """An iteration in flight. Its results are copied to host memory without blocking; `done` marks them."""
+    tokens: torch.Tensor
+    logprobs: LogprobRows | None
+    prompt_logprobs: dict[int, LogprobRows]
+    done: torch.cuda.Event | None
 
 
 class ModelRunner:
@@ -58,6 +69,8 @@ class ModelRunner:
         self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device)
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
+        self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
         self.graphs: GraphRunner | None = None
         if config.cuda_graph if config.cuda_graph is not None else on_gpu:
             max_blocks = -(-max_model_len // self.block_size)
@@ -79,18 +92,38 @@ class ModelRunner:
         return int(usable // per_block)
 
     # -- one iteration ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> Launch:
+        """Enqueue the iteration on the GPU and return at once (on the CPU it simply runs)."""
         batch, plan = self.prepare(out)
+        feed = None
+        if plan.feed_rows:
+            feed = (self._device(plan.feed_rows), self.last_tokens[self._device(plan.feed_src)])
         if self.graphs is not None:
-            ws = self.graphs.run(batch)
+            ws = self.graphs.run(batch, feed)
             batch = batch.to(self.device)
         else:
             batch = batch.to(self.device)
+            if feed is not None:
+                batch.input_ids[feed[0]] = feed[1]
             ws = self.ws.rows(batch.num_tokens)
             self.model.forward_layers(batch, ws)
         logits = self.model.compute_logits(ws, batch)
-        return self.postprocess(out, logits, plan)
+        return self._sample(out, logits, plan)
+
+    def collect(self, launch: Launch) -> ModelOutput:
+        """Wait for a launched iteration and bring its results to the host."""
+        if launch.done is not None:
+            launch.done.synchronize()
+        return ModelOutput(launch.tokens.tolist(), launch.logprobs.tolist() if launch.logprobs else None,
+                           {i: r.tolist() for i, r in launch.prompt_logprobs.items()})
+
+    def _device(self, x: list[int]) -> torch.Tensor:
+        t = torch.tensor(x, dtype=torch.long)
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
 
     def prepare(self, out: SchedulerOutput) -> tuple[ForwardBatch, _Plan]:
         ids, pos, slots, qs, lens, tables, rows = [], [], [], [0], [], [], []
@@ -101,6 +134,10 @@ class ModelRunner:
             base = len(ids)
             span = range(c.start, c.start + c.length)
             ids += seq.token_ids[c.start: c.start + c.length]
+            if len(ids) < base + c.length:  # the last token is still on the GPU: fed from the last launch
+                plan.feed_rows.append(len(ids))
+                plan.feed_src.append(self.last_index[seq.seq_id])
+                ids.append(0)
             pos += span
             slots += [seq.block_table[p // bs] * bs + p % bs for p in span]
             qs.append(base + c.length)
@@ -130,31 +167,40 @@ class ModelRunner:
         # the row at position p predicts token p + 1
         return max(min(c.start + c.length, c.seq.num_prompt_tokens - 1) - c.start, 0)
 
-    def postprocess(self, out: SchedulerOutput, logits: torch.Tensor, plan: _Plan) -> ModelOutput:
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor, plan: _Plan) -> Launch:
         seqs = [c.seq for c in plan.sample_chunks]
-        result = ModelOutput([], None)
+        tokens = torch.empty(0, dtype=torch.long, device=self.device)
+        logprobs = None
         if seqs:
             sample_logits = logits[plan.sample_rows]
-            tokens = sample(sample_logits, self.sampling_metadata(seqs))
+            tokens = sample(sample_logits, self.sampling_metadata(seqs, plan))
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=-1)
             if k >= 0:
-                result.logprobs = logprob_rows(sample_logits.log_softmax(-1), tokens, k)
-            result.token_ids = tokens.tolist()
+                logprobs = logprob_rows(sample_logits.log_softmax(-1), tokens, k)
+        prompt = {}
         for i, (first, n) in plan.prompt_rows.items():
             c = out.chunks[i]
-            targets = torch.tensor(c.seq.token_ids[c.start + 1: c.start + 1 + n], device=self.device)
-            k = c.seq.params.prompt_logprobs
-            result.prompt_logprobs[i] = logprob_rows(logits[first: first + n].log_softmax(-1), targets, k)
-        return result
+            targets = self._device(c.seq.token_ids[c.start + 1: c.start + 1 + n])
+            prompt[i] = logprob_rows(logits[first: first + n].log_softmax(-1), targets, c.seq.params.prompt_logprobs)
+        self.last_tokens = tokens
+        self.last_index = {s.seq_id: i for i, s in enumerate(seqs)}
+        if self.device.type != "cuda":
+            return Launch(tokens, logprobs, prompt, None)
+        launch = Launch(tokens.to("cpu", non_blocking=True), logprobs and logprobs.to("cpu"),
+                        {i: r.to("cpu") for i, r in prompt.items()}, torch.cuda.Event())
+        launch.done.record()
+        return launch
 
-    def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+    def sampling_metadata(self, seqs: list[Sequence], plan: _Plan) -> SamplingMetadata:
         dev = self.device
         params = [s.params for s in seqs]
 
         def col(name, dtype=torch.float32):
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=dev)
+            return self._device([getattr(p, name) for p in params]).to(dtype)
         md = SamplingMetadata(col("temperature"), col("top_k", torch.long), col("top_p"), col("min_p"),
-                              [self._generator(s) for s in seqs])
+                              [self._generator(s) for s in seqs], all_greedy=all(p.temperature == 0 for p in params),
+                              use_min_p=any(p.min_p > 0 for p in params),
+                              use_top_k_p=any(p.top_k > 0 or p.top_p < 1 for p in params))
         vocab = self.cfg.vocab_size
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             md.repetition_penalty = col("repetition_penalty")
@@ -162,11 +208,22 @@ class ModelRunner:
             md.frequency_penalty = col("frequency_penalty")
             md.prompt_mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
             md.output_counts = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=dev)
+            rows, prompt_ids, out_rows, out_ids = [], [], [], []
             for i, s in enumerate(seqs):
-                md.prompt_mask[i, torch.tensor(s.token_ids[: s.num_prompt_tokens], device=dev)] = True
-                out_ids = torch.tensor(s.output_token_ids, dtype=torch.long, device=dev)
-                md.output_counts[i].index_add_(0, out_ids, torch.ones(len(out_ids), device=dev))
-        banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+                rows += [i] * s.num_prompt_tokens
+                prompt_ids += s.token_ids[: s.num_prompt_tokens]
+                out_rows += [i] * s.num_output_tokens
+                out_ids += s.output_token_ids
+            md.prompt_mask[self._device(rows), self._device(prompt_ids)] = True
+            md.output_counts.index_put_((self._device(out_rows), self._device(out_ids)),
+                                        torch.ones(len(out_ids), device=dev), accumulate=True)
+            # tokens sampled by the last launch and not yet seen by the host count too
+            inflight = [(i, self.last_index[s.seq_id]) for i, s in enumerate(seqs) if s.num_inflight]
+            if inflight:
+                r, src = zip(*inflight)
+                md.output_counts.index_put_((self._device(list(r)), self.last_tokens[self._device(list(src))]),
+                                            torch.ones(len(r), device=dev), accumulate=True)
+        banned = [(i, s) for i, s in enumerate(seqs) if s.num_generated < s.params.min_tokens]
         if banned:
             md.banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
             for i, s in banned:

@@ -25,20 +25,29 @@ class SamplingMetadata:
     prompt_mask: torch.Tensor | None = None  # [R, V] bool: token occurs in the prompt
     output_counts: torch.Tensor | None = None  # [R, V] float: occurrences in the output so far
     banned: torch.Tensor | None = None  # [R, V] bool: tokens not allowed yet (min_tokens)
-    num_logprobs: int = -1  # top-k logprobs to return per row; -1 = none
-
-    @property
-    def all_greedy(self) -> bool:
-        return bool((self.temperature == 0).all())
+    # known on the host, so that sampling never waits for the GPU to answer a question
+    all_greedy: bool = False
+    use_min_p: bool = True
+    use_top_k_p: bool = True
 
 
 @dataclass(slots=True)
 class LogprobRows:
-    """For each row: the logprob and rank of its target token, and the top-k alternatives."""
-    logprob: list[float]
-    rank: list[int]
-    top_ids: list[list[int]]
-    top_logprobs: list[list[float]]
+    """For each row: the logprob and rank of its target token, and the top-k alternatives.
+
+    Tensors while on the device; `tolist()` gives the host lists once the iteration is done."""
+    logprob: torch.Tensor | list[float]
+    rank: torch.Tensor | list[int]
+    top_ids: torch.Tensor | list[list[int]]
+    top_logprobs: torch.Tensor | list[list[float]]
+
+    def to(self, device, non_blocking: bool = True) -> "LogprobRows":
+        return LogprobRows(*(t.to(device, non_blocking=non_blocking) for t in
+                             (self.logprob, self.rank, self.top_ids, self.top_logprobs)))
+
+    def tolist(self) -> "LogprobRows":
+        return LogprobRows(self.logprob.tolist(), self.rank.tolist(), self.top_ids.tolist(),
+                           self.top_logprobs.tolist())
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -53,9 +62,9 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 def filter_probs(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Zero the tokens that min_p, top_k and top_p exclude."""
-    if bool((md.min_p > 0).any()):
+    if md.use_min_p:
         probs = probs.masked_fill(probs < md.min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
-    if bool((md.top_k > 0).any()) or bool((md.top_p < 1).any()):
+    if md.use_top_k_p:
         sorted_p, order = probs.sort(-1, descending=True)
         ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
         drop = (md.top_k[:, None] > 0) & (ranks >= md.top_k[:, None])
@@ -84,8 +93,8 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 
 def logprob_rows(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> LogprobRows:
-    """logprobs [R, V] (log-softmaxed), targets [R] -> host lists."""
+    """logprobs [R, V] (log-softmaxed), targets [R] -> tensors on the same device."""
     target_lp = logprobs.gather(-1, targets[:, None])
     rank = (logprobs > target_lp).sum(-1) + 1
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
-    return LogprobRows(target_lp[:, 0].tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist())
+    return LogprobRows(target_lp[:, 0], rank, top_ids, top_lp)
