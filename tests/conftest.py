@@ -39,7 +39,8 @@ def tokenizer_dir(tmp_path_factory, default_model_path):
     return str(path)
 
 
-def make_hf_model(path, arch: str, tokenizer_dir: str, seed: int = 0, max_shard_size=None, **overrides):
+def make_hf_model(path, arch: str, tokenizer_dir: str | None, seed: int = 0, max_shard_size=None, **overrides):
+    """A small random HF model saved at path; with tokenizer_dir, its tokenizer files are copied in."""
     import transformers
     kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, bos_token_id=1,
@@ -55,7 +56,7 @@ def make_hf_model(path, arch: str, tokenizer_dir: str, seed: int = 0, max_shard_
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json") if tokenizer_dir else ():
         shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(path, f))
     return model
 

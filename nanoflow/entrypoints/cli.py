@@ -19,6 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size on the CPU")
     p.add_argument("--admission", choices=["kv", "predicted"], default="kv")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule iteration i + 1 while the GPU runs i (default: on for CUDA)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -27,7 +30,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
-                admission=a.admission, seed=a.seed)
+                admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
+                async_scheduling=a.async_scheduling)
 
 
 def generate(a: argparse.Namespace) -> int:
@@ -49,6 +53,11 @@ def generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_throughput(a: argparse.Namespace) -> int:
+    from nanoflow.bench.throughput import main
+    return main(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,7 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.set_defaults(func=generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    t = bench.add_parser("throughput", help="offline throughput and % of the cost model's optimum")
+    add_engine_args(t)
+    t.add_argument("--workload", default="const:512:128", help="const:IN:OUT or trace:splitwise|lmsys|sharegpt")
+    t.add_argument("--num-requests", type=int, default=None, help="default: 1000 (const) or the whole trace")
+    t.add_argument("--baseline", choices=["none", "hf"], default="none",
+                   help="hf: also run HF transformers' generate_batch on the same weights")
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--warmup-requests", type=int, default=16)
+    t.add_argument("--breakdown", action="store_true", help="time one iteration op by op (GPU)")
+    t.add_argument("--output", help="write the report as JSON")
+    t.set_defaults(func=_bench_throughput)
     a = parser.parse_args(argv)
+    a.command_line = "nanoflow " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         return a.func(a)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -13,6 +13,7 @@ from nanoflow.config import EngineConfig, ModelConfig
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
 from nanoflow.executor.cuda_graphs import GraphRunner
+from nanoflow.executor.profiling import IterationClock, OpTimer
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
@@ -71,6 +72,8 @@ class ModelRunner:
             torch.manual_seed(config.seed)
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
         self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
+        self.clock: IterationClock | None = None  # set to measure the GPU's idle time between iterations
+        self.op_timer: OpTimer | None = None  # set to time the next iteration op by op (run eagerly)
         self.graphs: GraphRunner | None = None
         if config.cuda_graph if config.cuda_graph is not None else on_gpu:
             max_blocks = -(-max_model_len // self.block_size)
@@ -98,11 +101,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> Launch:
         """Enqueue the iteration on the GPU and return at once (on the CPU it simply runs)."""
+        self.clock and self.clock.start()
         batch, plan = self.prepare(out)
         feed = None
         if plan.feed_rows:
             feed = (self._device(plan.feed_rows), self.last_tokens[self._device(plan.feed_src)])
-        if self.graphs is not None:
+        if self.graphs is not None and self.op_timer is None:
             ws = self.graphs.run(batch, feed)
             batch = batch.to(self.device)
         else:
@@ -110,9 +114,12 @@ class ModelRunner:
             if feed is not None:
                 batch.input_ids[feed[0]] = feed[1]
             ws = self.ws.rows(batch.num_tokens)
-            self.model.forward_layers(batch, ws)
+            self.model.forward_layers(batch, ws, self.op_timer)
+            self.op_timer = None
         logits = self.model.compute_logits(ws, batch)
-        return self._sample(out, logits, plan)
+        launch = self._sample(out, logits, plan)
+        self.clock and self.clock.end()
+        return launch
 
     def collect(self, launch: Launch) -> ModelOutput:
         """Wait for a launched iteration and bring its results to the host."""

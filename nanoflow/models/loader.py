@@ -88,8 +88,13 @@ def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, devic
     elif source.kind == "gguf":
         _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, r"blk\.(\d+)\.(.+)")
     else:
-        _load(model, _safetensors_weights(source.path), HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)")
+        load_hf_weights(model, _safetensors_weights(source.path))
     return model.eval()
+
+
+def load_hf_weights(model: LlamaModel, weights) -> None:
+    """(name, tensor) pairs named as in HF checkpoints: a safetensors file, or an HF model's state dict."""
+    _load(model, weights, HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)")
 
 
 @torch.no_grad()

@@ -1,0 +1,53 @@
+"""NanoFlow's cost model: optimal throughput = C / (2 P) tokens/s, C the dense GEMM rate measured on
+this device at the model's layer shapes, P the parameter count. Throughput counts prompt + output."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nanoflow.config import ModelConfig
+
+
+def layer_gemms(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
+    """(M, N, K) of each GEMM of a decoder layer for a batch of `tokens` rows."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"qkv": (tokens, cfg.q_size + 2 * cfg.kv_size, h), "o": (tokens, h, cfg.q_size),
+            "gate_up": (tokens, 2 * i, h), "down": (tokens, h, i)}
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of fn() over reps runs."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device, reps: int = 20) -> dict:
+    """Measured FLOP/s of the layer's GEMMs at this token count (random inputs, never zeros)."""
+    per_gemm, flops, secs = {}, 0.0, 0.0
+    for name, (m, n, k) in layer_gemms(cfg, tokens).items():
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        w = torch.randn(n, k, dtype=dtype, device=device)
+        out = torch.empty(m, n, dtype=dtype, device=device)
+        t = _time(lambda: torch.mm(a, w.t(), out=out), device, reps)
+        per_gemm[name] = 2 * m * n * k / t
+        flops += 2 * m * n * k
+        secs += t
+    return {"rate": flops / secs, "per_gemm": per_gemm, "tokens": tokens}
+
+
+def optimal_throughput(rate: float, cfg: ModelConfig) -> float:
+    return rate / (2 * cfg.num_params())

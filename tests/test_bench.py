@@ -1,0 +1,49 @@
+"""The benchmark driver, workloads and cost model (on the CPU default model)."""
+import json
+
+import pytest
+import torch
+
+from nanoflow.bench import cost_model
+from nanoflow.bench.workloads import MAX_OUTPUT, MAX_PROMPT, TRACES, load_trace, parse
+from nanoflow.config import preset
+from nanoflow.entrypoints.cli import main
+
+
+def test_workloads():
+    w = parse("const:100:20", num_requests=7)
+    assert w.lengths == [(100, 20)] * 7 and w.total_tokens == 840
+    prompts = w.prompts(vocab_size=50, seed=1)
+    assert len(prompts) == 7 and all(len(p) == 100 and max(p) < 50 for p in prompts)
+    assert prompts == w.prompts(vocab_size=50, seed=1)
+    for name in TRACES:
+        rows = load_trace(name)
+        assert len(rows) > 10000 and all(0 < p <= MAX_PROMPT and 0 < o <= MAX_OUTPUT for p, o in rows)
+    split = parse("trace:splitwise", num_requests=100, seed=3)
+    assert len(split.lengths) == 100 and split.lengths == parse("trace:splitwise", 100, seed=3).lengths
+    for bad in ("const:10", "const:0:5", "trace:nope", "poisson:1"):
+        with pytest.raises(ValueError):
+            parse(bad)
+
+
+def test_cost_model():
+    cfg = preset("llama-3-8b")
+    assert cfg.num_params() == pytest.approx(8.03e9, rel=0.01)
+    gemms = cost_model.layer_gemms(cfg, 2048)
+    assert gemms["qkv"] == (2048, 6144, 4096) and gemms["down"] == (2048, 4096, 14336)
+    # the paper's arithmetic: 767 TFLOP/s -> ~47,800 tok/s for Llama-3-8B
+    assert cost_model.optimal_throughput(767e12, cfg) == pytest.approx(47_800, rel=0.01)
+    tiny = preset("llama-2-7b", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=4, head_dim=16)
+    rate = cost_model.gemm_rate(tiny, 32, torch.float32, torch.device("cpu"), reps=3)
+    assert rate["rate"] > 0 and set(rate["per_gemm"]) == {"qkv", "o", "gate_up", "down"}
+
+
+def test_bench_throughput_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "throughput", "--workload", "const:24:6", "--num-requests", "6", "--warmup-requests", "1",
+                 "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["num_requests"] == 6 and r["total_prompt_tokens"] == 144 and r["total_output_tokens"] == 36
+    assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])
+    assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / r["optimal_tokens_per_second"])
+    assert r["device"] == "cpu" and r["kv_blocks"] > 0 and "% of optimal" in capsys.readouterr().out
