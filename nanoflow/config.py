@@ -183,7 +183,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
 class EngineConfig:
     """Knobs of the engine; defaults follow vLLM's where the meaning is the same."""
     max_num_batched_tokens: int | None = None  # dense token budget per iteration
-    max_num_seqs: int = 256
+    max_num_seqs: int = 512
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # else sized from memory

@@ -1,7 +1,8 @@
 """GPU path against the CPU reference (skipped without CUDA).
 
 Tolerances: elementwise fusions in bf16 vs the fp32 reference of the same bf16 inputs, relative error
-< 1e-2; whole-model logprobs in bf16 vs fp32, absolute < 0.15 nats on a 2-layer random model."""
+< 1e-2; whole-model logprobs in bf16 vs fp32 within 0.1 + 2% nats (far-tail tokens of a random model
+have logprobs near -20, where bf16 rounding of the logits moves them by tenths)."""
 import pytest
 import torch
 
@@ -66,7 +67,8 @@ def test_gpu_model_matches_cpu_reference(model_dir):
         for a, b in zip(got, cpu):
             for pos in range(1, len(a.prompt_token_ids)):
                 t = a.prompt_token_ids[pos]
-                assert abs(a.prompt_logprobs[pos][t].logprob - b.prompt_logprobs[pos][t].logprob) < 0.15
+                lp = b.prompt_logprobs[pos][t].logprob
+                assert abs(a.prompt_logprobs[pos][t].logprob - lp) < 0.1 + 0.02 * abs(lp)
 
 
 def test_graphs_and_async_equal_eager(model_dir):

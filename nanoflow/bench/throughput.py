@@ -23,6 +23,8 @@ from nanoflow.sampling_params import SamplingParams
 
 
 def _commit() -> str | None:
+    if os.environ.get("NANOFLOW_COMMIT"):  # a copy of the tree without .git (the GPU host) is told it
+        return os.environ["NANOFLOW_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -140,7 +142,9 @@ def print_report(r: dict) -> None:
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),
             ("KV blocks", f"{r['kv_blocks']} x {r['block_size']} tokens; peak running {r['peak_running_requests']}")]
     if "gpu_idle_share" in r:
-        rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%"))
+        rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%  (gap p50 "
+                     f"{r['gpu_idle_gap_ms_p50']:.3f} ms, p99 {r['gpu_idle_gap_ms_p99']:.3f}, "
+                     f"max {r['gpu_idle_gap_ms_max']:.1f})"))
     if "hf" in r:
         rows.append(("HF transformers total tok/s", f"{r['hf']['total_tok_s']:.1f}  (x{r['speedup_vs_hf']:.2f})"))
     width = max(len(k) for k, _ in rows)

@@ -31,9 +31,13 @@ class IterationClock:
             return {}
         torch.cuda.synchronize()
         busy = sum(s.elapsed_time(e) for s, e in self.marks)
-        idle = sum(e.elapsed_time(s2) for (_, e), (s2, _) in zip(self.marks, self.marks[1:]))
+        gaps = sorted(e.elapsed_time(s2) for (_, e), (s2, _) in zip(self.marks, self.marks[1:]))
+        idle = sum(gaps)
+        pct = (lambda q: gaps[min(int(q * len(gaps)), len(gaps) - 1)]) if gaps else (lambda q: 0.0)
         return {"iterations": len(self.marks), "gpu_busy_ms": busy, "gpu_idle_ms": idle,
-                "gpu_idle_share": idle / (busy + idle) if busy + idle else 0.0}
+                "gpu_idle_share": idle / (busy + idle) if busy + idle else 0.0,
+                "gpu_idle_gap_ms_p50": pct(0.5), "gpu_idle_gap_ms_p99": pct(0.99),
+                "gpu_idle_gap_ms_max": gaps[-1] if gaps else 0.0}
 
 
 class OpTimer:

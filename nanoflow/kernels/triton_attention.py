@@ -18,20 +18,19 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
                          stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                          stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                         BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + s)
-    if seq_len == 0:  # padding entry
-        return
-    row = tl.load(Q_START + s)
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N  # a whole number of tiles
-    start = lo + split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    start = lo + split * SPLIT_TOKENS
+    if start >= seq_len:  # padding entry, or a split past this sequence's end
+        return
+    row = tl.load(Q_START + s)
+    end = tl.minimum(start + SPLIT_TOKENS, seq_len)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     heads = kvh * G + offs_g
@@ -56,9 +55,8 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out_mask = offs_g < G
-    has = end > start
-    lse = tl.where(has, m + tl.log(l), float("-inf"))
-    o = tl.where(has, acc / l[:, None], 0.0)
+    lse = m + tl.log(l)
+    o = acc / l[:, None]
     base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
     tl.store(PART_O + base[:, None] + offs_d[None, :], o, mask=out_mask[:, None])
     tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, lse, mask=out_mask)
@@ -66,32 +64,44 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
 
 @triton.jit
 def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, stride_oh,
-                           stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
-                           D: tl.constexpr, SPLITS: tl.constexpr):
+                           stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, window,
+                           D: tl.constexpr, SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+                           HAS_WINDOW: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
-    if tl.load(SEQ_LENS + s) == 0:
+    seq_len = tl.load(SEQ_LENS + s)
+    if seq_len == 0:
         return
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    used = tl.cdiv(seq_len - lo, SPLIT_TOKENS)
     row = tl.load(Q_START + s)
     offs_p = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, D)
-    lse = tl.load(PART_LSE + s * stride_pl_s + h * stride_pl_h + offs_p)
+    lse = tl.load(PART_LSE + s * stride_pl_s + h * stride_pl_h + offs_p, mask=offs_p < used, other=float("-inf"))
     w = tl.exp(lse - tl.max(lse, 0))
-    o = tl.load(PART_O + s * stride_po_s + h * stride_po_h + offs_p[:, None] * stride_po_p + offs_d[None, :])
+    o = tl.load(PART_O + s * stride_po_s + h * stride_po_h + offs_p[:, None] * stride_po_p + offs_d[None, :],
+                mask=(offs_p < used)[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
     tl.store(OUT + row * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                      scale: float, out: torch.Tensor, sliding_window: int | None = None,
-                     splits: int = 16, block_n: int = 64) -> None:
-    """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D]."""
+                     split_tokens: int = 512, block_n: int = 64) -> None:
+    """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
+
+    Each sequence's KV is cut into splits of split_tokens (flash-decoding), each split a program; a
+    second kernel merges the splits by their log-sum-exp. The grid covers the longest possible
+    sequence (the block table's width); programs past a sequence's end exit at once."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
     cap = meta.capacity
+    splits = triton.next_power_of_2(triton.cdiv(meta.block_tables.shape[1] * page, split_tokens))
     parts = meta.derived.get("decode_parts")
-    if parts is None or parts[0].shape[2] != splits:
+    if parts is None:
         parts = (torch.empty(cap, num_heads, splits, d, dtype=torch.float32, device=q.device),
                  torch.empty(cap, num_heads, splits, dtype=torch.float32, device=q.device))
         meta.derived["decode_parts"] = parts
@@ -102,12 +112,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
         sliding_window or 0,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n, SPLITS=splits,
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n, SPLIT_TOKENS=split_tokens,
         HAS_WINDOW=sliding_window is not None, num_warps=4, num_stages=2)
     _decode_combine_kernel[(cap, num_heads)](
         part_o, part_lse, out, meta.q_start, meta.seq_lens, out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        D=d, SPLITS=splits, num_warps=4)
+        sliding_window or 0, D=d, SPLITS=splits, SPLIT_TOKENS=split_tokens, HAS_WINDOW=sliding_window is not None,
+        num_warps=4)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nanoflow import kernels
+from nanoflow.kernels import reference
 from nanoflow.config import ModelConfig
 from nanoflow.layers.rotary import cos_sin_table
 from nanoflow.models.batch import DECODE, PREFILL, ForwardBatch
@@ -158,7 +159,8 @@ class LlamaModel(nn.Module):
     def compute_logits(self, ws: Workspace, batch: ForwardBatch) -> torch.Tensor:
         rows = batch.logits_rows
         x = ws.residual.index_select(0, rows) + ws.hidden.index_select(0, rows)
-        x = self.k.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        # plain torch: the row count changes every iteration, and this runs outside the CUDA graph
+        x = reference.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return torch.mm(x, self.lm_head.t()).float()
 
     # -- the plain forward: every op over all rows, in order --------------------------------------
