@@ -21,7 +21,8 @@ def test_workloads():
         assert len(rows) > 10000 and all(0 < p <= MAX_PROMPT and 0 < o <= MAX_OUTPUT for p, o in rows)
     split = parse("trace:splitwise", num_requests=100, seed=3)
     assert len(split.lengths) == 100 and split.lengths == parse("trace:splitwise", 100, seed=3).lengths
-    for bad in ("const:10", "const:0:5", "trace:nope", "poisson:1"):
+    assert parse("const:8:2:3").lengths == [(8, 2)] * 3 and len(parse("trace:lmsys:7").lengths) == 7
+    for bad in ("const:10", "const:0:5", "trace:nope", "poisson:1", "const:1:2:x"):
         with pytest.raises(ValueError):
             parse(bad)
 
@@ -41,9 +42,11 @@ def test_cost_model():
 def test_bench_throughput_cli(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "throughput", "--workload", "const:24:6", "--num-requests", "6", "--warmup-requests", "1",
-                 "--output", str(out)]) == 0
-    r = json.loads(out.read_text())
+                 "--workload", "trace:lmsys:5", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    r, t = report["results"]
+    assert t["workload"] == "trace:lmsys:5" and t["num_requests"] == 5
     assert r["num_requests"] == 6 and r["total_prompt_tokens"] == 144 and r["total_output_tokens"] == 36
     assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])
-    assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / r["optimal_tokens_per_second"])
-    assert r["device"] == "cpu" and r["kv_blocks"] > 0 and "% of optimal" in capsys.readouterr().out
+    assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / report["optimal_tokens_per_second"])
+    assert report["device"] == "cpu" and report["kv_blocks"] > 0 and "% of optimal" in capsys.readouterr().out

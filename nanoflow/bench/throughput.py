@@ -50,12 +50,14 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     peak_running, steps, out_tokens = 0, 0, 0
     bar = tqdm(total=len(prompts), desc=workload.name, disable=not progress)
     start = time.perf_counter()
+    done = 0
     while eng.has_unfinished_requests():
-        if breakdown and on_gpu and timer is None and steps == 20:  # once past the first admissions
+        if breakdown and on_gpu and timer is None and done >= len(prompts) // 2:  # in the steady state
             timer = eng.runner.op_timer = OpTimer()
         for out in eng.step():
             if out.finished:
                 bar.update(1)
+                done += 1
                 out_tokens += len(out.outputs[0].token_ids)
         peak_running = max(peak_running, len(eng.scheduler.running))
         steps += 1
@@ -78,33 +80,37 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         eng.runner.clock = None
     if timer is not None:
         result["op_breakdown_ms"] = timer.summary()
+        result["op_breakdown_tokens"] = timer.tokens
     return result
 
 
+def _hf_baseline(args, workloads: list[Workload]) -> tuple[dict, dict]:
+    """Run HF transformers on every const workload; return its results and its weights (on the CPU)."""
+    from nanoflow.bench import hf_baseline
+    from nanoflow.config import resolve_dtype
+    from nanoflow.models.loader import resolve
+    if any(not w.name.startswith("const:") for w in workloads):
+        raise ValueError("--baseline hf takes const:IN:OUT workloads (generate_batch has one max_new_tokens)")
+    cfg = resolve(args.model).config
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf = hf_baseline.build(cfg, resolve_dtype(args.dtype, device, cfg.torch_dtype), device, args.seed)
+    results = {w.name: hf_baseline.run(hf, w.prompts(cfg.vocab_size, args.seed), w.lengths[0][1], args.temperature)
+               for w in workloads}
+    weights = {k: v.to("cpu") for k, v in hf.state_dict().items()}
+    del hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results, weights
+
+
 def throughput(args) -> dict:
+    """Every workload through one engine (started once); returns the report."""
     from nanoflow.entrypoints.cli import engine_kwargs
-    workload = parse(args.workload, args.num_requests, args.seed)
-    kwargs = engine_kwargs(args)
+    workloads = [parse(w, args.num_requests, args.seed) for w in args.workload]
     report = {"command": args.command_line, "date": datetime.date.today().isoformat(), "commit": _commit(),
-              "workload": args.workload, "model": args.model, "load_format": args.load_format,
-              "temperature": args.temperature}
-    hf_weights = None
-    if args.baseline == "hf":
-        from nanoflow.bench import hf_baseline
-        from nanoflow.models.loader import resolve
-        if not args.workload.startswith("const:"):
-            raise ValueError("--baseline hf takes a const:IN:OUT workload (generate_batch has one max_new_tokens)")
-        cfg = resolve(args.model).config
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from nanoflow.config import resolve_dtype
-        hf = hf_baseline.build(cfg, resolve_dtype(args.dtype, device, cfg.torch_dtype), device, args.seed)
-        report["hf"] = hf_baseline.run(hf, workload.prompts(cfg.vocab_size, args.seed), workload.lengths[0][1],
-                                       args.temperature)
-        hf_weights = {k: v.to("cpu") for k, v in hf.state_dict().items()}
-        del hf
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    llm = LLM(args.model, **kwargs)
+              "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
+    hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ({}, None)
+    llm = LLM(args.model, **engine_kwargs(args))
     eng = llm.engine
     if hf_weights is not None:
         from nanoflow.models.loader import load_hf_weights
@@ -116,31 +122,41 @@ def throughput(args) -> dict:
     report.update({
         "device": device_name(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
         "params": cfg.num_params(), "max_num_batched_tokens": eng.runner.max_num_tokens,
+        "max_num_seqs": eng.config.max_num_seqs, "admission": eng.config.admission,
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,
         "kv_capacity_tokens": eng.runner.num_blocks * eng.runner.block_size,
         "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,
-        "gemm_tflops": rate["rate"] / 1e12, "optimal_tokens_per_second": optimal,
+        "gemm_tflops": rate["rate"] / 1e12, "optimal_tokens_per_second": optimal, "results": [],
     })
-    p, o = workload.lengths[0]
-    if args.workload.startswith("const:"):
-        report["max_concurrent_requests"] = min(report["kv_capacity_tokens"] // (p + o), eng.config.max_num_seqs)
     if args.warmup_requests:
-        run_workload(llm, Workload("warm-up", workload.lengths[: args.warmup_requests]), args.seed + 1,
+        run_workload(llm, Workload("warm-up", workloads[0].lengths[: args.warmup_requests]), args.seed + 1,
                      args.temperature, progress=False)
-    report.update(run_workload(llm, workload, args.seed, args.temperature, breakdown=args.breakdown))
-    report["percent_of_optimal"] = 100 * report["tokens_per_second"] / optimal
-    if "hf" in report:
-        report["speedup_vs_hf"] = report["tokens_per_second"] / report["hf"]["total_tok_s"]
+    for w in workloads:
+        preempted = eng.scheduler.num_preemptions
+        r = {"workload": w.name, **run_workload(llm, w, args.seed, args.temperature, breakdown=args.breakdown)}
+        r["preemptions"] = eng.scheduler.num_preemptions - preempted
+        r["percent_of_optimal"] = 100 * r["tokens_per_second"] / optimal
+        if w.name.startswith("const:"):
+            p, o = w.lengths[0]
+            r["max_concurrent_requests"] = min(report["kv_capacity_tokens"] // (p + o), eng.config.max_num_seqs)
+        if w.name in hf:
+            r["hf"] = hf[w.name]
+            r["speedup_vs_hf"] = r["tokens_per_second"] / hf[w.name]["total_tok_s"]
+        report["results"].append(r)
+        print_result(report, r)
     return report
 
 
-def print_report(r: dict) -> None:
-    rows = [("workload", r["workload"]), ("device", r["device"]), ("requests/s", f"{r['requests_per_second']:.2f}"),
-            ("total tok/s", f"{r['tokens_per_second']:.1f}"), ("output tok/s", f"{r['output_tokens_per_second']:.1f}"),
-            ("optimal tok/s (C/2P)", f"{r['optimal_tokens_per_second']:.1f}  (C = {r['gemm_tflops']:.1f} TFLOP/s)"),
+def print_result(report: dict, r: dict) -> None:
+    rows = [("workload", r["workload"]), ("device", report["device"]),
+            ("requests/s", f"{r['requests_per_second']:.2f}"), ("total tok/s", f"{r['tokens_per_second']:.1f}"),
+            ("output tok/s", f"{r['output_tokens_per_second']:.1f}"),
+            ("optimal tok/s (C/2P)", f"{report['optimal_tokens_per_second']:.1f}  "
+                                     f"(C = {report['gemm_tflops']:.1f} TFLOP/s)"),
             ("% of optimal", f"{r['percent_of_optimal']:.1f}%"),
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),
-            ("KV blocks", f"{r['kv_blocks']} x {r['block_size']} tokens; peak running {r['peak_running_requests']}")]
+            ("KV blocks", f"{report['kv_blocks']} x {report['block_size']} tokens; peak running "
+                          f"{r['peak_running_requests']}; preemptions {r['preemptions']}")]
     if "gpu_idle_share" in r:
         rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%  (gap p50 "
                      f"{r['gpu_idle_gap_ms_p50']:.3f} ms, p99 {r['gpu_idle_gap_ms_p99']:.3f}, "
@@ -152,14 +168,22 @@ def print_report(r: dict) -> None:
         print(f"{k:<{width}}  {v}")
     if "op_breakdown_ms" in r:
         total = sum(r["op_breakdown_ms"].values())
-        print("one iteration, per op (eager, all layers):")
+        print(f"one iteration of {r['op_breakdown_tokens']} tokens, per op (eager, all layers):")
         for name, ms in sorted(r["op_breakdown_ms"].items(), key=lambda x: -x[1]):
             print(f"  {name:<14} {ms:8.3f} ms  {100 * ms / total:5.1f}%")
 
 
+def print_summary(report: dict) -> None:
+    print(f"\n{'workload':<22} {'total tok/s':>12} {'% optimal':>10} {'tok/iter':>9} {'GPU idle':>9}")
+    for r in report["results"]:
+        idle = f"{100 * r['gpu_idle_share']:.1f}%" if "gpu_idle_share" in r else "-"
+        print(f"{r['workload']:<22} {r['tokens_per_second']:>12.1f} {r['percent_of_optimal']:>9.1f}% "
+              f"{r['mean_tokens_per_iteration']:>9.0f} {idle:>9}")
+
+
 def main(args) -> int:
     report = throughput(args)
-    print_report(report)
+    print_summary(report)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

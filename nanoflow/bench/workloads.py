@@ -39,19 +39,26 @@ def load_trace(name: str) -> list[tuple[int, int]]:
 
 
 def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload:
-    """'const:IN:OUT' or 'trace:NAME'; traces are sampled (without replacement) to num_requests."""
+    """'const:IN:OUT[:N]' or 'trace:NAME[:N]'; N (else num_requests) requests, traces sampled without
+    replacement (default: 1000 const requests, the whole trace)."""
     kind, _, rest = spec.partition(":")
+    parts = rest.split(":")
+    if len(parts) == {"const": 3, "trace": 2}.get(kind):
+        try:
+            num_requests = int(parts.pop())
+        except ValueError:
+            raise ValueError(f"bad workload {spec!r}: the request count must be an integer") from None
     if kind == "const":
         try:
-            p, o = (int(x) for x in rest.split(":"))
+            p, o = (int(x) for x in parts)
         except ValueError:
-            raise ValueError(f"bad workload {spec!r}: expected const:IN:OUT") from None
+            raise ValueError(f"bad workload {spec!r}: expected const:IN:OUT[:N]") from None
         if p <= 0 or o <= 0:
             raise ValueError(f"bad workload {spec!r}: lengths must be positive")
         return Workload(spec, [(p, o)] * (num_requests or 1000))
     if kind == "trace":
-        rows = load_trace(rest)
+        rows = load_trace(parts[0])
         if num_requests is not None and num_requests < len(rows):
             rows = random.Random(seed).sample(rows, num_requests)
         return Workload(spec, rows)
-    raise ValueError(f"bad workload {spec!r}: expected const:IN:OUT or trace:{'|'.join(TRACES)}")
+    raise ValueError(f"bad workload {spec!r}: expected const:IN:OUT[:N] or trace:{'|'.join(TRACES)}[:N]")

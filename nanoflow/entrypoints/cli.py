@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     t = bench.add_parser("throughput", help="offline throughput and % of the cost model's optimum")
     add_engine_args(t)
-    t.add_argument("--workload", default="const:512:128", help="const:IN:OUT or trace:splitwise|lmsys|sharegpt")
-    t.add_argument("--num-requests", type=int, default=None, help="default: 1000 (const) or the whole trace")
+    t.add_argument("--workload", action="append",
+                   help="const:IN:OUT[:N] or trace:splitwise|lmsys|sharegpt[:N]; repeat to run several through one "
+                        "engine (default const:512:128)")
+    t.add_argument("--num-requests", type=int, default=None,
+                   help="requests per workload without :N (default: 1000 const, or the whole trace)")
     t.add_argument("--baseline", choices=["none", "hf"], default="none",
                    help="hf: also run HF transformers' generate_batch on the same weights")
     t.add_argument("--temperature", type=float, default=1.0)
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--output", help="write the report as JSON")
     t.set_defaults(func=_bench_throughput)
     a = parser.parse_args(argv)
+    if a.command == "bench" and not a.workload:
+        a.workload = ["const:512:128"]
     a.command_line = "nanoflow " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         return a.func(a)

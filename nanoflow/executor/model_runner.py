@@ -116,6 +116,7 @@ class ModelRunner:
             ws = self.ws.rows(batch.num_tokens)
             if self.op_timer is not None:  # a first, untimed run takes the one-time costs (compiles)
                 self.model.forward_layers(batch, ws)
+                self.op_timer.tokens = batch.num_tokens
             self.model.forward_layers(batch, ws, self.op_timer)
             self.op_timer = None
         logits = self.model.compute_logits(ws, batch)
@@ -130,9 +131,14 @@ class ModelRunner:
         return ModelOutput(launch.tokens.tolist(), launch.logprobs.tolist() if launch.logprobs else None,
                            {i: r.tolist() for i, r in launch.prompt_logprobs.items()})
 
-    def _device(self, x: list[int]) -> torch.Tensor:
+    def _host(self, x: list[int]) -> torch.Tensor:
         t = torch.tensor(x, dtype=torch.long)
-        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _device(self, x: list[int]) -> torch.Tensor:
+        """A list to the device without blocking: pinned host memory, asynchronous copy. (Indexing a GPU
+        tensor with a Python list would copy from pageable memory and wait for the whole stream.)"""
+        return self._host(x).to(self.device, non_blocking=True)
 
     def prepare(self, out: SchedulerOutput) -> tuple[ForwardBatch, _Plan]:
         ids, pos, slots, qs, lens, tables, rows = [], [], [], [0], [], [], []
@@ -160,11 +166,7 @@ class ModelRunner:
                 plan.sample_rows.append(len(rows))
                 rows.append(base + c.length - 1)
                 plan.sample_chunks.append(c)
-        pin = self.device.type == "cuda"
-
-        def host(x):
-            t = torch.tensor(x, dtype=torch.long)
-            return t.pin_memory() if pin else t
+        host = self._host
         return ForwardBatch(host(ids), host(pos), host(slots), qs, lens, tables, out.num_decode, host(rows)), plan
 
     @staticmethod
@@ -181,7 +183,7 @@ class ModelRunner:
         tokens = torch.empty(0, dtype=torch.long, device=self.device)
         logprobs = None
         if seqs:
-            sample_logits = logits[plan.sample_rows]
+            sample_logits = logits.index_select(0, self._device(plan.sample_rows))
             tokens = sample(sample_logits, self.sampling_metadata(seqs, plan))
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=-1)
             if k >= 0:
@@ -238,7 +240,7 @@ class ModelRunner:
             md.banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
             for i, s in banned:
                 ids = list(s.params.stop_token_ids or []) + ([] if s.params.ignore_eos else self.eos_token_ids)
-                md.banned[i, torch.tensor(ids, dtype=torch.long, device=dev)] = True
+                md.banned[i, self._device(ids)] = True
         return md
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:

@@ -45,6 +45,7 @@ class OpTimer:
 
     def __init__(self):
         self.events: list[tuple[str, torch.cuda.Event]] = []
+        self.tokens = 0  # the timed iteration's batch size
 
     def __call__(self, name: str) -> None:
         self.events.append((name, _event()))
