@@ -89,7 +89,7 @@ def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                      scale: float, out: torch.Tensor, sliding_window: int | None = None,
-                     split_tokens: int = 512, block_n: int = 64) -> None:
+                     split_tokens: int = 512, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
     Each sequence's KV is cut into splits of split_tokens (flash-decoding), each split a program; a
@@ -113,7 +113,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
         sliding_window or 0,
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n, SPLIT_TOKENS=split_tokens,
-        HAS_WINDOW=sliding_window is not None, num_warps=4, num_stages=2)
+        HAS_WINDOW=sliding_window is not None, num_warps=num_warps, num_stages=num_stages)
     _decode_combine_kernel[(cap, num_heads)](
         part_o, part_lse, out, meta.q_start, meta.seq_lens, out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
