@@ -81,3 +81,27 @@ def test_graphs_and_async_equal_eager(model_dir):
     agree = sum(a == b for a, b in zip(runs[0], runs[1]))
     assert agree >= len(PROMPTS) - 1, runs  # bf16 GEMMs of padded shapes may round differently
     assert runs[1] == runs[2] or sum(a == b for a, b in zip(runs[1], runs[2])) >= len(PROMPTS) - 1
+
+
+def test_op_breakdown_accounts_for_the_iteration(model_dir):
+    """Per-op graph timings of a batch add up to about the time of the whole iteration's graph."""
+    from nanoflow.executor.profiling import op_times
+    from nanoflow.models.llama import LAYER_OPS
+    llm = LLM(model_dir, device="cuda", num_kv_blocks=256)
+    runner = llm.engine.runner
+    runner.keep_next_batch = True
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    batch = runner.kept_batch
+    times = op_times(runner, batch)
+    assert set(times) == {"embed", *LAYER_OPS} and all(t >= 0 for t in times.values())
+    size = runner.graphs.load(batch)
+    graph = runner.graphs.graphs[size]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    whole = start.elapsed_time(end) / 20
+    assert 0.5 * whole < sum(times.values()) < 2.0 * whole

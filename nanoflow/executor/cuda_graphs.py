@@ -55,7 +55,7 @@ class GraphRunner:
     def bucket(self, num_tokens: int) -> int:
         return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
 
-    def _static_batch(self, size: int) -> ForwardBatch:
+    def static_batch(self, size: int) -> ForwardBatch:
         if size not in self.batches:
             cap = min(size, self.max_seqs)
             b = ForwardBatch(self.input_ids[:size], self.positions[:size], self.slots[:size], [0, size], [], [],
@@ -69,7 +69,7 @@ class GraphRunner:
         """Warm up (compiles, autotunes) and capture every bucket, largest first, in one memory pool."""
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            batch = self._static_batch(size)
+            batch = self.static_batch(size)
             ws = self.ws.rows(size)
             self.model.forward_layers(batch, ws)  # eager warm-up: no sequences, every row padding
             torch.cuda.synchronize()
@@ -81,13 +81,12 @@ class GraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, batch: ForwardBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Workspace:
-        """Copy the batch into the static buffers of its bucket and replay; returns the workspace rows.
+    def load(self, batch: ForwardBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+        """Copy the batch into the static buffers of its bucket; returns the bucket size.
 
         feed: (rows, tokens) on the device, input tokens that the previous iteration sampled."""
         n = batch.num_tokens
         size = self.bucket(n)
-        static = self._static_batch(size)
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         if feed is not None:
             self.input_ids[feed[0]] = feed[1]
@@ -95,8 +94,14 @@ class GraphRunner:
         self.slots[:n].copy_(batch.slot_mapping, non_blocking=True)
         self.slots[n:size].fill_(self.pad_slot)
         pin = self.model.device.type == "cuda"
-        for (kind, _, _), meta in static.attn.items():
+        for (kind, _, _), meta in self.static_batch(size).attn.items():
             meta.copy_(batch.build_attention(kind, 0, n, pin=pin))
+        return size
+
+    def run(self, batch: ForwardBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Workspace:
+        """Load the batch and replay its bucket's graph; returns the workspace rows."""
+        size = self.load(batch, feed)
+        static = self.static_batch(size)
         ws = self.ws.rows(size)
         if self.capture:
             self.graphs[size].replay()

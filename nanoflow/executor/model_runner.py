@@ -13,7 +13,7 @@ from nanoflow.config import EngineConfig, ModelConfig
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
 from nanoflow.executor.cuda_graphs import GraphRunner
-from nanoflow.executor.profiling import IterationClock, OpTimer
+from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
@@ -73,7 +73,8 @@ class ModelRunner:
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
         self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
         self.clock: IterationClock | None = None  # set to measure the GPU's idle time between iterations
-        self.op_timer: OpTimer | None = None  # set to time the next iteration op by op (run eagerly)
+        self.keep_next_batch = False  # set to keep the next iteration's batch (self.kept_batch), for profiling
+        self.kept_batch: ForwardBatch | None = None
         self.graphs: GraphRunner | None = None
         if config.cuda_graph if config.cuda_graph is not None else on_gpu:
             max_blocks = -(-max_model_len // self.block_size)
@@ -103,10 +104,12 @@ class ModelRunner:
         """Enqueue the iteration on the GPU and return at once (on the CPU it simply runs)."""
         self.clock and self.clock.start()
         batch, plan = self.prepare(out)
+        if self.keep_next_batch:
+            self.kept_batch, self.keep_next_batch = batch, False
         feed = None
         if plan.feed_rows:
             feed = (self._device(plan.feed_rows), self.last_tokens[self._device(plan.feed_src)])
-        if self.graphs is not None and self.op_timer is None:
+        if self.graphs is not None:
             ws = self.graphs.run(batch, feed)
             batch = batch.to(self.device)
         else:
@@ -114,11 +117,7 @@ class ModelRunner:
             if feed is not None:
                 batch.input_ids[feed[0]] = feed[1]
             ws = self.ws.rows(batch.num_tokens)
-            if self.op_timer is not None:  # a first, untimed run takes the one-time costs (compiles)
-                self.model.forward_layers(batch, ws)
-                self.op_timer.tokens = batch.num_tokens
-            self.model.forward_layers(batch, ws, self.op_timer)
-            self.op_timer = None
+            self.model.forward_layers(batch, ws)
         logits = self.model.compute_logits(ws, batch)
         launch = self._sample(out, logits, plan)
         self.clock and self.clock.end()

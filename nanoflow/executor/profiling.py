@@ -1,7 +1,5 @@
-"""CUDA-event clocks: the GPU's idle time between iterations, and one iteration's time per op."""
+"""CUDA-event clocks: the GPU's idle time between iterations, and one iteration's GPU time per op."""
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 
@@ -40,19 +38,37 @@ class IterationClock:
                 "gpu_idle_gap_ms_max": gaps[-1] if gaps else 0.0}
 
 
-class OpTimer:
-    """Events between the ops of one forward; times summed per op name over the layers."""
-
-    def __init__(self):
-        self.events: list[tuple[str, torch.cuda.Event]] = []
-        self.tokens = 0  # the timed iteration's batch size
-
-    def __call__(self, name: str) -> None:
-        self.events.append((name, _event()))
-
-    def summary(self) -> dict[str, float]:
-        torch.cuda.synchronize()
-        ms: dict[str, float] = defaultdict(float)
-        for (name, a), (_, b) in zip(self.events, self.events[1:]):
-            ms[name] += a.elapsed_time(b)
-        return dict(ms)
+def op_times(runner, batch, reps: int = 20) -> dict[str, float]:
+    """GPU milliseconds of each op over all layers for this batch, each op captured in a CUDA graph of
+    its own and replayed, so that no CPU launch overhead is counted (an eager run would show it)."""
+    from nanoflow.models.llama import LAYER_OPS
+    graphs, model = runner.graphs, runner.model
+    size = graphs.load(batch)
+    static = graphs.static_batch(size)
+    ws = graphs.ws.rows(size)
+    saved = {key: dict(meta.derived) for key, meta in static.attn.items()}
+    times = {}
+    with torch.inference_mode():
+        for name in ("embed",) + LAYER_OPS:
+            def run(name=name):
+                if name == "embed":
+                    model.embed_tokens(ws, static, 0, size)
+                for l in range(model.cfg.num_layers) if name != "embed" else ():
+                    getattr(model, name)(l, ws, static, 0, size)
+            for meta in static.attn.values():
+                meta.derived.clear()  # derived metadata is computed inside this op's graph
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            graph.replay()
+            start = _event()
+            for _ in range(reps):
+                graph.replay()
+            end = _event()
+            end.synchronize()
+            times[name] = start.elapsed_time(end) / reps
+    for key, meta in static.attn.items():
+        meta.derived.clear()
+        meta.derived.update(saved[key])
+    return times

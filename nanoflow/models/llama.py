@@ -164,16 +164,12 @@ class LlamaModel(nn.Module):
         return torch.mm(x, self.lm_head.t()).float()
 
     # -- the plain forward: every op over all rows, in order --------------------------------------
-    def forward_layers(self, batch: ForwardBatch, ws: Workspace, on_op=None) -> None:
-        """on_op(name), if given, is called before each op and with "end" after the last (profiling)."""
+    def forward_layers(self, batch: ForwardBatch, ws: Workspace) -> None:
         n = batch.num_tokens
-        on_op and on_op("embed")
         self.embed_tokens(ws, batch, 0, n)
         for l in range(self.cfg.num_layers):
             for op in LAYER_OPS:
-                on_op and on_op(op)
                 getattr(self, op)(l, ws, batch, 0, n)
-        on_op and on_op("end")
 
     def forward(self, batch: ForwardBatch, ws: Workspace) -> torch.Tensor:
         self.forward_layers(batch, ws)
