@@ -50,3 +50,6 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])
     assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / report["optimal_tokens_per_second"])
     assert report["device"] == "cpu" and report["kv_blocks"] > 0 and "% of optimal" in capsys.readouterr().out
+    png = tmp_path / "bars.png"
+    assert main(["bench", "plot", str(out), str(out), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

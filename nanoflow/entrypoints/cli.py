@@ -58,6 +58,12 @@ def _bench_throughput(a: argparse.Namespace) -> int:
     return main(a)
 
 
+def _bench_plot(a: argparse.Namespace) -> int:
+    from nanoflow.bench.plots import throughput_bars
+    throughput_bars(a.reports, a.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--breakdown", action="store_true", help="time one iteration op by op (GPU)")
     t.add_argument("--output", help="write the report as JSON")
     t.set_defaults(func=_bench_throughput)
+    pl = bench.add_parser("plot", help="draw throughput reports (JSON of bench throughput) as a PNG bar chart")
+    pl.add_argument("reports", nargs="+")
+    pl.add_argument("-o", "--output", required=True)
+    pl.set_defaults(func=_bench_plot)
     a = parser.parse_args(argv)
-    if a.command == "bench" and not a.workload:
+    if getattr(a, "bench", None) == "throughput" and not a.workload:
         a.workload = ["const:512:128"]
     a.command_line = "nanoflow " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
