@@ -1,7 +1,7 @@
 """Decode attention: effective KV bandwidth of kernel configurations on one case (default: the Llama-3-8B
 1024/512 steady state, 305 sequences x 1,280 tokens, 32 query / 8 KV heads, head dim 128, bf16).
 
-python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--output out.json]"""
+python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--output out.json]"""
 import argparse
 import itertools
 import json
@@ -32,6 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, default=305)
     ap.add_argument("--ctx", type=int, default=1280)
+    ap.add_argument("--default-only", action="store_true", help="time the default configuration alone")
     ap.add_argument("--output")
     a = ap.parse_args()
     q, kc, vc, meta = case(a.seqs, a.ctx)
@@ -40,7 +41,8 @@ def main():
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
                                                  meta.block_tables[:8]), 128 ** -0.5, expect)
     rows = []
-    for split, bn, warps, stages in itertools.product((512, 1024), (32, 64, 128), (4, 8), (2, 3, 4)):
+    grid = ((512,), (64,), (4,), (2,)) if a.default_only else ((512, 1024), (32, 64, 128), (4, 8), (2, 3, 4))
+    for split, bn, warps, stages in itertools.product(*grid):
         out = torch.empty_like(q)
         kw = dict(split_tokens=split, block_n=bn, num_warps=warps, num_stages=stages)
         try:

@@ -12,6 +12,15 @@ def tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
 
+def assert_same(outs, reference):
+    """Same greedy tokens, and the same sampled-token logprobs within 1e-4 (fp32)."""
+    assert tokens(outs) == tokens(reference)
+    for out, ref in zip(outs, reference):
+        for a, b in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
+            (t, lp), = a.items()
+            assert lp.logprob == pytest.approx(b[t].logprob, abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def reference(llama_dir):
     """Each prompt alone, with a budget larger than any prompt."""
@@ -26,12 +35,7 @@ def test_batch_equals_single(llama_dir, reference):
 
 def test_chunked_prefill_equals_whole_prefill(llama_dir, reference):
     llm = LLM(llama_dir, max_num_batched_tokens=7)  # every prompt is cut into chunks, mixed with decodes
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert tokens(outs) == tokens(reference)
-    for out, ref in zip(outs, reference):
-        for a, b in zip(out.outputs[0].logprobs, ref.outputs[0].logprobs):
-            (t, lp), = a.items()
-            assert lp.logprob == pytest.approx(b[t].logprob, abs=1e-4)
+    assert_same(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference)
 
 
 def test_dense_batch_shape(llama_dir):
@@ -152,12 +156,7 @@ def test_graph_path_with_padding_equals_eager(llama_dir, reference):
         seen.append((batch.num_tokens, runner.graphs.bucket(batch.num_tokens)))
         return original(batch, feed)
     runner.graphs.run = spy
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert tokens(outs) == tokens(reference)
-    for o, r in zip(outs, reference):
-        for a, b in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
-            (t, lp), = a.items()
-            assert lp.logprob == pytest.approx(b[t].logprob, abs=1e-4)
+    assert_same(llm.generate(PROMPTS, GREEDY, use_tqdm=False), reference)
     assert any(n < size for n, size in seen)  # some iterations really were padded
 
 

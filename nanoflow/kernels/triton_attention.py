@@ -14,6 +14,31 @@ from nanoflow.models.batch import AttentionMeta
 
 
 @triton.jit
+def _load_kv_tile(K, V, BT, s, kvh, n0, limit, stride_kb, stride_ks, stride_kh, stride_bt, offs_d,
+                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values of positions [n0, n0 + BLOCK_N) of sequence s (up to limit), through its pages."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    valid = offs_n < limit
+    page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=valid, other=0)
+    kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+    return offs_n, valid, k, v
+
+
+@triton.jit
+def _softmax_step(scores, v, m, l, acc):
+    """Fold one tile of scores (-inf where excluded) and its values into the online softmax."""
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
 def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
                          stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                          stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
@@ -40,20 +65,10 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=valid, other=0)
-        kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, end, stride_kb, stride_ks, stride_kh, stride_bt,
+                                            offs_d, PAGE, BLOCK_N)
+        scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m, l, acc = _softmax_step(scores, v, m, l, acc)
     out_mask = offs_g < G
     lse = m + tl.log(l)
     o = acc / l[:, None]
@@ -153,24 +168,13 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
     l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * G_PAD, D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < hi
-        page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=valid, other=0)
-        kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh, stride_bt,
+                                            offs_d, PAGE, BLOCK_N)
         allowed = valid[None, :] & (offs_n[None, :] <= pos_q[:, None])
         if HAS_WINDOW:
             allowed = allowed & (pos_q[:, None] - offs_n[None, :] < window)
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m, l, acc = _softmax_step(scores, v, m, l, acc)
     o = acc / tl.where(l == 0, 1.0, l)[:, None]
     tl.store(OUT + (q_start + r)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
