@@ -25,5 +25,4 @@ def make_case(q_lens, seq_lens, num_decode, hq=8, hkv=2, d=16, page=4, dtype=tor
 
 
 def dense_kv(cache, table, seq_len):
-    page = cache.shape[1]
     return cache[torch.tensor(table)].flatten(0, 1)[:seq_len]
