@@ -20,8 +20,8 @@ def throughput_bars(report_files: list[str], out: str) -> None:
         label = f"{rep.get('commit') or ''} {rep['device']}".strip()
         bars = ax.bar(xs, ys, width, label=label)
         for bar, w in zip(bars, [w for w in workloads if w in by_name]):
-            ax.annotate(f"{by_name[w]['percent_of_optimal']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            top = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+            ax.annotate(f"{by_name[w]['percent_of_optimal']:.0f}%", top, ha="center", va="bottom", fontsize=8)
         ax.axhline(rep["optimal_tokens_per_second"], color=bars.patches[0].get_facecolor(), ls="--", lw=1)
     ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(workloads))], workloads, rotation=20,
                   ha="right", fontsize=8)
