@@ -179,6 +179,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
     return names[dtype]
 
 
+MODES = ("non-overlap", "nanobatch-only")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Knobs of the engine; defaults follow vLLM's where the meaning is the same."""
@@ -196,9 +199,15 @@ class EngineConfig:
     cuda_graph: bool | None = None
     # None: on for CUDA (iteration i + 1 is scheduled while the GPU runs i), off on the CPU
     async_scheduling: bool | None = None
+    # "non-overlap": every op over the whole batch; "nanobatch-only": the pipeline spec's nano-batches,
+    # issued in its order on one stream (the cost of nano-batching alone)
+    mode: str = "non-overlap"
+    pipeline_spec: str = "llama-3-8b-h100-hand"  # a spec file, or the name of a shipped one
     seed: int = 0
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.admission not in ("kv", "predicted"):
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
         if self.block_size <= 0 or self.max_num_seqs <= 0:

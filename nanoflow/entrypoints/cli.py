@@ -22,6 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule iteration i + 1 while the GPU runs i (default: on for CUDA)")
+    p.add_argument("--mode", choices=["non-overlap", "nanobatch-only"], default="non-overlap",
+                   help="nanobatch-only: the pipeline spec's nano-batches on one stream")
+    p.add_argument("--pipeline-spec", default="llama-3-8b-h100-hand", help="a spec file or a shipped spec's name")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -31,7 +34,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
                 admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
-                async_scheduling=a.async_scheduling)
+                async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec)
 
 
 def generate(a: argparse.Namespace) -> int:

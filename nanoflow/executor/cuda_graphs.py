@@ -17,7 +17,7 @@ import bisect
 import torch
 
 from nanoflow.models.batch import DECODE, PREFILL, AttentionMeta, ForwardBatch
-from nanoflow.models.llama import LlamaModel, Workspace
+from nanoflow.models.llama import Workspace
 
 
 def buckets(max_tokens: int) -> list[int]:
@@ -36,14 +36,15 @@ def _view(meta: AttentionMeta, n: int) -> AttentionMeta:
 
 
 class GraphRunner:
-    def __init__(self, model: LlamaModel, ws: Workspace, max_tokens: int, max_seqs: int, max_blocks_per_seq: int,
+    def __init__(self, forward, ws: Workspace, max_tokens: int, max_seqs: int, max_blocks_per_seq: int,
                  pad_slot: int, capture: bool = True):
-        self.model, self.ws = model, ws
+        self.forward = forward  # (batch, ws) -> None: the layers, plain or nano-batched
+        self.ws = ws
         self.sizes = buckets(max_tokens)
         self.max_seqs = max_seqs
         self.pad_slot = pad_slot
         self.capture = capture
-        dev = model.device
+        dev = ws.residual.device
         self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.slots = torch.full((max_tokens,), pad_slot, dtype=torch.long, device=dev)
@@ -71,13 +72,13 @@ class GraphRunner:
         for size in reversed(self.sizes):
             batch = self.static_batch(size)
             ws = self.ws.rows(size)
-            self.model.forward_layers(batch, ws)  # eager warm-up: no sequences, every row padding
+            self.forward(batch, ws)  # eager warm-up: no sequences, every row padding
             torch.cuda.synchronize()
             for meta in batch.attn.values():
                 meta.derived.clear()  # what kernels derive from the metadata is recomputed inside the graph
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.model.forward_layers(batch, ws)
+                self.forward(batch, ws)
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
@@ -93,7 +94,7 @@ class GraphRunner:
         self.positions[:n].copy_(batch.positions, non_blocking=True)
         self.slots[:n].copy_(batch.slot_mapping, non_blocking=True)
         self.slots[n:size].fill_(self.pad_slot)
-        pin = self.model.device.type == "cuda"
+        pin = self.input_ids.is_cuda
         for (kind, _, _), meta in self.static_batch(size).attn.items():
             meta.copy_(batch.build_attention(kind, 0, n, pin=pin))
         return size
@@ -108,5 +109,5 @@ class GraphRunner:
         else:
             for meta in static.attn.values():
                 meta.derived.clear()
-            self.model.forward_layers(static, ws)
+            self.forward(static, ws)
         return ws

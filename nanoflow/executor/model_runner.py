@@ -5,6 +5,7 @@ it returns token ids and logprob numbers; the engine turns them into outputs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,8 @@ from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
+from nanoflow.pipeline.executor import run_sequential
+from nanoflow.pipeline.spec import load_spec
 
 CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 2048
@@ -75,10 +78,13 @@ class ModelRunner:
         self.clock: IterationClock | None = None  # set to measure the GPU's idle time between iterations
         self.keep_next_batch = False  # set to keep the next iteration's batch (self.kept_batch), for profiling
         self.kept_batch: ForwardBatch | None = None
+        self.forward = model.forward_layers  # (batch, ws): all layers, however they are cut and placed
+        if config.mode == "nanobatch-only":
+            self.forward = functools.partial(run_sequential, model, load_spec(config.pipeline_spec))
         self.graphs: GraphRunner | None = None
         if config.cuda_graph if config.cuda_graph is not None else on_gpu:
             max_blocks = -(-max_model_len // self.block_size)
-            self.graphs = GraphRunner(model, self.ws, self.max_num_tokens, config.max_num_seqs, max_blocks,
+            self.graphs = GraphRunner(self.forward, self.ws, self.max_num_tokens, config.max_num_seqs, max_blocks,
                                       self.pad_slot, capture=on_gpu)
             if on_gpu:
                 self.graphs.capture_all()
@@ -117,7 +123,7 @@ class ModelRunner:
             if feed is not None:
                 batch.input_ids[feed[0]] = feed[1]
             ws = self.ws.rows(batch.num_tokens)
-            self.model.forward_layers(batch, ws)
+            self.forward(batch, ws)
         logits = self.model.compute_logits(ws, batch)
         launch = self._sample(out, logits, plan)
         self.clock and self.clock.end()

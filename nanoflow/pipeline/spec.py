@@ -1,0 +1,126 @@
+"""A pipeline spec: plain data that a person can read and edit (JSON).
+
+For each op of a decoder layer: its nano-batches as row ranges of a batch of `tokens` rows, each on an
+execution unit; and the order in which the nano-ops of a layer are issued. A batch of another size runs
+the same spec with its boundaries scaled (rounded to multiples of 8 rows).
+"""
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from dataclasses import asdict, dataclass
+
+from nanoflow.models.llama import LAYER_OPS
+
+UNIT_KINDS = ("compute", "memory", "network", "other")
+ALIGN = 8
+
+
+@dataclass(slots=True)
+class Unit:
+    """An execution unit: a stream on a green context of `sms` SMs (0: the whole device)."""
+    name: str
+    kind: str
+    sms: int = 0
+
+
+@dataclass(slots=True)
+class NanoOp:
+    op: str
+    start: int  # rows [start, end) of a batch of spec.tokens rows
+    end: int
+    unit: str
+
+
+@dataclass(slots=True)
+class PipelineSpec:
+    name: str
+    tokens: int
+    units: list[Unit]
+    nano_ops: list[NanoOp]  # issue order within a layer
+    notes: str = ""
+
+    def validate(self) -> "PipelineSpec":
+        from nanoflow.pipeline.graph import dependencies
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline spec {self.name!r}: duplicate unit names {names}")
+        for u in self.units:
+            if u.kind not in UNIT_KINDS:
+                raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has kind {u.kind!r}; "
+                                 f"kinds: {UNIT_KINDS}")
+            if u.sms < 0:
+                raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has {u.sms} SMs")
+        for n in self.nano_ops:
+            if n.op not in LAYER_OPS:
+                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {LAYER_OPS}")
+            if n.unit not in names:
+                raise ValueError(f"pipeline spec {self.name!r}: nano-op {n.op}[{n.start}:{n.end}] names unknown "
+                                 f"unit {n.unit!r}")
+        for op in LAYER_OPS:
+            ranges = sorted((n.start, n.end) for n in self.nano_ops if n.op == op)
+            edges = [0] + [x for r in ranges for x in r] + [self.tokens]
+            if not ranges or any(a != b for a, b in zip(edges[::2], edges[1::2])) or \
+                    any(s >= e for s, e in ranges):
+                raise ValueError(f"pipeline spec {self.name!r}: the nano-batches of {op} must cover rows "
+                                 f"[0, {self.tokens}) without gaps or overlaps, got {ranges}")
+        # every nano-op's inputs within the layer must be issued before it
+        issued = []
+        for i, n in enumerate(self.nano_ops):
+            for dep in dependencies(n, self.nano_ops):
+                if dep not in issued:
+                    raise ValueError(f"pipeline spec {self.name!r}: {n.op}[{n.start}:{n.end}] is issued before "
+                                     f"its input {dep.op}[{dep.start}:{dep.end}]")
+            issued.append(n)
+        return self
+
+    def scaled(self, rows: int) -> list[NanoOp]:
+        """The nano-ops for a batch of `rows` rows: boundaries scaled, rounded to multiples of 8."""
+        def at(x):
+            return rows if x == self.tokens else min(round(x * rows / self.tokens / ALIGN) * ALIGN, rows)
+        return [NanoOp(n.op, at(n.start), at(n.end), n.unit) for n in self.nano_ops]
+
+    # -- plain data ------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        """One unit and one nano-op a line, so that a spec reads like a table."""
+        def rows(items):
+            return ",\n".join(f"  {json.dumps(asdict(x))}" for x in items)
+        head = json.dumps({"name": self.name, "tokens": self.tokens, "notes": self.notes}, indent=1)[:-2]
+        return f"{head},\n \"units\": [\n{rows(self.units)}\n ],\n \"nano_ops\": [\n{rows(self.nano_ops)}\n ]\n}}\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "PipelineSpec":
+        try:
+            d = json.loads(text)
+            return cls(d["name"], int(d["tokens"]), [Unit(**u) for u in d["units"]],
+                       [NanoOp(**n) for n in d["nano_ops"]], d.get("notes", "")).validate()
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"malformed pipeline spec: {e}") from None
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "PipelineSpec":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+
+def load_spec(name_or_path: str) -> PipelineSpec:
+    """A spec file, or the name of one shipped in nanoflow/pipeline/specs/."""
+    if os.path.exists(name_or_path):
+        return PipelineSpec.load(name_or_path)
+    shipped = resources.files("nanoflow.pipeline").joinpath("specs", f"{name_or_path}.json")
+    if not shipped.is_file():
+        names = sorted(p.name.removesuffix(".json") for p in resources.files("nanoflow.pipeline").joinpath(
+            "specs").iterdir() if p.name.endswith(".json"))
+        raise FileNotFoundError(f"pipeline spec {name_or_path!r} is neither a file nor a shipped spec ({names})")
+    return PipelineSpec.from_json(shipped.read_text())
+
+
+def non_overlap(tokens: int) -> PipelineSpec:
+    """One nano-batch per op on the whole device: the plain forward, as a spec."""
+    return PipelineSpec("non-overlap", tokens, [Unit("device", "other")],
+                        [NanoOp(op, 0, tokens, "device") for op in LAYER_OPS]).validate()

@@ -1,0 +1,102 @@
+"""Pipeline specs, their dependency rules, and nano-batched execution == the plain forward (CPU)."""
+import dataclasses
+import json
+
+import pytest
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.models.llama import LAYER_OPS
+from nanoflow.pipeline.graph import dependencies
+from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, load_spec, non_overlap
+
+HAND = "llama-3-8b-h100-hand"
+
+
+def four_way(tokens=64):
+    """Every op in four uneven nano-batches, attention on a memory unit, issued batch by batch."""
+    cuts = [0, 8, 24, 40, tokens]
+    ops = []
+    for i in range(4):
+        for op in LAYER_OPS:
+            ops.append(NanoOp(op, cuts[i], cuts[i + 1], "mem" if op.endswith("attn") else "gemm"))
+    return PipelineSpec("four", tokens, [Unit("gemm", "compute", 100), Unit("mem", "memory", 32)], ops).validate()
+
+
+def test_shipped_spec_round_trips(tmp_path):
+    spec = load_spec(HAND)
+    assert spec.tokens == 2048 and {u.kind for u in spec.units} == {"compute", "memory"}
+    path = tmp_path / "s.json"
+    spec.save(str(path))
+    assert PipelineSpec.load(str(path)) == spec == load_spec(str(path))
+    assert json.loads(path.read_text())["nano_ops"][0] == {"op": "attn_norm", "start": 0, "end": 1024,
+                                                           "unit": "compute"}
+
+
+def test_scaling_keeps_coverage():
+    spec = four_way(2048)
+    for rows in (8, 13, 100, 777, 2048):
+        for op in LAYER_OPS:
+            ranges = sorted((n.start, n.end) for n in spec.scaled(rows) if n.op == op)
+            assert ranges[0][0] == 0 and ranges[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(x % 8 == 0 for r in ranges for x in r if x != rows)
+
+
+def test_dependencies():
+    spec = four_way()
+    layer = spec.nano_ops
+    attn = next(n for n in layer if n.op == "prefill_attn" and n.start == 24)
+    assert {(d.op, d.start) for d in dependencies(attn, layer)} == {("rope_kv", 0), ("rope_kv", 8), ("rope_kv", 24)}
+    o = next(n for n in layer if n.op == "o_proj" and n.start == 8)
+    assert {(d.op, d.start) for d in dependencies(o, layer)} == {("decode_attn", 8), ("prefill_attn", 8)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.nano_ops.pop(), "must cover rows"),
+    (lambda s: setattr(s.nano_ops[0], "end", 9), "must cover rows"),
+    (lambda s: setattr(s.nano_ops[0], "op", "softmax"), "unknown op"),
+    (lambda s: setattr(s.nano_ops[0], "unit", "tpu"), "unknown unit"),
+    (lambda s: setattr(s.units[0], "kind", "fast"), "kind"),
+    (lambda s: s.nano_ops.insert(0, s.nano_ops.pop(5)), "issued before its input"),
+])
+def test_invalid_specs_are_rejected(change, message):
+    spec = four_way()
+    bad = dataclasses.replace(spec, units=[dataclasses.replace(u) for u in spec.units],
+                              nano_ops=[dataclasses.replace(n) for n in spec.nano_ops])
+    change(bad)
+    with pytest.raises(ValueError, match=message):
+        bad.validate()
+
+
+def test_malformed_spec_files(tmp_path):
+    with pytest.raises(ValueError, match="malformed pipeline spec"):
+        PipelineSpec.from_json('{"name": "x"}')
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped spec"):
+        load_spec("no-such-spec")
+
+
+PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+           [1000, 2000, 3000], [77] * 37, list(range(100, 131)), [31337, 2, 3]]
+
+
+@pytest.mark.parametrize("budget", [16, 48, 96])  # decode-only, mixed and prefill-only iterations all occur
+@pytest.mark.parametrize("spec_name", ["four", HAND])
+def test_nanobatched_forward_equals_plain(llama_dir, tmp_path, budget, spec_name):
+    """The nano-op graph run sequentially (nanobatch-only) gives the plain forward's tokens and logprobs."""
+    path = tmp_path / "spec.json"
+    (four_way() if spec_name == "four" else load_spec(HAND)).save(str(path))
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    plain = LLM(llama_dir, max_num_batched_tokens=budget).generate(PROMPTS, p, use_tqdm=False)
+    nano = LLM(llama_dir, max_num_batched_tokens=budget, mode="nanobatch-only",
+               pipeline_spec=str(path)).generate(PROMPTS, p, use_tqdm=False)
+    for a, b in zip(nano, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            (t, lp), = x.items()
+            assert lp.logprob == pytest.approx(y[t].logprob, abs=1e-4)
+
+
+def test_non_overlap_spec_is_the_plain_forward():
+    spec = non_overlap(512)
+    assert [n.op for n in spec.nano_ops] == list(LAYER_OPS) and all((n.start, n.end) == (0, 512)
+                                                                    for n in spec.nano_ops)
