@@ -80,15 +80,16 @@ PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 4
 
 
 @pytest.mark.parametrize("budget", [16, 48, 96])  # decode-only, mixed and prefill-only iterations all occur
-@pytest.mark.parametrize("spec_name", ["four", HAND])
-def test_nanobatched_forward_equals_plain(llama_dir, tmp_path, budget, spec_name):
-    """The nano-op graph run sequentially (nanobatch-only) gives the plain forward's tokens and logprobs."""
+@pytest.mark.parametrize("spec_name, graph", [("four", False), (HAND, False), ("four", True)])
+def test_nanobatched_forward_equals_plain(llama_dir, tmp_path, budget, spec_name, graph):
+    """The nano-op graph run sequentially (nanobatch-only) gives the plain forward's tokens and logprobs,
+    also through the CUDA-graph path's padded buckets (run eagerly on the CPU)."""
     path = tmp_path / "spec.json"
     (four_way() if spec_name == "four" else load_spec(HAND)).save(str(path))
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     plain = LLM(llama_dir, max_num_batched_tokens=budget).generate(PROMPTS, p, use_tqdm=False)
-    nano = LLM(llama_dir, max_num_batched_tokens=budget, mode="nanobatch-only",
-               pipeline_spec=str(path)).generate(PROMPTS, p, use_tqdm=False)
+    nano = LLM(llama_dir, max_num_batched_tokens=budget, mode="nanobatch-only", pipeline_spec=str(path),
+               cuda_graph=graph).generate(PROMPTS, p, use_tqdm=False)
     for a, b in zip(nano, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
