@@ -16,7 +16,7 @@ import bisect
 
 import torch
 
-from nanoflow.models.batch import DECODE, PREFILL, AttentionMeta, ForwardBatch
+from nanoflow.models.batch import AttentionMeta, ForwardBatch
 from nanoflow.models.llama import Workspace
 
 
@@ -35,6 +35,25 @@ def _view(meta: AttentionMeta, n: int) -> AttentionMeta:
     return AttentionMeta(meta.q_start[:n], meta.q_len[:n], meta.seq_lens[:n], meta.block_tables[:n])
 
 
+class _StaticMetas(dict):
+    """A bucket's attention metadata, keyed (kind, a, b) like ForwardBatch.attn: a key the forward asks for
+    the first time (during warm-up, before capture) gets a static buffer. Buckets share the buffers: the
+    k-th range of a kind in every bucket is a view of one buffer sized for the largest."""
+
+    def __init__(self, shared: dict, capacity: int, width: int, device):
+        super().__init__()
+        self.shared, self.capacity, self.width, self.device = shared, capacity, width, device
+
+    def __missing__(self, key):
+        kind, a, b = key
+        ordinal = sum(k[0] == kind for k in self)
+        buf = self.shared.setdefault((kind, ordinal), _meta(self.capacity, self.width, self.device))
+        self[key] = meta = _view(buf, min(b - a, self.capacity))
+        meta.q_len.zero_()  # no sequences until the first load: the warm-up run reads it
+        meta.seq_lens.zero_()
+        return meta
+
+
 class GraphRunner:
     def __init__(self, forward, ws: Workspace, max_tokens: int, max_seqs: int, max_blocks_per_seq: int,
                  pad_slot: int, capture: bool = True):
@@ -48,31 +67,39 @@ class GraphRunner:
         self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.slots = torch.full((max_tokens,), pad_slot, dtype=torch.long, device=dev)
-        cap = min(max_tokens, max_seqs)
-        self.metas = {kind: _meta(cap, max_blocks_per_seq, dev) for kind in (DECODE, PREFILL)}
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.metas: dict = {}  # (kind, ordinal) -> AttentionMeta buffers shared by the buckets
         self.batches: dict[int, ForwardBatch] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.warm: set[int] = set()
 
     def bucket(self, num_tokens: int) -> int:
         return self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
 
     def static_batch(self, size: int) -> ForwardBatch:
         if size not in self.batches:
-            cap = min(size, self.max_seqs)
             b = ForwardBatch(self.input_ids[:size], self.positions[:size], self.slots[:size], [0, size], [], [],
                              0, self.input_ids[:0])
-            b.attn = {(kind, 0, size): _view(m, cap) for kind, m in self.metas.items()}
+            b.attn = _StaticMetas(self.metas, min(self.sizes[-1], self.max_seqs), self.max_blocks_per_seq,
+                                  self.input_ids.device)
             self.batches[size] = b
         return self.batches[size]
 
+    def _warm_up(self, size: int) -> None:
+        """Run the bucket once with every row padding: compiles kernels and makes the static buffers of
+        every attention range the forward asks for (which `load` then fills)."""
+        self.slots[:size].fill_(self.pad_slot)
+        self.forward(self.static_batch(size), self.ws.rows(size))
+        self.warm.add(size)
+
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Warm up (compiles, autotunes) and capture every bucket, largest first, in one memory pool."""
+        """Warm up and capture every bucket, largest first, in one memory pool."""
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             batch = self.static_batch(size)
             ws = self.ws.rows(size)
-            self.forward(batch, ws)  # eager warm-up: no sequences, every row padding
+            self._warm_up(size)
             torch.cuda.synchronize()
             for meta in batch.attn.values():
                 meta.derived.clear()  # what kernels derive from the metadata is recomputed inside the graph
@@ -88,6 +115,8 @@ class GraphRunner:
         feed: (rows, tokens) on the device, input tokens that the previous iteration sampled."""
         n = batch.num_tokens
         size = self.bucket(n)
+        if size not in self.warm:
+            self._warm_up(size)
         self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         if feed is not None:
             self.input_ids[feed[0]] = feed[1]
@@ -95,8 +124,8 @@ class GraphRunner:
         self.slots[:n].copy_(batch.slot_mapping, non_blocking=True)
         self.slots[n:size].fill_(self.pad_slot)
         pin = self.input_ids.is_cuda
-        for (kind, _, _), meta in self.static_batch(size).attn.items():
-            meta.copy_(batch.build_attention(kind, 0, n, pin=pin))
+        for (kind, a, b), meta in self.static_batch(size).attn.items():  # rows past n are padding
+            meta.copy_(batch.build_attention(kind, min(a, n), min(b, n), pin=pin))
         return size
 
     def run(self, batch: ForwardBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Workspace:

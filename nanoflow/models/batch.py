@@ -70,11 +70,13 @@ class ForwardBatch:
 
     def attention(self, kind: str, a: int, b: int) -> AttentionMeta:
         key = (kind, a, b)
-        if key not in self.attn:
+        try:
+            return self.attn[key]  # (the CUDA-graph path's dict makes static buffers on a miss)
+        except KeyError:
             meta = self.build_attention(kind, a, b, pin=self.device.type == "cuda")
             self.attn[key] = AttentionMeta(*(t.to(self.device, non_blocking=True) for t in
                                              (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
-        return self.attn[key]
+            return self.attn[key]
 
     def build_attention(self, kind: str, a: int, b: int, capacity: int | None = None,
                         pin: bool = False) -> AttentionMeta:
