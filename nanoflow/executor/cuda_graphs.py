@@ -109,6 +109,7 @@ class GraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
+    @torch.inference_mode()  # the static buffers made during warm-up are inference tensors
     def load(self, batch: ForwardBatch, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         """Copy the batch into the static buffers of its bucket; returns the bucket size.
 
