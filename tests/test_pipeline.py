@@ -101,3 +101,52 @@ def test_non_overlap_spec_is_the_plain_forward():
     spec = non_overlap(512)
     assert [n.op for n in spec.nano_ops] == list(LAYER_OPS) and all((n.start, n.end) == (0, 512)
                                                                     for n in spec.nano_ops)
+
+
+def _batch_and_plain(llama_dir, budget):
+    """A mixed batch from a real engine (decode rows and chunked prefills), and its plain-forward output."""
+    from nanoflow.engine.llm_engine import LLMEngine
+    eng = LLMEngine(llama_dir, max_num_batched_tokens=budget)
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    eng.step()  # into a state with decodes and partial prefills
+    out = eng.scheduler.schedule()
+    batch, _ = eng.runner.prepare(out)
+    assert out.num_decode > 0 and len(out.chunks) > out.num_decode
+    model = eng.runner.model
+    ws = eng.runner.ws.rows(batch.num_tokens)
+    kv = model.kv_cache.clone()
+    model.forward_layers(batch, ws)
+    return eng, model, batch, ws.residual.clone() + ws.hidden, kv
+
+
+@pytest.mark.parametrize("spec_name", ["four", HAND])
+def test_plan_is_correct_in_any_order_the_gpu_may_pick(llama_dir, spec_name):
+    from nanoflow.pipeline.plan import plan, simulate
+    eng, model, batch, expect, kv = _batch_and_plain(llama_dir, 40)
+    spec = four_way() if spec_name == "four" else load_spec(HAND)
+    launches = plan(spec.scaled(batch.num_tokens), model.cfg.num_layers, spec.units[0].name)
+    assert any(l.waits for l in launches)  # units really do wait on each other
+    for seed in range(6):
+        model.kv_cache.copy_(kv)
+        ws = eng.runner.ws.rows(batch.num_tokens)
+        ws.residual.fill_(float("nan"))
+        simulate(model, launches, ws, batch, seed)
+        assert (ws.residual + ws.hidden).allclose(expect, atol=1e-5, rtol=1e-5)
+
+
+def test_simulation_catches_a_missing_wait(llama_dir):
+    """Without its waits the same plan goes wrong in some order: the simulation has teeth."""
+    from nanoflow.pipeline.plan import plan, simulate
+    eng, model, batch, expect, kv = _batch_and_plain(llama_dir, 40)
+    spec = four_way()
+    launches = plan(spec.scaled(batch.num_tokens), model.cfg.num_layers, "gemm")
+    for launch in launches:
+        launch.waits = []
+    wrong = 0
+    for seed in range(6):
+        model.kv_cache.copy_(kv)
+        ws = eng.runner.ws.rows(batch.num_tokens)
+        simulate(model, launches, ws, batch, seed)
+        wrong += not (ws.residual + ws.hidden).allclose(expect, atol=1e-5, rtol=1e-5)
+    assert wrong > 0
