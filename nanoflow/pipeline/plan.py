@@ -62,8 +62,12 @@ def simulate(model: LlamaModel, launches: list[Launch], ws: Workspace, batch: Fo
         queues.setdefault(launch.op.unit, []).append(i)
     done = [False] * len(launches)
     heads = {u: 0 for u in queues}
+
+    def can_run(u: str) -> bool:
+        q = queues[u]
+        return heads[u] < len(q) and all(done[w] for w in launches[q[heads[u]]].waits)
     while not all(done):
-        ready = [u for u, q in queues.items() if heads[u] < len(q) and all(done[w] for w in launches[q[heads[u]]].waits)]
+        ready = [u for u in queues if can_run(u)]
         if not ready:
             raise RuntimeError("the plan deadlocks: no unit can advance")
         u = rng.choice(ready)
