@@ -45,7 +45,6 @@ class LLMEngine:
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
-        self.stats = {"iterations": 0, "prompt_tokens": 0, "generation_tokens": 0}
 
     def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
         if path is not None:
@@ -101,7 +100,6 @@ class LLMEngine:
             seq.max_tokens = min(params.max_tokens or room, room)
             self.scheduler.add(seq)
         self.requests[request_id] = req
-        self.stats["prompt_tokens"] += len(ids) * params.n
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -133,7 +131,6 @@ class LLMEngine:
         return self.postprocess(previous[0], self.runner.collect(previous[1])) if previous else []
 
     def postprocess(self, out: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
-        self.stats["iterations"] += 1
         touched: dict[str, Request] = {}
         for i, rows in result.prompt_logprobs.items():
             c = out.chunks[i]
@@ -151,7 +148,6 @@ class LLMEngine:
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
             seq.token_ids.append(token)
-            self.stats["generation_tokens"] += 1
             if seq.logprobs is not None:
                 seq.logprobs.append(self._position(result.logprobs, j, token, seq.params.logprobs))
                 seq.cumulative_logprob += result.logprobs.logprob[j]

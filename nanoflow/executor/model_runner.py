@@ -115,16 +115,17 @@ class ModelRunner:
         feed = None
         if plan.feed_rows:
             feed = (self._device(plan.feed_rows), self.last_tokens[self._device(plan.feed_src)])
-        if self.graphs is not None:
+        if self.graphs is not None:  # the graph's buffers are filled from the host batch
             ws = self.graphs.run(batch, feed)
-            batch = batch.to(self.device)
+            rows = batch.logits_rows.to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
             if feed is not None:
                 batch.input_ids[feed[0]] = feed[1]
             ws = self.ws.rows(batch.num_tokens)
             self.forward(batch, ws)
-        logits = self.model.compute_logits(ws, batch)
+            rows = batch.logits_rows
+        logits = self.model.compute_logits(ws, rows)
         launch = self._sample(out, logits, plan)
         self.clock and self.clock.end()
         return launch
@@ -189,7 +190,7 @@ class ModelRunner:
         logprobs = None
         if seqs:
             sample_logits = logits.index_select(0, self._device(plan.sample_rows))
-            tokens = sample(sample_logits, self.sampling_metadata(seqs, plan))
+            tokens = sample(sample_logits, self.sampling_metadata(seqs))
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=-1)
             if k >= 0:
                 logprobs = logprob_rows(sample_logits.log_softmax(-1), tokens, k)
@@ -208,7 +209,7 @@ class ModelRunner:
         launch.done.record()
         return launch
 
-    def sampling_metadata(self, seqs: list[Sequence], plan: _Plan) -> SamplingMetadata:
+    def sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
         dev = self.device
         params = [s.params for s in seqs]
 

@@ -3,7 +3,8 @@
 Token rows are ordered decode tokens first (one per decode sequence), then prefill chunks.
 Any op can run on a sub-range [a, b) of the rows. Attention ops ask for `attention(kind, a, b)`:
 the decode (or prefill) sequences whose query rows fall in [a, b), clipped to it, as device
-tensors. Under CUDA graphs those tensors are static buffers that `refresh` rewrites each iteration.
+tensors. Under CUDA graphs those tensors are static buffers that `GraphRunner.load` rewrites each
+iteration.
 """
 from __future__ import annotations
 

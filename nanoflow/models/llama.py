@@ -156,8 +156,8 @@ class LlamaModel(nn.Module):
         layer = self.layers[l]
         _linear(ws.act[a:b], layer.down, layer.down_bias, ws.hidden[a:b])
 
-    def compute_logits(self, ws: Workspace, batch: ForwardBatch) -> torch.Tensor:
-        rows = batch.logits_rows
+    def compute_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of the given rows (on the device)."""
         x = ws.residual.index_select(0, rows) + ws.hidden.index_select(0, rows)
         # plain torch: the row count changes every iteration, and this runs outside the CUDA graph
         x = reference.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
@@ -170,7 +170,3 @@ class LlamaModel(nn.Module):
         for l in range(self.cfg.num_layers):
             for op in LAYER_OPS:
                 getattr(self, op)(l, ws, batch, 0, n)
-
-    def forward(self, batch: ForwardBatch, ws: Workspace) -> torch.Tensor:
-        self.forward_layers(batch, ws)
-        return self.compute_logits(ws, batch)
