@@ -1,8 +1,13 @@
-"""Performance vs SM count on green contexts (H100): the decode attention kernel and the layer's cuBLAS GEMMs.
+"""Performance vs SM count (#4): decode attention and the layer GEMMs, each on a stream confined to S SMs
+(nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
-Baseline curves for #4 (partition-efficient kernels) and the search of #6. Each green context is created once
-and kept alive for the process. python benchmarks/sm_curves.py [--output out.json]"""
+Decode: the #3 kernel's plain grid vs the persistent grid (programs = k x S) over tile/split/pipeline
+configs. GEMMs: cuBLAS vs the persistent Triton matmul. Pair: nano-batch GEMMs on S_c SMs || decode
+attention on the disjoint S_m SMs, against the two run one after the other on the whole card.
+
+python benchmarks/sm_curves.py [--output out.json] [--plot out.png] [--quick]"""
 import argparse
+import itertools
 import json
 
 import torch
@@ -11,12 +16,21 @@ from decode_sweep import case
 from nanoflow.bench.cost_model import layer_gemms
 from nanoflow.config import preset
 from nanoflow.kernels.triton_attention import decode_attention
+from nanoflow.kernels.triton_matmul import matmul
+from nanoflow.pipeline.units import partition, total_sms
 
-KEEP = []  # green contexts must outlive every use of their streams
+SCALE = 128 ** -0.5
+GEMM_CONFIGS = [dict(block_m=128, block_n=128, block_k=64, num_stages=4, num_warps=8),
+                dict(block_m=128, block_n=256, block_k=64, num_stages=3, num_warps=8),
+                dict(block_m=64, block_n=128, block_k=64, num_stages=4, num_warps=4),
+                dict(block_m=128, block_n=64, block_k=64, num_stages=4, num_warps=4),
+                dict(block_m=64, block_n=256, block_k=64, num_stages=4, num_warps=8)]
 
 
-def timed(fn, stream, reps=20):
+def timed(fn, stream, reps=10):
+    """Milliseconds per call of fn issued on stream."""
     with torch.cuda.stream(stream):
+        fn()
         fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
@@ -27,54 +41,199 @@ def timed(fn, stream, reps=20):
     return start.elapsed_time(end) / reps
 
 
+def unit(sms):
+    """(SMs granted, stream): a partition of S SMs, or a plain stream for the whole card."""
+    return (total_sms(), torch.cuda.Stream()) if sms >= total_sms() else partition((sms,))[0]
+
+
+def decode_configs(quick):
+    if quick:
+        return [dict(split_tokens=512, block_n=64, num_warps=4, num_stages=s, per_sm=k)
+                for s in (2, 3) for k in (2, 4)]
+    grid = itertools.product((256, 512), (64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8))
+    return [dict(split_tokens=a, block_n=b, num_warps=w, num_stages=s, per_sm=k) for a, b, w, s, k in grid]
+
+
+def decode_curves(sm_list, quick):
+    q, kc, vc, meta = case(305, 1280)
+    out = torch.empty_like(q)
+    nbytes = 2 * 305 * 1280 * 8 * 128 * 2
+    rows = []
+    for sms in sm_list:
+        granted, stream = unit(sms)
+        row = {"sms": granted}
+        ms = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out), stream)
+        row["grid_ms"], row["grid_tb_s"] = ms, nbytes / ms / 1e9
+        best = None
+        for c in decode_configs(quick):
+            kw = {k: v for k, v in c.items() if k != "per_sm"}
+            try:
+                ms = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out, programs=c["per_sm"] * granted, **kw),
+                           stream)
+            except Exception as e:  # a config the compiler rejects (shared memory)
+                print(f"  {c}: {type(e).__name__}")
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, c)
+        row["persistent_ms"], row["persistent_config"] = best
+        row["persistent_tb_s"] = nbytes / best[0] / 1e9
+        rows.append(row)
+        print(f"decode {granted:4d} SMs: grid {row['grid_tb_s']:.2f} TB/s, "
+              f"persistent {row['persistent_tb_s']:.2f} TB/s {best[1]}", flush=True)
+    return rows
+
+
+def decode_contexts(config, sm_list):
+    """The best full-card config on short and long contexts."""
+    kw = {k: v for k, v in config.items() if k != "per_sm"}
+    rows = []
+    for seqs, ctx in ((1024, 256), (305, 1280), (32, 16384)):
+        q, kc, vc, meta = case(seqs, ctx)
+        out = torch.empty_like(q)
+        nbytes = 2 * seqs * ctx * 8 * 128 * 2
+        for sms in sm_list:
+            granted, stream = unit(sms)
+            grid = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out), stream)
+            pers = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out, programs=config["per_sm"] * granted,
+                                                  **kw), stream)
+            rows.append({"seqs": seqs, "ctx": ctx, "sms": granted, "grid_tb_s": nbytes / grid / 1e9,
+                         "persistent_tb_s": nbytes / pers / 1e9})
+            print(f"decode {seqs} x {ctx} on {granted} SMs: grid {rows[-1]['grid_tb_s']:.2f} TB/s, "
+                  f"persistent {rows[-1]['persistent_tb_s']:.2f} TB/s", flush=True)
+    return rows
+
+
+def gemm_mats(tokens):
+    return {name: (torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5,
+                   torch.empty(m, n, device="cuda", dtype=torch.bfloat16), 2 * m * n * k)
+            for name, (m, n, k) in layer_gemms(preset("llama-3-8b"), tokens).items()}
+
+
+def gemm_curves(sm_list, token_list, quick):
+    rows = []
+    configs = GEMM_CONFIGS[:2] if quick else GEMM_CONFIGS
+    for tokens in token_list:
+        mats = gemm_mats(tokens)
+        for sms in sm_list:
+            granted, stream = unit(sms)
+            row = {"tokens": tokens, "sms": granted, "cublas_ms": 0.0, "triton_ms": 0.0, "triton_configs": {}}
+            for name, (x, w, o, _) in mats.items():
+                row["cublas_ms"] += timed(lambda: torch.mm(x, w.t(), out=o), stream)
+                best = min((timed(lambda: matmul(x, w, o, programs=granted, **c), stream), i)
+                           for i, c in enumerate(configs))
+                row["triton_ms"] += best[0]
+                row["triton_configs"][name] = configs[best[1]]
+            row["tflops_cublas"] = sum(f for *_, f in mats.values()) / row["cublas_ms"] / 1e9
+            rows.append(row)
+            print(f"GEMMs {tokens} tokens on {granted:3d} SMs: cuBLAS {row['cublas_ms']:.3f} ms, "
+                  f"Triton persistent {row['triton_ms']:.3f} ms", flush=True)
+    for r in rows:  # ideal: the best full-card time scaled by 132 / S
+        full = next(x for x in rows if x["tokens"] == r["tokens"] and x["sms"] == total_sms())
+        ideal = min(full["cublas_ms"], full["triton_ms"]) * total_sms() / r["sms"]
+        r["cublas_vs_ideal"], r["triton_vs_ideal"] = r["cublas_ms"] / ideal, r["triton_ms"] / ideal
+    return rows
+
+
+def pair(splits, decode_config, quick):
+    """Nano-batch 1's layer GEMMs (457 tokens) || nano-batch 2's decode attention (152 x 1280 tokens)."""
+    q, kc, vc, meta = case(152, 1280)
+    out = torch.empty_like(q)
+    mats = gemm_mats(457)
+    kw = {k: v for k, v in decode_config.items() if k != "per_sm"}
+    main = torch.cuda.Stream()
+    rows = []
+
+    def gemms(triton_on=None):
+        for x, w, o, _ in mats.values():
+            if triton_on:
+                matmul(x, w, o, programs=triton_on)
+            else:
+                torch.mm(x, w.t(), out=o)
+
+    def attn(sms):
+        decode_attention(q, kc, vc, meta, SCALE, out, programs=decode_config["per_sm"] * sms, **kw)
+    seq = timed(lambda: (gemms(), attn(total_sms())), main, reps=20)
+    print(f"pair in sequence on {total_sms()} SMs: {seq:.3f} ms", flush=True)
+    for sc, sm in splits:
+        (gc, cs), (gm, ms_) = partition((sc, sm))
+        for gemm_kind in ("cublas", "triton"):
+            def both():
+                fork = torch.cuda.Event()
+                fork.record(main)
+                for s in (cs, ms_):
+                    s.wait_event(fork)
+                with torch.cuda.stream(cs):
+                    gemms(gc if gemm_kind == "triton" else None)
+                with torch.cuda.stream(ms_):
+                    attn(gm)
+                for s in (cs, ms_):
+                    join = torch.cuda.Event()
+                    join.record(s)
+                    main.wait_event(join)
+            t = timed(both, main, reps=20)
+            alone_g = timed(lambda: gemms(gc if gemm_kind == "triton" else None), cs)
+            alone_a = timed(lambda: attn(gm), ms_)
+            rows.append({"compute_sms": gc, "memory_sms": gm, "gemm": gemm_kind, "overlapped_ms": t,
+                         "sequential_ms": seq, "speedup": seq / t, "gemm_alone_ms": alone_g, "attn_alone_ms": alone_a})
+            print(f"pair {gc}+{gm} SMs ({gemm_kind}): {t:.3f} ms vs {seq:.3f} in sequence = x{seq / t:.2f} "
+                  f"(alone on their shares: GEMMs {alone_g:.3f}, attention {alone_a:.3f})", flush=True)
+    return rows
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    d = res["decode"]
+    a.plot([r["sms"] for r in d], [r["grid_tb_s"] for r in d], "o-", label="#3 kernel, plain grid")
+    a.plot([r["sms"] for r in d], [r["persistent_tb_s"] for r in d], "s-", label="persistent grid (best config)")
+    a.axhline(2.4, ls=":", c="gray")
+    a.set(xlabel="SMs", ylabel="effective KV bandwidth (TB/s)", title="decode attention, 305 x 1280 tokens")
+    a.legend(fontsize=8)
+    for tokens in sorted({r["tokens"] for r in res["gemm"]}):
+        g = [r for r in res["gemm"] if r["tokens"] == tokens]
+        b.plot([r["sms"] for r in g], [r["cublas_vs_ideal"] for r in g], "o-", label=f"cuBLAS, {tokens} tok")
+        b.plot([r["sms"] for r in g], [r["triton_vs_ideal"] for r in g], "s--",
+               label=f"Triton persistent, {tokens} tok")
+    b.axhline(1.1, ls=":", c="gray")
+    b.set(xlabel="SMs", ylabel="time / (full-card time x 132 / S)", title="Llama-3-8B layer GEMMs")
+    b.legend(fontsize=7)
+    fig.suptitle(f"{res['device']}: performance vs SM count (disjoint green-context partitions)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--output")
+    ap.add_argument("--plot")
+    ap.add_argument("--quick", action="store_true", help="few configs (a smoke run)")
     a = ap.parse_args()
-    from torch.cuda.green_contexts import GreenContext
-    total = torch.cuda.get_device_properties(0).multi_processor_count
-    q, kc, vc, meta = case(305, 1280)
-    out = torch.empty_like(q)
-    kv_bytes = 2 * 305 * 1280 * 8 * 128 * 2
-    cfg = preset("llama-3-8b")
-    mats = {}
-    for name, (m, n, k) in layer_gemms(cfg, 915).items():
-        mats[name] = (torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
-                      torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
-                      torch.empty(m, n, device="cuda", dtype=torch.bfloat16), 2 * m * n * k)
-    rows = []
-    for sms in (8, 16, 24, 32, 48, 64, 100, 116, total):
-        try:
-            if sms == total:
-                stream = torch.cuda.Stream()
-            else:
-                ctx = GreenContext.create(sms, 0)
-                KEEP.append(ctx)
-                stream = ctx.Stream()
-        except Exception as e:
-            print(f"{sms} SMs: no green context ({type(e).__name__}: {e})")
-            continue
-        row = {"sms": sms}
-        ms = timed(lambda: decode_attention(q, kc, vc, meta, 128 ** -0.5, out), stream)
-        row["decode_ms"], row["decode_tb_s"] = ms, kv_bytes / ms / 1e9
-        flops = secs = 0
-        for name, (x, w, o, f) in mats.items():
-            t = timed(lambda: torch.mm(x, w.t(), out=o), stream)
-            row[f"{name}_ms"] = t
-            flops, secs = flops + f, secs + t
-        row["gemm_ms"], row["gemm_tflops"] = secs, flops / secs / 1e9
-        rows.append(row)
-        print(f"{sms:4d} SMs  decode {ms:7.3f} ms {row['decode_tb_s']:5.2f} TB/s   layer GEMMs (915 tok) "
-              f"{secs:6.3f} ms {row['gemm_tflops']:6.1f} TFLOP/s", flush=True)
-    full = rows[-1]
-    print("\nSMs  decode TB/s  per-SM GB/s  GEMM time vs ideal (full x 132 / S)")
-    for r in rows:
-        ideal = full["gemm_ms"] * total / r["sms"]
-        print(f"{r['sms']:4d}  {r['decode_tb_s']:10.2f}  {1000 * r['decode_tb_s'] / r['sms']:11.1f}  "
-              f"{r['gemm_ms'] / ideal:5.2f}x")
+    torch.manual_seed(0)
+    full = total_sms()
+    res = {"device": torch.cuda.get_device_name(), "total_sms": full}
+    res["decode"] = decode_curves([16, 24, 32, 48, 64, full], a.quick)
+    best_full = res["decode"][-1]["persistent_config"]
+    best_32 = next(r for r in res["decode"] if r["sms"] >= 32)["persistent_config"]
+    res["decode_contexts"] = decode_contexts(best_32, [32, full])
+    res["gemm"] = gemm_curves([32, 64, 100, 116, full], [256, 915, 2048], a.quick)
+    res["pair"] = pair([(100, 32), (108, 24), (116, 16), (92, 40), (84, 48)], best_32, a.quick)
+    res["best_full_card_decode_config"] = best_full
+    print("\nSMs  decode grid  persistent  (TB/s)")
+    for r in res["decode"]:
+        print(f"{r['sms']:4d}  {r['grid_tb_s']:10.2f}  {r['persistent_tb_s']:10.2f}")
+    print("\ntokens SMs  cuBLAS/ideal  Triton/ideal")
+    for r in res["gemm"]:
+        print(f"{r['tokens']:6d} {r['sms']:4d}  {r['cublas_vs_ideal']:12.2f}  {r['triton_vs_ideal']:12.2f}")
+    best = max(res["pair"], key=lambda r: r["speedup"])
+    print(f"\nbest pair: GEMMs ({best['gemm']}) on {best['compute_sms']} SMs || attention on {best['memory_sms']}: "
+          f"x{best['speedup']:.2f} vs sequence")
     if a.output:
-        json.dump({"total_sms": total, "rows": rows, "decode_case": "305 x 1280, GQA 32/8, d128, bf16",
-                   "gemm_tokens": 915}, open(a.output, "w"), indent=1)
+        json.dump(res, open(a.output, "w"), indent=1)
+    if a.plot:
+        plot(res, a.plot)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
     return names[dtype]
 
 
-MODES = ("non-overlap", "nanobatch-only")
+MODES = ("non-overlap", "nanobatch-only", "pipeline")
 
 
 @dataclass(slots=True)
@@ -200,7 +200,8 @@ class EngineConfig:
     # None: on for CUDA (iteration i + 1 is scheduled while the GPU runs i), off on the CPU
     async_scheduling: bool | None = None
     # "non-overlap": every op over the whole batch; "nanobatch-only": the pipeline spec's nano-batches,
-    # issued in its order on one stream (the cost of nano-batching alone)
+    # issued in its order on one stream (the cost of nano-batching alone); "pipeline": the spec's nano-ops on
+    # its execution units (SM-partitioned streams, CUDA only)
     mode: str = "non-overlap"
     pipeline_spec: str = "llama-3-8b-h100-hand"  # a spec file, or the name of a shipped one
     seed: int = 0

@@ -105,3 +105,74 @@ def test_op_breakdown_accounts_for_the_iteration(model_dir):
     end.synchronize()
     whole = start.elapsed_time(end) / 20
     assert 0.5 * whole < sum(times.values()) < 2.0 * whole
+
+
+def _sm_ids(stream: torch.cuda.Stream, programs: int = 4096) -> set[int]:
+    """The SMs that a kernel launched on the stream ran on (PTX %smid)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def smid_kernel(OUT):
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(OUT + tl.program_id(0), sm)
+    out = torch.zeros(programs, dtype=torch.int32, device="cuda")
+    with torch.cuda.stream(stream):
+        smid_kernel[(programs,)](out)
+    torch.cuda.synchronize()
+    return set(out.tolist())
+
+
+def test_units_get_disjoint_sm_groups():
+    from nanoflow.pipeline.units import partition
+    (a, sa), (b, sb) = partition((96, 32))
+    ids_a, ids_b = _sm_ids(sa), _sm_ids(sb)
+    assert a >= 96 and b >= 32 and len(ids_a) == a and len(ids_b) == b
+    assert not ids_a & ids_b
+
+
+def _pipeline_spec(rows=64):
+    from nanoflow.models.llama import LAYER_OPS
+    from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit
+    cuts = [0, 8, 24, 40, rows]  # four uneven nano-batches: decode and prefill rows fall in several
+    ops = [NanoOp(op, cuts[i], cuts[i + 1], "mem" if op.endswith("attn") else "gemm")
+           for i in range(4) for op in LAYER_OPS]
+    return PipelineSpec("four", rows, [Unit("gemm", "compute", 96), Unit("mem", "memory", 32)], ops).validate()
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_pipeline_equals_plain_forward(model_dir, tmp_path, graphs):
+    """The pipelined forward on SM-partitioned streams gives the plain forward's greedy tokens and logprobs,
+    through prefill-only, mixed and decode-only iterations."""
+    path = str(tmp_path / "spec.json")
+    _pipeline_spec().save(path)
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=0)
+    kw = dict(device="cuda", num_kv_blocks=256, max_num_batched_tokens=64, cuda_graph=graphs)
+    outs = {}
+    for mode in ("non-overlap", "pipeline"):
+        llm = LLM(model_dir, mode=mode, pipeline_spec=path, **kw)
+        outs[mode] = llm.generate(PROMPTS, p, use_tqdm=False)
+    for a, b in zip(outs["pipeline"], outs["non-overlap"]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for pos in range(1, len(a.prompt_token_ids)):
+            t = a.prompt_token_ids[pos]
+            assert abs(a.prompt_logprobs[pos][t].logprob - b.prompt_logprobs[pos][t].logprob) < 0.05
+
+
+def test_pipeline_timeline_respects_dependencies(model_dir):
+    from nanoflow.pipeline.executor import Pipeline
+    llm = LLM(model_dir, device="cuda", num_kv_blocks=256, max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    runner.keep_next_batch = True
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    pipe = Pipeline(runner.model, _pipeline_spec())
+    batch = runner.kept_batch.to("cuda")
+    events = pipe.timeline(batch, runner.ws.rows(batch.num_tokens))
+    launches, _ = pipe.plan(batch.num_tokens)
+    assert len(events) == len(launches) and {e["unit"] for e in events} == {"gemm", "mem"}
+    alone = pipe.timeline(runner.kept_batch.to("cuda"), runner.ws.rows(batch.num_tokens), serial=True)
+    assert all(b["start_ms"] >= a["end_ms"] - 1e-3 for a, b in zip(alone, alone[1:]))
+    for e, launch in zip(events, launches):
+        assert e["end_ms"] >= e["start_ms"] >= 0
+        for w in launch.waits:
+            assert e["start_ms"] >= events[w]["end_ms"] - 1e-3

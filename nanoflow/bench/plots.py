@@ -31,3 +31,33 @@ def throughput_bars(report_files: list[str], out: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def timeline_chart(timeline: dict, out: str, title: str, layers: int = 3) -> None:
+    """A Gantt chart of the first `layers` layers of one iteration: a lane per execution unit, a bar per
+    nano-op (colored by op, labeled with its rows); as run (overlapped) above, each nano-op alone below."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    units = list(timeline["units"])
+    ops = list(dict.fromkeys(e["op"] for e in timeline["overlapped"]))
+    colors = dict(zip(ops, plt.get_cmap("tab20").colors))
+    fig, axes = plt.subplots(2, 1, figsize=(14, 2.2 + 1.1 * len(units)), sharex=False)
+    for ax, kind in zip(axes, ("overlapped", "alone")):
+        events = [e for e in timeline[kind] if e["layer"] < layers]
+        t0 = min(e["start_ms"] for e in events)
+        for e in events:
+            y = units.index(e["unit"])
+            ax.barh(y, e["end_ms"] - e["start_ms"], left=e["start_ms"] - t0, color=colors[e["op"]],
+                    edgecolor="black", linewidth=0.3)
+        ax.set_yticks(range(len(units)), [f"{u} ({timeline['units'][u] or 'all'} SMs)" for u in units])
+        ax.invert_yaxis()
+        ax.set_xlabel("ms")
+        ax.set_title(f"{kind}: {timeline['iteration_ms'][kind]:.2f} ms for the whole iteration "
+                     f"({timeline['tokens']} tokens); layers 0-{layers - 1} shown", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[o]) for o in ops]
+    fig.legend(handles, ops, loc="upper right", fontsize=7, ncol=len(ops))
+    fig.suptitle(f"{title}: spec {timeline['spec']}", fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

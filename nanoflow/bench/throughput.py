@@ -37,7 +37,7 @@ def device_name(device: torch.device) -> str:
 
 
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
-                 progress: bool = True) -> dict:
+                 timeline: bool = False, progress: bool = True) -> dict:
     """Run every request of the workload to completion; returns timings and counts."""
     eng = llm.engine
     prompts = workload.prompts(eng.model_config.vocab_size, seed)
@@ -46,7 +46,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
                                                                      ignore_eos=True))
     on_gpu = eng.device.type == "cuda"
     eng.runner.clock = IterationClock() if on_gpu else None
-    profile = breakdown and eng.runner.graphs is not None and on_gpu
+    profile = (breakdown or timeline) and eng.runner.graphs is not None and on_gpu
     peak_running, steps, out_tokens = 0, 0, 0
     bar = tqdm(total=len(prompts), desc=workload.name, disable=not progress)
     start = time.perf_counter()
@@ -78,11 +78,35 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     if eng.runner.clock is not None:
         result.update(eng.runner.clock.summary())
         eng.runner.clock = None
-    if eng.runner.kept_batch is not None:  # timed after the run: profiling replays overwrite the KV cache
-        result["op_breakdown_ms"] = op_times(eng.runner, eng.runner.kept_batch)
-        result["op_breakdown_tokens"] = eng.runner.kept_batch.num_tokens
+    batch = eng.runner.kept_batch
+    if batch is not None:  # timed after the run: profiling replays overwrite the KV cache
+        if breakdown:
+            result["op_breakdown_ms"] = op_times(eng.runner, batch)
+            result["op_breakdown_tokens"] = batch.num_tokens
+        if timeline:
+            result["timeline"] = pipeline_timeline(eng.runner, batch)
         eng.runner.kept_batch = None
     return result
+
+
+def pipeline_timeline(runner, batch) -> dict:
+    """Every nano-op's span in one iteration of this batch, overlapped as the mode runs it and each alone on
+    its unit; and per op, the two totals over all layers. Modes other than `pipeline`: the plain forward."""
+    from nanoflow.pipeline.executor import Pipeline
+    from nanoflow.pipeline.spec import non_overlap
+    pipe = runner.forward if isinstance(runner.forward, Pipeline) else Pipeline(runner.model,
+                                                                                 non_overlap(batch.num_tokens))
+    ws = runner.ws.rows(batch.num_tokens)
+    spans = {kind: pipe.timeline(batch.to(runner.device), ws, serial=kind == "alone")
+             for kind in ("overlapped", "alone")}
+    per_op: dict = {}
+    for kind, events in spans.items():
+        for e in events:
+            row = per_op.setdefault(e["op"], {"unit": e["unit"], "overlapped": 0.0, "alone": 0.0})
+            row[kind] += e["end_ms"] - e["start_ms"]
+    return {"spec": pipe.spec.name, "tokens": batch.num_tokens, "units": {u.name: u.sms for u in pipe.spec.units},
+            "iteration_ms": {k: max(e["end_ms"] for e in v) for k, v in spans.items()}, "per_op_ms": per_op,
+            **spans}
 
 
 def _hf_baseline(args, workloads: list[Workload]) -> tuple[dict, dict]:
@@ -134,7 +158,8 @@ def throughput(args) -> dict:
                      args.temperature, progress=False)
     for w in workloads:
         preempted = eng.scheduler.num_preemptions
-        r = {"workload": w.name, **run_workload(llm, w, args.seed, args.temperature, breakdown=args.breakdown)}
+        r = {"workload": w.name, **run_workload(llm, w, args.seed, args.temperature, breakdown=args.breakdown,
+                                                timeline=bool(args.timeline))}
         r["preemptions"] = eng.scheduler.num_preemptions - preempted
         r["percent_of_optimal"] = 100 * r["tokens_per_second"] / optimal
         if w.name.startswith("const:"):
@@ -145,6 +170,11 @@ def throughput(args) -> dict:
             r["speedup_vs_hf"] = r["tokens_per_second"] / hf[w.name]["total_tok_s"]
         report["results"].append(r)
         print_result(report, r)
+        if "timeline" in r:
+            from nanoflow.bench.plots import timeline_chart
+            path = args.timeline if len(workloads) == 1 else \
+                args.timeline.replace(".png", f"-{len(report['results'])}.png")
+            timeline_chart(r["timeline"], path, f"{r['workload']}, {report['device']}, mode {eng.config.mode}")
     return report
 
 
@@ -167,6 +197,13 @@ def print_result(report: dict, r: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if "timeline" in r:
+        t = r["timeline"]
+        print(f"one iteration of {t['tokens']} tokens, spec {t['spec']}: {t['iteration_ms']['overlapped']:.3f} ms "
+              f"as run, {t['iteration_ms']['alone']:.3f} ms with every nano-op alone on its unit")
+        for name, row in sorted(t["per_op_ms"].items(), key=lambda x: -x[1]["alone"]):
+            print(f"  {name:<14} on {row['unit']:<10} alone {row['alone']:8.3f} ms  "
+                  f"overlapped {row['overlapped']:8.3f} ms")
     if "op_breakdown_ms" in r:
         total = sum(r["op_breakdown_ms"].values())
         print(f"one iteration of {r['op_breakdown_tokens']} tokens, GPU time per op over all layers:")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanoflow.config import MODES
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory, .gguf file or shape preset (default: SmolLM2-135M)")
@@ -22,8 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule iteration i + 1 while the GPU runs i (default: on for CUDA)")
-    p.add_argument("--mode", choices=["non-overlap", "nanobatch-only"], default="non-overlap",
-                   help="nanobatch-only: the pipeline spec's nano-batches on one stream")
+    p.add_argument("--mode", choices=MODES, default="non-overlap",
+                   help="nanobatch-only: the pipeline spec's nano-batches on one stream; pipeline: on its "
+                        "SM-partitioned execution units (GPU)")
     p.add_argument("--pipeline-spec", default="llama-3-8b-h100-hand", help="a spec file or a shipped spec's name")
     p.add_argument("--seed", type=int, default=0)
 
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--warmup-requests", type=int, default=16)
     t.add_argument("--breakdown", action="store_true", help="time one iteration op by op (GPU)")
+    t.add_argument("--timeline", help="draw one steady-state iteration's nano-ops per execution unit to this PNG "
+                                      "(GPU; with each op's time alone at its SM share vs overlapped)")
     t.add_argument("--output", help="write the report as JSON")
     t.set_defaults(func=_bench_throughput)
     pl = bench.add_parser("plot", help="draw throughput reports (JSON of bench throughput) as a PNG bar chart")

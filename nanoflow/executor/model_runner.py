@@ -18,7 +18,7 @@ from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
-from nanoflow.pipeline.executor import run_sequential
+from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.spec import load_spec
 
 CPU_BATCH_TOKENS = 512
@@ -81,6 +81,11 @@ class ModelRunner:
         self.forward = model.forward_layers  # (batch, ws): all layers, however they are cut and placed
         if config.mode == "nanobatch-only":
             self.forward = functools.partial(run_sequential, model, load_spec(config.pipeline_spec))
+        elif config.mode == "pipeline":
+            if not on_gpu:
+                raise ValueError("mode 'pipeline' runs on SM-partitioned CUDA streams; on the CPU use "
+                                 "'nanobatch-only' (the same nano-ops in order)")
+            self.forward = Pipeline(model, load_spec(config.pipeline_spec))
         self.graphs: GraphRunner | None = None
         if config.cuda_graph if config.cuda_graph is not None else on_gpu:
             max_blocks = -(-max_model_len // self.block_size)

@@ -39,42 +39,53 @@ def _softmax_step(scores, v, m, l, acc):
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, PART_O, PART_LSE,
+def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, ITEM_SEQ, ITEM_SPLIT, NUM_ITEMS, PART_O, PART_LSE,
                          stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
                          stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
-                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    s = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(SEQ_LENS + s)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(seq_len - window, 0)
-    start = lo + split * SPLIT_TOKENS
-    if start >= seq_len:  # padding entry, or a split past this sequence's end
-        return
-    row = tl.load(Q_START + s)
-    end = tl.minimum(start + SPLIT_TOKENS, seq_len)
+                         NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+                         HAS_WINDOW: tl.constexpr):
+    """A persistent program: work items (sequence, split, KV head) pid, pid + P, ... as ONE flat loop over
+    their KV tiles, so that the software pipeline keeps loads in flight across item boundaries (a program
+    per item would drain and refill it every SPLIT_TOKENS tokens)."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    TILES: tl.constexpr = SPLIT_TOKENS // BLOCK_N
+    num_items = tl.load(NUM_ITEMS) * NUM_KV
+    mine = tl.cdiv(tl.maximum(num_items - pid, 0), num_programs)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
-    heads = kvh * G + offs_g
-    q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=offs_g[:, None] < G,
-                other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, end, stride_kb, stride_ks, stride_kh, stride_bt,
-                                            offs_d, PAGE, BLOCK_N)
+    for j in range(0, mine * TILES):
+        t = j % TILES
+        item = pid + (j // TILES) * num_programs
+        kvh = item % NUM_KV
+        s = tl.load(ITEM_SEQ + item // NUM_KV)
+        split = tl.load(ITEM_SPLIT + item // NUM_KV)
+        seq_len = tl.load(SEQ_LENS + s)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(seq_len - window, 0)
+        start = lo + split * SPLIT_TOKENS
+        end = tl.minimum(start + SPLIT_TOKENS, seq_len)
+        heads = kvh * G + offs_g
+        q = tl.load(Q + tl.load(Q_START + s) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=offs_g[:, None] < G, other=0.0)
+        first = t == 0  # a new item: reset the online softmax
+        m = tl.where(first, float("-inf"), m)
+        l = tl.where(first, 0.0, l)
+        acc = tl.where(first, 0.0, acc)
+        offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, start + t * BLOCK_N, end, stride_kb, stride_ks,
+                                            stride_kh, stride_bt, offs_d, PAGE, BLOCK_N)
         scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
-    out_mask = offs_g < G
-    lse = m + tl.log(l)
-    o = acc / l[:, None]
-    base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
-    tl.store(PART_O + base[:, None] + offs_d[None, :], o, mask=out_mask[:, None])
-    tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, lse, mask=out_mask)
+        # tiles past the split's end load nothing and leave the state as it was; the last one stores it
+        out_mask = (offs_g < G) & (t == TILES - 1)
+        base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
+        tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=out_mask[:, None])
+        tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, m + tl.log(l), mask=out_mask)
 
 
 @triton.jit
@@ -102,33 +113,56 @@ def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, 
     tl.store(OUT + row * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
+def _work_items(meta: AttentionMeta, split_tokens: int, splits: int, window: int | None):
+    """(sequence, split) of every work item, items of a sequence together, and their count: device ops only,
+    so a CUDA graph recomputes them from the metadata it replays with."""
+    key = ("decode_items", split_tokens)
+    if key not in meta.derived:
+        kv = meta.seq_lens.long()
+        if window is not None:
+            kv = kv.clamp(max=window)
+        per_seq = (kv + split_tokens - 1) // split_tokens
+        ends = per_seq.cumsum(0)
+        ids = torch.arange(meta.capacity * splits, device=kv.device)
+        seq = torch.searchsorted(ends, ids, right=True).clamp(max=meta.capacity - 1)
+        meta.derived[key] = (seq.int(), (ids - (ends[seq] - per_seq[seq])).int(), ends[-1:].int())
+    return meta.derived[key]
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                      scale: float, out: torch.Tensor, sliding_window: int | None = None,
-                     split_tokens: int = 512, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+                     split_tokens: int = 512, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     programs: int | None = None) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
-    Each sequence's KV is cut into splits of split_tokens (flash-decoding), each split a program; a
-    second kernel merges the splits by their log-sum-exp. The grid covers the longest possible
-    sequence (the block table's width); programs past a sequence's end exit at once."""
+    Each sequence's KV is cut into splits of split_tokens (flash-decoding); a work item is one split of
+    one KV head. `programs` persistent programs share the items round-robin (None: one program per
+    possible item); a second kernel merges each sequence's splits by their log-sum-exp. On an execution
+    unit of S SMs, a few programs per SM keep every SM streaming with no tail of idle programs."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
     cap = meta.capacity
+    if split_tokens % block_n:
+        raise ValueError(f"split_tokens {split_tokens} must be a multiple of block_n {block_n}")
     splits = triton.next_power_of_2(triton.cdiv(meta.block_tables.shape[1] * page, split_tokens))
-    parts = meta.derived.get("decode_parts")
+    parts = meta.derived.get(("decode_parts", splits))
     if parts is None:
         parts = (torch.empty(cap, num_heads, splits, d, dtype=torch.float32, device=q.device),
                  torch.empty(cap, num_heads, splits, dtype=torch.float32, device=q.device))
-        meta.derived["decode_parts"] = parts
+        meta.derived[("decode_parts", splits)] = parts
     part_o, part_lse = parts
+    item_seq, item_split, num_items = _work_items(meta, split_tokens, splits, sliding_window)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
-    _decode_split_kernel[(cap, num_kv, splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, part_o, part_lse,
+    _decode_split_kernel[(programs or cap * splits * num_kv,)](
+        q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, item_seq, item_split, num_items,
+        part_o, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
         sliding_window or 0,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n, SPLIT_TOKENS=split_tokens,
-        HAS_WINDOW=sliding_window is not None, num_warps=num_warps, num_stages=num_stages)
+        NUM_KV=num_kv, G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n,
+        SPLIT_TOKENS=split_tokens, HAS_WINDOW=sliding_window is not None, num_warps=num_warps,
+        num_stages=num_stages)
     _decode_combine_kernel[(cap, num_heads)](
         part_o, part_lse, out, meta.q_start, meta.seq_lens, out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
