@@ -11,11 +11,14 @@ import itertools
 import json
 
 import torch
+import triton
+import triton.language as tl
 
 from decode_sweep import case
 from nanoflow.bench.cost_model import layer_gemms
 from nanoflow.config import preset
 from nanoflow.kernels.triton_attention import decode_attention
+from nanoflow.kernels.sm_share import sm_share
 from nanoflow.kernels.triton_matmul import matmul
 from nanoflow.pipeline.units import partition, total_sms
 
@@ -50,8 +53,24 @@ def decode_configs(quick):
     if quick:
         return [dict(split_tokens=512, block_n=64, num_warps=4, num_stages=s, per_sm=k)
                 for s in (2, 3) for k in (2, 4)]
-    grid = itertools.product((256, 512), (64, 128), (4, 8), (2, 3, 4), (1, 2, 4, 8))
+    grid = itertools.product((128, 256), (16, 32, 64), (2, 4), (2, 3, 4, 6), (2, 4, 8, 16))
     return [dict(split_tokens=a, block_n=b, num_warps=w, num_stages=s, per_sm=k) for a, b, w, s, k in grid]
+
+
+@triton.jit
+def _stream_read(X, OUT, n, BLOCK: tl.constexpr):
+    """The ceiling: a persistent streaming read of n contiguous elements, nothing else."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK, num_stages=4):
+        acc += tl.load(X + start + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(OUT + tl.program_id(0), tl.sum(acc))
+
+
+def stream_ceiling(x, sms, stream):
+    out = torch.empty(16 * sms, device="cuda")
+    best = min(timed(lambda: _stream_read[(k * sms,)](x, out, x.numel() // 8192 * 8192, BLOCK=8192, num_warps=8),
+                     stream) for k in (2, 4, 8))
+    return x.numel() // 8192 * 8192 * x.element_size() / best / 1e9
 
 
 def decode_curves(sm_list, quick):
@@ -64,6 +83,7 @@ def decode_curves(sm_list, quick):
         row = {"sms": granted}
         ms = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out), stream)
         row["grid_ms"], row["grid_tb_s"] = ms, nbytes / ms / 1e9
+        row["stream_read_tb_s"] = stream_ceiling(kc.view(-1), granted, stream)
         best = None
         for c in decode_configs(quick):
             kw = {k: v for k, v in c.items() if k != "per_sm"}
@@ -78,7 +98,8 @@ def decode_curves(sm_list, quick):
         row["persistent_ms"], row["persistent_config"] = best
         row["persistent_tb_s"] = nbytes / best[0] / 1e9
         rows.append(row)
-        print(f"decode {granted:4d} SMs: grid {row['grid_tb_s']:.2f} TB/s, "
+        print(f"decode {granted:4d} SMs: streaming-read ceiling {row['stream_read_tb_s']:.2f}, "
+              f"grid {row['grid_tb_s']:.2f} TB/s, "
               f"persistent {row['persistent_tb_s']:.2f} TB/s {best[1]}", flush=True)
     return rows
 
@@ -112,26 +133,30 @@ def gemm_mats(tokens):
 
 def gemm_curves(sm_list, token_list, quick):
     rows = []
-    configs = GEMM_CONFIGS[:2] if quick else GEMM_CONFIGS
+    configs = GEMM_CONFIGS[:2]  # the two best of run 1 (benchmarks/results/h200_sm_curves_run1_13f0ca7.log)
     for tokens in token_list:
         mats = gemm_mats(tokens)
         for sms in sm_list:
             granted, stream = unit(sms)
-            row = {"tokens": tokens, "sms": granted, "cublas_ms": 0.0, "triton_ms": 0.0, "triton_configs": {}}
+            row = {"tokens": tokens, "sms": granted, "cublas_ms": 0.0, "triton_ms": 0.0, "triton_configs": {},
+                   "cublaslt_target_ms": 0.0}
             for name, (x, w, o, _) in mats.items():
                 row["cublas_ms"] += timed(lambda: torch.mm(x, w.t(), out=o), stream)
+                with sm_share(granted, total_sms()):
+                    row["cublaslt_target_ms"] += timed(lambda: torch.mm(x, w.t(), out=o), stream)
                 best = min((timed(lambda: matmul(x, w, o, programs=granted, **c), stream), i)
                            for i, c in enumerate(configs))
                 row["triton_ms"] += best[0]
                 row["triton_configs"][name] = configs[best[1]]
             row["tflops_cublas"] = sum(f for *_, f in mats.values()) / row["cublas_ms"] / 1e9
             rows.append(row)
-            print(f"GEMMs {tokens} tokens on {granted:3d} SMs: cuBLAS {row['cublas_ms']:.3f} ms, "
-                  f"Triton persistent {row['triton_ms']:.3f} ms", flush=True)
+            print(f"GEMMs {tokens} tokens on {granted:3d} SMs: cuBLAS {row['cublas_ms']:.3f} ms, cuBLASLt with SM "
+                  f"target {row['cublaslt_target_ms']:.3f} ms, Triton persistent {row['triton_ms']:.3f} ms", flush=True)
     for r in rows:  # ideal: the best full-card time scaled by 132 / S
         full = next(x for x in rows if x["tokens"] == r["tokens"] and x["sms"] == total_sms())
         ideal = min(full["cublas_ms"], full["triton_ms"]) * total_sms() / r["sms"]
         r["cublas_vs_ideal"], r["triton_vs_ideal"] = r["cublas_ms"] / ideal, r["triton_ms"] / ideal
+        r["cublaslt_target_vs_ideal"] = r["cublaslt_target_ms"] / ideal
     return rows
 
 
@@ -144,11 +169,9 @@ def pair(splits, decode_config, quick):
     main = torch.cuda.Stream()
     rows = []
 
-    def gemms(triton_on=None):
-        for x, w, o, _ in mats.values():
-            if triton_on:
-                matmul(x, w, o, programs=triton_on)
-            else:
+    def gemms(target=None):
+        with sm_share(target or total_sms(), total_sms()):
+            for x, w, o, _ in mats.values():
                 torch.mm(x, w.t(), out=o)
 
     def attn(sms):
@@ -157,14 +180,14 @@ def pair(splits, decode_config, quick):
     print(f"pair in sequence on {total_sms()} SMs: {seq:.3f} ms", flush=True)
     for sc, sm in splits:
         (gc, cs), (gm, ms_) = partition((sc, sm))
-        for gemm_kind in ("cublas", "triton"):
+        for gemm_kind in ("cublas", "cublaslt_target"):
             def both():
                 fork = torch.cuda.Event()
                 fork.record(main)
                 for s in (cs, ms_):
                     s.wait_event(fork)
                 with torch.cuda.stream(cs):
-                    gemms(gc if gemm_kind == "triton" else None)
+                    gemms(gc if gemm_kind == "cublaslt_target" else None)
                 with torch.cuda.stream(ms_):
                     attn(gm)
                 for s in (cs, ms_):
@@ -172,7 +195,7 @@ def pair(splits, decode_config, quick):
                     join.record(s)
                     main.wait_event(join)
             t = timed(both, main, reps=20)
-            alone_g = timed(lambda: gemms(gc if gemm_kind == "triton" else None), cs)
+            alone_g = timed(lambda: gemms(gc if gemm_kind == "cublaslt_target" else None), cs)
             alone_a = timed(lambda: attn(gm), ms_)
             rows.append({"compute_sms": gc, "memory_sms": gm, "gemm": gemm_kind, "overlapped_ms": t,
                          "sequential_ms": seq, "speedup": seq / t, "gemm_alone_ms": alone_g, "attn_alone_ms": alone_a})
@@ -195,8 +218,8 @@ def plot(res, path):
     for tokens in sorted({r["tokens"] for r in res["gemm"]}):
         g = [r for r in res["gemm"] if r["tokens"] == tokens]
         b.plot([r["sms"] for r in g], [r["cublas_vs_ideal"] for r in g], "o-", label=f"cuBLAS, {tokens} tok")
-        b.plot([r["sms"] for r in g], [r["triton_vs_ideal"] for r in g], "s--",
-               label=f"Triton persistent, {tokens} tok")
+        b.plot([r["sms"] for r in g], [r["cublaslt_target_vs_ideal"] for r in g], "s--",
+               label=f"cuBLASLt, SM target, {tokens} tok")
     b.axhline(1.1, ls=":", c="gray")
     b.set(xlabel="SMs", ylabel="time / (full-card time x 132 / S)", title="Llama-3-8B layer GEMMs")
     b.legend(fontsize=7)
@@ -214,19 +237,20 @@ def main():
     torch.manual_seed(0)
     full = total_sms()
     res = {"device": torch.cuda.get_device_name(), "total_sms": full}
-    res["decode"] = decode_curves([16, 24, 32, 48, 64, full], a.quick)
+    res["decode"] = decode_curves([16, 32, 64, full], a.quick)
     best_full = res["decode"][-1]["persistent_config"]
     best_32 = next(r for r in res["decode"] if r["sms"] >= 32)["persistent_config"]
     res["decode_contexts"] = decode_contexts(best_32, [32, full])
-    res["gemm"] = gemm_curves([32, 64, 100, 116, full], [256, 915, 2048], a.quick)
-    res["pair"] = pair([(100, 32), (108, 24), (116, 16), (92, 40), (84, 48)], best_32, a.quick)
+    res["gemm"] = gemm_curves([32, 64, 96, 104, 120, full], [256, 915, 2048], a.quick)
+    res["pair"] = pair([(96, 32), (104, 24), (112, 16), (88, 40), (80, 48), (64, 64)], best_32, a.quick)
     res["best_full_card_decode_config"] = best_full
-    print("\nSMs  decode grid  persistent  (TB/s)")
+    print("\nSMs  streaming read  decode grid  persistent  (TB/s)")
     for r in res["decode"]:
-        print(f"{r['sms']:4d}  {r['grid_tb_s']:10.2f}  {r['persistent_tb_s']:10.2f}")
-    print("\ntokens SMs  cuBLAS/ideal  Triton/ideal")
+        print(f"{r['sms']:4d}  {r['stream_read_tb_s']:14.2f}  {r['grid_tb_s']:11.2f}  {r['persistent_tb_s']:10.2f}")
+    print("\ntokens SMs  cuBLAS/ideal  cuBLASLt-target/ideal  Triton/ideal")
     for r in res["gemm"]:
-        print(f"{r['tokens']:6d} {r['sms']:4d}  {r['cublas_vs_ideal']:12.2f}  {r['triton_vs_ideal']:12.2f}")
+        print(f"{r['tokens']:6d} {r['sms']:4d}  {r['cublas_vs_ideal']:12.2f}  {r['cublaslt_target_vs_ideal']:21.2f}  "
+              f"{r['triton_vs_ideal']:12.2f}")
     best = max(res["pair"], key=lambda r: r["speedup"])
     print(f"\nbest pair: GEMMs ({best['gemm']}) on {best['compute_sms']} SMs || attention on {best['memory_sms']}: "
           f"x{best['speedup']:.2f} vs sequence")

@@ -2,9 +2,9 @@
 
 torch's `GreenContext.create(n)` carves its n SMs from the whole device each time, so two of them share
 SMs (a 100-SM and a 32-SM context overlap on 32 SMs and leave 32 idle). NanoFlow's units must not
-overlap, so we split the device's SM resource ourselves through the driver API: each unit's group is
-cut from what the previous units left (cuDevSmResourceSplitByCount), then a green context and a stream
-are made from it. Contexts are never destroyed: a destroyed green context broke later CUDA calls.
+overlap, so we split the device's SM resource ourselves through the driver API into groups of the
+minimum partition size (cuDevSmResourceSplitByCount), give each unit its own groups, and make a green
+context and a stream from them. Contexts are never destroyed: a destroyed green context broke later CUDA calls.
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ def total_sms(device: int = 0) -> int:
 
 
 def partition(sms: tuple[int, ...], device: int = 0) -> list[tuple[int, torch.cuda.Stream]]:
-    """Streams on disjoint SM groups of at least the given sizes, in order (the driver rounds a size up to
-    its partition granularity). Returns (SMs granted, stream) for each. The same request returns the same
-    streams."""
+    """Streams on disjoint SM groups of at least the given sizes, in order. Returns (SMs granted, stream)
+    for each; the same request returns the same streams.
+
+    The driver splits the device into equal groups of its minimum partition size (a remainder of a split
+    cannot be split again); each unit takes whole groups, the last unit also the remainder if it needs it."""
     key = (tuple(sms), device)
     if key in _partitions:
         return _partitions[key]
@@ -57,24 +59,33 @@ def partition(sms: tuple[int, ...], device: int = 0) -> list[tuple[int, torch.cu
         raise ValueError(f"SM groups {list(sms)} do not fit the device's {total_sms(device)} SMs")
     torch.cuda.init()
     lib = _driver()
-    rest = _Resource()
-    _check(lib.cuDeviceGetDevResource(ctypes.c_int(device), ctypes.byref(rest), _SM), "cuDeviceGetDevResource")
+    whole = _Resource()
+    _check(lib.cuDeviceGetDevResource(ctypes.c_int(device), ctypes.byref(whole), _SM), "cuDeviceGetDevResource")
+    size = max(whole.min_partition, 1)
+    count = ctypes.c_uint(whole.sm_count // size)
+    groups, remainder = (_Resource * count.value)(), _Resource()
+    _check(lib.cuDevSmResourceSplitByCount(groups, ctypes.byref(count), ctypes.byref(whole), ctypes.byref(remainder),
+                                           0, size), f"splitting {whole.sm_count} SMs into groups of {size}")
+    free = list(groups[: count.value])
     out = []
-    for want in sms:
-        group, remaining, groups = _Resource(), _Resource(), ctypes.c_uint(1)
-        _check(lib.cuDevSmResourceSplitByCount(ctypes.byref(group), ctypes.byref(groups), ctypes.byref(rest),
-                                               ctypes.byref(remaining), 0, want),
-               f"splitting {want} SMs off {rest.sm_count}")
-        if groups.value != 1:
-            raise RuntimeError(f"could not split {want} SMs off the {rest.sm_count} left")
+    for i, want in enumerate(sms):
+        mine = []
+        while free and sum(g.sm_count for g in mine) < want:
+            mine.append(free.pop(0))
+        if sum(g.sm_count for g in mine) < want and i == len(sms) - 1 and remainder.sm_count:
+            mine.append(remainder)
+        granted = sum(g.sm_count for g in mine)
+        if granted < want:
+            raise ValueError(f"SM groups {list(sms)}: the driver's groups of {size} SMs leave only {granted} "
+                             f"for a unit that wants {want}")
+        resources = (_Resource * len(mine))(*mine)
         desc, ctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
-        _check(lib.cuDevResourceGenerateDesc(ctypes.byref(desc), ctypes.byref(group), 1), "cuDevResourceGenerateDesc")
+        _check(lib.cuDevResourceGenerateDesc(ctypes.byref(desc), resources, len(mine)), "cuDevResourceGenerateDesc")
         _check(lib.cuGreenCtxCreate(ctypes.byref(ctx), desc, ctypes.c_int(device), _DEFAULT_STREAM),
                "cuGreenCtxCreate")
         _check(lib.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, _NON_BLOCKING, 0), "cuGreenCtxStreamCreate")
         _alive.append((ctx, stream))
-        out.append((group.sm_count, torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", device))))
-        rest = remaining
+        out.append((granted, torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", device))))
     _partitions[key] = out
     return out
 
