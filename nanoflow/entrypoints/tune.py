@@ -1,0 +1,107 @@
+"""`nanoflow tune`: profile the GPU (cached) → search pipeline specs (two MILP stages) → measure the best
+few as real pipelined iterations → keep the fastest in the cache, where `--pipeline-spec auto` finds it."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+
+
+def add_parser(subparsers) -> None:
+    from nanoflow.entrypoints.cli import add_engine_args
+    p = subparsers.add_parser("tune", help="search the pipeline spec for this GPU, model, dtype and token budget")
+    add_engine_args(p)
+    p.add_argument("--decode-rows", type=int, default=None,
+                   help="decode rows of the steady-state batch (default: a third of the budget, the share of "
+                        "decode tokens in const 1024/512)")
+    p.add_argument("--context", type=int, default=1280,
+                   help="KV tokens of each decode row, and the prompt length of the prefill rows (default: "
+                        "1024 + 512 / 2)")
+    p.add_argument("--top", type=int, default=3, help="measure this many of the best predicted specs")
+    p.add_argument("--max-nano-batches", type=int, default=4)
+    p.add_argument("--output", help="also write the chosen spec to this file")
+    p.set_defaults(func=main)
+
+
+def _measure_hook():
+    """The GPU executor's timing of one pipelined iteration, if this tree has it."""
+    try:
+        from nanoflow.pipeline.measure import time_iteration
+    except ImportError:
+        return None
+    return time_iteration
+
+
+def main(a: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from nanoflow.config import resolve_dtype
+    from nanoflow.entrypoints.cli import engine_kwargs
+    from nanoflow.executor.model_runner import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+    from nanoflow.models.loader import resolve
+    from nanoflow.pipeline.cache import (
+        HAND,
+        cache_key,
+        fits_hand_spec,
+        gpu_name,
+        save_tuned,
+    )
+    from nanoflow.pipeline.profile import load_or_measure
+    from nanoflow.pipeline.spec import load_spec
+
+    try:
+        from nanoflow.pipeline.search import predict, search
+    except ImportError as e:
+        print(f"nanoflow: error: tune needs scipy ({e}): pip install 'nanoflow[tune]'", file=sys.stderr)
+        return 2
+    cfg = resolve(a.model).config
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
+    budget = a.max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
+    decode = budget // 3 if a.decode_rows is None else a.decode_rows
+    t = time.perf_counter()
+    prof = load_or_measure(cfg, dtype, device, budget, decode, a.context)
+    print(f"profile: {prof.gpu}, {budget} rows ({decode} decode over {a.context} tokens), SM counts {prof.sms} "
+          f"({time.perf_counter() - t:.1f} s; cached, resumable)")
+    found = search(prof, a.max_nano_batches, progress=lambda jobs: tqdm(jobs, desc="searching"))
+    print(f"search: {found.seconds:.1f} s, {found.milps} MILPs")
+    for note in found.notes:
+        print(f"  {note}")
+    picks = found.candidates[:a.top]
+    extra = [found.baseline]
+    if fits_hand_spec(cfg):
+        extra.append(predict(load_spec(HAND), prof))  # the hand spec of #5, for comparison
+    picks += [c for c in extra if all(c.spec.name != p.spec.name for p in picks)]
+    time_iteration = _measure_hook()
+    if time_iteration is None:
+        print("NOTE: nanoflow.pipeline.measure is not available, so no candidate was run: the choice below is "
+              "by predicted time only")
+        best = min(picks, key=lambda c: c.period_us)
+    else:
+        for c in tqdm(picks, desc="measuring"):
+            c.measured_s = time_iteration(engine_kwargs(a), a.model, c.spec, decode, a.context, budget)
+        best = min(picks, key=lambda c: c.measured_s)
+    print(f"\n{'candidate':<36} {'predicted µs/layer':>19} {'measured ms/iteration':>22}")
+    for c in picks:
+        ms = "-" if c.measured_s is None else f"{c.measured_s * 1e3:.3f}"
+        print(f"{c.spec.name:<36} {c.period_us:>19.1f} {ms:>22}{'   <- chosen' if c is best else ''}")
+    base = found.baseline
+    how = "measured" if best.measured_s is not None else "predicted"
+    ratio = (base.measured_s / best.measured_s) if best.measured_s is not None else base.period_us / best.period_us
+    print(f"\nchosen: {best.spec.name}, the fastest {how} ({ratio:.2f}x non-overlap)")
+    for u, x in best.breakdown["units"].items():
+        print(f"  unit {u}: {x['sms']} SMs, busy {x['busy_us']:.1f} µs of the {best.period_us:.1f} µs period "
+              f"({100 * x['busy_share']:.0f}%), interference x{x['slowdown']:.2f}")
+    print("  the period is set by this chain (critical cycle): " + " -> ".join(best.breakdown["critical"]))
+    table = "; ".join(f"{c.spec.name} {c.period_us:.0f} µs/layer predicted"
+                      + ("" if c.measured_s is None else f", {c.measured_s * 1e3:.2f} ms/iteration measured")
+                      for c in picks)
+    chosen = replace(best.spec, notes=f"{best.spec.notes} Chosen by nanoflow tune, the fastest {how}: {table}.".strip())
+    path = save_tuned(chosen, cache_key(gpu_name(device), cfg, dtype, budget))
+    print(f"saved: {path} (found by --pipeline-spec auto)")
+    if a.output:
+        chosen.save(a.output)
+        print(f"written: {a.output}")
+    return 0

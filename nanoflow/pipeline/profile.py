@@ -1,0 +1,297 @@
+"""What the search needs to know of a GPU: each op's time on a nano-batch of n rows when it runs alone on
+S SMs, and how much a compute-bound and a memory-bound op slow each other down when they run side by side.
+
+Measured for one batch composition (the steady state: `decode_rows` decode rows, each over `context` tokens
+of KV, then prefill rows as prompts of `context` tokens) on one decoder layer with dummy weights, with
+the real kernels. decode_attn's time depends on the decode rows in its range, prefill_attn's on the prefill
+rows, every other op's on the row count. Points between measured ones are interpolated linearly; below the
+first measured row count an op costs what it costs there (small kernels are latency-bound).
+
+On a GPU each op is captured `reps` times in a CUDA graph (as the engine runs it: no launch overhead) on a
+stream confined to S SMs (pipeline/units.py) and timed with CUDA events. On the CPU there are no SMs:
+one "SM count" (1), timed with perf_counter, so that the whole path runs in tests.
+
+Profiles are cached as JSON (cache.py) and saved after every point: an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanoflow.config import ModelConfig
+from nanoflow.models.batch import ForwardBatch
+from nanoflow.models.llama import LAYER_OPS, LlamaModel, Workspace
+from nanoflow.models.loader import init_dummy
+from nanoflow.pipeline.cache import (
+    cache_dir,
+    cache_key,
+    dtype_name,
+    gpu_name,
+    shape_key,
+)
+
+STEP = 128  # nano-batch rows are measured in steps of this
+MIN_SMS = 16  # below this every kernel measured crawls (BENCHMARKS.md #4)
+SMS_STEP = 8  # Hopper's green-context granularity
+# the unit kind each op runs on: decode attention streams the KV cache; the GEMMs, prefill attention and
+# the small elementwise ops that feed them stay with the compute unit
+OP_KIND = {op: "memory" if op == "decode_attn" else "compute" for op in LAYER_OPS}
+# the ops that stand for their kind when interference is measured
+REPRESENTATIVE = {"compute": "gate_up", "memory": "decode_attn"}
+
+
+@dataclass(slots=True)
+class Profile:
+    gpu: str
+    shape: str
+    dtype: str
+    budget: int  # rows of the batch
+    decode_rows: int
+    context: int
+    total_sms: int
+    sms: list[int]  # SM counts measured, ascending; the last is the whole device
+    rows: dict[str, list[int]]  # per op, the row counts measured (decode rows / prefill rows for attention)
+    times: dict[str, dict[str, list]]  # op -> str(SMs) -> µs at each of rows[op] (None: not measured yet)
+    # "victim|aggressor" kinds -> str(victim's SMs) -> slowdown of the victim while the aggressor runs on
+    # the rest of the device
+    interference: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def rows_in(self, op: str, a: int, b: int) -> int:
+        """The rows of [a, b) that op's time depends on."""
+        d = self.decode_rows
+        if op == "decode_attn":
+            return max(min(b, d) - a, 0)
+        if op == "prefill_attn":
+            return max(b - max(a, d), 0)
+        return b - a
+
+    def time(self, op: str, a: int, b: int, sms: int) -> float:
+        """µs of op over rows [a, b) on `sms` SMs (0: the whole device), alone."""
+        x, grid = self.rows_in(op, a, b), self.rows[op]
+        if x == 0 or not grid:
+            return 0.0
+        per_sms = [np.interp(x, grid, self.times[op][str(s)]) for s in self.sms]
+        return float(np.interp(sms or self.total_sms, self.sms, per_sms))
+
+    def slowdown(self, kind: str, sms: int, others: list[str]) -> float:
+        """Factor on the time of a `kind` op on `sms` SMs while ops of the other kinds run beside it."""
+        f = 1.0
+        for other in others:
+            table = self.interference.get(f"{kind}|{other}")
+            if table:
+                xs = sorted(map(int, table))
+                f *= float(np.interp(sms or self.total_sms, xs, [table[str(x)] for x in xs]))
+        return f
+
+    def splits(self) -> list[tuple[int, int]]:
+        """(compute SMs, memory SMs) splits of the device: the memory unit on a share up to half the device,
+        the compute unit on the largest share that fits beside it. Interference is measured at these, and
+        the search's first stage tries each."""
+        if not self.rows["decode_attn"] or len(self.sms) < 2:
+            return []
+        pairs = []
+        for m in self.sms:
+            fits = [s for s in self.sms if s + m <= self.total_sms]
+            if 2 * m <= self.total_sms and fits:
+                pairs.append((fits[-1], m))
+        return pairs
+
+    def missing(self) -> list[tuple[str, int, int]]:
+        return [(op, s, i) for s in self.sms for op in LAYER_OPS for i, t in enumerate(self.times[op][str(s)])
+                if t is None]
+
+    def missing_pairs(self) -> list[tuple[int, int]]:
+        done = self.interference.get("compute|memory", {})
+        return [p for p in self.splits() if str(p[0]) not in done]
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f)
+        os.replace(tmp, path)  # a run killed mid-write leaves the last complete file
+
+    @classmethod
+    def load(cls, path: str) -> Profile:
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def _grid(n: int) -> list[int]:
+    return sorted({min(i, n) for i in range(STEP, n + STEP, STEP)}) if n > 0 else []
+
+
+def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, decode_rows: int,
+                context: int) -> Profile:
+    if not 0 <= decode_rows <= budget:
+        raise ValueError(f"decode rows ({decode_rows}) must be within the token budget ({budget})")
+    if device.type == "cuda":
+        from nanoflow.pipeline.units import partition, total_sms
+        total = total_sms(device.index or 0)
+        granted = {total}
+        for s in range(MIN_SMS, total, SMS_STEP):
+            try:  # what the driver grants (it rounds up to its granularity), where it grants anything
+                granted.add(partition((s,), device.index or 0)[0][0])
+            except RuntimeError as e:
+                print(f"no {s}-SM partition: {e}")
+        sms = sorted(granted)
+    else:
+        total, sms = 1, [1]
+    rows = {op: _grid(decode_rows if op == "decode_attn" else budget - decode_rows if op == "prefill_attn"
+                      else budget) for op in LAYER_OPS}
+    times = {op: {str(s): [None] * len(rows[op]) for s in sms} for op in LAYER_OPS}
+    return Profile(gpu_name(device), shape_key(cfg), dtype_name(dtype), budget, decode_rows, context, total, sms,
+                   rows, times)
+
+
+def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int) -> str:
+    name = f"{cache_key(gpu, cfg, dtype, budget)}--d{decode_rows}-c{context}.json"
+    return os.path.join(cache_dir("profiles"), name)
+
+
+def load_or_measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, decode_rows: int,
+                    context: int, reps: int | None = None, progress: bool = True) -> Profile:
+    """The cached profile, its missing points measured first."""
+    path = profile_path(gpu_name(device), cfg, dtype, budget, decode_rows, context)
+    p = Profile.load(path) if os.path.exists(path) else new_profile(cfg, dtype, device, budget, decode_rows, context)
+    return measure(p, cfg, dtype, device, path, reps or (20 if device.type == "cuda" else 3), progress)
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+def steady_batch(budget: int, decode_rows: int, context: int, block_size: int, vocab: int) -> tuple[ForwardBatch, int]:
+    """A host batch of `decode_rows` decode sequences over `context` tokens, then prompts of `context`
+    tokens up to `budget` rows, each sequence in its own KV blocks. Returns it and the blocks used."""
+    pos, slots, qs, lens, tables = [], [], [0], [], []
+    blocks = 0
+
+    def add(positions: range, seq_len: int):
+        nonlocal blocks
+        table = list(range(blocks, blocks + -(-seq_len // block_size)))
+        blocks += len(table)
+        pos.extend(positions)
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in positions)
+        qs.append(qs[-1] + len(positions))
+        lens.append(seq_len)
+        tables.append(table)
+    for _ in range(decode_rows):
+        add(range(context - 1, context), context)
+    left = budget - decode_rows
+    while left:
+        n = min(context, left)
+        add(range(n), n)
+        left -= n
+    ids = torch.randint(0, vocab, (budget,), generator=torch.Generator().manual_seed(0))
+    batch = ForwardBatch(ids, torch.tensor(pos), torch.tensor(slots), qs, lens, tables, decode_rows,
+                         torch.empty(0, dtype=torch.long))
+    return batch, blocks
+
+
+def layer_setup(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, decode_rows: int,
+                context: int, block_size: int = 16) -> tuple[LlamaModel, Workspace, ForwardBatch]:
+    """One decoder layer with dummy weights, a filled KV cache and workspace, and the steady-state batch."""
+    one = replace(cfg, num_layers=1)
+    model = LlamaModel(one, dtype, device, max(context, 1))
+    init_dummy(model, 0)
+    batch, blocks = steady_batch(budget, decode_rows, context, block_size, cfg.vocab_size)
+    model.kv_cache = torch.randn(1, 2, blocks + 1, block_size, one.num_kv_heads, one.head_dim, dtype=dtype,
+                                 device=device)
+    ws = Workspace.allocate(one, budget, dtype, device)
+    for f in ws.__slots__:
+        getattr(ws, f).normal_()  # real values: a GEMM on zeros runs faster than on data
+    return model, ws, batch.to(device)
+
+
+def op_range(p: Profile, op: str, x: int) -> tuple[int, int]:
+    """The rows over which op is timed at grid point x."""
+    return (p.decode_rows, p.decode_rows + x) if op == "prefill_attn" else (0, x)
+
+
+_plain: dict[int, torch.cuda.Stream] = {}
+
+
+def _streams(sms: tuple[int, ...], p: Profile) -> list[torch.cuda.Stream]:
+    """A stream per SM count: disjoint green contexts, or a plain stream for the whole device."""
+    device = torch.cuda.current_device()
+    if sms == (p.total_sms,):
+        return [_plain.setdefault(device, torch.cuda.Stream())]
+    from nanoflow.pipeline.units import partition
+    return [s for _, s in partition(sms, device)]
+
+
+def _graph(fn, stream: torch.cuda.Stream, n: int) -> torch.cuda.CUDAGraph:
+    """fn called n times, captured on stream (after a warm-up that compiles and builds attention metadata)."""
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(n):
+            fn()
+    return graph
+
+
+def _replay_us(runs: list[tuple[torch.cuda.CUDAGraph, torch.cuda.Stream, int]]) -> list[float]:
+    """Replay the graphs together, each on its stream; µs per call in each."""
+    for graph, stream, _ in runs:
+        with torch.cuda.stream(stream):
+            graph.replay()  # warm
+    torch.cuda.synchronize()
+    marks = []
+    for graph, stream, n in runs:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+        marks.append((start, end, n))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 / n for s, e, n in marks]
+
+
+def _cpu_us(fn, reps: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e6
+
+
+@torch.inference_mode()
+def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, path: str, reps: int,
+            progress: bool = True) -> Profile:
+    todo, pairs = p.missing(), p.missing_pairs()
+    if not todo and not pairs:
+        return p
+    model, ws, batch = layer_setup(cfg, dtype, device, p.budget, p.decode_rows, p.context)
+
+    def call(op, x):
+        a, b = op_range(p, op, x)
+        return lambda: getattr(model, op)(0, ws, batch, a, b)
+    on_gpu = device.type == "cuda"
+    with tqdm(total=len(todo) + len(pairs), desc="profiling", disable=not progress) as bar:
+        for op, s, i in todo:
+            fn = call(op, p.rows[op][i])
+            if on_gpu:
+                stream, = _streams((s,), p)
+                p.times[op][str(s)][i] = _replay_us([(_graph(fn, stream, reps), stream, reps)])[0]
+            else:
+                p.times[op][str(s)][i] = _cpu_us(fn, reps)
+            p.save(path)
+            bar.update()
+        for sc, sm in pairs:
+            # the representative ops alone, then side by side with call counts that make both last as long
+            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), s)
+                    for k, s in zip(("compute", "memory"), _streams((sc, sm), p))]
+            alone = [_replay_us([(_graph(fn, s, reps), s, reps)])[0] for fn, s in runs]
+            ns = [max(reps, round(reps * max(alone) / t)) for t in alone]
+            both = _replay_us([(_graph(fn, s, n), s, n) for (fn, s), n in zip(runs, ns)])
+            p.interference.setdefault("compute|memory", {})[str(sc)] = both[0] / alone[0]
+            p.interference.setdefault("memory|compute", {})[str(sm)] = both[1] / alone[1]
+            p.save(path)
+            bar.update()
+    return p
