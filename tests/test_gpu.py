@@ -71,16 +71,34 @@ def test_gpu_model_matches_cpu_reference(model_dir):
                 assert abs(a.prompt_logprobs[pos][t].logprob - lp) < 0.1 + 0.02 * abs(lp)
 
 
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+
+def assert_same_greedy(got, expect, tie=0.05):
+    """Same greedy tokens, except where the reference's two best tokens were within `tie` nats: a random
+    model has near-ties, and a bf16 GEMM of another shape (a padded bucket, a nano-batch) may round the
+    other way there. After such a flip the sequences go their own ways; before it, the chosen tokens'
+    logprobs agree within bf16 tolerance."""
+    for a, b in zip(got, expect):
+        a, b = a.outputs[0], b.outputs[0]
+        for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids)):
+            if ta == tb:
+                assert abs(a.logprobs[i][ta].logprob - b.logprobs[i][tb].logprob) < 0.05 + 0.02 * abs(
+                    b.logprobs[i][tb].logprob)
+            else:
+                top = sorted(x.logprob for x in b.logprobs[i].values())[-2:]
+                assert top[1] - top[0] < tie, (i, ta, tb, b.logprobs[i])
+                break
+
+
 def test_graphs_and_async_equal_eager(model_dir):
     """Same kernels with and without CUDA graphs / asynchronous scheduling: the same greedy tokens."""
-    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     runs = []
     for kw in (dict(cuda_graph=False, async_scheduling=False), dict(), dict(max_num_batched_tokens=32)):
         llm = LLM(model_dir, device="cuda", num_kv_blocks=256, **kw)
-        runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, p, use_tqdm=False)])
-    agree = sum(a == b for a, b in zip(runs[0], runs[1]))
-    assert agree >= len(PROMPTS) - 1, runs  # bf16 GEMMs of padded shapes may round differently
-    assert runs[1] == runs[2] or sum(a == b for a, b in zip(runs[1], runs[2])) >= len(PROMPTS) - 1
+        runs.append(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    assert_same_greedy(runs[1], runs[0])
+    assert_same_greedy(runs[2], runs[0])
 
 
 def test_op_breakdown_accounts_for_the_iteration(model_dir):
@@ -146,14 +164,14 @@ def test_pipeline_equals_plain_forward(model_dir, tmp_path, graphs):
     through prefill-only, mixed and decode-only iterations."""
     path = str(tmp_path / "spec.json")
     _pipeline_spec().save(path)
-    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=0)
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, prompt_logprobs=0)
     kw = dict(device="cuda", num_kv_blocks=256, max_num_batched_tokens=64, cuda_graph=graphs)
     outs = {}
     for mode in ("non-overlap", "pipeline"):
         llm = LLM(model_dir, mode=mode, pipeline_spec=path, **kw)
         outs[mode] = llm.generate(PROMPTS, p, use_tqdm=False)
+    assert_same_greedy(outs["pipeline"], outs["non-overlap"])
     for a, b in zip(outs["pipeline"], outs["non-overlap"]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for pos in range(1, len(a.prompt_token_ids)):
             t = a.prompt_token_ids[pos]
             assert abs(a.prompt_logprobs[pos][t].logprob - b.prompt_logprobs[pos][t].logprob) < 0.05

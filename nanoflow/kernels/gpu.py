@@ -5,10 +5,12 @@ compiled: one source of truth for the math, one fused kernel each on the GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from nanoflow.kernels import reference
-from nanoflow.kernels.triton_attention import decode_attention, prefill_attention  # noqa: F401
+from nanoflow.kernels import reference, sm_share, triton_attention
+from nanoflow.kernels.triton_attention import prefill_attention  # noqa: F401
 
 
 def _compile(fn):
@@ -20,3 +22,19 @@ add_rms_norm = _compile(reference.add_rms_norm)
 silu_mul = _compile(reference.silu_mul)
 rope = _compile(reference.rope)
 append_kv = reference.append_kv  # an indexed scatter (index_put_), capturable as it is
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
+    """The persistent decode kernel sized to the SMs it runs on (the unit's share, or the device), in the
+    configuration that measured best on an H200 (BENCHMARKS.md, #4): 256-token splits of 64-token tiles,
+    4 programs per SM, a 6-deep load pipeline (3 for head dims over 128, for shared memory), 2 warps per
+    program on a share and 4 on the whole device."""
+    sms = sm_share.current or _sms(q.device.index or 0)
+    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, split_tokens=256,
+                                      block_n=64, num_warps=2 if sm_share.current else 4,
+                                      num_stages=6 if q.shape[2] <= 128 else 3, programs=4 * sms)

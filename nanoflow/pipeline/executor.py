@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from nanoflow.kernels.sm_share import sm_share
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
 from nanoflow.pipeline.plan import Launch, plan, run_launch
 from nanoflow.pipeline.spec import PipelineSpec
-from nanoflow.pipeline.units import unit_streams
+from nanoflow.pipeline.units import total_sms, unit_streams
 
 
 def run_sequential(model: LlamaModel, spec: PipelineSpec, batch: ForwardBatch, ws: Workspace) -> None:
@@ -26,11 +27,13 @@ def run_sequential(model: LlamaModel, spec: PipelineSpec, batch: ForwardBatch, w
 
 class Pipeline:
     """The whole forward as launches on the units' streams, forked from and joined back into the current
-    stream, so that it runs eagerly or is captured whole into one CUDA graph."""
+    stream, so that it runs eagerly or is captured whole into one CUDA graph. Each launch is issued under its
+    unit's SM share, so that cuBLASLt and the decode kernel size their grids for it."""
 
     def __init__(self, model: LlamaModel, spec: PipelineSpec):
         self.model, self.spec = model, spec
         self.units = unit_streams(spec.units, model.device.index or 0)
+        self.total = total_sms(model.device.index or 0)
         self.plans: dict[int, tuple[list[Launch], set[int]]] = {}
 
     def plan(self, rows: int) -> tuple[list[Launch], set[int]]:
@@ -59,7 +62,8 @@ class Pipeline:
                 if timing is not None:  # external: timestamps survive capture into a CUDA graph
                     timing.append((launch, *(torch.cuda.Event(enable_timing=True, external=True) for _ in "se")))
                     timing[-1][1].record(stream)
-                run_launch(self.model, launch, ws, batch)
+                with sm_share(self.units[launch.op.unit][0], self.total):
+                    run_launch(self.model, launch, ws, batch)
                 if timing is not None:
                     timing[-1][2].record(stream)
                 if i in waited or serial:
