@@ -137,7 +137,7 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
         for s in range(MIN_SMS, total, SMS_STEP):
             try:  # what the driver grants (it rounds up to its granularity), where it grants anything
                 granted.add(partition((s,), device.index or 0)[0][0])
-            except RuntimeError as e:
+            except (RuntimeError, ValueError) as e:
                 print(f"no {s}-SM partition: {e}")
         sms = sorted(granted)
     else:
@@ -223,15 +223,18 @@ def _streams(sms: tuple[int, ...], p: Profile) -> list[torch.cuda.Stream]:
     return [s for _, s in partition(sms, device)]
 
 
-def _graph(fn, stream: torch.cuda.Stream, n: int) -> torch.cuda.CUDAGraph:
-    """fn called n times, captured on stream (after a warm-up that compiles and builds attention metadata)."""
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(n):
+def _graph(fn, stream: torch.cuda.Stream, sms: int, total: int, n: int) -> torch.cuda.CUDAGraph:
+    """fn called n times, captured on stream (after a warm-up that compiles and builds attention metadata),
+    its kernels chosen for a share of `sms` SMs, as the pipeline issues them."""
+    from nanoflow.kernels.sm_share import sm_share
+    with sm_share(sms, total):
+        with torch.cuda.stream(stream):
             fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(n):
+                fn()
     return graph
 
 
@@ -261,35 +264,36 @@ def _cpu_us(fn, reps: int) -> float:
     return (time.perf_counter() - t) / reps * 1e6
 
 
-@torch.inference_mode()
 def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, path: str, reps: int,
             progress: bool = True) -> Profile:
     todo, pairs = p.missing(), p.missing_pairs()
     if not todo and not pairs:
         return p
+    # built outside inference mode, as the engine's buffers are (torch.compile cannot take views of inference
+    # tensors apart), run inside it, as the engine runs
     model, ws, batch = layer_setup(cfg, dtype, device, p.budget, p.decode_rows, p.context)
 
     def call(op, x):
         a, b = op_range(p, op, x)
         return lambda: getattr(model, op)(0, ws, batch, a, b)
     on_gpu = device.type == "cuda"
-    with tqdm(total=len(todo) + len(pairs), desc="profiling", disable=not progress) as bar:
+    with torch.inference_mode(), tqdm(total=len(todo) + len(pairs), desc="profiling", disable=not progress) as bar:
         for op, s, i in todo:
             fn = call(op, p.rows[op][i])
             if on_gpu:
                 stream, = _streams((s,), p)
-                p.times[op][str(s)][i] = _replay_us([(_graph(fn, stream, reps), stream, reps)])[0]
+                p.times[op][str(s)][i] = _replay_us([(_graph(fn, stream, s, p.total_sms, reps), stream, reps)])[0]
             else:
                 p.times[op][str(s)][i] = _cpu_us(fn, reps)
             p.save(path)
             bar.update()
         for sc, sm in pairs:
             # the representative ops alone, then side by side with call counts that make both last as long
-            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), s)
-                    for k, s in zip(("compute", "memory"), _streams((sc, sm), p))]
-            alone = [_replay_us([(_graph(fn, s, reps), s, reps)])[0] for fn, s in runs]
+            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), stream, share) for k, stream, share
+                    in zip(("compute", "memory"), _streams((sc, sm), p), (sc, sm))]
+            alone = [_replay_us([(_graph(fn, st, share, p.total_sms, reps), st, reps)])[0] for fn, st, share in runs]
             ns = [max(reps, round(reps * max(alone) / t)) for t in alone]
-            both = _replay_us([(_graph(fn, s, n), s, n) for (fn, s), n in zip(runs, ns)])
+            both = _replay_us([(_graph(fn, st, share, p.total_sms, n), st, n) for (fn, st, share), n in zip(runs, ns)])
             p.interference.setdefault("compute|memory", {})[str(sc)] = both[0] / alone[0]
             p.interference.setdefault("memory|compute", {})[str(sm)] = both[1] / alone[1]
             p.save(path)
