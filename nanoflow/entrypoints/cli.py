@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("reports", nargs="+")
     pl.add_argument("-o", "--output", required=True)
     pl.set_defaults(func=_bench_plot)
+    from nanoflow.entrypoints import tune
+    tune.add_parser(sub)
     a = parser.parse_args(argv)
     if getattr(a, "bench", None) == "throughput" and not a.workload:
         a.workload = ["const:512:128"]
