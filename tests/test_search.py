@@ -252,6 +252,8 @@ def test_tune_cli_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
     def time_iteration(engine_kwargs, model, spec, decode_rows, context, budget):
         calls.append(spec.name)
         assert model == llama_dir and (decode_rows, context, budget) == (85, 32, 256)
+        if len(calls) == 3:
+            raise RuntimeError("no such SM split")  # a candidate that cannot run is skipped
         return 1.0 if len(calls) == 2 else 2.0  # the second best predicted measures fastest
     monkeypatch.setattr(tune, "_measure_hook", lambda: time_iteration)
     assert main(args + ["--top", "3", "--output", str(tmp_path / "chosen.json")]) == 0
@@ -260,4 +262,4 @@ def test_tune_cli_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
     chosen = PipelineSpec.load(str(tmp_path / "chosen.json"))
     assert chosen.name == calls[1] and f"{chosen.name}" in out and "<- chosen" in out
     assert find_tuned("cpu", cfg, torch.float32, 256) == chosen
-    assert "stage 1:" in out and "critical cycle" in out
+    assert "stage 1:" in out and "critical cycle" in out and f"{calls[2]}: failed to run" in out

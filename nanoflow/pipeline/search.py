@@ -291,7 +291,10 @@ def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit:
               f"reversed) x {len(splits)} SM splits {splits} = {len(jobs)} MILPs over the nano-batch boundaries "
               f"(at multiples of {STEP} rows and the decode/prefill boundary, {p.decode_rows})"),
              (f"stage 2: {len(structures)} distinct structures, one MILP each over the units' SM shares "
-              f"{[s for s in p.sms if s < p.total_sms]}, with interference")]
+              f"{[s for s in p.sms if s < p.total_sms]}, with interference"),
+             ("orders and splits are enumerated, not solved for: an order as MILP variables needs a big-M "
+              "disjunction per pair of nano-ops on a unit, and a split times the row choice makes the durations "
+              "bilinear; both lists are short, so each combination is solved exactly")]
     if not splits:
         notes.append("nothing to overlap (no decode rows, or no SM partitions on this device): non-overlap only")
     return Search(candidates, time.perf_counter() - t0, 1 + len(jobs) + len(structures), notes)
