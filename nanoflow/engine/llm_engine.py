@@ -84,6 +84,10 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids or ()):  # they index the logits (min_tokens bans)
+            raise ValueError(f"invalid sampling parameter stop_token_ids={params.stop_token_ids!r}: "
+                             f"token ids must be < {vocab}")
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nanoflow.config import MODES
@@ -70,6 +71,23 @@ def _bench_plot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from nanoflow.entrypoints.server import serve
+    if a.model_arg is not None and a.model is not None and a.model_arg != a.model:
+        raise ValueError(f"two models given: {a.model_arg!r} and --model {a.model!r}")
+    a.model = a.model or a.model_arg
+    return serve(a)
+
+
+def _bench_serve(a: argparse.Namespace) -> int:
+    from nanoflow.bench.serve import main
+    return main(a)
+
+
+def _rates(text: str) -> list[float]:
+    return [float(r) for r in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.set_defaults(func=generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    s.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"),
+                   help="required as 'Authorization: Bearer KEY' on /v1 routes (default: $NANOFLOW_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    s.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="requests without a first token beyond which new ones get 503")
+    s.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+                   help="seconds that requests in flight get to finish on SIGTERM before they are aborted")
+    s.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     t = bench.add_parser("throughput", help="offline throughput and % of the cost model's optimum")
@@ -109,6 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("reports", nargs="+")
     pl.add_argument("-o", "--output", required=True)
     pl.set_defaults(func=_bench_plot)
+    bs = bench.add_parser("serve", help="online latency and throughput of a running server (Poisson arrivals)")
+    bs.add_argument("--url", default="http://127.0.0.1:8000")
+    bs.add_argument("--model", default=None, help="the served model name (default: the server's first model)")
+    bs.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"))
+    bs.add_argument("--workload", default="trace:splitwise", help="const:IN:OUT[:N] or trace:NAME[:N]")
+    bs.add_argument("--num-requests", type=int, default=1000, help="requests per rate, unless the workload has :N")
+    bs.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    bs.add_argument("--sweep", type=_rates, default=None, help="R1,R2,...: one run per request rate")
+    bs.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    bs.add_argument("--vocab-size", type=int, default=32000, help="prompts are random token ids below this")
+    bs.add_argument("--temperature", type=float, default=1.0)
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--output", help="write the report as JSON")
+    bs.add_argument("--plot", help="draw latency vs request rate (PNG)")
+    bs.set_defaults(func=_bench_serve)
     from nanoflow.entrypoints import tune
     tune.add_parser(sub)
     a = parser.parse_args(argv)

@@ -1,0 +1,184 @@
+"""`nanoflow bench serve`: online latency and throughput of a running OpenAI-compatible server.
+
+The workload's requests (const:IN:OUT or a trace: prompts of random token ids of the given lengths, outputs
+forced to their lengths with ignore_eos) arrive as a Poisson process at the request rate and are streamed,
+which times the first token and the gaps between tokens. Metric names follow `vllm bench serve`; the
+normalized latency (end-to-end latency / output tokens) is the one the NanoFlow paper reports.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+from nanoflow.bench.workloads import Workload, parse
+
+
+@dataclass(slots=True)
+class RequestResult:
+    prompt_len: int
+    output_len: int = 0
+    ttft: float | None = None  # seconds
+    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks (one token each)
+    e2e: float = 0.0
+    error: str | None = None
+
+
+async def _request(client: httpx.AsyncClient, url: str, payload: dict, prompt_len: int) -> RequestResult:
+    r = RequestResult(prompt_len)
+    start = last = time.perf_counter()
+    chunks = 0
+    try:
+        async with client.stream("POST", url, json=payload) as resp:
+            if resp.status_code != 200:
+                r.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300].decode(errors='replace')}"
+                return r
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    r.error = chunk["error"].get("message", str(chunk["error"]))
+                    return r
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    r.output_len = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    if r.ttft is None:
+                        r.ttft = now - start
+                    else:
+                        r.itl.append(now - last)
+                    last = now
+                    chunks += 1
+        r.e2e = time.perf_counter() - start
+        r.output_len = r.output_len or chunks  # a server that does not report usage: one token a chunk
+    except httpx.HTTPError as e:
+        r.error = f"{type(e).__name__}: {e}"
+    return r
+
+
+async def run(url: str, model: str, workload: Workload, rate: float, max_concurrency: int | None = None,
+              api_key: str | None = None, vocab_size: int = 32000, temperature: float = 1.0, seed: int = 0) -> dict:
+    """Send the workload at `rate` requests/s (Poisson; inf: all at once); returns the summary."""
+    prompts = workload.prompts(vocab_size, seed)
+    gaps = random.Random(seed)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # httpx caps at 100 by default
+
+    async def one(prompt: list[int], out_len: int) -> RequestResult:
+        payload = {"model": model, "prompt": prompt, "max_tokens": out_len, "ignore_eos": True,
+                   "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
+        if limit is None:
+            return await _request(client, url, payload, len(prompt))
+        async with limit:
+            return await _request(client, url, payload, len(prompt))
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for prompt, (_, out_len) in zip(prompts, workload.lengths):
+            tasks.append(asyncio.create_task(one(prompt, out_len)))
+            if math.isfinite(rate):
+                await asyncio.sleep(gaps.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(results, duration)
+
+
+def _stats(name: str, seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1000
+    if not len(ms):
+        return {f"{s}_{name}_ms": None for s in ("mean", "median", "p99")}
+    return {f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)),
+            f"p99_{name}_ms": float(np.percentile(ms, 99))}
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.error is None]
+    prompt_tokens, output_tokens = sum(r.prompt_len for r in ok), sum(r.output_len for r in ok)
+    s = {"num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+         "total_input_tokens": prompt_tokens, "total_output_tokens": output_tokens,
+         "request_throughput": len(ok) / duration, "output_throughput": output_tokens / duration,
+         "total_token_throughput": (prompt_tokens + output_tokens) / duration}
+    s |= _stats("ttft", [r.ttft for r in ok if r.ttft is not None])
+    s |= _stats("tpot", [(r.e2e - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1 and r.ttft])
+    s |= _stats("itl", [x for r in ok for x in r.itl])
+    s |= _stats("e2e", [r.e2e for r in ok])
+    s |= _stats("normalized_latency", [r.e2e / r.output_len for r in ok if r.output_len])  # ms per output token
+    s["errors"] = sorted({r.error for r in results if r.error})[:5]
+    return s
+
+
+def print_result(r: dict) -> None:
+    rows = [("request rate", f"{r['request_rate']} req/s"), ("completed / failed", f"{r['completed']} / {r['failed']}"),
+            ("duration", f"{r['duration_s']:.2f} s"), ("request throughput", f"{r['request_throughput']:.2f} req/s"),
+            ("output tok/s", f"{r['output_throughput']:.1f}"), ("total tok/s", f"{r['total_token_throughput']:.1f}")]
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency"),
+                        ("normalized_latency", "normalized latency (/token)")):
+        if r[f"mean_{name}_ms"] is not None:
+            values = " / ".join(f"{r[f'{s}_{name}_ms']:.1f}" for s in ("mean", "median", "p99"))
+            rows.append((f"{label} mean / median / p99", f"{values} ms"))
+    rows += [("error", e) for e in r["errors"]]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def latency_vs_rate(report: dict, out: str) -> None:
+    """Normalized latency (mean, p99) against the achieved request throughput, each point labelled with the
+    offered rate (inf included)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = [r for r in report["results"] if r["completed"]]
+    x = [r["request_throughput"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for stat, style in (("mean", "o-"), ("p99", "s--")):
+        ax.plot(x, [r[f"{stat}_normalized_latency_ms"] for r in results], style, label=stat)
+    for r, xi in zip(results, x):
+        ax.annotate(f"{r['request_rate']}/s", (xi, r["p99_normalized_latency_ms"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("request throughput (req/s); labels: offered rate")
+    ax.set_ylabel("normalized latency (ms / output token)")
+    ax.set_title(f"nanoflow serve, {report['model']}, {report['workload']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    try:  # one socket per request in flight: lift the soft limit on open files (often 1024) to the hard one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    except (ValueError, OSError):
+        pass
+    url = args.url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.model is None:
+        resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+        resp.raise_for_status()
+        args.model = resp.json()["data"][0]["id"]
+    report = {"command": getattr(args, "command_line", None), "date": datetime.date.today().isoformat(), "url": url,
+              "model": args.model, "workload": args.workload, "max_concurrency": args.max_concurrency, "results": []}
+    for rate in args.sweep or [args.request_rate]:
+        workload = parse(args.workload, args.num_requests, args.seed)
+        r = asyncio.run(run(f"{url}/v1/completions", args.model, workload, rate, args.max_concurrency, args.api_key,
+                            args.vocab_size, args.temperature, args.seed))
+        r = {"request_rate": rate if math.isfinite(rate) else "inf", **r}  # JSON has no inf
+        print_result(r)
+        report["results"].append(r)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.plot:
+        latency_vs_rate(report, args.plot)
+    return 0 if any(r["completed"] for r in report["results"]) else 1

@@ -1,0 +1,241 @@
+"""The engine on a thread of its own, driven from an asyncio event loop (the HTTP server).
+
+LLMEngine is not thread-safe, so one thread owns it and makes every call to it: between iterations it
+takes the commands queued by the event loop (add, abort, stop) and hands each RequestOutput back to the
+loop that asked for it (call_soon_threadsafe). HTTP work thus never delays an iteration, and an abort
+(a client that went away) is applied before the next one, which frees the request's KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nanoflow.engine.llm_engine import LLMEngine
+from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.outputs import RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+log = logging.getLogger("nanoflow.server")
+
+_ACCEPTED, _GONE, _ABORT_ALL, _STOP = object(), object(), object(), object()
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: try again later (HTTP 503)."""
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Sink:
+    """Where the engine thread delivers a submission's outputs: a queue of the submitter's event loop."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+
+@dataclass(slots=True)
+class _Add:
+    request_ids: list[str]
+    prompts: list[list[int]]
+    params: SamplingParams
+    sink: _Sink
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting_requests: int):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_waiting = max_waiting_requests
+        self.num_waiting = 0  # event-loop side: accepted engine requests that have no token yet
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
+        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="nanoflow-engine", daemon=True)
+
+    # -- the event loop's side -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abort whatever is still unfinished and end the engine thread."""
+        self._inbox.put(_STOP)
+        self._thread.join()
+
+    def abort_all(self) -> None:
+        """End every request now with finish_reason "abort" (their streams end normally). Thread-safe."""
+        self._inbox.put(_ABORT_ALL)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def submit(self, prompts: list[list[int]], params: SamplingParams,
+                     until_disconnected: Callable[[], Awaitable] | None = None) -> RequestStream:
+        """Queue one engine request per prompt, all or none. Returns once the engine accepted them; raises
+        Overloaded when the waiting queue is full, or the engine's error (ValueError, TypeError) for bad input.
+        until_disconnected(): resolves when the client goes away; the requests are then aborted."""
+        if self.num_waiting + len(prompts) > self.max_waiting:
+            raise Overloaded(f"{self.num_waiting} requests are waiting (--max-waiting-requests {self.max_waiting})")
+        sink = _Sink(asyncio.get_running_loop())
+        stream = RequestStream(self, uuid.uuid4().hex, len(prompts), sink)
+        self.num_waiting += len(prompts)
+        self._inbox.put(_Add(stream.request_ids, prompts, params, sink))
+        try:
+            answer = await sink.queue.get()
+        except BaseException:  # cancelled: the engine may still take the requests, so abort them
+            stream.close()
+            raise
+        if answer is not _ACCEPTED:
+            stream.close(abort=False)  # the engine took none of them
+            raise answer
+        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
+        if until_disconnected is not None:
+            stream.watch(until_disconnected)
+        return stream
+
+    def _abort(self, request_id: str) -> None:
+        self._inbox.put(request_id)
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            try:  # idle: sleep until a command comes; busy: take what is queued and go on
+                cmd = self._inbox.get(block=not engine.has_unfinished_requests())
+                while cmd is not _STOP:
+                    self._handle(cmd)
+                    cmd = self._inbox.get_nowait()
+                self._abort_all()
+                return
+            except queue.Empty:
+                pass
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a bug: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink.put(out)
+            self.metrics.on_step(engine)
+
+    def _handle(self, cmd) -> None:
+        if isinstance(cmd, str):  # an abort
+            self._sinks.pop(cmd, None)
+            self.engine.abort_request(cmd)
+            return
+        if cmd is _ABORT_ALL:
+            self._abort_all()
+            return
+        try:
+            for rid, prompt in zip(cmd.request_ids, cmd.prompts):
+                self.engine.add_request(rid, prompt, cmd.params)
+        except Exception as e:  # bad input (ValueError, TypeError): take none of them
+            for rid in cmd.request_ids:
+                self.engine.abort_request(rid)
+            cmd.sink.put(e)
+            return
+        self._sinks.update(dict.fromkeys(cmd.request_ids, cmd.sink))
+        cmd.sink.put(_ACCEPTED)
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid, sink in self._sinks.items():
+            sink.put(error)
+            try:
+                self.engine.abort_request(rid)
+            except Exception:
+                log.exception("abort after a failed step")
+        self._sinks.clear()
+
+    def _abort_all(self) -> None:
+        for rid in list(self.engine.requests):
+            out = self.engine.abort_request(rid)
+            if (sink := self._sinks.pop(rid, None)) is not None:
+                sink.put(out)
+        self.metrics.on_step(self.engine)
+
+
+class RequestStream:
+    """The outputs of one submission, as (prompt index, cumulative RequestOutput). close() aborts what is
+    unfinished; it is idempotent, and called on disconnect, so cleanup does not wait for the iterator's
+    owner to be finalized."""
+
+    def __init__(self, owner: AsyncEngine, base_id: str, num_prompts: int, sink: _Sink):
+        self.id = base_id
+        self.request_ids = [f"{base_id}-{i}" for i in range(num_prompts)]
+        self._owner = owner
+        self._sink = sink
+        self._index = {rid: i for i, rid in enumerate(self.request_ids)}
+        self._unfinished = set(self.request_ids)
+        self._no_token = set(self.request_ids)  # counted in owner.num_waiting
+        self._arrival = time.monotonic()
+        self._first_token: dict[str, float] = {}
+        self._last: dict[str, RequestOutput] = {}
+        self._watcher: asyncio.Task | None = None
+
+    def watch(self, until_disconnected: Callable[[], Awaitable]) -> None:
+        async def watch():
+            await until_disconnected()
+            self.close()
+            self._sink.queue.put_nowait(_GONE)  # wake the reader
+        self._watcher = asyncio.ensure_future(watch())
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        item = await self._sink.queue.get()
+        if item is _GONE:
+            raise ClientDisconnected()
+        if isinstance(item, Exception):  # the engine failed
+            self.close()
+            raise item
+        rid, now = item.request_id, time.monotonic()
+        self._last[rid] = item
+        has_token = any(c.token_ids for c in item.outputs)
+        if rid in self._no_token and (has_token or item.finished):
+            self._no_token.discard(rid)
+            self._owner.num_waiting -= 1
+            if has_token:
+                self._first_token[rid] = now
+                self._owner.metrics.ttft.observe(now - self._arrival)
+        if item.finished:
+            self._unfinished.discard(rid)
+            self._finished(rid, now)
+            if not self._unfinished:
+                self.close()
+        return self._index[rid], item
+
+    def _finished(self, rid: str, now: float) -> None:
+        outs = self._last[rid].outputs if rid in self._last else []
+        reason = next((c.finish_reason for c in outs if c.finish_reason not in (None, "abort")), "abort")
+        self._owner.metrics.on_finished(reason, sum(len(c.token_ids) for c in outs),
+                                        max((len(c.token_ids) for c in outs), default=0), self._arrival,
+                                        self._first_token.get(rid), now)
+
+    def close(self, abort: bool = True) -> None:
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        self._owner.num_waiting -= len(self._no_token)
+        self._no_token.clear()
+        for rid in self._unfinished if abort else ():
+            self._owner._abort(rid)
+            self._finished(rid, time.monotonic())
+        self._unfinished.clear()

@@ -1,0 +1,389 @@
+"""`nanoflow serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine.
+
+POST /v1/completions and /v1/chat/completions (SSE streaming), GET /v1/models, /health, /metrics.
+Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}}: bad input is a 400 naming
+the parameter, an unknown model 404, a bad API key 401, a full waiting queue 503 with Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import resource
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoflow.engine.llm_engine import LLMEngine
+from nanoflow.entrypoints import openai_protocol as api
+from nanoflow.entrypoints.async_engine import AsyncEngine, ClientDisconnected, Overloaded, RequestStream
+from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+log = logging.getLogger("nanoflow.server")
+RETRY_AFTER_S = 1
+ERRORS = {s: {"model": api.ErrorResponse} for s in (400, 401, 404, 503)}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.info = api.ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), self.status, self.headers)
+
+
+def _bad_input(e: Exception, param: str | None = None) -> APIError:
+    """A ValueError / TypeError of SamplingParams or the engine: a 400 naming the parameter it is about."""
+    m = re.match(r"invalid sampling parameter (\w+)", str(e))
+    return APIError(400, str(e), param=m.group(1) if m else param)
+
+
+class _Gate:
+    """Plain ASGI middleware (so streaming and disconnects pass untouched): the API key of /v1 routes, and
+    the count of their responses by status."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        if self.expected is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                self.metrics.responses.labels("401").inc()
+                error = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                 type="authentication_error", code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # answered with a 500 by the outermost middleware
+            self.metrics.responses.labels("500").inc()
+            raise
+
+
+async def _disconnected(raw: Request) -> None:
+    """Returns when the client has gone (the body is read by then, so only a disconnect can come)."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Progress:
+    """How much of one choice has been sent (a stream sends only what is new)."""
+    __slots__ = ("chars", "done", "offset", "started", "tokens")
+
+    def __init__(self):
+        self.chars = self.tokens = self.offset = 0  # offset: text_offset of the next token's logprobs
+        self.started = self.done = False
+
+
+def _token_str(entry: Logprob, token_id: int) -> str:
+    return entry.decoded_token if entry.decoded_token is not None else f"token_id:{token_id}"
+
+
+def _completion_logprobs(c: CompletionOutput, start: int, p: _Progress) -> api.CompletionLogprobs:
+    lp = api.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for tid, pos in zip(c.token_ids[start:], c.logprobs[start:]):
+        tok = _token_str(pos[tid], tid)
+        lp.tokens.append(tok)
+        lp.token_logprobs.append(pos[tid].logprob)
+        lp.top_logprobs.append({_token_str(e, t): e.logprob for t, e in pos.items()})  # top-k and the sampled one
+        lp.text_offset.append(p.offset)
+        p.offset += len(tok)
+    return lp
+
+
+def _chat_logprobs(c: CompletionOutput, start: int, k: int) -> api.ChatLogprobs:
+    def top(entry: Logprob, t: int) -> api.TopLogprob:
+        s = _token_str(entry, t)
+        return api.TopLogprob(token=s, logprob=entry.logprob, bytes=list(s.encode()))
+
+    content = []
+    for tid, pos in zip(c.token_ids[start:], c.logprobs[start:]):
+        # the position's entries are the top k in rank order, then the sampled token if it is not among them
+        content.append(api.TokenLogprob(**top(pos[tid], tid).model_dump(),
+                                    top_logprobs=[top(e, t) for t, e in list(pos.items())[:k]]))
+    return api.ChatLogprobs(content=content)
+
+
+def _prompt_logprobs(out: RequestOutput) -> list | None:
+    if out.prompt_logprobs is None:
+        return None
+    return [None if pos is None else {t: api.PromptLogprob(logprob=e.logprob, rank=e.rank,
+                                                           decoded_token=e.decoded_token) for t, e in pos.items()}
+            for pos in out.prompt_logprobs]
+
+
+def _advance(c: CompletionOutput, p: _Progress) -> tuple[str, int, bool] | None:
+    """(new text, index of the first new token, first piece of the choice), or None if nothing is new."""
+    if p.done or (len(c.text) == p.chars and len(c.token_ids) == p.tokens and not c.finished):
+        return None
+    text, start, first = c.text[p.chars:], p.tokens, not p.started
+    p.chars, p.tokens, p.started, p.done = len(c.text), len(c.token_ids), True, c.finished
+    return text, start, first
+
+
+def _event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def _usage(prompt_tokens: int, progress: list[_Progress]) -> api.Usage:
+    completion = sum(p.tokens for p in progress)
+    return api.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                     total_tokens=prompt_tokens + completion)
+
+
+async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event."""
+    try:
+        async for chunk in chunks:
+            yield _event(chunk)
+    except ClientDisconnected:
+        return
+    except Exception as e:
+        log.exception("stream failed")
+        yield _event(api.ErrorResponse(error=api.ErrorInfo(message=f"internal error: {e}", type="internal_error")))
+    finally:
+        stream.close()
+    yield "data: [DONE]\n\n"
+
+
+def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
+              max_waiting_requests: int = 1024) -> FastAPI:
+    metrics = Metrics()
+    aengine = AsyncEngine(engine, metrics, max_waiting_requests)
+    # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
+    tokenizer = engine.tokenizer
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        aengine.start()
+        yield
+        aengine.stop()
+
+    app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.state.engine = aengine
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_, e: RequestValidationError):
+        errors = e.errors()
+        messages, param = [], None
+        for err in errors[:3]:
+            loc = [str(x) for x in err["loc"][1:]]  # [0] is "body"
+            if err["type"] == "json_invalid":
+                messages.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
+                continue
+            param = param or (loc[0] if loc else None)
+            messages.append(f"{'.'.join(loc)}: {err['msg']}" if loc else
+                            f"the body must be a JSON object sent as application/json ({err['msg']})")
+        return APIError(400, "; ".join(messages), param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), headers=e.headers).response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(_, e: ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it; the status shows in the metrics
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        log.exception("internal error")
+        return APIError(500, f"internal error: {e}", type="internal_error").response()
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return tokenizer.encode(text, add_special_tokens)
+
+    def sampling_params(req: api.CompletionRequest | api.ChatCompletionRequest) -> SamplingParams:
+        try:
+            return req.sampling_params()
+        except (ValueError, TypeError) as e:
+            raise _bad_input(e) from None
+
+    async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str) -> RequestStream:
+        try:
+            return await aengine.submit(prompts, params, lambda: _disconnected(raw))
+        except Overloaded as e:
+            raise APIError(503, f"the server is overloaded: {e}; retry later", type="server_overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except (ValueError, TypeError) as e:
+            raise _bad_input(e, param) from None
+
+    @app.get("/health")
+    async def health():
+        if not aengine.alive:
+            raise APIError(503, "the engine thread is not running", type="internal_error")
+        return {}
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=api.ModelList, responses=ERRORS)
+    async def models():
+        card = api.ModelCard(id=model_name, created=started, max_model_len=engine.max_model_len)
+        return api.ModelList(data=[card])
+
+    @app.post("/v1/completions", response_model=api.CompletionResponse, responses=ERRORS)
+    async def completions(req: api.CompletionRequest, raw: Request):
+        check_model(req.model)
+        params = sampling_params(req)
+        p = req.prompt
+        if not p:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if isinstance(p, str):
+            prompts = [encode(p)]
+        else:
+            prompts = [encode(x) for x in p] if isinstance(p[0], str) else [p] if isinstance(p[0], int) else p
+        stream = await submit(prompts, params, raw, "prompt")
+        head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
+        progress = [_Progress() for _ in range(len(prompts) * params.n)]
+
+        def choices(i: int, out: RequestOutput) -> list[api.CompletionChoice]:
+            new = []
+            for c in out.outputs:
+                p = progress[i * params.n + c.index]
+                if (piece := _advance(c, p)) is None:
+                    continue
+                text, start, first = piece
+                new.append(api.CompletionChoice(
+                    index=i * params.n + c.index, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    logprobs=_completion_logprobs(c, start, p) if c.logprobs is not None else None,
+                    prompt_logprobs=_prompt_logprobs(out) if first else None))
+            return new
+
+        if req.stream:
+            async def chunks():
+                async for i, out in stream:
+                    if new := choices(i, out):
+                        yield api.CompletionResponse(**head, choices=new)
+                if req.include_usage:
+                    usage = _usage(sum(map(len, prompts)), progress)
+                    yield api.CompletionResponse(**head, choices=[], usage=usage)
+            return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
+        final = {}
+        try:
+            async for i, out in stream:
+                final[i] = out
+        finally:
+            stream.close()
+        merged = sorted((c for i, out in final.items() for c in choices(i, out)), key=lambda c: c.index)
+        return api.CompletionResponse(**head, choices=merged, usage=_usage(sum(map(len, prompts)), progress))
+
+    @app.post("/v1/chat/completions", response_model=api.ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
+        check_model(req.model)
+        params = sampling_params(req)
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
+        prompt = tokenizer.encode(text, add_special_tokens=False)  # the template has the special tokens
+        stream = await submit([prompt], params, raw, "messages")
+        head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
+        progress = [_Progress() for _ in range(params.n)]
+
+        def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
+            return _chat_logprobs(c, start, params.logprobs) if c.logprobs is not None else None
+
+        if req.stream:
+            async def chunks():
+                async for _, out in stream:
+                    new = []
+                    for c in out.outputs:
+                        if (piece := _advance(c, progress[c.index])) is not None:
+                            text, start, first = piece
+                            delta = api.ChatMessageOut(role="assistant" if first else None, content=text)
+                            new.append(api.ChatStreamChoice(
+                                index=c.index, delta=delta, logprobs=logprobs(c, start), finish_reason=c.finish_reason,
+                                stop_reason=c.stop_reason, prompt_logprobs=_prompt_logprobs(out) if first else None))
+                    if new:
+                        yield api.ChatCompletionChunk(**head, choices=new)
+                if req.include_usage:
+                    yield api.ChatCompletionChunk(**head, choices=[], usage=_usage(len(prompt), progress))
+            return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
+        out = None
+        try:
+            async for _, out in stream:
+                pass
+        finally:
+            stream.close()
+        choices = []
+        for c in out.outputs:
+            _advance(c, progress[c.index])
+            choices.append(api.ChatChoice(
+                index=c.index, message=api.ChatMessageOut(content=c.text), logprobs=logprobs(c, 0),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=_prompt_logprobs(out)))
+        return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress))
+
+    return app
+
+
+def serve(args) -> int:
+    """Load the model, then serve until SIGTERM / SIGINT: stop accepting connections, let the requests in
+    flight finish for up to --graceful-shutdown-timeout seconds, abort the rest (they end with finish_reason
+    "abort"), exit 0."""
+    import uvicorn
+
+    from nanoflow.entrypoints.cli import engine_kwargs
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:  # uvicorn waits for the requests in flight; we bound that wait
+                loop = asyncio.get_event_loop()  # a signal handler runs between the loop's callbacks
+                loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, app.state.engine.abort_all)
+            super().handle_exit(sig, frame)
+
+    try:  # a socket per connection: lift the soft limit on open files (often 1024) to the hard one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    except (ValueError, OSError):
+        pass
+    engine = LLMEngine(args.model, **engine_kwargs(args))
+    name = args.served_model_name or args.model or os.path.basename(engine.source.path).removesuffix(".gguf")
+    app = build_app(engine, name, args.api_key, args.max_waiting_requests)
+    # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
+    # After its graceful shutdown, uvicorn re-raises the signal it caught to the handler that was there
+    # before; an ignoring one lets the process exit 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    Server(config).run()
+    return 0

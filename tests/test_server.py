@@ -1,0 +1,357 @@
+"""The OpenAI-compatible server end to end: a real `nanoflow serve` (a subprocess on a loopback port, the
+default model) driven by the official openai client; bad input; disconnects; overload; schemathesis over
+its OpenAPI schema; `bench serve` against it; and SIGTERM (on a small model of its own)."""
+import asyncio
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+
+from nanoflow import SamplingParams
+from nanoflow.entrypoints.cli import main
+
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_WAITING = 8
+MAX_MODEL_LEN = 1024
+PROMPT = "The capital of France is"
+ABORTED = 'nanoflow_requests_finished_total{finish_reason="abort"}'
+
+
+def start_server(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", *args, "--port", str(port)],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the server did not come up:\n{open(log_path).read()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, url = start_server(["--api-key", API_KEY, "--max-waiting-requests", str(MAX_WAITING), "--max-model-len",
+                              str(MAX_MODEL_LEN), "--kv-cache-gb", "0.5"], tmp_path_factory.mktemp("server") / "log")
+    yield url
+    assert stop_server(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def metrics(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return {k: float(v) for line in lines if line and not line.startswith("#") for k, v in [line.rsplit(" ", 1)]}
+
+
+def wait_until_idle(url: str, timeout: float = 10) -> dict[str, float]:
+    """The engine has nothing running and every KV block is free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if m["nanoflow_num_requests_running"] == m["nanoflow_kv_cache_usage_ratio"] == 0:
+            return m
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+
+
+# -- the openai client -----------------------------------------------------------------------------
+def test_models_and_health(server, client, model):
+    assert httpx.get(f"{server}/health").status_code == 200  # no key needed outside /v1
+    card = client.models.list().data[0]
+    assert card.id == model and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_completion_and_chat_match_the_offline_api(client, model, default_llm):
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0)
+    c = out.choices[0]
+    assert c.text == default_llm.generate([PROMPT], greedy, use_tqdm=False)[0].outputs[0].text
+    assert c.finish_reason == "length" and out.usage.completion_tokens == 8 and out.object == "text_completion"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == default_llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
+    assert chat.usage.completion_tokens == 8 and chat.usage.prompt_tokens > 8
+    # several prompts in one call (choices in prompt order), as text or token ids
+    batch = client.completions.create(model=model, prompt=[PROMPT, "Hello"], max_tokens=8, temperature=0)
+    assert [ch.index for ch in batch.choices] == [0, 1] and batch.choices[0].text == c.text
+    ids = default_llm.tokenizer.encode(PROMPT)
+    assert client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0).choices[0].text == c.text
+
+
+def test_streaming(client, model):
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 8
+    messages = [{"role": "user", "content": "Say hello."}]
+    full = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks]
+    assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
+    assert "".join(d.content for d in deltas) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage is None
+
+
+def test_n_and_seed(client, model):
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=6, n=2, temperature=1.0, seed=5)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1] and a.usage.completion_tokens == 12
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                                 max_tokens=4, seed=1, stream=True))
+    assert {c.index for ch in chunks for c in ch.choices} == {0, 1}
+
+
+def test_stop(client, model):
+    full = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    stop = full[4:7]
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    c = out.choices[0]
+    assert c.text == full[:full.index(stop)] and c.finish_reason == "stop" and c.model_extra["stop_reason"] == stop
+
+
+def test_logprobs(client, model):
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                    extra_body={"prompt_logprobs": 1})
+    c = out.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == c.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2 and value <= 0 and top[tok] == value == max(top.values())  # greedy: the top token
+    prompt_lp = c.model_extra["prompt_logprobs"]
+    assert len(prompt_lp) == out.usage.prompt_tokens and prompt_lp[0] is None and all(prompt_lp[1:])
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and "".join(t.token for t in content) == chat.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and bytes(t.bytes) == t.token.encode()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+USER = [{"role": "user", "content": "Hi"}]
+BAD = [  # (route, body, status, what the error names)
+    ("completions", '{"prompt": "x", ', 400, "malformed JSON"),
+    ("completions", [1, 2], 400, "JSON object"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("completions", {"prompt": 5}, 400, "prompt"),
+    ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
+    ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("completions", {"prompt": "x", "n": 1000}, 400, "n"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("completions", {"prompt": "x", "presence_penalty": 5}, 400, "presence_penalty"),
+    ("completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("completions", {"prompt": "x", "min_tokens": 1, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ("completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("completions", {"prompt": [5] * (MAX_MODEL_LEN + 10)}, 400, "max_model_len"),
+    ("completions", {"prompt": [1, 10**6]}, 400, "out of range"),
+    ("completions", {"prompt": ""}, 400, "empty"),
+    ("completions", {"prompt": []}, 400, "empty"),
+    ("completions", {"prompt": "x", "model": "no-such-model"}, 404, "no-such-model"),
+    ("chat/completions", {"messages": []}, 400, "messages"),
+    ("chat/completions", {}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+     400, "messages"),
+    ("chat/completions", {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
+    ("chat/completions", {"messages": USER, "model": "gpt-4o"}, 404, "gpt-4o"),
+]
+
+
+@pytest.mark.parametrize("route, body, status, names", BAD, ids=[f"{r}-{i}" for i, (r, *_) in enumerate(BAD)])
+def test_bad_input_is_a_4xx_naming_the_problem(server, route, body, status, names):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server}/v1/{route}", content=content, headers=AUTH | {"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert names in error["message"] or names == error["param"], error
+    assert error["type"] and set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_api_key(server, client, model):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.post(f"{server}/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert client.completions.create(model=model, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+# -- resources -------------------------------------------------------------------------------------
+def test_disconnect_aborts_and_frees_the_kv_cache(server):
+    aborted = wait_until_idle(server).get(ABORTED, 0)
+    body = {"prompt": "Tell me a long story.", "max_tokens": 900, "ignore_eos": True}
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert sum(line.startswith("data: ") for line, _ in zip(lines, range(6))) >= 3
+            m = metrics(server)
+            assert m["nanoflow_num_requests_running"] == 1 and m["nanoflow_kv_cache_usage_ratio"] > 0
+    assert wait_until_idle(server)[ABORTED] == aborted + 1
+    # a non-streaming request whose client gives up waiting
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=1.0))
+    assert wait_until_idle(server)[ABORTED] == aborted + 2
+
+
+def test_overload_is_503_and_every_accepted_request_completes(server):
+    rng = random.Random(0)
+    bodies = [{"prompt": [rng.randrange(100, 30000) for _ in range(200)], "max_tokens": 4, "ignore_eos": True}
+              for _ in range(40)]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(send_all())
+    ok = [r for r in responses if r.status_code == 200]
+    busy = [r for r in responses if r.status_code == 503]
+    assert len(ok) + len(busy) == len(bodies) and len(ok) >= MAX_WAITING and busy
+    assert all(r.json()["usage"]["completion_tokens"] == 4 and r.json()["choices"][0]["finish_reason"] == "length"
+               for r in ok)
+    assert all(int(r.headers["retry-after"]) > 0 and r.json()["error"]["type"] == "server_overloaded" for r in busy)
+    m = wait_until_idle(server)
+    assert m["nanoflow_num_requests_waiting"] == 0 and m['nanoflow_http_responses_total{status="503"}'] >= len(busy)
+
+
+def test_metrics(server):
+    m = metrics(server)
+    assert m["nanoflow_prompt_tokens_total"] > 0 and m["nanoflow_generation_tokens_total"] > 0
+    assert m['nanoflow_requests_finished_total{finish_reason="length"}'] > 0
+    assert m['nanoflow_http_responses_total{status="200"}'] > 0 and m['nanoflow_http_responses_total{status="400"}'] > 0
+    for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert m[f"nanoflow_{h}_count"] > 0 and m[f"nanoflow_{h}_sum"] > 0
+
+
+# -- fuzzing the OpenAPI schema --------------------------------------------------------------------
+def _bounded(path: str, body) -> None:
+    """Keep generated requests cheap: a few tokens and samples each (other values stay as generated)."""
+    if isinstance(body, dict):
+        max_tokens = "max_completion_tokens" if path.endswith("chat/completions") else "max_tokens"
+        for key, cap in ((max_tokens, 4), ("n", 2)):
+            if body.get(key) is None or (isinstance(body[key], int | float) and body[key] > cap):
+                body[key] = cap
+
+
+def test_schemathesis_finds_no_server_error(server):
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    for op in operations:
+        modes = [schemathesis.GenerationMode.POSITIVE] + ([schemathesis.GenerationMode.NEGATIVE]
+                                                           if op.method.upper() == "POST" else [])
+        for mode in modes:
+            @settings(max_examples=30 if op.method.upper() == "POST" else 2, deadline=None, database=None,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                _bounded(case.path, case.body)
+                r = case.call(base_url=server, headers=AUTH, timeout=60)
+                assert r.status_code < 500, f"{case.method} {case.path} {case.body!r}: {r.status_code} {r.text}"
+
+            check()
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+# -- bench serve -----------------------------------------------------------------------------------
+def test_bench_serve(server, tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "latency.png"
+    args = ["bench", "serve", "--url", server, "--api-key", API_KEY, "--workload", "const:16:4"]
+    assert main(args + ["--num-requests", "4", "--max-concurrency", "2", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["request_rate"] == "inf" and r["completed"] == 4 and r["failed"] == 0
+    assert r["total_input_tokens"] == 64 and r["total_output_tokens"] == 16
+    assert r["output_throughput"] == pytest.approx(16 / r["duration_s"])
+    for name in ("ttft", "tpot", "itl", "e2e", "normalized_latency"):
+        for stat in ("mean", "median", "p99"):
+            assert r[f"{stat}_{name}_ms"] > 0
+    assert r["mean_normalized_latency_ms"] == pytest.approx(r["mean_e2e_ms"] / 4)
+    assert "normalized latency" in capsys.readouterr().out
+    assert main(args + ["--num-requests", "3", "--sweep", "20,inf", "--output", str(out), "--plot", str(png)]) == 0
+    assert [r["request_rate"] for r in json.loads(out.read_text())["results"]] == [20.0, "inf"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+def test_sigterm_finishes_requests_in_flight_aborts_the_rest_and_exits_0(llama_dir, tmp_path):
+    proc, url = start_server([llama_dir, "--graceful-shutdown-timeout", "1.5"], tmp_path / "log")
+
+    async def run() -> tuple[list, list]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            started = [asyncio.Event(), asyncio.Event()]
+
+            async def stream(i: int, max_tokens: int) -> list:
+                body = {"prompt": [1, 2, 3], "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+                events = []
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                            started[i].set()
+                return events
+
+            short, long = asyncio.create_task(stream(0, 40)), asyncio.create_task(stream(1, 480))
+            await asyncio.gather(*(e.wait() for e in started))
+            proc.send_signal(signal.SIGTERM)
+            return await short, await long
+
+    try:
+        short, long = asyncio.run(run())
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(f"{url}/health")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for events, reason, tokens in ((short, "length", 40), (long, "abort", None)):
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == reason
+        assert tokens is None or len(chunks) == tokens
