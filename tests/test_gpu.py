@@ -47,16 +47,19 @@ def test_fused_elementwise_ops_match_reference():
     expect = torch.empty(300, 384, device="cuda")
     ref.silu_mul(gu.float(), out=expect)
     assert rel(act, expect) < 1e-2
-    from nanoflow.config import preset
-    from nanoflow.layers.rotary import cos_sin_table
-    table = cos_sin_table(preset("llama-3.1-8b"), 4096, torch.device("cuda"))
-    qkv = torch.randn(300, 32 * 128 + 2 * 8 * 128, device="cuda", dtype=torch.bfloat16)
-    q, kk = qkv[:, :4096].view(300, 32, 128), qkv[:, 4096:5120].view(300, 8, 128)
-    q32, k32 = q.float().clone(), kk.float().clone()
-    pos = torch.randint(0, 4096, (300,), device="cuda")
-    k.rope(q, kk, pos, table)
-    ref.rope(q32, k32, pos, table)
-    assert rel(q, q32) < 1e-2 and rel(kk, k32) < 1e-2
+    # the same on a nano-batch: views of rows [100, 300) of the buffers, as the pipeline passes them
+    x, r1, out = torch.randn(3, 400, 512, device="cuda", dtype=torch.bfloat16).unbind(0)
+    r2 = r1.clone()
+    k.add_rms_norm(x[100:300], r1[100:300], w, 1e-5, out=out[100:300])
+    expect = ref.rms_norm(r2[100:300].float() + x[100:300].float(), w.float(), 1e-5)
+    assert rel(out[100:300], expect) < 1e-2 and rel(r1[100:300], r2[100:300].float() + x[100:300].float()) < 1e-2
+    assert torch.equal(r1[:100], r2[:100]) and torch.equal(r1[300:], r2[300:])
+    gu = torch.randn(400, 2 * 384, device="cuda", dtype=torch.bfloat16)
+    act = torch.zeros(400, 384, device="cuda", dtype=torch.bfloat16)
+    k.silu_mul(gu[100:300], out=act[100:300])
+    expect = torch.empty(200, 384, device="cuda")
+    ref.silu_mul(gu[100:300].float(), out=expect)
+    assert rel(act[100:300], expect) < 1e-2 and not act[:100].any() and not act[300:].any()
 
 
 def test_gpu_model_matches_cpu_reference(model_dir):

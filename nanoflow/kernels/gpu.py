@@ -1,4 +1,5 @@
-"""The GPU backend: Triton paged attention, torch.compile fusions of the reference elementwise ops.
+"""The GPU backend: Triton paged attention and rope + KV append, torch.compile fusions of the reference norms
+and activation.
 
 GEMMs stay in the model (torch.mm: cuBLAS). The fusions are the reference functions themselves,
 compiled: one source of truth for the math, one fused kernel each on the GPU.
@@ -11,6 +12,7 @@ import torch
 
 from nanoflow.kernels import reference, sm_share, triton_attention
 from nanoflow.kernels.triton_attention import prefill_attention  # noqa: F401
+from nanoflow.kernels.triton_rope import rope_append_kv  # noqa: F401
 
 
 def _compile(fn):
@@ -20,8 +22,6 @@ def _compile(fn):
 rms_norm = _compile(reference.rms_norm)
 add_rms_norm = _compile(reference.add_rms_norm)
 silu_mul = _compile(reference.silu_mul)
-rope = _compile(reference.rope)
-append_kv = reference.append_kv  # an indexed scatter (index_put_), capturable as it is
 
 
 @functools.cache

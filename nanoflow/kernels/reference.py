@@ -53,6 +53,14 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
 
 
+def rope_append_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """The `rope_kv` op: rotate q and k in place, then store k and v in their cache slots."""
+    rope(q, k, positions, cos_sin)
+    append_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                     scale: float, out: torch.Tensor, sliding_window: int | None = None) -> None:
     """Causal attention of each sequence's queries over its paged KV (prefill chunks and decode alike)."""

@@ -118,8 +118,8 @@ class LlamaModel(nn.Module):
 
     def rope_kv(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         q, k, v = self._split_qkv(ws, a, b)
-        self.k.rope(q, k, batch.positions[a:b], self.cos_sin)
-        self.k.append_kv(k, v, self.kv_cache[l, 0], self.kv_cache[l, 1], batch.slot_mapping[a:b])
+        self.k.rope_append_kv(q, k, v, batch.positions[a:b], self.cos_sin, self.kv_cache[l, 0], self.kv_cache[l, 1],
+                              batch.slot_mapping[a:b])
 
     def _attention(self, kind: str, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         meta = batch.attention(kind, a, b)
