@@ -203,7 +203,9 @@ class EngineConfig:
     # issued in its order on one stream (the cost of nano-batching alone); "pipeline": the spec's nano-ops on
     # its execution units (SM-partitioned streams, CUDA only)
     mode: str = "non-overlap"
-    pipeline_spec: str = "llama-3-8b-h100-hand"  # a spec file, or the name of a shipped one
+    # "auto": the spec `nanoflow tune` saved for this GPU, model shape, dtype and budget, else the shipped hand
+    # spec for Llama-3-8B shapes, else non-overlap; or a spec file, or the name of a shipped one
+    pipeline_spec: str = "auto"
     seed: int = 0
 
     def __post_init__(self):

@@ -234,3 +234,12 @@ def test_pipeline_timeline_respects_dependencies(model_dir):
         assert e["end_ms"] >= e["start_ms"] >= 0
         for w in launch.waits:
             assert e["start_ms"] >= events[w]["end_ms"] - 1e-3
+
+
+def test_time_iteration_runs_candidates(model_dir):
+    """`nanoflow tune` measures candidates with it: a positive time for the non-overlap spec and a pipeline."""
+    from nanoflow.pipeline.measure import time_iteration
+    from nanoflow.pipeline.spec import non_overlap
+    kw = dict(num_kv_blocks=256, max_num_batched_tokens=64)
+    for spec in (non_overlap(64), _pipeline_spec()):
+        assert 0 < time_iteration(kw, model_dir, spec, 16, 40, 64) < 1

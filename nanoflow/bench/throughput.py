@@ -19,6 +19,7 @@ from nanoflow.bench import cost_model
 from nanoflow.bench.workloads import Workload, parse
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.profiling import IterationClock, op_times
+from nanoflow.pipeline.cache import gpu_name
 from nanoflow.sampling_params import SamplingParams
 
 
@@ -30,10 +31,6 @@ def _commit() -> str | None:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
@@ -145,7 +142,7 @@ def throughput(args) -> dict:
     rate = cost_model.gemm_rate(cfg, eng.runner.max_num_tokens, eng.dtype, eng.device)
     optimal = cost_model.optimal_throughput(rate["rate"], cfg)
     report.update({
-        "device": device_name(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
+        "device": gpu_name(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
         "params": cfg.num_params(), "max_num_batched_tokens": eng.runner.max_num_tokens,
         "max_num_seqs": eng.config.max_num_seqs, "admission": eng.config.admission,
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,

@@ -28,7 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="non-overlap",
                    help="nanobatch-only: the pipeline spec's nano-batches on one stream; pipeline: on its "
                         "SM-partitioned execution units (GPU)")
-    p.add_argument("--pipeline-spec", default="llama-3-8b-h100-hand", help="a spec file or a shipped spec's name")
+    p.add_argument("--pipeline-spec", default="auto",
+                   help="a spec file, a shipped spec's name, or auto: the one `nanoflow tune` saved for this GPU, "
+                        "model shape, dtype and budget (else the hand spec for Llama-3-8B shapes, else non-overlap)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -93,10 +93,10 @@ class GraphRunner:
         self.warm.add(size)
 
     @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Warm up and capture every bucket, largest first, in one memory pool."""
+    def capture_all(self, sizes: list[int] | None = None) -> None:
+        """Warm up and capture every bucket (or the given ones), largest first, in one memory pool."""
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
+        for size in sorted(sizes or self.sizes, reverse=True):
             batch = self.static_batch(size)
             ws = self.ws.rows(size)
             self._warm_up(size)

@@ -19,7 +19,7 @@ from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows,
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.models.llama import LlamaModel, Workspace
 from nanoflow.pipeline.executor import Pipeline, run_sequential
-from nanoflow.pipeline.spec import load_spec
+from nanoflow.pipeline.cache import gpu_name, resolve_pipeline_spec
 
 CPU_BATCH_TOKENS = 512
 GPU_BATCH_TOKENS = 2048
@@ -56,6 +56,7 @@ class ModelRunner:
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.config = config
+        self.max_model_len = max_model_len
         self.device, self.dtype = model.device, model.dtype
         self.eos_token_ids = sorted(eos_token_ids)
         on_gpu = self.device.type == "cuda"
@@ -79,13 +80,16 @@ class ModelRunner:
         self.keep_next_batch = False  # set to keep the next iteration's batch (self.kept_batch), for profiling
         self.kept_batch: ForwardBatch | None = None
         self.forward = model.forward_layers  # (batch, ws): all layers, however they are cut and placed
+        if config.mode != "non-overlap":
+            self.spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(self.device), c, self.dtype,
+                                              self.max_num_tokens)
         if config.mode == "nanobatch-only":
-            self.forward = functools.partial(run_sequential, model, load_spec(config.pipeline_spec))
+            self.forward = functools.partial(run_sequential, model, self.spec)
         elif config.mode == "pipeline":
             if not on_gpu:
                 raise ValueError("mode 'pipeline' runs on SM-partitioned CUDA streams; on the CPU use "
                                  "'nanobatch-only' (the same nano-ops in order)")
-            self.forward = Pipeline(model, load_spec(config.pipeline_spec))
+            self.forward = Pipeline(model, self.spec)
         self.graphs: GraphRunner | None = None
         if config.cuda_graph if config.cuda_graph is not None else on_gpu:
             max_blocks = -(-max_model_len // self.block_size)
