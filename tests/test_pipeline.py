@@ -150,23 +150,3 @@ def test_simulation_catches_a_missing_wait(llama_dir):
         simulate(model, launches, ws, batch, seed)
         wrong += not (ws.residual + ws.hidden).allclose(expect, atol=1e-5, rtol=1e-5)
     assert wrong > 0
-
-
-def test_steady_batch_is_a_valid_mixed_batch(llama_dir):
-    """The batch `nanoflow tune` times candidates on: decodes at position context - 1, then a prefill chunk;
-    the plain forward runs on it, and a cache too small for it is an error that says so."""
-    from nanoflow.engine.llm_engine import LLMEngine
-    from nanoflow.models.batch import DECODE, PREFILL
-    from nanoflow.pipeline.measure import steady_batch
-    eng = LLMEngine(llama_dir, max_num_batched_tokens=48, num_kv_blocks=64)
-    runner = eng.runner
-    batch = steady_batch(runner.block_size, runner.num_blocks, 5, 40, 48)
-    assert batch.num_tokens == 48 and batch.num_decode == 5 and batch.seq_lens == [40] * 5 + [43]
-    slots = batch.slot_mapping.tolist()
-    assert len(set(slots)) == 48 and max(slots) < runner.num_blocks * runner.block_size
-    assert batch.build_attention(DECODE, 0, 48).seq_lens.tolist() == [40] * 5
-    assert batch.build_attention(PREFILL, 0, 48).q_len.tolist() == [43]
-    runner.model.forward_layers(batch, runner.ws.rows(48))
-    assert runner.ws.hidden[:48].isfinite().all()
-    with pytest.raises(ValueError, match="blocks; the cache has"):
-        steady_batch(runner.block_size, runner.num_blocks, 40, 400, 48)
