@@ -60,7 +60,7 @@ async def _request(client: httpx.AsyncClient, url: str, payload: dict, prompt_le
                     chunks += 1
         r.e2e = time.perf_counter() - start
         r.output_len = r.output_len or chunks  # a server that does not report usage: one token a chunk
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, ValueError, KeyError) as e:  # a failed request, not a failed run
         r.error = f"{type(e).__name__}: {e}"
     return r
 

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -41,10 +42,18 @@ class _Sink:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody listens any more
-            pass
+        _deliver(self.loop, [(self.queue, item)])
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Put the items into their queues on the loop's thread: one wake-up of the loop for them all."""
+    def put_all():
+        for q, item in items:
+            q.put_nowait(item)
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the loop is closed: nobody listens any more
+        pass
 
 
 @dataclass(slots=True)
@@ -87,6 +96,11 @@ class AsyncEngine:
         """Queue one engine request per prompt, all or none. Returns once the engine accepted them; raises
         Overloaded when the waiting queue is full, or the engine's error (ValueError, TypeError) for bad input.
         until_disconnected(): resolves when the client goes away; the requests are then aborted."""
+        if not self.alive:
+            raise Overloaded("the engine is not running")
+        if len(prompts) > self.max_waiting:
+            raise ValueError(f"{len(prompts)} prompts are more than the server queues (--max-waiting-requests "
+                             f"{self.max_waiting})")
         if self.num_waiting + len(prompts) > self.max_waiting:
             raise Overloaded(f"{self.num_waiting} requests are waiting (--max-waiting-requests {self.max_waiting})")
         sink = _Sink(asyncio.get_running_loop())
@@ -128,10 +142,13 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
+            by_loop = defaultdict(list)
             for out in outputs:
                 sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
                 if sink is not None:
-                    sink.put(out)
+                    by_loop[sink.loop].append((sink.queue, out))
+            for loop, items in by_loop.items():
+                _deliver(loop, items)
             self.metrics.on_step(engine)
 
     def _handle(self, cmd) -> None:
