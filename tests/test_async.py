@@ -51,3 +51,23 @@ def test_scripted_async_loop(llama_dir):
         assert out.finish_reason == "stop"
     assert eng.scheduler.blocks.num_free == eng.scheduler.blocks.num_blocks
     assert not eng.scheduler.running and not eng.scheduler.waiting
+
+
+def test_async_chunked_prefill_keeps_every_prompt_logprob(llama_dir):
+    """A prompt prefilled over several iterations gets all its prompt logprobs under asynchronous scheduling
+    (the next chunk is prepared before the previous one's logprobs are read back), equal to the synchronous
+    loop's; so does a prompt recomputed after a preemption."""
+    prompts = [list(range(100, 131)), [77] * 37, [5, 6, 7]]
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=1)
+    runs = [LLM(llama_dir, max_num_batched_tokens=16, async_scheduling=a).generate(prompts, p, use_tqdm=False)
+            for a in (False, True)]
+    short = [[1000, 2000, 3000], [31337, 2, 3], [9, 8, 7, 6, 5], [400, 401], [12, 13, 14, 15]]
+    p_short = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, prompt_logprobs=1)
+    alone = [LLM(llama_dir).generate([q], p_short, use_tqdm=False)[0] for q in short]
+    llm = LLM(llama_dir, num_kv_blocks=10, block_size=4, async_scheduling=True)  # preempts, as in test_engine
+    crowded = llm.generate(short, p_short, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for sync, asyn in [*zip(*runs), *zip(alone, crowded)]:
+        assert len(asyn.prompt_logprobs) == len(sync.prompt_logprobs) == len(sync.prompt_token_ids)
+        for x, y in zip(asyn.prompt_logprobs[1:], sync.prompt_logprobs[1:]):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)

@@ -21,7 +21,7 @@ class Status(Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "arrival_time",
-                 "prompt_logprobs", "first_token_time")
+                 "prompt_logprobs", "prompt_logprobs_planned", "first_token_time")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
         self.request_id = request_id
@@ -32,6 +32,9 @@ class Request:
         self.first_token_time: float | None = None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        # positions whose prompt logprobs an iteration computes (ahead of prompt_logprobs, which fills in one
+        # iteration late under asynchronous scheduling)
+        self.prompt_logprobs_planned = 1
         self.seqs = [Sequence(self, i) for i in range(params.n)]
 
     @property

@@ -37,7 +37,7 @@ class _Plan:
     """Where each chunk's logits rows are, and which input rows take a token still on the GPU."""
     sample_rows: list[int]  # logits row of each sampling chunk
     sample_chunks: list[Chunk]
-    prompt_rows: dict[int, tuple[int, int]]  # chunk index -> (first logits row, number of rows)
+    prompt_rows: dict[int, tuple[int, int, int]]  # chunk index -> (first logits row, rows, first position)
     feed_rows: list[int] = field(default_factory=list)  # input rows whose token the last launch sampled
     feed_src: list[int] = field(default_factory=list)  # ... and its index in that launch's tokens
 
@@ -173,10 +173,10 @@ class ModelRunner:
             qs.append(base + c.length)
             lens.append(c.start + c.length)
             tables.append(seq.block_table)
-            n_prompt = self._prompt_logprob_rows(c)
+            first, n_prompt = self._prompt_logprob_rows(c)
             if n_prompt:
-                plan.prompt_rows[i] = (len(rows), n_prompt)
-                rows += range(base, base + n_prompt)
+                plan.prompt_rows[i] = (len(rows), n_prompt, first)
+                rows += range(base + first - c.start, base + first - c.start + n_prompt)
             if c.samples:  # its last row is never a prompt row: that one predicts a generated token
                 plan.sample_rows.append(len(rows))
                 rows.append(base + c.length - 1)
@@ -185,13 +185,16 @@ class ModelRunner:
         return ForwardBatch(host(ids), host(pos), host(slots), qs, lens, tables, out.num_decode, host(rows)), plan
 
     @staticmethod
-    def _prompt_logprob_rows(c: Chunk) -> int:
-        """Rows of this chunk whose next token is a prompt token and whose prompt logprobs are wanted."""
+    def _prompt_logprob_rows(c: Chunk) -> tuple[int, int]:
+        """(first position, count) of this chunk's rows whose next token is a prompt token whose logprobs are
+        wanted and not computed yet (by an earlier chunk, or before a preemption); they count as planned."""
         req = c.seq.request
-        if req.prompt_logprobs is None or c.seq.index != 0 or len(req.prompt_logprobs) != c.start + 1:
-            return 0  # not asked, a sibling computes it, or already done before a preemption
-        # the row at position p predicts token p + 1
-        return max(min(c.start + c.length, c.seq.num_prompt_tokens - 1) - c.start, 0)
+        if req.prompt_logprobs is None or c.seq.index != 0:
+            return 0, 0  # not asked, or a sibling computes them
+        first = max(req.prompt_logprobs_planned - 1, c.start)  # the row at position p predicts token p + 1
+        n = max(min(c.start + c.length, c.seq.num_prompt_tokens - 1) - first, 0)
+        req.prompt_logprobs_planned += n
+        return first, n
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor, plan: _Plan) -> Launch:
         seqs = [c.seq for c in plan.sample_chunks]
@@ -204,10 +207,10 @@ class ModelRunner:
             if k >= 0:
                 logprobs = logprob_rows(sample_logits.log_softmax(-1), tokens, k)
         prompt = {}
-        for i, (first, n) in plan.prompt_rows.items():
+        for i, (row, n, pos) in plan.prompt_rows.items():
             c = out.chunks[i]
-            targets = self._device(c.seq.token_ids[c.start + 1: c.start + 1 + n])
-            prompt[i] = logprob_rows(logits[first: first + n].log_softmax(-1), targets, c.seq.params.prompt_logprobs)
+            targets = self._device(c.seq.token_ids[pos + 1: pos + 1 + n])
+            prompt[i] = logprob_rows(logits[row: row + n].log_softmax(-1), targets, c.seq.params.prompt_logprobs)
         self.last_tokens = tokens
         self.last_index = {s.seq_id: i for i, s in enumerate(seqs)}
         if self.device.type != "cuda":
