@@ -140,7 +140,8 @@ class LLMEngine:
             c = out.chunks[i]
             done = c.seq.request.prompt_logprobs  # entry p: the logprobs of prompt token p; rows continue it
             targets = c.seq.token_ids[len(done):]
-            done += [self._position(rows, r, targets[r], c.seq.params.prompt_logprobs) for r in range(len(rows.logprob))]
+            done += [self._position(rows, r, targets[r], c.seq.params.prompt_logprobs)
+                     for r in range(len(rows.logprob))]
         sampled = [c for c in out.chunks if c.samples]
         now = time.monotonic()
         for j, (c, token) in enumerate(zip(sampled, result.token_ids)):
