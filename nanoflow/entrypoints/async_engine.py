@@ -102,7 +102,8 @@ class AsyncEngine:
             raise ValueError(f"{len(prompts)} prompts are more than the server queues (--max-waiting-requests "
                              f"{self.max_waiting})")
         if self.num_waiting + len(prompts) > self.max_waiting:
-            raise Overloaded(f"{self.num_waiting} requests are waiting (--max-waiting-requests {self.max_waiting})")
+            raise Overloaded(f"the server is overloaded: {self.num_waiting} requests wait for a first token "
+                             f"(--max-waiting-requests {self.max_waiting})")
         sink = _Sink(asyncio.get_running_loop())
         stream = RequestStream(self, uuid.uuid4().hex, len(prompts), sink)
         self.num_waiting += len(prompts)
@@ -204,10 +205,12 @@ class RequestStream:
         self._first_token: dict[str, float] = {}
         self._last: dict[str, RequestOutput] = {}
         self._watcher: asyncio.Task | None = None
+        self._gone = False
 
     def watch(self, until_disconnected: Callable[[], Awaitable]) -> None:
         async def watch():
             await until_disconnected()
+            self._gone = True
             self.close()
             self._sink.queue.put_nowait(_GONE)  # wake the reader
         self._watcher = asyncio.ensure_future(watch())
@@ -216,6 +219,8 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> tuple[int, RequestOutput]:
+        if self._gone:
+            raise ClientDisconnected()
         if not self._unfinished:
             raise StopAsyncIteration
         item = await self._sink.queue.get()

@@ -239,7 +239,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
         try:
             return await aengine.submit(prompts, params, lambda: _disconnected(raw))
         except Overloaded as e:
-            raise APIError(503, f"the server is overloaded: {e}; retry later", type="server_overloaded",
+            raise APIError(503, f"{e}; retry later", type="server_overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except (ValueError, TypeError) as e:
             raise _bad_input(e, param) from None
