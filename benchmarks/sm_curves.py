@@ -1,8 +1,9 @@
 """Performance vs SM count (#4): decode attention and the layer GEMMs, each on a stream confined to S SMs
 (nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
-Decode: the #3 kernel's plain grid vs the persistent grid (programs = k x S) over tile/split/pipeline
-configs. GEMMs: cuBLAS vs the persistent Triton matmul. Pair: nano-batch GEMMs on S_c SMs || decode
+Decode: one program per work item (the #3 grid, in its default config) vs the persistent grid (programs =
+k x S) over tile/split/pipeline configs, and a plain streaming read as the ceiling. GEMMs: cuBLAS vs cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x
+slower than ideal scaling at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode
 attention on the disjoint S_m SMs, against the two run one after the other on the whole card.
 
 python benchmarks/sm_curves.py [--output out.json] [--plot out.png] [--quick]"""
@@ -19,15 +20,9 @@ from nanoflow.bench.cost_model import layer_gemms
 from nanoflow.config import preset
 from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.kernels.sm_share import sm_share
-from nanoflow.kernels.triton_matmul import matmul
 from nanoflow.pipeline.units import partition, total_sms
 
 SCALE = 128 ** -0.5
-GEMM_CONFIGS = [dict(block_m=128, block_n=128, block_k=64, num_stages=4, num_warps=8),
-                dict(block_m=128, block_n=256, block_k=64, num_stages=3, num_warps=8),
-                dict(block_m=64, block_n=128, block_k=64, num_stages=4, num_warps=4),
-                dict(block_m=128, block_n=64, block_k=64, num_stages=4, num_warps=4),
-                dict(block_m=64, block_n=256, block_k=64, num_stages=4, num_warps=8)]
 
 
 def timed(fn, stream, reps=10):
@@ -131,36 +126,29 @@ def gemm_mats(tokens):
             for name, (m, n, k) in layer_gemms(preset("llama-3-8b"), tokens).items()}
 
 
-def gemm_curves(sm_list, token_list, quick):
+def gemm_curves(sm_list, token_list):
     rows = []
-    configs = GEMM_CONFIGS[:2]  # the two best of run 1 (benchmarks/results/h200_sm_curves_run1_13f0ca7.log)
     for tokens in token_list:
         mats = gemm_mats(tokens)
         for sms in sm_list:
             granted, stream = unit(sms)
-            row = {"tokens": tokens, "sms": granted, "cublas_ms": 0.0, "triton_ms": 0.0, "triton_configs": {},
-                   "cublaslt_target_ms": 0.0}
+            row = {"tokens": tokens, "sms": granted, "cublas_ms": 0.0, "cublaslt_target_ms": 0.0}
             for name, (x, w, o, _) in mats.items():
                 row["cublas_ms"] += timed(lambda: torch.mm(x, w.t(), out=o), stream)
                 with sm_share(granted, total_sms()):
                     row["cublaslt_target_ms"] += timed(lambda: torch.mm(x, w.t(), out=o), stream)
-                best = min((timed(lambda: matmul(x, w, o, programs=granted, **c), stream), i)
-                           for i, c in enumerate(configs))
-                row["triton_ms"] += best[0]
-                row["triton_configs"][name] = configs[best[1]]
             row["tflops_cublas"] = sum(f for *_, f in mats.values()) / row["cublas_ms"] / 1e9
             rows.append(row)
             print(f"GEMMs {tokens} tokens on {granted:3d} SMs: cuBLAS {row['cublas_ms']:.3f} ms, cuBLASLt with SM "
-                  f"target {row['cublaslt_target_ms']:.3f} ms, Triton persistent {row['triton_ms']:.3f} ms", flush=True)
+                  f"target {row['cublaslt_target_ms']:.3f} ms", flush=True)
     for r in rows:  # ideal: the best full-card time scaled by 132 / S
         full = next(x for x in rows if x["tokens"] == r["tokens"] and x["sms"] == total_sms())
-        ideal = min(full["cublas_ms"], full["triton_ms"]) * total_sms() / r["sms"]
-        r["cublas_vs_ideal"], r["triton_vs_ideal"] = r["cublas_ms"] / ideal, r["triton_ms"] / ideal
-        r["cublaslt_target_vs_ideal"] = r["cublaslt_target_ms"] / ideal
+        ideal = min(full["cublas_ms"], full["cublaslt_target_ms"]) * total_sms() / r["sms"]
+        r["cublas_vs_ideal"], r["cublaslt_target_vs_ideal"] = r["cublas_ms"] / ideal, r["cublaslt_target_ms"] / ideal
     return rows
 
 
-def pair(splits, decode_config, quick):
+def pair(splits, decode_config):
     """Nano-batch 1's layer GEMMs (457 tokens) || nano-batch 2's decode attention (152 x 1280 tokens)."""
     q, kc, vc, meta = case(152, 1280)
     out = torch.empty_like(q)
@@ -210,7 +198,7 @@ def plot(res, path):
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     d = res["decode"]
-    a.plot([r["sms"] for r in d], [r["grid_tb_s"] for r in d], "o-", label="#3 kernel, plain grid")
+    a.plot([r["sms"] for r in d], [r["grid_tb_s"] for r in d], "o-", label="one program per work item")
     a.plot([r["sms"] for r in d], [r["persistent_tb_s"] for r in d], "s-", label="persistent grid (best config)")
     a.axhline(2.4, ls=":", c="gray")
     a.set(xlabel="SMs", ylabel="effective KV bandwidth (TB/s)", title="decode attention, 305 x 1280 tokens")
@@ -241,16 +229,15 @@ def main():
     best_full = res["decode"][-1]["persistent_config"]
     best_32 = next(r for r in res["decode"] if r["sms"] >= 32)["persistent_config"]
     res["decode_contexts"] = decode_contexts(best_32, [32, full])
-    res["gemm"] = gemm_curves([32, 64, 96, 104, 120, full], [256, 915, 2048], a.quick)
-    res["pair"] = pair([(96, 32), (104, 24), (112, 16), (88, 40), (80, 48), (64, 64)], best_32, a.quick)
+    res["gemm"] = gemm_curves([32, 64, 96, 104, 120, full], [256, 915, 2048])
+    res["pair"] = pair([(96, 32), (104, 24), (112, 16), (88, 40), (80, 48), (64, 64)], best_32)
     res["best_full_card_decode_config"] = best_full
     print("\nSMs  streaming read  decode grid  persistent  (TB/s)")
     for r in res["decode"]:
         print(f"{r['sms']:4d}  {r['stream_read_tb_s']:14.2f}  {r['grid_tb_s']:11.2f}  {r['persistent_tb_s']:10.2f}")
-    print("\ntokens SMs  cuBLAS/ideal  cuBLASLt-target/ideal  Triton/ideal")
+    print("\ntokens SMs  cuBLAS/ideal  cuBLASLt-target/ideal")
     for r in res["gemm"]:
-        print(f"{r['tokens']:6d} {r['sms']:4d}  {r['cublas_vs_ideal']:12.2f}  {r['cublaslt_target_vs_ideal']:21.2f}  "
-              f"{r['triton_vs_ideal']:12.2f}")
+        print(f"{r['tokens']:6d} {r['sms']:4d}  {r['cublas_vs_ideal']:12.2f}  {r['cublaslt_target_vs_ideal']:21.2f}")
     best = max(res["pair"], key=lambda r: r["speedup"])
     print(f"\nbest pair: GEMMs ({best['gemm']}) on {best['compute_sms']} SMs || attention on {best['memory_sms']}: "
           f"x{best['speedup']:.2f} vs sequence")
