@@ -2,8 +2,9 @@
 (nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
 Decode: one program per work item (the #3 grid, in its default config) vs the persistent grid (programs =
-k x S) over tile/split/pipeline configs, and a plain streaming read as the ceiling. GEMMs: cuBLAS vs cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x
-slower than ideal scaling at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode
+k x S) over tile/split/pipeline configs, and a plain streaming read as the ceiling. GEMMs: cuBLAS vs
+cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x slower than ideal scaling
+at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode
 attention on the disjoint S_m SMs, against the two run one after the other on the whole card.
 
 python benchmarks/sm_curves.py [--output out.json] [--plot out.png] [--quick]"""
