@@ -49,7 +49,7 @@ def decode_configs(quick):
     if quick:
         return [dict(split_tokens=512, block_n=64, num_warps=4, num_stages=s, per_sm=k)
                 for s in (2, 3) for k in (2, 4)]
-    grid = itertools.product((128, 256), (16, 32, 64), (2, 4), (2, 3, 4, 6), (2, 4, 8, 16))
+    grid = itertools.product((256, 512), (32, 64), (2, 4), (2, 3, 4, 5), (1, 2, 4, 8))
     return [dict(split_tokens=a, block_n=b, num_warps=w, num_stages=s, per_sm=k) for a, b, w, s, k in grid]
 
 
