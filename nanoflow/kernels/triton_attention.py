@@ -83,6 +83,7 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, ITEM_SEQ, ITEM_SPLIT, N
     s, row, kvh, split, end, offs_n, page = _decode_tile(
         ITEM_SEQ, ITEM_SPLIT, SEQ_LENS, Q_START, BT, 0, pid, num_programs, last_work, stride_bt, window,
         NUM_KV, PAGE, BLOCK_N, SPLIT_TOKENS, HAS_WINDOW)
+    q = tl.zeros([BLOCK_G, D], Q.dtype.element_ty)
     for j in tl.range(0, mine * TILES):
         t = j % TILES
         valid = offs_n < end
@@ -90,19 +91,18 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, ITEM_SEQ, ITEM_SPLIT, N
         k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
         heads = kvh * G + offs_g
-        q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=offs_g[:, None] < G,
-                    other=0.0)
-        first = t == 0  # a new item: reset the online softmax
-        m = tl.where(first, float("-inf"), m)
-        l = tl.where(first, 0.0, l)
-        acc = tl.where(first, 0.0, acc)
+        if t == 0:  # a new item: its queries, and a fresh online softmax
+            q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=offs_g[:, None] < G, other=0.0)
+            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, D], tl.float32)
         scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
-        # tiles past the split's end load nothing and leave the state as it was; the last one stores it
-        out_mask = (offs_g < G) & (t == TILES - 1)
-        base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
-        tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=out_mask[:, None])
-        tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, m + tl.log(l), mask=out_mask)
+        if t == TILES - 1:  # tiles past the split's end load nothing and leave the state as it was
+            base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
+            tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=(offs_g < G)[:, None])
+            tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, m + tl.log(l), mask=offs_g < G)
         s, row, kvh, split, end, offs_n, page = _decode_tile(
             ITEM_SEQ, ITEM_SPLIT, SEQ_LENS, Q_START, BT, j + 1, pid, num_programs, last_work, stride_bt, window,
             NUM_KV, PAGE, BLOCK_N, SPLIT_TOKENS, HAS_WINDOW)
