@@ -31,10 +31,8 @@ def _sms(index: int) -> int:
 
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
     """The persistent decode kernel sized to the SMs it runs on (the unit's share, or the device), in the
-    configuration that measured best on an H200 (BENCHMARKS.md, #4): 256-token splits of 64-token tiles,
-    4 programs per SM, a 6-deep load pipeline (3 for head dims over 128, for shared memory), 2 warps per
-    program on a share and 4 on the whole device."""
+    configuration that measured best on an H200 (BENCHMARKS.md, #4): 256-token splits of 32-token tiles,
+    2 warps, 3 tiles in flight, 4 programs per SM."""
     sms = sm_share.current or _sms(q.device.index or 0)
     triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, split_tokens=256,
-                                      block_n=64, num_warps=2 if sm_share.current else 4,
-                                      num_stages=6 if q.shape[2] <= 128 else 3, programs=4 * sms)
+                                      block_n=32, num_warps=2, num_stages=3, programs=4 * sms)
