@@ -206,6 +206,10 @@ class EngineConfig:
     # "auto": the spec `nanoflow tune` saved for this GPU, model shape, dtype and budget, else the shipped hand
     # spec for Llama-3-8B shapes, else non-overlap; or a spec file, or the name of a shipped one
     pipeline_spec: str = "auto"
+    # full KV blocks shared by prefix hash; a cached prefix is not computed again
+    enable_prefix_caching: bool = True
+    # host memory for the KV of cached blocks that leave the GPU (NanoFlow's offload); 0: off
+    kv_offload_gb: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -219,6 +223,10 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")
+        if self.kv_offload_gb < 0:
+            raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
+        if self.kv_offload_gb and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_gb needs prefix caching (host blocks are found by prefix hash)")
 
 
 def read_json(path: str) -> dict:

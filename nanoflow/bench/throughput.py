@@ -6,6 +6,7 @@ continuous batching on the same weights, in the same process, and the ratio is r
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from nanoflow.bench import cost_model
 from nanoflow.bench.workloads import Workload, parse
+from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.profiling import IterationClock, op_times
 from nanoflow.pipeline.cache import gpu_name
@@ -35,42 +37,56 @@ def _commit() -> str | None:
 
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
                  timeline: bool = False, progress: bool = True) -> dict:
-    """Run every request of the workload to completion; returns timings and counts."""
+    """Run every request of the workload to completion; returns timings and counts. A multi-round
+    conversation's next turn is added once its previous turn has finished."""
     eng = llm.engine
-    prompts = workload.prompts(eng.model_config.vocab_size, seed)
-    for i, (prompt, (_, out_len)) in enumerate(zip(prompts, workload.lengths)):
-        eng.add_request(f"bench-{i}", prompt, SamplingParams(temperature=temperature, max_tokens=out_len,
-                                                                     ignore_eos=True))
+    convs = workload.conversations(eng.model_config.vocab_size, seed)
+    turns: dict[str, tuple[int, int, list[int]]] = {}  # request id -> (conversation, turn, prompt)
+
+    def add(c: int, k: int, context: list[int]) -> None:
+        message, out_len = convs[c][k]
+        turns[f"bench-{c}-{k}"] = c, k, context + message
+        eng.add_request(f"bench-{c}-{k}", context + message,
+                        SamplingParams(temperature=temperature, max_tokens=out_len, ignore_eos=True))
+    for c in range(len(convs)):
+        add(c, 0, [])
     on_gpu = eng.device.type == "cuda"
     eng.runner.clock = IterationClock() if on_gpu else None
     profile = (breakdown or timeline) and eng.runner.graphs is not None and on_gpu
-    peak_running, steps, out_tokens = 0, 0, 0
-    bar = tqdm(total=len(prompts), desc=workload.name, disable=not progress)
+    peak_running, steps, prompt_tokens, out_tokens = 0, 0, 0, 0
+    sched, stats = eng.scheduler, eng.scheduler.blocks.stats
+    before = sched.num_prefill_tokens, dataclasses.replace(stats)
+    num_requests = len(workload.lengths)
+    bar = tqdm(total=num_requests, desc=workload.name, disable=not progress)
     start = time.perf_counter()
     done = 0
     while eng.has_unfinished_requests():
-        if profile and done >= len(prompts) // 2:  # keep one batch of the steady state
+        if profile and done >= num_requests // 2:  # keep one batch of the steady state
             eng.runner.keep_next_batch, profile = True, False
         for out in eng.step():
             if out.finished:
                 bar.update(1)
                 done += 1
                 out_tokens += len(out.outputs[0].token_ids)
+                c, k, prompt = turns.pop(out.request_id)
+                prompt_tokens += len(prompt)
+                if k + 1 < len(convs[c]):
+                    add(c, k + 1, prompt + out.outputs[0].token_ids)
         peak_running = max(peak_running, len(eng.scheduler.running))
         steps += 1
     if on_gpu:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     bar.close()
-    prompt_tokens = sum(p for p, _ in workload.lengths)
     result = {
-        "num_requests": len(prompts), "elapsed_time": elapsed, "iterations": steps,
+        "num_requests": num_requests, "elapsed_time": elapsed, "iterations": steps,
         "total_prompt_tokens": prompt_tokens, "total_output_tokens": out_tokens,
-        "requests_per_second": len(prompts) / elapsed,
+        "requests_per_second": num_requests / elapsed,
         "tokens_per_second": (prompt_tokens + out_tokens) / elapsed,
         "output_tokens_per_second": out_tokens / elapsed,
         "mean_tokens_per_iteration": (prompt_tokens + out_tokens) / steps,
         "peak_running_requests": peak_running,
+        **cache_report(sched.num_prefill_tokens - before[0], stats, before[1]),
     }
     if eng.runner.clock is not None:
         result.update(eng.runner.clock.summary())
@@ -84,6 +100,16 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
             result["timeline"] = pipeline_timeline(eng.runner, batch)
         eng.runner.kept_batch = None
     return result
+
+
+def cache_report(prefill_tokens: int, stats: CacheStats, before: CacheStats) -> dict:
+    """What the prefix cache and its host tier did between two snapshots of their counters."""
+    delta = CacheStats(*(a - b for a, b in zip(dataclasses.astuple(stats), dataclasses.astuple(before))))
+    return {"prefill_tokens_computed": prefill_tokens, "prefix_cache_queries": delta.queries,
+            "prefix_cache_hit_tokens": delta.hits, "prefix_cache_host_hit_tokens": delta.host_hits,
+            "prefix_cache_hit_rate": delta.hit_rate, "gpu_blocks_evicted": delta.evicted,
+            "kv_offload_saved_blocks": delta.saved, "kv_offload_loaded_blocks": delta.loaded,
+            "host_blocks_evicted": delta.host_evicted}
 
 
 def pipeline_timeline(runner, batch) -> dict:
@@ -148,6 +174,8 @@ def throughput(args) -> dict:
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,
         "kv_capacity_tokens": eng.runner.num_blocks * eng.runner.block_size,
         "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,
+        "prefix_caching": eng.config.enable_prefix_caching, "kv_offload_gb": eng.config.kv_offload_gb,
+        "kv_offload_blocks": eng.runner.num_host_blocks,
         "gemm_tflops": rate["rate"] / 1e12, "optimal_tokens_per_second": optimal, "results": [],
     })
     if args.warmup_requests:
@@ -184,7 +212,13 @@ def print_result(report: dict, r: dict) -> None:
             ("% of optimal", f"{r['percent_of_optimal']:.1f}%"),
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),
             ("KV blocks", f"{report['kv_blocks']} x {report['block_size']} tokens; peak running "
-                          f"{r['peak_running_requests']}; preemptions {r['preemptions']}")]
+                          f"{r['peak_running_requests']}; preemptions {r['preemptions']}"),
+            ("prefill tokens computed", f"{r['prefill_tokens_computed']} of {r['total_prompt_tokens']} prompt tokens; "
+                                        f"prefix cache hit rate {100 * r['prefix_cache_hit_rate']:.1f}%")]
+    if report["kv_offload_blocks"]:
+        rows.append(("KV offload", f"{r['kv_offload_saved_blocks']} blocks saved, {r['kv_offload_loaded_blocks']} "
+                                   f"loaded ({report['kv_offload_blocks']} host blocks); "
+                                   f"{r['gpu_blocks_evicted']} GPU blocks evicted"))
     if "gpu_idle_share" in r:
         rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%  (gap p50 "
                      f"{r['gpu_idle_gap_ms_p50']:.3f} ms, p99 {r['gpu_idle_gap_ms_p99']:.3f}, "
@@ -209,11 +243,13 @@ def print_result(report: dict, r: dict) -> None:
 
 
 def print_summary(report: dict) -> None:
-    print(f"\n{'workload':<22} {'total tok/s':>12} {'% optimal':>10} {'tok/iter':>9} {'GPU idle':>9}")
+    print(f"\n{'workload':<22} {'total tok/s':>12} {'% optimal':>10} {'tok/iter':>9} {'GPU idle':>9} "
+          f"{'prefill computed':>16}")
     for r in report["results"]:
         idle = f"{100 * r['gpu_idle_share']:.1f}%" if "gpu_idle_share" in r else "-"
+        prefill = f"{100 * r['prefill_tokens_computed'] / r['total_prompt_tokens']:.1f}%"
         print(f"{r['workload']:<22} {r['tokens_per_second']:>12.1f} {r['percent_of_optimal']:>9.1f}% "
-              f"{r['mean_tokens_per_iteration']:>9.0f} {idle:>9}")
+              f"{r['mean_tokens_per_iteration']:>9.0f} {idle:>9} {prefill:>16}")
 
 
 def main(args) -> int:

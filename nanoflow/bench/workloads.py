@@ -4,6 +4,11 @@ The traces (traces/*.csv, from the NanoFlow repository, Apache-2.0; see traces/R
 prompt and output lengths per request. As NanoFlow does, requests with a prompt over 3072 or an
 output over 1024 tokens are dropped. Prompts are random token ids: with dummy weights the content
 does not matter, only the lengths do.
+
+Multi-round ('multiround:lmsys[:N[:ROUNDS]]'): N conversations of ROUNDS turns, each turn a trace row (the new
+user message's length, the answer's); turn k + 1's prompt is turn k's prompt, its answer and the new message,
+so a prefix cache can serve all but the new message. A conversation ends early where a prompt would pass
+MAX_PROMPT.
 """
 from __future__ import annotations
 
@@ -19,11 +24,19 @@ MAX_PROMPT, MAX_OUTPUT = 3072, 1024
 @dataclass(slots=True)
 class Workload:
     name: str
-    lengths: list[tuple[int, int]]  # (prompt tokens, output tokens) per request
+    lengths: list[tuple[int, int]]  # (prompt tokens, output tokens) per request; multi-round: per turn, the new
+                                    # message's tokens (not the whole prompt's), conversation after conversation
+    rounds: list[int] | None = None  # multi-round: each conversation's number of turns
 
     def prompts(self, vocab_size: int, seed: int = 0) -> list[list[int]]:
         rng = random.Random(seed)
         return [[rng.randrange(vocab_size) for _ in range(p)] for p, _ in self.lengths]
+
+    def conversations(self, vocab_size: int, seed: int = 0) -> list[list[tuple[list[int], int]]]:
+        """Each conversation's turns as (new message's token ids, answer tokens); one turn each unless
+        multi-round. A turn's prompt is the previous turn's prompt and answer, then the new message."""
+        turns = iter(zip(self.prompts(vocab_size, seed), (o for _, o in self.lengths)))
+        return [[next(turns) for _ in range(k)] for k in self.rounds or [1] * len(self.lengths)]
 
     @property
     def total_tokens(self) -> int:
@@ -38,16 +51,40 @@ def load_trace(name: str) -> list[tuple[int, int]]:
     return [(p, o) for p, o in rows if 0 < p <= MAX_PROMPT and 0 < o <= MAX_OUTPUT]
 
 
+def multiround(name: str, spec: str, conversations: int, rounds: int, seed: int) -> Workload:
+    rows = load_trace(name)
+    picked = random.Random(seed).sample(rows, min(conversations * rounds, len(rows)))
+    lengths, counts = [], []
+    for c in range(len(picked) // rounds):
+        context = 0  # the prompt so far, answers included
+        turns = 0
+        for m, o in picked[c * rounds: (c + 1) * rounds]:
+            if context + m > MAX_PROMPT:
+                break
+            lengths.append((m, o))
+            context += m + o
+            turns += 1
+        counts.append(turns)
+    return Workload(spec, lengths, counts)
+
+
 def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload:
-    """'const:IN:OUT[:N]' or 'trace:NAME[:N]'; N (else num_requests) requests, traces sampled without
-    replacement (default: 1000 const requests, the whole trace)."""
+    """'const:IN:OUT[:N]', 'trace:NAME[:N]' or 'multiround:NAME[:N[:ROUNDS]]'; N (else num_requests) requests,
+    or conversations of ROUNDS turns (default 4), traces sampled without replacement (default: 1000 const
+    requests, the whole trace, 250 conversations)."""
     kind, _, rest = spec.partition(":")
     parts = rest.split(":")
-    if len(parts) == {"const": 3, "trace": 2}.get(kind):
-        try:
+    try:
+        counts = [int(x) for x in parts[1:]] if kind == "multiround" else []  # N, ROUNDS
+        if min(counts, default=1) <= 0:
+            raise ValueError
+        if len(parts) == {"const": 3, "trace": 2}.get(kind):
             num_requests = int(parts.pop())
-        except ValueError:
-            raise ValueError(f"bad workload {spec!r}: the request count must be an integer") from None
+    except ValueError:
+        raise ValueError(f"bad workload {spec!r}: counts must be positive integers") from None
+    if kind == "multiround" and len(counts) <= 2:
+        return multiround(parts[0], spec, counts[0] if counts else num_requests or 250,
+                          counts[1] if len(counts) > 1 else 4, seed)
     if kind == "const":
         try:
             p, o = (int(x) for x in parts)
@@ -61,4 +98,5 @@ def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload
         if num_requests is not None and num_requests < len(rows):
             rows = random.Random(seed).sample(rows, num_requests)
         return Workload(spec, rows)
-    raise ValueError(f"bad workload {spec!r}: expected const:IN:OUT[:N] or trace:{'|'.join(TRACES)}[:N]")
+    raise ValueError(f"bad workload {spec!r}: expected const:IN:OUT[:N], trace:{'|'.join(TRACES)}[:N] or "
+                     f"multiround:TRACE[:N[:ROUNDS]]")

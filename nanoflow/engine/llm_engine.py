@@ -40,7 +40,7 @@ class LLMEngine:
         self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         self.runner = ModelRunner(model_, self.config, self.eos_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens,
-                                   self.max_model_len)
+                                   self.max_model_len, self.runner.num_host_blocks)
         self.requests: dict[str, Request] = {}
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.device.type == "cuda")

@@ -5,6 +5,9 @@ Admission is first-come first-served, gated by KV blocks (the whole prompt must 
 admission="predicted", by the predicted peak KV use of everything running (NanoFlow's policy,
 which avoids preemption). When a decode sequence needs a block and none is free, the newest
 running sequence is preempted and later recomputed.
+
+With prefix caching, an admitted sequence starts its prefill after its longest cached prefix (see
+block_manager.py), and the KV copies of the host tier ride on the SchedulerOutput for the runner to issue.
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ class SchedulerOutput:
     chunks: list[Chunk] = field(default_factory=list)  # decode chunks first, then prefill chunks
     num_decode: int = 0
     preempted: list[Sequence] = field(default_factory=list)
+    # host tier copies to issue before the iteration runs: (GPU block, host slot); saves first
+    kv_saves: list[tuple[int, int]] = field(default_factory=list)
+    kv_loads: list[tuple[int, int]] = field(default_factory=list)
+    kv_fence: bool = False  # the iteration reuses a block whose save may still be reading it: wait for the copies
 
     @property
     def num_tokens(self) -> int:
@@ -42,14 +49,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int, max_model_len: int,
+                 num_host_blocks: int = 0):
         self.config = config
         self.budget = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed: what the prefix cache saves
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -94,12 +103,13 @@ class Scheduler:
             if seq.num_inflight or not self._admissible(seq):  # a preempted one waits for its last token
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_pending, budget)
             out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
             budget -= n
+        if out.chunks:
+            out.kv_saves, out.kv_loads, out.kv_fence = self.blocks.take_copies()
         return out
 
     def update(self, out: SchedulerOutput) -> None:
@@ -107,6 +117,8 @@ class Scheduler:
         for c in out.chunks:
             c.seq.num_computed = c.start + c.length
             c.seq.num_inflight += c.samples
+            self.blocks.cache_computed(c.seq)
+        self.num_prefill_tokens += sum(c.length for c in out.chunks[out.num_decode:])
 
     # -- policies --------------------------------------------------------------------------------
     def _reaches_length(self, seq: Sequence) -> bool:
@@ -115,13 +127,24 @@ class Scheduler:
                                          or seq.num_tokens + seq.num_inflight >= self.max_model_len)
 
     def _admissible(self, seq: Sequence) -> bool:
-        # room for the prompt and its first generated token
-        if self.blocks.needed(seq, seq.num_tokens + 1) > self.blocks.num_free:
-            return False
+        """Takes its blocks if it may run: room for its tokens and first generated token (less a cached prefix)."""
         if self.config.admission == "predicted":
             peak = sum(self._predicted_peak(s) for s in self.running) + self._predicted_peak(seq)
-            return peak <= self.blocks.num_blocks
-        return True
+            if peak > self.blocks.num_blocks:
+                return False
+        # prompt logprobs need every prompt row's logits: no reuse (as in vLLM)
+        use_cache = seq.request.params.prompt_logprobs is None
+        if use_cache and self._sibling_prefilling(seq):
+            return False
+        return self.blocks.admit(seq, use_cache)
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """n > 1: the first sequence's prompt is still being computed; the others wait for it so that they share
+        its full blocks through the cache and compute only the last, partial one."""
+        first = seq.request.seqs[0]
+        return (self.blocks.caching and first is not seq and first.status is Status.RUNNING
+                and first.num_computed < first.num_prompt_tokens
+                and first.num_prompt_tokens > self.blocks.block_size)
 
     def _predicted_peak(self, seq: Sequence) -> int:
         out_len = self.config.predicted_output_len or seq.max_tokens or 0

@@ -45,7 +45,8 @@ class Request:
 class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
                  "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
-                 "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight")
+                 "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight", "block_hashes",
+                 "num_cached_blocks")
 
     def __init__(self, request: Request, index: int):
         params = request.params
@@ -57,6 +58,8 @@ class Sequence:
         self.num_computed = 0  # tokens whose KV is in the cache
         self.num_inflight = 0  # sampled on the GPU, not yet appended (asynchronous scheduling)
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks, as far as computed (prefix cache)
+        self.num_cached_blocks = 0  # leading blocks of block_table named in the prefix cache
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

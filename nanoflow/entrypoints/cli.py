@@ -31,6 +31,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-spec", default="auto",
                    help="a spec file, a shipped spec's name, or auto: the one `nanoflow tune` saved for this GPU, "
                         "model shape, dtype and budget (else the hand spec for Llama-3-8B shapes, else non-overlap)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share full KV blocks by prefix hash; a cached prefix is not computed again")
+    p.add_argument("--kv-offload-gb", type=float, default=0.0,
+                   help="host memory (GiB, pinned) for the KV of cached blocks that leave the GPU; 0: off")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -40,7 +44,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
                 admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
-                async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec)
+                async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec,
+                enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb)
 
 
 def generate(a: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from nanoflow.config import EngineConfig, ModelConfig
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
 from nanoflow.executor.cuda_graphs import GraphRunner
+from nanoflow.executor.kv_offload import KVOffload
 from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
@@ -71,6 +72,8 @@ class ModelRunner:
         model.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks + 1, self.block_size, c.num_kv_heads,
                                      c.head_dim, dtype=self.dtype, device=self.device)
         self.pad_slot = self.num_blocks * self.block_size
+        self.num_host_blocks = int(config.kv_offload_gb * 2**30) // self._block_bytes()
+        self.offload = KVOffload(model.kv_cache, self.num_host_blocks) if self.num_host_blocks else None
         self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device)
         if config.seed is not None:
             torch.manual_seed(config.seed)
@@ -98,8 +101,11 @@ class ModelRunner:
             if on_gpu:
                 self.graphs.capture_all()
 
+    def _block_bytes(self) -> int:
+        return self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
+
     def _blocks_from_memory(self) -> int:
-        per_block = self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
+        per_block = self._block_bytes()
         if self.device.type != "cuda":
             return int(self.config.kv_cache_gb * 2**30) // per_block
         free, total = torch.cuda.mem_get_info(self.device)
@@ -118,6 +124,8 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput) -> Launch:
         """Enqueue the iteration on the GPU and return at once (on the CPU it simply runs)."""
         self.clock and self.clock.start()
+        if self.offload is not None:
+            self.offload.issue(out.kv_saves, out.kv_loads, out.kv_fence)
         batch, plan = self.prepare(out)
         if self.keep_next_batch:
             self.kept_batch, self.keep_next_batch = batch, False

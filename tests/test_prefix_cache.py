@@ -1,0 +1,164 @@
+"""Prefix caching and the host tier (KV offload): same outputs as without them, bookkeeping under churn, bounds."""
+import random
+
+import pytest
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.bench.throughput import run_workload
+from nanoflow.bench.workloads import Workload
+from nanoflow.engine.sequence import Status
+
+SYSTEM = list(range(300, 341))  # a shared "system prompt" of 41 tokens
+PROMPTS = [SYSTEM + [5, 17, 923], SYSTEM + [4410, 88], SYSTEM + [2011] * 9, SYSTEM[:30] + [7, 8], [9, 8, 7, 6, 5]]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+OFF = dict(enable_prefix_caching=False)
+
+
+def host_gb(blocks, block_size=4):
+    """A host tier of this many blocks of the test model (2 layers, 2 KV heads of 16, fp32: 512 bytes a token)."""
+    return blocks * block_size * 512 / 2**30
+
+
+def tokens(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def conversation(llm, rounds=3):
+    """Each prompt twice (the second time from the cache), then two more turns extending prompt and answer."""
+    outs = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    outs += tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    prompts = PROMPTS
+    for turn in range(rounds - 1):
+        prompts = [p + o[0] + [1000 + turn, 1001] for p, o in zip(prompts, outs[-len(PROMPTS):])]
+        outs += tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    return outs
+
+
+def check(blocks, running=()):
+    """Refcounts, free list, cache and host tier agree."""
+    held = [0] * blocks.num_blocks
+    for seq in running:
+        for b in seq.block_table:
+            held[b] += 1
+    assert held == blocks.ref
+    free, idle = set(blocks.free_blocks), set(blocks.evictable)
+    used = {b for b in range(blocks.num_blocks) if blocks.ref[b]}
+    assert not (free & idle) and not (free & used) and not (idle & used)
+    assert len(free) == len(blocks.free_blocks) and len(free) + len(idle) + len(used) == blocks.num_blocks
+    assert all(blocks.hash_of[b] is None for b in free) and all(blocks.hash_of[b] is not None for b in idle)
+    assert {h: b for b, h in enumerate(blocks.hash_of) if h is not None} == blocks.cached
+    assert len(blocks.host) <= blocks.num_host_blocks
+    assert len(set(blocks.host.values())) == len(blocks.host)
+    assert not set(blocks.host.values()) & set(blocks.host_free)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    return conversation(LLM(llama_dir, **OFF))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(max_num_batched_tokens=8),  # prefills in chunks after the cached prefix
+    dict(num_kv_blocks=48, block_size=4),  # eviction
+    dict(num_kv_blocks=48, block_size=4, kv_offload_gb=host_gb(40)),  # ... and the host tier
+    dict(num_kv_blocks=28, block_size=4, kv_offload_gb=host_gb(40), max_num_batched_tokens=16),  # preemption too
+    dict(async_scheduling=True, cuda_graph=True),
+], ids=["cache", "chunked", "evict", "offload", "preempt", "async-graph"])
+def test_outputs_equal_without_cache(llama_dir, reference, kw):
+    llm = LLM(llama_dir, **kw)
+    assert conversation(llm) == reference
+    eng = llm.engine
+    blocks, stats = eng.scheduler.blocks, eng.scheduler.blocks.stats
+    check(blocks)
+    assert blocks.num_free == blocks.num_blocks and stats.hits + stats.host_hits > 0
+    if "kv_offload_gb" in kw:
+        assert stats.host_hits > 0 and stats.saved > 0 and stats.host_evicted > 0  # the host tier was full too
+    if kw.get("num_kv_blocks") == 28:
+        assert eng.scheduler.num_preemptions > 0
+
+
+def test_n_siblings_share_prompt_blocks(llama_dir):
+    prompt = SYSTEM + [5, 6]
+    params = SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=6, ignore_eos=True)
+    ref = LLM(llama_dir, **OFF).generate([prompt], params, use_tqdm=False)
+    llm = LLM(llama_dir)
+    eng = llm.engine
+    eng.add_request("r", prompt, params)
+    seqs = eng.requests["r"].seqs
+    shared = False
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+        if all(s.status is Status.RUNNING for s in seqs):
+            tables = [s.block_table for s in seqs]
+            shared |= tables[0][:2] == tables[1][:2] == tables[2][:2]
+            check(eng.scheduler.blocks, eng.scheduler.running)
+    assert shared and tokens(outs[-1:]) == tokens(ref)
+    # the prompt is computed once, and the last partial block once more by each other sibling
+    assert eng.scheduler.num_prefill_tokens == len(prompt) + 2 * (len(prompt) % 16)
+
+
+def test_prompt_logprobs_bypass_the_cache(llama_dir):
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    ref = LLM(llama_dir, **OFF).generate([PROMPTS[0]], params, use_tqdm=False)[0].prompt_logprobs
+    llm = LLM(llama_dir)
+    llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)
+    out = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].prompt_logprobs
+    assert len(out) == len(ref) and all(a.keys() == b.keys() for a, b in zip(out[1:], ref[1:]))
+    assert llm.engine.scheduler.blocks.stats.queries == len(PROMPTS[0])  # the second was not looked up
+
+
+@pytest.mark.parametrize("async_", [False, True])
+def test_churn_keeps_bookkeeping_right(llama_dir, async_):
+    """Random adds, aborts and finishes over shared prefixes, a small pool and host tier: the invariants hold after
+    every step, and everything is given back at the end."""
+    rng = random.Random(3)
+    llm = LLM(llama_dir, num_kv_blocks=24, block_size=4, kv_offload_gb=host_gb(32), max_num_batched_tokens=12,
+              async_scheduling=async_)
+    eng = llm.engine
+    blocks = eng.scheduler.blocks
+    stems = [[rng.randrange(1000) for _ in range(rng.randrange(4, 20))] for _ in range(4)]
+    for i in range(120):
+        if rng.random() < 0.35:
+            prompt = rng.choice(stems) + [rng.randrange(1000) for _ in range(rng.randrange(1, 6))]
+            eng.add_request(str(i), prompt, SamplingParams(n=rng.choice([1, 1, 2]), temperature=0,
+                                                           max_tokens=rng.randrange(1, 12), ignore_eos=True))
+        if eng.requests and rng.random() < 0.1:
+            eng.abort_request(rng.choice(list(eng.requests)))
+        eng.step()
+        check(blocks, eng.scheduler.running)
+        assert len(blocks.host) <= blocks.num_host_blocks == 32
+    while eng.has_unfinished_requests():
+        eng.step()
+    check(blocks)
+    assert blocks.num_free == blocks.num_blocks
+    assert blocks.stats.hits and blocks.stats.host_hits and blocks.stats.evicted and blocks.stats.host_evicted
+
+
+def test_multiround_second_turns_hit_the_cache(llama_dir):
+    """Turn k + 1 computes only what turn k left uncomputed: the new message, the tail of the last full block and
+    the answer's last token (sampled, never fed back)."""
+    w = Workload("multiround", [(20, 9), (7, 5), (5, 3), (30, 6), (3, 4)], rounds=[3, 2])
+    bs = 16
+    llm = LLM(llama_dir, block_size=bs)
+    r = run_workload(llm, w, progress=False)
+    expected, prompt_tokens = 0, 0
+    for turns in ([(20, 9), (7, 5), (5, 3)], [(30, 6), (3, 4)]):
+        context = 0
+        for m, o in turns:
+            expected += context + m - bs * ((context - 1) // bs if context else 0)
+            prompt_tokens += context + m
+            context += m + o
+    assert r["total_prompt_tokens"] == prompt_tokens and r["num_requests"] == 5
+    assert r["prefill_tokens_computed"] == expected < prompt_tokens
+    assert r["prefix_cache_hit_rate"] == pytest.approx(1 - expected / prompt_tokens)
+
+
+def test_host_budget(llama_dir):
+    llm = LLM(llama_dir, num_kv_blocks=16, block_size=4, kv_offload_gb=0.001)
+    per_block = llm.engine.model_config.kv_bytes_per_token(llm.engine.dtype) * 4
+    assert llm.engine.runner.num_host_blocks == int(0.001 * 2**30) // per_block
+    assert llm.engine.runner.offload.host.numel() * 4 <= 0.001 * 2**30
+    with pytest.raises(ValueError, match="prefix caching"):
+        LLM(llama_dir, enable_prefix_caching=False, kv_offload_gb=1)
