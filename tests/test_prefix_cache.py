@@ -1,11 +1,13 @@
 """Prefix caching and the host tier (KV offload): same outputs as without them, bookkeeping under churn, bounds."""
+import json
 import random
 
 import pytest
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.bench.throughput import run_workload
-from nanoflow.bench.workloads import Workload
+from nanoflow.bench.workloads import Workload, parse
+from nanoflow.entrypoints.cli import main
 from nanoflow.engine.sequence import Status
 
 SYSTEM = list(range(300, 341))  # a shared "system prompt" of 41 tokens
@@ -162,3 +164,25 @@ def test_host_budget(llama_dir):
     assert llm.engine.runner.offload.host.numel() * 4 <= 0.001 * 2**30
     with pytest.raises(ValueError, match="prefix caching"):
         LLM(llama_dir, enable_prefix_caching=False, kv_offload_gb=1)
+
+
+def test_bench_serve_multiround(tmp_path):
+    """Turn 2 goes out after turn 1 with its answer's ids (a model without a tokenizer names them in the logprobs),
+    so the server's prefix cache serves turn 1's prompt and answer."""
+    from conftest import make_hf_model
+    from test_server import metrics, start_server, stop_server
+    path = str(tmp_path / "model")
+    make_hf_model(path, "llama", None, seed=1, max_position_embeddings=4096)
+    proc, url = start_server([path], tmp_path / "log")
+    try:
+        spec = "multiround:lmsys:2:2"
+        assert main(["bench", "serve", "--url", url, "--workload", spec, "--vocab-size", "49152", "--output",
+                     str(tmp_path / "r.json")]) == 0
+        r = json.loads((tmp_path / "r.json").read_text())["results"][0]
+        w = parse(spec)
+        assert r["completed"] == len(w.lengths) == 4 and w.rounds == [2, 2]
+        first = w.lengths[::2]
+        m = metrics(url)
+        assert m["nanoflow_prefix_cache_hits_total"] == sum(16 * ((p + o - 1) // 16) for p, o in first)
+    finally:
+        assert stop_server(proc) == 0

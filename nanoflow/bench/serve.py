@@ -1,9 +1,14 @@
 """`nanoflow bench serve`: online latency and throughput of a running OpenAI-compatible server.
 
-The workload's requests (const:IN:OUT or a trace: prompts of random token ids of the given lengths, outputs
-forced to their lengths with ignore_eos) arrive as a Poisson process at the request rate and are streamed,
-which times the first token and the gaps between tokens. Metric names follow `vllm bench serve`; the
-normalized latency (end-to-end latency / output tokens) is the one the NanoFlow paper reports.
+The workload's requests (const:IN:OUT, a trace or multi-round conversations: prompts of random token ids of the
+given lengths, outputs forced to their lengths with ignore_eos) arrive as a Poisson process at the request rate
+and are streamed, which times the first token and the gaps between tokens. Metric names follow `vllm bench
+serve`; the normalized latency (end-to-end latency / output tokens) is the one the NanoFlow paper reports.
+
+A multi-round workload's conversations arrive at the rate; each sends its next turn (the previous prompt and
+answer, then a new message) once the previous one has finished. The answer's token ids are read from its
+logprobs, which a server without a tokenizer (dummy weights) names `token_id:N`; otherwise random ids of the
+answer's length stand in for it, and only the previous prompt can come from the server's prefix cache.
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)  # gaps between streamed chunks (one token each)
     e2e: float = 0.0
     error: str | None = None
+    token_ids: list[int] | None = None  # the answer's, when asked for and the server names them
 
 
 async def _request(client: httpx.AsyncClient, url: str, payload: dict, prompt_len: int) -> RequestResult:
-    r = RequestResult(prompt_len)
+    r = RequestResult(prompt_len, token_ids=[] if "logprobs" in payload else None)
     start = last = time.perf_counter()
     chunks = 0
     try:
@@ -52,6 +58,8 @@ async def _request(client: httpx.AsyncClient, url: str, payload: dict, prompt_le
                 if chunk.get("usage"):
                     r.output_len = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices"):
+                    if r.token_ids is not None:
+                        _read_ids(r, chunk["choices"][0].get("logprobs"))
                     if r.ttft is None:
                         r.ttft = now - start
                     else:
@@ -65,11 +73,21 @@ async def _request(client: httpx.AsyncClient, url: str, payload: dict, prompt_le
     return r
 
 
+def _read_ids(r: RequestResult, logprobs: dict | None) -> None:
+    """Append a chunk's token ids to r.token_ids, or give up on them (None) if a token is not named by id."""
+    for tok in (logprobs or {}).get("tokens", []):
+        if not tok.startswith("token_id:"):
+            r.token_ids = None
+            return
+        r.token_ids.append(int(tok[9:]))
+
+
 async def run(url: str, model: str, workload: Workload, rate: float, max_concurrency: int | None = None,
               api_key: str | None = None, vocab_size: int = 32000, temperature: float = 1.0, seed: int = 0) -> dict:
-    """Send the workload at `rate` requests/s (Poisson; inf: all at once); returns the summary."""
-    prompts = workload.prompts(vocab_size, seed)
-    gaps = random.Random(seed)
+    """Send the workload's conversations at `rate` per second (Poisson; inf: all at once); returns the summary."""
+    convs = workload.conversations(vocab_size, seed)
+    multiround = any(len(turns) > 1 for turns in convs)
+    gaps, stand_ins = random.Random(seed), random.Random(seed + 1)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)  # httpx caps at 100 by default
@@ -77,19 +95,35 @@ async def run(url: str, model: str, workload: Workload, rate: float, max_concurr
     async def one(prompt: list[int], out_len: int) -> RequestResult:
         payload = {"model": model, "prompt": prompt, "max_tokens": out_len, "ignore_eos": True,
                    "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
+        if multiround:  # the answer's ids, for the next turn's prompt
+            payload["logprobs"] = 0
         if limit is None:
-            return await _request(client, url, payload, len(prompt))
-        async with limit:
-            return await _request(client, url, payload, len(prompt))
+            r = await _request(client, url, payload, len(prompt))
+        else:
+            async with limit:
+                r = await _request(client, url, payload, len(prompt))
+        if multiround and (r.token_ids is None or len(r.token_ids) != r.output_len):
+            r.token_ids = [stand_ins.randrange(vocab_size) for _ in range(r.output_len)]
+        return r
+
+    async def converse(turns: list[tuple[list[int], int]]) -> list[RequestResult]:
+        results, context = [], []
+        for message, out_len in turns:
+            r = await one(context + message, out_len)
+            results.append(r)
+            if r.error is not None:
+                break
+            context = context + message + r.token_ids
+        return results
 
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None, limits=limits) as client:
         start = time.perf_counter()
         tasks = []
-        for prompt, (_, out_len) in zip(prompts, workload.lengths):
-            tasks.append(asyncio.create_task(one(prompt, out_len)))
+        for turns in convs:
+            tasks.append(asyncio.create_task(converse(turns)))
             if math.isfinite(rate):
                 await asyncio.sleep(gaps.expovariate(rate))
-        results = await asyncio.gather(*tasks)
+        results = [r for rs in await asyncio.gather(*tasks) for r in rs]
         duration = time.perf_counter() - start
     return summarize(results, duration)
 

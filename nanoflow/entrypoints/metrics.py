@@ -2,8 +2,11 @@
 can live in one process (tests)."""
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from nanoflow.engine.block_manager import CacheStats
 from nanoflow.engine.llm_engine import LLMEngine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
@@ -28,6 +31,13 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("nanoflow_time_per_output_token_seconds", "Mean time between output tokens of a request",
                               buckets=LATENCY_BUCKETS, registry=r)
+        # the prefix cache's counters, as cumulated by the block manager (on_step adds what is new)
+        self.cache = {name: Counter(f"nanoflow_{metric}", doc, registry=r) for name, metric, doc in (
+            ("queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+            ("hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache on the GPU"),
+            ("host_hits", "prefix_cache_host_hits", "Prompt tokens found in the host tier (KV offload), loaded"),
+            ("saved", "kv_offload_saved_blocks", "KV blocks copied to the host tier"))}
+        self.cache_seen = CacheStats()
         self.e2e = Histogram("nanoflow_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
                              registry=r)
 
@@ -38,6 +48,10 @@ class Metrics:
         self.running.set(running)
         self.waiting.set(len(engine.requests) - running)
         self.kv_usage.set(1 - sched.blocks.num_free / sched.blocks.num_blocks)
+        stats = sched.blocks.stats
+        for name, counter in self.cache.items():
+            counter.inc(getattr(stats, name) - getattr(self.cache_seen, name))
+        self.cache_seen = dataclasses.replace(stats)
 
     def on_finished(self, reason: str, num_tokens: int, longest: int, arrival: float, first_token: float | None,
                     now: float) -> None:
