@@ -11,7 +11,7 @@ for mode in "$@"; do
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null && break; sleep 1
   done
   python3 -m nanoflow.entrypoints.cli bench serve --url http://127.0.0.1:8000 --workload trace:splitwise \
-    --num-requests 400 --sweep 8,14,19,23 --vocab-size 128256 --output "$out/issue7-$mode.json" \
+    --num-requests 300 --sweep 8,16,23 --vocab-size 128256 --output "$out/issue7-$mode.json" \
     --plot "$out/issue7-$mode.png" 2>&1 | grep -v "it/s\]$" | tail -30
   kill -TERM $server; wait $server
 done
