@@ -111,7 +111,7 @@ async def run(url: str, model: str, workload: Workload, rate: float, max_concurr
         for message, out_len in turns:
             r = await one(context + message, out_len)
             results.append(r)
-            if r.error is not None:
+            if r.error is not None or not multiround:
                 break
             context = context + message + r.token_ids
         return results
