@@ -42,10 +42,10 @@ def test_cost_model():
 def test_bench_throughput_cli(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "throughput", "--workload", "const:24:6", "--num-requests", "6", "--warmup-requests", "1",
-                 "--workload", "trace:lmsys:5", "--output", str(out)]) == 0
+                 "--workload", "trace:lmsys:3", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     r, t = report["results"]
-    assert t["workload"] == "trace:lmsys:5" and t["num_requests"] == 5
+    assert t["workload"] == "trace:lmsys:3" and t["num_requests"] == 3
     assert r["num_requests"] == 6 and r["total_prompt_tokens"] == 144 and r["total_output_tokens"] == 36
     assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])
     assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / report["optimal_tokens_per_second"])
