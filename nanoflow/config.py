@@ -68,6 +68,18 @@ class ModelConfig:
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + h
 
+    def shard(self, tp_size: int) -> "ModelConfig":
+        """One tensor-parallel rank's shape: its share of the query heads, KV heads and MLP width. The vocabulary
+        stays whole here (the embedding and lm_head split it themselves, padded to a multiple of tp_size)."""
+        if tp_size == 1:
+            return self
+        for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
+                        ("intermediate_size", self.intermediate_size)):
+            if n % tp_size:
+                raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's {what} ({n})")
+        return replace(self, num_heads=self.num_heads // tp_size, num_kv_heads=self.num_kv_heads // tp_size,
+                       intermediate_size=self.intermediate_size // tp_size)
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
 
@@ -210,6 +222,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # host memory for the KV of cached blocks that leave the GPU (NanoFlow's offload); 0: off
     kv_offload_gb: float = 0.0
+    # ranks (processes; GPUs on CUDA) that the model's heads, MLP and vocabulary are split over
+    tensor_parallel_size: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -223,6 +237,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
         if self.kv_offload_gb and not self.enable_prefix_caching:

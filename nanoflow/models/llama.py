@@ -3,6 +3,11 @@
 Each operation reads and writes rows [a, b) of a `Workspace` (one row per token), so the same
 model runs plainly (every op over all rows) or cut into nano-batches by the pipeline. Weights are
 fused where that makes fewer, larger GEMMs: q|k|v in one matrix, gate|up in another.
+
+With tensor parallelism each rank holds a shard (`ModelConfig.shard`): its query and KV heads in qkv (column
+parallel), its slice of gate and of up in gate_up, the matching input columns of o and down (row parallel, their
+partial sums added over the ranks by the ops o_allreduce / down_allreduce), and a slice of the vocabulary in the
+embedding and the lm_head.
 """
 from __future__ import annotations
 
@@ -14,12 +19,21 @@ from torch import nn
 from nanoflow import kernels
 from nanoflow.kernels import reference
 from nanoflow.config import ModelConfig
+from nanoflow.distributed.parallel_state import SINGLE, TPGroup, all_reduce, gather_columns
 from nanoflow.layers.rotary import cos_sin_table
 from nanoflow.models.batch import DECODE, PREFILL, ForwardBatch
 
 # The operations of one decoder layer, in dependency order.
 LAYER_OPS = ("attn_norm", "qkv", "rope_kv", "decode_attn", "prefill_attn", "o_proj",
              "mlp_norm", "gate_up", "act", "down")
+# With tensor parallelism, the all-reduces of the row-parallel projections' outputs are ops of their own, so that
+# a pipeline spec can place them (on a network unit) like any other op.
+NETWORK_OPS = ("o_allreduce", "down_allreduce")
+TP_LAYER_OPS = LAYER_OPS[:6] + ("o_allreduce",) + LAYER_OPS[6:] + ("down_allreduce",)
+
+
+def layer_ops(tp_size: int) -> tuple[str, ...]:
+    return TP_LAYER_OPS if tp_size > 1 else LAYER_OPS
 
 
 @dataclass(slots=True)
@@ -80,14 +94,23 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+                 tp: TPGroup = SINGLE):
+        """cfg: the whole model's shape; self.cfg is this rank's shard of it."""
         super().__init__()
-        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.full_cfg, self.tp = cfg, tp
+        cfg = self.cfg = cfg.shard(tp.size)
+        self.dtype, self.device = dtype, device
+        self.ops = layer_ops(tp.size)
         p = dict(dtype=dtype, device=device)
-        self.embed = _param(cfg.vocab_size, cfg.hidden_size, **p)
+        # this rank's vocabulary rows [vocab_start, vocab_start + vocab_rows); the last rank's may run past the
+        # vocabulary (padding: never looked up, its logits cut off)
+        self.vocab_rows = -(-cfg.vocab_size // tp.size)
+        self.vocab_start = tp.rank * self.vocab_rows
+        self.embed = _param(self.vocab_rows, cfg.hidden_size, **p)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
         self.norm = _param(cfg.hidden_size, **p)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **p)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(self.vocab_rows, cfg.hidden_size, **p)
         self.register_buffer("cos_sin", cos_sin_table(cfg, max_positions, device), persistent=False)
         self.scale = cfg.head_dim ** -0.5
         self.k = kernels.backend(device)
@@ -95,7 +118,16 @@ class LlamaModel(nn.Module):
 
     # -- operations over rows [a, b) -------------------------------------------------------------
     def embed_tokens(self, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
-        torch.index_select(self.embed, 0, batch.input_ids[a:b], out=ws.residual[a:b])
+        if self.tp.size == 1:
+            torch.index_select(self.embed, 0, batch.input_ids[a:b], out=ws.residual[a:b])
+            return
+        # vocabulary parallel: each rank looks up the tokens in its slice, zeros for the others, and the sum over
+        # the ranks is the embedding (not an op of the spec: it precedes the layers)
+        local = batch.input_ids[a:b] - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_rows)
+        torch.index_select(self.embed, 0, local.masked_fill(outside, 0), out=ws.residual[a:b])
+        ws.residual[a:b].masked_fill_(outside.unsqueeze(1), 0)
+        all_reduce(ws.residual[a:b])
 
     def attn_norm(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         w = self.layers[l].attn_norm
@@ -137,9 +169,16 @@ class LlamaModel(nn.Module):
     def prefill_attn(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         self._attention(PREFILL, l, ws, batch, a, b)
 
+    def _row_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """A row-parallel projection's bias, added on rank 0 only: the all-reduce sums the ranks' outputs."""
+        return bias if self.tp.rank == 0 else None
+
     def o_proj(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         layer = self.layers[l]
-        _linear(ws.attn[a:b], layer.o, layer.o_bias, ws.hidden[a:b])
+        _linear(ws.attn[a:b], layer.o, self._row_bias(layer.o_bias), ws.hidden[a:b])
+
+    def o_allreduce(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        all_reduce(ws.hidden[a:b])
 
     def mlp_norm(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         w = self.layers[l].mlp_norm
@@ -154,19 +193,27 @@ class LlamaModel(nn.Module):
 
     def down(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         layer = self.layers[l]
-        _linear(ws.act[a:b], layer.down, layer.down_bias, ws.hidden[a:b])
+        _linear(ws.act[a:b], layer.down, self._row_bias(layer.down_bias), ws.hidden[a:b])
 
-    def compute_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of the given rows (on the device)."""
+    def down_allreduce(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        all_reduce(ws.hidden[a:b])
+
+    def compute_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor | None:
+        """Logits (float32) of the given rows (on the device). With tensor parallelism, each rank computes its
+        vocabulary slice and rank 0, which samples, gathers them; the other ranks get None."""
         x = ws.residual.index_select(0, rows) + ws.hidden.index_select(0, rows)
         # plain torch: the row count changes every iteration, and this runs outside the CUDA graph
         x = reference.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return torch.mm(x, self.lm_head.t()).float()
+        logits = torch.mm(x, self.lm_head.t()).float()
+        if self.tp.size == 1:
+            return logits
+        logits = gather_columns(logits, self.tp)
+        return logits[:, : self.cfg.vocab_size] if logits is not None else None
 
     # -- the plain forward: every op over all rows, in order --------------------------------------
     def forward_layers(self, batch: ForwardBatch, ws: Workspace) -> None:
         n = batch.num_tokens
         self.embed_tokens(ws, batch, 0, n)
         for l in range(self.cfg.num_layers):
-            for op in LAYER_OPS:
+            for op in self.ops:
                 getattr(self, op)(l, ws, batch, 0, n)

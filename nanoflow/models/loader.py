@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from nanoflow.config import PRESETS, ModelConfig, preset
+from nanoflow.distributed.parallel_state import SINGLE, TPGroup
 from nanoflow.models.gguf_file import config_from_gguf, gguf_tensors, open_gguf, unpermute_rope_rows
 from nanoflow.models.llama import LlamaModel
 
@@ -40,6 +41,11 @@ GGUF_LAYER = {
     "ffn_gate.weight": ("gate_up", "gate"), "ffn_up.weight": ("gate_up", "up"), "ffn_down.weight": ("down", None),
 }
 GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
+# Tensor parallelism: the dimension of a whole (checkpoint) tensor that is split over the ranks, by our parameter.
+# Column-parallel weights and their biases by output rows, row-parallel weights by input columns, the vocabulary by
+# rows; the rest (norms, row-parallel biases) is replicated.
+TP_SPLIT_DIM = {"qkv": 0, "qkv_bias": 0, "gate_up": 0, "gate_up_bias": 0, "o": 1, "down": 1, "embed": 0,
+                "lm_head": 0}
 
 
 @dataclass(slots=True)
@@ -77,12 +83,14 @@ def resolve(model: str | None) -> ModelSource:
 
 
 def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int = 0) -> LlamaModel:
+                max_positions: int, seed: int = 0, tp: TPGroup = SINGLE) -> LlamaModel:
+    """The model (with tensor parallelism, this rank's shard of it: each rank reads only its part of each
+    tensor)."""
     if load_format not in ("auto", "dummy", "safetensors", "gguf"):
         raise ValueError(f"unknown load_format {load_format!r}; choose auto, dummy, safetensors or gguf")
     if source.kind == "preset" and load_format not in ("auto", "dummy"):
         raise ValueError(f"preset {source.path!r} has no weights; use load_format='dummy'")
-    model = LlamaModel(source.config, dtype, device, max_positions)
+    model = LlamaModel(source.config, dtype, device, max_positions, tp)
     if load_format == "dummy" or source.kind == "preset":
         init_dummy(model, seed)
     elif source.kind == "gguf":
@@ -99,19 +107,54 @@ def load_hf_weights(model: LlamaModel, weights) -> None:
 
 @torch.no_grad()
 def init_dummy(model: LlamaModel, seed: int) -> None:
+    """Random weights. With tensor parallelism every rank draws the whole tensors, in the same order, and keeps its
+    part: the sharded model is exactly the split of the unsharded one (what the tests compare)."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1:  # norm weights and biases
             p.fill_(1.0 if name.endswith("norm") else 0.0)
-        else:
+        elif model.tp.size == 1:
             p.normal_(0.0, 0.02, generator=gen)
+        else:
+            pieces = [(shard, _whole_shape(model, name, _piece(model, p, shard))) for shard in _shards_of(name)]
+            whole = torch.empty(sum(shape[0] for _, shape in pieces), *pieces[0][1][1:], dtype=p.dtype,
+                                device=p.device).normal_(0.0, 0.02, generator=gen)
+            for (shard, shape), part in zip(pieces, whole.split([shape[0] for _, shape in pieces])):
+                _copy_whole(model, p, name, shard, part)
 
 
-def _shard(cfg: ModelConfig, target: str, shard: str | None) -> tuple[int, int] | None:
+def _piece(model: LlamaModel, param: torch.Tensor, shard: str | None) -> torch.Tensor:
+    """The rows of a fused parameter that one checkpoint tensor fills (q, k or v of qkv; gate or up of gate_up)."""
     if shard is None:
-        return None
-    q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, i), "up": (i, i)}[shard]
+        return param
+    c = model.cfg
+    q, kv, i = c.q_size, c.kv_size, c.intermediate_size
+    return param.narrow(0, *{"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, i), "up": (i, i)}[shard])
+
+
+def _split_dim(model: LlamaModel, target: str) -> int | None:
+    return TP_SPLIT_DIM.get(target.rsplit(".", 1)[-1]) if model.tp.size > 1 else None
+
+
+def _whole_shape(model: LlamaModel, target: str, dest: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole tensor whose part `dest` (a piece of this rank's parameter) holds."""
+    shape = list(dest.shape)
+    if (dim := _split_dim(model, target)) is not None:
+        vocab = target in ("embed", "lm_head")
+        shape[dim] = model.full_cfg.vocab_size if vocab else shape[dim] * model.tp.size
+    return tuple(shape)
+
+
+def _copy_whole(model: LlamaModel, param: torch.Tensor, target: str, shard: str | None, whole: torch.Tensor) -> None:
+    """Copy this rank's part of a whole tensor into its piece of the parameter."""
+    dest = _piece(model, param, shard)
+    if (dim := _split_dim(model, target)) is not None:
+        n = dest.shape[dim]
+        start = model.tp.rank * n
+        # the last rank's vocabulary slice may run past the vocabulary: its padding rows stay as they are
+        n = max(min(n, whole.shape[dim] - start), 0)
+        whole, dest = whole.narrow(dim, start, n), dest.narrow(dim, 0, n)
+    dest.copy_(whole)
 
 
 @torch.no_grad()
@@ -139,12 +182,10 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> 
             raise ValueError(f"unexpected weight {name!r} in checkpoint")
         if target not in params:
             raise ValueError(f"checkpoint weight {name!r} does not fit this config ({target} does not exist)")
-        dest = params[target]
-        if (rows := _shard(cfg, target, shard)) is not None:
-            dest = dest.narrow(0, *rows)
-        if tuple(tensor.shape) != tuple(dest.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, config expects {tuple(dest.shape)}")
-        dest.copy_(tensor)
+        shape = _whole_shape(model, target, _piece(model, params[target], shard))
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, config expects {shape}")
+        _copy_whole(model, params[target], target, shard, tensor)
         loaded.add((target, shard))
     missing = sorted(f"{t}{'.' + s if s else ''}" for t, s in expected - loaded)
     if missing:

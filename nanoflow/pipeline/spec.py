@@ -3,6 +3,10 @@
 For each op of a decoder layer: its nano-batches as row ranges of a batch of `tokens` rows, each on an
 execution unit; and the order in which the nano-ops of a layer are issued. A batch of another size runs
 the same spec with its boundaries scaled (rounded to multiples of 8 rows).
+
+A spec for a tensor-parallel model also places the all-reduces (o_allreduce, down_allreduce; typically on a unit
+of kind "network"); a spec without them runs a tensor-parallel model with each all-reduce right after its
+producer, on the same unit (`for_tensor_parallel`).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import os
 from importlib import resources
 from dataclasses import asdict, dataclass
 
-from nanoflow.models.llama import LAYER_OPS
+from nanoflow.models.llama import NETWORK_OPS, TP_LAYER_OPS, layer_ops
 
 UNIT_KINDS = ("compute", "memory", "network", "other")
 ALIGN = 8
@@ -41,6 +45,23 @@ class PipelineSpec:
     nano_ops: list[NanoOp]  # issue order within a layer
     notes: str = ""
 
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The layer ops this spec covers: with the all-reduces if it places any."""
+        return layer_ops(2 if any(n.op in NETWORK_OPS for n in self.nano_ops) else 1)
+
+    def for_tensor_parallel(self, tp_size: int) -> "PipelineSpec":
+        """This spec for a model of tp_size ranks (a spec that places all-reduces only runs with tp_size > 1)."""
+        if (tp_size > 1) == (self.ops == TP_LAYER_OPS):
+            return self
+        if tp_size == 1:
+            raise ValueError(f"pipeline spec {self.name!r} places all-reduces ({', '.join(NETWORK_OPS)}): it is for "
+                             f"tensor parallelism")
+        after = {"o_proj": "o_allreduce", "down": "down_allreduce"}
+        nano_ops = [m for n in self.nano_ops for m in
+                    ([n, NanoOp(after[n.op], n.start, n.end, n.unit)] if n.op in after else [n])]
+        return PipelineSpec(self.name, self.tokens, self.units, nano_ops, self.notes).validate()
+
     def validate(self) -> "PipelineSpec":
         from nanoflow.pipeline.graph import dependencies
         names = [u.name for u in self.units]
@@ -53,12 +74,12 @@ class PipelineSpec:
             if u.sms < 0:
                 raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has {u.sms} SMs")
         for n in self.nano_ops:
-            if n.op not in LAYER_OPS:
-                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {LAYER_OPS}")
+            if n.op not in TP_LAYER_OPS:
+                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {TP_LAYER_OPS}")
             if n.unit not in names:
                 raise ValueError(f"pipeline spec {self.name!r}: nano-op {n.op}[{n.start}:{n.end}] names unknown "
                                  f"unit {n.unit!r}")
-        for op in LAYER_OPS:
+        for op in self.ops:
             ranges = sorted((n.start, n.end) for n in self.nano_ops if n.op == op)
             edges = [0] + [x for r in ranges for x in r] + [self.tokens]
             if not ranges or any(a != b for a, b in zip(edges[::2], edges[1::2])) or \
@@ -120,7 +141,7 @@ def load_spec(name_or_path: str) -> PipelineSpec:
     return PipelineSpec.from_json(shipped.read_text())
 
 
-def non_overlap(tokens: int) -> PipelineSpec:
+def non_overlap(tokens: int, tp_size: int = 1) -> PipelineSpec:
     """One nano-batch per op on the whole device: the plain forward, as a spec."""
     return PipelineSpec("non-overlap", tokens, [Unit("device", "other")],
-                        [NanoOp(op, 0, tokens, "device") for op in LAYER_OPS]).validate()
+                        [NanoOp(op, 0, tokens, "device") for op in layer_ops(tp_size)]).validate()

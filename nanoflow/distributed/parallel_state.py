@@ -1,0 +1,73 @@
+"""The tensor-parallel group of this process and the collectives the model and the runner use.
+
+One process per rank. Tensors go through the default group (NCCL on CUDA, gloo on the CPU); host objects (the
+iteration's batch, sent by rank 0) through a gloo group of their own, so that they never pass through the GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Loading a large checkpoint on one rank can keep the others waiting at their first collective that long.
+TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True, slots=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    cpu_group: object = None  # gloo group for host objects; None without tensor parallelism
+
+
+SINGLE = TPGroup()
+
+
+def init_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
+    if device.type == "cuda":
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast (NVLS) stays off: it takes memory and SMs
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=TIMEOUT,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT))
+
+
+def close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(x: torch.Tensor) -> None:
+    """Sum x over the ranks, in place (x: contiguous, e.g. a range of workspace rows)."""
+    dist.all_reduce(x)
+
+
+def gather_columns(x: torch.Tensor, tp: TPGroup) -> torch.Tensor | None:
+    """Rank 0: the ranks' x side by side ([n, size * cols]); other ranks: None."""
+    parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return torch.cat(parts, dim=1) if parts else None
+
+
+def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's x to every rank, in place (the others pass a buffer of the same shape and dtype)."""
+    dist.broadcast(x, src=0)
+    return x
+
+
+def broadcast_object(tp: TPGroup, obj=None):
+    """Rank 0's obj (pickled) to every rank; the others pass nothing and get it back."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=tp.cpu_group)
+    return box[0]
+
+
+def agree_min(tp: TPGroup, value: int) -> int:
+    """The smallest of the ranks' values (e.g. KV blocks that fit: every rank must hold the same blocks)."""
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.cpu_group)
+    return int(t.item())
