@@ -9,6 +9,8 @@ import time
 import torch
 
 from nanoflow.config import EngineConfig, resolve_dtype
+from nanoflow.distributed.parallel_state import SINGLE
+from nanoflow.distributed.worker import WorkerArgs, Workers, check_size
 from nanoflow.engine.detokenizer import detokenize, find_stop, visible_text
 from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
 from nanoflow.engine.sequence import Request, Sequence, Status
@@ -36,7 +38,17 @@ class LLMEngine:
         if self.config.max_model_len is not None and self.config.max_model_len > limit:
             raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context length {limit}")
         self.max_model_len = self.config.max_model_len or limit
-        model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len, self.config.seed)
+        self.workers, tp = None, SINGLE
+        if (tp_size := self.config.tensor_parallel_size) > 1:
+            cfg.shard(tp_size)  # a bad size fails here, before any process starts
+            check_size(tp_size, self.device.type)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", 0)
+            self.workers = Workers(tp_size, WorkerArgs(self.source.path, load_format, self.dtype, self.device.type,
+                                                       self.config, self.max_model_len))
+            tp = self.workers.group
+        model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len, self.config.seed,
+                             tp)
         self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         self.runner = ModelRunner(model_, self.config, self.eos_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens,
@@ -45,6 +57,11 @@ class LLMEngine:
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (also done at exit)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
         if path is not None:

@@ -35,6 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="share full KV blocks by prefix hash; a cached prefix is not computed again")
     p.add_argument("--kv-offload-gb", type=float, default=0.0,
                    help="host memory (GiB, pinned) for the KV of cached blocks that leave the GPU; 0: off")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks (one process each; GPUs on CUDA)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -45,7 +47,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
                 admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
                 async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec,
-                enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb)
+                enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb,
+                tensor_parallel_size=a.tensor_parallel_size)
 
 
 def generate(a: argparse.Namespace) -> int:

@@ -2,6 +2,9 @@
 
 The runner owns the model, the KV cache and the activation workspace. It knows nothing of text:
 it returns token ids and logprob numbers; the engine turns them into outputs.
+
+With tensor parallelism, every rank has a runner over its shard. Rank 0's prepares each iteration, broadcasts it
+(a `Step`) to the others, and samples; the others only run steps (`run_step`, nanoflow/distributed/worker.py).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoflow.config import EngineConfig, ModelConfig
+from nanoflow.distributed.parallel_state import agree_min, broadcast_object, broadcast_tensor
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
 from nanoflow.executor.cuda_graphs import GraphRunner
@@ -44,6 +48,17 @@ class _Plan:
 
 
 @dataclass(slots=True)
+class Step:
+    """What every tensor-parallel rank needs to run an iteration's forward: the host batch, the input rows whose
+    token rank 0 sampled in the last launch (it sends them on the device), and the iteration's KV copies."""
+    batch: ForwardBatch
+    feed_rows: list[int]
+    kv_saves: list[tuple[int, int]]
+    kv_loads: list[tuple[int, int]]
+    kv_fence: bool
+
+
+@dataclass(slots=True)
 class Launch:
     """An iteration in flight. Its results are copied to host memory without blocking; `done` marks them."""
     tokens: torch.Tensor
@@ -64,6 +79,9 @@ class ModelRunner:
         self.max_num_tokens = config.max_num_batched_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        self.tp = model.tp
+        if self.tp.size > 1:  # the scheduler's block ids index every rank's cache
+            self.num_blocks = agree_min(self.tp, self.num_blocks)
         if self.num_blocks <= 0:
             raise ValueError("not enough memory for the KV cache; lower max_num_batched_tokens or raise "
                              "gpu_memory_utilization / kv_cache_gb")
@@ -85,7 +103,7 @@ class ModelRunner:
         self.forward = model.forward_layers  # (batch, ws): all layers, however they are cut and placed
         if config.mode != "non-overlap":
             self.spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(self.device), c, self.dtype,
-                                              self.max_num_tokens)
+                                              self.max_num_tokens).for_tensor_parallel(self.tp.size)
         if config.mode == "nanobatch-only":
             self.forward = functools.partial(run_sequential, model, self.spec)
         elif config.mode == "pipeline":
@@ -124,14 +142,29 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput) -> Launch:
         """Enqueue the iteration on the GPU and return at once (on the CPU it simply runs)."""
         self.clock and self.clock.start()
-        if self.offload is not None:
-            self.offload.issue(out.kv_saves, out.kv_loads, out.kv_fence)
         batch, plan = self.prepare(out)
         if self.keep_next_batch:
             self.kept_batch, self.keep_next_batch = batch, False
-        feed = None
-        if plan.feed_rows:
-            feed = (self._device(plan.feed_rows), self.last_tokens[self._device(plan.feed_src)])
+        step = Step(batch, plan.feed_rows, out.kv_saves, out.kv_loads, out.kv_fence)
+        if self.tp.size > 1:
+            broadcast_object(self.tp, step)
+        fed = self.last_tokens[self._device(plan.feed_src)] if plan.feed_rows else None
+        launch = self._sample(out, self.run_step(step, fed), plan)
+        self.clock and self.clock.end()
+        return launch
+
+    @torch.inference_mode()
+    def run_step(self, step: Step, fed: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The forward and the logits (on rank 0; None on the other ranks). fed: on rank 0, the tokens of the
+        step's feed rows (on the device); the other ranks receive them."""
+        if self.offload is not None:
+            self.offload.issue(step.kv_saves, step.kv_loads, step.kv_fence)
+        batch, feed = step.batch, None
+        if step.feed_rows:
+            if self.tp.size > 1:
+                fed = broadcast_tensor(fed if fed is not None else torch.empty(
+                    len(step.feed_rows), dtype=torch.long, device=self.device))
+            feed = (self._device(step.feed_rows), fed)
         if self.graphs is not None:  # the graph's buffers are filled from the host batch
             ws = self.graphs.run(batch, feed)
             rows = batch.logits_rows.to(self.device, non_blocking=True)
@@ -142,10 +175,7 @@ class ModelRunner:
             ws = self.ws.rows(batch.num_tokens)
             self.forward(batch, ws)
             rows = batch.logits_rows
-        logits = self.model.compute_logits(ws, rows)
-        launch = self._sample(out, logits, plan)
-        self.clock and self.clock.end()
-        return launch
+        return self.model.compute_logits(ws, rows)
 
     def collect(self, launch: Launch) -> ModelOutput:
         """Wait for a launched iteration and bring its results to the host."""

@@ -1,0 +1,103 @@
+"""The processes of a tensor-parallel engine, one per rank.
+
+Rank 0 is the engine's own process: it schedules, prepares each iteration, broadcasts it (`ModelRunner.launch`) and
+samples. Ranks 1..N-1 are spawned here: each builds its shard of the model (reading only its part of each weight)
+and a ModelRunner (same KV blocks, same CUDA graphs), then runs the steps rank 0 broadcasts until it sends None.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanoflow.config import EngineConfig
+from nanoflow.distributed.parallel_state import TPGroup, broadcast_object, close_group, init_group
+
+JOIN_TIMEOUT_S = 30
+
+
+@dataclass(slots=True)
+class WorkerArgs:
+    """What a worker needs to build its shard: the engine's arguments, as rank 0 resolved them."""
+    model: str | None
+    load_format: str
+    dtype: torch.dtype
+    device_type: str
+    config: EngineConfig
+    max_model_len: int
+
+
+def rank_device(device_type: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+
+
+def check_size(size: int, device_type: str) -> None:
+    """One process per GPU; on the CPU, at most one per core (more would only take turns)."""
+    available = torch.cuda.device_count() if device_type == "cuda" else os.cpu_count() or 1
+    if size > available:
+        what = "GPUs" if device_type == "cuda" else "CPU cores"
+        raise ValueError(f"tensor_parallel_size {size} is more than the {available} {what} available")
+
+
+class Workers:
+    """Rank 0's side: starts ranks 1..size-1 and joins the group with them; `shutdown` stops them."""
+
+    def __init__(self, size: int, args: WorkerArgs):
+        if dist.is_initialized():  # torch.distributed has one default group per process
+            raise RuntimeError("a tensor-parallel engine is already running in this process; shut it down first")
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        if args.device_type == "cuda":
+            os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the workers, set before NCCL starts anywhere
+        ctx = mp.get_context("spawn")  # (fork would copy rank 0's CUDA context and threads)
+        self.procs = [ctx.Process(target=_worker, args=(r, size, init_method, args), name=f"nanoflow-tp{r}")
+                      for r in range(1, size)]
+        for p in self.procs:
+            p.start()
+        try:
+            self.group: TPGroup = init_group(0, size, init_method, rank_device(args.device_type, 0))
+        except BaseException:
+            self._stop()
+            raise
+        atexit.register(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Tell the workers to exit (if all are still there to hear it), wait for them, leave the group."""
+        if not self.procs:
+            return
+        atexit.unregister(self.shutdown)
+        if all(p.is_alive() for p in self.procs):
+            broadcast_object(self.group, None)
+        self._stop()
+        close_group()
+
+    def _stop(self) -> None:
+        for p in self.procs:
+            p.join(JOIN_TIMEOUT_S)
+            if p.is_alive():  # stuck (e.g. in a collective rank 0 left): no clean exit to wait for
+                p.kill()
+                p.join()
+        self.procs = []
+
+
+def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
+    from nanoflow.executor.model_runner import ModelRunner
+    from nanoflow.models.loader import build_model, resolve
+    device = rank_device(args.device_type, rank)
+    if device.type == "cpu":  # the CPU's cores are shared among the ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    tp = init_group(rank, size, init_method, device)
+    try:
+        model = build_model(resolve(args.model), args.load_format, args.dtype, device, args.max_model_len,
+                            args.config.seed, tp)
+        runner = ModelRunner(model, args.config, set(), args.max_model_len)
+        while (step := broadcast_object(tp)) is not None:
+            runner.run_step(step)
+    finally:
+        close_group()

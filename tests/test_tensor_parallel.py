@@ -1,0 +1,131 @@
+"""Tensor parallelism: the sharded model, the all-reduces as pipeline ops, and TP = 2 (gloo, two processes) giving
+the outputs of TP = 1."""
+import pytest
+import torch
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.config import preset
+from nanoflow.distributed.parallel_state import TPGroup
+from nanoflow.models.llama import TP_LAYER_OPS
+from nanoflow.models.loader import ModelSource, build_model
+from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
+from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
+
+
+def test_dummy_shards_are_slices_of_the_whole():
+    """Column-parallel rows (each rank's q, k, v heads; its slice of gate and of up), row-parallel columns, the
+    vocabulary's rows (1001 = 2 x 501 - 1: the last rank's slice is padded)."""
+    cfg = preset("llama-2-7b", hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, vocab_size=1001)
+    src = ModelSource("preset", "tiny", cfg)
+    whole = build_model(src, "dummy", torch.float32, torch.device("cpu"), 64)
+    q, kv, i = cfg.q_size // 2, cfg.kv_size // 2, cfg.intermediate_size // 2
+    for r in range(2):
+        part = build_model(src, "dummy", torch.float32, torch.device("cpu"), 64, tp=TPGroup(r, 2))
+        assert (part.cfg.num_heads, part.cfg.num_kv_heads, part.cfg.intermediate_size) == (2, 1, 48)
+        w, p = whole.layers[1], part.layers[1]
+        rows = [slice(r * q, (r + 1) * q), slice(2 * q + r * kv, 2 * q + (r + 1) * kv),
+                slice(2 * q + 2 * kv + r * kv, 2 * q + 2 * kv + (r + 1) * kv)]
+        assert torch.equal(p.qkv, torch.cat([w.qkv[s] for s in rows]))
+        gate, up = w.gate_up[r * i:(r + 1) * i], w.gate_up[2 * i + r * i:2 * i + (r + 1) * i]
+        assert torch.equal(p.gate_up, torch.cat([gate, up]))
+        assert torch.equal(p.o, w.o[:, r * q:(r + 1) * q]) and torch.equal(p.down, w.down[:, r * i:(r + 1) * i])
+        assert torch.equal(p.attn_norm, w.attn_norm)
+        n = 501 - r
+        assert torch.equal(part.embed[:n], whole.embed[501 * r:501 * r + n])
+        assert torch.equal(part.lm_head[:n], whole.lm_head[501 * r:501 * r + n])
+
+
+def test_shard_needs_divisible_heads():
+    with pytest.raises(ValueError, match="tensor_parallel_size 16 must divide the model.s num_key_value_heads"):
+        preset("llama-3-8b").shard(16)
+    with pytest.raises(ValueError, match="must divide the model's num_attention_heads"):
+        preset("llama-3-8b").shard(3)
+
+
+def test_network_ops_in_a_spec():
+    """The all-reduces on a network unit: the spec validates, their readers wait for them, and the plain spec of a
+    tensor-parallel model runs each right after its producer."""
+    units = [Unit("compute", "compute"), Unit("net", "network")]
+    ops = [NanoOp(op, s, e, "net" if op.endswith("allreduce") else "compute")
+           for s, e in ((0, 32), (32, 64)) for op in TP_LAYER_OPS]
+    spec = PipelineSpec("tp", 64, units, ops).validate()
+    assert spec.ops == TP_LAYER_OPS and spec.for_tensor_parallel(2) is spec
+    mlp_norm = next(n for n in ops if n.op == "mlp_norm" and n.start == 32)
+    assert [(d.op, d.start) for d in dependencies(mlp_norm, ops)] == [("o_allreduce", 32)]
+    attn_norm = next(n for n in ops if n.op == "attn_norm" and n.start == 0)
+    assert [(d.op, d.start) for d in previous_layer_dependencies(attn_norm, ops)] == [("down_allreduce", 0)]
+    with pytest.raises(ValueError, match="is for tensor parallelism"):
+        spec.for_tensor_parallel(1)
+    with pytest.raises(ValueError, match="issued before its input o_allreduce"):
+        late = [n for n in ops if n.op != "o_allreduce"] + [n for n in ops if n.op == "o_allreduce"]
+        PipelineSpec("late", 64, units, late).validate()
+    plain = non_overlap(64).for_tensor_parallel(2)
+    assert plain.ops == TP_LAYER_OPS and [n.op for n in plain.nano_ops] == list(TP_LAYER_OPS)
+    assert non_overlap(64, 2).nano_ops == plain.nano_ops
+
+
+# -- TP = 2 in processes (gloo) vs TP = 1 ------------------------------------------------------------------------
+# A small token budget: prompts are prefilled in chunks, alongside the decodes of others.
+ENGINE = dict(max_num_batched_tokens=16, max_num_seqs=8, num_kv_blocks=64, block_size=4)
+PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+           [1000, 2000, 3000], [77] * 30, list(range(100, 125))]
+PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+
+
+def assert_same(outs, refs):
+    """Tokens identical, the sampled tokens' logprobs within 1e-4 (fp32)."""
+    for out, ref in zip(outs, refs):
+        o, r = out.outputs[0], ref.outputs[0]
+        assert o.token_ids == r.token_ids
+        for got, want, t in zip(o.logprobs, r.logprobs, o.token_ids):
+            assert got[t].logprob == pytest.approx(want[t].logprob, abs=1e-4)
+            assert set(got) == set(want)
+
+
+def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir):
+    """Qwen2 (qkv bias, tied embeddings; a vocabulary of odd size, so the last rank's slice is padded), nano-batched
+    by a spec that puts the all-reduces on a network unit, through the graph path's static buffers."""
+    from conftest import make_hf_model
+    path = str(tmp_path / "qwen2")
+    make_hf_model(path, "qwen2", tokenizer_dir, seed=2, vocab_size=49153)
+    units = [Unit("compute", "compute"), Unit("net", "network")]
+    ops = [NanoOp(op, s, e, "net" if op.endswith("allreduce") else "compute")
+           for s, e in ((0, 8), (8, 16)) for op in TP_LAYER_OPS]
+    spec = str(tmp_path / "tp.json")
+    PipelineSpec("tp", 16, units, ops).validate().save(spec)
+    refs = LLM(path, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(path, tensor_parallel_size=2, mode="nanobatch-only", pipeline_spec=spec, cuda_graph=True, **ENGINE)
+    try:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
+    finally:
+        llm.shutdown()
+
+
+# (after the test above: one tensor-parallel engine per process at a time)
+@pytest.fixture(scope="module")
+def llama_tp(llama_dir):
+    llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
+    procs = list(llm.engine.workers.procs)
+    yield llm
+    llm.shutdown()
+    assert [p.exitcode for p in procs] == [0]  # each worker left its loop and exited
+
+
+def test_tp2_matches_tp1(llama_dir, llama_tp):
+    """Synchronous, then asynchronous scheduling (rank 0 sends the tokens it sampled last on the device); the second
+    run also reuses the prefix cache's blocks, which every rank's KV cache holds."""
+    refs = LLM(llama_dir, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
+    for async_scheduling in (False, True):
+        llama_tp.engine.async_scheduling = async_scheduling
+        assert_same(llama_tp.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
+
+
+def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the model's num_attention_heads"):
+        LLM(llama_dir, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        LLM(llama_dir, tensor_parallel_size=0)
+    monkeypatch.setattr("nanoflow.distributed.worker.os.cpu_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 is more than the 1 CPU cores available"):
+        LLM(llama_dir, tensor_parallel_size=2)
