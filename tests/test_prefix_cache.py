@@ -186,3 +186,21 @@ def test_bench_serve_multiround(tmp_path):
         assert m["nanoflow_prefix_cache_hits_total"] == sum(16 * ((p + o - 1) // 16) for p, o in first)
     finally:
         assert stop_server(proc) == 0
+
+
+def test_offload_copies_round_trip():
+    """Blocks saved to scattered and consecutive slots, more than one staging buffer's worth, come back intact
+    into other blocks."""
+    import torch
+
+    from nanoflow.executor.kv_offload import STAGE_BLOCKS, KVOffload
+    kv = torch.randn(2, 2, 90, 4, 2, 3)
+    off = KVOffload(kv, 80)
+    n = STAGE_BLOCKS + 8
+    blocks, slots = random.Random(0).sample(range(89), n), [5, 3, 4] + list(range(40, 40 + n - 3))
+    before = kv[:, :, blocks].clone()
+    off.issue(list(zip(blocks, slots)), [], False)
+    kv.zero_()
+    targets = list(range(89 - n, 89))
+    off.issue([], list(zip(targets, slots)), False)
+    assert torch.equal(kv[:, :, targets], before) and not kv[:, :, : 89 - n].any()

@@ -58,7 +58,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
-        self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed: what the prefix cache saves
+        self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -100,7 +100,7 @@ class Scheduler:
         # 3. admit waiting sequences in order while the budget and the KV cache allow
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_inflight or not self._admissible(seq):  # a preempted one waits for its last token
+            if seq.num_inflight or not self._admit(seq):  # a preempted one waits for its last token
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -126,8 +126,8 @@ class Scheduler:
         return seq.num_inflight > 0 and (seq.num_generated >= seq.max_tokens
                                          or seq.num_tokens + seq.num_inflight >= self.max_model_len)
 
-    def _admissible(self, seq: Sequence) -> bool:
-        """Takes its blocks if it may run: room for its tokens and first generated token (less a cached prefix)."""
+    def _admit(self, seq: Sequence) -> bool:
+        """Give seq its blocks if it may run: room for its tokens and first generated token, less a cached prefix."""
         if self.config.admission == "predicted":
             peak = sum(self._predicted_peak(s) for s in self.running) + self._predicted_peak(seq)
             if peak > self.blocks.num_blocks:

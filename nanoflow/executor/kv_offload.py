@@ -18,6 +18,10 @@ import contextlib
 
 import torch
 
+# Copies go through a device buffer of this many blocks at a time (64 MiB for Llama-3-8B in bf16): the KV cache
+# leaves little device memory spare.
+STAGE_BLOCKS = 32
+
 
 def _runs(slots: list[int]):
     """(first index, first slot, length) of each run of consecutive slots."""
@@ -43,10 +47,10 @@ class KVOffload:
             if self.cuda:
                 self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-                if saves:
-                    self._save(*zip(*saves))
-                if loads:
-                    self._load(*zip(*loads))
+                for i in range(0, len(saves), STAGE_BLOCKS):
+                    self._save(*zip(*saves[i: i + STAGE_BLOCKS]))
+                for i in range(0, len(loads), STAGE_BLOCKS):
+                    self._load(*zip(*loads[i: i + STAGE_BLOCKS]))
             if self.cuda:
                 self.copied.record(self.stream)
         if self.cuda and (loads or fence):
@@ -58,13 +62,13 @@ class KVOffload:
 
     def _save(self, blocks, slots) -> None:
         # one gather of the blocks into slot layout on the device, then one device-to-host copy per run of slots
-        staged = self.kv.index_select(2, self._index(blocks)).movedim(2, 0).contiguous()
+        staged = self.kv.movedim(2, 0)[self._index(blocks)]
         for i, slot, n in _runs(slots):
             self.host[slot: slot + n].copy_(staged[i: i + n], non_blocking=True)
 
     def _load(self, blocks, slots) -> None:
-        # one host-to-device copy per run of slots (usually one: a request's blocks are saved together), then a
-        # scatter into the pages
+        # one host-to-device copy per run of slots (usually one: a request's blocks are saved together, so its
+        # slots are consecutive unless the host tier was full), then a scatter into the pages
         staged = torch.empty((len(slots), *self.host.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
         for i, slot, n in _runs(slots):
             staged[i: i + n].copy_(self.host[slot: slot + n], non_blocking=True)
