@@ -215,3 +215,12 @@ def test_async_length_stop_is_not_late(llama_dir):
     while eng.has_unfinished_requests():
         eng.step()
     assert n == 5  # the prefill samples token 1, four decodes sample tokens 2..5
+
+
+def test_fractional_sampling_parameters_reach_the_sampler(llama_dir):
+    """Float parameters go to the device as floats (they were once cast through int64: 0.7 became 0)."""
+    eng = LLM(llama_dir).engine
+    p = SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5)
+    md = eng.runner.sampling_metadata(eng.add_request("a", [1, 2, 3], p).seqs)
+    got = [md.temperature, md.top_p, md.min_p, md.repetition_penalty, md.presence_penalty]
+    assert [t.item() for t in got] == pytest.approx([0.7, 0.9, 0.05, 1.3, 0.5])

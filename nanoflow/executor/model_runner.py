@@ -184,14 +184,14 @@ class ModelRunner:
         return ModelOutput(launch.tokens.tolist(), launch.logprobs.tolist() if launch.logprobs else None,
                            {i: r.tolist() for i, r in launch.prompt_logprobs.items()})
 
-    def _host(self, x: list[int]) -> torch.Tensor:
-        t = torch.tensor(x, dtype=torch.long)
+    def _host(self, x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        t = torch.tensor(x, dtype=dtype)
         return t.pin_memory() if self.device.type == "cuda" else t
 
-    def _device(self, x: list[int]) -> torch.Tensor:
+    def _device(self, x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """A list to the device without blocking: pinned host memory, asynchronous copy. (Indexing a GPU
         tensor with a Python list would copy from pageable memory and wait for the whole stream.)"""
-        return self._host(x).to(self.device, non_blocking=True)
+        return self._host(x, dtype).to(self.device, non_blocking=True)
 
     def prepare(self, out: SchedulerOutput) -> tuple[ForwardBatch, _Plan]:
         ids, pos, slots, qs, lens, tables, rows = [], [], [], [0], [], [], []
@@ -264,7 +264,7 @@ class ModelRunner:
         params = [s.params for s in seqs]
 
         def col(name, dtype=torch.float32):
-            return self._device([getattr(p, name) for p in params]).to(dtype)
+            return self._device([getattr(p, name) for p in params], dtype)
         md = SamplingMetadata(col("temperature"), col("top_k", torch.long), col("top_p"), col("min_p"),
                               [self._generator(s) for s in seqs], all_greedy=all(p.temperature == 0 for p in params),
                               use_min_p=any(p.min_p > 0 for p in params),
