@@ -1,5 +1,8 @@
 """Tensor parallelism: the sharded model, the all-reduces as pipeline ops, and TP = 2 (gloo, two processes) giving
 the outputs of TP = 1."""
+import argparse
+import multiprocessing
+
 import pytest
 import torch
 
@@ -102,7 +105,31 @@ def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir):
         llm.shutdown()
 
 
-# (after the test above: one tensor-parallel engine per process at a time)
+def test_cli_flag():
+    from nanoflow.entrypoints.cli import add_engine_args, engine_kwargs
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args(["-tp", "2"]))["tensor_parallel_size"] == 2
+    assert p.parse_args(["--tensor-parallel-size", "4"]).tensor_parallel_size == 4
+
+
+def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the model's num_attention_heads"):
+        LLM(llama_dir, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        LLM(llama_dir, tensor_parallel_size=0)
+    monkeypatch.setattr("nanoflow.distributed.worker.os.cpu_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 is more than the 1 CPU cores available"):
+        LLM(llama_dir, tensor_parallel_size=2)
+    monkeypatch.undo()
+    # a failure on rank 0 after the workers started (here every rank finds no room for the KV cache) leaves none behind
+    with pytest.raises(ValueError, match="not enough memory for the KV cache"):
+        LLM(llama_dir, tensor_parallel_size=2, kv_cache_gb=1e-9)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("nanoflow-tp")]
+    assert not torch.distributed.is_initialized()
+
+
+# (after the tests above: one tensor-parallel engine per process at a time)
 @pytest.fixture(scope="module")
 def llama_tp(llama_dir):
     llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
@@ -119,13 +146,3 @@ def test_tp2_matches_tp1(llama_dir, llama_tp):
     for async_scheduling in (False, True):
         llama_tp.engine.async_scheduling = async_scheduling
         assert_same(llama_tp.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
-
-
-def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
-    with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the model's num_attention_heads"):
-        LLM(llama_dir, tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
-        LLM(llama_dir, tensor_parallel_size=0)
-    monkeypatch.setattr("nanoflow.distributed.worker.os.cpu_count", lambda: 1)
-    with pytest.raises(ValueError, match="tensor_parallel_size 2 is more than the 1 CPU cores available"):
-        LLM(llama_dir, tensor_parallel_size=2)

@@ -155,6 +155,10 @@ def throughput(args) -> dict:
     """Every workload through one engine (started once); returns the report."""
     from nanoflow.entrypoints.cli import engine_kwargs
     workloads = [parse(w, args.num_requests, args.seed) for w in args.workload]
+    tp = args.tensor_parallel_size
+    if tp > 1 and (args.baseline == "hf" or args.breakdown or args.timeline):
+        raise ValueError("--baseline hf, --breakdown and --timeline run in rank 0's process only: not with "
+                         "--tensor-parallel-size > 1")
     report = {"command": args.command_line, "date": datetime.date.today().isoformat(), "commit": _commit(),
               "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
     hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ({}, None)
@@ -165,11 +169,12 @@ def throughput(args) -> dict:
         load_hf_weights(eng.runner.model, hf_weights.items())
         del hf_weights
     cfg = eng.model_config
-    rate = cost_model.gemm_rate(cfg, eng.runner.max_num_tokens, eng.dtype, eng.device)
-    optimal = cost_model.optimal_throughput(rate["rate"], cfg)
+    # with tensor parallelism each GPU runs its shard's GEMMs, and the optimum of tp GPUs is tp times one's
+    rate = cost_model.gemm_rate(eng.runner.model.cfg, eng.runner.max_num_tokens, eng.dtype, eng.device)
+    optimal = tp * cost_model.optimal_throughput(rate["rate"], cfg)
     report.update({
         "device": gpu_name(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
-        "params": cfg.num_params(), "max_num_batched_tokens": eng.runner.max_num_tokens,
+        "params": cfg.num_params(), "tensor_parallel_size": tp, "max_num_batched_tokens": eng.runner.max_num_tokens,
         "max_num_seqs": eng.config.max_num_seqs, "admission": eng.config.admission,
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,
         "kv_capacity_tokens": eng.runner.num_blocks * eng.runner.block_size,
@@ -187,6 +192,7 @@ def throughput(args) -> dict:
                                                 timeline=bool(args.timeline))}
         r["preemptions"] = eng.scheduler.num_preemptions - preempted
         r["percent_of_optimal"] = 100 * r["tokens_per_second"] / optimal
+        r["tokens_per_second_per_gpu"] = r["tokens_per_second"] / tp
         if w.name.startswith("const:"):
             p, o = w.lengths[0]
             r["max_concurrent_requests"] = min(report["kv_capacity_tokens"] // (p + o), eng.config.max_num_seqs)
@@ -207,8 +213,9 @@ def print_result(report: dict, r: dict) -> None:
     rows = [("workload", r["workload"]), ("device", report["device"]),
             ("requests/s", f"{r['requests_per_second']:.2f}"), ("total tok/s", f"{r['tokens_per_second']:.1f}"),
             ("output tok/s", f"{r['output_tokens_per_second']:.1f}"),
+            ("total tok/s per GPU", f"{r['tokens_per_second_per_gpu']:.1f} ({report['tensor_parallel_size']} GPUs)"),
             ("optimal tok/s (C/2P)", f"{report['optimal_tokens_per_second']:.1f}  "
-                                     f"(C = {report['gemm_tflops']:.1f} TFLOP/s)"),
+                                     f"(C = {report['gemm_tflops']:.1f} TFLOP/s per GPU)"),
             ("% of optimal", f"{r['percent_of_optimal']:.1f}%"),
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),
             ("KV blocks", f"{report['kv_blocks']} x {report['block_size']} tokens; peak running "

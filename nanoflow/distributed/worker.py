@@ -67,19 +67,20 @@ class Workers:
             raise
         atexit.register(self.shutdown)
 
-    def shutdown(self) -> None:
-        """Tell the workers to exit (if all are still there to hear it), wait for them, leave the group."""
+    def shutdown(self, clean: bool = True) -> None:
+        """clean: tell the workers to exit (if all are still there to hear it) and wait for them; else (rank 0
+        failed, the workers may be waiting in a collective) kill them. Then leave the group."""
         if not self.procs:
             return
         atexit.unregister(self.shutdown)
-        if all(p.is_alive() for p in self.procs):
+        if clean and all(p.is_alive() for p in self.procs):
             broadcast_object(self.group, None)
-        self._stop()
+        self._stop(JOIN_TIMEOUT_S if clean else 0)
         close_group()
 
-    def _stop(self) -> None:
+    def _stop(self, timeout: float = 0) -> None:
         for p in self.procs:
-            p.join(JOIN_TIMEOUT_S)
+            p.join(timeout)
             if p.is_alive():  # stuck (e.g. in a collective rank 0 left): no clean exit to wait for
                 p.kill()
                 p.join()

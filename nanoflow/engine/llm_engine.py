@@ -47,10 +47,15 @@ class LLMEngine:
             self.workers = Workers(tp_size, WorkerArgs(self.source.path, load_format, self.dtype, self.device.type,
                                                        self.config, self.max_model_len))
             tp = self.workers.group
-        model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len, self.config.seed,
-                             tp)
         self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
-        self.runner = ModelRunner(model_, self.config, self.eos_token_ids, self.max_model_len)
+        try:
+            model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len,
+                                 self.config.seed, tp)
+            self.runner = ModelRunner(model_, self.config, self.eos_token_ids, self.max_model_len)
+        except BaseException:
+            if self.workers is not None:  # they may be waiting in a collective of this rank's that never comes
+                self.workers.shutdown(clean=False)
+            raise
         self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens,
                                    self.max_model_len, self.runner.num_host_blocks)
         self.requests: dict[str, Request] = {}

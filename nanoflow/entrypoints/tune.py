@@ -56,6 +56,10 @@ def main(a: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"nanoflow: error: tune needs scipy ({e}): pip install 'nanoflow[tune]'", file=sys.stderr)
         return 2
+    if a.tensor_parallel_size > 1:
+        print("nanoflow: error: tune profiles and searches one GPU's ops (the search does not place all-reduces "
+              "yet): run it without --tensor-parallel-size", file=sys.stderr)
+        return 2
     cfg = resolve(a.model).config
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
