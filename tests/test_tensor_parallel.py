@@ -10,33 +10,45 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.config import preset
 from nanoflow.distributed.parallel_state import TPGroup
 from nanoflow.models.llama import TP_LAYER_OPS
-from nanoflow.models.loader import ModelSource, build_model
+from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
 
 
+def assert_shards(whole, source, load_format="auto"):
+    """Each rank's parameters are its slices of the whole model's: column-parallel rows (its q, k and v heads; its
+    slice of gate and of up), row-parallel columns, the vocabulary's rows (the last rank's slice may be padded)."""
+    cfg = whole.cfg
+    q, kv, i = cfg.q_size // 2, cfg.kv_size // 2, cfg.intermediate_size // 2
+    for r in range(2):
+        part = build_model(source, load_format, torch.float32, torch.device("cpu"), 64, tp=TPGroup(r, 2))
+        assert (part.cfg.num_heads, part.cfg.num_kv_heads) == (cfg.num_heads // 2, cfg.num_kv_heads // 2)
+        for w, p in zip(whole.layers, part.layers):
+            rows = [slice(r * q, (r + 1) * q), slice(2 * q + r * kv, 2 * q + (r + 1) * kv),
+                    slice(2 * q + 2 * kv + r * kv, 2 * q + 2 * kv + (r + 1) * kv)]
+            assert torch.equal(p.qkv, torch.cat([w.qkv[s] for s in rows]))
+            gate, up = w.gate_up[r * i:(r + 1) * i], w.gate_up[2 * i + r * i:2 * i + (r + 1) * i]
+            assert torch.equal(p.gate_up, torch.cat([gate, up]))
+            assert torch.equal(p.o, w.o[:, r * q:(r + 1) * q]) and torch.equal(p.down, w.down[:, r * i:(r + 1) * i])
+            assert torch.equal(p.attn_norm, w.attn_norm) and torch.equal(p.mlp_norm, w.mlp_norm)
+        start = r * part.vocab_rows
+        n = min(part.vocab_rows, cfg.vocab_size - start)
+        assert torch.equal(part.embed[:n], whole.embed[start:start + n])
+        assert torch.equal(part.lm_head[:n], whole.lm_head[start:start + n])
+
+
 def test_dummy_shards_are_slices_of_the_whole():
-    """Column-parallel rows (each rank's q, k, v heads; its slice of gate and of up), row-parallel columns, the
-    vocabulary's rows (1001 = 2 x 501 - 1: the last rank's slice is padded)."""
+    """Every rank draws the whole tensors and keeps its part (vocabulary 1001 = 2 x 501 - 1: padded)."""
     cfg = preset("llama-2-7b", hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, vocab_size=1001)
     src = ModelSource("preset", "tiny", cfg)
-    whole = build_model(src, "dummy", torch.float32, torch.device("cpu"), 64)
-    q, kv, i = cfg.q_size // 2, cfg.kv_size // 2, cfg.intermediate_size // 2
-    for r in range(2):
-        part = build_model(src, "dummy", torch.float32, torch.device("cpu"), 64, tp=TPGroup(r, 2))
-        assert (part.cfg.num_heads, part.cfg.num_kv_heads, part.cfg.intermediate_size) == (2, 1, 48)
-        w, p = whole.layers[1], part.layers[1]
-        rows = [slice(r * q, (r + 1) * q), slice(2 * q + r * kv, 2 * q + (r + 1) * kv),
-                slice(2 * q + 2 * kv + r * kv, 2 * q + 2 * kv + (r + 1) * kv)]
-        assert torch.equal(p.qkv, torch.cat([w.qkv[s] for s in rows]))
-        gate, up = w.gate_up[r * i:(r + 1) * i], w.gate_up[2 * i + r * i:2 * i + (r + 1) * i]
-        assert torch.equal(p.gate_up, torch.cat([gate, up]))
-        assert torch.equal(p.o, w.o[:, r * q:(r + 1) * q]) and torch.equal(p.down, w.down[:, r * i:(r + 1) * i])
-        assert torch.equal(p.attn_norm, w.attn_norm)
-        n = 501 - r
-        assert torch.equal(part.embed[:n], whole.embed[501 * r:501 * r + n])
-        assert torch.equal(part.lm_head[:n], whole.lm_head[501 * r:501 * r + n])
+    assert_shards(build_model(src, "dummy", torch.float32, torch.device("cpu"), 64), src, "dummy")
+
+
+def test_safetensors_shards(llama_dir):
+    """Each rank reads its part of each tensor (safetensors slices)."""
+    src = resolve(llama_dir)
+    assert_shards(build_model(src, "auto", torch.float32, torch.device("cpu"), 64), src)
 
 
 def test_shard_needs_divisible_heads():

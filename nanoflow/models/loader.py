@@ -101,7 +101,8 @@ def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, devic
 
 
 def load_hf_weights(model: LlamaModel, weights) -> None:
-    """(name, tensor) pairs named as in HF checkpoints: a safetensors file, or an HF model's state dict."""
+    """(name, tensor or safetensors slice) pairs named as in HF checkpoints: a safetensors file, or an HF model's
+    state dict."""
     _load(model, weights, HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)")
 
 
@@ -145,16 +146,23 @@ def _whole_shape(model: LlamaModel, target: str, dest: torch.Tensor) -> tuple[in
     return tuple(shape)
 
 
-def _copy_whole(model: LlamaModel, param: torch.Tensor, target: str, shard: str | None, whole: torch.Tensor) -> None:
-    """Copy this rank's part of a whole tensor into its piece of the parameter."""
+def _shape(whole) -> tuple[int, ...]:
+    return tuple(whole.shape) if isinstance(whole, torch.Tensor) else tuple(whole.get_shape())
+
+
+def _copy_whole(model: LlamaModel, param: torch.Tensor, target: str, shard: str | None, whole) -> None:
+    """Copy this rank's part of a whole tensor into its piece of the parameter. whole: a tensor, or a safetensors
+    slice, of which only that part is then read from the file."""
     dest = _piece(model, param, shard)
+    part = (slice(None),)
     if (dim := _split_dim(model, target)) is not None:
         n = dest.shape[dim]
         start = model.tp.rank * n
         # the last rank's vocabulary slice may run past the vocabulary: its padding rows stay as they are
-        n = max(min(n, whole.shape[dim] - start), 0)
-        whole, dest = whole.narrow(dim, start, n), dest.narrow(dim, 0, n)
-    dest.copy_(whole)
+        n = max(min(n, _shape(whole)[dim] - start), 0)
+        part = (slice(None),) * dim + (slice(start, start + n),)
+        dest = dest.narrow(dim, 0, n)
+    dest.copy_(whole[part])
 
 
 @torch.no_grad()
@@ -183,8 +191,8 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> 
         if target not in params:
             raise ValueError(f"checkpoint weight {name!r} does not fit this config ({target} does not exist)")
         shape = _whole_shape(model, target, _piece(model, params[target], shard))
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, config expects {shape}")
+        if _shape(tensor) != shape:
+            raise ValueError(f"weight {name!r} has shape {_shape(tensor)}, config expects {shape}")
         _copy_whole(model, params[target], target, shard, tensor)
         loaded.add((target, shard))
     missing = sorted(f"{t}{'.' + s if s else ''}" for t, s in expected - loaded)
@@ -213,7 +221,7 @@ def _safetensors_weights(path: str):
     for file in tqdm(files, desc="loading weights", disable=len(files) < 2):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)  # read by _copy_whole: only this rank's part
 
 
 def _gguf_weights(source: ModelSource):
