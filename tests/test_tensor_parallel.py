@@ -9,10 +9,10 @@ import torch
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import preset
 from nanoflow.distributed.parallel_state import TPGroup
-from nanoflow.models.llama import TP_LAYER_OPS
+from nanoflow.models.llama import NETWORK_OPS, TP_LAYER_OPS
 from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
-from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
+from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, load_spec, non_overlap
 
 
 def assert_shards(whole, source, load_format="auto"):
@@ -75,6 +75,11 @@ def test_network_ops_in_a_spec():
     with pytest.raises(ValueError, match="issued before its input o_allreduce"):
         late = [n for n in ops if n.op != "o_allreduce"] + [n for n in ops if n.op == "o_allreduce"]
         PipelineSpec("late", 64, units, late).validate()
+    with pytest.raises(ValueError, match="they must share one"):
+        PipelineSpec("split", 64, units, [NanoOp(n.op, n.start, n.end, "compute" if n.start else n.unit)
+                                          for n in ops]).validate()
+    hand = load_spec("llama-3-8b-h100-hand").for_tensor_parallel(2)
+    assert len({n.unit for n in hand.nano_ops if n.op in NETWORK_OPS}) == 1
     plain = non_overlap(64).for_tensor_parallel(2)
     assert plain.ops == TP_LAYER_OPS and [n.op for n in plain.nano_ops] == list(TP_LAYER_OPS)
     assert non_overlap(64, 2).nano_ops == plain.nano_ops

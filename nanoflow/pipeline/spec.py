@@ -5,8 +5,9 @@ execution unit; and the order in which the nano-ops of a layer are issued. A bat
 the same spec with its boundaries scaled (rounded to multiples of 8 rows).
 
 A spec for a tensor-parallel model also places the all-reduces (o_allreduce, down_allreduce; typically on a unit
-of kind "network"); a spec without them runs a tensor-parallel model with each all-reduce right after its
-producer, on the same unit (`for_tensor_parallel`).
+of kind "network"), all on one unit: every rank must run its collectives in the same order, which only one stream
+guarantees. A spec without them runs a tensor-parallel model with each all-reduce issued right after its
+producer, on the unit of the first o_proj (`for_tensor_parallel`).
 """
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ class PipelineSpec:
             raise ValueError(f"pipeline spec {self.name!r} places all-reduces ({', '.join(NETWORK_OPS)}): it is for "
                              f"tensor parallelism")
         after = {"o_proj": "o_allreduce", "down": "down_allreduce"}
+        unit = next(n.unit for n in self.nano_ops if n.op == "o_proj")
         nano_ops = [m for n in self.nano_ops for m in
-                    ([n, NanoOp(after[n.op], n.start, n.end, n.unit)] if n.op in after else [n])]
+                    ([n, NanoOp(after[n.op], n.start, n.end, unit)] if n.op in after else [n])]
         return PipelineSpec(self.name, self.tokens, self.units, nano_ops, self.notes).validate()
 
     def validate(self) -> "PipelineSpec":
@@ -79,6 +81,9 @@ class PipelineSpec:
             if n.unit not in names:
                 raise ValueError(f"pipeline spec {self.name!r}: nano-op {n.op}[{n.start}:{n.end}] names unknown "
                                  f"unit {n.unit!r}")
+        if len(network := {n.unit for n in self.nano_ops if n.op in NETWORK_OPS}) > 1:
+            raise ValueError(f"pipeline spec {self.name!r}: the all-reduces are on units {sorted(network)}; they must "
+                             f"share one (the ranks run their collectives in the same order only on one stream)")
         for op in self.ops:
             ranges = sorted((n.start, n.end) for n in self.nano_ops if n.op == op)
             edges = [0] + [x for r in ranges for x in r] + [self.tokens]
