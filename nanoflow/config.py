@@ -17,8 +17,9 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",  # the Mistral decoder with a mixture-of-experts MLP
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mixtral"}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,8 +45,15 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    # mixture of experts (0: a dense MLP): each token's MLP is the weighted sum of its top num_experts_per_tok
+    # experts (SwiGLU MLPs of intermediate_size)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
 
     def __post_init__(self):
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts "
+                             f"({self.num_experts})]")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_kv_heads})")
@@ -61,18 +69,31 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def num_params(self) -> int:
-        """Parameter count (embedding included once; tied lm_head not counted twice)."""
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def num_params(self, experts: int | None = None) -> int:
+        """Parameter count (embedding included once; tied lm_head not counted twice). experts: count that many
+        experts per layer instead of all of them."""
         h, i = self.hidden_size, self.intermediate_size
-        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        mlps = 1 if not self.is_moe else self.num_experts if experts is None else experts
+        layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlps * 3 * h * i + self.num_experts * h + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + h
+
+    def active_params(self) -> int:
+        """Parameters a token's forward uses: with mixture of experts, only its top-k experts' (what a token costs;
+        the cost model's P)."""
+        return self.num_params(self.num_experts_per_tok if self.is_moe else None)
 
     def shard(self, tp_size: int) -> "ModelConfig":
         """One tensor-parallel rank's shape: its share of the query heads, KV heads and MLP width. The vocabulary
         stays whole here (the embedding and lm_head split it themselves, padded to a multiple of tp_size)."""
         if tp_size == 1:
             return self
+        if self.is_moe:
+            raise ValueError("tensor parallelism of mixture-of-experts models is not supported yet")
         for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
                         ("intermediate_size", self.intermediate_size)):
             if n % tp_size:
@@ -125,6 +146,8 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+                num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
+                num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
             )
         except KeyError as e:
             raise ValueError(f"malformed model config: missing field {e.args[0]!r}") from None
@@ -167,6 +190,8 @@ PRESETS: dict[str, ModelConfig] = {
                          eos_token_ids=[151643]),
     "mistral-7b": _preset("mistral", 32768, 4096, 14336, 32, 32, 8, 1e6, 32768, 1e-5, bos_token_id=1,
                           eos_token_ids=[2]),
+    "mixtral-8x7b": _preset("mixtral", 32000, 4096, 14336, 32, 32, 8, 1e6, 32768, 1e-5, bos_token_id=1,
+                            eos_token_ids=[2], num_experts=8, num_experts_per_tok=2),
 }
 
 

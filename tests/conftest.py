@@ -20,6 +20,8 @@ ARCH_CONFIGS = {
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
     # Mistral: a sliding window shorter than the prompts
     "mistral": dict(model_type="mistral", sliding_window=12),
+    # Mixtral: 4 experts, top-2
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0),
 }
 
 

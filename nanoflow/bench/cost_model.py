@@ -1,5 +1,6 @@
 """NanoFlow's cost model: optimal throughput = C / (2 P) tokens/s, C the dense GEMM rate measured on
-this device at the model's layer shapes, P the parameter count. Throughput counts prompt + output."""
+this device at the model's layer shapes, P the parameter count (with mixture of experts, the active parameters: a
+token uses only its top-k experts). Throughput counts prompt + output."""
 from __future__ import annotations
 
 import time
@@ -50,4 +51,4 @@ def gemm_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.d
 
 
 def optimal_throughput(rate: float, cfg: ModelConfig) -> float:
-    return rate / (2 * cfg.num_params())
+    return rate / (2 * cfg.active_params())

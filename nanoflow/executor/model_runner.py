@@ -104,6 +104,9 @@ class ModelRunner:
         if config.mode != "non-overlap":
             self.spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(self.device), c, self.dtype,
                                               self.max_num_tokens).for_tensor_parallel(self.tp.size)
+            if self.spec.ops != model.ops:
+                raise ValueError(f"pipeline spec {self.spec.name!r} has the ops {self.spec.ops}; this model's layer "
+                                 f"has {model.ops}")
         if config.mode == "nanobatch-only":
             self.forward = functools.partial(run_sequential, model, self.spec)
         elif config.mode == "pipeline":

@@ -1,8 +1,11 @@
-"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2), written as per-layer operations.
+"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2, Mixtral), written as per-layer operations.
 
 Each operation reads and writes rows [a, b) of a `Workspace` (one row per token), so the same
 model runs plainly (every op over all rows) or cut into nano-batches by the pipeline. Weights are
 fused where that makes fewer, larger GEMMs: q|k|v in one matrix, gate|up in another.
+
+A mixture-of-experts model (Mixtral) replaces the MLP's gate_up, act and down by two ops: `router` (the gate's
+logits) and `experts` (top-k routing, each expert's SwiGLU MLP over the rows routed to it, the weighted sum).
 
 With tensor parallelism each rank holds a shard (`ModelConfig.shard`): its query and KV heads in qkv (column
 parallel), its slice of gate and of up in gate_up, the matching input columns of o and down (row parallel, their
@@ -30,9 +33,15 @@ LAYER_OPS = ("attn_norm", "qkv", "rope_kv", "decode_attn", "prefill_attn", "o_pr
 # a pipeline spec can place them (on a network unit) like any other op.
 NETWORK_OPS = ("o_allreduce", "down_allreduce")
 TP_LAYER_OPS = LAYER_OPS[:6] + ("o_allreduce",) + LAYER_OPS[6:] + ("down_allreduce",)
+MOE_OPS = ("router", "experts")
+MOE_LAYER_OPS = LAYER_OPS[:7] + MOE_OPS
 
 
-def layer_ops(tp_size: int) -> tuple[str, ...]:
+def layer_ops(tp_size: int, moe: bool = False) -> tuple[str, ...]:
+    if moe:
+        if tp_size > 1:
+            raise ValueError("tensor parallelism of mixture-of-experts models is not supported yet")
+        return MOE_LAYER_OPS
     return TP_LAYER_OPS if tp_size > 1 else LAYER_OPS
 
 
@@ -44,21 +53,27 @@ class Workspace:
     normed: torch.Tensor
     qkv: torch.Tensor
     attn: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor  # dense MLP only (width 0 with experts: theirs are sized by the routing)
     act: torch.Tensor
+    router: torch.Tensor  # mixture of experts only: the gate's logits per expert
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device) -> "Workspace":
         def buf(width):
             return torch.empty(num_tokens, width, dtype=dtype, device=device)
-        h = cfg.hidden_size
-        return cls(buf(h), buf(h), buf(h), buf(cfg.q_size + 2 * cfg.kv_size), buf(cfg.q_size),
-                   buf(2 * cfg.intermediate_size), buf(cfg.intermediate_size))
+        h, i = cfg.hidden_size, cls._dense_mlp(cfg)
+        return cls(buf(h), buf(h), buf(h), buf(cfg.q_size + 2 * cfg.kv_size), buf(cfg.q_size), buf(2 * i), buf(i),
+                   buf(cfg.num_experts))
+
+    @classmethod
+    def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype) -> int:
+        width = (4 * cfg.hidden_size + 2 * cfg.q_size + 2 * cfg.kv_size + 3 * cls._dense_mlp(cfg)
+                 + cfg.num_experts)
+        return num_tokens * width * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
-    def bytes_for(cfg: ModelConfig, num_tokens: int, dtype: torch.dtype) -> int:
-        width = 4 * cfg.hidden_size + 2 * cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
-        return num_tokens * width * torch.empty((), dtype=dtype).element_size()
+    def _dense_mlp(cfg: ModelConfig) -> int:
+        return 0 if cfg.is_moe else cfg.intermediate_size
 
     def rows(self, n: int) -> "Workspace":
         return Workspace(*(getattr(self, f)[:n] for f in self.__slots__))
@@ -87,6 +102,11 @@ class DecoderLayer(nn.Module):
         self.o = _param(h, cfg.q_size, **p)
         self.o_bias = _param(h, **p) if cfg.o_bias else None
         self.mlp_norm = _param(h, **p)
+        if cfg.is_moe:  # the experts' gate|up and down stacked: [experts, out, in]
+            self.router = _param(cfg.num_experts, h, **p)
+            self.experts_gate_up = _param(cfg.num_experts, 2 * i, h, **p)
+            self.experts_down = _param(cfg.num_experts, h, i, **p)
+            return
         self.gate_up = _param(2 * i, h, **p)
         self.gate_up_bias = _param(2 * i, **p) if cfg.mlp_bias else None
         self.down = _param(h, i, **p)
@@ -101,7 +121,7 @@ class LlamaModel(nn.Module):
         self.full_cfg, self.tp = cfg, tp
         cfg = self.cfg = cfg.shard(tp.size)
         self.dtype, self.device = dtype, device
-        self.ops = layer_ops(tp.size)
+        self.ops = layer_ops(tp.size, cfg.is_moe)
         p = dict(dtype=dtype, device=device)
         # this rank's vocabulary rows [vocab_start, vocab_start + vocab_rows); the last rank's may run past the
         # vocabulary (padding: never looked up, its logits cut off)
@@ -194,6 +214,37 @@ class LlamaModel(nn.Module):
     def down(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         layer = self.layers[l]
         _linear(ws.act[a:b], layer.down, self._row_bias(layer.down_bias), ws.hidden[a:b])
+
+    def router(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        _linear(ws.normed[a:b], self.layers[l].router, None, ws.router[a:b])
+
+    def experts(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        """Each row's top-k experts by token permutation: the (row, expert) pairs sorted by expert, so that each
+        expert runs its SwiGLU MLP on contiguous rows, whose outputs, weighted, are scattered back and summed.
+        Routing as HF Mixtral: softmax in float32, top-k (torch.topk's tie-break), weights renormalized over the
+        k; each row's sum in increasing expert order, as HF adds them."""
+        layer, c = self.layers[l], self.cfg
+        weights, ids = ws.router[a:b].float().softmax(-1).topk(c.num_experts_per_tok, dim=-1)
+        weights /= weights.sum(-1, keepdim=True)
+        pairs = ids.flatten().argsort(stable=True)
+        rows = pairs // c.num_experts_per_tok  # the row (from a) of each pair, by expert
+        x = ws.normed[a:b].index_select(0, rows)
+        pair_weights = weights.flatten()[pairs].unsqueeze(1)
+        out = ws.hidden[a:b].zero_()
+        start = 0
+        # one host sync for the counts: the CPU reference (the GPU's grouped GEMM needs none)
+        for e, n in enumerate(torch.bincount(ids.flatten(), minlength=c.num_experts).tolist()):
+            if n == 0:  # no row chose this expert
+                continue
+            part = slice(start, start + n)
+            start += n
+            gate_up = x.new_empty(n, 2 * c.intermediate_size)
+            _linear(x[part], layer.experts_gate_up[e], None, gate_up)
+            act = x.new_empty(n, c.intermediate_size)
+            self.k.silu_mul(gate_up, out=act)
+            y = x.new_empty(n, c.hidden_size)
+            _linear(act, layer.experts_down[e], None, y)
+            out.index_add_(0, rows[part], (y * pair_weights[part]).to(out.dtype))
 
     def down_allreduce(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         all_reduce(ws.hidden[a:b])

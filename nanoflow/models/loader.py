@@ -31,7 +31,11 @@ HF_LAYER = {
     "mlp.gate_proj.weight": ("gate_up", "gate"), "mlp.up_proj.weight": ("gate_up", "up"),
     "mlp.gate_proj.bias": ("gate_up_bias", "gate"), "mlp.up_proj.bias": ("gate_up_bias", "up"),
     "mlp.down_proj.weight": ("down", None), "mlp.down_proj.bias": ("down_bias", None),
+    "block_sparse_moe.gate.weight": ("router", None),
 }
+# Mixtral's experts, one tensor each: w1 (gate), w3 (up), w2 (down) -> (our parameter, its part of an expert's)
+HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+HF_EXPERT_PART = {"w1": ("experts_gate_up", "gate"), "w3": ("experts_gate_up", "up"), "w2": ("experts_down", None)}
 HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 GGUF_LAYER = {
     "attn_norm.weight": ("attn_norm", None),
@@ -117,7 +121,7 @@ def init_dummy(model: LlamaModel, seed: int) -> None:
         elif model.tp.size == 1:
             p.normal_(0.0, 0.02, generator=gen)
         else:
-            pieces = [(shard, _whole_shape(model, name, _piece(model, p, shard))) for shard in _shards_of(name)]
+            pieces = [(shard, _whole_shape(model, name, _piece(model, p, shard))) for shard in _shards_of(model, name)]
             whole = torch.empty(sum(shape[0] for _, shape in pieces), *pieces[0][1][1:], dtype=p.dtype,
                                 device=p.device).normal_(0.0, 0.02, generator=gen)
             for (shard, shape), part in zip(pieces, whole.split([shape[0] for _, shape in pieces])):
@@ -125,7 +129,11 @@ def init_dummy(model: LlamaModel, seed: int) -> None:
 
 
 def _piece(model: LlamaModel, param: torch.Tensor, shard: str | None) -> torch.Tensor:
-    """The rows of a fused parameter that one checkpoint tensor fills (q, k or v of qkv; gate or up of gate_up)."""
+    """The rows of a fused parameter that one checkpoint tensor fills (q, k or v of qkv; gate or up of gate_up).
+    Stacked experts: shard 'E' is expert E, 'E.gate' / 'E.up' its gate or up rows."""
+    if param.dim() == 3:
+        expert, _, shard = shard.partition(".")
+        param, shard = param[int(expert)], shard or None
     if shard is None:
         return param
     c = model.cfg
@@ -169,7 +177,7 @@ def _copy_whole(model: LlamaModel, param: torch.Tensor, target: str, shard: str 
 def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> None:
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {(n, s) for n in params for s in _shards_of(n)}
+    expected = {(n, s) for n in params for s in _shards_of(model, n)}
     if cfg.tie_word_embeddings:
         expected.discard(("lm_head", None))
     loaded = set()
@@ -178,9 +186,13 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> 
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if m := pattern.fullmatch(name):
-            if m.group(2) not in layer:
+            if e := HF_EXPERT.fullmatch(m.group(2)):
+                local, part = HF_EXPERT_PART[e.group(2)]
+                shard = e.group(1) + (f".{part}" if part else "")
+            elif m.group(2) in layer:
+                local, shard = layer[m.group(2)]
+            else:
                 raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            local, shard = layer[m.group(2)]
             target = f"layers.{m.group(1)}.{local}"
         elif name in top:
             target, shard = top[name], None
@@ -201,9 +213,12 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> 
                          f"{' ...' if len(missing) > 8 else ''}")
 
 
-def _shards_of(name: str) -> tuple:
+def _shards_of(model: LlamaModel, name: str) -> tuple:
     local = name.rsplit(".", 1)[-1]
-    return {"qkv": ("q", "k", "v"), "qkv_bias": ("q", "k", "v"), "gate_up": ("gate", "up"),
+    experts = range(model.cfg.num_experts)
+    return {"experts_gate_up": tuple(f"{e}.{part}" for e in experts for part in ("gate", "up")),
+            "experts_down": tuple(str(e) for e in experts),
+            "qkv": ("q", "k", "v"), "qkv_bias": ("q", "k", "v"), "gate_up": ("gate", "up"),
             "gate_up_bias": ("gate", "up")}.get(local, (None,))
 
 

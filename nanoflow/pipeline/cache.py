@@ -29,6 +29,8 @@ def shape_key(cfg: ModelConfig) -> str:
     and Mistral-7B share one shape)."""
     c = cfg
     key = f"h{c.hidden_size}-i{c.intermediate_size}-q{c.num_heads}-kv{c.num_kv_heads}-d{c.head_dim}"
+    if c.is_moe:
+        key += f"-e{c.num_experts}k{c.num_experts_per_tok}"
     if c.qkv_bias or c.o_bias or c.mlp_bias:
         key += f"-bias{int(c.qkv_bias)}{int(c.o_bias)}{int(c.mlp_bias)}"
     return key + (f"-w{c.sliding_window}" if c.sliding_window else "")
@@ -65,10 +67,10 @@ def resolve_pipeline_spec(name: str, gpu_name: str, cfg: ModelConfig, dtype: tor
     Llama-3-8B-shaped model; else the non-overlap spec. 'non-overlap', a file or a shipped spec's name:
     that spec."""
     if name == "non-overlap":
-        return non_overlap(budget)
+        return non_overlap(budget, moe=cfg.is_moe)
     if name != "auto":
         return load_spec(name)
     tuned = find_tuned(gpu_name, cfg, dtype, budget)
     if tuned is not None:
         return tuned
-    return load_spec(HAND) if fits_hand_spec(cfg) else non_overlap(budget)
+    return load_spec(HAND) if fits_hand_spec(cfg) else non_overlap(budget, moe=cfg.is_moe)

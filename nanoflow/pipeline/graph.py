@@ -4,7 +4,8 @@ Ops work on rows, so a nano-op depends on the nano-ops of its input op whose row
 Two exceptions: the first norm of a layer reads the previous layer's `down` (or the embedding), and
 prefill attention reads the KV of every earlier row of its sequences, so it depends on the KV append
 (`rope_kv`) of every range that starts before its end. With tensor parallelism, o_proj's and down's outputs are
-complete only after their all-reduce, which their readers then wait for instead.
+complete only after their all-reduce, which their readers then wait for instead. A mixture-of-experts layer's
+MLP is router then experts (which reads the normed rows and the router's logits).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from nanoflow.pipeline.spec import NanoOp
 
 INPUTS = {"qkv": ("attn_norm",), "rope_kv": ("qkv",), "decode_attn": ("rope_kv",), "prefill_attn": ("rope_kv",),
           "o_proj": ("decode_attn", "prefill_attn"), "mlp_norm": ("o_proj",), "gate_up": ("mlp_norm",),
-          "act": ("gate_up",), "down": ("act",)}
+          "act": ("gate_up",), "down": ("act",), "router": ("mlp_norm",), "experts": ("mlp_norm", "router")}
 TP_INPUTS = INPUTS | {"o_allreduce": ("o_proj",), "mlp_norm": ("o_allreduce",), "down_allreduce": ("down",)}
 
 
@@ -38,8 +39,9 @@ def dependencies(n: NanoOp, layer: list[NanoOp]) -> list[NanoOp]:
 
 
 def previous_layer_dependencies(n: NanoOp, layer: list[NanoOp]) -> list[NanoOp]:
-    """For a layer's first norm: the previous layer's `down` (or `down_allreduce`) nano-ops it reads."""
+    """For a layer's first norm: the previous layer's `down` (`down_allreduce`, `experts`) nano-ops it reads."""
     if n.op != "attn_norm":
         return []
-    last = "down_allreduce" if _tensor_parallel(layer) else "down"
+    last = "down_allreduce" if _tensor_parallel(layer) else "experts" if any(m.op == "experts" for m in layer) \
+        else "down"
     return [m for m in layer if m.op == last and m.start < m.end and _overlap(m, n)]

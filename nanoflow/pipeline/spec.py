@@ -7,7 +7,8 @@ the same spec with its boundaries scaled (rounded to multiples of 8 rows).
 A spec for a tensor-parallel model also places the all-reduces (o_allreduce, down_allreduce; typically on a unit
 of kind "network"), all on one unit: every rank must run its collectives in the same order, which only one stream
 guarantees. A spec without them runs a tensor-parallel model with each all-reduce issued right after its
-producer, on the unit of the first o_proj (`for_tensor_parallel`).
+producer, on the unit of the first o_proj (`for_tensor_parallel`). A spec for a mixture-of-experts model has
+router and experts where a dense one has gate_up, act and down.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 from importlib import resources
 from dataclasses import asdict, dataclass
 
-from nanoflow.models.llama import NETWORK_OPS, TP_LAYER_OPS, layer_ops
+from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, TP_LAYER_OPS, layer_ops
 
 UNIT_KINDS = ("compute", "memory", "network", "other")
 ALIGN = 8
@@ -48,8 +49,9 @@ class PipelineSpec:
 
     @property
     def ops(self) -> tuple[str, ...]:
-        """The layer ops this spec covers: with the all-reduces if it places any."""
-        return layer_ops(2 if any(n.op in NETWORK_OPS for n in self.nano_ops) else 1)
+        """The layer ops this spec covers: with the all-reduces if it places any, the experts' if it places them."""
+        return layer_ops(2 if any(n.op in NETWORK_OPS for n in self.nano_ops) else 1,
+                         any(n.op in MOE_OPS for n in self.nano_ops))
 
     def for_tensor_parallel(self, tp_size: int) -> "PipelineSpec":
         """This spec for a model of tp_size ranks (a spec that places all-reduces only runs with tp_size > 1)."""
@@ -76,8 +78,8 @@ class PipelineSpec:
             if u.sms < 0:
                 raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has {u.sms} SMs")
         for n in self.nano_ops:
-            if n.op not in TP_LAYER_OPS:
-                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {TP_LAYER_OPS}")
+            if n.op not in self.ops:
+                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {self.ops}")
             if n.unit not in names:
                 raise ValueError(f"pipeline spec {self.name!r}: nano-op {n.op}[{n.start}:{n.end}] names unknown "
                                  f"unit {n.unit!r}")
@@ -146,7 +148,7 @@ def load_spec(name_or_path: str) -> PipelineSpec:
     return PipelineSpec.from_json(shipped.read_text())
 
 
-def non_overlap(tokens: int, tp_size: int = 1) -> PipelineSpec:
+def non_overlap(tokens: int, tp_size: int = 1, moe: bool = False) -> PipelineSpec:
     """One nano-batch per op on the whole device: the plain forward, as a spec."""
     return PipelineSpec("non-overlap", tokens, [Unit("device", "other")],
-                        [NanoOp(op, 0, tokens, "device") for op in layer_ops(tp_size)]).validate()
+                        [NanoOp(op, 0, tokens, "device") for op in layer_ops(tp_size, moe)]).validate()

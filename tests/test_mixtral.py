@@ -1,0 +1,120 @@
+"""Mixtral (mixture of experts) on the CPU: routing as HF's, greedy decoding as HF's (also with ties and experts that
+get no tokens; the plain parity is in test_hf_parity.py), nano-batched == plain, loading."""
+import pytest
+import torch
+
+from conftest import make_hf_model
+from test_hf_parity import hf_greedy
+from nanoflow import LLM, SamplingParams
+from nanoflow.config import EngineConfig, preset
+from nanoflow.executor.model_runner import ModelRunner
+from nanoflow.models.llama import MOE_LAYER_OPS, LlamaModel, Workspace
+from nanoflow.models.loader import ModelSource, build_model
+from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
+
+PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+           [1000, 2000, 3000], [77] * 37, list(range(100, 131))]
+TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16, num_experts=4, num_experts_per_tok=2)
+
+
+def test_config_and_params():
+    cfg = preset("mixtral-8x7b")
+    assert cfg.is_moe and (cfg.num_experts, cfg.num_experts_per_tok) == (8, 2)
+    assert round(cfg.num_params() / 1e9, 1) == 46.7 and round(cfg.active_params() / 1e9, 1) == 12.9
+    assert preset("llama-3-8b").active_params() == preset("llama-3-8b").num_params()
+    with pytest.raises(ValueError, match="not supported yet"):
+        cfg.shard(2)
+
+
+def hf_block(cfg, gate):
+    """HF's MoE block with random experts and the given gate weight."""
+    from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(MixtralConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                                                num_local_experts=cfg.num_experts,
+                                                num_experts_per_tok=cfg.num_experts_per_tok)).eval()
+    with torch.no_grad():
+        block.experts.gate_up_proj.normal_(0, 0.1)
+        block.experts.down_proj.normal_(0, 0.1)
+        block.gate.weight.copy_(gate)
+    return block
+
+
+@pytest.mark.parametrize("routing", ["random", "ties"])
+def test_experts_op_matches_hf_block(routing):
+    """Inputs positive and expert 3's gate row negative: expert 3 gets no tokens. 'ties': the other gate rows zero, so
+    experts 0, 1, 2 tie for the top 2 (torch.topk's tie-break, as HF). Also cut into nano-batches: the same."""
+    cfg = preset("mixtral-8x7b", **TINY)
+    gate = torch.zeros(4, 64) if routing == "ties" else torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    gate[3] = -1.0
+    block = hf_block(cfg, gate)
+    model = LlamaModel(cfg, torch.float32, torch.device("cpu"), 64)
+    layer = model.layers[0]
+    with torch.no_grad():
+        layer.router.copy_(gate)
+        layer.experts_gate_up.copy_(block.experts.gate_up_proj)
+        layer.experts_down.copy_(block.experts.down_proj)
+        x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2)).abs()
+        ref = block(x.unsqueeze(0))[0]
+        _, _, ids = block.gate(x)
+        assert 3 not in ids and (routing == "random" or len(ids.unique()) == 2)  # ties: all rows pick one pair
+        for cuts in ([0, 40], [0, 8, 13, 40]):
+            ws = Workspace.allocate(cfg, 40, torch.float32, "cpu")
+            ws.normed.copy_(x)
+            for a, b in zip(cuts, cuts[1:]):
+                model.router(0, ws, None, a, b)
+                model.experts(0, ws, None, a, b)
+            torch.testing.assert_close(ws.hidden, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_greedy_matches_hf_with_ties_and_idle_experts(tmp_path):
+    """Layer 0's gate zero: every token ties on all experts, torch.topk picks the same two, the others idle."""
+    model = make_hf_model(str(tmp_path / "src"), "mixtral", None, seed=4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight.zero_()
+    model.save_pretrained(str(tmp_path / "m"))
+    llm = LLM(str(tmp_path / "m"))
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.outputs[0].token_ids == hf_greedy(model, prompt, 8)
+
+
+def moe_spec(tokens=64):
+    """Each op of the MoE layer in four uneven nano-batches."""
+    cuts = [0, 8, 24, 40, tokens]
+    return PipelineSpec("moe-four", tokens, [Unit("gemm", "compute", 100), Unit("mem", "memory", 32)],
+                        [NanoOp(op, cuts[i], cuts[i + 1], "mem" if op.endswith("attn") else "gemm")
+                         for i in range(4) for op in MOE_LAYER_OPS]).validate()
+
+
+def test_specs_follow_the_model_ops(tmp_path):
+    assert moe_spec().ops == MOE_LAYER_OPS == non_overlap(64, moe=True).ops
+    bad = moe_spec()
+    bad.nano_ops[-1].op = "down"
+    with pytest.raises(ValueError, match="unknown op 'down'"):
+        bad.validate()
+    cfg = preset("mixtral-8x7b", **TINY)
+    model = build_model(ModelSource("preset", "tiny", cfg), "dummy", torch.float32, torch.device("cpu"), 64)
+    assert model.ops == MOE_LAYER_OPS and all(p.abs().sum() > 0 for p in model.layers[0].parameters())
+    path = tmp_path / "dense.json"
+    non_overlap(64).save(str(path))
+    with pytest.raises(ValueError, match="this model's layer has"):
+        ModelRunner(model, EngineConfig(mode="nanobatch-only", pipeline_spec=str(path), num_kv_blocks=16), {2}, 64)
+
+
+@pytest.mark.parametrize("budget", [16, 48])  # decode-only and mixed iterations
+def test_nanobatched_forward_equals_plain(tmp_path, budget):
+    path = str(tmp_path / "m")
+    make_hf_model(path, "mixtral", None, seed=5)
+    moe_spec().save(str(tmp_path / "spec.json"))
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    plain = LLM(path, max_num_batched_tokens=budget).generate(PROMPTS, p, use_tqdm=False)
+    nano = LLM(path, max_num_batched_tokens=budget, mode="nanobatch-only",
+               pipeline_spec=str(tmp_path / "spec.json")).generate(PROMPTS, p, use_tqdm=False)
+    for a, b in zip(nano, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            (t, lp), = x.items()
+            assert lp.logprob == pytest.approx(y[t].logprob, abs=1e-4)
