@@ -15,13 +15,13 @@ import json
 import torch
 import triton
 import triton.language as tl
-
 from decode_sweep import case
+
 from nanoflow.bench.cost_model import layer_gemms
 from nanoflow.config import preset
-from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.kernels.sm_share import sm_share
-from nanoflow.pipeline.units import partition, total_sms
+from nanoflow.kernels.triton_attention import decode_attention
+from nanoflow.pipeline.units import partition, share, total_sms
 
 SCALE = 128 ** -0.5
 
@@ -38,11 +38,6 @@ def timed(fn, stream, reps=10):
         end.record(stream)
     end.synchronize()
     return start.elapsed_time(end) / reps
-
-
-def unit(sms):
-    """(SMs granted, stream): a partition of S SMs, or a plain stream for the whole card."""
-    return (total_sms(), torch.cuda.Stream()) if sms >= total_sms() else partition((sms,))[0]
 
 
 def decode_configs(quick):
@@ -75,7 +70,7 @@ def decode_curves(sm_list, quick):
     nbytes = 2 * 305 * 1280 * 8 * 128 * 2
     rows = []
     for sms in sm_list:
-        granted, stream = unit(sms)
+        granted, stream = share(sms)
         row = {"sms": granted}
         ms = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out), stream)
         row["grid_ms"], row["grid_tb_s"] = ms, nbytes / ms / 1e9
@@ -109,7 +104,7 @@ def decode_contexts(config, sm_list):
         out = torch.empty_like(q)
         nbytes = 2 * seqs * ctx * 8 * 128 * 2
         for sms in sm_list:
-            granted, stream = unit(sms)
+            granted, stream = share(sms)
             grid = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out), stream)
             pers = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out, programs=config["per_sm"] * granted,
                                                   **kw), stream)
@@ -132,7 +127,7 @@ def gemm_curves(sm_list, token_list):
     for tokens in token_list:
         mats = gemm_mats(tokens)
         for sms in sm_list:
-            granted, stream = unit(sms)
+            granted, stream = share(sms)
             row = {"tokens": tokens, "sms": granted, "cublas_ms": 0.0, "cublaslt_target_ms": 0.0}
             for name, (x, w, o, _) in mats.items():
                 row["cublas_ms"] += timed(lambda: torch.mm(x, w.t(), out=o), stream)

@@ -35,6 +35,7 @@ from nanoflow.pipeline.cache import (
     gpu_name,
     shape_key,
 )
+from nanoflow.pipeline.units import partition, share
 
 STEP = 128  # nano-batch rows are measured in steps of this
 MIN_SMS = 16  # below this every kernel measured crawls (BENCHMARKS.md #4)
@@ -211,18 +212,6 @@ def op_range(p: Profile, op: str, x: int) -> tuple[int, int]:
     return (p.decode_rows, p.decode_rows + x) if op == "prefill_attn" else (0, x)
 
 
-_plain: dict[int, torch.cuda.Stream] = {}
-
-
-def _streams(sms: tuple[int, ...], p: Profile) -> list[torch.cuda.Stream]:
-    """A stream per SM count: disjoint green contexts, or a plain stream for the whole device."""
-    device = torch.cuda.current_device()
-    if sms == (p.total_sms,):
-        return [_plain.setdefault(device, torch.cuda.Stream())]
-    from nanoflow.pipeline.units import partition
-    return [s for _, s in partition(sms, device)]
-
-
 def _graph(fn, stream: torch.cuda.Stream, sms: int, total: int, n: int) -> torch.cuda.CUDAGraph:
     """fn called n times, captured on stream (after a warm-up that compiles and builds attention metadata),
     its kernels chosen for a share of `sms` SMs, as the pipeline issues them."""
@@ -281,7 +270,7 @@ def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.devi
         for op, s, i in todo:
             fn = call(op, p.rows[op][i])
             if on_gpu:
-                stream, = _streams((s,), p)
+                _, stream = share(s, torch.cuda.current_device())
                 p.times[op][str(s)][i] = _replay_us([(_graph(fn, stream, s, p.total_sms, reps), stream, reps)])[0]
             else:
                 p.times[op][str(s)][i] = _cpu_us(fn, reps)
@@ -289,11 +278,12 @@ def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.devi
             bar.update()
         for sc, sm in pairs:
             # the representative ops alone, then side by side with call counts that make both last as long
-            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), stream, share) for k, stream, share
-                    in zip(("compute", "memory"), _streams((sc, sm), p), (sc, sm))]
-            alone = [_replay_us([(_graph(fn, st, share, p.total_sms, reps), st, reps)])[0] for fn, st, share in runs]
+            units = partition((sc, sm), torch.cuda.current_device())
+            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), st, sms)
+                    for k, (_, st), sms in zip(("compute", "memory"), units, (sc, sm))]
+            alone = [_replay_us([(_graph(fn, st, sms, p.total_sms, reps), st, reps)])[0] for fn, st, sms in runs]
             ns = [max(reps, round(reps * max(alone) / t)) for t in alone]
-            both = _replay_us([(_graph(fn, st, share, p.total_sms, n), st, n) for (fn, st, share), n in zip(runs, ns)])
+            both = _replay_us([(_graph(fn, st, sms, p.total_sms, n), st, n) for (fn, st, sms), n in zip(runs, ns)])
             p.interference.setdefault("compute|memory", {})[str(sc)] = both[0] / alone[0]
             p.interference.setdefault("memory|compute", {})[str(sm)] = both[1] / alone[1]
             p.save(path)

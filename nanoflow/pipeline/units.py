@@ -99,6 +99,13 @@ def unit_streams(units, device: int = 0) -> dict[str, tuple[int, torch.cuda.Stre
     return {u.name: groups[u.name] if u.sms > 0 else (whole, _plain_stream(u.name, device)) for u in units}
 
 
+def share(sms: int, device: int = 0) -> tuple[int, torch.cuda.Stream]:
+    """(SMs granted, stream) for one op timed alone on a share of `sms` SMs: a partition, or a plain stream
+    when the share is the whole device."""
+    whole = total_sms(device)
+    return (whole, _plain_stream("whole", device)) if sms >= whole else partition((sms,), device)[0]
+
+
 _plain: dict[tuple[str, int], torch.cuda.Stream] = {}
 
 
