@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from conftest import gpu, make_hf_model
 from nanoflow import LLM, SamplingParams
 from nanoflow.bench.throughput import run_workload
 from nanoflow.bench.workloads import Workload, parse
@@ -16,9 +17,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 OFF = dict(enable_prefix_caching=False)
 
 
-def host_gb(blocks, block_size=4):
-    """A host tier of this many blocks of the test model (2 layers, 2 KV heads of 16, fp32: 512 bytes a token)."""
-    return blocks * block_size * 512 / 2**30
+DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
+
+
+def host_gb(blocks, block_size=4, device="cpu"):
+    """A host tier of this many blocks of the test model (2 layers, 2 KV heads of 16: 512 bytes a token in fp32
+    on the CPU, 256 in bf16 on the GPU)."""
+    return blocks * block_size * (512 if device == "cpu" else 256) / 2**30
 
 
 def tokens(outs):
@@ -55,20 +60,35 @@ def check(blocks, running=()):
 
 
 @pytest.fixture(scope="module")
-def reference(llama_dir):
-    return conversation(LLM(llama_dir, **OFF))
+def ids_model(tmp_path_factory):
+    """The test model without a tokenizer (prompts are token ids), so that the GPU runs it too."""
+    path = str(tmp_path_factory.mktemp("ids_llama"))
+    make_hf_model(path, "llama", None, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference(ids_model, device):
+    return conversation(LLM(ids_model, device=device, **OFF))
 
 
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(max_num_batched_tokens=8),  # prefills in chunks after the cached prefix
     dict(num_kv_blocks=48, block_size=4),  # eviction
-    dict(num_kv_blocks=48, block_size=4, kv_offload_gb=host_gb(40)),  # ... and the host tier
-    dict(num_kv_blocks=28, block_size=4, kv_offload_gb=host_gb(40), max_num_batched_tokens=16),  # preemption too
+    dict(num_kv_blocks=48, block_size=4, kv_offload_gb=40),  # ... and the host tier (of 40 blocks)
+    dict(num_kv_blocks=28, block_size=4, kv_offload_gb=40, max_num_batched_tokens=16),  # preemption too
     dict(async_scheduling=True, cuda_graph=True),
 ], ids=["cache", "chunked", "evict", "offload", "preempt", "async-graph"])
-def test_outputs_equal_without_cache(llama_dir, reference, kw):
-    llm = LLM(llama_dir, **kw)
+def test_outputs_equal_without_cache(ids_model, device, reference, kw):
+    if "kv_offload_gb" in kw:
+        kw = dict(kw, kv_offload_gb=host_gb(kw["kv_offload_gb"], device=device))
+    llm = LLM(ids_model, device=device, **kw)
     assert conversation(llm) == reference
     eng = llm.engine
     blocks, stats = eng.scheduler.blocks, eng.scheduler.blocks.stats
@@ -188,18 +208,19 @@ def test_bench_serve_multiround(tmp_path):
         assert stop_server(proc) == 0
 
 
-def test_offload_copies_round_trip():
+@pytest.mark.parametrize("device", DEVICES)
+def test_offload_copies_round_trip(device):
     """Blocks saved to scattered and consecutive slots, more than one staging buffer's worth, come back intact
     into other blocks."""
     import torch
 
     from nanoflow.executor.kv_offload import STAGE_BLOCKS, KVOffload
-    kv = torch.randn(2, 2, 90, 4, 2, 3)
+    kv = torch.randn(2, 2, 90, 4, 2, 3, device=device)
     off = KVOffload(kv, 80)
     n = STAGE_BLOCKS + 8
     blocks, slots = random.Random(0).sample(range(89), n), [5, 3, 4] + list(range(40, 40 + n - 3))
     before = kv[:, :, blocks].clone()
-    off.issue(list(zip(blocks, slots)), [], False)
+    off.issue(list(zip(blocks, slots)), [], True)  # fenced: the blocks are overwritten next
     kv.zero_()
     targets = list(range(89 - n, 89))
     off.issue([], list(zip(targets, slots)), False)
