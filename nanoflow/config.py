@@ -95,7 +95,7 @@ class ModelConfig:
         if self.is_moe:
             raise ValueError("tensor parallelism of mixture-of-experts models is not supported yet")
         for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
-                        ("intermediate_size", self.intermediate_size)):
+                        ("intermediate_size", self.intermediate_size), ("hidden_size", self.hidden_size)):
             if n % tp_size:
                 raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's {what} ({n})")
         return replace(self, num_heads=self.num_heads // tp_size, num_kv_heads=self.num_kv_heads // tp_size,

@@ -9,7 +9,7 @@ import torch
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import preset
 from nanoflow.distributed.parallel_state import TPGroup
-from nanoflow.models.llama import NETWORK_OPS, TP_LAYER_OPS
+from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS
 from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, load_spec, non_overlap
@@ -78,6 +78,18 @@ def test_network_ops_in_a_spec():
     with pytest.raises(ValueError, match="they must share one"):
         PipelineSpec("split", 64, units, [NanoOp(n.op, n.start, n.end, "compute" if n.start else n.unit)
                                           for n in ops]).validate()
+    # the all-gather form for the first rows: its ops chain, mlp_norm reads whichever form made its rows
+    mixed = PipelineSpec("mixed", 64, units, _tp_ops(((0, 32), (32, 64)), gather_first=True)).validate()
+    first = {n.op: n for n in mixed.nano_ops if n.start == 0}
+    assert "o_proj" not in first and set(O_ALLGATHER) <= set(first)
+    assert [d.op for d in dependencies(first["o_gathered"], mixed.nano_ops)] == ["attn_allgather"]
+    assert [d.op for d in dependencies(first["mlp_norm"], mixed.nano_ops)] == ["o_allgather"]
+    assert {d.op for d in dependencies(first["attn_allgather"], mixed.nano_ops)} == {"decode_attn", "prefill_attn"}
+    with pytest.raises(ValueError, match="o_proj and o_gathered must cover"):
+        PipelineSpec("both", 64, units, mixed.nano_ops + [NanoOp("o_proj", 0, 32, "compute"),
+                                                          NanoOp("o_allreduce", 0, 32, "net")]).validate()
+    with pytest.raises(ValueError, match="must have the same nano-batches"):
+        PipelineSpec("half", 64, units, [n for n in mixed.nano_ops if n.op != "o_allgather"]).validate()
     hand = load_spec("llama-3-8b-h100-hand").for_tensor_parallel(2)
     assert len({n.unit for n in hand.nano_ops if n.op in NETWORK_OPS}) == 1
     plain = non_overlap(64).for_tensor_parallel(2)
@@ -103,15 +115,30 @@ def assert_same(outs, refs):
             assert set(got) == set(want)
 
 
-def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir):
+def _tp_ops(rows, gather_first=False):
+    """TP_LAYER_OPS over each range of rows, collectives on the unit 'net'; the first range's projection in the
+    all-gather form if asked."""
+    ops = []
+    for i, (s, e) in enumerate(rows):
+        for op in TP_LAYER_OPS:
+            if gather_first and i == 0 and op in O_ALLREDUCE:
+                names = O_ALLGATHER if op == "o_proj" else ()
+            else:
+                names = (op,)
+            ops += [NanoOp(n, s, e, "net" if n in NETWORK_OPS else "compute") for n in names]
+    return ops
+
+
+@pytest.mark.parametrize("gather_first", [False, True], ids=["allreduce", "allgather-then-allreduce"])
+def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir, gather_first):
     """Qwen2 (qkv bias, tied embeddings; a vocabulary of odd size, so the last rank's slice is padded), nano-batched
-    by a spec that puts the all-reduces on a network unit, through the graph path's static buffers."""
+    by a spec that puts the collectives on a network unit, through the graph path's static buffers; the first
+    nano-batch's attention output projected by the all-gather form, if asked."""
     from conftest import make_hf_model
     path = str(tmp_path / "qwen2")
     make_hf_model(path, "qwen2", tokenizer_dir, seed=2, vocab_size=49153)
     units = [Unit("compute", "compute"), Unit("net", "network")]
-    ops = [NanoOp(op, s, e, "net" if op.endswith("allreduce") else "compute")
-           for s, e in ((0, 8), (8, 16)) for op in TP_LAYER_OPS]
+    ops = _tp_ops(((0, 8), (8, 16)), gather_first)
     spec = str(tmp_path / "tp.json")
     PipelineSpec("tp", 16, units, ops).validate().save(spec)
     refs = LLM(path, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)

@@ -46,6 +46,18 @@ def all_reduce(x: torch.Tensor) -> None:
     dist.all_reduce(x)
 
 
+# all_gather_into_tensor's name from torch 2.13 on (the old one warns there; 2.11 has only the old one)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_columns(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Every rank's x ([n, cols], contiguous) side by side into out ([n, size * cols]), in rank order."""
+    n, cols = x.shape
+    staged = x.new_empty(out.shape[1] // cols * n, cols)  # the collective concatenates along rows
+    _all_gather(staged, x)
+    out.view(n, -1, cols).copy_(staged.view(-1, n, cols).transpose(0, 1))
+
+
 def gather_columns(x: torch.Tensor, tp: TPGroup) -> torch.Tensor | None:
     """Rank 0: the ranks' x side by side ([n, size * cols]); other ranks: None."""
     parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None

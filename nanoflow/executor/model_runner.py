@@ -22,7 +22,7 @@ from nanoflow.executor.kv_offload import KVOffload
 from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
-from nanoflow.models.llama import LlamaModel, Workspace
+from nanoflow.models.llama import O_ALLGATHER, LlamaModel, Workspace
 from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.cache import gpu_name, resolve_pipeline_spec
 
@@ -78,8 +78,16 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         self.max_num_tokens = config.max_num_batched_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.block_size = config.block_size
-        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.tp = model.tp
+        if config.mode != "non-overlap":
+            self.spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(self.device), self.cfg, self.dtype,
+                                              self.max_num_tokens).for_tensor_parallel(self.tp.size)
+            if self.spec.ops != model.ops:
+                raise ValueError(f"pipeline spec {self.spec.name!r} has the ops {self.spec.ops}; this model's layer "
+                                 f"has {model.ops}")
+            if any(n.op in O_ALLGATHER for n in self.spec.nano_ops):  # (before the KV cache takes the memory)
+                model.prepare_o_allgather()
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         if self.tp.size > 1:  # the scheduler's block ids index every rank's cache
             self.num_blocks = agree_min(self.tp, self.num_blocks)
         if self.num_blocks <= 0:
@@ -92,7 +100,7 @@ class ModelRunner:
         self.pad_slot = self.num_blocks * self.block_size
         self.num_host_blocks = int(config.kv_offload_gb * 2**30) // self._block_bytes()
         self.offload = KVOffload(model.kv_cache, self.num_host_blocks) if self.num_host_blocks else None
-        self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device)
+        self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device, self.tp.size)
         if config.seed is not None:
             torch.manual_seed(config.seed)
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
@@ -101,12 +109,6 @@ class ModelRunner:
         self.keep_next_batch = False  # set to keep the next iteration's batch (self.kept_batch), for profiling
         self.kept_batch: ForwardBatch | None = None
         self.forward = model.forward_layers  # (batch, ws): all layers, however they are cut and placed
-        if config.mode != "non-overlap":
-            self.spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(self.device), c, self.dtype,
-                                              self.max_num_tokens).for_tensor_parallel(self.tp.size)
-            if self.spec.ops != model.ops:
-                raise ValueError(f"pipeline spec {self.spec.name!r} has the ops {self.spec.ops}; this model's layer "
-                                 f"has {model.ops}")
         if config.mode == "nanobatch-only":
             self.forward = functools.partial(run_sequential, model, self.spec)
         elif config.mode == "pipeline":
@@ -132,7 +134,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         c = self.cfg
         # activations of one full iteration, plus logits rows in float32 (with headroom for sampling)
-        act = Workspace.bytes_for(c, self.max_num_tokens, self.dtype)
+        act = Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size)
         logits = 4 * c.vocab_size * max(self.max_num_tokens, self.config.max_num_seqs) * 3
         usable = total * self.config.gpu_memory_utilization - (total - free) - act - logits
         return int(usable // per_block)

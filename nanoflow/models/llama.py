@@ -11,6 +11,12 @@ With tensor parallelism each rank holds a shard (`ModelConfig.shard`): its query
 parallel), its slice of gate and of up in gate_up, the matching input columns of o and down (row parallel, their
 partial sums added over the ranks by the ops o_allreduce / down_allreduce), and a slice of the vocabulary in the
 embedding and the lm_head.
+
+The attention output's projection has a second form, NanoFlow's for LLaMA-2-70B, that a pipeline spec may pick per
+nano-batch: all-gather the ranks' attention outputs (attn_allgather), project them onto this rank's slice of the
+hidden columns (o_gathered: o split by output rows instead of input columns), all-gather the slices (o_allgather).
+Two all-gathers move the bytes of one all-reduce, but add nothing up and split the collective in two, so that
+each half can overlap other work.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch import nn
 from nanoflow import kernels
 from nanoflow.kernels import reference
 from nanoflow.config import ModelConfig
-from nanoflow.distributed.parallel_state import SINGLE, TPGroup, all_reduce, gather_columns
+from nanoflow.distributed.parallel_state import SINGLE, TPGroup, all_gather_columns, all_reduce, gather_columns
 from nanoflow.layers.rotary import cos_sin_table
 from nanoflow.models.batch import DECODE, PREFILL, ForwardBatch
 
@@ -31,8 +37,10 @@ LAYER_OPS = ("attn_norm", "qkv", "rope_kv", "decode_attn", "prefill_attn", "o_pr
              "mlp_norm", "gate_up", "act", "down")
 # With tensor parallelism, the all-reduces of the row-parallel projections' outputs are ops of their own, so that
 # a pipeline spec can place them (on a network unit) like any other op.
-NETWORK_OPS = ("o_allreduce", "down_allreduce")
+NETWORK_OPS = ("o_allreduce", "down_allreduce", "attn_allgather", "o_allgather")
 TP_LAYER_OPS = LAYER_OPS[:6] + ("o_allreduce",) + LAYER_OPS[6:] + ("down_allreduce",)
+# the two forms of the attention output's projection under tensor parallelism, for the rows a spec gives each
+O_ALLREDUCE, O_ALLGATHER = ("o_proj", "o_allreduce"), ("attn_allgather", "o_gathered", "o_allgather")
 MOE_OPS = ("router", "experts")
 MOE_LAYER_OPS = LAYER_OPS[:7] + MOE_OPS
 
@@ -56,20 +64,26 @@ class Workspace:
     gate_up: torch.Tensor  # dense MLP only (width 0 with experts: theirs are sized by the routing)
     act: torch.Tensor
     router: torch.Tensor  # mixture of experts only: the gate's logits per expert
+    attn_all: torch.Tensor  # tensor parallelism only: every rank's attention outputs (attn_allgather)
+    o_part: torch.Tensor  # tensor parallelism only: this rank's hidden columns of o (o_gathered)
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device) -> "Workspace":
+    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device, tp_size: int = 1) -> "Workspace":
+        """cfg: a rank's shard."""
         def buf(width):
             return torch.empty(num_tokens, width, dtype=dtype, device=device)
-        h, i = cfg.hidden_size, cls._dense_mlp(cfg)
-        return cls(buf(h), buf(h), buf(h), buf(cfg.q_size + 2 * cfg.kv_size), buf(cfg.q_size), buf(2 * i), buf(i),
-                   buf(cfg.num_experts))
+        return cls(*map(buf, cls._widths(cfg, tp_size)))
 
     @classmethod
-    def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype) -> int:
-        width = (4 * cfg.hidden_size + 2 * cfg.q_size + 2 * cfg.kv_size + 3 * cls._dense_mlp(cfg)
-                 + cfg.num_experts)
-        return num_tokens * width * torch.empty((), dtype=dtype).element_size()
+    def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+        return num_tokens * sum(cls._widths(cfg, tp_size)) * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def _widths(cfg: ModelConfig, tp_size: int) -> list[int]:
+        h, i = cfg.hidden_size, Workspace._dense_mlp(cfg)
+        tp = tp_size > 1
+        return [h, h, h, cfg.q_size + 2 * cfg.kv_size, cfg.q_size, 2 * i, i, cfg.num_experts,
+                tp * cfg.q_size * tp_size, tp * h // tp_size]
 
     @staticmethod
     def _dense_mlp(cfg: ModelConfig) -> int:
@@ -101,6 +115,7 @@ class DecoderLayer(nn.Module):
         self.qkv_bias = _param(qkv, **p) if cfg.qkv_bias else None
         self.o = _param(h, cfg.q_size, **p)
         self.o_bias = _param(h, **p) if cfg.o_bias else None
+        self.o_rows = self.o_rows_bias = None  # o split by output rows, for o_gathered (prepare_o_allgather)
         self.mlp_norm = _param(h, **p)
         if cfg.is_moe:  # the experts' gate|up and down stacked: [experts, out, in]
             self.router = _param(cfg.num_experts, h, **p)
@@ -199,6 +214,27 @@ class LlamaModel(nn.Module):
 
     def o_allreduce(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         all_reduce(ws.hidden[a:b])
+
+    def attn_allgather(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        all_gather_columns(ws.attn[a:b], ws.attn_all[a:b])
+
+    def o_gathered(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        layer = self.layers[l]
+        _linear(ws.attn_all[a:b], layer.o_rows, layer.o_rows_bias, ws.o_part[a:b])
+
+    def o_allgather(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
+        all_gather_columns(ws.o_part[a:b], ws.hidden[a:b])
+
+    def prepare_o_allgather(self) -> None:
+        """The weights o_gathered needs: o's rows of this rank's hidden slice, over every rank's query columns,
+        gathered from the ranks' shards (a collective: every rank calls it)."""
+        cut = slice(self.tp.rank * self.cfg.hidden_size // self.tp.size,
+                    (self.tp.rank + 1) * self.cfg.hidden_size // self.tp.size)
+        for layer in self.layers:
+            whole = layer.o.new_empty(self.cfg.hidden_size, self.cfg.q_size * self.tp.size)
+            all_gather_columns(layer.o.data, whole)
+            layer.o_rows = whole[cut].clone()
+            layer.o_rows_bias = None if layer.o_bias is None else layer.o_bias.data[cut]
 
     def mlp_norm(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         w = self.layers[l].mlp_norm

@@ -4,7 +4,8 @@ Ops work on rows, so a nano-op depends on the nano-ops of its input op whose row
 Two exceptions: the first norm of a layer reads the previous layer's `down` (or the embedding), and
 prefill attention reads the KV of every earlier row of its sequences, so it depends on the KV append
 (`rope_kv`) of every range that starts before its end. With tensor parallelism, o_proj's and down's outputs are
-complete only after their all-reduce, which their readers then wait for instead. A mixture-of-experts layer's
+complete only after their all-reduce, which their readers then wait for instead; in the all-gather form, o_gathered
+reads the gathered attention outputs and mlp_norm the gathered projection. A mixture-of-experts layer's
 MLP is router then experts (which reads the normed rows and the router's logits).
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ from nanoflow.pipeline.spec import NanoOp
 INPUTS = {"qkv": ("attn_norm",), "rope_kv": ("qkv",), "decode_attn": ("rope_kv",), "prefill_attn": ("rope_kv",),
           "o_proj": ("decode_attn", "prefill_attn"), "mlp_norm": ("o_proj",), "gate_up": ("mlp_norm",),
           "act": ("gate_up",), "down": ("act",), "router": ("mlp_norm",), "experts": ("mlp_norm", "router")}
-TP_INPUTS = INPUTS | {"o_allreduce": ("o_proj",), "mlp_norm": ("o_allreduce",), "down_allreduce": ("down",)}
+TP_INPUTS = INPUTS | {"o_allreduce": ("o_proj",), "attn_allgather": ("decode_attn", "prefill_attn"),
+                      "o_gathered": ("attn_allgather",), "o_allgather": ("o_gathered",),
+                      "mlp_norm": ("o_allreduce", "o_allgather"), "down_allreduce": ("down",)}
 
 
 def _tensor_parallel(layer: list[NanoOp]) -> bool:

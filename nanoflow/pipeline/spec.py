@@ -7,8 +7,10 @@ the same spec with its boundaries scaled (rounded to multiples of 8 rows).
 A spec for a tensor-parallel model also places the all-reduces (o_allreduce, down_allreduce; typically on a unit
 of kind "network"), all on one unit: every rank must run its collectives in the same order, which only one stream
 guarantees. A spec without them runs a tensor-parallel model with each all-reduce issued right after its
-producer, on the unit of the first o_proj (`for_tensor_parallel`). A spec for a mixture-of-experts model has
-router and experts where a dense one has gate_up, act and down.
+producer, on the unit of the first o_proj (`for_tensor_parallel`). Under tensor parallelism each nano-batch's
+attention output is projected in one of two forms (models/llama.py): o_proj then o_allreduce, or attn_allgather,
+o_gathered, o_allgather; the nano-batches of both forms together cover the rows. A spec for a mixture-of-experts
+model has router and experts where a dense one has gate_up, act and down.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 from importlib import resources
 from dataclasses import asdict, dataclass
 
-from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, TP_LAYER_OPS, layer_ops
+from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS, layer_ops
 
 UNIT_KINDS = ("compute", "memory", "network", "other")
 ALIGN = 8
@@ -77,22 +79,34 @@ class PipelineSpec:
                                  f"kinds: {UNIT_KINDS}")
             if u.sms < 0:
                 raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has {u.sms} SMs")
+        tp = self.ops == TP_LAYER_OPS
+        allowed = self.ops + (O_ALLGATHER if tp else ())
         for n in self.nano_ops:
-            if n.op not in self.ops:
-                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {self.ops}")
+            if n.op not in allowed:
+                raise ValueError(f"pipeline spec {self.name!r}: unknown op {n.op!r}; ops: {allowed}")
             if n.unit not in names:
                 raise ValueError(f"pipeline spec {self.name!r}: nano-op {n.op}[{n.start}:{n.end}] names unknown "
                                  f"unit {n.unit!r}")
         if len(network := {n.unit for n in self.nano_ops if n.op in NETWORK_OPS}) > 1:
-            raise ValueError(f"pipeline spec {self.name!r}: the all-reduces are on units {sorted(network)}; they must "
+            raise ValueError(f"pipeline spec {self.name!r}: the collectives are on units {sorted(network)}; they must "
                              f"share one (the ranks run their collectives in the same order only on one stream)")
-        for op in self.ops:
-            ranges = sorted((n.start, n.end) for n in self.nano_ops if n.op == op)
-            edges = [0] + [x for r in ranges for x in r] + [self.tokens]
-            if not ranges or any(a != b for a, b in zip(edges[::2], edges[1::2])) or \
-                    any(s >= e for s, e in ranges):
-                raise ValueError(f"pipeline spec {self.name!r}: the nano-batches of {op} must cover rows "
-                                 f"[0, {self.tokens}) without gaps or overlaps, got {ranges}")
+
+        def ranges(op):
+            return sorted((n.start, n.end) for n in self.nano_ops if n.op == op)
+        stages = {op: ranges(op) for op in self.ops}
+        if tp:  # each nano-batch's projection in one form or the other, all of that form's ops over its rows
+            for form in (O_ALLREDUCE, O_ALLGATHER):
+                if any(ranges(op) != ranges(form[0]) for op in form[1:]):
+                    raise ValueError(f"pipeline spec {self.name!r}: the ops {form} must have the same nano-batches, "
+                                     f"got {[ranges(op) for op in form]}")
+            del stages["o_allreduce"]
+            stages["o_proj"] = sorted(ranges("o_proj") + ranges("o_gathered"))
+        for op, rs in stages.items():
+            edges = [0] + [x for r in rs for x in r] + [self.tokens]
+            if not rs or any(a != b for a, b in zip(edges[::2], edges[1::2])) or any(s >= e for s, e in rs):
+                what = "o_proj and o_gathered" if tp and op == "o_proj" else op
+                raise ValueError(f"pipeline spec {self.name!r}: the nano-batches of {what} must cover rows "
+                                 f"[0, {self.tokens}) without gaps or overlaps, got {rs}")
         # every nano-op's inputs within the layer must be issued before it
         issued = []
         for i, n in enumerate(self.nano_ops):
