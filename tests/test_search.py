@@ -263,3 +263,75 @@ def test_tune_cli_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
     assert chosen.name == calls[1] and f"{chosen.name}" in out and "<- chosen" in out
     assert find_tuned("cpu", cfg, torch.float32, 256) == chosen
     assert "stage 1:" in out and "critical cycle" in out and f"{calls[2]}: failed to run" in out
+
+
+# -- tensor parallelism: the collectives on a network unit, the projection's all-gather form ---------------------
+def tp_profile(allreduce_us, allgather_us):
+    """A TP = 2 profile: gate_up and o_proj / o_gathered scale with SMs, decode attention saturates at 20 SMs, the
+    collectives cost what is given per 128 rows; everything else is free."""
+    from nanoflow.pipeline.profile import profiled_ops
+
+    def t(op, x, s):
+        per = x / 128
+        if op in ("gate_up", "o_proj", "o_gathered"):
+            return 10 * per * 100 / s
+        if op == "decode_attn":
+            return 10 * per * max(1, 20 / s)
+        if op.endswith("allreduce"):
+            return allreduce_us * per
+        if op.endswith("allgather"):
+            return allgather_us * per
+        return 0.0
+    budget, decode, sms = 256, 128, (20, 40, 60, 80, 100)
+    ops = profiled_ops(2)
+    rows = {op: _grid(decode if op == "decode_attn" else budget - decode if op == "prefill_attn" else budget)
+            for op in ops}
+    times = {op: {str(s): [float(t(op, x, s)) for x in rows[op]] for s in sms} for op in ops}
+    return Profile("test-gpu", "shape", "bfloat16", budget, decode, 1280, 100, list(sms), rows, times, tp_size=2)
+
+
+@pytest.mark.parametrize("allreduce_us, allgather_us, form", [(8.0, 20.0, "none"), (30.0, 2.0, "all")])
+def test_search_places_collectives_on_a_network_unit(allreduce_us, allgather_us, form):
+    """The collectives overlap the compute of other nano-batches: the best spec beats non-overlap (which waits for
+    each), keeps every collective on one network unit over the whole device, and projects by the all-gather form
+    exactly when that is cheaper."""
+    from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, TP_LAYER_OPS
+    p = tp_profile(allreduce_us, allgather_us)
+    found = search(p, max_k=2)
+    best, base = found.candidates[0], found.baseline
+    assert base.spec.ops == TP_LAYER_OPS and best.period_us < base.period_us
+    assert best.spec.ops == TP_LAYER_OPS and best.spec.name != "non-overlap"
+    units = {u.name: u for u in best.spec.units}
+    assert units["network"].sms == 0 and {n.unit for n in best.spec.nano_ops if n.op in NETWORK_OPS} == {"network"}
+    gathered = {n.start for n in best.spec.nano_ops if n.op in O_ALLGATHER}
+    assert bool(gathered) == (form != "none")
+    assert predict(best.spec, p).period_us == pytest.approx(best.period_us, rel=1e-6)
+    schedule_respects(best, 2.0)
+    assert any("all-gather" in n for n in found.notes)
+
+
+def test_collectives_timed_in_processes():
+    """gloo on the CPU: every collective of a TP = 2 layer timed at each row count."""
+    from nanoflow.pipeline.collectives import time_collectives
+    cfg = preset("llama-3-8b", **TINY)
+    got = time_collectives(cfg, torch.float32, "cpu", 2, {"o_allreduce": [8, 16], "attn_allgather": [8],
+                                                          "o_allgather": [8]}, reps=2)
+    assert {op: len(v) for op, v in got.items()} == {"o_allreduce": 2, "attn_allgather": 1, "o_allgather": 1}
+    assert all(t > 0 for v in got.values() for t in v)
+
+
+def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
+    """`tune -tp 2`: a shard's ops profiled, the collectives timed by two processes; the spec is saved where a
+    rank's `auto` finds it, all-reduces included."""
+    from nanoflow.config import ModelConfig
+    from nanoflow.models.llama import TP_LAYER_OPS
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    assert main(["tune", "--model", llama_dir, "-tp", "2", "--max-num-batched-tokens", "128", "--context",
+                 "16"]) == 0
+    out = capsys.readouterr().out
+    assert "every rank" in out and "<- chosen" in out
+    prof = Profile.load(profile.profile_path("cpu", ModelConfig.from_file(os.path.join(llama_dir, "config.json")),
+                                             torch.float32, 128, 42, 16, 2))
+    assert prof.tp_size == 2 and not prof.missing_collectives() and prof.times["o_gathered"]["1"][0] > 0
+    shard = ModelConfig.from_file(os.path.join(llama_dir, "config.json")).shard(2)
+    assert resolve_pipeline_spec("auto", "cpu", shard, torch.float32, 128).ops == TP_LAYER_OPS

@@ -56,17 +56,14 @@ def main(a: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"nanoflow: error: tune needs scipy ({e}): pip install 'nanoflow[tune]'", file=sys.stderr)
         return 2
-    if a.tensor_parallel_size > 1:
-        print("nanoflow: error: tune profiles and searches one GPU's ops (the search does not place all-reduces "
-              "yet): run it without --tensor-parallel-size", file=sys.stderr)
-        return 2
+    tp = a.tensor_parallel_size
     cfg = resolve(a.model).config
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
     budget = a.max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
     decode = budget // 3 if a.decode_rows is None else a.decode_rows
     t = time.perf_counter()
-    prof = load_or_measure(cfg, dtype, device, budget, decode, a.context)
+    prof = load_or_measure(cfg, dtype, device, budget, decode, a.context, tp_size=tp)
     print(f"profile: {prof.gpu}, {budget} rows ({decode} decode over {a.context} tokens), SM counts {prof.sms} "
           f"({time.perf_counter() - t:.1f} s; cached, resumable)")
     found = search(prof, a.max_nano_batches, progress=lambda jobs: tqdm(jobs, desc="searching"))
@@ -76,12 +73,13 @@ def main(a: argparse.Namespace) -> int:
     picks = found.candidates[:a.top]
     extra = [found.baseline]
     if fits_hand_spec(cfg):
-        extra.append(predict(load_spec(HAND), prof))  # the hand spec of #5, for comparison
+        extra.append(predict(load_spec(HAND).for_tensor_parallel(tp), prof))  # the hand spec of #5, for comparison
     picks += [c for c in extra if all(c.spec.name != p.spec.name for p in picks)]
-    time_iteration = _measure_hook()
+    time_iteration = _measure_hook() if tp == 1 else None
     if time_iteration is None:
-        print("NOTE: nanoflow.pipeline.measure is not available, so no candidate was run: the choice below is "
-              "by predicted time only")
+        why = ("a candidate's iteration needs every rank; run `bench throughput --mode pipeline` against non-overlap"
+               if tp > 1 else "nanoflow.pipeline.measure is not available")
+        print(f"NOTE: no candidate was run ({why}): the choice below is by predicted time only")
         best = min(picks, key=lambda c: c.period_us)
     else:
         for c in tqdm(picks, desc="measuring"):
@@ -108,7 +106,7 @@ def main(a: argparse.Namespace) -> int:
                       + ("" if c.measured_s is None else f", {c.measured_s * 1e3:.2f} ms/iteration measured")
                       for c in picks)
     chosen = replace(best.spec, notes=f"{best.spec.notes} Chosen by nanoflow tune, the fastest {how}: {table}.".strip())
-    path = save_tuned(chosen, cache_key(gpu_name(device), cfg, dtype, budget))
+    path = save_tuned(chosen, cache_key(gpu_name(device), cfg.shard(tp), dtype, budget))  # as a rank resolves it
     print(f"saved: {path} (found by --pipeline-spec auto)")
     if a.output:
         chosen.save(a.output)

@@ -7,6 +7,10 @@ the real kernels. decode_attn's time depends on the decode rows in its range, pr
 rows, every other op's on the row count. Points between measured ones are interpolated linearly; below the
 first measured row count an op costs what it costs there (small kernels are latency-bound).
 
+With tensor parallelism (`tp_size` > 1) the layer is one rank's shard, with the all-gather form's o_gathered too,
+and the collectives (all-reduce, the two all-gathers) are timed apart, by `tp_size` processes exchanging the rows of
+each grid point (collectives.py); they run on the whole device, so their times are the same at every SM count.
+
 On a GPU each op is captured `reps` times in a CUDA graph (as the engine runs it: no launch overhead) on a
 stream confined to S SMs (pipeline/units.py) and timed with CUDA events. On the CPU there are no SMs:
 one "SM count" (1), timed with perf_counter, so that the whole path runs in tests.
@@ -26,7 +30,8 @@ from tqdm import tqdm
 
 from nanoflow.config import ModelConfig
 from nanoflow.models.batch import ForwardBatch
-from nanoflow.models.llama import LAYER_OPS, LlamaModel, Workspace
+from nanoflow.distributed.parallel_state import TPGroup
+from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, LlamaModel, Workspace, layer_ops
 from nanoflow.models.loader import init_dummy
 from nanoflow.pipeline.cache import (
     cache_dir,
@@ -40,9 +45,15 @@ from nanoflow.pipeline.units import partition, share
 STEP = 128  # nano-batch rows are measured in steps of this
 MIN_SMS = 16  # below this every kernel measured crawls (BENCHMARKS.md #4)
 SMS_STEP = 8  # Hopper's green-context granularity
-# the unit kind each op runs on: decode attention streams the KV cache; the GEMMs, prefill attention and
-# the small elementwise ops that feed them stay with the compute unit
-OP_KIND = {op: "memory" if op == "decode_attn" else "compute" for op in LAYER_OPS}
+# the unit kind each op runs on: decode attention streams the KV cache; collectives go over the network; the GEMMs,
+# prefill attention and the small elementwise ops that feed them stay with the compute unit
+OP_KIND = {op: "memory" if op == "decode_attn" else "network" if op in NETWORK_OPS else "compute"
+           for op in layer_ops(2) + O_ALLGATHER}
+
+
+def profiled_ops(tp_size: int) -> tuple[str, ...]:
+    """The ops a profile times: the layer's, and with tensor parallelism the all-gather form's too."""
+    return layer_ops(tp_size) + (O_ALLGATHER if tp_size > 1 else ())
 # the ops that stand for their kind when interference is measured
 REPRESENTATIVE = {"compute": "gate_up", "memory": "decode_attn"}
 
@@ -62,6 +73,7 @@ class Profile:
     # "victim|aggressor" kinds -> str(victim's SMs) -> slowdown of the victim while the aggressor runs on
     # the rest of the device
     interference: dict[str, dict[str, float]] = field(default_factory=dict)
+    tp_size: int = 1  # the layer is one rank's shard of this many
 
     def rows_in(self, op: str, a: int, b: int) -> int:
         """The rows of [a, b) that op's time depends on."""
@@ -104,8 +116,11 @@ class Profile:
         return pairs
 
     def missing(self) -> list[tuple[str, int, int]]:
-        return [(op, s, i) for s in self.sms for op in LAYER_OPS for i, t in enumerate(self.times[op][str(s)])
-                if t is None]
+        return [(op, s, i) for s in self.sms for op in self.times if op not in NETWORK_OPS
+                for i, t in enumerate(self.times[op][str(s)]) if t is None]
+
+    def missing_collectives(self) -> bool:
+        return any(t is None for op in self.times if op in NETWORK_OPS for t in self.times[op][str(self.sms[0])])
 
     def missing_pairs(self) -> list[tuple[int, int]]:
         done = self.interference.get("compute|memory", {})
@@ -128,7 +143,7 @@ def _grid(n: int) -> list[int]:
 
 
 def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, decode_rows: int,
-                context: int) -> Profile:
+                context: int, tp_size: int = 1) -> Profile:
     if not 0 <= decode_rows <= budget:
         raise ValueError(f"decode rows ({decode_rows}) must be within the token budget ({budget})")
     if device.type == "cuda":
@@ -144,23 +159,35 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
     else:
         total, sms = 1, [1]
     rows = {op: _grid(decode_rows if op == "decode_attn" else budget - decode_rows if op == "prefill_attn"
-                      else budget) for op in LAYER_OPS}
-    times = {op: {str(s): [None] * len(rows[op]) for s in sms} for op in LAYER_OPS}
+                      else budget) for op in profiled_ops(tp_size)}
+    times = {op: {str(s): [None] * len(rows[op]) for s in sms} for op in rows}
     return Profile(gpu_name(device), shape_key(cfg), dtype_name(dtype), budget, decode_rows, context, total, sms,
-                   rows, times)
+                   rows, times, tp_size=tp_size)
 
 
-def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int) -> str:
-    name = f"{cache_key(gpu, cfg, dtype, budget)}--d{decode_rows}-c{context}.json"
+def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int,
+                 tp_size: int = 1) -> str:
+    tp = f"-tp{tp_size}" if tp_size > 1 else ""
+    name = f"{cache_key(gpu, cfg, dtype, budget)}--d{decode_rows}-c{context}{tp}.json"
     return os.path.join(cache_dir("profiles"), name)
 
 
 def load_or_measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, decode_rows: int,
-                    context: int, reps: int | None = None, progress: bool = True) -> Profile:
-    """The cached profile, its missing points measured first."""
-    path = profile_path(gpu_name(device), cfg, dtype, budget, decode_rows, context)
-    p = Profile.load(path) if os.path.exists(path) else new_profile(cfg, dtype, device, budget, decode_rows, context)
-    return measure(p, cfg, dtype, device, path, reps or (20 if device.type == "cuda" else 3), progress)
+                    context: int, reps: int | None = None, progress: bool = True, tp_size: int = 1) -> Profile:
+    """The cached profile, its missing points measured first. cfg: the whole model (a rank's shard is profiled)."""
+    path = profile_path(gpu_name(device), cfg, dtype, budget, decode_rows, context, tp_size)
+    p = Profile.load(path) if os.path.exists(path) else \
+        new_profile(cfg, dtype, device, budget, decode_rows, context, tp_size)
+    reps = reps or (20 if device.type == "cuda" else 3)
+    if p.missing_collectives():
+        from nanoflow.pipeline.collectives import time_collectives
+        cols = time_collectives(cfg, dtype, device.type, tp_size, {op: p.rows[op] for op in p.times
+                                                                   if op in NETWORK_OPS}, reps)
+        for op, us in cols.items():
+            for s in p.sms:
+                p.times[op][str(s)] = us
+        p.save(path)
+    return measure(p, cfg, dtype, device, path, reps, progress)
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -193,15 +220,21 @@ def steady_batch(budget: int, decode_rows: int, context: int, block_size: int, v
 
 
 def layer_setup(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budget: int, decode_rows: int,
-                context: int, block_size: int = 16) -> tuple[LlamaModel, Workspace, ForwardBatch]:
-    """One decoder layer with dummy weights, a filled KV cache and workspace, and the steady-state batch."""
+                context: int, block_size: int = 16, tp_size: int = 1) -> tuple[LlamaModel, Workspace, ForwardBatch]:
+    """One decoder layer (a rank's shard of it) with dummy weights, a filled KV cache and workspace, and the
+    steady-state batch."""
     one = replace(cfg, num_layers=1)
-    model = LlamaModel(one, dtype, device, max(context, 1))
+    tp = TPGroup(0, tp_size)  # (a shard's shapes; the collectives are timed apart)
+    model = LlamaModel(one, dtype, device, max(context, 1), tp)
     init_dummy(model, 0)
+    one = model.cfg
+    if tp_size > 1:
+        layer = model.layers[0]
+        layer.o_rows = torch.randn(one.hidden_size // tp_size, one.q_size * tp_size, dtype=dtype, device=device)
     batch, blocks = steady_batch(budget, decode_rows, context, block_size, cfg.vocab_size)
     model.kv_cache = torch.randn(1, 2, blocks + 1, block_size, one.num_kv_heads, one.head_dim, dtype=dtype,
                                  device=device)
-    ws = Workspace.allocate(one, budget, dtype, device)
+    ws = Workspace.allocate(one, budget, dtype, device, tp_size)
     for f in ws.__slots__:
         getattr(ws, f).normal_()  # real values: a GEMM on zeros runs faster than on data
     return model, ws, batch.to(device)
@@ -260,7 +293,7 @@ def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.devi
         return p
     # built outside inference mode, as the engine's buffers are (torch.compile cannot take views of inference
     # tensors apart), run inside it, as the engine runs
-    model, ws, batch = layer_setup(cfg, dtype, device, p.budget, p.decode_rows, p.context)
+    model, ws, batch = layer_setup(cfg, dtype, device, p.budget, p.decode_rows, p.context, tp_size=p.tp_size)
 
     def call(op, x):
         a, b = op_range(p, op, x)

@@ -34,13 +34,16 @@ from itertools import pairwise
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from nanoflow.models.llama import LAYER_OPS
+from nanoflow.models.llama import LAYER_OPS, O_ALLGATHER, O_ALLREDUCE
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.profile import OP_KIND, STEP, Profile
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
 
 ATTN, MLP = LAYER_OPS[:5], LAYER_OPS[5:]  # a layer's halves: up to the attention outputs, then the MLP
-UNITS = ("compute", "memory")
+# with tensor parallelism the second half has the collectives, the attention output's projection in either form
+TP_MLP = {False: O_ALLREDUCE + MLP[1:] + ("down_allreduce",), True: O_ALLGATHER + MLP[1:] + ("down_allreduce",)}
+UNITS = ("compute", "memory")  # on SM shares the search picks; with TP also "network", on the whole device
+GATHER = ("none", "first", "all")  # which nano-batches project their attention output by the all-gather form
 WAIT_US = 2.0  # a cross-unit event wait inside a CUDA graph (estimate; the measured candidates settle it)
 MAX_K = 4
 
@@ -185,10 +188,15 @@ class Order:
     """An issue-order template: k nano-batches, issued from the first rows (or, reversed, from the last:
     the decode rows come first in a batch, so reversed puts their attention beside the prefill rows' MLP);
     the attention half of the nano-batch `lag` places later is issued before the MLP half of each, so that
-    the compute unit has one nano-batch's GEMMs to run while the memory unit runs another's attention."""
+    the compute unit has one nano-batch's GEMMs to run while the memory unit runs another's attention.
+    With tensor parallelism, `gather` says which nano-batches (none, the first issued, all) take the all-gather
+    form of the attention output's projection (NanoFlow's 70B pipeline: the first), and each MLP half is issued in
+    two segments, the projection then the MLP, the MLP of a nano-batch after the projection of the next, so that a
+    collective always has compute beside it."""
     k: int
     lag: int
     reverse: bool
+    gather: str | None = None  # None: no tensor parallelism
 
     def nano_ops(self, cuts: list[int]) -> list[NanoOp]:
         """The layer's nano-ops in issue order, nano-batch i being rows [cuts[i], cuts[i + 1])."""
@@ -196,12 +204,28 @@ class Order:
 
         def half(ops, i):
             return [NanoOp(op, cuts[i], cuts[i + 1], OP_KIND[op]) for op in ops]
-        wanted = []
+
+        def second(step):
+            """The MLP half of the step-th nano-batch issued, as segments that each end in a collective."""
+            if self.gather is None:
+                return [MLP]
+            ops = TP_MLP[self.gather == "all" or (self.gather == "first" and step == 0)]
+            cut = ops.index("mlp_norm")
+            return [ops[:cut], ops[cut:]]
+        wanted, held = [], []  # held: the MLP segment of the nano-batch before, issued after this one's first
         for step in range(self.k + self.lag):
             if step < self.k:
                 wanted += half(ATTN, seq[step])
             if step >= self.lag:
-                wanted += half(MLP, seq[step - self.lag])
+                first, *rest = second(step - self.lag)
+                wanted += half(first, seq[step - self.lag])
+                # with collectives, staggered: the compute unit projects this nano-batch while the one before is
+                # all-reduced, then runs that one's MLP while this one's projection is reduced
+                for seg in held:
+                    wanted += seg
+                held = [half(seg, seq[step - self.lag]) for seg in rest]
+        for seg in held:
+            wanted += seg
         # each nano-op as early as wanted, but after its inputs (reversed, prefill attention reads the KV
         # appended by the earlier rows' nano-batches, issued after it)
         issued, done, pending = [], set(), wanted
@@ -213,11 +237,17 @@ class Order:
         return issued
 
     def __str__(self) -> str:
-        return f"{self.k}nb{'-rev' if self.reverse else ''}-lag{self.lag}"
+        gather = "" if self.gather in (None, "none") else f"-ag{self.gather}"
+        return f"{self.k}nb{'-rev' if self.reverse else ''}-lag{self.lag}{gather}"
 
 
-def orders(max_k: int) -> list[Order]:
-    return [Order(k, lag, rev) for k in range(2, max_k + 1) for lag in range(1, k) for rev in (False, True)]
+def orders(max_k: int, tp: bool = False) -> list[Order]:
+    return [Order(k, lag, rev, g) for k in range(2, max_k + 1) for lag in range(1, k) for rev in (False, True)
+            for g in (GATHER if tp else (None,))]
+
+
+def units_of(p: Profile) -> tuple[str, ...]:
+    return UNITS + (("network",) if p.tp_size > 1 else ())
 
 
 def cut_positions(p: Profile) -> list[int]:
@@ -256,39 +286,50 @@ def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
     options = [s for s in p.sms if s < p.total_sms]
     bin_of = {(u, s): m for m, (u, s) in enumerate((u, s) for u in UNITS for s in options)}
     slow = {(u, s): p.slowdown(u, s, [v for v in UNITS if v != u]) for u, s in bin_of}
-    dur = [{bin_of[n.unit, s]: p.time(n.op, n.start, n.end, s) * slow[n.unit, s] for s in options} for n in ops]
+    # the network unit runs on the whole device beside the others: its ops' times are fixed
+    dur = [{bin_of[n.unit, s]: p.time(n.op, n.start, n.end, s) * slow[n.unit, s] for s in options}
+           if n.unit in UNITS else {-1: p.time(n.op, n.start, n.end, 0)} for n in ops]
     rows = [({bin_of[u, s]: 1.0 for s in options}, 1, 1) for u in UNITS]  # one share per unit
     rows.append(({m: float(s) for (_, s), m in bin_of.items()}, 0, p.total_sms))  # that fit the device
     sol = _solve(ops, dur, len(bin_of), rows, wait_us, time_limit)
     shares = {u: s for (u, s), m in bin_of.items() if sol.chosen[m]}
+    gather = {None: "", "none": "", "first": "; the first nano-batch issued all-gathers the attention output's "
+              "projection, the others all-reduce it", "all": "; every nano-batch all-gathers the attention output's "
+              "projection"}[order.gather]
+    network = "; collectives on a network unit over the whole device" if p.tp_size > 1 else ""
     notes = (f"nanoflow tune: nano-batches at rows {cuts}, issued {'last' if order.reverse else 'first'} rows "
-             f"first, the attention half of the nano-batch {order.lag} later before each MLP half; compute "
-             f"unit {shares['compute']} SMs, memory unit {shares['memory']}; predicted {sol.period:.1f} µs per "
-             f"layer on {p.gpu} (batch of {p.budget} rows, {p.decode_rows} decode over {p.context} tokens)")
-    spec = PipelineSpec(f"tuned-{order}-c{shares['compute']}-m{shares['memory']}", p.budget,
-                        [Unit(u, u, shares[u]) for u in UNITS], ops, notes).validate()
-    return _candidate(spec, ops, sol, shares, {u: slow[u, shares[u]] for u in UNITS})
+             f"first, the attention half of the nano-batch {order.lag} later before each MLP half{gather}; compute "
+             f"unit {shares['compute']} SMs, memory unit {shares['memory']}{network}; predicted {sol.period:.1f} µs "
+             f"per layer on {p.gpu} (batch of {p.budget} rows, {p.decode_rows} decode over {p.context} tokens)")
+    shares["network"] = 0
+    units = [Unit(u, u, shares[u]) for u in units_of(p)]
+    spec = PipelineSpec(f"tuned-{order}-c{shares['compute']}-m{shares['memory']}", p.budget, units, ops,
+                        notes).validate()
+    return _candidate(spec, ops, sol, {u: shares[u] or p.total_sms for u in shares},
+                      {u: slow[u, shares[u]] if u in UNITS else 1.0 for u in shares})
 
 
 def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit: float = 30.0,
            progress=None) -> Search:
     """Stage 1 for every order and split, stage 2 for every distinct structure found; ranked."""
     t0 = time.perf_counter()
-    base = predict(non_overlap(p.budget), p, wait_us)
+    base = predict(non_overlap(p.budget, p.tp_size), p, wait_us)
     splits = p.splits()
     max_k = min(max_k, len(cut_positions(p)) - 1)  # a nano-batch is at least one step of rows
-    jobs = [(o, split) for o in orders(max_k) for split in splits]
+    jobs = [(o, split) for o in orders(max_k, p.tp_size > 1) for split in splits]
     structures = {}
     for o, (sc, sm) in progress(jobs) if progress else jobs:
-        cuts, _ = stage1(p, o, {"compute": sc, "memory": sm}, wait_us, time_limit)
+        cuts, _ = stage1(p, o, {"compute": sc, "memory": sm, "network": 0}, wait_us, time_limit)
         structures[o, tuple(cuts)] = None
     found = {}
     for o, cuts in structures:
         c = stage2(p, o, list(cuts), wait_us, time_limit)
         found.setdefault((c.spec.name, cuts), c)
     candidates = sorted([base, *found.values()], key=lambda c: c.period_us)
-    notes = [(f"stage 1: {len(orders(max_k))} issue orders (k = 2..{max_k} nano-batches, lag < k, forward or "
-              f"reversed) x {len(splits)} SM splits {splits} = {len(jobs)} MILPs over the nano-batch boundaries "
+    tp = (f", with tensor parallelism x {len(GATHER)} choices of the nano-batches that all-gather instead of "
+          f"all-reduce the attention output's projection {GATHER}") if p.tp_size > 1 else ""
+    notes = [(f"stage 1: {len(orders(max_k, p.tp_size > 1))} issue orders (k = 2..{max_k} nano-batches, lag < k, "
+              f"forward or reversed{tp}) x {len(splits)} SM splits {splits} = {len(jobs)} MILPs over the nano-batch boundaries "
               f"(at multiples of {STEP} rows and the decode/prefill boundary, {p.decode_rows})"),
              (f"stage 2: {len(structures)} distinct structures, one MILP each over the units' SM shares "
               f"{[s for s in p.sms if s < p.total_sms]}, with interference"),
