@@ -249,6 +249,7 @@ class EngineConfig:
     kv_offload_gb: float = 0.0
     # ranks (processes; GPUs on CUDA) that the model's heads, MLP and vocabulary are split over
     tensor_parallel_size: int = 1
+    num_layers: int | None = None  # only the model's first this many decoder layers (benchmarks)
     seed: int = 0
 
     def __post_init__(self):

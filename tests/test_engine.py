@@ -224,3 +224,14 @@ def test_fractional_sampling_parameters_reach_the_sampler(llama_dir):
     md = eng.runner.sampling_metadata(eng.add_request("a", [1, 2, 3], p).seqs)
     got = [md.temperature, md.top_p, md.min_p, md.repetition_penalty, md.presence_penalty]
     assert [t.item() for t in got] == pytest.approx([0.7, 0.9, 0.05, 1.3, 0.5])
+
+
+def test_cut_model_keeps_the_first_layers(llama_dir):
+    """num_layers (benchmarks of a large shape on fewer GPUs): the checkpoint's first layers, the rest skipped."""
+    import torch
+    whole, cut = LLM(llama_dir).engine.runner.model, LLM(llama_dir, num_layers=1).engine.runner.model
+    assert len(whole.layers) == 2 and len(cut.layers) == 1
+    assert all(torch.equal(a, b) for a, b in zip(cut.layers[0].parameters(), whole.layers[0].parameters()))
+    assert torch.equal(cut.lm_head, whole.lm_head)
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, 2\]"):
+        LLM(llama_dir, num_layers=3)

@@ -245,3 +245,30 @@ def test_time_iteration_runs_candidates(model_dir):
         assert 0 < time_iteration(kw, model_dir, spec, 16, 40, 64) < 1
     with pytest.raises(ValueError, match="blocks; the cache has"):
         time_iteration(kw, model_dir, non_overlap(64), 60, 400, 64)
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@two_gpus
+@pytest.mark.parametrize("mode", ["non-overlap", "pipeline"])
+def test_tensor_parallel_nccl_equals_one_gpu(model_dir, tmp_path, mode):
+    """TP = 2 over NCCL, with CUDA graphs: the plain forward, and the pipeline with its collectives on a network unit
+    (the first nano-batch's projection in the all-gather form), give one GPU's greedy tokens."""
+    from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS
+    from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit
+    rows = ((0, 24), (24, 64))
+    ops = [NanoOp(n, s, e, "net" if n in NETWORK_OPS else "mem" if n.endswith("attn") else "gemm")
+           for i, (s, e) in enumerate(rows) for op in TP_LAYER_OPS
+           for n in ((O_ALLGATHER if op == "o_proj" else ()) if i == 0 and op in O_ALLREDUCE else (op,))]
+    path = str(tmp_path / "tp.json")
+    PipelineSpec("tp", 64, [Unit("gemm", "compute", 96), Unit("mem", "memory", 32), Unit("net", "network")],
+                 ops).validate().save(path)
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    kw = dict(device="cuda", num_kv_blocks=256, max_num_batched_tokens=64)
+    ref = LLM(model_dir, **kw).generate(PROMPTS, p, use_tqdm=False)
+    llm = LLM(model_dir, tensor_parallel_size=2, mode=mode, pipeline_spec=path, **kw)
+    try:
+        assert_same_greedy(llm.generate(PROMPTS, p, use_tqdm=False), ref)
+    finally:
+        llm.shutdown()

@@ -95,8 +95,8 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = init_group(rank, size, init_method, device)
     try:
-        model = build_model(resolve(args.model), args.load_format, args.dtype, device, args.max_model_len,
-                            args.config.seed, tp)
+        model = build_model(resolve(args.model, args.config.num_layers), args.load_format, args.dtype, device,
+                            args.max_model_len, args.config.seed, tp)
         runner = ModelRunner(model, args.config, set(), args.max_model_len)
         while (step := broadcast_object(tp)) is not None:
             runner.run_step(step)

@@ -28,7 +28,7 @@ class LLMEngine:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, load_format: str = "auto",
                  dtype: str | torch.dtype = "auto", device: str | None = None, **engine_args):
         self.config = EngineConfig(**engine_args)
-        self.source = resolve(model)
+        self.source = resolve(model, self.config.num_layers)
         cfg = self.source.config
         self.model_config = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

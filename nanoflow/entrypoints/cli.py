@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="host memory (GiB, pinned) for the KV of cached blocks that leave the GPU; 0: off")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N ranks (one process each; GPUs on CUDA)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="only the model's first N decoder layers: to benchmark a large shape on fewer GPUs")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -48,7 +50,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
                 async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec,
                 enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb,
-                tensor_parallel_size=a.tensor_parallel_size)
+                tensor_parallel_size=a.tensor_parallel_size, num_layers=a.num_layers)
 
 
 def generate(a: argparse.Namespace) -> int:

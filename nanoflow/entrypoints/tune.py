@@ -57,7 +57,7 @@ def main(a: argparse.Namespace) -> int:
         print(f"nanoflow: error: tune needs scipy ({e}): pip install 'nanoflow[tune]'", file=sys.stderr)
         return 2
     tp = a.tensor_parallel_size
-    cfg = resolve(a.model).config
+    cfg = resolve(a.model, a.num_layers).config
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
     budget = a.max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)

@@ -6,7 +6,7 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -59,6 +59,7 @@ class ModelSource:
     path: str
     config: ModelConfig
     gguf_reader: object = None
+    cut: bool = False  # only the first config.num_layers decoder layers of the checkpoint (resolve's num_layers)
 
 
 def default_model_path() -> str:
@@ -70,7 +71,19 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
-def resolve(model: str | None) -> ModelSource:
+def resolve(model: str | None, num_layers: int | None = None) -> ModelSource:
+    """num_layers: keep only the first this many decoder layers (benchmarks of a cut model, as NanoFlow's own
+    "fewer layers" variants)."""
+    source = _resolve(model)
+    if num_layers is None:
+        return source
+    if not 0 < num_layers <= source.config.num_layers:
+        raise ValueError(f"num_layers must be in [1, {source.config.num_layers}] (the model's layers), "
+                         f"got {num_layers}")
+    return replace(source, config=replace(source.config, num_layers=num_layers), cut=True)
+
+
+def _resolve(model: str | None) -> ModelSource:
     path = default_model_path() if model is None else model
     if path in PRESETS:
         return ModelSource("preset", path, preset(path))
@@ -98,16 +111,16 @@ def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, devic
     if load_format == "dummy" or source.kind == "preset":
         init_dummy(model, seed)
     elif source.kind == "gguf":
-        _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, r"blk\.(\d+)\.(.+)")
+        _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, r"blk\.(\d+)\.(.+)", source.cut)
     else:
-        load_hf_weights(model, _safetensors_weights(source.path))
+        load_hf_weights(model, _safetensors_weights(source.path), source.cut)
     return model.eval()
 
 
-def load_hf_weights(model: LlamaModel, weights) -> None:
+def load_hf_weights(model: LlamaModel, weights, cut: bool = False) -> None:
     """(name, tensor or safetensors slice) pairs named as in HF checkpoints: a safetensors file, or an HF model's
-    state dict."""
-    _load(model, weights, HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)")
+    state dict. cut: skip the layers past the model's."""
+    _load(model, weights, HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)", cut)
 
 
 @torch.no_grad()
@@ -174,7 +187,7 @@ def _copy_whole(model: LlamaModel, param: torch.Tensor, target: str, shard: str 
 
 
 @torch.no_grad()
-def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> None:
+def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str, cut: bool = False) -> None:
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {(n, s) for n in params for s in _shards_of(model, n)}
@@ -186,6 +199,8 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str) -> 
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if m := pattern.fullmatch(name):
+            if cut and int(m.group(1)) >= cfg.num_layers:
+                continue
             if e := HF_EXPERT.fullmatch(m.group(2)):
                 local, part = HF_EXPERT_PART[e.group(2)]
                 shard = e.group(1) + (f".{part}" if part else "")

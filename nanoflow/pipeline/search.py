@@ -328,8 +328,9 @@ def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit:
     candidates = sorted([base, *found.values()], key=lambda c: c.period_us)
     tp = (f", with tensor parallelism x {len(GATHER)} choices of the nano-batches that all-gather instead of "
           f"all-reduce the attention output's projection {GATHER}") if p.tp_size > 1 else ""
-    notes = [(f"stage 1: {len(orders(max_k, p.tp_size > 1))} issue orders (k = 2..{max_k} nano-batches, lag < k, "
-              f"forward or reversed{tp}) x {len(splits)} SM splits {splits} = {len(jobs)} MILPs over the nano-batch boundaries "
+    n_orders = len(orders(max_k, p.tp_size > 1))
+    notes = [(f"stage 1: {n_orders} issue orders (k = 2..{max_k} nano-batches, lag < k, forward or reversed{tp}) "
+              f"x {len(splits)} SM splits {splits} = {len(jobs)} MILPs over the nano-batch boundaries "
               f"(at multiples of {STEP} rows and the decode/prefill boundary, {p.decode_rows})"),
              (f"stage 2: {len(structures)} distinct structures, one MILP each over the units' SM shares "
               f"{[s for s in p.sms if s < p.total_sms]}, with interference"),
