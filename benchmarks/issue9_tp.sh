@@ -8,14 +8,17 @@ what=$2
 layers=${3:-40}
 model="--model llama-3-70b --num-layers $layers --load-format dummy -tp 2"
 if [ "$what" = tune ]; then
-  python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --output "$out/issue9-tuned.json" 2>&1 \
+  mkdir -p .cache  # (kept on a warm machine between calls; git ignores it)
+  python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --output .cache/issue9-tuned.json 2>&1 \
     | grep -v "it/s\]$" | tail -30
-  cp -r ~/.cache/nanoflow "$out/nanoflow-cache" 2>/dev/null
-  tar -czf "$out/nanoflow-cache.tgz" -C ~/.cache nanoflow
+  cp .cache/issue9-tuned.json "$out/"
   exit
 fi
+spec=.cache/issue9-tuned.json
+[ -f "$spec" ] || spec=auto
 for mode in non-overlap pipeline; do
   python3 -m nanoflow.entrypoints.cli bench throughput $model --admission predicted --mode "$mode" \
+    --pipeline-spec "$spec" \
     --workload const:1024:512:300 --workload trace:splitwise:300 --output "$out/issue9-$mode.json" 2>&1 \
     | grep -v "it/s\]$" | tail -14
 done
