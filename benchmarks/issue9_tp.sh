@@ -8,13 +8,13 @@ what=$2
 layers=${3:-40}
 model="--model llama-3-70b --num-layers $layers --load-format dummy -tp 2"
 if [ "$what" = tune ]; then
-  mkdir -p .cache  # (kept on a warm machine between calls; git ignores it)
-  python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --output .cache/issue9-tuned.json 2>&1 \
+  mkdir -p .tuned  # (kept on a warm machine between calls; git ignores it)
+  python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --output .tuned/issue9-tuned.json 2>&1 \
     | grep -v "it/s\]$" | tail -30
-  cp .cache/issue9-tuned.json "$out/"
+  cp .tuned/issue9-tuned.json "$out/"
   exit
 fi
-spec=.cache/issue9-tuned.json
+spec=.tuned/issue9-tuned.json
 [ -f "$spec" ] || spec=auto
 for mode in non-overlap pipeline; do
   python3 -m nanoflow.entrypoints.cli bench throughput $model --admission predicted --mode "$mode" \
