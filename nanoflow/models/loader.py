@@ -47,9 +47,10 @@ GGUF_LAYER = {
 GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 # Tensor parallelism: the dimension of a whole (checkpoint) tensor that is split over the ranks, by our parameter.
 # Column-parallel weights and their biases by output rows, row-parallel weights by input columns, the vocabulary by
-# rows; the rest (norms, row-parallel biases) is replicated.
+# rows (an expert's gate, up and down as the dense MLP's); the rest (norms, row-parallel biases, the router) is
+# replicated.
 TP_SPLIT_DIM = {"qkv": 0, "qkv_bias": 0, "gate_up": 0, "gate_up_bias": 0, "o": 1, "down": 1, "embed": 0,
-                "lm_head": 0}
+                "lm_head": 0, "experts_gate_up": 0, "experts_down": 1}
 
 
 @dataclass(slots=True)

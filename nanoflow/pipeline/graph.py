@@ -15,7 +15,7 @@ from nanoflow.pipeline.spec import NanoOp
 INPUTS = {"qkv": ("attn_norm",), "rope_kv": ("qkv",), "decode_attn": ("rope_kv",), "prefill_attn": ("rope_kv",),
           "o_proj": ("decode_attn", "prefill_attn"), "mlp_norm": ("o_proj",), "gate_up": ("mlp_norm",),
           "act": ("gate_up",), "down": ("act",), "router": ("mlp_norm",), "experts": ("mlp_norm", "router")}
-TP_INPUTS = INPUTS | {"o_allreduce": ("o_proj",), "mlp_norm": ("o_allreduce",), "down_allreduce": ("down",)}
+TP_INPUTS = INPUTS | {"o_allreduce": ("o_proj",), "mlp_norm": ("o_allreduce",), "down_allreduce": ("down", "experts")}
 
 
 def _tensor_parallel(layer: list[NanoOp]) -> bool:
