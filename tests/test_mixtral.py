@@ -11,7 +11,7 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.config import EngineConfig, preset
 from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.models.llama import MOE_LAYER_OPS, LlamaModel, Workspace
-from nanoflow.models.loader import ModelSource, build_model
+from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
 
 PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
@@ -120,6 +120,64 @@ def test_nanobatched_forward_equals_plain(tmp_path, budget):
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             (t, lp), = x.items()
             assert lp.logprob == pytest.approx(y[t].logprob, abs=1e-4)
+
+
+def write_gguf(path, model):
+    """The model as llama.cpp's converter writes a Mixtral (arch "llama", expert_count and expert_used_count,
+    q and k rows permuted, each layer's experts stacked in ffn_{gate,up,down}_exps, the router ffn_gate_inp), with a
+    made-up byte-level BPE vocabulary."""
+    import gguf
+    c = model.cfg
+    w = gguf.GGUFWriter(path, "llama")
+    for add, value in ((w.add_block_count, c.num_layers), (w.add_context_length, c.max_position_embeddings),
+                       (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
+                       (w.add_head_count, c.num_heads), (w.add_head_count_kv, c.num_kv_heads),
+                       (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_rope_freq_base, c.rope_theta),
+                       (w.add_expert_count, c.num_experts), (w.add_expert_used_count, c.num_experts_per_tok),
+                       (w.add_bos_token_id, 1), (w.add_eos_token_id, 2)):
+        add(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + [f"<t{t}>" for t in range(3, c.vocab_size)])
+    w.add_token_types([1] * c.vocab_size)
+    w.add_token_merges(["a b"])
+
+    def permute(x, heads):  # llama.cpp's, undone by the loader
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+    tensors = {"token_embd.weight": model.embed, "output_norm.weight": model.norm, "output.weight": model.lm_head}
+    i = c.intermediate_size
+    for l, layer in enumerate(model.layers):
+        q, k, v = layer.qkv.split([c.q_size, c.kv_size, c.kv_size])
+        tensors |= {f"blk.{l}.{name}": t for name, t in (
+            ("attn_norm.weight", layer.attn_norm), ("attn_q.weight", permute(q, c.num_heads)),
+            ("attn_k.weight", permute(k, c.num_kv_heads)), ("attn_v.weight", v), ("attn_output.weight", layer.o),
+            ("ffn_norm.weight", layer.mlp_norm), ("ffn_gate_inp.weight", layer.router),
+            ("ffn_gate_exps.weight", layer.experts_gate_up[:, :i]),
+            ("ffn_up_exps.weight", layer.experts_gate_up[:, i:]), ("ffn_down_exps.weight", layer.experts_down))}
+    for name, t in tensors.items():
+        w.add_tensor(name, t.detach().contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path):
+    """A Mixtral GGUF (llama.cpp's layout) gives the parameters and the greedy tokens of the safetensors it came
+    from."""
+    path = str(tmp_path / "hf")
+    make_hf_model(path, "mixtral", None, seed=6, vocab_size=512)
+    hf = build_model(resolve(path), "auto", torch.float32, torch.device("cpu"), 64)
+    write_gguf(str(tmp_path / "m.gguf"), hf)
+    source = resolve(str(tmp_path / "m.gguf"))
+    c = source.config
+    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.intermediate_size) == ("mixtral", 4, 2, 128)
+    gguf_model = build_model(source, "auto", torch.float32, torch.device("cpu"), 64)
+    for (name, a), b in zip(gguf_model.named_parameters(), hf.parameters()):
+        assert torch.equal(a, b), name
+    prompts = [[5, 17, 300, 88, 7, 301, 12, 9, 40, 41], [100, 200, 300], [77] * 20]
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = [LLM(m).generate(prompts, p, use_tqdm=False) for m in (str(tmp_path / "m.gguf"), path)]
+    assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
