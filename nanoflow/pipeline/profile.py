@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from nanoflow.config import ModelConfig
 from nanoflow.models.batch import ForwardBatch
-from nanoflow.models.llama import LAYER_OPS, LlamaModel, Workspace
+from nanoflow.models.llama import LAYER_OPS, MOE_OPS, LlamaModel, Workspace, layer_ops
 from nanoflow.models.loader import init_dummy
 from nanoflow.pipeline.cache import (
     cache_dir,
@@ -40,11 +40,12 @@ from nanoflow.pipeline.units import partition, share
 STEP = 128  # nano-batch rows are measured in steps of this
 MIN_SMS = 16  # below this every kernel measured crawls (BENCHMARKS.md #4)
 SMS_STEP = 8  # Hopper's green-context granularity
-# the unit kind each op runs on: decode attention streams the KV cache; the GEMMs, prefill attention and
-# the small elementwise ops that feed them stay with the compute unit
-OP_KIND = {op: "memory" if op == "decode_attn" else "compute" for op in LAYER_OPS}
-# the ops that stand for their kind when interference is measured
-REPRESENTATIVE = {"compute": "gate_up", "memory": "decode_attn"}
+# the unit kind each op runs on: decode attention streams the KV cache; the GEMMs (a MoE layer's router and
+# experts too), prefill attention and the small elementwise ops that feed them stay with the compute unit
+OP_KIND = {op: "memory" if op == "decode_attn" else "compute" for op in LAYER_OPS + MOE_OPS}
+# the ops that stand for their kind when interference is measured: the MLP's first GEMM (or the experts' GEMMs),
+# decode attention
+REPRESENTATIVE = {"compute": ("gate_up", "experts"), "memory": ("decode_attn",)}
 
 
 @dataclass(slots=True)
@@ -57,11 +58,21 @@ class Profile:
     context: int
     total_sms: int
     sms: list[int]  # SM counts measured, ascending; the last is the whole device
-    rows: dict[str, list[int]]  # per op, the row counts measured (decode rows / prefill rows for attention)
+    rows: dict[str, list[int]]  # per op of the layer, in order, the row counts measured (decode rows / prefill
+    # rows for attention)
     times: dict[str, dict[str, list]]  # op -> str(SMs) -> µs at each of rows[op] (None: not measured yet)
     # "victim|aggressor" kinds -> str(victim's SMs) -> slowdown of the victim while the aggressor runs on
     # the rest of the device
     interference: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The layer's ops (a mixture-of-experts layer has router and experts for the dense MLP's)."""
+        return tuple(self.rows)
+
+    @property
+    def moe(self) -> bool:
+        return "experts" in self.rows
 
     def rows_in(self, op: str, a: int, b: int) -> int:
         """The rows of [a, b) that op's time depends on."""
@@ -104,7 +115,7 @@ class Profile:
         return pairs
 
     def missing(self) -> list[tuple[str, int, int]]:
-        return [(op, s, i) for s in self.sms for op in LAYER_OPS for i, t in enumerate(self.times[op][str(s)])
+        return [(op, s, i) for s in self.sms for op in self.ops for i, t in enumerate(self.times[op][str(s)])
                 if t is None]
 
     def missing_pairs(self) -> list[tuple[int, int]]:
@@ -143,9 +154,10 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
         sms = sorted(granted)
     else:
         total, sms = 1, [1]
+    ops = layer_ops(1, cfg.is_moe)
     rows = {op: _grid(decode_rows if op == "decode_attn" else budget - decode_rows if op == "prefill_attn"
-                      else budget) for op in LAYER_OPS}
-    times = {op: {str(s): [None] * len(rows[op]) for s in sms} for op in LAYER_OPS}
+                      else budget) for op in ops}
+    times = {op: {str(s): [None] * len(rows[op]) for s in sms} for op in ops}
     return Profile(gpu_name(device), shape_key(cfg), dtype_name(dtype), budget, decode_rows, context, total, sms,
                    rows, times)
 
@@ -279,8 +291,8 @@ def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.devi
         for sc, sm in pairs:
             # the representative ops alone, then side by side with call counts that make both last as long
             units = partition((sc, sm), torch.cuda.current_device())
-            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), st, sms)
-                    for k, (_, st), sms in zip(("compute", "memory"), units, (sc, sm))]
+            ops = [next(op for op in REPRESENTATIVE[k] if op in p.rows) for k in ("compute", "memory")]
+            runs = [(call(op, p.rows[op][-1]), st, sms) for op, (_, st), sms in zip(ops, units, (sc, sm))]
             alone = [_replay_us([(_graph(fn, st, sms, p.total_sms, reps), st, reps)])[0] for fn, st, sms in runs]
             ns = [max(reps, round(reps * max(alone) / t)) for t in alone]
             both = _replay_us([(_graph(fn, st, sms, p.total_sms, n), st, n) for (fn, st, sms), n in zip(runs, ns)])

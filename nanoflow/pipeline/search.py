@@ -39,7 +39,6 @@ from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.profile import OP_KIND, STEP, Profile
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
 
-ATTN, MLP = LAYER_OPS[:5], LAYER_OPS[5:]  # a layer's halves: up to the attention outputs, then the MLP
 UNITS = ("compute", "memory")
 WAIT_US = 2.0  # a cross-unit event wait inside a CUDA graph (estimate; the measured candidates settle it)
 MAX_K = 4
@@ -190,8 +189,10 @@ class Order:
     lag: int
     reverse: bool
 
-    def nano_ops(self, cuts: list[int]) -> list[NanoOp]:
-        """The layer's nano-ops in issue order, nano-batch i being rows [cuts[i], cuts[i + 1])."""
+    def nano_ops(self, cuts: list[int], ops: tuple[str, ...] = LAYER_OPS) -> list[NanoOp]:
+        """The layer's nano-ops (of `ops`, the layer's) in issue order, nano-batch i being rows
+        [cuts[i], cuts[i + 1])."""
+        attn, mlp = ops[:5], ops[5:]  # a layer's halves: up to the attention outputs, then o_proj and the MLP
         seq = list(range(self.k))[::-1 if self.reverse else 1]
 
         def half(ops, i):
@@ -199,9 +200,9 @@ class Order:
         wanted = []
         for step in range(self.k + self.lag):
             if step < self.k:
-                wanted += half(ATTN, seq[step])
+                wanted += half(attn, seq[step])
             if step >= self.lag:
-                wanted += half(MLP, seq[step - self.lag])
+                wanted += half(mlp, seq[step - self.lag])
         # each nano-op as early as wanted, but after its inputs (reversed, prefill attention reads the KV
         # appended by the earlier rows' nano-batches, issued after it)
         issued, done, pending = [], set(), wanted
@@ -228,7 +229,7 @@ def stage1(p: Profile, order: Order, shares: dict[str, int], wait_us: float = WA
            time_limit: float = 30.0) -> tuple[list[int], float]:
     """The nano-batch boundaries that minimize the period of this order at these shares, no interference."""
     k = order.k
-    ops = order.nano_ops(list(range(k + 1)))  # placeholder rows (the nano-batch's index): dependencies
+    ops = order.nano_ops(list(range(k + 1)), p.ops)  # placeholder rows (the nano-batch's index): dependencies
     pos = cut_positions(p)                    # only need their order
     pairs = [[(a, b) for a in pos for b in pos if a < b and (i or a == 0) and (i < k - 1 or b == p.budget)]
              for i in range(k)]
@@ -252,7 +253,7 @@ def stage1(p: Profile, order: Order, shares: dict[str, int], wait_us: float = WA
 def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
            time_limit: float = 30.0) -> Candidate:
     """The SM shares of the compute and memory units for this structure, with interference."""
-    ops = order.nano_ops(cuts)
+    ops = order.nano_ops(cuts, p.ops)
     options = [s for s in p.sms if s < p.total_sms]
     bin_of = {(u, s): m for m, (u, s) in enumerate((u, s) for u in UNITS for s in options)}
     slow = {(u, s): p.slowdown(u, s, [v for v in UNITS if v != u]) for u, s in bin_of}
@@ -274,7 +275,7 @@ def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit:
            progress=None) -> Search:
     """Stage 1 for every order and split, stage 2 for every distinct structure found; ranked."""
     t0 = time.perf_counter()
-    base = predict(non_overlap(p.budget), p, wait_us)
+    base = predict(non_overlap(p.budget, moe=p.moe), p, wait_us)
     splits = p.splits()
     max_k = min(max_k, len(cut_positions(p)) - 1)  # a nano-batch is at least one step of rows
     jobs = [(o, split) for o in orders(max_k) for split in splits]
