@@ -126,7 +126,7 @@ def write_gguf(path, model):
     """The model as llama.cpp's converter writes a Mixtral (arch "llama", expert_count and expert_used_count,
     q and k rows permuted, each layer's experts stacked in ffn_{gate,up,down}_exps, the router ffn_gate_inp), with a
     made-up byte-level BPE vocabulary."""
-    import gguf
+    gguf = pytest.importorskip("gguf")
     c = model.cfg
     w = gguf.GGUFWriter(path, "llama")
     for add, value in ((w.add_block_count, c.num_layers), (w.add_context_length, c.max_position_embeddings),
