@@ -88,12 +88,11 @@ class ModelConfig:
         return self.num_params(self.num_experts_per_tok if self.is_moe else None)
 
     def shard(self, tp_size: int) -> "ModelConfig":
-        """One tensor-parallel rank's shape: its share of the query heads, KV heads and MLP width. The vocabulary
-        stays whole here (the embedding and lm_head split it themselves, padded to a multiple of tp_size)."""
+        """One tensor-parallel rank's shape: its share of the query heads, KV heads and MLP width (with mixture of
+        experts, of each expert's: every rank holds a slice of every expert). The vocabulary stays whole here (the
+        embedding and lm_head split it themselves, padded to a multiple of tp_size)."""
         if tp_size == 1:
             return self
-        if self.is_moe:
-            raise ValueError("tensor parallelism of mixture-of-experts models is not supported yet")
         for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
                         ("intermediate_size", self.intermediate_size), ("hidden_size", self.hidden_size)):
             if n % tp_size:

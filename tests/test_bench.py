@@ -34,6 +34,8 @@ def test_cost_model():
     assert gemms["qkv"] == (2048, 6144, 4096) and gemms["down"] == (2048, 4096, 14336)
     # the paper's arithmetic: 767 TFLOP/s -> ~47,800 tok/s for Llama-3-8B
     assert cost_model.optimal_throughput(767e12, cfg) == pytest.approx(47_800, rel=0.01)
+    moe = preset("mixtral-8x7b")  # P: a token's parameters, its top-2 experts' (12.9 B of 46.7 B)
+    assert cost_model.optimal_throughput(767e12, moe) == pytest.approx(767e12 / (2 * moe.active_params()))
     tiny = preset("llama-2-7b", hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=4, head_dim=16)
     rate = cost_model.gemm_rate(tiny, 32, torch.float32, torch.device("cpu"), reps=3)
     assert rate["rate"] > 0 and set(rate["per_gemm"]) == {"qkv", "o", "gate_up", "down"}

@@ -10,7 +10,7 @@ import torch
 
 from nanoflow.config import PRESETS, preset
 from nanoflow.entrypoints.cli import main
-from nanoflow.models.llama import LAYER_OPS
+from nanoflow.models.llama import LAYER_OPS, MOE_LAYER_OPS, layer_ops
 from nanoflow.pipeline import cache, profile
 from nanoflow.pipeline.cache import find_tuned, resolve_pipeline_spec, save_tuned
 from nanoflow.pipeline.plan import plan
@@ -19,11 +19,13 @@ from nanoflow.pipeline.search import Order, layer_edges, predict, search, stage1
 from nanoflow.pipeline.spec import PipelineSpec, Unit, load_spec, non_overlap
 
 
-def synthetic(budget, decode, t, sms=(20, 40, 50, 60, 80, 100), total=100, slowdown=None, context=1280):
-    """A profile whose op times are t(op, rows, SMs) (µs); slowdown: {"victim|aggressor": factor}."""
+def synthetic(budget, decode, t, sms=(20, 40, 50, 60, 80, 100), total=100, slowdown=None, context=1280,
+              ops=LAYER_OPS):
+    """A profile of a layer of `ops` whose op times are t(op, rows, SMs) (µs); slowdown: {"victim|aggressor":
+    factor}."""
     rows = {op: _grid(decode if op == "decode_attn" else budget - decode if op == "prefill_attn" else budget)
-            for op in LAYER_OPS}
-    times = {op: {str(s): [float(t(op, x, s)) for x in rows[op]] for s in sms} for op in LAYER_OPS}
+            for op in ops}
+    times = {op: {str(s): [float(t(op, x, s)) for x in rows[op]] for s in sms} for op in ops}
     p = Profile("test-gpu", "shape", "bfloat16", budget, decode, context, total, list(sms), rows, times)
     for pair, f in (slowdown or {}).items():
         p.interference[pair] = {str(s): f for s in sms}
@@ -150,7 +152,9 @@ PARTITIONED = {s: (132 / s, min(2.4 * s / 32, 2.75)) for s in CUBLAS}  # #4's ta
 def h100_like(cfg, budget, decode, context, curve):
     xs = sorted(curve)
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    gemm = {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
+    # (N, K) of each GEMM; the experts as the work of a row's top-k experts' MLPs
+    gemm = {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * i, h), "down": (h, i),
+            "router": (cfg.num_experts, h), "experts": (3 * cfg.num_experts_per_tok * i, h)}
 
     def t(op, x, s):
         slower, tbs = (np.interp(s, xs, [curve[x][k] for x in xs]) for k in (0, 1))
@@ -161,15 +165,18 @@ def h100_like(cfg, budget, decode, context, curve):
         if op == "prefill_attn":
             return 2 * x * context * q / 350e6 * slower + 6
         return max(x, 64) * 3 * h * 2 / (min(2.8, 0.06 * s) * 1e6) + 3
-    return synthetic(budget, decode, t, xs, 132, {"compute|memory": 1.05, "memory|compute": 1.05}, context)
+    return synthetic(budget, decode, t, xs, 132, {"compute|memory": 1.05, "memory|compute": 1.05}, context,
+                     layer_ops(1, cfg.is_moe))
 
 
-@pytest.mark.parametrize("model", ["llama-3-8b", "llama-2-7b", "llama-2-13b", "qwen2-7b", "mistral-7b"])
+@pytest.mark.parametrize("model", ["llama-3-8b", "llama-2-7b", "llama-2-13b", "qwen2-7b", "mistral-7b",
+                                   "mixtral-8x7b"])
 def test_search_gives_valid_specs_for_every_shape(model):
     p = h100_like(PRESETS[model], 1024, 341, 1280, PARTITIONED)
     found = search(p, max_k=3)
     names = [c.spec.name for c in found.candidates]
     assert "non-overlap" in names and len(names) > 5 and found.milps > 20
+    assert all(c.spec.ops == p.ops for c in found.candidates)  # a MoE layer's specs place router and experts
     assert [c.period_us for c in found.candidates] == sorted(c.period_us for c in found.candidates)
     for c in found.candidates[:4] + [found.baseline]:
         spec = PipelineSpec.from_json(c.spec.to_json())  # validates
@@ -209,6 +216,20 @@ def test_profiler_on_cpu_is_cached_and_resumes(tmp_path, monkeypatch):
     again = profile.load_or_measure(cfg, torch.float32, cpu, 300, 70, 40, reps=1, progress=False)
     assert len(calls) == 1 and not again.missing()
     assert search(again).candidates[0].spec.name == "non-overlap"  # one CPU "SM": nothing to split
+
+
+def test_profiler_and_search_on_cpu_for_mixtral(tmp_path, monkeypatch):
+    """A MoE layer's profile times router and experts (the experts' cost depends on the routing of the random
+    rows); the search gives the non-overlap spec of those ops, and predicts it from them."""
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    cfg = preset("mixtral-8x7b", **TINY, num_experts=4)
+    p = profile.load_or_measure(cfg, torch.float32, torch.device("cpu"), 300, 70, 40, reps=1, progress=False)
+    assert p.ops == MOE_LAYER_OPS and p.moe and not p.missing()
+    assert all(t > 0 for op in p.ops for t in p.times[op]["1"])
+    assert "-e4k2" in profile.profile_path("cpu", cfg, torch.float32, 300, 70, 40)
+    best = search(p).candidates[0]
+    assert best.spec.name == "non-overlap" and best.spec.ops == MOE_LAYER_OPS
+    assert best.period_us == pytest.approx(sum(p.time(op, 0, 300, 1) for op in p.ops))
 
 
 def test_tuned_cache_and_resolve(tmp_path, monkeypatch):
@@ -335,3 +356,18 @@ def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsy
     assert prof.tp_size == 2 and not prof.missing_collectives() and prof.times["o_gathered"]["1"][0] > 0
     shard = ModelConfig.from_file(os.path.join(llama_dir, "config.json")).shard(2)
     assert resolve_pipeline_spec("auto", "cpu", shard, torch.float32, 128).ops == TP_LAYER_OPS
+
+
+def test_tune_cli_on_cpu_for_mixtral(tmp_path, monkeypatch, capsys):
+    """`nanoflow tune` of a MoE model: its profile, search and the tuned spec (of its ops) in the cache."""
+    from conftest import make_hf_model
+    from nanoflow.config import ModelConfig
+    from nanoflow.entrypoints import tune
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    path = str(tmp_path / "mixtral")
+    make_hf_model(path, "mixtral", None)
+    monkeypatch.setattr(tune, "_measure_hook", lambda: None)
+    assert main(["tune", "--model", path, "--max-num-batched-tokens", "128", "--context", "32"]) == 0
+    assert "<- chosen" in capsys.readouterr().out
+    cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
+    assert find_tuned("cpu", cfg, torch.float32, 128).ops == MOE_LAYER_OPS

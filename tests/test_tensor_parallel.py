@@ -9,7 +9,7 @@ import torch
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import preset
 from nanoflow.distributed.parallel_state import TPGroup
-from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS
+from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS, layer_ops
 from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, load_spec, non_overlap
@@ -95,6 +95,9 @@ def test_network_ops_in_a_spec():
     plain = non_overlap(64).for_tensor_parallel(2)
     assert plain.ops == TP_LAYER_OPS and [n.op for n in plain.nano_ops] == list(TP_LAYER_OPS)
     assert non_overlap(64, 2).nano_ops == plain.nano_ops
+    moe = non_overlap(64, moe=True).for_tensor_parallel(2)  # down_allreduce after experts
+    assert moe.ops == layer_ops(2, moe=True) and [n.op for n in moe.nano_ops] == list(moe.ops)
+    assert non_overlap(64, 2, moe=True).nano_ops == moe.nano_ops
 
 
 # -- TP = 2 in processes (gloo) vs TP = 1 ------------------------------------------------------------------------
@@ -144,6 +147,37 @@ def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir, gath
     refs = LLM(path, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
     llm = LLM(path, tensor_parallel_size=2, mode="nanobatch-only", pipeline_spec=spec, cuda_graph=True, **ENGINE)
     try:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
+    finally:
+        llm.shutdown()
+
+
+def assert_expert_shards(whole, source, load_format="auto"):
+    """Each rank holds every expert's slice: its rows of gate and of up, the matching columns of down; the router
+    whole."""
+    i = whole.cfg.intermediate_size // 2
+    for r in range(2):
+        part = build_model(source, load_format, torch.float32, torch.device("cpu"), 64, tp=TPGroup(r, 2))
+        for w, p in zip(whole.layers, part.layers):
+            gate, up = w.experts_gate_up[:, r * i:(r + 1) * i], w.experts_gate_up[:, (2 + r) * i:(3 + r) * i]
+            assert torch.equal(p.experts_gate_up, torch.cat([gate, up], dim=1))
+            assert torch.equal(p.experts_down, w.experts_down[:, :, r * i:(r + 1) * i])
+            assert torch.equal(p.router, w.router)
+
+
+def test_tp2_mixtral_matches_tp1(tmp_path):
+    """Mixtral with its experts split over two ranks (safetensors slices, and dummy weights drawn whole): the experts'
+    partial outputs summed by down_allreduce give TP = 1's outputs."""
+    from conftest import make_hf_model
+    path = str(tmp_path / "mixtral")
+    make_hf_model(path, "mixtral", None, seed=3)
+    src = resolve(path)
+    assert_expert_shards(build_model(src, "auto", torch.float32, torch.device("cpu"), 64), src)
+    assert_expert_shards(build_model(src, "dummy", torch.float32, torch.device("cpu"), 64), src, "dummy")
+    refs = LLM(path, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert llm.engine.runner.model.ops == layer_ops(2, moe=True)
         assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
     finally:
         llm.shutdown()

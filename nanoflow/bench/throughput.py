@@ -174,7 +174,8 @@ def throughput(args) -> dict:
     optimal = tp * cost_model.optimal_throughput(rate["rate"], cfg)
     report.update({
         "device": gpu_name(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
-        "params": cfg.num_params(), "tensor_parallel_size": tp, "max_num_batched_tokens": eng.runner.max_num_tokens,
+        "params": cfg.num_params(), "active_params": cfg.active_params(), "tensor_parallel_size": tp,
+        "max_num_batched_tokens": eng.runner.max_num_tokens,
         "max_num_seqs": eng.config.max_num_seqs, "admission": eng.config.admission,
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,
         "kv_capacity_tokens": eng.runner.num_blocks * eng.runner.block_size,
@@ -215,7 +216,8 @@ def print_result(report: dict, r: dict) -> None:
             ("output tok/s", f"{r['output_tokens_per_second']:.1f}"),
             ("total tok/s per GPU", f"{r['tokens_per_second_per_gpu']:.1f} ({report['tensor_parallel_size']} GPUs)"),
             ("optimal tok/s (C/2P)", f"{report['optimal_tokens_per_second']:.1f}  "
-                                     f"(C = {report['gemm_tflops']:.1f} TFLOP/s per GPU)"),
+                                     f"(C = {report['gemm_tflops']:.1f} TFLOP/s per GPU, "
+                                     f"P = {report['active_params'] / 1e9:.3g} B active parameters)"),
             ("% of optimal", f"{r['percent_of_optimal']:.1f}%"),
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),
             ("KV blocks", f"{report['kv_blocks']} x {report['block_size']} tokens; peak running "

@@ -117,7 +117,10 @@ class ModelRunner:
                                  "'nanobatch-only' (the same nano-ops in order)")
             self.forward = Pipeline(model, self.spec)
         self.graphs: GraphRunner | None = None
-        if config.cuda_graph if config.cuda_graph is not None else on_gpu:
+        if on_gpu and config.cuda_graph and not model.capturable:
+            raise ValueError("CUDA graphs of a mixture-of-experts model need torch's grouped GEMM, which runs without "
+                             "a host sync only in bfloat16 on sm90 / sm100 GPUs; use --enforce-eager")
+        if config.cuda_graph if config.cuda_graph is not None else on_gpu and model.capturable:
             max_blocks = -(-max_model_len // self.block_size)
             self.graphs = GraphRunner(self.forward, self.ws, self.max_num_tokens, config.max_num_seqs, max_blocks,
                                       self.pad_slot, capture=on_gpu)

@@ -41,7 +41,6 @@ class IterationClock:
 def op_times(runner, batch, reps: int = 20) -> dict[str, float]:
     """GPU milliseconds of each op over all layers for this batch, each op captured in a CUDA graph of
     its own and replayed, so that no CPU launch overhead is counted (an eager run would show it)."""
-    from nanoflow.models.llama import LAYER_OPS
     graphs, model = runner.graphs, runner.model
     size = graphs.load(batch)
     static = graphs.static_batch(size)
@@ -49,7 +48,7 @@ def op_times(runner, batch, reps: int = 20) -> dict[str, float]:
     saved = {key: dict(meta.derived) for key, meta in static.attn.items()}
     times = {}
     with torch.inference_mode():
-        for name in ("embed",) + LAYER_OPS:
+        for name in ("embed",) + model.ops:
             def run(name=name):
                 if name == "embed":
                     model.embed_tokens(ws, static, 0, size)

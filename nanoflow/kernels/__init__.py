@@ -1,5 +1,5 @@
 """Kernel backends. Every backend exposes the functions of `reference` with the same signatures:
-rms_norm, add_rms_norm, silu_mul, rope_append_kv, decode_attention, prefill_attention."""
+rms_norm, add_rms_norm, silu_mul, rope_append_kv, decode_attention, prefill_attention, experts_mlp."""
 from __future__ import annotations
 
 import types

@@ -1,5 +1,5 @@
 """The GPU backend: Triton paged attention and rope + KV append, torch.compile fusions of the reference norms
-and activation.
+and activation, the experts' MLPs as grouped GEMMs.
 
 GEMMs stay in the model (torch.mm: cuBLAS). The fusions are the reference functions themselves,
 compiled: one source of truth for the math, one fused kernel each on the GPU.
@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from nanoflow.kernels import reference, sm_share, triton_attention
+from nanoflow.kernels import grouped_gemm, reference, sm_share, triton_attention
 from nanoflow.kernels.triton_attention import prefill_attention  # noqa: F401
 from nanoflow.kernels.triton_rope import rope_append_kv  # noqa: F401
 
@@ -36,3 +36,11 @@ def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None)
     sms = sm_share.current or _sms(q.device.index or 0)
     triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, split_tokens=256,
                                       block_n=32, num_warps=2, num_stages=3, programs=4 * sms)
+
+
+def experts_mlp(x, gate_up, down, offs):
+    """Grouped GEMMs where torch runs them without a host sync (grouped_gemm.supported), else the reference's
+    loop over the experts (which a CUDA graph cannot capture: the runner then runs eagerly)."""
+    if grouped_gemm.supported(x.device, x.dtype, x.shape[1], down.shape[2]):
+        return grouped_gemm.experts_mlp(x, gate_up, down, offs, silu_mul)
+    return reference.experts_mlp(x, gate_up, down, offs)

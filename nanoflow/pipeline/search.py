@@ -34,14 +34,11 @@ from itertools import pairwise
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from nanoflow.models.llama import LAYER_OPS, O_ALLGATHER, O_ALLREDUCE
+from nanoflow.models.llama import LAYER_OPS, O_ALLGATHER
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.profile import OP_KIND, STEP, Profile
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, non_overlap
 
-ATTN, MLP = LAYER_OPS[:5], LAYER_OPS[5:]  # a layer's halves: up to the attention outputs, then the MLP
-# with tensor parallelism the second half has the collectives, the attention output's projection in either form
-TP_MLP = {False: O_ALLREDUCE + MLP[1:] + ("down_allreduce",), True: O_ALLGATHER + MLP[1:] + ("down_allreduce",)}
 UNITS = ("compute", "memory")  # on SM shares the search picks; with TP also "network", on the whole device
 GATHER = ("none", "first", "all")  # which nano-batches project their attention output by the all-gather form
 WAIT_US = 2.0  # a cross-unit event wait inside a CUDA graph (estimate; the measured candidates settle it)
@@ -198,8 +195,10 @@ class Order:
     reverse: bool
     gather: str | None = None  # None: no tensor parallelism
 
-    def nano_ops(self, cuts: list[int]) -> list[NanoOp]:
-        """The layer's nano-ops in issue order, nano-batch i being rows [cuts[i], cuts[i + 1])."""
+    def nano_ops(self, cuts: list[int], ops: tuple[str, ...] = LAYER_OPS) -> list[NanoOp]:
+        """The layer's nano-ops (of `ops`, the layer's) in issue order, nano-batch i being rows
+        [cuts[i], cuts[i + 1])."""
+        attn, mlp = ops[:5], ops[5:]  # a layer's halves: up to the attention outputs, then o_proj and the MLP
         seq = list(range(self.k))[::-1 if self.reverse else 1]
 
         def half(ops, i):
@@ -208,14 +207,14 @@ class Order:
         def second(step):
             """The MLP half of the step-th nano-batch issued, as segments that each end in a collective."""
             if self.gather is None:
-                return [MLP]
-            ops = TP_MLP[self.gather == "all" or (self.gather == "first" and step == 0)]
-            cut = ops.index("mlp_norm")
-            return [ops[:cut], ops[cut:]]
+                return [mlp]
+            cut = mlp.index("mlp_norm")
+            gathers = self.gather == "all" or (self.gather == "first" and step == 0)
+            return [O_ALLGATHER if gathers else mlp[:cut], mlp[cut:]]
         wanted, held = [], []  # held: the MLP segment of the nano-batch before, issued after this one's first
         for step in range(self.k + self.lag):
             if step < self.k:
-                wanted += half(ATTN, seq[step])
+                wanted += half(attn, seq[step])
             if step >= self.lag:
                 first, *rest = second(step - self.lag)
                 wanted += half(first, seq[step - self.lag])
@@ -258,7 +257,7 @@ def stage1(p: Profile, order: Order, shares: dict[str, int], wait_us: float = WA
            time_limit: float = 30.0) -> tuple[list[int], float]:
     """The nano-batch boundaries that minimize the period of this order at these shares, no interference."""
     k = order.k
-    ops = order.nano_ops(list(range(k + 1)))  # placeholder rows (the nano-batch's index): dependencies
+    ops = order.nano_ops(list(range(k + 1)), p.ops)  # placeholder rows (the nano-batch's index): dependencies
     pos = cut_positions(p)                    # only need their order
     pairs = [[(a, b) for a in pos for b in pos if a < b and (i or a == 0) and (i < k - 1 or b == p.budget)]
              for i in range(k)]
@@ -282,7 +281,7 @@ def stage1(p: Profile, order: Order, shares: dict[str, int], wait_us: float = WA
 def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
            time_limit: float = 30.0) -> Candidate:
     """The SM shares of the compute and memory units for this structure, with interference."""
-    ops = order.nano_ops(cuts)
+    ops = order.nano_ops(cuts, p.ops)
     options = [s for s in p.sms if s < p.total_sms]
     bin_of = {(u, s): m for m, (u, s) in enumerate((u, s) for u in UNITS for s in options)}
     slow = {(u, s): p.slowdown(u, s, [v for v in UNITS if v != u]) for u, s in bin_of}
@@ -313,7 +312,7 @@ def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit:
            progress=None) -> Search:
     """Stage 1 for every order and split, stage 2 for every distinct structure found; ranked."""
     t0 = time.perf_counter()
-    base = predict(non_overlap(p.budget, p.tp_size), p, wait_us)
+    base = predict(non_overlap(p.budget, p.tp_size, p.moe), p, wait_us)
     splits = p.splits()
     max_k = min(max_k, len(cut_positions(p)) - 1)  # a nano-batch is at least one step of rows
     jobs = [(o, split) for o in orders(max_k, p.tp_size > 1) for split in splits]

@@ -19,7 +19,7 @@ import os
 from importlib import resources
 from dataclasses import asdict, dataclass
 
-from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS, layer_ops
+from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, layer_ops
 
 UNIT_KINDS = ("compute", "memory", "network", "other")
 ALIGN = 8
@@ -57,12 +57,12 @@ class PipelineSpec:
 
     def for_tensor_parallel(self, tp_size: int) -> "PipelineSpec":
         """This spec for a model of tp_size ranks (a spec that places all-reduces only runs with tp_size > 1)."""
-        if (tp_size > 1) == (self.ops == TP_LAYER_OPS):
+        if (tp_size > 1) == any(n.op in NETWORK_OPS for n in self.nano_ops):
             return self
         if tp_size == 1:
             raise ValueError(f"pipeline spec {self.name!r} places all-reduces ({', '.join(NETWORK_OPS)}): it is for "
                              f"tensor parallelism")
-        after = {"o_proj": "o_allreduce", "down": "down_allreduce"}
+        after = {"o_proj": "o_allreduce", "down": "down_allreduce", "experts": "down_allreduce"}
         unit = next(n.unit for n in self.nano_ops if n.op == "o_proj")
         nano_ops = [m for n in self.nano_ops for m in
                     ([n, NanoOp(after[n.op], n.start, n.end, unit)] if n.op in after else [n])]
@@ -79,7 +79,7 @@ class PipelineSpec:
                                  f"kinds: {UNIT_KINDS}")
             if u.sms < 0:
                 raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has {u.sms} SMs")
-        tp = self.ops == TP_LAYER_OPS
+        tp = "o_allreduce" in self.ops
         allowed = self.ops + (O_ALLGATHER if tp else ())
         for n in self.nano_ops:
             if n.op not in allowed:
