@@ -36,8 +36,14 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT))
 
 
-def close_group() -> None:
-    if dist.is_initialized():
+def close_group(abort: bool = False) -> None:
+    """Leave the group (every rank together); abort: the others are gone, so tear it down without them."""
+    if not dist.is_initialized():
+        return
+    abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort and abort_group is not None and dist.get_backend() == "nccl":
+        abort_group()
+    else:
         dist.destroy_process_group()
 
 

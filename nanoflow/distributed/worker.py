@@ -75,8 +75,11 @@ class Workers:
         atexit.unregister(self.shutdown)
         if clean and all(p.is_alive() for p in self.procs):
             broadcast_object(self.group, None)
-        self._stop(JOIN_TIMEOUT_S if clean else 0)
-        close_group()
+            close_group()  # together with the workers: NCCL's teardown waits for every rank (measured: it hung
+            self._stop(JOIN_TIMEOUT_S)  # when rank 0 left the group only after the workers had exited)
+        else:
+            self._stop()
+            close_group(abort=True)
 
     def _stop(self, timeout: float = 0) -> None:
         for p in self.procs:

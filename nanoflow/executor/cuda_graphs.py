@@ -107,6 +107,10 @@ class GraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self.forward(batch, ws)
             self.graphs[size] = graph
+            for meta in batch.attn.values():
+                # the kernels' scratch (decode attention's split outputs: ~1 GiB per bucket at a 32 k context) goes
+                # back to the pool, for the next bucket's capture: replays never overlap, and nothing outlives one
+                meta.derived.clear()
         torch.cuda.synchronize()
 
     @torch.inference_mode()  # the static buffers made during warm-up are inference tensors
