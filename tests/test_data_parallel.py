@@ -1,0 +1,131 @@
+"""Data-parallel serving on Ray: this test starts a local Ray cluster, a `nanoflow serve --data-parallel-size 2`
+subprocess joins it with two replicas of the default model. Requests spread over both, greedy outputs equal a
+single engine's, /metrics adds the replicas up, `bench serve` runs against the router, and a replica killed mid-run
+(Ray restarts it) loses no request that had not started streaming while the front end keeps serving."""
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from nanoflow import SamplingParams
+from nanoflow.entrypoints.cli import main
+from test_server import metrics, start_server, stop_server
+
+ray = pytest.importorskip("ray")
+
+PROMPTS = ["The capital of France is", "Hello, my name is", "The best way to learn is", "Once upon a time",
+           "Water boils at", "The largest planet is"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster with a CPU for each replica; this process is a driver too (it kills a replica)."""
+    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(cluster, tmp_path_factory):
+    # two sequences at a time per replica: later requests wait, so a replica killed mid-run has some queued
+    proc, url = start_server(["--data-parallel-size", "2", "--ray-address", cluster, "--max-model-len", "512",
+                              "--kv-cache-gb", "0.25", "--max-num-seqs", "2"], tmp_path_factory.mktemp("dp") / "log")
+    yield url
+    assert stop_server(proc) == 0
+
+
+def routed(m: dict[str, float], replica: int) -> float:
+    return m.get(f'nanoflow_router_requests_total{{replica="{replica}"}}', 0)
+
+
+async def _complete(url: str, prompts: list[str], **body) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        return await asyncio.gather(*(c.post("/v1/completions", json={"prompt": p, **body}) for p in prompts))
+
+
+def test_requests_spread_and_outputs_equal_one_engine(server, default_llm):
+    before = metrics(server)
+    responses = asyncio.run(_complete(server, PROMPTS, max_tokens=8, temperature=0))
+    texts = [r.json()["choices"][0]["text"] for r in responses]
+    expected = default_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert texts == [o.outputs[0].text for o in expected]
+    after = metrics(server)
+    assert all(routed(after, i) > routed(before, i) for i in (0, 1)), after
+    with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
+                      json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == texts[0]
+
+
+def test_metrics_add_the_replicas_up(server):
+    before = metrics(server)
+    asyncio.run(_complete(server, PROMPTS, max_tokens=2))
+    deadline = time.monotonic() + 10
+    while (m := metrics(server))["nanoflow_num_requests_running"] or m["nanoflow_kv_cache_usage_ratio"]:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+    # every prompt token was looked up in one replica's prefix cache: the replicas' counters, added up
+    delta = {k: m[k] - before[k] for k in ("nanoflow_prompt_tokens_total", "nanoflow_prefix_cache_queries_total")}
+    assert delta["nanoflow_prompt_tokens_total"] == delta["nanoflow_prefix_cache_queries_total"] > 0, delta
+    assert m['nanoflow_replica_up{replica="0"}'] == m['nanoflow_replica_up{replica="1"}'] == 1
+    assert m['nanoflow_requests_finished_total{finish_reason="length"}'] >= len(PROMPTS)
+
+
+def test_bench_serve_against_the_router(server, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["bench", "serve", "--url", server, "--workload", "const:16:4", "--num-requests", "4",
+                 "--output", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["completed"] == 4 and r["total_output_tokens"] == 16
+
+
+async def _stream(c: httpx.AsyncClient, prompt: str, started: asyncio.Event) -> tuple[int, dict | None, str | None]:
+    """(text chunks, the error event if one came, the last finish_reason)."""
+    body = {"prompt": prompt, "max_tokens": 24, "ignore_eos": True, "temperature": 0, "stream": True}
+    n, reason = 0, None
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return n, chunk["error"], reason
+            n += 1
+            reason = chunk["choices"][0]["finish_reason"]
+            started.set()
+    return n, None, reason
+
+
+def test_a_replica_killed_mid_run(server):
+    before = metrics(server)
+    [victim] = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == "replica-0"]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server, timeout=120) as c:
+            started = asyncio.Event()
+            tasks = [asyncio.create_task(_stream(c, f"{p} (request {i})", started))
+                     for i, p in enumerate(PROMPTS + PROMPTS[:4])]
+            await started.wait()  # both replicas run two requests each, the other six wait
+            ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    for n, error, reason in results:
+        if error is None:
+            assert n == 24 and reason == "length"
+        else:  # only a request that had streamed can fail, with a clear error
+            assert n > 0 and error["type"] == "service_unavailable" and "replica 0" in error["message"], error
+    m = metrics(server)
+    assert m["nanoflow_router_retries_total"] > before["nanoflow_router_retries_total"]  # queued ones moved over
+    # the front end keeps serving, and Ray brings the replica back into rotation
+    assert all(r.status_code == 200 for r in asyncio.run(_complete(server, PROMPTS[:2], max_tokens=2)))
+    deadline = time.monotonic() + 90
+    while metrics(server)['nanoflow_replica_up{replica="0"}'] != 1:
+        assert time.monotonic() < deadline, "replica 0 did not come back"
+        time.sleep(0.5)
+    seen = routed(metrics(server), 0)
+    asyncio.run(_complete(server, PROMPTS, max_tokens=2))
+    assert routed(metrics(server), 0) > seen
