@@ -1,7 +1,8 @@
-"""Data-parallel serving on Ray: this test starts a local Ray cluster, a `nanoflow serve --data-parallel-size 2`
-subprocess joins it with two replicas of the default model. Requests spread over both, greedy outputs equal a
-single engine's, /metrics adds the replicas up, `bench serve` runs against the router, and a replica killed mid-run
-(Ray restarts it) loses no request that had not started streaming while the front end keeps serving."""
+"""Data-parallel serving on Ray. The router's pieces alone (output deltas, the choice of replica); then end to
+end: this test starts a local Ray cluster, a `nanoflow serve --data-parallel-size 2` subprocess joins it with two
+replicas of the default model. Requests spread over both, greedy outputs equal a single engine's, /metrics adds
+the replicas up, `bench serve` runs against the router, and a replica killed mid-run (Ray restarts it) loses no
+request that had not started streaming while the front end keeps serving."""
 import asyncio
 import json
 import time
@@ -11,14 +12,56 @@ import pytest
 
 from nanoflow import SamplingParams
 from nanoflow.entrypoints.cli import main
+from nanoflow.entrypoints.metrics import EngineStats, Metrics
+from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from test_server import metrics, start_server, stop_server
 
 ray = pytest.importorskip("ray")
+from nanoflow.distributed.replica import ReplicaInfo, diff, patch  # noqa: E402  (after ray)
+from nanoflow.entrypoints.dp_router import AFFINITY_SLACK, Router  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Hello, my name is", "The best way to learn is", "Once upon a time",
            "Water boils at", "The largest planet is"]
 
 
+# -- the pieces ----------------------------------------------------------------------------------------
+def test_deltas_rebuild_the_cumulative_outputs():
+    """A request's outputs, n = 2, with logprobs (which the engine extends in place) and a held-back text."""
+    lp = [{7: Logprob(-0.1, 1, "a")}, {8: Logprob(-0.2, 1, "b")}, {9: Logprob(-0.3, 2, "c")}]
+    steps = [([""], [[7]], None), (["ab"], [[7, 8]], None), (["abc"], [[7, 8, 9]], "length")]
+    sent = rebuilt = None
+    for texts, ids, reason in steps:
+        outs = [CompletionOutput(i, texts[0], ids[0], -0.6, lp, reason) for i in range(2)]  # lp: all three, always
+        out = RequestOutput("s-0", "p", [1, 2], outs, [None, {2: Logprob(-1.0, 1)}], reason is not None)
+        rebuilt = patch(rebuilt, diff(out, sent), [1, 2])
+        sent = [(len(c.text), len(c.token_ids)) for c in outs]
+        for c, r in zip(outs, rebuilt.outputs):
+            assert (r.index, r.text, r.token_ids, r.logprobs, r.finish_reason) == (
+                c.index, c.text, c.token_ids, lp[:len(c.token_ids)], c.finish_reason)
+        assert (rebuilt.prompt, rebuilt.prompt_token_ids, rebuilt.prompt_logprobs, rebuilt.finished) == (
+            out.prompt, out.prompt_token_ids, out.prompt_logprobs, out.finished)
+
+
+def test_routing_by_load_with_bounded_prefix_affinity():
+    info = ReplicaInfo(None, 4096, "m", kv_tokens=1000, block_size=4, prefix_caching=True)
+    router = Router([(None, info), (None, info)], Metrics(), 8)
+    a, b = router.replicas
+    shared = router.affinity.keys([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert len(shared) == 2 and router.affinity.keys([1, 2, 3]) == []  # full blocks only
+    a.committed = 100
+    assert router._pick(shared) is b  # no owner yet: the least loaded
+    router.affinity.record(shared[:1], 0)
+    assert router._pick(shared) is a  # the owner of the longest known prefix, a little more loaded
+    router.affinity.record(shared, 1)
+    b.stats = EngineStats(kv_usage=0.2)
+    assert router._pick(shared) is b and router._pick(router.affinity.keys([9] * 8)) is a
+    b.committed = int((AFFINITY_SLACK + 0.1) * 1000)  # too much more loaded than a: load wins
+    assert router._pick(shared) is a
+    b.up = False
+    assert router._pick(shared) is a and router._pick([]) is a
+
+
+# -- end to end ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster with a CPU for each replica; this process is a driver too (it kills a replica)."""
