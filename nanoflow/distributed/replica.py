@@ -51,7 +51,7 @@ class Replica:
     def __init__(self, model: str | None, engine_kwargs: dict, max_waiting_requests: int):
         engine = LLMEngine(model, **engine_kwargs)
         blocks = engine.scheduler.blocks
-        self.info_ = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path,
+        self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path,
                                  blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
         self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests)
         self.engine.start()
@@ -60,7 +60,7 @@ class Replica:
         self.forwarders: set[asyncio.Task] = set()
 
     async def info(self) -> ReplicaInfo:
-        return self.info_
+        return self._info
 
     async def add(self, base_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
         """Submit; the answer goes on the stream (None: accepted, or the exception that refused it), then the
@@ -143,15 +143,15 @@ def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: li
                          delta.finished)
 
 
-def launch(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
+def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
            max_waiting_requests: int) -> list[tuple[ray.actor.ActorHandle, ReplicaInfo]]:
-    """Join the Ray cluster at ray_address (None: start Ray here), reserve a bundle per replica (its GPUs, or
-    CPU cores) in one placement group spread over the nodes, start the replicas there and wait for them to
-    load. Ray restarts a replica that dies, in its bundle."""
+    """Join the Ray cluster at ray_address (None: Ray's default, $RAY_ADDRESS, else the cluster `ray start` began
+    on this machine, else a new one here), reserve a bundle per replica (its GPUs, or CPU cores) in one placement
+    group spread over the nodes, start the replicas there and wait for them to load. Ray restarts a replica that
+    dies, in its bundle."""
     resolve(model)  # a wrong model fails here, plainly, rather than in every replica (the nodes see the same paths)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    local = {"include_dashboard": False} if ray_address is None else {}
-    ray.init(address=ray_address, runtime_env={"env_vars": env}, **local)
+    ray.init(address=ray_address, runtime_env={"env_vars": env}, include_dashboard=False)  # (if it starts Ray)
     try:
         tp = engine_kwargs["tensor_parallel_size"]
         gpu = engine_kwargs["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) > 0

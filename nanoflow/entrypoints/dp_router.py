@@ -26,8 +26,7 @@ import ray
 from prometheus_client import Counter, Gauge
 from ray.exceptions import RayActorError
 
-from nanoflow.distributed import replica
-from nanoflow.distributed.replica import ReplicaInfo, patch
+from nanoflow.distributed.replica import ReplicaInfo, launch_replicas, patch
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.async_engine import ACCEPTED, EngineClient, EngineLost, Overloaded, Submission
 from nanoflow.entrypoints.metrics import EngineStats, Metrics
@@ -95,12 +94,6 @@ class _PrefixAffinity:
             self.owner.popitem(last=False)
 
 
-def _tell(ref: ray.ObjectRef) -> None:
-    """A call whose answer is not needed. Its error, if the replica died, is taken here (Ray would report it
-    as unhandled); the replica's stream reports the death."""
-    ref.future()
-
-
 class Router(EngineClient):
     def __init__(self, replicas: list[tuple[ray.actor.ActorHandle, ReplicaInfo]], metrics: Metrics,
                  max_waiting_requests: int):
@@ -124,7 +117,7 @@ class Router(EngineClient):
     def launch(cls, model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
                max_waiting_requests: int) -> Router:
         """Start the replicas (each queues up to max_waiting_requests, as does the router in all)."""
-        replicas = replica.launch(model, engine_kwargs, num_replicas, ray_address, max_waiting_requests)
+        replicas = launch_replicas(model, engine_kwargs, num_replicas, ray_address, max_waiting_requests)
         return cls(replicas, Metrics(), max_waiting_requests)
 
     # -- EngineClient ----------------------------------------------------------------------------
@@ -140,7 +133,7 @@ class Router(EngineClient):
     def abort_all(self) -> None:
         for r in self.replicas:
             if r.up:
-                _tell(r.actor.abort_all.remote())
+                r.actor.abort_all.remote()
 
     @property
     def alive(self) -> bool:
@@ -158,9 +151,9 @@ class Router(EngineClient):
 
     def _abort(self, request_id: str) -> None:
         base = _submission(request_id)
-        if (route := self.routes.pop(base, None)) is not None:
-            route.replica.committed -= route.cost
-            _tell(route.replica.actor.abort.remote(base))
+        if (route := self.routes.get(base)) is not None:
+            self._end(base, route)
+            route.replica.actor.abort.remote(base)
 
     # -- routing ---------------------------------------------------------------------------------
     def _pick(self, keys: list[int]) -> _Replica | None:
@@ -185,7 +178,7 @@ class Router(EngineClient):
         self.sent.labels(str(r.index)).inc()
         if self.affinity:
             self.affinity.record(route.keys, r.index)
-        _tell(r.actor.add.remote(base, route.add.prompts, route.add.params))
+        r.actor.add.remote(base, route.add.prompts, route.add.params)  # answered on the stream (so is a death)
         return True
 
     def _end(self, base: str, route: _Route) -> None:
@@ -227,7 +220,8 @@ class Router(EngineClient):
         else:
             route.delivered = True
             rid = item.request_id
-            out = route.last[rid] = patch(route.last.get(rid), item, route.add.prompts[int(rid.rpartition("-")[2])])
+            prompt = route.add.prompts[route.add.request_ids.index(rid)]
+            out = route.last[rid] = patch(route.last.get(rid), item, prompt)
             sink.put_nowait(out)
             if out.finished:
                 route.unfinished -= 1
@@ -243,7 +237,7 @@ class Router(EngineClient):
         r.stats = EngineStats()
         for base, route in [(b, route) for b, route in self.routes.items() if route.replica is r]:
             self._end(base, route)
-            _tell(r.actor.abort.remote(base))  # in case the actor lives on (a lost connection): no work twice
+            r.actor.abort.remote(base)  # in case the actor lives on (a lost connection): no work twice
             if not route.delivered and not route.retried:
                 route.retried = True
                 self.resent.inc()
