@@ -92,7 +92,8 @@ def test_requests_spread_and_outputs_equal_one_engine(server, default_llm):
     before = metrics(server)
     responses = asyncio.run(_complete(server, PROMPTS, max_tokens=8, temperature=0))
     texts = [r.json()["choices"][0]["text"] for r in responses]
-    expected = default_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    expected = default_llm.generate(PROMPTS, greedy, use_tqdm=False)
     assert texts == [o.outputs[0].text for o in expected]
     after = metrics(server)
     assert all(routed(after, i) > routed(before, i) for i in (0, 1)), after
@@ -100,6 +101,16 @@ def test_requests_spread_and_outputs_equal_one_engine(server, default_llm):
                       json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert "".join(c["choices"][0]["text"] for c in chunks) == texts[0]
+    # chat (templated by the router, with the replicas' tokenizer) and logprobs (sent as deltas) pass through
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = httpx.post(f"{server}/v1/chat/completions", timeout=60,
+                      json={"messages": messages, "max_tokens": 8, "temperature": 0}).json()
+    expected = default_llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
+    assert chat["choices"][0]["message"]["content"] == expected
+    c = httpx.post(f"{server}/v1/completions", timeout=60,
+                   json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "logprobs": 2}).json()["choices"][0]
+    assert c["text"] == texts[0] and "".join(c["logprobs"]["tokens"]) == c["text"]
+    assert all(len(top) == 2 for top in c["logprobs"]["top_logprobs"]) and len(c["logprobs"]["tokens"]) == 8
 
 
 def test_metrics_add_the_replicas_up(server):
