@@ -109,7 +109,7 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     def _abort(self, request_id: str) -> None:
-        pass
+        """End the request now; its sink gets nothing more."""
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams,
                      until_disconnected: Callable[[], Awaitable] | None = None,

@@ -390,6 +390,8 @@ def serve(args) -> int:
             raise ValueError("--ray-address is for --data-parallel-size")
         engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests)
     else:
+        if args.data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
         from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
         engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
                                args.max_waiting_requests)
