@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from nanoflow.engine.sequence import Sequence
 
@@ -37,6 +37,9 @@ class CacheStats:
     @property
     def hit_rate(self) -> float:
         return (self.hits + self.host_hits) / self.queries if self.queries else 0.0
+
+    def __add__(self, other: CacheStats) -> CacheStats:  # of several block managers (data-parallel replicas)
+        return CacheStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 class BlockManager:

@@ -1,12 +1,14 @@
-"""The engine on a thread of its own, driven from an asyncio event loop (the HTTP server).
+"""What the HTTP server talks to: an EngineClient takes requests and streams their outputs back to asyncio.
 
-LLMEngine is not thread-safe, so one thread owns it and makes every call to it: between iterations it
-takes the commands queued by the event loop (add, abort, stop) and hands each RequestOutput back to the
-loop that asked for it (call_soon_threadsafe). HTTP work thus never delays an iteration, and an abort
-(a client that went away) is applied before the next one, which frees the request's KV blocks.
+AsyncEngine is the local one: the engine on a thread of its own. LLMEngine is not thread-safe, so one thread
+owns it and makes every call to it: between iterations it takes the commands queued by the event loop (add,
+abort, stop) and hands each RequestOutput back to the loop that asked for it (call_soon_threadsafe). HTTP work
+thus never delays an iteration, and an abort (a client that went away) is applied before the next one, which
+frees the request's KV blocks. The data-parallel router (dp_router.Router) is the other: replicas on Ray.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import queue
@@ -18,17 +20,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nanoflow.engine.llm_engine import LLMEngine
-from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints.metrics import EngineStats, Metrics
 from nanoflow.outputs import RequestOutput
 from nanoflow.sampling_params import SamplingParams
+from nanoflow.tokenizer import Tokenizer
 
 log = logging.getLogger("nanoflow.server")
 
-_ACCEPTED, _GONE, _ABORT_ALL, _STOP = object(), object(), object(), object()
+ACCEPTED, _GONE, _ABORT_ALL, _STOP = object(), object(), object(), object()  # ACCEPTED: a sink's first answer
 
 
 class Overloaded(Exception):
-    """The waiting queue is full: try again later (HTTP 503)."""
+    """Not now: the waiting queue is full, or no engine is running (HTTP 503, retry later)."""
+
+
+class EngineLost(Overloaded):
+    """The engine serving a request went away after its output had started (a replica died): retry it."""
 
 
 class ClientDisconnected(Exception):
@@ -37,7 +44,8 @@ class ClientDisconnected(Exception):
 
 @dataclass(slots=True)
 class _Sink:
-    """Where the engine thread delivers a submission's outputs: a queue of the submitter's event loop."""
+    """Where a submission's answer (ACCEPTED or an exception), then its outputs, are delivered: a queue of the
+    submitter's event loop."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -57,45 +65,59 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, o
 
 
 @dataclass(slots=True)
-class _Add:
+class Submission:
     request_ids: list[str]
     prompts: list[list[int]]
     params: SamplingParams
     sink: _Sink
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting_requests: int):
-        self.engine = engine
+class EngineClient(abc.ABC):
+    """Requests in (submit), their outputs out as a RequestStream, with the waiting queue's bound and the
+    request metrics. A subclass hands each submission to an engine (_add), which answers on its sink, and
+    aborts requests (_abort)."""
+    tokenizer: Tokenizer | None
+    max_model_len: int
+    model_path: str  # where the model came from (the served name's default)
+
+    def __init__(self, metrics: Metrics, max_waiting_requests: int):
         self.metrics = metrics
         self.max_waiting = max_waiting_requests
         self.num_waiting = 0  # event-loop side: accepted engine requests that have no token yet
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
-        self._sinks: dict[str, _Sink] = {}  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="nanoflow-engine", daemon=True)
 
-    # -- the event loop's side -------------------------------------------------------------------
+    @abc.abstractmethod
     def start(self) -> None:
-        self._thread.start()
+        """On the event loop that will submit."""
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        """Abort whatever is still unfinished and end the engine thread."""
-        self._inbox.put(_STOP)
-        self._thread.join()
+        """Abort whatever is still unfinished and stop."""
 
+    @abc.abstractmethod
     def abort_all(self) -> None:
-        """End every request now with finish_reason "abort" (their streams end normally). Thread-safe."""
-        self._inbox.put(_ABORT_ALL)
+        """End every request now with finish_reason "abort" (their streams end normally)."""
 
     @property
+    @abc.abstractmethod
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Whether requests can be served."""
+
+    @abc.abstractmethod
+    def _add(self, add: Submission) -> None:
+        """Hand the requests to an engine, all or none: it puts ACCEPTED or the exception that refused them
+        (ValueError, TypeError, Overloaded) on add.sink, then their RequestOutputs (or an exception)."""
+
+    @abc.abstractmethod
+    def _abort(self, request_id: str) -> None:
+        """End the request now; its sink gets nothing more."""
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams,
-                     until_disconnected: Callable[[], Awaitable] | None = None) -> RequestStream:
+                     until_disconnected: Callable[[], Awaitable] | None = None,
+                     base_id: str | None = None) -> RequestStream:
         """Queue one engine request per prompt, all or none. Returns once the engine accepted them; raises
         Overloaded when the waiting queue is full, or the engine's error (ValueError, TypeError) for bad input.
-        until_disconnected(): resolves when the client goes away; the requests are then aborted."""
+        until_disconnected(): resolves when the client goes away; the requests are then aborted.
+        base_id: the requests' ids are base_id-0, base_id-1, ... (default: a fresh one)."""
         if not self.alive:
             raise Overloaded("the engine is not running")
         if len(prompts) > self.max_waiting:
@@ -105,21 +127,53 @@ class AsyncEngine:
             raise Overloaded(f"the server is overloaded: {self.num_waiting} requests wait for a first token "
                              f"(--max-waiting-requests {self.max_waiting})")
         sink = _Sink(asyncio.get_running_loop())
-        stream = RequestStream(self, uuid.uuid4().hex, len(prompts), sink)
+        stream = RequestStream(self, base_id or uuid.uuid4().hex, len(prompts), sink)
         self.num_waiting += len(prompts)
-        self._inbox.put(_Add(stream.request_ids, prompts, params, sink))
+        self._add(Submission(stream.request_ids, prompts, params, sink))
         try:
             answer = await sink.queue.get()
         except BaseException:  # cancelled: the engine may still take the requests, so abort them
             stream.close()
             raise
-        if answer is not _ACCEPTED:
+        if answer is not ACCEPTED:
             stream.close(abort=False)  # the engine took none of them
             raise answer
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         if until_disconnected is not None:
             stream.watch(until_disconnected)
         return stream
+
+
+class AsyncEngine(EngineClient):
+    """The local engine, on a thread of its own."""
+
+    def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting_requests: int):
+        super().__init__(metrics, max_waiting_requests)
+        self.engine = engine
+        self.tokenizer, self.max_model_len, self.model_path = engine.tokenizer, engine.max_model_len, engine.source.path
+        self.stats = EngineStats()  # after the last iteration (written by the engine thread only)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
+        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="nanoflow-engine", daemon=True)
+
+    # -- the event loop's side -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join()
+
+    def abort_all(self) -> None:
+        """Thread-safe."""
+        self._inbox.put(_ABORT_ALL)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _add(self, add: Submission) -> None:
+        self._inbox.put(add)
 
     def _abort(self, request_id: str) -> None:
         self._inbox.put(request_id)
@@ -150,7 +204,7 @@ class AsyncEngine:
                     by_loop[sink.loop].append((sink.queue, out))
             for loop, items in by_loop.items():
                 _deliver(loop, items)
-            self.metrics.on_step(engine)
+            self._on_step()
 
     def _handle(self, cmd) -> None:
         if isinstance(cmd, str):  # an abort
@@ -169,7 +223,7 @@ class AsyncEngine:
             cmd.sink.put(e)
             return
         self._sinks.update(dict.fromkeys(cmd.request_ids, cmd.sink))
-        cmd.sink.put(_ACCEPTED)
+        cmd.sink.put(ACCEPTED)
 
     def _fail_all(self, error: Exception) -> None:
         for rid, sink in self._sinks.items():
@@ -185,7 +239,11 @@ class AsyncEngine:
             out = self.engine.abort_request(rid)
             if (sink := self._sinks.pop(rid, None)) is not None:
                 sink.put(out)
-        self.metrics.on_step(self.engine)
+        self._on_step()
+
+    def _on_step(self) -> None:
+        self.stats = EngineStats.of(self.engine)
+        self.metrics.on_stats(self.stats)
 
 
 class RequestStream:
@@ -193,7 +251,7 @@ class RequestStream:
     unfinished; it is idempotent, and called on disconnect, so cleanup does not wait for the iterator's
     owner to be finalized."""
 
-    def __init__(self, owner: AsyncEngine, base_id: str, num_prompts: int, sink: _Sink):
+    def __init__(self, owner: EngineClient, base_id: str, num_prompts: int, sink: _Sink):
         self.id = base_id
         self.request_ids = [f"{base_id}-{i}" for i in range(num_prompts)]
         self._owner = owner

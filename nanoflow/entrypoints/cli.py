@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests without a first token beyond which new ones get 503")
     s.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="seconds that requests in flight get to finish on SIGTERM before they are aborted")
+    s.add_argument("--data-parallel-size", "-dp", type=int, default=None,
+                   help="serve N engine replicas (each with its own GPUs: one, or a tensor-parallel group) as Ray "
+                        "actors behind one router; 1 runs the one replica on Ray too (default: the engine in-process)")
+    s.add_argument("--ray-address", default=None,
+                   help="the Ray cluster for the replicas: HOST:PORT of its head, or auto: the one `ray start` "
+                        "began on this machine (default: that one if there is one, else a new local one)")
     s.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

@@ -3,6 +3,7 @@ can live in one process (tests)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -11,6 +12,29 @@ from nanoflow.engine.llm_engine import LLMEngine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
                    40.0, 80.0, 160.0)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """An engine's state after an iteration: what its gauges show and its prefix cache's cumulative counters.
+    Taken on the engine thread; a replica sends it to the data-parallel router, which adds them up."""
+    running: int = 0  # requests with a sequence in the running batch
+    waiting: int = 0  # unfinished requests not in it
+    kv_usage: float = 0.0  # share of the KV cache blocks in use
+    cache: CacheStats = field(default_factory=CacheStats)
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> EngineStats:
+        sched = engine.scheduler
+        running = len({s.request.request_id for s in sched.running})
+        return cls(running, len(engine.requests) - running, 1 - sched.blocks.num_free / sched.blocks.num_blocks,
+                   dataclasses.replace(sched.blocks.stats))
+
+    @classmethod
+    def total(cls, parts: list[EngineStats]) -> EngineStats:
+        """Of several engines: counts and counters add up, the KV use is their mean."""
+        return cls(sum(p.running for p in parts), sum(p.waiting for p in parts),
+                   sum(p.kv_usage for p in parts) / max(len(parts), 1), sum((p.cache for p in parts), CacheStats()))
 
 
 class Metrics:
@@ -31,7 +55,7 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("nanoflow_time_per_output_token_seconds", "Mean time between output tokens of a request",
                               buckets=LATENCY_BUCKETS, registry=r)
-        # the prefix cache's counters, as cumulated by the block manager (on_step adds what is new)
+        # the prefix cache's counters, as cumulated by the block manager (on_stats adds what is new)
         self.cache = {name: Counter(f"nanoflow_{metric}", doc, registry=r) for name, metric, doc in (
             ("queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
             ("hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache on the GPU"),
@@ -41,17 +65,14 @@ class Metrics:
         self.e2e = Histogram("nanoflow_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
                              registry=r)
 
-    def on_step(self, engine: LLMEngine) -> None:
-        """After an iteration, on the engine thread (the only one that may read the engine)."""
-        sched = engine.scheduler
-        running = len({s.request.request_id for s in sched.running})
-        self.running.set(running)
-        self.waiting.set(len(engine.requests) - running)
-        self.kv_usage.set(1 - sched.blocks.num_free / sched.blocks.num_blocks)
-        stats = sched.blocks.stats
+    def on_stats(self, stats: EngineStats) -> None:
+        """The engine's state after an iteration (its cache counters never decrease)."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
         for name, counter in self.cache.items():
-            counter.inc(getattr(stats, name) - getattr(self.cache_seen, name))
-        self.cache_seen = dataclasses.replace(stats)
+            counter.inc(getattr(stats.cache, name) - getattr(self.cache_seen, name))
+        self.cache_seen = stats.cache
 
     def on_finished(self, reason: str, num_tokens: int, longest: int, arrival: float, first_token: float | None,
                     now: float) -> None:

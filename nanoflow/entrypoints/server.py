@@ -1,8 +1,10 @@
-"""`nanoflow serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine.
+"""`nanoflow serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over an EngineClient: the local
+engine (AsyncEngine) or, with --data-parallel-size, replicas on Ray behind a router (dp_router.Router).
 
 POST /v1/completions and /v1/chat/completions (SSE streaming), GET /v1/models, /health, /metrics.
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}}: bad input is a 400 naming
-the parameter, an unknown model 404, a bad API key 401, a full waiting queue 503 with Retry-After.
+the parameter, an unknown model 404, a bad API key 401, a full waiting queue 503 with Retry-After, as is a
+request whose replica died after its output had started (in a stream: an error event).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoflow.engine.llm_engine import LLMEngine
 from nanoflow.entrypoints import openai_protocol as api
-from nanoflow.entrypoints.async_engine import AsyncEngine, ClientDisconnected, Overloaded, RequestStream
+from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
+                                               RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
@@ -51,6 +54,12 @@ def _bad_input(e: Exception, param: str | None = None) -> APIError:
     """A ValueError / TypeError of SamplingParams or the engine: a 400 naming the parameter it is about."""
     m = re.match(r"invalid sampling parameter (\w+)", str(e))
     return APIError(400, str(e), param=m.group(1) if m else param)
+
+
+def _unavailable(e: Overloaded) -> APIError:
+    """503, retry later: a full queue, no engine running, or the replica serving the request died."""
+    return APIError(503, f"{e}; retry later", type="service_unavailable" if isinstance(e, EngineLost) else
+                    "server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _Gate:
@@ -162,6 +171,8 @@ async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> Async
             yield _event(chunk)
     except ClientDisconnected:
         return
+    except Overloaded as e:
+        yield _event(api.ErrorResponse(error=_unavailable(e).info))
     except Exception as e:
         log.exception("stream failed")
         yield _event(api.ErrorResponse(error=api.ErrorInfo(message=f"internal error: {e}", type="internal_error")))
@@ -170,23 +181,21 @@ async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> Async
     yield "data: [DONE]\n\n"
 
 
-def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
-              max_waiting_requests: int = 1024) -> FastAPI:
-    metrics = Metrics()
-    aengine = AsyncEngine(engine, metrics, max_waiting_requests)
+def build_app(engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
+    metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
     started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        aengine.start()
+        engine.start()
         yield
-        aengine.stop()
+        engine.stop()
 
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
-    app.state.engine = aengine
+    app.state.engine = engine
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -209,6 +218,10 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
         return APIError(e.status_code, str(e.detail), headers=e.headers).response()
+
+    @app.exception_handler(Overloaded)
+    async def unavailable(_, e: Overloaded):
+        return _unavailable(e).response()
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(_, e: ClientDisconnected):
@@ -237,17 +250,14 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
 
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str) -> RequestStream:
         try:
-            return await aengine.submit(prompts, params, lambda: _disconnected(raw))
-        except Overloaded as e:
-            raise APIError(503, f"{e}; retry later", type="server_overloaded",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            return await engine.submit(prompts, params, lambda: _disconnected(raw))
         except (ValueError, TypeError) as e:
             raise _bad_input(e, param) from None
 
     @app.get("/health")
     async def health():
-        if not aengine.alive:
-            raise APIError(503, "the engine thread is not running", type="internal_error")
+        if not engine.alive:
+            raise APIError(503, "the engine is not running", type="internal_error")
         return {}
 
     @app.get("/metrics", response_class=Response)
@@ -357,9 +367,9 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
 
 
 def serve(args) -> int:
-    """Load the model, then serve until SIGTERM / SIGINT: stop accepting connections, let the requests in
-    flight finish for up to --graceful-shutdown-timeout seconds, abort the rest (they end with finish_reason
-    "abort"), exit 0."""
+    """Load the model (with --data-parallel-size: start its replicas on Ray), then serve until SIGTERM / SIGINT:
+    stop accepting connections, let the requests in flight finish for up to --graceful-shutdown-timeout seconds,
+    abort the rest (they end with finish_reason "abort"), exit 0."""
     import uvicorn
 
     from nanoflow.entrypoints.cli import engine_kwargs
@@ -375,9 +385,18 @@ def serve(args) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     except (ValueError, OSError):
         pass
-    engine = LLMEngine(args.model, **engine_kwargs(args))
-    name = args.served_model_name or args.model or os.path.basename(engine.source.path).removesuffix(".gguf")
-    app = build_app(engine, name, args.api_key, args.max_waiting_requests)
+    if args.data_parallel_size is None:
+        if args.ray_address is not None:
+            raise ValueError("--ray-address is for --data-parallel-size")
+        engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests)
+    else:
+        if args.data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
+        from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
+        engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
+                               args.max_waiting_requests)
+    name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
+    app = build_app(engine, name, args.api_key)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)

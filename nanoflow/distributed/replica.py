@@ -1,0 +1,175 @@
+"""Data-parallel engine replicas: Ray actors, each with its own engine and devices (a GPU, a tensor-parallel
+group's GPUs, or CPU cores), placed by one placement group over the nodes of a Ray cluster.
+
+A replica takes requests by `add` and sends the outputs of all of them back on one stream, `outputs`: a message
+per engine iteration, so that Ray carries one object per iteration and replica, not one per token and request
+(Ray's streaming generators carry about a thousand objects a second). A message holds what is new in each
+request since the last one (`diff`; the router rebuilds the cumulative output with `patch`): sending whole
+outputs would cost time quadratic in the output's length. Imported only with --data-parallel-size (Ray is an
+optional dependency).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+import nanoflow
+from nanoflow.engine.llm_engine import LLMEngine
+from nanoflow.entrypoints.async_engine import AsyncEngine, ClientDisconnected, Overloaded, RequestStream
+from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.models.loader import resolve
+from nanoflow.outputs import CompletionOutput, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+from nanoflow.tokenizer import Tokenizer
+
+POLL_S = 0.5  # a replica sends its stats at least this often, outputs or not: its load, and that it lives
+PLACEMENT_TIMEOUT_S = 120
+# the directory that holds the nanoflow package: on the workers' PYTHONPATH, so that they import this nanoflow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nanoflow.__file__)))
+
+
+@dataclass(slots=True)
+class ReplicaInfo:
+    """What the router needs of the model and of a replica's engine."""
+    tokenizer: Tokenizer | None
+    max_model_len: int
+    model_path: str
+    kv_tokens: int  # the KV cache's capacity
+    block_size: int
+    prefix_caching: bool
+
+
+class Replica:
+    """One engine on its thread (AsyncEngine), in a Ray actor. Its request metrics are not read: the router
+    measures latencies itself, as its clients see them; the replica sends its EngineStats."""
+
+    def __init__(self, model: str | None, engine_kwargs: dict, max_waiting_requests: int):
+        engine = LLMEngine(model, **engine_kwargs)
+        blocks = engine.scheduler.blocks
+        self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path,
+                                 blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
+        self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests)
+        self.engine.start()
+        self.outbox: asyncio.Queue = asyncio.Queue()  # (submission id, item) for the current stream
+        self.aborts: dict[str, asyncio.Event] = {}  # by submission id: set when the router aborts it
+        self.forwarders: set[asyncio.Task] = set()
+
+    async def info(self) -> ReplicaInfo:
+        return self._info
+
+    async def add(self, base_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Submit; the answer goes on the stream (None: accepted, or the exception that refused it), then the
+        outputs."""
+        aborted = self.aborts[base_id] = asyncio.Event()  # before any await: an abort sent after this call finds it
+        try:
+            stream = await self.engine.submit(prompts, params, aborted.wait, base_id)
+        except (Overloaded, ValueError, TypeError) as e:
+            del self.aborts[base_id]
+            self.outbox.put_nowait((base_id, e))
+            return
+        self.outbox.put_nowait((base_id, None))
+        task = asyncio.ensure_future(self._forward(base_id, stream))
+        self.forwarders.add(task)  # (the loop keeps only weak references to tasks)
+        task.add_done_callback(self.forwarders.discard)
+
+    async def _forward(self, base_id: str, stream: RequestStream) -> None:
+        sent: dict[str, list[tuple[int, int]]] = {}
+        try:
+            async for _, out in stream:
+                self.outbox.put_nowait((base_id, diff(out, sent.get(out.request_id))))
+                sent[out.request_id] = [(len(c.text), len(c.token_ids)) for c in out.outputs]
+        except ClientDisconnected:  # aborted by the router
+            pass
+        except Exception as e:  # the engine failed
+            self.outbox.put_nowait((base_id, e))
+        finally:
+            self.aborts.pop(base_id, None)
+
+    async def abort(self, base_id: str) -> None:
+        if (aborted := self.aborts.get(base_id)) is not None:
+            aborted.set()
+
+    async def abort_all(self) -> None:
+        self.engine.abort_all()
+
+    @ray.method(num_returns="streaming")
+    async def outputs(self):
+        """The replica's one stream, for one reader (the router): (EngineStats, [(submission id, item)]), the
+        items being None (accepted), an exception (refused, or the engine failed) or a RequestOutput delta.
+        A new call (the router lost the previous stream) ends the previous one: one reader per queue."""
+        self.outbox = outbox = asyncio.Queue()
+        while self.outbox is outbox:
+            try:
+                items = [await asyncio.wait_for(outbox.get(), POLL_S)]
+            except TimeoutError:
+                items = []
+            while not outbox.empty():  # what the same iteration delivered
+                items.append(outbox.get_nowait())
+            yield self.engine.stats, items
+
+
+def diff(out: RequestOutput, sent: list[tuple[int, int]] | None) -> RequestOutput:
+    """What is new in out after (text length, token count) of each completion were sent (None: nothing was):
+    the text and tokens past them, with their logprobs. The prompt's ids stay here (the router has them), its
+    logprobs go with the first delta, the engine's timestamps (of this process's clock) not at all."""
+    outs = []
+    for c in out.outputs:
+        chars, tokens = sent[c.index] if sent else (0, 0)
+        # (the engine appends to c.logprobs in place: cut it at the tokens this output has)
+        logprobs = None if c.logprobs is None else c.logprobs[tokens:len(c.token_ids)]
+        outs.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[tokens:], c.cumulative_logprob, logprobs,
+                                     c.finish_reason, c.stop_reason))
+    first = sent is None
+    return RequestOutput(out.request_id, out.prompt if first else None, [], outs,
+                         out.prompt_logprobs if first else None, out.finished)
+
+
+def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: list[int]) -> RequestOutput:
+    """The cumulative output again: prev (None before the first delta) extended by delta, in new lists (prev may
+    still be waiting to be read)."""
+    outs = []
+    for c in delta.outputs:
+        p = prev.outputs[c.index] if prev else CompletionOutput(c.index, "", [], logprobs=[])
+        logprobs = None if c.logprobs is None else p.logprobs + c.logprobs
+        outs.append(CompletionOutput(c.index, p.text + c.text, p.token_ids + c.token_ids, c.cumulative_logprob,
+                                     logprobs, c.finish_reason, c.stop_reason))
+    first = prev or delta
+    return RequestOutput(delta.request_id, first.prompt, prompt_token_ids, outs, first.prompt_logprobs,
+                         delta.finished)
+
+
+def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
+           max_waiting_requests: int) -> list[tuple[ray.actor.ActorHandle, ReplicaInfo]]:
+    """Join the Ray cluster at ray_address (None: Ray's default, $RAY_ADDRESS, else the cluster `ray start` began
+    on this machine, else a new one here), reserve a bundle per replica (its GPUs, or CPU cores) in one placement
+    group spread over the nodes, start the replicas there and wait for them to load. Ray restarts a replica that
+    dies, in its bundle."""
+    resolve(model)  # a wrong model fails here, plainly, rather than in every replica (the nodes see the same paths)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    ray.init(address=ray_address, runtime_env={"env_vars": env}, include_dashboard=False)  # (if it starts Ray)
+    try:
+        tp = engine_kwargs["tensor_parallel_size"]
+        gpu = engine_kwargs["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        bundle = {"GPU": tp, "CPU": 1} if gpu else {"CPU": tp}
+        group = placement_group([bundle] * num_replicas, strategy="SPREAD")
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise ValueError(f"the Ray cluster cannot place {num_replicas} replicas of {bundle} within "
+                             f"{PLACEMENT_TIMEOUT_S} s; it has {ray.cluster_resources()}") from None
+        actor = ray.remote(Replica)
+        replicas = [actor.options(
+            name=f"replica-{i}", max_restarts=-1, max_task_retries=0,
+            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+        ).remote(model, engine_kwargs, max_waiting_requests) for i in range(num_replicas)]
+        return list(zip(replicas, ray.get([r.info.remote() for r in replicas])))
+    except BaseException:
+        ray.shutdown()
+        raise
