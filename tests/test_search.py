@@ -371,3 +371,13 @@ def test_tune_cli_on_cpu_for_mixtral(tmp_path, monkeypatch, capsys):
     assert "<- chosen" in capsys.readouterr().out
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
     assert find_tuned("cpu", cfg, torch.float32, 128).ops == MOE_LAYER_OPS
+
+
+def test_steady_batch_reuses_blocks_past_the_cache():
+    """tune's steady batch on a cache smaller than its KV (Mixtral on one H200): every block id and slot inside the
+    cache, the same sequences and positions as with blocks to spare."""
+    whole, need = profile.steady_batch(256, 85, 40, 16, 1000)
+    cut, same = profile.steady_batch(256, 85, 40, 16, 1000, max_blocks=50)
+    assert need == same > 50 and max(b for t in whole.block_tables for b in t) == need - 1
+    assert max(b for t in cut.block_tables for b in t) < 50 and int(cut.slot_mapping.max()) < 50 * 16
+    assert torch.equal(cut.positions, whole.positions) and cut.seq_lens == whole.seq_lens

@@ -204,15 +204,19 @@ def load_or_measure(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, 
 
 
 # -- measuring -------------------------------------------------------------------------------------------
-def steady_batch(budget: int, decode_rows: int, context: int, block_size: int, vocab: int) -> tuple[ForwardBatch, int]:
+def steady_batch(budget: int, decode_rows: int, context: int, block_size: int, vocab: int,
+                 max_blocks: int | None = None) -> tuple[ForwardBatch, int]:
     """A host batch of `decode_rows` decode sequences over `context` tokens, then prompts of `context`
-    tokens up to `budget` rows, each sequence in its own KV blocks. Returns it and the blocks used."""
+    tokens up to `budget` rows, each sequence in its own KV blocks, or, past `max_blocks`, in blocks reused from
+    the first (for timing only: a layer's KV is far larger than the L2 cache, so the reads cost the same). Returns
+    it and the blocks it would need unshared."""
     pos, slots, qs, lens, tables = [], [], [0], [], []
     blocks = 0
 
     def add(positions: range, seq_len: int):
         nonlocal blocks
-        table = list(range(blocks, blocks + -(-seq_len // block_size)))
+        ids = range(blocks, blocks + -(-seq_len // block_size))
+        table = [b % max_blocks for b in ids] if max_blocks else list(ids)
         blocks += len(table)
         pos.extend(positions)
         slots.extend(table[p // block_size] * block_size + p % block_size for p in positions)
