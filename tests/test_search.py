@@ -342,15 +342,16 @@ def test_collectives_timed_in_processes():
 
 
 def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
-    """`tune -tp 2`: a shard's ops profiled, the collectives timed by two processes; the spec is saved where a
-    rank's `auto` finds it, all-reduces included."""
+    """`tune -tp 2`: a shard's ops profiled, the collectives timed by two processes, the candidates timed on both
+    ranks; the spec is saved where a rank's `auto` finds it, all-reduces included."""
     from nanoflow.config import ModelConfig
     from nanoflow.models.llama import TP_LAYER_OPS
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     assert main(["tune", "--model", llama_dir, "-tp", "2", "--max-num-batched-tokens", "128", "--context",
                  "16"]) == 0
     out = capsys.readouterr().out
-    assert "every rank" in out and "<- chosen" in out
+    chosen = next(line for line in out.splitlines() if line.endswith("<- chosen"))
+    assert chosen.startswith("non-overlap") and float(chosen.split()[-3]) > 0  # measured ms / iteration
     prof = Profile.load(profile.profile_path("cpu", ModelConfig.from_file(os.path.join(llama_dir, "config.json")),
                                              torch.float32, 128, 42, 16, 2))
     assert prof.tp_size == 2 and not prof.missing_collectives() and prof.times["o_gathered"]["1"][0] > 0
@@ -381,3 +382,29 @@ def test_steady_batch_reuses_blocks_past_the_cache():
     assert need == same > 50 and max(b for t in whole.block_tables for b in t) == need - 1
     assert max(b for t in cut.block_tables for b in t) < 50 and int(cut.slot_mapping.max()) < 50 * 16
     assert torch.equal(cut.positions, whole.positions) and cut.seq_lens == whole.seq_lens
+
+
+def test_tp_candidates_timed_on_every_rank(llama_dir):
+    """A candidate with collectives, the all-gather form in one nano-batch, timed by a TP = 2 engine (gloo): every
+    rank runs it (or the collectives would hang), and the engine then still generates as TP = 1 does."""
+    from nanoflow import LLM, SamplingParams
+    from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS
+    from nanoflow.pipeline import measure
+    from nanoflow.pipeline.spec import NanoOp
+    ops = [NanoOp(n, s, e, "net" if n in NETWORK_OPS else "compute")
+           for i, (s, e) in enumerate(((0, 64), (64, 128))) for op in TP_LAYER_OPS
+           for n in ((O_ALLGATHER if op == "o_proj" else ()) if i == 0 and op in O_ALLREDUCE else (op,))]
+    spec = PipelineSpec("ag", 128, [Unit("compute", "compute"), Unit("net", "network")], ops).validate()
+    kw = dict(max_num_batched_tokens=128, num_kv_blocks=64, block_size=4)
+    try:
+        assert measure.time_iteration(dict(kw, tensor_parallel_size=2), llama_dir, spec, 20, 16, 128, reps=2) > 0
+        (engine,) = measure._engines.values()
+        p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        ref = LLM(llama_dir, **kw).generate([[5, 6, 7, 8]], p, use_tqdm=False)
+        engine.add_request("0", [5, 6, 7, 8], p)
+        done = []
+        while engine.has_unfinished_requests():
+            done += [o for o in engine.step() if o.finished]
+        assert done[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    finally:
+        measure.close()

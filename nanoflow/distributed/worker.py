@@ -1,7 +1,7 @@
 """The processes of a tensor-parallel engine, one per rank.
 
 Rank 0 is the engine's own process: it schedules, prepares each iteration, broadcasts it (`ModelRunner.launch`) and
-samples. Ranks 1..N-1 are spawned here: each builds its shard of the model (reading only its part of each weight)
+samples (or, for `nanoflow tune`, broadcasts a candidate spec to time: pipeline/measure.py). Ranks 1..N-1 are spawned here: each builds its shard of the model (reading only its part of each weight)
 and a ModelRunner (same KV blocks, same CUDA graphs), then runs the steps rank 0 broadcasts until it sends None.
 """
 from __future__ import annotations
@@ -93,6 +93,7 @@ class Workers:
 def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
     from nanoflow.executor.model_runner import ModelRunner
     from nanoflow.models.loader import build_model, resolve
+    from nanoflow.pipeline.measure import TimeSpec, run_timing
     device = rank_device(args.device_type, rank)
     if device.type == "cpu":  # the CPU's cores are shared among the ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
@@ -102,6 +103,9 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
                             args.max_model_len, args.config.seed, tp)
         runner = ModelRunner(model, args.config, set(), args.max_model_len)
         while (step := broadcast_object(tp)) is not None:
-            runner.run_step(step)
+            if isinstance(step, TimeSpec):  # (nanoflow tune timing a candidate on every rank)
+                run_timing(runner, step)
+            else:
+                runner.run_step(step)
     finally:
         close_group()

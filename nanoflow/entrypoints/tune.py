@@ -25,11 +25,8 @@ def add_parser(subparsers) -> None:
 
 
 def _measure_hook():
-    """The GPU executor's timing of one pipelined iteration, if this tree has it."""
-    try:
-        from nanoflow.pipeline.measure import time_iteration
-    except ImportError:
-        return None
+    """How a candidate is timed: a real iteration (every rank's, with tensor parallelism). A seam for the tests."""
+    from nanoflow.pipeline.measure import time_iteration
     return time_iteration
 
 
@@ -48,6 +45,7 @@ def main(a: argparse.Namespace) -> int:
         gpu_name,
         save_tuned,
     )
+    from nanoflow.pipeline.measure import close as close_engines
     from nanoflow.pipeline.profile import load_or_measure
     from nanoflow.pipeline.spec import load_spec
 
@@ -75,18 +73,20 @@ def main(a: argparse.Namespace) -> int:
     if fits_hand_spec(cfg):
         extra.append(predict(load_spec(HAND).for_tensor_parallel(tp), prof))  # the hand spec of #5, for comparison
     picks += [c for c in extra if all(c.spec.name != p.spec.name for p in picks)]
-    time_iteration = _measure_hook() if tp == 1 else None
+    time_iteration = _measure_hook()
     if time_iteration is None:
-        why = ("a candidate's iteration needs every rank; run `bench throughput --mode pipeline` against non-overlap"
-               if tp > 1 else "nanoflow.pipeline.measure is not available")
-        print(f"NOTE: no candidate was run ({why}): the choice below is by predicted time only")
+        print("NOTE: nanoflow.pipeline.measure is not available, so no candidate was run: the choice below is "
+              "by predicted time only")
         best = min(picks, key=lambda c: c.period_us)
     else:
-        for c in tqdm(picks, desc="measuring"):
-            try:  # one candidate that cannot run (an SM split the driver refuses, say) is no reason to stop
-                c.measured_s = time_iteration(engine_kwargs(a), a.model, c.spec, decode, a.context, budget)
-            except (RuntimeError, ValueError) as e:
-                print(f"{c.spec.name}: failed to run ({type(e).__name__}: {e})")
+        try:
+            for c in tqdm(picks, desc="measuring"):
+                try:  # one candidate that cannot run (an SM split the driver refuses, say) is no reason to stop
+                    c.measured_s = time_iteration(engine_kwargs(a), a.model, c.spec, decode, a.context, budget)
+                except (RuntimeError, ValueError) as e:
+                    print(f"{c.spec.name}: failed to run ({type(e).__name__}: {e})")
+        finally:
+            close_engines()
         ran = [c for c in picks if c.measured_s is not None]
         best = min(ran, key=lambda c: c.measured_s) if ran else min(picks, key=lambda c: c.period_us)
     print(f"\n{'candidate':<36} {'predicted µs/layer':>19} {'measured ms/iteration':>22}")

@@ -1,46 +1,93 @@
-"""Time one steady-state iteration of a pipeline spec on the GPU, as `nanoflow tune` ranks candidates.
+"""Time one steady-state iteration of a pipeline spec, as `nanoflow tune` ranks candidates.
 
 The batch is the profiler's: `decode_rows` decode sequences of `context` tokens, then prompts filling the
-budget. The model and its KV cache are built once per process; each spec gets its forward (the plain
-one for the non-overlap spec, else a Pipeline on its units) captured in a CUDA graph of that batch's bucket.
+budget. The model and its KV cache are built once per process; each spec gets its forward (the plain one for the
+non-overlap spec, else a Pipeline on its units; on the CPU its nano-ops in order) captured in a CUDA graph of that
+batch's bucket. With tensor parallelism rank 0 sends the `TimeSpec` to the other ranks (distributed/worker.py), so
+that every rank captures and replays the same iteration, collectives included.
 """
 from __future__ import annotations
 
 import functools
+import time
+from dataclasses import dataclass
 
 import torch
 
+from nanoflow.distributed.parallel_state import broadcast_object
 from nanoflow.executor.cuda_graphs import GraphRunner
-from nanoflow.pipeline.executor import Pipeline
+from nanoflow.models.llama import O_ALLGATHER
+from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.profile import steady_batch
 from nanoflow.pipeline.spec import PipelineSpec
 
 
-@functools.cache
+@dataclass(slots=True)
+class TimeSpec:
+    """Every rank: time `spec` on the steady-state batch, `reps` iterations."""
+    spec: PipelineSpec
+    decode_rows: int
+    context: int
+    budget: int
+    reps: int = 10
+
+
+_engines: dict = {}  # (model, engine kwargs) -> the LLMEngine whose model and KV cache the candidates share
+
+
 def _engine(model: str, kwargs: tuple):
-    from nanoflow.engine.llm_engine import LLMEngine
-    return LLMEngine(model, **{**dict(kwargs), "cuda_graph": False, "mode": "non-overlap"})
+    if (model, kwargs) not in _engines:
+        from nanoflow.engine.llm_engine import LLMEngine
+        _engines[model, kwargs] = LLMEngine(model, **{**dict(kwargs), "cuda_graph": False, "mode": "non-overlap"})
+    return _engines[model, kwargs]
+
+
+def close() -> None:
+    """Shut the engines down (with tensor parallelism their worker processes)."""
+    while _engines:
+        _engines.popitem()[1].shutdown()
 
 
 def time_iteration(engine_kwargs: dict, model: str, spec: PipelineSpec, decode_rows: int, context: int,
                    budget: int, reps: int = 10) -> float:
-    """Seconds per iteration (the layers' CUDA graph replayed) of `spec` on the steady-state batch."""
+    """Seconds per iteration (on the GPU the layers' CUDA graph replayed) of `spec` on the steady-state batch."""
     kwargs = {k: v for k, v in engine_kwargs.items() if k not in ("mode", "pipeline_spec", "cuda_graph")}
     runner = _engine(model, tuple(sorted(kwargs.items()))).runner
+    t = TimeSpec(spec.for_tensor_parallel(runner.tp.size), decode_rows, context, budget, reps)
+    if runner.tp.size > 1:
+        broadcast_object(runner.tp, t)
+    return run_timing(runner, t)
+
+
+def run_timing(runner, t: TimeSpec) -> float:
+    """One rank's part of a TimeSpec (runner: its ModelRunner)."""
+    model, on_gpu = runner.model, runner.device.type == "cuda"
     # a cache smaller than the batch's KV (Mixtral on one H200) lends its blocks more than once
-    batch, _ = steady_batch(budget, decode_rows, context, runner.block_size, runner.cfg.vocab_size, runner.num_blocks)
-    forward = runner.model.forward_layers if spec.name == "non-overlap" else Pipeline(runner.model, spec)
+    batch, _ = steady_batch(t.budget, t.decode_rows, t.context, runner.block_size, runner.cfg.vocab_size,
+                            runner.num_blocks)
+    if any(n.op in O_ALLGATHER for n in t.spec.nano_ops) and model.layers[0].o_rows is None:
+        model.prepare_o_allgather()  # (a collective: every rank gets the same TimeSpec)
+    if t.spec.name == "non-overlap":
+        forward = model.forward_layers
+    else:
+        forward = Pipeline(model, t.spec) if on_gpu else functools.partial(run_sequential, model, t.spec)
     graphs = GraphRunner(forward, runner.ws, runner.max_num_tokens, runner.config.max_num_seqs,
-                         -(-runner.max_model_len // runner.block_size), runner.pad_slot)
-    size = graphs.bucket(budget)
-    graphs.capture_all([size])
+                         -(-runner.max_model_len // runner.block_size), runner.pad_slot, capture=on_gpu)
+    size = graphs.bucket(t.budget)
+    if on_gpu:
+        graphs.capture_all([size])
     graphs.load(batch)
+    if not on_gpu:
+        start = time.perf_counter()
+        for _ in range(t.reps):
+            graphs.run(batch)
+        return (time.perf_counter() - start) / t.reps
     graph = graphs.graphs[size]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
+    for _ in range(t.reps):
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+    return start.elapsed_time(end) / t.reps / 1e3
