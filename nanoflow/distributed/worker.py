@@ -1,8 +1,9 @@
 """The processes of a tensor-parallel engine, one per rank.
 
 Rank 0 is the engine's own process: it schedules, prepares each iteration, broadcasts it (`ModelRunner.launch`) and
-samples (or, for `nanoflow tune`, broadcasts a candidate spec to time: pipeline/measure.py). Ranks 1..N-1 are spawned here: each builds its shard of the model (reading only its part of each weight)
-and a ModelRunner (same KV blocks, same CUDA graphs), then runs the steps rank 0 broadcasts until it sends None.
+samples (or, for `nanoflow tune`, broadcasts a candidate spec to time: pipeline/measure.py). Ranks 1..N-1 are
+spawned here: each builds its shard of the model (reading only its part of each weight) and a ModelRunner (same KV
+blocks, same CUDA graphs), then runs the steps rank 0 broadcasts until it sends None.
 """
 from __future__ import annotations
 
