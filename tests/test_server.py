@@ -355,3 +355,25 @@ def test_sigterm_finishes_requests_in_flight_aborts_the_rest_and_exits_0(llama_d
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == reason
         assert tokens is None or len(chunks) == tokens
+
+
+def test_stream_coalesces_a_backlog():
+    """A reader that fell behind gets one event per request for what waited (outputs are cumulative), in order,
+    and every request's end."""
+    from types import SimpleNamespace
+
+    from nanoflow.entrypoints.async_engine import RequestStream, _Sink
+    from nanoflow.entrypoints.metrics import Metrics
+    from nanoflow.outputs import CompletionOutput, RequestOutput
+
+    def out(rid, n, done=False):
+        c = CompletionOutput(0, "x" * n, list(range(n)), finish_reason="length" if done else None)
+        return RequestOutput(rid, None, [1], [c], finished=done)
+
+    async def read():
+        owner = SimpleNamespace(metrics=Metrics(), num_waiting=2, _abort=lambda rid: None)
+        sink = _Sink(asyncio.get_running_loop())
+        for item in (out("r-0", 1), out("r-0", 2), out("r-1", 1), out("r-0", 3, True), out("r-1", 2, True)):
+            sink.queue.put_nowait(item)
+        return [(i, len(o.outputs[0].token_ids), o.finished) async for i, o in RequestStream(owner, "r", 2, sink)]
+    assert asyncio.run(read()) == [(0, 2, False), (1, 1, False), (0, 3, True), (1, 2, True)]

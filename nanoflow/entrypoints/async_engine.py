@@ -264,6 +264,7 @@ class RequestStream:
         self._last: dict[str, RequestOutput] = {}
         self._watcher: asyncio.Task | None = None
         self._gone = False
+        self._held = None  # an item taken from the queue while coalescing, not yet returned
 
     def watch(self, until_disconnected: Callable[[], Awaitable]) -> None:
         async def watch():
@@ -281,7 +282,17 @@ class RequestStream:
             raise ClientDisconnected()
         if not self._unfinished:
             raise StopAsyncIteration
-        item = await self._sink.queue.get()
+        queue = self._sink.queue
+        item, self._held = self._held or await queue.get(), None
+        # A reader that fell behind finds several outputs of a request waiting: they are cumulative, so the latest
+        # stands for them all, and one event carries their tokens (the HTTP layer's cost is per event).
+        while isinstance(item, RequestOutput) and not queue.empty():
+            nxt = queue.get_nowait()
+            if isinstance(nxt, RequestOutput) and nxt.request_id == item.request_id:
+                item = nxt
+            else:
+                self._held = nxt
+                break
         if item is _GONE:
             raise ClientDisconnected()
         if isinstance(item, Exception):  # the engine failed
