@@ -128,21 +128,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every choice carries beside its content."""
     index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
-class CompletionResponse(BaseModel):
-    """Also each chunk of a stream (with usage only in the last one, when asked for)."""
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(_Response):
+    """Also each chunk of a stream (with usage only in the last one, when asked for)."""
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -166,38 +173,24 @@ class ChatMessageOut(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
 
-class ChatStreamChoice(BaseModel):
-    index: int
+class ChatStreamChoice(_Choice):
     delta: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
 

@@ -22,7 +22,7 @@ from nanoflow.executor.kv_offload import KVOffload
 from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
-from nanoflow.models.llama import O_ALLGATHER, LlamaModel, Workspace
+from nanoflow.models.llama import LlamaModel, Workspace
 from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.cache import gpu_name, resolve_pipeline_spec
 
@@ -85,7 +85,7 @@ class ModelRunner:
             if self.spec.ops != model.ops:
                 raise ValueError(f"pipeline spec {self.spec.name!r} has the ops {self.spec.ops}; this model's layer "
                                  f"has {model.ops}")
-            if any(n.op in O_ALLGATHER for n in self.spec.nano_ops):  # (before the KV cache takes the memory)
+            if self.spec.gathers:  # (before the KV cache takes the memory)
                 model.prepare_o_allgather()
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         if self.tp.size > 1:  # the scheduler's block ids index every rank's cache

@@ -86,9 +86,8 @@ class Workspace:
     @staticmethod
     def _widths(cfg: ModelConfig, tp_size: int) -> list[int]:
         h, i = cfg.hidden_size, Workspace._dense_mlp(cfg)
-        tp = tp_size > 1
-        return [h, h, h, cfg.q_size + 2 * cfg.kv_size, cfg.q_size, 2 * i, i, cfg.num_experts,
-                tp * cfg.q_size * tp_size, tp * h // tp_size]
+        attn_all, o_part = (cfg.q_size * tp_size, h // tp_size) if tp_size > 1 else (0, 0)
+        return [h, h, h, cfg.q_size + 2 * cfg.kv_size, cfg.q_size, 2 * i, i, cfg.num_experts, attn_all, o_part]
 
     @staticmethod
     def _dense_mlp(cfg: ModelConfig) -> int:
@@ -239,7 +238,9 @@ class LlamaModel(nn.Module):
 
     def prepare_o_allgather(self) -> None:
         """The weights o_gathered needs: o's rows of this rank's hidden slice, over every rank's query columns,
-        gathered from the ranks' shards (a collective: every rank calls it)."""
+        gathered from the ranks' shards (a collective: every rank calls it; once, later calls do nothing)."""
+        if self.layers[0].o_rows is not None:
+            return
         cut = slice(self.tp.rank * self.cfg.hidden_size // self.tp.size,
                     (self.tp.rank + 1) * self.cfg.hidden_size // self.tp.size)
         for layer in self.layers:
@@ -285,8 +286,7 @@ class LlamaModel(nn.Module):
         out.index_add_(0, rows, y * weights.flatten().index_select(0, pairs).unsqueeze(1))
         ws.hidden[a:b].copy_(out)
 
-    def down_allreduce(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
-        all_reduce(ws.hidden[a:b])
+    down_allreduce = o_allreduce  # the same sum of the ranks' partial hidden rows, after down (or the experts)
 
     def compute_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor | None:
         """Logits (float32) of the given rows (on the device). With tensor parallelism, each rank computes its

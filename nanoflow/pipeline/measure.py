@@ -16,7 +16,6 @@ import torch
 
 from nanoflow.distributed.parallel_state import broadcast_object
 from nanoflow.executor.cuda_graphs import GraphRunner
-from nanoflow.models.llama import O_ALLGATHER
 from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.profile import steady_batch
 from nanoflow.pipeline.spec import PipelineSpec
@@ -65,7 +64,7 @@ def run_timing(runner, t: TimeSpec) -> float:
     # a cache smaller than the batch's KV (Mixtral on one H200) lends its blocks more than once
     batch, _ = steady_batch(t.budget, t.decode_rows, t.context, runner.block_size, runner.cfg.vocab_size,
                             runner.num_blocks)
-    if any(n.op in O_ALLGATHER for n in t.spec.nano_ops) and model.layers[0].o_rows is None:
+    if t.spec.gathers:
         model.prepare_o_allgather()  # (a collective: every rank gets the same TimeSpec)
     if t.spec.name == "non-overlap":
         forward = model.forward_layers

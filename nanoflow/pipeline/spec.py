@@ -55,6 +55,12 @@ class PipelineSpec:
         return layer_ops(2 if any(n.op in NETWORK_OPS for n in self.nano_ops) else 1,
                          any(n.op in MOE_OPS for n in self.nano_ops))
 
+    @property
+    def gathers(self) -> bool:
+        """Whether some nano-batch projects its attention output by the all-gather form (the model then needs
+        prepare_o_allgather)."""
+        return any(n.op in O_ALLGATHER for n in self.nano_ops)
+
     def for_tensor_parallel(self, tp_size: int) -> "PipelineSpec":
         """This spec for a model of tp_size ranks (a spec that places all-reduces only runs with tp_size > 1)."""
         if (tp_size > 1) == any(n.op in NETWORK_OPS for n in self.nano_ops):
