@@ -287,9 +287,10 @@ def test_tune_cli_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
 
 
 # -- tensor parallelism: the collectives on a network unit, the projection's all-gather form ---------------------
-def tp_profile(allreduce_us, allgather_us):
-    """A TP = 2 profile: gate_up and o_proj / o_gathered scale with SMs, decode attention saturates at 20 SMs, the
-    collectives cost what is given per 128 rows; everything else is free."""
+def tp_profile(allreduce_us, allgather_us, attn_saturates=True):
+    """A TP = 2 profile: gate_up and o_proj / o_gathered scale with SMs, decode attention saturates at 20 SMs (or,
+    not saturating, scales like the GEMMs), the collectives cost what is given per 128 rows; everything else is
+    free."""
     from nanoflow.pipeline.profile import profiled_ops
 
     def t(op, x, s):
@@ -297,7 +298,7 @@ def tp_profile(allreduce_us, allgather_us):
         if op in ("gate_up", "o_proj", "o_gathered"):
             return 10 * per * 100 / s
         if op == "decode_attn":
-            return 10 * per * max(1, 20 / s)
+            return 10 * per * (max(1, 20 / s) if attn_saturates else 100 / s)
         if op.endswith("allreduce"):
             return allreduce_us * per
         if op.endswith("allgather"):
@@ -329,6 +330,23 @@ def test_search_places_collectives_on_a_network_unit(allreduce_us, allgather_us,
     assert predict(best.spec, p).period_us == pytest.approx(best.period_us, rel=1e-6)
     schedule_respects(best, 2.0)
     assert any("all-gather" in n for n in found.notes)
+
+
+def test_search_overlaps_only_the_collectives_when_a_split_cannot_pay():
+    """Decode attention that scales with SMs like the GEMMs gains nothing from a share of its own; the collectives
+    still overlap: the best spec keeps every other op on one compute unit over the whole device, with the
+    collectives on the network unit beside it, and beats non-overlap by about the collectives' time."""
+    from nanoflow.models.llama import NETWORK_OPS
+    p = tp_profile(5.0, 60.0, attn_saturates=False)
+    found = search(p, max_k=2)
+    best, base = found.candidates[0], found.baseline
+    assert {u.name: u.sms for u in best.spec.units} == {"compute": 0, "network": 0}
+    assert {n.unit for n in best.spec.nano_ops} == {"compute", "network"}
+    assert {n.unit for n in best.spec.nano_ops if n.op in NETWORK_OPS} == {"network"}
+    hidden = base.period_us - best.period_us  # non-overlap: 50 µs of compute, then 2 all-reduces of 10 µs
+    assert 10 < hidden <= 20 + 1e-6
+    assert predict(best.spec, p).period_us == pytest.approx(best.period_us, rel=1e-6)
+    schedule_respects(best, 2.0)
 
 
 def test_collectives_timed_in_processes():

@@ -24,11 +24,15 @@ weak relaxations) where a handful of templates cover the orders that overlap any
 split times the row choice would make durations bilinear. Both lists are short (templates: k <= 4, lag <
 k, 6 in all; splits: the memory share's steps up to half the device), so every combination is solved
 exactly, and stage 2 re-optimizes the shares of every distinct structure with interference.
+
+With tensor parallelism one more split is tried for every order: no memory unit, the attention on the compute
+unit over the whole device, so that only the collectives overlap the compute (NanoFlow's network overlap without
+an SM split, which #5 measured to cost more than it hides on a single GPU). Its shares are fixed: stage 2 predicts it.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 import numpy as np
@@ -249,6 +253,11 @@ def units_of(p: Profile) -> tuple[str, ...]:
     return UNITS + (("network",) if p.tp_size > 1 else ())
 
 
+def on_compute(ops: list[NanoOp]) -> list[NanoOp]:
+    """The nano-ops with the memory unit's moved onto the compute unit (the split without a memory share)."""
+    return [replace(n, unit="compute") if n.unit == "memory" else n for n in ops]
+
+
 def cut_positions(p: Profile) -> list[int]:
     return sorted(set(range(0, p.budget, STEP)) | {p.budget} | ({p.decode_rows} if 0 < p.decode_rows else set()))
 
@@ -258,7 +267,9 @@ def stage1(p: Profile, order: Order, shares: dict[str, int], wait_us: float = WA
     """The nano-batch boundaries that minimize the period of this order at these shares, no interference."""
     k = order.k
     ops = order.nano_ops(list(range(k + 1)), p.ops)  # placeholder rows (the nano-batch's index): dependencies
-    pos = cut_positions(p)                    # only need their order
+    if not shares["memory"]:                         # only need their order
+        ops = on_compute(ops)
+    pos = cut_positions(p)
     pairs = [[(a, b) for a in pos for b in pos if a < b and (i or a == 0) and (i < k - 1 or b == p.budget)]
              for i in range(k)]
     index, nbin = [], 0
@@ -278,6 +289,12 @@ def stage1(p: Profile, order: Order, shares: dict[str, int], wait_us: float = WA
     return cuts, sol.period
 
 
+_GATHER = {None: "", "none": "",
+           "first": "; the first nano-batch issued all-gathers the attention output's projection, the others "
+                    "all-reduce it",
+           "all": "; every nano-batch all-gathers the attention output's projection"}
+
+
 def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
            time_limit: float = 30.0) -> Candidate:
     """The SM shares of the compute and memory units for this structure, with interference."""
@@ -292,9 +309,7 @@ def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
     rows.append(({m: float(s) for (_, s), m in bin_of.items()}, 0, p.total_sms))  # that fit the device
     sol = _solve(ops, dur, len(bin_of), rows, wait_us, time_limit)
     shares = {u: s for (u, s), m in bin_of.items() if sol.chosen[m]}
-    gather = {None: "", "none": "", "first": "; the first nano-batch issued all-gathers the attention output's "
-              "projection, the others all-reduce it", "all": "; every nano-batch all-gathers the attention output's "
-              "projection"}[order.gather]
+    gather = _GATHER[order.gather]
     network = "; collectives on a network unit over the whole device" if p.tp_size > 1 else ""
     notes = (f"nanoflow tune: nano-batches at rows {cuts}, issued {'last' if order.reverse else 'first'} rows "
              f"first, the attention half of the nano-batch {order.lag} later before each MLP half{gather}; compute "
@@ -308,21 +323,35 @@ def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
                       {u: slow[u, shares[u]] if u in UNITS else 1.0 for u in shares})
 
 
+def network_overlap(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US) -> Candidate:
+    """The structure with the attention on the compute unit over the whole device: only the collectives overlap."""
+    units = [Unit("compute", "compute"), Unit("network", "network")]
+    notes = (f"nanoflow tune: nano-batches at rows {cuts}, issued {'last' if order.reverse else 'first'} rows "
+             f"first, the attention half of the nano-batch {order.lag} later before each MLP half"
+             f"{_GATHER[order.gather]}; every op but the collectives on one compute unit over the whole device, the "
+             f"collectives on a network unit beside it")
+    spec = PipelineSpec(f"tuned-{order}-net", p.budget, units, on_compute(order.nano_ops(cuts, p.ops)), notes)
+    c = predict(spec.validate(), p, wait_us)
+    c.spec.notes += f"; predicted {c.period_us:.1f} µs per layer on {p.gpu} (batch of {p.budget} rows)"
+    return c
+
+
 def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit: float = 30.0,
            progress=None) -> Search:
     """Stage 1 for every order and split, stage 2 for every distinct structure found; ranked."""
     t0 = time.perf_counter()
     base = predict(non_overlap(p.budget, p.tp_size, p.moe), p, wait_us)
-    splits = p.splits()
+    splits = p.splits() + ([(p.total_sms, 0)] if p.tp_size > 1 else [])  # (…, 0): no memory unit
     max_k = min(max_k, len(cut_positions(p)) - 1)  # a nano-batch is at least one step of rows
     jobs = [(o, split) for o in orders(max_k, p.tp_size > 1) for split in splits]
     structures = {}
     for o, (sc, sm) in progress(jobs) if progress else jobs:
         cuts, _ = stage1(p, o, {"compute": sc, "memory": sm, "network": 0}, wait_us, time_limit)
-        structures[o, tuple(cuts)] = None
+        structures[o, tuple(cuts), sm == 0] = None
     found = {}
-    for o, cuts in structures:
-        c = stage2(p, o, list(cuts), wait_us, time_limit)
+    for o, cuts, shared in structures:
+        c = (network_overlap(p, o, list(cuts), wait_us) if shared
+             else stage2(p, o, list(cuts), wait_us, time_limit))
         found.setdefault((c.spec.name, cuts), c)
     candidates = sorted([base, *found.values()], key=lambda c: c.period_us)
     tp = (f", with tensor parallelism x {len(GATHER)} choices of the nano-batches that all-gather instead of "
@@ -332,7 +361,9 @@ def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit:
               f"x {len(splits)} SM splits {splits} = {len(jobs)} MILPs over the nano-batch boundaries "
               f"(at multiples of {STEP} rows and the decode/prefill boundary, {p.decode_rows})"),
              (f"stage 2: {len(structures)} distinct structures, one MILP each over the units' SM shares "
-              f"{[s for s in p.sms if s < p.total_sms]}, with interference"),
+              f"{[s for s in p.sms if s < p.total_sms]}, with interference"
+              + (f" (those of split {(p.total_sms, 0)}, without a memory unit, only predicted)" if p.tp_size > 1
+                 else "")),
              ("orders and splits are enumerated, not solved for: an order as MILP variables needs a big-M "
               "disjunction per pair of nano-ops on a unit, and a split times the row choice makes the durations "
               "bilinear; both lists are short, so each combination is solved exactly")]
