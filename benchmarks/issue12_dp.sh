@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # #12 on a machine with 2 GPUs: data-parallel scaling of the Llama-3-8B shape (dummy weights), N replicas behind
 # the Ray router (`nanoflow serve --data-parallel-size N`, Ray started locally), splitwise trace:
-#   offline: 600 requests per replica sent at once (bench serve --request-rate inf): the maximum throughput;
-#   online: Poisson arrivals at the same rates per replica (RATES, req/s per replica), 300 requests per replica
-#           and rate: throughput and p99 latency at equal per-replica load.
+#   offline: OFFLINE requests per replica (600) sent at once (bench serve --request-rate inf): the maximum throughput;
+#   online: Poisson arrivals at the same rates per replica (RATES, req/s per replica), ONLINE requests per replica
+#           (300) and rate: throughput and p99 latency at equal per-replica load.
 # The front end's CPU time so far is logged after each run (one Python process serves every replica's stream:
 # the capacity model's front-end term). Then a table of
 # N = 2 against N = 1 from the JSON reports. From the repository root on the device, after
 # `source benchmarks/gpu_env.sh` (with Ray's wheels in .whl/):
-#   [RATES=10,20] bash benchmarks/issue12_dp.sh OUTDIR [N ...]    (default N: 1 2; one N per call fits 10 minutes)
+#   [RATES=10,20 OFFLINE=600 ONLINE=300] bash benchmarks/issue12_dp.sh OUTDIR [N ...]
+# (default N: 1 2; with the default sizes one N per call fits 10 minutes)
 out=$1
 shift
 rates=${RATES:-10,20}  # integers
@@ -24,9 +25,9 @@ for n in ${*:-1 2}; do
       --vocab-size 128256 "$@" 2>&1 | grep -v "it/s\]$" | tail -14
     echo "front end (router + HTTP) CPU time so far: $(ps -o cputime= -p $server)"
   }
-  bench --num-requests $((600 * n)) --request-rate inf --output "$out/issue12-dp$n-offline.json"
+  bench --num-requests $((${OFFLINE:-600} * n)) --request-rate inf --output "$out/issue12-dp$n-offline.json"
   sweep=$(IFS=,; for r in $rates; do printf "%d," $((n * r)); done)
-  bench --num-requests $((300 * n)) --sweep "${sweep%,}" --output "$out/issue12-dp$n-online.json"
+  bench --num-requests $((${ONLINE:-300} * n)) --sweep "${sweep%,}" --output "$out/issue12-dp$n-online.json"
   kill -TERM $server; wait $server
 done
 python3 - "$out" <<'EOF'

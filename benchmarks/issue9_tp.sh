@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # #9 on 2 GPUs: Llama-3-70B's shape cut to LAYERS decoder layers (dummy weights), TP = 2. `tune` searches the spec
-# (collectives on a network unit; all-reduce or all-gather form per nano-batch), then each MODE runs the workloads
-# in its own engine. From the repository root on the device:
-#   bash benchmarks/issue9_tp.sh OUTDIR tune|bench [LAYERS]
+# (collectives on a network unit; all-reduce or all-gather form per nano-batch; or only the collectives overlapped)
+# and measures the best candidates on every rank; `bench` then runs each mode in its own engine: non-overlap, and
+# pipeline with the fastest overlapped candidate tune measured (the chosen spec itself when it is not non-overlap).
+# From the repository root on the device:
+#   [MODEL=llama-3-70b TP=2 WORKLOADS="const:1024:512:300 trace:splitwise:300"] \
+#     bash benchmarks/issue9_tp.sh OUTDIR tune|bench [LAYERS]
+# (#11's stand-in on 4 GPUs: MODEL=llama-2-70b TP=4 ... 80.) tune's files go to /tmp/nanoflow-tune (kept on a warm
+# machine between calls, where the repository's ignored files are not) and are copied to OUTDIR.
 out=$1
 what=$2
 layers=${3:-40}
-model="--model llama-3-70b --num-layers $layers --load-format dummy -tp 2"
+name=${MODEL:-llama-3-70b}
+tp=${TP:-2}
+model="--model $name --num-layers $layers --load-format dummy -tp $tp"
+dir=/tmp/nanoflow-tune/$name-$layers-tp$tp
 if [ "$what" = tune ]; then
-  mkdir -p .tuned  # (kept on a warm machine between calls; git ignores it)
-  python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --output .tuned/issue9-tuned.json 2>&1 \
+  python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --save-candidates "$dir" 2>&1 \
     | grep -v "it/s\]$" | tail -30
-  cp .tuned/issue9-tuned.json "$out/"
+  cp "$dir/ranking.json" "$out/tune-ranking-$name-$layers-tp$tp.json"
   exit
 fi
-spec=.tuned/issue9-tuned.json
-[ -f "$spec" ] || spec=auto
+overlapped=$(python3 -c "import json, sys; print(next(r['name'] for r in json.load(open(sys.argv[1])) \
+  if r['name'] != 'non-overlap'))" "$dir/ranking.json") || exit 1
+cp "$dir/$overlapped.json" "$out/overlapped-spec-$name-$layers-tp$tp.json"
+workloads=$(for w in ${WORKLOADS:-const:1024:512:300 trace:splitwise:300}; do printf -- "--workload %s " "$w"; done)
 for mode in non-overlap pipeline; do
   python3 -m nanoflow.entrypoints.cli bench throughput $model --admission predicted --mode "$mode" \
-    --pipeline-spec "$spec" \
-    --workload const:1024:512:300 --workload trace:splitwise:300 --output "$out/issue9-$mode.json" 2>&1 \
+    --pipeline-spec "$dir/$overlapped.json" $workloads --output "$out/issue9-$name-$layers-tp$tp-$mode.json" 2>&1 \
     | grep -v "it/s\]$" | tail -14
 done

@@ -277,11 +277,17 @@ def test_tune_cli_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
             raise RuntimeError("no such SM split")  # a candidate that cannot run is skipped
         return 1.0 if len(calls) == 2 else 2.0  # the second best predicted measures fastest
     monkeypatch.setattr(tune, "_measure_hook", lambda: time_iteration)
-    assert main(args + ["--top", "3", "--output", str(tmp_path / "chosen.json")]) == 0
+    folder = tmp_path / "candidates"
+    assert main(args + ["--top", "3", "--output", str(tmp_path / "chosen.json"), "--save-candidates", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "non-overlap" in calls and len(calls) == len(set(calls)) >= 3  # the top 3 and the baseline
     chosen = PipelineSpec.load(str(tmp_path / "chosen.json"))
     assert chosen.name == calls[1] and f"{chosen.name}" in out and "<- chosen" in out
+    ranking = json.loads((folder / "ranking.json").read_text())  # measured fastest first, the failed one last
+    assert [r["name"] for r in ranking[:2]] == [calls[1], calls[0]] and ranking[0]["chosen"]
+    assert ranking[-1]["name"] == calls[2] and ranking[-1]["measured_s_per_iteration"] is None
+    assert {r["name"] for r in ranking} == set(calls)
+    assert all(PipelineSpec.load(str(folder / f"{r['name']}.json")).name == r["name"] for r in ranking)
     assert find_tuned("cpu", cfg, torch.float32, 256) == chosen
     assert "stage 1:" in out and "critical cycle" in out and f"{calls[2]}: failed to run" in out
 

@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top", type=int, default=3, help="measure this many of the best predicted specs")
     p.add_argument("--max-nano-batches", type=int, default=4)
     p.add_argument("--output", help="also write the chosen spec to this file")
+    p.add_argument("--save-candidates", metavar="DIR",
+                   help="also write every candidate run or predicted to DIR/<name>.json, and DIR/ranking.json: "
+                        "their names and times, fastest first (to bench the runner-up, say)")
     p.set_defaults(func=main)
 
 
@@ -28,6 +31,19 @@ def _measure_hook():
     """How a candidate is timed: a real iteration (every rank's, with tensor parallelism). A seam for the tests."""
     from nanoflow.pipeline.measure import time_iteration
     return time_iteration
+
+
+def save_candidates(picks, best, folder: str) -> None:
+    import json
+    import os
+    os.makedirs(folder, exist_ok=True)
+    ranked = sorted(picks, key=lambda c: (c.measured_s is None, c.measured_s or 0.0, c.period_us))
+    for c in ranked:
+        c.spec.save(os.path.join(folder, f"{c.spec.name}.json"))
+    with open(os.path.join(folder, "ranking.json"), "w") as f:
+        json.dump([{"name": c.spec.name, "predicted_us_per_layer": c.period_us, "measured_s_per_iteration":
+                    c.measured_s, "chosen": c is best} for c in ranked], f, indent=1)
+    print(f"written: {len(ranked)} candidates and ranking.json in {folder}")
 
 
 def main(a: argparse.Namespace) -> int:
@@ -111,4 +127,6 @@ def main(a: argparse.Namespace) -> int:
     if a.output:
         chosen.save(a.output)
         print(f"written: {a.output}")
+    if a.save_candidates:
+        save_candidates(picks, best, a.save_candidates)
     return 0
