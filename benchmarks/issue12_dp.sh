@@ -22,7 +22,7 @@ for n in ${*:-1 2}; do
   done
   bench() {
     python3 -m nanoflow.entrypoints.cli bench serve --url http://127.0.0.1:8000 --workload trace:splitwise \
-      --vocab-size 128256 "$@" 2>&1 | grep -v "it/s\]$" | tail -14
+      --vocab-size 128256 "$@" 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$out/issue12-bench.log" | tail -14
     echo "front end (router + HTTP) CPU time so far: $(ps -o cputime= -p $server)"
   }
   bench --num-requests $((${OFFLINE:-600} * n)) --request-rate inf --output "$out/issue12-dp$n-offline.json"

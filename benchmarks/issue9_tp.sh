@@ -17,7 +17,7 @@ model="--model $name --num-layers $layers --load-format dummy -tp $tp"
 dir=/tmp/nanoflow-tune/$name-$layers-tp$tp
 if [ "$what" = tune ]; then
   python3 -m nanoflow.entrypoints.cli tune $model --max-nano-batches 3 --save-candidates "$dir" 2>&1 \
-    | grep -v "it/s\]$" | tail -30
+    | grep --line-buffered -v "it/s\]$" | tee "$out/tune-$name-$layers-tp$tp.log" | tail -30
   cp "$dir/ranking.json" "$out/tune-ranking-$name-$layers-tp$tp.json"
   exit
 fi
@@ -28,5 +28,5 @@ workloads=$(for w in ${WORKLOADS:-const:1024:512:300 trace:splitwise:300}; do pr
 for mode in non-overlap pipeline; do
   python3 -m nanoflow.entrypoints.cli bench throughput $model --admission predicted --mode "$mode" \
     --pipeline-spec "$dir/$overlapped.json" $workloads --output "$out/issue9-$name-$layers-tp$tp-$mode.json" 2>&1 \
-    | grep -v "it/s\]$" | tail -14
+    | grep --line-buffered -v "it/s\]$" | tee -a "$out/bench-$name-$layers-tp$tp.log" | tail -14
 done

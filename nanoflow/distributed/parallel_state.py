@@ -37,11 +37,15 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
 
 
 def close_group(abort: bool = False) -> None:
-    """Leave the group (every rank together); abort: the others are gone, so tear it down without them."""
+    """Leave the group. NCCL's communicators are aborted, not destroyed, on every path: destroy_process_group hung
+    on the GPU (2 x H200, torch 2.11) even with every rank calling it together, and an abort waits for no peer.
+    Each rank first finishes its own work. abort: the other ranks are gone (gloo is then simply destroyed)."""
     if not dist.is_initialized():
         return
     abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort and abort_group is not None and dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl" and abort_group is not None:
+        if not abort:
+            torch.cuda.synchronize()
         abort_group()
     else:
         dist.destroy_process_group()

@@ -76,8 +76,8 @@ class Workers:
         atexit.unregister(self.shutdown)
         if clean and all(p.is_alive() for p in self.procs):
             broadcast_object(self.group, None)
-            close_group()  # together with the workers: NCCL's teardown waits for every rank (measured: it hung
-            self._stop(JOIN_TIMEOUT_S)  # when rank 0 left the group only after the workers had exited)
+            close_group()
+            self._stop(JOIN_TIMEOUT_S)
         else:
             self._stop()
             close_group(abort=True)
