@@ -222,7 +222,7 @@ MODES = ("non-overlap", "nanobatch-only", "pipeline")
 class EngineConfig:
     """Knobs of the engine; defaults follow vLLM's where the meaning is the same."""
     max_num_batched_tokens: int | None = None  # dense token budget per iteration
-    max_num_seqs: int = 512
+    max_num_seqs: int = 1024  # a dense 2048-token batch of const 1024/512 runs ~683 decode sequences
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # else sized from memory

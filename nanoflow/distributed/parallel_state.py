@@ -29,6 +29,7 @@ SINGLE = TPGroup()
 def init_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
     if device.type == "cuda":
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast (NVLS) stays off: it takes memory and SMs
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # (no watchdog abort racing close_group's)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=TIMEOUT,

@@ -51,6 +51,8 @@ def time_iteration(engine_kwargs: dict, model: str, spec: PipelineSpec, decode_r
                    budget: int, reps: int = 10) -> float:
     """Seconds per iteration (on the GPU the layers' CUDA graph replayed) of `spec` on the steady-state batch."""
     kwargs = {k: v for k, v in engine_kwargs.items() if k not in ("mode", "pipeline_spec", "cuda_graph")}
+    seqs = decode_rows + -(-(budget - decode_rows) // context)  # the steady batch's sequences
+    kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs", 0), seqs)
     runner = _engine(model, tuple(sorted(kwargs.items()))).runner
     t = TimeSpec(spec.for_tensor_parallel(runner.tp.size), decode_rows, context, budget, reps)
     if runner.tp.size > 1:
