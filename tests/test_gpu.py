@@ -267,8 +267,25 @@ def test_tensor_parallel_nccl_equals_one_gpu(model_dir, tmp_path, mode):
     p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     kw = dict(device="cuda", num_kv_blocks=256, max_num_batched_tokens=64)
     ref = LLM(model_dir, **kw).generate(PROMPTS, p, use_tqdm=False)
-    llm = LLM(model_dir, tensor_parallel_size=2, mode=mode, pipeline_spec=path, **kw)
-    try:
-        assert_same_greedy(llm.generate(PROMPTS, p, use_tqdm=False), ref)
-    finally:
-        llm.shutdown()
+    got = generate_in_a_process(tmp_path, dict(model=model_dir, tensor_parallel_size=2, mode=mode, pipeline_spec=path,
+                                                **kw), PROMPTS, p)
+    assert_same_greedy(got, ref)
+
+
+def generate_in_a_process(tmp_path, llm_kwargs, prompts, params):
+    """LLM(**llm_kwargs).generate in a Python process of its own: NCCL's teardown can hang after CUDA graphs captured
+    its collectives (pytorch#115388), which would leave this process unable to start another TP engine."""
+    import pickle
+    import subprocess
+    import sys
+    job, out = tmp_path / "job.pkl", tmp_path / "outputs.pkl"
+    job.write_bytes(pickle.dumps((llm_kwargs, prompts, params, str(out))))
+    script = ("import os, pickle, sys\n"
+              "from nanoflow import LLM\n"
+              "kw, prompts, params, out = pickle.load(open(sys.argv[1], 'rb'))\n"
+              "llm = LLM(**kw)\n"
+              "pickle.dump(llm.generate(prompts, params, use_tqdm=False), open(out, 'wb'))\n"
+              "llm.shutdown()\n"
+              "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, str(job)], check=True, timeout=600)
+    return pickle.loads(out.read_bytes())

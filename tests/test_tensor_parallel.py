@@ -224,3 +224,22 @@ def test_tp2_matches_tp1(llama_dir, llama_tp):
     for async_scheduling in (False, True):
         llama_tp.engine.async_scheduling = async_scheduling
         assert_same(llama_tp.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
+
+
+def test_a_hung_nccl_teardown_is_bounded(monkeypatch):
+    """NCCL's teardown can hang after CUDA graphs captured its collectives (pytorch#115388): close_group gives it a
+    bounded time, reports that the group was left behind, and a later engine in this process is refused with a
+    message that says why."""
+    import threading
+    import torch.distributed as dist
+    from nanoflow.distributed import parallel_state
+    hang = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", hang.wait)
+    monkeypatch.setattr(parallel_state, "_abandoned", False)
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        assert parallel_state.close_group(abort=True, timeout_s=0.2) is False
+    hang.set()
+    with pytest.raises(RuntimeError, match="could not leave its NCCL group"):
+        parallel_state.check_can_start()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ import torch.distributed as dist
 
 # Loading a large checkpoint on one rank can keep the others waiting at their first collective that long.
 TIMEOUT = datetime.timedelta(minutes=10)
+TEARDOWN_TIMEOUT_S = 20.0
+_abandoned = False  # a teardown that hung: this process's group is left behind
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +41,39 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT))
 
 
-def close_group(abort: bool = False) -> None:
-    """Leave the group. NCCL's communicators are aborted, not destroyed, on every path: destroy_process_group hung
-    on the GPU (2 x H200, torch 2.11) even with every rank calling it together, and an abort waits for no peer.
-    Each rank first finishes its own work. abort: the other ranks are gone (gloo is then simply destroyed)."""
+def close_group(abort: bool = False, timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
+    """Leave the group; whether it was left. abort: the other ranks are gone. NCCL's communicators are aborted, not
+    destroyed, since an abort waits for no peer; but after CUDA graphs captured its collectives, torch's NCCL
+    teardown can hang on its own (pytorch#115388; seen on 2 x H200 with torch 2.11, in destroy_process_group and in
+    the abort alike). So it runs on a daemon thread that is given timeout_s; past that the group is left behind,
+    and this process cannot start another tensor-parallel engine."""
+    global _abandoned
     if not dist.is_initialized():
-        return
+        return True
     abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if dist.get_backend() == "nccl" and abort_group is not None:
-        if not abort:
-            torch.cuda.synchronize()
-        abort_group()
-    else:
+    if dist.get_backend() != "nccl" or abort_group is None:
         dist.destroy_process_group()
+        return True
+    if not abort:
+        torch.cuda.synchronize()  # this rank's own work first
+    done = threading.Thread(target=abort_group, name="nanoflow-nccl-teardown", daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        _abandoned = True
+        warnings.warn(f"NCCL's teardown did not finish in {timeout_s:.0f} s (pytorch#115388: after CUDA graphs "
+                      f"captured its collectives); leaving the group behind", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def check_can_start() -> None:
+    """A process holds one group: a new tensor-parallel engine needs the last one's group gone."""
+    if _abandoned:
+        raise RuntimeError("this process's last tensor-parallel engine could not leave its NCCL group (its teardown "
+                           "hung, pytorch#115388); start another tensor-parallel engine in a new process")
+    if dist.is_initialized():  # torch.distributed has one default group per process
+        raise RuntimeError("a tensor-parallel engine is already running in this process; shut it down first")
 
 
 def all_reduce(x: torch.Tensor) -> None:

@@ -13,11 +13,10 @@ import socket
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanoflow.config import EngineConfig
-from nanoflow.distributed.parallel_state import TPGroup, broadcast_object, close_group, init_group
+from nanoflow.distributed.parallel_state import TPGroup, broadcast_object, check_can_start, close_group, init_group
 
 JOIN_TIMEOUT_S = 30
 
@@ -49,8 +48,7 @@ class Workers:
     """Rank 0's side: starts ranks 1..size-1 and joins the group with them; `shutdown` stops them."""
 
     def __init__(self, size: int, args: WorkerArgs):
-        if dist.is_initialized():  # torch.distributed has one default group per process
-            raise RuntimeError("a tensor-parallel engine is already running in this process; shut it down first")
+        check_can_start()
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -109,4 +107,5 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
             else:
                 runner.run_step(step)
     finally:
-        close_group()
+        if not close_group():
+            os._exit(0)  # (finalizing would wait on the group its teardown left behind)
