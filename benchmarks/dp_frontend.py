@@ -5,6 +5,7 @@ routes in this process; `bench serve` (a subprocess) streams the workload throug
 over the run is the front end's (its event loop, and Ray's threads receiving the replicas' streams).
 
     python benchmarks/dp_frontend.py [--replicas 2] [--step-ms 25] [--workload const:100:200] [--num-requests 400]
+                                     [--stream-interval 1]
 """
 import argparse
 import json
@@ -39,9 +40,9 @@ class InstantRunner:
 
 
 class InstantReplica(Replica):  # (defined in __main__: Ray sends the class itself to the workers)
-    def __init__(self, step_s: float, max_waiting: int):
+    def __init__(self, step_s: float, max_waiting: int, stream_interval: int):
         super().__init__(None, {"kv_cache_gb": 1.0, "max_num_batched_tokens": 4096, "async_scheduling": False},
-                         max_waiting)
+                         max_waiting, stream_interval)
         self.engine.engine.runner = InstantRunner(step_s)
 
 
@@ -51,10 +52,11 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=25.0)
     p.add_argument("--workload", default="const:100:200")
     p.add_argument("--num-requests", type=int, default=400)
+    p.add_argument("--stream-interval", type=int, default=1)
     a = p.parse_args()
     ray.init(num_cpus=a.replicas, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}})
-    actors = [ray.remote(InstantReplica).options(num_cpus=1).remote(a.step_ms / 1000, 10**6)
+    actors = [ray.remote(InstantReplica).options(num_cpus=1).remote(a.step_ms / 1000, 10**6, a.stream_interval)
               for _ in range(a.replicas)]
     router = Router(list(zip(actors, ray.get([r.info.remote() for r in actors]))), Metrics(), 10**6)
     with socket.socket() as s:

@@ -109,3 +109,9 @@ def test_bad_engine_options(llama_dir):
         LLM(llama_dir, admission="magic")
     with pytest.raises(ValueError, match="dtype"):
         LLM(llama_dir, dtype="int3")
+
+
+def test_bad_stream_interval_is_refused_before_the_model_loads(capsys):
+    from nanoflow.entrypoints.cli import main
+    assert main(["serve", "--model", "/no/such/model", "--stream-interval", "0"]) != 0
+    assert "--stream-interval must be >= 1" in capsys.readouterr().err

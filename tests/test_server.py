@@ -377,3 +377,25 @@ def test_stream_coalesces_a_backlog():
             sink.queue.put_nowait(item)
         return [(i, len(o.outputs[0].token_ids), o.finished) async for i, o in RequestStream(owner, "r", 2, sink)]
     assert asyncio.run(read()) == [(0, 2, False), (1, 1, False), (0, 3, True), (1, 2, True)]
+
+
+@pytest.mark.parametrize("interval, due", [(1, [1, 2, 3, 4, 5, 6, 7, 8]), (3, [1, 4, 7, 8]), (10, [1, 8])])
+def test_stream_interval(interval, due):
+    """--stream-interval N: a request's output goes out on its first token, then once per N new tokens, and at its
+    end; the other requests' outputs are not held back by it. Below 1 is refused, naming the option."""
+    from types import SimpleNamespace
+
+    from nanoflow.entrypoints.async_engine import AsyncEngine
+    from nanoflow.entrypoints.metrics import Metrics
+    from nanoflow.outputs import CompletionOutput, RequestOutput
+
+    def out(rid, n, done=False):
+        return RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * n, list(range(n)))], finished=done)
+    engine = SimpleNamespace(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"))
+    eng = AsyncEngine(engine, Metrics(), 8, interval)
+    eng._sinks.update({"a": "sink-a", "b": "sink-b"})
+    sent = [n for n in range(1, 9) if eng._due(out("a", n, n == 8)) == "sink-a"]
+    assert sent == due and "a" not in eng._sinks and "a" not in eng._sent
+    assert eng._due(out("b", 1)) == "sink-b"  # its own count
+    with pytest.raises(ValueError, match="--stream-interval must be >= 1"):
+        AsyncEngine(engine, Metrics(), 8, 0)

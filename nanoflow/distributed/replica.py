@@ -48,12 +48,12 @@ class Replica:
     """One engine on its thread (AsyncEngine), in a Ray actor. Its request metrics are not read: the router
     measures latencies itself, as its clients see them; the replica sends its EngineStats."""
 
-    def __init__(self, model: str | None, engine_kwargs: dict, max_waiting_requests: int):
+    def __init__(self, model: str | None, engine_kwargs: dict, max_waiting_requests: int, stream_interval: int = 1):
         engine = LLMEngine(model, **engine_kwargs)
         blocks = engine.scheduler.blocks
         self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path,
                                  blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
-        self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests)
+        self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests, stream_interval)
         self.engine.start()
         self.outbox: asyncio.Queue = asyncio.Queue()  # (submission id, item) for the current stream
         self.aborts: dict[str, asyncio.Event] = {}  # by submission id: set when the router aborts it
@@ -144,7 +144,8 @@ def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: li
 
 
 def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
-           max_waiting_requests: int) -> list[tuple[ray.actor.ActorHandle, ReplicaInfo]]:
+                    max_waiting_requests: int, stream_interval: int = 1
+                    ) -> list[tuple[ray.actor.ActorHandle, ReplicaInfo]]:
     """Join the Ray cluster at ray_address (None: Ray's default, $RAY_ADDRESS, else the cluster `ray start` began
     on this machine, else a new one here), reserve a bundle per replica (its GPUs, or CPU cores) in one placement
     group spread over the nodes, start the replicas there and wait for them to load. Ray restarts a replica that
@@ -168,7 +169,7 @@ def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, r
             name=f"replica-{i}", max_restarts=-1, max_task_retries=0,
             num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-        ).remote(model, engine_kwargs, max_waiting_requests) for i in range(num_replicas)]
+        ).remote(model, engine_kwargs, max_waiting_requests, stream_interval) for i in range(num_replicas)]
         return list(zip(replicas, ray.get([r.info.remote() for r in replicas])))
     except BaseException:
         ray.shutdown()

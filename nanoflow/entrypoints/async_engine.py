@@ -147,9 +147,15 @@ class EngineClient(abc.ABC):
 class AsyncEngine(EngineClient):
     """The local engine, on a thread of its own."""
 
-    def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting_requests: int):
+    def __init__(self, engine: LLMEngine, metrics: Metrics, max_waiting_requests: int, stream_interval: int = 1):
         super().__init__(metrics, max_waiting_requests)
+        if stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, not {stream_interval}")
         self.engine = engine
+        # a request's output goes out on its first token, then once per stream_interval new tokens, and when it
+        # ends: the front end's cost is per output (outputs are cumulative, so the ones skipped lose nothing)
+        self.stream_interval = stream_interval
+        self._sent: dict[str, int] = {}  # engine thread only: tokens of each request already sent
         self.tokenizer, self.max_model_len, self.model_path = engine.tokenizer, engine.max_model_len, engine.source.path
         self.stats = EngineStats()  # after the last iteration (written by the engine thread only)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
@@ -199,16 +205,28 @@ class AsyncEngine(EngineClient):
                 continue
             by_loop = defaultdict(list)
             for out in outputs:
-                sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
-                if sink is not None:
+                if (sink := self._due(out)) is not None:
                     by_loop[sink.loop].append((sink.queue, out))
             for loop, items in by_loop.items():
                 _deliver(loop, items)
             self._on_step()
 
+    def _due(self, out: RequestOutput) -> _Sink | None:
+        """The sink to send this output to now, if it is due."""
+        rid = out.request_id
+        if out.finished:
+            self._sent.pop(rid, None)
+            return self._sinks.pop(rid, None)
+        tokens, sent = sum(len(c.token_ids) for c in out.outputs), self._sent.get(rid, 0)
+        if tokens - sent < self.stream_interval and sent > 0:
+            return None
+        self._sent[rid] = tokens
+        return self._sinks.get(rid)
+
     def _handle(self, cmd) -> None:
         if isinstance(cmd, str):  # an abort
             self._sinks.pop(cmd, None)
+            self._sent.pop(cmd, None)
             self.engine.abort_request(cmd)
             return
         if cmd is _ABORT_ALL:

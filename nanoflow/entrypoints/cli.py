@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
     s.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests without a first token beyond which new ones get 503")
+    s.add_argument("--stream-interval", type=int, default=1,
+                   help="a streamed request gets its first token at once, then its new tokens once per N (the "
+                        "front end's CPU cost is per event: N > 1 trades smoothness for throughput, as SGLang's and "
+                        "vLLM's option of that name)")
     s.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="seconds that requests in flight get to finish on SIGTERM before they are aborted")
     s.add_argument("--data-parallel-size", "-dp", type=int, default=None,

@@ -115,9 +115,10 @@ class Router(EngineClient):
 
     @classmethod
     def launch(cls, model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
-               max_waiting_requests: int) -> Router:
+               max_waiting_requests: int, stream_interval: int = 1) -> Router:
         """Start the replicas (each queues up to max_waiting_requests, as does the router in all)."""
-        replicas = launch_replicas(model, engine_kwargs, num_replicas, ray_address, max_waiting_requests)
+        replicas = launch_replicas(model, engine_kwargs, num_replicas, ray_address, max_waiting_requests,
+                                   stream_interval)
         return cls(replicas, Metrics(), max_waiting_requests)
 
     # -- EngineClient ----------------------------------------------------------------------------

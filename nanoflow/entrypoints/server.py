@@ -385,16 +385,19 @@ def serve(args) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     except (ValueError, OSError):
         pass
+    if args.stream_interval < 1:  # (before the model loads)
+        raise ValueError(f"--stream-interval must be >= 1, not {args.stream_interval}")
     if args.data_parallel_size is None:
         if args.ray_address is not None:
             raise ValueError("--ray-address is for --data-parallel-size")
-        engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests)
+        engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests,
+                             args.stream_interval)
     else:
         if args.data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
         from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
         engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
-                               args.max_waiting_requests)
+                               args.max_waiting_requests, args.stream_interval)
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
     app = build_app(engine, name, args.api_key)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
