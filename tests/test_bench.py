@@ -52,6 +52,21 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])
     assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / report["optimal_tokens_per_second"])
     assert report["device"] == "cpu" and report["kv_blocks"] > 0 and "% of optimal" in capsys.readouterr().out
+    assert r["steady_iterations"] == 0 and r["steady_tokens_per_second"] is None  # all 6 fit at once
+
+
+def test_bench_steady_state(tmp_path):
+    """With more requests than run at once, the steady state (some request done, others still waiting) is measured
+    apart from the fill and the drain: its batches are fuller than the whole run's."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "throughput", "--workload", "const:24:12", "--num-requests", "12", "--max-num-seqs", "3",
+                 "--max-num-batched-tokens", "32", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    r = report["results"][0]
+    assert 0 < r["steady_iterations"] < r["iterations"]
+    assert r["mean_tokens_per_iteration"] < r["steady_mean_tokens_per_iteration"] <= 32
+    assert r["steady_percent_of_optimal"] == pytest.approx(
+        100 * r["steady_tokens_per_second"] / report["optimal_tokens_per_second"])
     png = tmp_path / "bars.png"
     assert main(["bench", "plot", str(out), str(out), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

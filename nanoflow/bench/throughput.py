@@ -38,7 +38,11 @@ def _commit() -> str | None:
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
                  timeline: bool = False, progress: bool = True) -> dict:
     """Run every request of the workload to completion; returns timings and counts. A multi-round
-    conversation's next turn is added once its previous turn has finished."""
+    conversation's next turn is added once its previous turn has finished.
+
+    Besides the whole run, the steady state: the iterations after some request has finished while others still
+    wait to be admitted, when the batch's mix of prefill and decode is the one an endless backlog keeps. A run whose
+    requests all fit at once has none (its batches only fill, then drain); the whole-run figures are the headline."""
     eng = llm.engine
     convs = workload.conversations(eng.model_config.vocab_size, seed)
     turns: dict[str, tuple[int, int, list[int]]] = {}  # request id -> (conversation, turn, prompt)
@@ -60,9 +64,11 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     bar = tqdm(total=num_requests, desc=workload.name, disable=not progress)
     start = time.perf_counter()
     done = 0
+    steady = [0, 0, 0.0]  # iterations, tokens, seconds
     while eng.has_unfinished_requests():
         if profile and done >= num_requests // 2:  # keep one batch of the steady state
             eng.runner.keep_next_batch, profile = True, False
+        in_steady, tokens, t = done > 0 and bool(sched.waiting), sched.num_scheduled_tokens, time.perf_counter()
         for out in eng.step():
             if out.finished:
                 bar.update(1)
@@ -74,6 +80,10 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
                     add(c, k + 1, prompt + out.outputs[0].token_ids)
         peak_running = max(peak_running, len(eng.scheduler.running))
         steps += 1
+        if in_steady:
+            steady[0] += 1
+            steady[1] += sched.num_scheduled_tokens - tokens
+            steady[2] += time.perf_counter() - t
     if on_gpu:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -86,6 +96,9 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         "output_tokens_per_second": out_tokens / elapsed,
         "mean_tokens_per_iteration": (prompt_tokens + out_tokens) / steps,
         "peak_running_requests": peak_running,
+        "steady_iterations": steady[0],
+        "steady_tokens_per_second": steady[1] / steady[2] if steady[0] else None,
+        "steady_mean_tokens_per_iteration": steady[1] / steady[0] if steady[0] else None,
         **cache_report(sched.num_prefill_tokens - before[0], stats, before[1]),
     }
     if eng.runner.clock is not None:
@@ -193,6 +206,8 @@ def throughput(args) -> dict:
                                                 timeline=bool(args.timeline))}
         r["preemptions"] = eng.scheduler.num_preemptions - preempted
         r["percent_of_optimal"] = 100 * r["tokens_per_second"] / optimal
+        steady = r["steady_tokens_per_second"]
+        r["steady_percent_of_optimal"] = None if steady is None else 100 * steady / optimal
         r["tokens_per_second_per_gpu"] = r["tokens_per_second"] / tp
         if w.name.startswith("const:"):
             p, o = w.lengths[0]
@@ -220,6 +235,10 @@ def print_result(report: dict, r: dict) -> None:
                                      f"P = {report['active_params'] / 1e9:.3g} B active parameters)"),
             ("% of optimal", f"{r['percent_of_optimal']:.1f}%"),
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),
+            ("steady state", "none (every request fit at once)" if r["steady_tokens_per_second"] is None else
+             f"{r['steady_tokens_per_second']:.1f} tok/s, {r['steady_percent_of_optimal']:.1f}% of optimal, "
+             f"{r['steady_mean_tokens_per_iteration']:.0f} tok/iter over {r['steady_iterations']} iterations "
+             f"(some request done, others still waiting)"),
             ("KV blocks", f"{report['kv_blocks']} x {report['block_size']} tokens; peak running "
                           f"{r['peak_running_requests']}; preemptions {r['preemptions']}"),
             ("prefill tokens computed", f"{r['prefill_tokens_computed']} of {r['total_prompt_tokens']} prompt tokens; "
@@ -252,13 +271,14 @@ def print_result(report: dict, r: dict) -> None:
 
 
 def print_summary(report: dict) -> None:
-    print(f"\n{'workload':<22} {'total tok/s':>12} {'% optimal':>10} {'tok/iter':>9} {'GPU idle':>9} "
-          f"{'prefill computed':>16}")
+    print(f"\n{'workload':<22} {'total tok/s':>12} {'% optimal':>10} {'tok/iter':>9} {'steady %':>9} "
+          f"{'GPU idle':>9} {'prefill computed':>16}")
     for r in report["results"]:
         idle = f"{100 * r['gpu_idle_share']:.1f}%" if "gpu_idle_share" in r else "-"
         prefill = f"{100 * r['prefill_tokens_computed'] / r['total_prompt_tokens']:.1f}%"
+        steady = "-" if r["steady_percent_of_optimal"] is None else f"{r['steady_percent_of_optimal']:.1f}%"
         print(f"{r['workload']:<22} {r['tokens_per_second']:>12.1f} {r['percent_of_optimal']:>9.1f}% "
-              f"{r['mean_tokens_per_iteration']:>9.0f} {idle:>9} {prefill:>16}")
+              f"{r['mean_tokens_per_iteration']:>9.0f} {steady:>9} {idle:>9} {prefill:>16}")
 
 
 def main(args) -> int:

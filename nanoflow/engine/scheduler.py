@@ -59,6 +59,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
+        self.num_scheduled_tokens = 0  # every token computed, prefill and decode
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -119,6 +120,7 @@ class Scheduler:
             c.seq.num_inflight += c.samples
             self.blocks.cache_computed(c.seq)
         self.num_prefill_tokens += sum(c.length for c in out.chunks[out.num_decode:])
+        self.num_scheduled_tokens += out.num_tokens
 
     # -- policies --------------------------------------------------------------------------------
     def _reaches_length(self, seq: Sequence) -> bool:
