@@ -422,6 +422,9 @@ def test_tp_candidates_timed_on_every_rank(llama_dir):
     kw = dict(max_num_batched_tokens=128, num_kv_blocks=64, block_size=4)
     try:
         assert measure.time_iteration(dict(kw, tensor_parallel_size=2), llama_dir, spec, 20, 16, 128, reps=2) > 0
+        with pytest.raises(ValueError, match="does not fit"):  # every rank refuses it; the worker stays
+            measure.time_iteration(dict(kw, tensor_parallel_size=2), llama_dir, spec, 200, 16, 128)
+        assert measure.time_iteration(dict(kw, tensor_parallel_size=2), llama_dir, spec, 20, 16, 128, reps=2) > 0
         (engine,) = measure._engines.values()
         p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         ref = LLM(llama_dir, **kw).generate([[5, 6, 7, 8]], p, use_tqdm=False)

@@ -103,7 +103,10 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
         runner = ModelRunner(model, args.config, set(), args.max_model_len)
         while (step := broadcast_object(tp)) is not None:
             if isinstance(step, TimeSpec):  # (nanoflow tune timing a candidate on every rank)
-                run_timing(runner, step)
+                try:
+                    run_timing(runner, step)
+                except (RuntimeError, ValueError):  # rank 0 meets it too, reports it and goes on to the next
+                    pass
             else:
                 runner.run_step(step)
     finally:

@@ -51,8 +51,7 @@ def time_iteration(engine_kwargs: dict, model: str, spec: PipelineSpec, decode_r
                    budget: int, reps: int = 10) -> float:
     """Seconds per iteration (on the GPU the layers' CUDA graph replayed) of `spec` on the steady-state batch."""
     kwargs = {k: v for k, v in engine_kwargs.items() if k not in ("mode", "pipeline_spec", "cuda_graph")}
-    seqs = decode_rows + -(-(budget - decode_rows) // context)  # the steady batch's sequences
-    kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs", 0), seqs)
+    kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs", 1), budget)  # room for the steady batch's sequences
     runner = _engine(model, tuple(sorted(kwargs.items()))).runner
     t = TimeSpec(spec.for_tensor_parallel(runner.tp.size), decode_rows, context, budget, reps)
     if runner.tp.size > 1:
@@ -63,6 +62,9 @@ def time_iteration(engine_kwargs: dict, model: str, spec: PipelineSpec, decode_r
 def run_timing(runner, t: TimeSpec) -> float:
     """One rank's part of a TimeSpec (runner: its ModelRunner)."""
     model, on_gpu = runner.model, runner.device.type == "cuda"
+    if not 0 <= t.decode_rows <= t.budget <= runner.max_num_tokens:
+        raise ValueError(f"a steady batch of {t.budget} rows, {t.decode_rows} of them decode, does not fit the "
+                         f"engine's {runner.max_num_tokens} rows (max_num_batched_tokens)")
     # a cache smaller than the batch's KV (Mixtral on one H200) lends its blocks more than once
     batch, _ = steady_batch(t.budget, t.decode_rows, t.context, runner.block_size, runner.cfg.vocab_size,
                             runner.num_blocks)
