@@ -1,5 +1,6 @@
 """Engine behaviour: batching, chunked prefill, preemption, stops, n > 1, seeds, abort."""
 import pytest
+import torch
 
 from nanoflow import LLM, SamplingParams
 
@@ -235,3 +236,20 @@ def test_cut_model_keeps_the_first_layers(llama_dir):
     assert torch.equal(cut.lm_head, whole.lm_head)
     with pytest.raises(ValueError, match=r"num_layers must be in \[1, 2\]"):
         LLM(llama_dir, num_layers=3)
+
+
+def test_fp8_kv_cache():
+    """--kv-cache-dtype fp8: the cache holds float8 e4m3 (on the CPU, 4x the blocks of float32 in the same memory),
+    and the model reads it back close to the full-precision cache."""
+    p = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
+    prompt = ["The capital of France is"]
+    full = LLM(None, max_num_batched_tokens=64)
+    fp8 = LLM(None, max_num_batched_tokens=64, kv_cache_dtype="fp8")
+    assert fp8.engine.runner.model.kv_cache.dtype == torch.float8_e4m3fn
+    assert 4 * full.engine.runner.num_blocks <= fp8.engine.runner.num_blocks < 4 * (full.engine.runner.num_blocks + 1)
+    a, b = (llm.generate(prompt, p, use_tqdm=False)[0] for llm in (full, fp8))
+    drift = [abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob)
+             for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
+    assert 0 < max(drift) < 0.5  # rounded (3 bits of mantissa), not garbage
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(None, kv_cache_dtype="int4")

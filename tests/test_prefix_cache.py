@@ -212,14 +212,16 @@ def test_bench_serve_multiround(tmp_path):
         assert stop_server(proc) == 0
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["float", "fp8"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_offload_copies_round_trip(device):
+def test_offload_copies_round_trip(device, fp8):
     """Blocks saved to scattered and consecutive slots, more than one staging buffer's worth, come back intact
-    into other blocks."""
+    into other blocks (an fp8 cache too)."""
     import torch
 
     from nanoflow.executor.kv_offload import STAGE_BLOCKS, KVOffload
     kv = torch.randn(2, 2, 90, 4, 2, 3, device=device)
+    kv = kv.to(torch.float8_e4m3fn) if fp8 else kv
     off = KVOffload(kv, 80)
     n = STAGE_BLOCKS + 8
     blocks, slots = random.Random(0).sample(range(89), n), [5, 3, 4] + list(range(40, 40 + n - 3))
@@ -228,4 +230,4 @@ def test_offload_copies_round_trip(device):
     kv.zero_()
     targets = list(range(89 - n, 89))
     off.issue([], list(zip(targets, slots)), False)
-    assert torch.equal(kv[:, :, targets], before) and not kv[:, :, : 89 - n].any()
+    assert torch.equal(kv[:, :, targets].float(), before.float()) and not kv[:, :, : 89 - n].float().any()

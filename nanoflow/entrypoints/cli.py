@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size on the CPU")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="auto: the model's dtype; fp8: float8 e4m3, unscaled (half the bytes: twice the KV blocks)")
     p.add_argument("--admission", choices=["kv", "predicted"], default="kv")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -47,6 +49,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
+                kv_cache_dtype=a.kv_cache_dtype,
                 admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
                 async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec,
                 enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoflow.config import EngineConfig, ModelConfig
+from nanoflow.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from nanoflow.distributed.parallel_state import agree_min, broadcast_object, broadcast_tensor
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
@@ -74,6 +74,7 @@ class ModelRunner:
         self.config = config
         self.max_model_len = max_model_len
         self.device, self.dtype = model.device, model.dtype
+        self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         self.eos_token_ids = sorted(eos_token_ids)
         on_gpu = self.device.type == "cuda"
         self.max_num_tokens = config.max_num_batched_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
@@ -96,7 +97,7 @@ class ModelRunner:
         c = self.cfg
         # one spare block past the last: padding rows write their KV there
         model.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks + 1, self.block_size, c.num_kv_heads,
-                                     c.head_dim, dtype=self.dtype, device=self.device)
+                                     c.head_dim, dtype=self.kv_dtype, device=self.device)
         self.pad_slot = self.num_blocks * self.block_size
         self.num_host_blocks = int(config.kv_offload_gb * 2**30) // self._block_bytes()
         self.offload = KVOffload(model.kv_cache, self.num_host_blocks) if self.num_host_blocks else None
@@ -128,7 +129,7 @@ class ModelRunner:
                 self.graphs.capture_all()
 
     def _block_bytes(self) -> int:
-        return self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
+        return self.cfg.kv_bytes_per_token(self.kv_dtype) * self.block_size
 
     def _blocks_from_memory(self) -> int:
         per_block = self._block_bytes()

@@ -88,8 +88,8 @@ def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, ITEM_SEQ, ITEM_SPLIT, N
         t = j % TILES
         valid = offs_n < end
         kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)  # (fp8 KV: widened)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
         heads = kvh * G + offs_g
         if t == 0:  # a new item: its queries, and a fresh online softmax
             q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -224,6 +224,7 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
     for n0 in range(lo, hi, BLOCK_N):
         offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh, stride_bt,
                                             offs_d, PAGE, BLOCK_N)
+        k, v = k.to(Q.dtype.element_ty), v.to(Q.dtype.element_ty)  # (fp8 KV: widened)
         allowed = valid[None, :] & (offs_n[None, :] <= pos_q[:, None])
         if HAS_WINDOW:
             allowed = allowed & (pos_q[:, None] - offs_n[None, :] < window)

@@ -37,11 +37,11 @@ def _rope_kv_kernel(Q, K, V, POS, COS_SIN, SLOTS, KC, VC, stride_q, stride_k, st
     tl.store(k, r1, mask=hk < HKV)  # k rotated in place too, as the reference leaves it
     tl.store(k + HALF, r2, mask=hk < HKV)
     cache = slot * stride_slot + hk * (2 * HALF) + offs[None, :]
-    tl.store(KC + cache, r1, mask=hk < HKV)
-    tl.store(KC + cache + HALF, r2, mask=hk < HKV)
+    tl.store(KC + cache, r1.to(KC.dtype.element_ty), mask=hk < HKV)  # (an fp8 cache rounds them again)
+    tl.store(KC + cache + HALF, r2.to(KC.dtype.element_ty), mask=hk < HKV)
     v = V + t * stride_v + hk * (2 * HALF) + offs[None, :]
-    tl.store(VC + cache, tl.load(v, mask=hk < HKV), mask=hk < HKV)
-    tl.store(VC + cache + HALF, tl.load(v + HALF, mask=hk < HKV), mask=hk < HKV)
+    tl.store(VC + cache, tl.load(v, mask=hk < HKV).to(VC.dtype.element_ty), mask=hk < HKV)
+    tl.store(VC + cache + HALF, tl.load(v + HALF, mask=hk < HKV).to(VC.dtype.element_ty), mask=hk < HKV)
 
 
 def rope_append_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
