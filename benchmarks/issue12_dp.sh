@@ -8,14 +8,15 @@
 # the capacity model's front-end term). Then a table of
 # N = 2 against N = 1 from the JSON reports. From the repository root on the device, after
 # `source benchmarks/gpu_env.sh` (with Ray's wheels in .whl/):
-#   [RATES=10,20 OFFLINE=600 ONLINE=300 STREAM_INTERVAL=1] bash benchmarks/issue12_dp.sh OUTDIR [N ...]
+#   [RATES=10,20 OFFLINE=600 ONLINE=300 STREAM_INTERVAL=1 API_SERVERS=1] bash benchmarks/issue12_dp.sh OUTDIR [N ...]
 # (default N: 1 2; with the default sizes one N per call fits 10 minutes)
 out=$1
 shift
 rates=${RATES:-10,20}  # integers
 for n in ${*:-1 2}; do
   python3 -m nanoflow.entrypoints.cli serve --model llama-3-8b --load-format dummy --admission predicted \
-    --data-parallel-size "$n" --max-waiting-requests 100000 --stream-interval "${STREAM_INTERVAL:-1}" --port 8000 > "$out/issue12-serve-dp$n.log" 2>&1 &
+    --data-parallel-size "$n" --max-waiting-requests 100000 --stream-interval "${STREAM_INTERVAL:-1}" \
+    --api-server-count "${API_SERVERS:-1}" --port 8000 > "$out/issue12-serve-dp$n.log" 2>&1 &
   server=$!
   for _ in $(seq 600); do
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null && break; sleep 1
@@ -23,7 +24,10 @@ for n in ${*:-1 2}; do
   bench() {
     python3 -m nanoflow.entrypoints.cli bench serve --url http://127.0.0.1:8000 --workload trace:splitwise \
       --vocab-size 128256 "$@" 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$out/issue12-bench.log" | tail -14
-    echo "front end (router + HTTP) CPU time so far: $(ps -o cputime= -p $server)"
+    # the serving process, and with API_SERVERS > 1 each API-server process it spawned
+    for p in $server $(pgrep -P $server -f spawn_main); do
+      echo "front end (router + HTTP) CPU time so far, pid $p: $(ps -o cputime= -p $p)"
+    done
   }
   bench --num-requests $((${OFFLINE:-600} * n)) --request-rate inf --output "$out/issue12-dp$n-offline.json"
   sweep=$(IFS=,; for r in $rates; do printf "%d," $((n * r)); done)

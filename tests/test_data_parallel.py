@@ -65,7 +65,7 @@ def test_routing_by_load_with_bounded_prefix_affinity():
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster with a CPU for each replica; this process is a driver too (it kills a replica)."""
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20)
+    context = ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20)  # (2 servers' replicas)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
@@ -183,3 +183,34 @@ def test_a_replica_killed_mid_run(server):
     seen = routed(metrics(server), 0)
     asyncio.run(_complete(server, PROMPTS, max_tokens=2))
     assert routed(metrics(server), 0) > seen
+
+
+def test_api_servers_share_the_port_and_add_up_their_metrics(cluster, tmp_path, default_llm):
+    """--api-server-count 2: two API-server processes on one port, each with its own router over the same two
+    replicas; requests on connections of their own give one engine's outputs, /metrics from whichever process
+    answers is the sum of both, and SIGTERM stops them all with exit 0."""
+    proc, url = start_server(["--data-parallel-size", "2", "--api-server-count", "2", "--ray-address", cluster,
+                              "--max-model-len", "512", "--kv-cache-gb", "0.25"], tmp_path / "log")
+    try:
+        prompts = PROMPTS * 2
+
+        async def each_on_its_connection():
+            async def one(p):
+                async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+                    return (await c.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}))
+            return await asyncio.gather(*(one(p) for p in prompts))
+        texts = [r.json()["choices"][0]["text"] for r in asyncio.run(each_on_its_connection())]
+        expected = default_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        assert texts == [o.outputs[0].text for o in expected]
+        for _ in range(4):  # whichever process answers
+            m = metrics(url)
+            assert m["nanoflow_api_servers"] == 2 and routed(m, 0) + routed(m, 1) == len(prompts)
+            assert m['nanoflow_requests_finished_total{finish_reason="length"}'] == len(prompts)
+            assert m['nanoflow_replica_up{replica="0"}'] == m['nanoflow_replica_up{replica="1"}'] == 1
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_bad_api_server_count(capsys):
+    assert main(["serve", "--api-server-count", "2"]) != 0
+    assert "--api-server-count" in capsys.readouterr().err

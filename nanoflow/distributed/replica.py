@@ -1,12 +1,12 @@
 """Data-parallel engine replicas: Ray actors, each with its own engine and devices (a GPU, a tensor-parallel
 group's GPUs, or CPU cores), placed by one placement group over the nodes of a Ray cluster.
 
-A replica takes requests by `add` and sends the outputs of all of them back on one stream, `outputs`: a message
-per engine iteration, so that Ray carries one object per iteration and replica, not one per token and request
-(Ray's streaming generators carry about a thousand objects a second). A message holds what is new in each
-request since the last one (`diff`; the router rebuilds the cumulative output with `patch`): sending whole
-outputs would cost time quadratic in the output's length. Imported only with --data-parallel-size (Ray is an
-optional dependency).
+A replica takes requests by `add` and sends the outputs of all of them back on one stream per front end
+(API-server process), `outputs`: a message per engine iteration, so that Ray carries one object per iteration
+and replica, not one per token and request (Ray's streaming generators carry about a thousand objects a second).
+A message holds what is new in each request since the last one (`diff`; the router rebuilds the cumulative
+output with `patch`): sending whole outputs would cost time quadratic in the output's length. Imported only with
+--data-parallel-size (Ray is an optional dependency).
 """
 from __future__ import annotations
 
@@ -55,38 +55,41 @@ class Replica:
                                  blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
         self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests, stream_interval)
         self.engine.start()
-        self.outbox: asyncio.Queue = asyncio.Queue()  # (submission id, item) for the current stream
+        self.outboxes: dict[int, asyncio.Queue] = {}  # by front end: (submission id, item) for its current stream
         self.aborts: dict[str, asyncio.Event] = {}  # by submission id: set when the router aborts it
         self.forwarders: set[asyncio.Task] = set()
 
     async def info(self) -> ReplicaInfo:
         return self._info
 
-    async def add(self, base_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
-        """Submit; the answer goes on the stream (None: accepted, or the exception that refused it), then the
-        outputs."""
+    def _put(self, front: int, item) -> None:
+        self.outboxes.setdefault(front, asyncio.Queue()).put_nowait(item)
+
+    async def add(self, front: int, base_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Submit; the answer goes on front end `front`'s stream (None: accepted, or the exception that refused
+        it), then the outputs."""
         aborted = self.aborts[base_id] = asyncio.Event()  # before any await: an abort sent after this call finds it
         try:
             stream = await self.engine.submit(prompts, params, aborted.wait, base_id)
         except (Overloaded, ValueError, TypeError) as e:
             del self.aborts[base_id]
-            self.outbox.put_nowait((base_id, e))
+            self._put(front, (base_id, e))
             return
-        self.outbox.put_nowait((base_id, None))
-        task = asyncio.ensure_future(self._forward(base_id, stream))
+        self._put(front, (base_id, None))
+        task = asyncio.ensure_future(self._forward(front, base_id, stream))
         self.forwarders.add(task)  # (the loop keeps only weak references to tasks)
         task.add_done_callback(self.forwarders.discard)
 
-    async def _forward(self, base_id: str, stream: RequestStream) -> None:
+    async def _forward(self, front: int, base_id: str, stream: RequestStream) -> None:
         sent: dict[str, list[tuple[int, int]]] = {}
         try:
             async for _, out in stream:
-                self.outbox.put_nowait((base_id, diff(out, sent.get(out.request_id))))
+                self._put(front, (base_id, diff(out, sent.get(out.request_id))))
                 sent[out.request_id] = [(len(c.text), len(c.token_ids)) for c in out.outputs]
         except ClientDisconnected:  # aborted by the router
             pass
         except Exception as e:  # the engine failed
-            self.outbox.put_nowait((base_id, e))
+            self._put(front, (base_id, e))
         finally:
             self.aborts.pop(base_id, None)
 
@@ -98,12 +101,16 @@ class Replica:
         self.engine.abort_all()
 
     @ray.method(num_returns="streaming")
-    async def outputs(self):
-        """The replica's one stream, for one reader (the router): (EngineStats, [(submission id, item)]), the
+    async def outputs(self, front: int = 0):
+        """Front end `front`'s stream, for one reader (its router): (EngineStats, [(submission id, item)]), the
         items being None (accepted), an exception (refused, or the engine failed) or a RequestOutput delta.
-        A new call (the router lost the previous stream) ends the previous one: one reader per queue."""
-        self.outbox = outbox = asyncio.Queue()
-        while self.outbox is outbox:
+        A new call (the router lost the previous stream) ends the previous one: one reader per queue; what
+        waited in the old queue moves to the new one."""
+        outbox, old = asyncio.Queue(), self.outboxes.get(front)
+        while old is not None and not old.empty():
+            outbox.put_nowait(old.get_nowait())
+        self.outboxes[front] = outbox
+        while self.outboxes[front] is outbox:
             try:
                 items = [await asyncio.wait_for(outbox.get(), POLL_S)]
             except TimeoutError:
@@ -144,15 +151,17 @@ def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: li
 
 
 def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
-                    max_waiting_requests: int, stream_interval: int = 1
+                    max_waiting_requests: int, stream_interval: int = 1, namespace: str | None = None
                     ) -> list[tuple[ray.actor.ActorHandle, ReplicaInfo]]:
     """Join the Ray cluster at ray_address (None: Ray's default, $RAY_ADDRESS, else the cluster `ray start` began
     on this machine, else a new one here), reserve a bundle per replica (its GPUs, or CPU cores) in one placement
-    group spread over the nodes, start the replicas there and wait for them to load. Ray restarts a replica that
-    dies, in its bundle."""
+    group spread over the nodes, start the replicas there, as the actors replica-0, replica-1, ... of the Ray
+    namespace (other API-server processes find them by name), and wait for them to load. Ray restarts a replica
+    that dies, in its bundle."""
     resolve(model)  # a wrong model fails here, plainly, rather than in every replica (the nodes see the same paths)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    ray.init(address=ray_address, runtime_env={"env_vars": env}, include_dashboard=False)  # (if it starts Ray)
+    ray.init(address=ray_address, namespace=namespace, runtime_env={"env_vars": env},
+             include_dashboard=False)  # (if it starts Ray)
     try:
         tp = engine_kwargs["tensor_parallel_size"]
         gpu = engine_kwargs["device"] != "cpu" and ray.cluster_resources().get("GPU", 0) > 0

@@ -13,7 +13,9 @@ SSE error event). Ray restarts the actor; its stream's first message puts it bac
 
 Metrics: latencies are measured here, as clients see them; the engine gauges and the prefix cache's counters
 are the replicas' added up (KV use: their mean); nanoflow_router_requests / _retries / nanoflow_replica_up
-are the router's.
+are the router's. With several API-server processes (entrypoints/api_servers.py) each has a router, `front` k:
+each counts its own requests, and only front end 0 reports the replicas' gauges, so that the processes' metrics
+add up.
 """
 from __future__ import annotations
 
@@ -96,8 +98,9 @@ class _PrefixAffinity:
 
 class Router(EngineClient):
     def __init__(self, replicas: list[tuple[ray.actor.ActorHandle, ReplicaInfo]], metrics: Metrics,
-                 max_waiting_requests: int):
+                 max_waiting_requests: int, front: int = 0):
         super().__init__(metrics, max_waiting_requests)
+        self.front = front  # which API-server process this router serves (its stream from each replica)
         info = replicas[0][1]
         self.tokenizer, self.max_model_len, self.model_path = info.tokenizer, info.max_model_len, info.model_path
         self.replicas = [_Replica(i, actor, about) for i, (actor, about) in enumerate(replicas)]
@@ -110,8 +113,7 @@ class Router(EngineClient):
         self.resent = Counter("nanoflow_router_retries", "Submissions sent again: their replica died before any "
                                                          "output", registry=r)
         self.in_rotation = Gauge("nanoflow_replica_up", "1 while a replica is in rotation", ["replica"], registry=r)
-        for rep in self.replicas:
-            self.in_rotation.labels(str(rep.index)).set(1)
+        self._rotation(True)
 
     @classmethod
     def launch(cls, model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
@@ -120,6 +122,15 @@ class Router(EngineClient):
         replicas = launch_replicas(model, engine_kwargs, num_replicas, ray_address, max_waiting_requests,
                                    stream_interval)
         return cls(replicas, Metrics(), max_waiting_requests)
+
+    @classmethod
+    def attach(cls, ray_address: str, namespace: str, num_replicas: int, max_waiting_requests: int,
+               front: int) -> Router:
+        """A router over replicas that another process launched (by their names in its Ray namespace)."""
+        ray.init(address=ray_address, namespace=namespace)
+        actors = [ray.get_actor(f"replica-{i}") for i in range(num_replicas)]
+        return cls(list(zip(actors, ray.get([a.info.remote() for a in actors]))), Metrics(), max_waiting_requests,
+                   front)
 
     # -- EngineClient ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,7 +190,7 @@ class Router(EngineClient):
         self.sent.labels(str(r.index)).inc()
         if self.affinity:
             self.affinity.record(route.keys, r.index)
-        r.actor.add.remote(base, route.add.prompts, route.add.params)  # answered on the stream (so is a death)
+        r.actor.add.remote(self.front, base, route.add.prompts, route.add.params)  # answered on the stream
         return True
 
     def _end(self, base: str, route: _Route) -> None:
@@ -192,12 +203,12 @@ class Router(EngineClient):
         asked for again, which Ray holds until it has restarted the actor."""
         while True:
             try:
-                async for ref in r.actor.outputs.remote():
+                async for ref in r.actor.outputs.remote(self.front):
                     stats, items = await ref
                     if not r.up:
                         log.warning("replica %d is back in rotation", r.index)
                         r.up = True
-                        self.in_rotation.labels(str(r.index)).set(1)
+                        self._rotation(True, r)
                     r.stats = stats
                     for base, item in items:
                         self._dispatch(r, base, item)
@@ -233,7 +244,7 @@ class Router(EngineClient):
         if r.up:
             log.warning("replica %d failed, out of rotation until Ray restarts it: %s", r.index, error)
         r.up = False
-        self.in_rotation.labels(str(r.index)).set(0)
+        self._rotation(False, r)
         self.retired += r.stats.cache
         r.stats = EngineStats()
         for base, route in [(b, route) for b, route in self.routes.items() if route.replica is r]:
@@ -247,7 +258,14 @@ class Router(EngineClient):
             route.add.sink.queue.put_nowait(EngineLost(f"replica {r.index}, which served this request, failed"))
         self._update_stats()
 
+    def _rotation(self, up: bool, r: _Replica | None = None) -> None:
+        if self.front == 0:  # (the replicas' metrics: one front end's)
+            for rep in [r] if r else self.replicas:
+                self.in_rotation.labels(str(rep.index)).set(int(up))
+
     def _update_stats(self) -> None:
+        if self.front:
+            return
         total = EngineStats.total([r.stats for r in self.replicas if r.up])
         total.cache += self.retired
         self.metrics.on_stats(total)

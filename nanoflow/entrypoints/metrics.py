@@ -1,11 +1,15 @@
 """Prometheus metrics of the server (GET /metrics), in a registry of its own so that several servers
-can live in one process (tests)."""
+can live in one process (tests). With several API-server processes, each renders the sum of all of theirs."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import urllib.request
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.engine.llm_engine import LLMEngine
@@ -64,6 +68,8 @@ class Metrics:
         self.cache_seen = CacheStats()
         self.e2e = Histogram("nanoflow_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
                              registry=r)
+        self.peers: list[str] = []  # the other API-server processes' own metrics (URLs): render() adds them up
+        Gauge("nanoflow_api_servers", "API-server processes whose metrics these are", registry=r).set(1)
 
     def on_stats(self, stats: EngineStats) -> None:
         """The engine's state after an iteration (its cache counters never decrease)."""
@@ -86,4 +92,43 @@ class Metrics:
             self.tpot.observe((now - first_token) / (longest - 1))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        own = generate_latest(self.registry)
+        if not self.peers:
+            return own
+        texts = [own.decode()]
+        for url in self.peers:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    texts.append(r.read().decode())
+            except OSError as e:  # a process that is gone: the others' sum
+                logging.getLogger("nanoflow.server").warning("metrics of %s: %s", url, e)
+        return add_up(texts)
+
+
+def add_up(texts: list[str]) -> bytes:
+    """Prometheus text expositions as one: each sample (name and labels) summed over them, `_created` (a start
+    time) the earliest."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple, float] = {}  # (family, sample name, labels) -> value, in first-seen order
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            for s in fam.samples:
+                key = (fam.name, s.name, tuple(s.labels.items()))
+                if key not in values:
+                    values[key] = s.value
+                else:
+                    values[key] = min(values[key], s.value) if s.name.endswith("_created") else values[key] + s.value
+    for (fam, name, labels), value in values.items():
+        families[fam].add_sample(name, dict(labels), value)
+    registry = CollectorRegistry()
+    registry.register(_Collected(list(families.values())))
+    return generate_latest(registry)
+
+
+@dataclass(slots=True, eq=False)  # (a registry keys its collectors by identity)
+class _Collected:
+    families: list[Metric]
+
+    def collect(self) -> list[Metric]:
+        return self.families

@@ -370,16 +370,7 @@ def serve(args) -> int:
     """Load the model (with --data-parallel-size: start its replicas on Ray), then serve until SIGTERM / SIGINT:
     stop accepting connections, let the requests in flight finish for up to --graceful-shutdown-timeout seconds,
     abort the rest (they end with finish_reason "abort"), exit 0."""
-    import uvicorn
-
     from nanoflow.entrypoints.cli import engine_kwargs
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if not self.should_exit:  # uvicorn waits for the requests in flight; we bound that wait
-                loop = asyncio.get_event_loop()  # a signal handler runs between the loop's callbacks
-                loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, app.state.engine.abort_all)
-            super().handle_exit(sig, frame)
 
     try:  # a socket per connection: lift the soft limit on open files (often 1024) to the hard one
         resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
@@ -387,6 +378,9 @@ def serve(args) -> int:
         pass
     if args.stream_interval < 1:  # (before the model loads)
         raise ValueError(f"--stream-interval must be >= 1, not {args.stream_interval}")
+    if args.api_server_count < 1 or args.api_server_count > 1 and args.data_parallel_size is None:
+        raise ValueError(f"--api-server-count must be >= 1 ({args.api_server_count} given), and above 1 only with "
+                         f"--data-parallel-size")
     if args.data_parallel_size is None:
         if args.ray_address is not None:
             raise ValueError("--ray-address is for --data-parallel-size")
@@ -395,9 +389,27 @@ def serve(args) -> int:
     else:
         if args.data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
+        if args.api_server_count > 1:
+            from nanoflow.entrypoints.api_servers import serve_api_servers
+            return serve_api_servers(args)
         from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
         engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
                                args.max_waiting_requests, args.stream_interval)
+    run_http(engine, args)
+    return 0
+
+
+def run_http(engine: EngineClient, args, sock=None) -> None:
+    """The API over engine, on args.host:args.port (or an open socket), until SIGTERM / SIGINT (see serve)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:  # uvicorn waits for the requests in flight; we bound that wait
+                loop = asyncio.get_event_loop()  # a signal handler runs between the loop's callbacks
+                loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, engine.abort_all)
+            super().handle_exit(sig, frame)
+
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
     app = build_app(engine, name, args.api_key)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
@@ -407,5 +419,4 @@ def serve(args) -> int:
     # before; an ignoring one lets the process exit 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    Server(config).run()
-    return 0
+    Server(config).run(sockets=None if sock is None else [sock])
