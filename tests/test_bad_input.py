@@ -115,3 +115,9 @@ def test_bad_stream_interval_is_refused_before_the_model_loads(capsys):
     from nanoflow.entrypoints.cli import main
     assert main(["serve", "--model", "/no/such/model", "--stream-interval", "0"]) != 0
     assert "--stream-interval must be >= 1" in capsys.readouterr().err
+
+
+def test_tune_refuses_an_fp8_kv_cache(capsys):
+    from nanoflow.entrypoints.cli import main
+    assert main(["tune", "--kv-cache-dtype", "fp8"]) == 2
+    assert "--kv-cache-dtype fp8" in capsys.readouterr().err

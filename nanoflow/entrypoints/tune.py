@@ -70,6 +70,10 @@ def main(a: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"nanoflow: error: tune needs scipy ({e}): pip install 'nanoflow[tune]'", file=sys.stderr)
         return 2
+    if a.kv_cache_dtype != "auto":  # (a tuned spec is keyed by the model's dtype, and found with any KV dtype)
+        print("nanoflow: error: tune profiles and times the KV cache in the model's dtype; run it without "
+              f"--kv-cache-dtype {a.kv_cache_dtype} (the spec it finds also serves an fp8 cache)", file=sys.stderr)
+        return 2
     tp = a.tensor_parallel_size
     cfg = resolve(a.model, a.num_layers).config
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
