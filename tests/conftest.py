@@ -63,6 +63,14 @@ def make_hf_model(path, arch: str, tokenizer_dir: str | None, seed: int = 0, max
     return model
 
 
+def make_gpu_model(tmp_path_factory, arch: str) -> str:
+    """The GPU tests' small random model of an architecture (wide enough for the kernels' bf16 tiles)."""
+    path = str(tmp_path_factory.mktemp(f"gpu_{arch}"))
+    make_hf_model(path, arch, None, seed=5, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=512, num_hidden_layers=3, initializer_range=0.05)
+    return path
+
+
 @pytest.fixture(scope="session", params=sorted(ARCH_CONFIGS))
 def hf_model(request, tmp_path_factory, tokenizer_dir):
     """(path, HF model) for each family."""

@@ -6,7 +6,7 @@ have logprobs near -20, where bf16 rounding of the logits moves them by tenths).
 import pytest
 import torch
 
-from conftest import gpu, make_hf_model
+from conftest import gpu, make_gpu_model
 from nanoflow import LLM, SamplingParams
 from nanoflow.kernels import reference as ref
 
@@ -22,10 +22,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gpu_llama"))
-    make_hf_model(path, "llama", None, seed=5, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=512, num_hidden_layers=3, initializer_range=0.05)
-    return path
+    return make_gpu_model(tmp_path_factory, "llama")
 
 
 def test_fused_elementwise_ops_match_reference():

@@ -4,7 +4,7 @@ reference's loop over experts, and on the GPU the model against the CPU referenc
 import pytest
 import torch
 
-from conftest import gpu, make_hf_model
+from conftest import gpu, make_gpu_model, make_hf_model
 from test_gpu import GREEDY, assert_same_greedy, rel
 from test_hf_parity import hf_greedy
 from nanoflow import LLM, SamplingParams
@@ -228,10 +228,7 @@ def test_grouped_experts_match_the_loop(device):
 
 @pytest.fixture(scope="module")
 def gpu_mixtral_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gpu_mixtral"))
-    make_hf_model(path, "mixtral", None, seed=5, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=512, num_hidden_layers=3, initializer_range=0.05)
-    return path
+    return make_gpu_model(tmp_path_factory, "mixtral")
 
 
 @gpu

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,23 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct free TCP ports of 127.0.0.1 (a rendezvous, the API servers' metrics)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all bound at once: distinct
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def local_init_method() -> str:
+    """A rendezvous for processes on this machine."""
+    return f"tcp://127.0.0.1:{free_ports()[0]}"
 
 
 def init_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:

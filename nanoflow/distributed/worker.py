@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.multiprocessing as mp
 
 from nanoflow.config import EngineConfig
-from nanoflow.distributed.parallel_state import TPGroup, broadcast_object, check_can_start, close_group, init_group
+from nanoflow.distributed.parallel_state import (
+    TPGroup,
+    broadcast_object,
+    check_can_start,
+    close_group,
+    init_group,
+    local_init_method,
+)
 
 JOIN_TIMEOUT_S = 30
 
@@ -49,9 +55,7 @@ class Workers:
 
     def __init__(self, size: int, args: WorkerArgs):
         check_can_start()
-        with socket.socket() as s:  # a free port for the rendezvous
-            s.bind(("127.0.0.1", 0))
-            init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        init_method = local_init_method()
         if args.device_type == "cuda":
             os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the workers, set before NCCL starts anywhere
         ctx = mp.get_context("spawn")  # (fork would copy rank 0's CUDA context and threads)

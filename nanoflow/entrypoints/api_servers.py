@@ -21,6 +21,7 @@ from multiprocessing.connection import wait
 import ray
 from prometheus_client import start_http_server
 
+from nanoflow.distributed.parallel_state import free_ports
 from nanoflow.distributed.replica import launch_replicas
 from nanoflow.entrypoints.dp_router import Router
 from nanoflow.entrypoints.server import run_http
@@ -35,7 +36,7 @@ def serve_api_servers(args) -> int:
     replicas = launch_replicas(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
                                args.max_waiting_requests, args.stream_interval, namespace)
     address = ray.get_runtime_context().gcs_address
-    ports = _free_ports(args.api_server_count)
+    ports = free_ports(args.api_server_count)
     ctx = mp.get_context("spawn")  # (a fork would copy this driver's Ray threads)
     procs = [ctx.Process(target=_api_server, args=(args, k, address, namespace, ports), name=f"nanoflow-api-{k}")
              for k in range(args.api_server_count)]
@@ -73,13 +74,3 @@ def _api_server(args, front: int, address: str, namespace: str, ports: list[int]
     sock.bind((args.host, args.port))
     run_http(router, args, sock)
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()

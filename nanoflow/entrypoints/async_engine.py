@@ -217,10 +217,11 @@ class AsyncEngine(EngineClient):
         if out.finished:
             self._sent.pop(rid, None)
             return self._sinks.pop(rid, None)
-        tokens, sent = sum(len(c.token_ids) for c in out.outputs), self._sent.get(rid, 0)
-        if tokens - sent < self.stream_interval and sent > 0:
-            return None
-        self._sent[rid] = tokens
+        if self.stream_interval > 1:  # (the default, 1: every output, no counting)
+            tokens, sent = sum(len(c.token_ids) for c in out.outputs), self._sent.get(rid, 0)
+            if tokens - sent < self.stream_interval and sent > 0:
+                return None
+            self._sent[rid] = tokens
         return self._sinks.get(rid)
 
     def _handle(self, cmd) -> None:

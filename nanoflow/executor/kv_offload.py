@@ -36,7 +36,7 @@ class KVOffload:
     def __init__(self, kv_cache: torch.Tensor, num_slots: int):
         # [layers, 2, blocks + 1, block_size, kv_heads, head_dim]; an fp8 cache as bytes: the copies move bits, and
         # gathers and index_copy_ of float8 are not on every device
-        self.kv = kv_cache.view(torch.uint8) if kv_cache.dtype in (torch.float8_e4m3fn,) else kv_cache
+        self.kv = kv_cache.view(torch.uint8) if kv_cache.dtype.itemsize == 1 else kv_cache
         layers, two, _, bs, heads, dim = kv_cache.shape
         self.cuda = kv_cache.device.type == "cuda"
         self.host = torch.empty(num_slots, layers, two, bs, heads, dim, dtype=self.kv.dtype, pin_memory=self.cuda)

@@ -7,14 +7,19 @@ outputs [rows, q_size / tp] into [rows, q_size]; o_allgather the ranks' hidden s
 """
 from __future__ import annotations
 
-import socket
 import time
 
 import torch
 import torch.multiprocessing as mp
 
 from nanoflow.config import ModelConfig
-from nanoflow.distributed.parallel_state import all_gather_columns, all_reduce, close_group, init_group
+from nanoflow.distributed.parallel_state import (
+    all_gather_columns,
+    all_reduce,
+    close_group,
+    init_group,
+    local_init_method,
+)
 from nanoflow.distributed.worker import check_size, rank_device
 
 
@@ -65,9 +70,7 @@ def time_collectives(cfg: ModelConfig, dtype: torch.dtype, device_type: str, tp_
                      grids: dict[str, list[int]], reps: int) -> dict[str, list[float]]:
     """µs per call of each collective op at each of its grid's row counts (cfg: the whole model)."""
     check_size(tp_size, device_type)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    init_method = local_init_method()
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     procs = [ctx.Process(target=_rank, args=(r, tp_size, init_method, cfg, dtype, device_type, grids, reps, results))
