@@ -23,7 +23,7 @@ for n in ${*:-1 2}; do
   done
   bench() {
     python3 -m nanoflow.entrypoints.cli bench serve --url http://127.0.0.1:8000 --workload trace:splitwise \
-      --vocab-size 128256 "$@" 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$out/issue12-bench.log" | tail -14
+      --vocab-size 128256 "$@" 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$out/issue12-bench.log" | tail -16
     # the serving process, and with API_SERVERS > 1 each API-server process it spawned
     for p in $server $(pgrep -P $server -f spawn_main); do
       echo "front end (router + HTTP) CPU time so far, pid $p: $(ps -o cputime= -p $p)"
