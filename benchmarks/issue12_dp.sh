@@ -7,7 +7,7 @@
 # The front end's CPU time so far is logged after each run (one Python process serves every replica's stream:
 # the capacity model's front-end term). Then a table of
 # N = 2 against N = 1 from the JSON reports. From the repository root on the device, after
-# `source benchmarks/gpu_env.sh` (with Ray's wheels in .whl/):
+# `source benchmarks/gpu_env.sh` and Ray installed (BENCHMARKS.md #12 says how its wheel travels):
 #   [RATES=10,20 OFFLINE=600 ONLINE=300 STREAM_INTERVAL=1 API_SERVERS=1] bash benchmarks/issue12_dp.sh OUTDIR [N ...]
 # (default N: 1 2; with the default sizes one N per call fits 10 minutes)
 out=$1
