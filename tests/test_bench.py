@@ -70,3 +70,32 @@ def test_bench_steady_state(tmp_path):
     png = tmp_path / "bars.png"
     assert main(["bench", "plot", str(out), str(out), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_iteration_clock_phases_and_idle(monkeypatch):
+    """The clock's arithmetic, with stand-in events at given GPU times (ms): busy and idle time, and the phases
+    averaged over the steady iterations only."""
+    from nanoflow.executor import profiling
+
+    class Event:
+        def __init__(self, t):
+            self.t = t
+
+        def elapsed_time(self, later):
+            return later.t - self.t
+
+    times = iter([0, 5, 6, 7,  # an iteration before the steady state: forward 5, logits 1, sampling 1
+                  9, 19, 21, 24,  # steady (after a 2 ms gap): 10, 2, 3
+                  24, 36, 38, 39])  # steady, no gap: 12, 2, 1
+    monkeypatch.setattr(profiling, "_event", lambda: Event(next(times)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    clock = profiling.IterationClock()
+    for steady in (False, True, True):
+        clock.steady = steady
+        clock.start()
+        clock.mark()
+        clock.mark()
+        clock.end()
+    s = clock.summary()
+    assert s["iterations"] == 3 and s["gpu_busy_ms"] == 7 + 15 + 15 and s["gpu_idle_ms"] == 2
+    assert s["phase_ms"] == {"forward": 11, "logits": 2, "sampling": 2} and s["phase_iterations"] == 2

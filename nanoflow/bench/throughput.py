@@ -69,6 +69,8 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         if profile and done >= num_requests // 2:  # keep one batch of the steady state
             eng.runner.keep_next_batch, profile = True, False
         in_steady, tokens, t = done > 0 and bool(sched.waiting), sched.num_scheduled_tokens, time.perf_counter()
+        if eng.runner.clock is not None:
+            eng.runner.clock.steady = in_steady
         for out in eng.step():
             if out.finished:
                 bar.update(1)
@@ -251,6 +253,9 @@ def print_result(report: dict, r: dict) -> None:
         rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%  (gap p50 "
                      f"{r['gpu_idle_gap_ms_p50']:.3f} ms, p99 {r['gpu_idle_gap_ms_p99']:.3f}, "
                      f"max {r['gpu_idle_gap_ms_max']:.1f})"))
+    if r.get("phase_ms"):
+        rows.append(("GPU ms per iteration", ", ".join(f"{k} {v:.2f}" for k, v in r["phase_ms"].items()) +
+                     f"  (mean of {r['phase_iterations']} iterations, the steady ones if any)"))
     if "hf" in r:
         rows.append(("HF transformers total tok/s", f"{r['hf']['total_tok_s']:.1f}  (x{r['speedup_vs_hf']:.2f})"))
     width = max(len(k) for k, _ in rows)

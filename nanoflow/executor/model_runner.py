@@ -106,7 +106,7 @@ class ModelRunner:
             torch.manual_seed(config.seed)
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
         self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
-        self.clock: IterationClock | None = None  # set to measure the GPU's idle time between iterations
+        self.clock: IterationClock | None = None  # set to measure the GPU's idle time and each iteration's phases
         self.keep_next_batch = False  # set to keep the next iteration's batch (self.kept_batch), for profiling
         self.kept_batch: ForwardBatch | None = None
         self.forward = model.forward_layers  # (batch, ws): all layers, however they are cut and placed
@@ -150,13 +150,13 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> Launch:
         """Enqueue the iteration on the GPU and return at once (on the CPU it simply runs)."""
-        self.clock and self.clock.start()
         batch, plan = self.prepare(out)
         if self.keep_next_batch:
             self.kept_batch, self.keep_next_batch = batch, False
         step = Step(batch, plan.feed_rows, out.kv_saves, out.kv_loads, out.kv_fence)
         if self.tp.size > 1:
             broadcast_object(self.tp, step)
+        self.clock and self.clock.start()  # after the host's preparation: a GPU that waits for it is idle
         fed = self.last_tokens[self._device(plan.feed_src)] if plan.feed_rows else None
         launch = self._sample(out, self.run_step(step, fed), plan)
         self.clock and self.clock.end()
@@ -184,7 +184,10 @@ class ModelRunner:
             ws = self.ws.rows(batch.num_tokens)
             self.forward(batch, ws)
             rows = batch.logits_rows
-        return self.model.compute_logits(ws, rows)
+        self.clock and self.clock.mark()
+        logits = self.model.compute_logits(ws, rows)
+        self.clock and self.clock.mark()
+        return logits
 
     def collect(self, launch: Launch) -> ModelOutput:
         """Wait for a launched iteration and bring its results to the host."""

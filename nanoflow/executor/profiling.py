@@ -1,4 +1,5 @@
-"""CUDA-event clocks: the GPU's idle time between iterations, and one iteration's GPU time per op."""
+"""CUDA-event clocks: the GPU's idle time between iterations and each iteration's phases, and one iteration's GPU
+time per op."""
 from __future__ import annotations
 
 import torch
@@ -11,31 +12,47 @@ def _event() -> torch.cuda.Event:
 
 
 class IterationClock:
-    """An event where each iteration's GPU work starts and ends. A gap between one iteration's end and
-    the next one's start on the GPU is time the GPU sat waiting for the CPU."""
+    """Events where each iteration's GPU work starts, where each of its phases ends (the forward, the logits, the
+    sampling), and where it ends. A gap between one iteration's end and the next one's start on the GPU is time
+    the GPU sat waiting for the CPU. `steady` tags the iterations launched while it is set (the bench's steady
+    state), whose phases the summary averages."""
+
+    PHASES = ("forward", "logits", "sampling")
 
     def __init__(self):
-        self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._start: torch.cuda.Event | None = None
+        self.marks: list[tuple[bool, list[torch.cuda.Event]]] = []  # (steady, [start, end of each phase])
+        self.steady = False
+        self._open: list[torch.cuda.Event] = []
 
     def start(self) -> None:
-        self._start = _event()
+        self._open = [_event()]
+
+    def mark(self) -> None:
+        """The current phase ends here (called after the forward and after the logits)."""
+        self._open.append(_event())
 
     def end(self) -> None:
-        self.marks.append((self._start, _event()))
+        self._open.append(_event())
+        self.marks.append((self.steady, self._open))
 
     def summary(self) -> dict:
         if not self.marks:
             return {}
         torch.cuda.synchronize()
-        busy = sum(s.elapsed_time(e) for s, e in self.marks)
-        gaps = sorted(e.elapsed_time(s2) for (_, e), (s2, _) in zip(self.marks, self.marks[1:]))
+        busy = sum(ev[0].elapsed_time(ev[-1]) for _, ev in self.marks)
+        gaps = sorted(a[-1].elapsed_time(b[0]) for (_, a), (_, b) in zip(self.marks, self.marks[1:]))
         idle = sum(gaps)
         pct = (lambda q: gaps[min(int(q * len(gaps)), len(gaps) - 1)]) if gaps else (lambda q: 0.0)
+        # the phases' mean GPU time, over the steady iterations if any (iterations with all their marks)
+        whole = [(steady, ev) for steady, ev in self.marks if len(ev) == len(self.PHASES) + 1]
+        phased = [ev for steady, ev in whole if steady] or [ev for _, ev in whole]
+        phases = {name: sum(ev[i].elapsed_time(ev[i + 1]) for ev in phased) / len(phased)
+                  for i, name in enumerate(self.PHASES)} if phased else {}
         return {"iterations": len(self.marks), "gpu_busy_ms": busy, "gpu_idle_ms": idle,
                 "gpu_idle_share": idle / (busy + idle) if busy + idle else 0.0,
                 "gpu_idle_gap_ms_p50": pct(0.5), "gpu_idle_gap_ms_p99": pct(0.99),
-                "gpu_idle_gap_ms_max": gaps[-1] if gaps else 0.0}
+                "gpu_idle_gap_ms_max": gaps[-1] if gaps else 0.0,
+                "phase_ms": phases, "phase_iterations": len(phased)}
 
 
 def op_times(runner, batch, reps: int = 20) -> dict[str, float]:
