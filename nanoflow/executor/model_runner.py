@@ -251,7 +251,8 @@ class ModelRunner:
         tokens = torch.empty(0, dtype=torch.long, device=self.device)
         logprobs = None
         if seqs:
-            sample_logits = logits.index_select(0, self._device(plan.sample_rows))
+            every_row = plan.sample_rows == list(range(len(logits)))  # no prompt logprobs: skip the copy
+            sample_logits = logits if every_row else logits.index_select(0, self._device(plan.sample_rows))
             tokens = sample(sample_logits, self.sampling_metadata(seqs))
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=-1)
             if k >= 0:
