@@ -3,6 +3,8 @@
 Tolerances: elementwise fusions in bf16 vs the fp32 reference of the same bf16 inputs, relative error
 < 1e-2; whole-model logprobs in bf16 vs fp32 within 0.1 + 2% nats (far-tail tokens of a random model
 have logprobs near -20, where bf16 rounding of the logits moves them by tenths)."""
+import json
+
 import pytest
 import torch
 
@@ -303,3 +305,22 @@ def test_fp8_kv_cache_on_the_gpu(model_dir):
     drift = [abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob)
              for ra, rb in zip(a, b) for x, y in zip(ra.prompt_logprobs[1:], rb.prompt_logprobs[1:])]
     assert max(drift) < 0.5
+
+
+@two_gpus
+def test_tensor_parallel_timeline_and_phases(model_dir, tmp_path):
+    """`bench throughput -tp 2 --timeline`: every rank replays the timed iteration (its collectives need them all),
+    the timeline shows the all-reduces, and the iteration's phases are reported. In a process of its own
+    (pytorch#115388, see generate_in_a_process)."""
+    import subprocess
+    import sys
+    out, png = tmp_path / "r.json", tmp_path / "t.png"
+    subprocess.run([sys.executable, "-m", "nanoflow.entrypoints.cli", "bench", "throughput", "--model", model_dir,
+                    "-tp", "2", "--workload", "const:24:8", "--num-requests", "24", "--max-num-seqs", "6",
+                    "--max-num-batched-tokens", "64", "--timeline", str(png), "--output", str(out)],
+                   check=True, timeout=600)
+    r = json.loads(out.read_text())["results"][0]
+    ops = r["timeline"]["per_op_ms"]
+    assert {"o_allreduce", "down_allreduce"} <= set(ops) and all(v["alone"] > 0 for v in ops.values())
+    assert set(r["phase_ms"]) == {"forward", "logits", "sampling"} and r["phase_ms"]["forward"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

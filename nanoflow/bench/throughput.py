@@ -21,6 +21,7 @@ from nanoflow.bench.workloads import Workload, parse
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.profiling import IterationClock, op_times
+from nanoflow.pipeline import measure
 from nanoflow.pipeline.cache import gpu_name
 from nanoflow.sampling_params import SamplingParams
 
@@ -130,19 +131,13 @@ def cache_report(prefill_tokens: int, stats: CacheStats, before: CacheStats) -> 
 def pipeline_timeline(runner, batch) -> dict:
     """Every nano-op's span in one iteration of this batch, overlapped as the mode runs it and each alone on
     its unit; and per op, the two totals over all layers. Modes other than `pipeline`: the plain forward."""
-    from nanoflow.pipeline.executor import Pipeline
-    from nanoflow.pipeline.spec import non_overlap
-    pipe = runner.forward if isinstance(runner.forward, Pipeline) else Pipeline(runner.model,
-                                                                                 non_overlap(batch.num_tokens))
-    ws = runner.ws.rows(batch.num_tokens)
-    spans = {kind: pipe.timeline(batch.to(runner.device), ws, serial=kind == "alone")
-             for kind in ("overlapped", "alone")}
+    spec, spans = measure.timeline(runner, batch)
     per_op: dict = {}
     for kind, events in spans.items():
         for e in events:
             row = per_op.setdefault(e["op"], {"unit": e["unit"], "overlapped": 0.0, "alone": 0.0})
             row[kind] += e["end_ms"] - e["start_ms"]
-    return {"spec": pipe.spec.name, "tokens": batch.num_tokens, "units": {u.name: u.sms for u in pipe.spec.units},
+    return {"spec": spec.name, "tokens": batch.num_tokens, "units": {u.name: u.sms for u in spec.units},
             "iteration_ms": {k: max(e["end_ms"] for e in v) for k, v in spans.items()}, "per_op_ms": per_op,
             **spans}
 
@@ -171,9 +166,9 @@ def throughput(args) -> dict:
     from nanoflow.entrypoints.cli import engine_kwargs
     workloads = [parse(w, args.num_requests, args.seed) for w in args.workload]
     tp = args.tensor_parallel_size
-    if tp > 1 and (args.baseline == "hf" or args.breakdown or args.timeline):
-        raise ValueError("--baseline hf, --breakdown and --timeline run in rank 0's process only: not with "
-                         "--tensor-parallel-size > 1")
+    if tp > 1 and (args.baseline == "hf" or args.breakdown):
+        raise ValueError("--baseline hf and --breakdown run in rank 0's process only: not with "
+                         "--tensor-parallel-size > 1 (--timeline runs on every rank)")
     report = {"command": args.command_line, "date": datetime.date.today().isoformat(), "commit": _commit(),
               "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
     hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ({}, None)

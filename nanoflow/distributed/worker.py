@@ -1,7 +1,8 @@
 """The processes of a tensor-parallel engine, one per rank.
 
 Rank 0 is the engine's own process: it schedules, prepares each iteration, broadcasts it (`ModelRunner.launch`) and
-samples (or, for `nanoflow tune`, broadcasts a candidate spec to time: pipeline/measure.py). Ranks 1..N-1 are
+samples (or, for `nanoflow tune`, broadcasts a candidate spec to time, and for `bench throughput --timeline` an
+iteration to time op by op: pipeline/measure.py). Ranks 1..N-1 are
 spawned here: each builds its shard of the model (reading only its part of each weight) and a ModelRunner (same KV
 blocks, same CUDA graphs), then runs the steps rank 0 broadcasts until it sends None.
 """
@@ -96,7 +97,7 @@ class Workers:
 def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
     from nanoflow.executor.model_runner import ModelRunner
     from nanoflow.models.loader import build_model, resolve
-    from nanoflow.pipeline.measure import TimeSpec, run_timing
+    from nanoflow.pipeline.measure import TimelineSpec, TimeSpec, run_timeline, run_timing
     device = rank_device(args.device_type, rank)
     if device.type == "cpu":  # the CPU's cores are shared among the ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
@@ -111,6 +112,8 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
                     run_timing(runner, step)
                 except (RuntimeError, ValueError):  # rank 0 meets it too, reports it and goes on to the next
                     pass
+            elif isinstance(step, TimelineSpec):  # (bench throughput --timeline)
+                run_timeline(runner, step)
             else:
                 runner.run_step(step)
     finally:

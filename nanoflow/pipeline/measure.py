@@ -1,10 +1,11 @@
-"""Time one steady-state iteration of a pipeline spec, as `nanoflow tune` ranks candidates.
+"""Time one steady-state iteration of a pipeline spec, as `nanoflow tune` ranks candidates; and time every nano-op
+of one iteration as the engine runs it (`bench throughput --timeline`).
 
 The batch is the profiler's: `decode_rows` decode sequences of `context` tokens, then prompts filling the
 budget. The model and its KV cache are built once per process; each spec gets its forward (the plain one for the
 non-overlap spec, else a Pipeline on its units; on the CPU its nano-ops in order) captured in a CUDA graph of that
 batch's bucket. With tensor parallelism rank 0 sends the `TimeSpec` to the other ranks (distributed/worker.py), so
-that every rank captures and replays the same iteration, collectives included.
+that every rank captures and replays the same iteration, collectives included; a `TimelineSpec` likewise.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import torch
 
 from nanoflow.distributed.parallel_state import broadcast_object
 from nanoflow.executor.cuda_graphs import GraphRunner
+from nanoflow.models.batch import ForwardBatch
 from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.profile import steady_batch
-from nanoflow.pipeline.spec import PipelineSpec
+from nanoflow.pipeline.spec import PipelineSpec, non_overlap
 
 
 @dataclass(slots=True)
@@ -29,6 +31,12 @@ class TimeSpec:
     context: int
     budget: int
     reps: int = 10
+
+
+@dataclass(slots=True)
+class TimelineSpec:
+    """Every rank: one iteration of `batch` (a host batch) through the engine's forward, every nano-op timed."""
+    batch: ForwardBatch
 
 
 _engines: dict = {}  # (model, engine kwargs) -> the LLMEngine whose model and KV cache the candidates share
@@ -94,3 +102,22 @@ def run_timing(runner, t: TimeSpec) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / t.reps / 1e3
+
+
+def timeline(runner, batch: ForwardBatch) -> tuple[PipelineSpec, dict[str, list[dict]]]:
+    """Rank 0: the spans of every nano-op of one iteration of `batch` (Pipeline.timeline), overlapped as the engine
+    runs it and each alone on its unit; the plain forward as the non-overlap spec. With tensor parallelism every
+    rank replays the same iteration (the collectives need them all), so rank 0 sends it the TimelineSpec first."""
+    t = TimelineSpec(batch)
+    if runner.tp.size > 1:
+        broadcast_object(runner.tp, t)
+    return run_timeline(runner, t)
+
+
+def run_timeline(runner, t: TimelineSpec) -> tuple[PipelineSpec, dict[str, list[dict]]]:
+    """One rank's part of a TimelineSpec (runner: its ModelRunner)."""
+    n = t.batch.num_tokens
+    pipe = runner.forward if isinstance(runner.forward, Pipeline) else \
+        Pipeline(runner.model, non_overlap(n, runner.tp.size, runner.model.cfg.is_moe))
+    batch, ws = t.batch.to(runner.device), runner.ws.rows(n)
+    return pipe.spec, {kind: pipe.timeline(batch, ws, serial=kind == "alone") for kind in ("overlapped", "alone")}
