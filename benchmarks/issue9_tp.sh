@@ -6,7 +6,8 @@
 # From the repository root on the device:
 #   [MODEL=llama-3-70b TP=2 WORKLOADS="const:1024:512:300 trace:splitwise:300" MODES="non-overlap pipeline"] \
 #     bash benchmarks/issue9_tp.sh OUTDIR tune|bench [LAYERS]
-# (MODES=non-overlap needs no tune: two GPU pairs of one host can run the two modes side by side.)
+# (MODES=non-overlap needs no tune: two GPU pairs of one host can run the two modes side by side. TIMELINE=1 also
+# times every nano-op of one steady iteration on every rank and draws it: timeline-MODE.png.)
 # (#11's stand-in on 4 GPUs: MODEL=llama-2-70b TP=4 ... 80.) tune's files go to /tmp/nanoflow-tune (kept on a warm
 # machine between calls, where the repository's ignored files are not) and are copied to OUTDIR.
 out=$1
@@ -32,7 +33,8 @@ if [[ $modes == *pipeline* ]]; then
 fi
 workloads=$(for w in ${WORKLOADS:-const:1024:512:300 trace:splitwise:300}; do printf -- "--workload %s " "$w"; done)
 for mode in $modes; do
+  timeline=${TIMELINE:+--timeline $out/timeline-$name-$layers-tp$tp-$mode.png}
   python3 -m nanoflow.entrypoints.cli bench throughput $model --admission predicted --mode "$mode" $spec \
-    $workloads --output "$out/issue9-$name-$layers-tp$tp-$mode.json" 2>&1 \
+    $timeline $workloads --output "$out/issue9-$name-$layers-tp$tp-$mode.json" 2>&1 \
     | grep --line-buffered -v "it/s\]$" | tee -a "$out/bench-$name-$layers-tp$tp-$mode.log" | tail -20
 done
