@@ -18,8 +18,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",  # the Mistral decoder with a mixture-of-experts MLP
+    "Qwen2MoeForCausalLM": "qwen2_moe",  # Qwen2's with experts and a gated shared expert
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mixtral"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -46,9 +47,12 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
     # mixture of experts (0: a dense MLP): each token's MLP is the weighted sum of its top num_experts_per_tok
-    # experts (SwiGLU MLPs of intermediate_size)
+    # experts (SwiGLU MLPs of intermediate_size), their weights renormalized over the k if norm_topk_prob
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
+    # Qwen2-MoE: plus a shared expert every token uses (a SwiGLU MLP of this width), scaled by sigmoid(x · gate)
+    shared_expert_intermediate_size: int = 0
 
     def __post_init__(self):
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -76,9 +80,10 @@ class ModelConfig:
     def num_params(self, experts: int | None = None) -> int:
         """Parameter count (embedding included once; tied lm_head not counted twice). experts: count that many
         experts per layer instead of all of them."""
-        h, i = self.hidden_size, self.intermediate_size
+        h, i, s = self.hidden_size, self.intermediate_size, self.shared_expert_intermediate_size
         mlps = 1 if not self.is_moe else self.num_experts if experts is None else experts
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlps * 3 * h * i + self.num_experts * h + 2 * h
+        layer += 3 * h * s + (h if s else 0)  # the shared expert and its gate
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + h
 
@@ -94,11 +99,13 @@ class ModelConfig:
         if tp_size == 1:
             return self
         for what, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
-                        ("intermediate_size", self.intermediate_size), ("hidden_size", self.hidden_size)):
+                        ("intermediate_size", self.intermediate_size), ("hidden_size", self.hidden_size),
+                        ("shared_expert_intermediate_size", self.shared_expert_intermediate_size)):
             if n % tp_size:
                 raise ValueError(f"tensor_parallel_size {tp_size} must divide the model's {what} ({n})")
         return replace(self, num_heads=self.num_heads // tp_size, num_kv_heads=self.num_kv_heads // tp_size,
-                       intermediate_size=self.intermediate_size // tp_size)
+                       intermediate_size=self.intermediate_size // tp_size,
+                       shared_expert_intermediate_size=self.shared_expert_intermediate_size // tp_size)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.kv_size * torch.empty((), dtype=dtype).element_size()
@@ -122,13 +129,18 @@ class ModelConfig:
                 rope["rope_type"] = rope.pop("type")
             eos = cfg.get("eos_token_id")
             window = cfg.get("sliding_window")
-            if arch == "qwen2" and not cfg.get("use_sliding_window", False):
+            qwen = arch in ("qwen2", "qwen2_moe")
+            if qwen and not cfg.get("use_sliding_window", False):
                 window = None
+            if arch == "qwen2_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
+                raise ValueError("Qwen2-MoE with dense MLP layers among the expert layers (mlp_only_layers, "
+                                 "decoder_sparse_step > 1) is not supported")
             return cls(
                 architecture=arch,
                 vocab_size=cfg["vocab_size"],
                 hidden_size=hidden,
-                intermediate_size=cfg["intermediate_size"],
+                # (Qwen2-MoE: every layer's MLP is experts, of moe_intermediate_size)
+                intermediate_size=cfg["moe_intermediate_size" if arch == "qwen2_moe" else "intermediate_size"],
                 num_layers=cfg["num_hidden_layers"],
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
@@ -138,8 +150,8 @@ class ModelConfig:
                 rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
                 max_position_embeddings=cfg.get("max_position_embeddings", 4096),
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                qkv_bias=arch == "qwen2" or cfg.get("attention_bias", False),
-                o_bias=arch != "qwen2" and cfg.get("attention_bias", False),
+                qkv_bias=qwen or cfg.get("attention_bias", False),
+                o_bias=not qwen and cfg.get("attention_bias", False),
                 mlp_bias=cfg.get("mlp_bias", False),
                 sliding_window=window,
                 bos_token_id=cfg.get("bos_token_id"),
@@ -147,6 +159,8 @@ class ModelConfig:
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
                 num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
                 num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+                norm_topk_prob=cfg.get("norm_topk_prob", arch != "qwen2_moe"),  # (HF's defaults)
+                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
             )
         except KeyError as e:
             raise ValueError(f"malformed model config: missing field {e.args[0]!r}") from None
@@ -191,6 +205,9 @@ PRESETS: dict[str, ModelConfig] = {
                           eos_token_ids=[2]),
     "mixtral-8x7b": _preset("mixtral", 32000, 4096, 14336, 32, 32, 8, 1e6, 32768, 1e-5, bos_token_id=1,
                             eos_token_ids=[2], num_experts=8, num_experts_per_tok=2),
+    "qwen1.5-moe-a2.7b": _preset("qwen2_moe", 151936, 2048, 1408, 24, 16, 16, 1e6, 8192, 1e-6, qkv_bias=True,
+                                 eos_token_ids=[151643], num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+                                 shared_expert_intermediate_size=5632),
 }
 
 

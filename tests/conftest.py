@@ -22,6 +22,9 @@ ARCH_CONFIGS = {
     "mistral": dict(model_type="mistral", sliding_window=12),
     # Mixtral: 4 experts, top-2
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0),
+    # Qwen2-MoE: 4 experts, top-2, weights not renormalized, a gated shared expert, qkv bias
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=80, rope_theta=1000000.0),
 }
 
 

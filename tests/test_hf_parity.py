@@ -38,7 +38,10 @@ def test_logprobs_match_hf(hf_model):
         entry = out.prompt_logprobs[pos]
         target = prompt[pos]
         assert entry[target].logprob == pytest.approx(ref[pos - 1, target].item(), abs=1e-4)
-        assert entry[target].rank == int((ref[pos - 1] > ref[pos - 1, target]).sum()) + 1
+        # the rank among HF's logprobs, up to ties within 1e-5: a fused GEMM (Qwen2-MoE's shared gate|up) rounds
+        # differently from HF's two, and a tail of 49k tokens has near-ties
+        above = [int((ref[pos - 1] > ref[pos - 1, target] + d).sum()) + 1 for d in (1e-5, -1e-5)]
+        assert above[0] <= entry[target].rank <= above[1]
         top = ref[pos - 1].topk(5)
         for r, (tid, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
             assert entry[tid].logprob == pytest.approx(lp, abs=1e-4)

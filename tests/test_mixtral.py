@@ -1,6 +1,7 @@
-"""Mixtral (mixture of experts): routing as HF's, greedy decoding as HF's (also with ties and experts that get no
-tokens; the plain parity is in test_hf_parity.py), nano-batched == plain, loading; the grouped GEMMs against the
-reference's loop over experts, and on the GPU the model against the CPU reference, with and without CUDA graphs."""
+"""Mixtral and Qwen2-MoE (mixture of experts): routing as HF's, greedy decoding as HF's (also with ties and
+experts that get no tokens; the plain parity is in test_hf_parity.py), nano-batched == plain, loading; the grouped
+GEMMs against the reference's loop over experts, and on the GPU the model against the CPU reference, with and
+without CUDA graphs."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from conftest import gpu, make_gpu_model, make_hf_model
 from test_gpu import GREEDY, assert_same_greedy, rel
 from test_hf_parity import hf_greedy
 from nanoflow import LLM, SamplingParams
-from nanoflow.config import EngineConfig, preset
+from nanoflow.config import EngineConfig, ModelConfig, preset
 from nanoflow.executor.model_runner import ModelRunner
 from nanoflow.models.llama import MOE_LAYER_OPS, LlamaModel, Workspace
 from nanoflow.models.loader import ModelSource, build_model, resolve
@@ -71,6 +72,53 @@ def test_experts_op_matches_hf_block(routing):
             torch.testing.assert_close(ws.hidden, ref, atol=1e-6, rtol=1e-5)
 
 
+def test_qwen2_moe_experts_op_matches_hf_block():
+    """Qwen2-MoE's block: top-k weights not renormalized, plus the shared expert times sigmoid(x · its gate); also
+    cut into nano-batches."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    hc = Qwen2MoeConfig(hidden_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=4,
+                        num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                        vocab_size=100)
+    torch.manual_seed(0)
+    block = Qwen2MoeSparseMoeBlock(hc).eval()
+    cfg = ModelConfig.from_hf({**hc.to_dict(), "architectures": ["Qwen2MoeForCausalLM"]})
+    assert (cfg.intermediate_size, cfg.shared_expert_intermediate_size, cfg.norm_topk_prob) == (48, 80, False)
+    model = LlamaModel(cfg, torch.float32, torch.device("cpu"), 64)
+    layer = model.layers[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+        mlp = block.shared_expert
+        for ours, theirs in ((layer.router, block.gate.weight), (layer.experts_gate_up, block.experts.gate_up_proj),
+                             (layer.experts_down, block.experts.down_proj), (layer.shared_down, mlp.down_proj.weight),
+                             (layer.shared_gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                             (layer.shared_gate, block.shared_expert_gate.weight)):
+            ours.copy_(theirs)
+        x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+        ref = block(x.unsqueeze(0))[0]
+        for cuts in ([0, 40], [0, 8, 13, 40]):
+            ws = Workspace.allocate(cfg, 40, torch.float32, "cpu")
+            ws.normed.copy_(x)
+            for a, b in zip(cuts, cuts[1:]):
+                model.router(0, ws, None, a, b)
+                model.experts(0, ws, None, a, b)
+            torch.testing.assert_close(ws.hidden, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen2_moe_config():
+    cfg = preset("qwen1.5-moe-a2.7b")  # the published 14.3 B parameters, 2.7 B active
+    assert round(cfg.num_params() / 1e9, 1) == 14.3 and round(cfg.active_params() / 1e9, 1) == 2.7
+    assert cfg.shard(2).shared_expert_intermediate_size == 2816
+    hf = {"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+          "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 4,
+          "num_experts_per_tok": 2}
+    assert ModelConfig.from_hf(hf).intermediate_size == 32
+    for dense in ({"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}):
+        with pytest.raises(ValueError, match="dense MLP layers"):
+            ModelConfig.from_hf(hf | dense)
+
+
 def test_greedy_matches_hf_with_ties_and_idle_experts(tmp_path):
     """Layer 0's gate zero: every token ties on all experts, torch.topk picks the same two, the others idle."""
     model = make_hf_model(str(tmp_path / "src"), "mixtral", None, seed=4)
@@ -106,10 +154,11 @@ def test_specs_follow_the_model_ops(tmp_path):
         ModelRunner(model, EngineConfig(mode="nanobatch-only", pipeline_spec=str(path), num_kv_blocks=16), {2}, 64)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("budget", [16, 48])  # decode-only and mixed iterations
-def test_nanobatched_forward_equals_plain(tmp_path, budget):
+def test_nanobatched_forward_equals_plain(tmp_path, budget, arch):
     path = str(tmp_path / "m")
-    make_hf_model(path, "mixtral", None, seed=5)
+    make_hf_model(path, arch, None, seed=5)
     moe_spec().save(str(tmp_path / "spec.json"))
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     plain = LLM(path, max_num_batched_tokens=budget).generate(PROMPTS, p, use_tqdm=False)
@@ -226,9 +275,9 @@ def test_grouped_experts_match_the_loop(device):
         assert rel(y, expect(offsets(moved))) < 1e-2
 
 
-@pytest.fixture(scope="module")
-def gpu_mixtral_dir(tmp_path_factory):
-    return make_gpu_model(tmp_path_factory, "mixtral")
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def gpu_mixtral_dir(tmp_path_factory, request):
+    return make_gpu_model(tmp_path_factory, request.param)
 
 
 @gpu

@@ -153,9 +153,9 @@ def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir, gath
 
 
 def assert_expert_shards(whole, source, load_format="auto"):
-    """Each rank holds every expert's slice: its rows of gate and of up, the matching columns of down; the router
-    whole."""
-    i = whole.cfg.intermediate_size // 2
+    """Each rank holds every expert's slice: its rows of gate and of up, the matching columns of down (the shared
+    expert's too, if any); the router and the shared expert's gate whole."""
+    i, s = whole.cfg.intermediate_size // 2, whole.cfg.shared_expert_intermediate_size // 2
     for r in range(2):
         part = build_model(source, load_format, torch.float32, torch.device("cpu"), 64, tp=TPGroup(r, 2))
         for w, p in zip(whole.layers, part.layers):
@@ -163,14 +163,20 @@ def assert_expert_shards(whole, source, load_format="auto"):
             assert torch.equal(p.experts_gate_up, torch.cat([gate, up], dim=1))
             assert torch.equal(p.experts_down, w.experts_down[:, :, r * i:(r + 1) * i])
             assert torch.equal(p.router, w.router)
+            if s:
+                gate, up = w.shared_gate_up[r * s:(r + 1) * s], w.shared_gate_up[(2 + r) * s:(3 + r) * s]
+                assert torch.equal(p.shared_gate_up, torch.cat([gate, up]))
+                assert torch.equal(p.shared_down, w.shared_down[:, r * s:(r + 1) * s])
+                assert torch.equal(p.shared_gate, w.shared_gate)
 
 
-def test_tp2_mixtral_matches_tp1(tmp_path):
-    """Mixtral with its experts split over two ranks (safetensors slices, and dummy weights drawn whole): the experts'
-    partial outputs summed by down_allreduce give TP = 1's outputs."""
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_tp2_moe_matches_tp1(tmp_path, arch):
+    """Experts (and Qwen2-MoE's shared expert) split over two ranks (safetensors slices, and dummy weights drawn
+    whole): the partial outputs summed by down_allreduce give TP = 1's outputs."""
     from conftest import make_hf_model
-    path = str(tmp_path / "mixtral")
-    make_hf_model(path, "mixtral", None, seed=3)
+    path = str(tmp_path / arch)
+    make_hf_model(path, arch, None, seed=3)
     src = resolve(path)
     assert_expert_shards(build_model(src, "auto", torch.float32, torch.device("cpu"), 64), src)
     assert_expert_shards(build_model(src, "dummy", torch.float32, torch.device("cpu"), 64), src, "dummy")

@@ -1,17 +1,19 @@
-"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2, Mixtral), written as per-layer operations.
+"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2, Mixtral, Qwen2-MoE), written as per-layer operations.
 
 Each operation reads and writes rows [a, b) of a `Workspace` (one row per token), so the same
 model runs plainly (every op over all rows) or cut into nano-batches by the pipeline. Weights are
 fused where that makes fewer, larger GEMMs: q|k|v in one matrix, gate|up in another.
 
-A mixture-of-experts model (Mixtral) replaces the MLP's gate_up, act and down by two ops: `router` (the gate's
-logits) and `experts` (top-k routing, each expert's SwiGLU MLP over the rows routed to it, the weighted sum).
+A mixture-of-experts model (Mixtral, Qwen2-MoE) replaces the MLP's gate_up, act and down by two ops: `router` (the
+gate's logits) and `experts` (top-k routing, each expert's SwiGLU MLP over the rows routed to it, the weighted sum;
+Qwen2-MoE's shared expert, gated per row, is added there too).
 
 With tensor parallelism each rank holds a shard (`ModelConfig.shard`): its query and KV heads in qkv (column
 parallel), its slice of gate and of up in gate_up, the matching input columns of o and down (row parallel, their
 partial sums added over the ranks by the ops o_allreduce / down_allreduce), and a slice of the vocabulary in the
-embedding and the lm_head. Each expert is split like the dense MLP (its slice of the intermediate size); the router
-is replicated, so every rank routes alike and down_allreduce sums the experts' partial outputs.
+embedding and the lm_head. Each expert, the shared one too, is split like the dense MLP (its slice of the
+intermediate size); the router and the shared expert's gate are replicated, so every rank routes and gates alike
+and down_allreduce sums the experts' partial outputs.
 
 The attention output's projection has a second form, NanoFlow's for LLaMA-2-70B, that a pipeline spec may pick per
 nano-batch: all-gather the ranks' attention outputs (attn_allgather), project them onto this rank's slice of the
@@ -77,10 +79,11 @@ class Workspace:
     @classmethod
     def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1) -> int:
         """The buffers' bytes, and with experts the scratch of their op (per pair of a row and an expert: its
-        input, gate|up, activation and output rows; per row the float32 sum)."""
+        input, gate|up, activation and output rows; per row the float32 sum, and the shared expert's rows)."""
         width = sum(cls._widths(cfg, tp_size))
         if cfg.is_moe:
             width += cfg.num_experts_per_tok * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * cfg.hidden_size
+            width += 3 * cfg.shared_expert_intermediate_size + cfg.hidden_size  # its gate|up, activation, output
         return num_tokens * width * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
@@ -125,6 +128,10 @@ class DecoderLayer(nn.Module):
             self.router = _param(cfg.num_experts, h, **p)
             self.experts_gate_up = _param(cfg.num_experts, 2 * i, h, **p)
             self.experts_down = _param(cfg.num_experts, h, i, **p)
+            if s := cfg.shared_expert_intermediate_size:
+                self.shared_gate_up = _param(2 * s, h, **p)
+                self.shared_down = _param(h, s, **p)
+                self.shared_gate = _param(1, h, **p)
             return
         self.gate_up = _param(2 * i, h, **p)
         self.gate_up_bias = _param(2 * i, **p) if cfg.mlp_bias else None
@@ -272,10 +279,12 @@ class LlamaModel(nn.Module):
         expert runs its SwiGLU MLP on contiguous rows (the backend's experts_mlp: grouped GEMMs on the GPU), whose
         outputs, weighted, are summed back into their rows in float32. Routing as HF Mixtral: softmax in float32,
         top-k (torch.topk's tie-break), weights renormalized over the k; each row's sum in increasing expert
-        order, as HF adds them. Nothing here waits for the host."""
+        order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's output times
+        sigmoid(x · its gate)). Nothing here waits for the host."""
         layer, c = self.layers[l], self.cfg
         weights, ids = ws.router[a:b].float().softmax(-1).topk(c.num_experts_per_tok, dim=-1)
-        weights /= weights.sum(-1, keepdim=True)
+        if c.norm_topk_prob:
+            weights /= weights.sum(-1, keepdim=True)
         sorted_ids, pairs = ids.flatten().sort(stable=True)
         # where each expert's pairs end, counted on the device (torch.bincount on CUDA syncs for its size)
         offs = torch.searchsorted(sorted_ids, torch.arange(c.num_experts, device=ids.device), right=True,
@@ -284,6 +293,11 @@ class LlamaModel(nn.Module):
         y = self.k.experts_mlp(ws.normed[a:b].index_select(0, rows), layer.experts_gate_up, layer.experts_down, offs)
         out = torch.zeros(b - a, c.hidden_size, dtype=torch.float32, device=y.device)
         out.index_add_(0, rows, y * weights.flatten().index_select(0, pairs).unsqueeze(1))
+        if c.shared_expert_intermediate_size:
+            x = ws.normed[a:b]
+            act = torch.empty(b - a, c.shared_expert_intermediate_size, dtype=x.dtype, device=x.device)
+            self.k.silu_mul(torch.mm(x, layer.shared_gate_up.t()), out=act)
+            out += torch.mm(x, layer.shared_gate.t()).float().sigmoid() * torch.mm(act, layer.shared_down.t()).float()
         ws.hidden[a:b].copy_(out)
 
     down_allreduce = o_allreduce  # the same sum of the ranks' partial hidden rows, after down (or the experts)

@@ -31,13 +31,19 @@ HF_LAYER = {
     "mlp.gate_proj.weight": ("gate_up", "gate"), "mlp.up_proj.weight": ("gate_up", "up"),
     "mlp.gate_proj.bias": ("gate_up_bias", "gate"), "mlp.up_proj.bias": ("gate_up_bias", "up"),
     "mlp.down_proj.weight": ("down", None), "mlp.down_proj.bias": ("down_bias", None),
-    "block_sparse_moe.gate.weight": ("router", None),
+    "block_sparse_moe.gate.weight": ("router", None), "mlp.gate.weight": ("router", None),
+    "mlp.shared_expert.gate_proj.weight": ("shared_gate_up", "gate"),
+    "mlp.shared_expert.up_proj.weight": ("shared_gate_up", "up"),
+    "mlp.shared_expert.down_proj.weight": ("shared_down", None), "mlp.shared_expert_gate.weight": ("shared_gate", None),
 }
-# Mixtral's experts, one tensor each (HF: w1 gate, w3 up, w2 down) -> (our parameter, its part of an expert's)
-HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<part>w[123])\.weight")
+# The experts, one tensor each (Mixtral: w1 gate, w3 up, w2 down; Qwen2-MoE: gate_proj, up_proj, down_proj) ->
+# (our parameter, its part of an expert's)
+HF_EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.(?P<part>w[123]|(?:gate|up|down)_proj)"
+                       r"\.weight")
 GGUF_EXPERT = re.compile(r"ffn_(?P<part>gate|up|down)\.(?P<expert>\d+)\.weight")
 EXPERT_PART = {"w1": ("experts_gate_up", "gate"), "w3": ("experts_gate_up", "up"), "w2": ("experts_down", None),
                "gate": ("experts_gate_up", "gate"), "up": ("experts_gate_up", "up"), "down": ("experts_down", None)}
+EXPERT_PART |= {f"{part}_proj": EXPERT_PART[part] for part in ("gate", "up", "down")}
 # llama.cpp stacks a layer's experts in one tensor [experts, out, in]; read as one tensor per expert (GGUF_EXPERT)
 GGUF_STACKED = re.compile(r"(blk\.\d+\.ffn_(?:gate|up|down))_exps\.weight")
 HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
@@ -52,10 +58,10 @@ GGUF_LAYER = {
 GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 # Tensor parallelism: the dimension of a whole (checkpoint) tensor that is split over the ranks, by our parameter.
 # Column-parallel weights and their biases by output rows, row-parallel weights by input columns, the vocabulary by
-# rows (an expert's gate, up and down as the dense MLP's); the rest (norms, row-parallel biases, the router) is
-# replicated.
+# rows (an expert's gate, up and down as the dense MLP's, the shared expert's too); the rest (norms, row-parallel
+# biases, the router, the shared expert's gate) is replicated.
 TP_SPLIT_DIM = {"qkv": 0, "qkv_bias": 0, "gate_up": 0, "gate_up_bias": 0, "o": 1, "down": 1, "embed": 0,
-                "lm_head": 0, "experts_gate_up": 0, "experts_down": 1}
+                "lm_head": 0, "experts_gate_up": 0, "experts_down": 1, "shared_gate_up": 0, "shared_down": 1}
 
 
 @dataclass(slots=True)
@@ -156,7 +162,7 @@ def _piece(model: LlamaModel, param: torch.Tensor, shard: str | None) -> torch.T
     if shard is None:
         return param
     c = model.cfg
-    q, kv, i = c.q_size, c.kv_size, c.intermediate_size
+    q, kv, i = c.q_size, c.kv_size, param.shape[0] // 2  # (gate|up: an expert's, the shared expert's or the MLP's)
     return param.narrow(0, *{"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, i), "up": (i, i)}[shard])
 
 
@@ -241,7 +247,7 @@ def _shards_of(model: LlamaModel, name: str) -> tuple:
     return {"experts_gate_up": tuple(f"{e}.{part}" for e in experts for part in ("gate", "up")),
             "experts_down": tuple(str(e) for e in experts),
             "qkv": ("q", "k", "v"), "qkv_bias": ("q", "k", "v"), "gate_up": ("gate", "up"),
-            "gate_up_bias": ("gate", "up")}.get(local, (None,))
+            "gate_up_bias": ("gate", "up"), "shared_gate_up": ("gate", "up")}.get(local, (None,))
 
 
 def _safetensors_weights(path: str):
