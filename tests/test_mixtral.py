@@ -172,28 +172,36 @@ def test_nanobatched_forward_equals_plain(tmp_path, budget, arch):
 
 
 def write_gguf(path, model):
-    """The model as llama.cpp's converter writes a Mixtral (arch "llama", expert_count and expert_used_count,
-    q and k rows permuted, each layer's experts stacked in ffn_{gate,up,down}_exps, the router ffn_gate_inp), with a
-    made-up byte-level BPE vocabulary."""
+    """The model as llama.cpp's converter writes it, with a made-up byte-level BPE vocabulary: a Mixtral as arch
+    "llama" (q and k rows permuted), a Qwen2-MoE as "qwen2moe" (qkv biases, the expert and shared expert widths,
+    the shared expert in ffn_{gate,up,down}_shexp, its gate a vector ffn_gate_inp_shexp); both with expert_count
+    and expert_used_count, each layer's experts stacked in ffn_{gate,up,down}_exps, the router ffn_gate_inp."""
     gguf = pytest.importorskip("gguf")
     c = model.cfg
-    w = gguf.GGUFWriter(path, "llama")
+    qwen = c.architecture == "qwen2_moe"
+    w = gguf.GGUFWriter(path, "qwen2moe" if qwen else "llama")
     for add, value in ((w.add_block_count, c.num_layers), (w.add_context_length, c.max_position_embeddings),
-                       (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
-                       (w.add_head_count, c.num_heads), (w.add_head_count_kv, c.num_kv_heads),
-                       (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_rope_freq_base, c.rope_theta),
-                       (w.add_expert_count, c.num_experts), (w.add_expert_used_count, c.num_experts_per_tok),
-                       (w.add_bos_token_id, 1), (w.add_eos_token_id, 2)):
+                       (w.add_embedding_length, c.hidden_size), (w.add_head_count, c.num_heads),
+                       (w.add_head_count_kv, c.num_kv_heads), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
+                       (w.add_rope_freq_base, c.rope_theta), (w.add_expert_count, c.num_experts),
+                       (w.add_expert_used_count, c.num_experts_per_tok), (w.add_bos_token_id, 1),
+                       (w.add_eos_token_id, 2)):
         add(value)
+    if qwen:
+        w.add_expert_feed_forward_length(c.intermediate_size)
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    else:
+        w.add_feed_forward_length(c.intermediate_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(["a", "b", "ab"] + [f"<t{t}>" for t in range(3, c.vocab_size)])
     w.add_token_types([1] * c.vocab_size)
     w.add_token_merges(["a b"])
 
-    def permute(x, heads):  # llama.cpp's, undone by the loader
-        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+    def permute(x, heads):  # llama.cpp's for arch "llama", undone by the loader
+        return x if qwen else x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).transpose(1, 2).reshape(
+            x.shape)
     tensors = {"token_embd.weight": model.embed, "output_norm.weight": model.norm, "output.weight": model.lm_head}
-    i = c.intermediate_size
+    i, s = c.intermediate_size, c.shared_expert_intermediate_size
     for l, layer in enumerate(model.layers):
         q, k, v = layer.qkv.split([c.q_size, c.kv_size, c.kv_size])
         tensors |= {f"blk.{l}.{name}": t for name, t in (
@@ -202,6 +210,12 @@ def write_gguf(path, model):
             ("ffn_norm.weight", layer.mlp_norm), ("ffn_gate_inp.weight", layer.router),
             ("ffn_gate_exps.weight", layer.experts_gate_up[:, :i]),
             ("ffn_up_exps.weight", layer.experts_gate_up[:, i:]), ("ffn_down_exps.weight", layer.experts_down))}
+        if qwen:
+            tensors |= {f"blk.{l}.{name}": t for name, t in zip(("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+                                                                layer.qkv_bias.split([c.q_size, c.kv_size, c.kv_size]))}
+            tensors |= {f"blk.{l}.{name}": t for name, t in (
+                ("ffn_gate_shexp.weight", layer.shared_gate_up[:s]), ("ffn_up_shexp.weight", layer.shared_gate_up[s:]),
+                ("ffn_down_shexp.weight", layer.shared_down), ("ffn_gate_inp_shexp.weight", layer.shared_gate[0]))}
     for name, t in tensors.items():
         w.add_tensor(name, t.detach().contiguous().numpy())
     w.write_header_to_file()
@@ -210,16 +224,18 @@ def write_gguf(path, model):
     w.close()
 
 
-def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path):
-    """A Mixtral GGUF (llama.cpp's layout) gives the parameters and the greedy tokens of the safetensors it came
-    from."""
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path, arch):
+    """A GGUF in llama.cpp's layout gives the parameters and the greedy tokens of the safetensors it came from."""
     path = str(tmp_path / "hf")
-    make_hf_model(path, "mixtral", None, seed=6, vocab_size=512)
+    make_hf_model(path, arch, None, seed=6, vocab_size=512)
     hf = build_model(resolve(path), "auto", torch.float32, torch.device("cpu"), 64)
     write_gguf(str(tmp_path / "m.gguf"), hf)
     source = resolve(str(tmp_path / "m.gguf"))
     c = source.config
-    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.intermediate_size) == ("mixtral", 4, 2, 128)
+    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.intermediate_size) == \
+        (arch, 4, 2, 48 if arch == "qwen2_moe" else 128)
+    assert (c.shared_expert_intermediate_size, c.norm_topk_prob) == ((80, False) if arch == "qwen2_moe" else (0, True))
     gguf_model = build_model(source, "auto", torch.float32, torch.device("cpu"), 64)
     for (name, a), b in zip(gguf_model.named_parameters(), hf.parameters()):
         assert torch.equal(a, b), name

@@ -8,7 +8,7 @@ import torch
 
 from nanoflow.config import ModelConfig
 
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
 
 
 def open_gguf(path: str):
@@ -41,11 +41,13 @@ def config_from_gguf(reader) -> ModelConfig:
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     tokens = field(reader, "tokenizer.ggml.tokens")
     experts = g("expert_count", 0)
+    qwen_moe = arch == "qwen2moe"
     return ModelConfig(
-        architecture="mixtral" if experts else GGUF_ARCHS[arch],  # llama.cpp files Mixtral as "llama"
+        # llama.cpp files Mixtral as "llama"
+        architecture="mixtral" if experts and arch == "llama" else GGUF_ARCHS[arch],
         vocab_size=g("vocab_size") or len(tokens),
         hidden_size=hidden,
-        intermediate_size=g("feed_forward_length"),
+        intermediate_size=g("expert_feed_forward_length") if qwen_moe else g("feed_forward_length"),
         num_layers=g("block_count"),
         num_heads=heads,
         num_kv_heads=g("attention.head_count_kv", heads),
@@ -61,6 +63,8 @@ def config_from_gguf(reader) -> ModelConfig:
         eos_token_ids=[] if eos is None else [eos],
         num_experts=experts,
         num_experts_per_tok=g("expert_used_count", 0),
+        norm_topk_prob=g("expert_weights_norm", not qwen_moe),  # (llama.cpp's qwen2moe does not renormalize)
+        shared_expert_intermediate_size=g("expert_shared_feed_forward_length", 0),
     )
 
 

@@ -54,6 +54,8 @@ GGUF_LAYER = {
     "attn_output.weight": ("o", None), "ffn_norm.weight": ("mlp_norm", None),
     "ffn_gate.weight": ("gate_up", "gate"), "ffn_up.weight": ("gate_up", "up"), "ffn_down.weight": ("down", None),
     "ffn_gate_inp.weight": ("router", None),
+    "ffn_gate_shexp.weight": ("shared_gate_up", "gate"), "ffn_up_shexp.weight": ("shared_gate_up", "up"),
+    "ffn_down_shexp.weight": ("shared_down", None), "ffn_gate_inp_shexp.weight": ("shared_gate", None),
 }
 GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 # Tensor parallelism: the dimension of a whole (checkpoint) tensor that is split over the ranks, by our parameter.
@@ -277,6 +279,8 @@ def _gguf_weights(source: ModelSource):
         if permuted and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_heads if name.endswith("attn_q.weight") else cfg.num_kv_heads
             tensor = unpermute_rope_rows(tensor, heads)
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            tensor = tensor.reshape(1, -1)  # llama.cpp keeps the shared expert's gate as a vector
         if m := GGUF_STACKED.fullmatch(name):
             yield from ((f"{m.group(1)}.{e}.weight", part) for e, part in enumerate(tensor))
         else:
