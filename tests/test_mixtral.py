@@ -45,6 +45,17 @@ def hf_block(cfg, gate):
     return block
 
 
+def assert_moe_layer_gives(model, x, ref, atol):
+    """Layer 0's router and experts on rows x give ref, whole and cut into uneven nano-batches."""
+    for cuts in ([0, 40], [0, 8, 13, 40]):
+        ws = Workspace.allocate(model.cfg, len(x), torch.float32, "cpu")
+        ws.normed.copy_(x)
+        for a, b in zip(cuts, cuts[1:]):
+            model.router(0, ws, None, a, b)
+            model.experts(0, ws, None, a, b)
+        torch.testing.assert_close(ws.hidden, ref, atol=atol, rtol=1e-5)
+
+
 @pytest.mark.parametrize("routing", ["random", "ties"])
 def test_experts_op_matches_hf_block(routing):
     """Inputs positive and expert 3's gate row negative: expert 3 gets no tokens. 'ties': the other gate rows zero, so
@@ -63,13 +74,7 @@ def test_experts_op_matches_hf_block(routing):
         ref = block(x.unsqueeze(0))[0]
         _, _, ids = block.gate(x)
         assert 3 not in ids and (routing == "random" or len(ids.unique()) == 2)  # ties: all rows pick one pair
-        for cuts in ([0, 40], [0, 8, 13, 40]):
-            ws = Workspace.allocate(cfg, 40, torch.float32, "cpu")
-            ws.normed.copy_(x)
-            for a, b in zip(cuts, cuts[1:]):
-                model.router(0, ws, None, a, b)
-                model.experts(0, ws, None, a, b)
-            torch.testing.assert_close(ws.hidden, ref, atol=1e-6, rtol=1e-5)
+        assert_moe_layer_gives(model, x, ref, atol=1e-6)
 
 
 def test_qwen2_moe_experts_op_matches_hf_block():
@@ -97,13 +102,7 @@ def test_qwen2_moe_experts_op_matches_hf_block():
             ours.copy_(theirs)
         x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
         ref = block(x.unsqueeze(0))[0]
-        for cuts in ([0, 40], [0, 8, 13, 40]):
-            ws = Workspace.allocate(cfg, 40, torch.float32, "cpu")
-            ws.normed.copy_(x)
-            for a, b in zip(cuts, cuts[1:]):
-                model.router(0, ws, None, a, b)
-                model.experts(0, ws, None, a, b)
-            torch.testing.assert_close(ws.hidden, ref, atol=1e-5, rtol=1e-5)
+        assert_moe_layer_gives(model, x, ref, atol=1e-5)
 
 
 def test_qwen2_moe_config():
