@@ -295,6 +295,12 @@ _GATHER = {None: "", "none": "",
            "all": "; every nano-batch all-gathers the attention output's projection"}
 
 
+def _structure_notes(order: Order, cuts: list[int]) -> str:
+    """A candidate's notes: its nano-batches and issue order."""
+    return (f"nanoflow tune: nano-batches at rows {cuts}, issued {'last' if order.reverse else 'first'} rows first, "
+            f"the attention half of the nano-batch {order.lag} later before each MLP half{_GATHER[order.gather]}")
+
+
 def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
            time_limit: float = 30.0) -> Candidate:
     """The SM shares of the compute and memory units for this structure, with interference."""
@@ -309,12 +315,10 @@ def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
     rows.append(({m: float(s) for (_, s), m in bin_of.items()}, 0, p.total_sms))  # that fit the device
     sol = _solve(ops, dur, len(bin_of), rows, wait_us, time_limit)
     shares = {u: s for (u, s), m in bin_of.items() if sol.chosen[m]}
-    gather = _GATHER[order.gather]
     network = "; collectives on a network unit over the whole device" if p.tp_size > 1 else ""
-    notes = (f"nanoflow tune: nano-batches at rows {cuts}, issued {'last' if order.reverse else 'first'} rows "
-             f"first, the attention half of the nano-batch {order.lag} later before each MLP half{gather}; compute "
-             f"unit {shares['compute']} SMs, memory unit {shares['memory']}{network}; predicted {sol.period:.1f} µs "
-             f"per layer on {p.gpu} (batch of {p.budget} rows, {p.decode_rows} decode over {p.context} tokens)")
+    notes = (f"{_structure_notes(order, cuts)}; compute unit {shares['compute']} SMs, memory unit "
+             f"{shares['memory']}{network}; predicted {sol.period:.1f} µs per layer on {p.gpu} (batch of {p.budget} "
+             f"rows, {p.decode_rows} decode over {p.context} tokens)")
     shares["network"] = 0
     units = [Unit(u, u, shares[u]) for u in units_of(p)]
     spec = PipelineSpec(f"tuned-{order}-c{shares['compute']}-m{shares['memory']}", p.budget, units, ops,
@@ -326,10 +330,8 @@ def stage2(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US,
 def network_overlap(p: Profile, order: Order, cuts: list[int], wait_us: float = WAIT_US) -> Candidate:
     """The structure with the attention on the compute unit over the whole device: only the collectives overlap."""
     units = [Unit("compute", "compute"), Unit("network", "network")]
-    notes = (f"nanoflow tune: nano-batches at rows {cuts}, issued {'last' if order.reverse else 'first'} rows "
-             f"first, the attention half of the nano-batch {order.lag} later before each MLP half"
-             f"{_GATHER[order.gather]}; every op but the collectives on one compute unit over the whole device, the "
-             f"collectives on a network unit beside it")
+    notes = (f"{_structure_notes(order, cuts)}; every op but the collectives on one compute unit over the whole "
+             f"device, the collectives on a network unit beside it")
     spec = PipelineSpec(f"tuned-{order}-net", p.budget, units, on_compute(order.nano_ops(cuts, p.ops)), notes)
     c = predict(spec.validate(), p, wait_us)
     c.spec.notes += f"; predicted {c.period_us:.1f} µs per layer on {p.gpu} (batch of {p.budget} rows)"
