@@ -1,6 +1,10 @@
-"""Decode attention: effective KV bandwidth of kernel configurations on one case (default: the Llama-3-8B
-1024/512 steady state, 305 sequences x 1,280 tokens, 32 query / 8 KV heads, head dim 128, bf16).
+"""Decode attention: effective KV bandwidth of the persistent kernel's configurations on one case, on the whole
+card (default: the Llama-3-8B 1024/512 steady state, 305 sequences x 1,280 tokens, 32 query / 8 KV heads, head
+dim 128, bf16). --ctx-max spreads the contexts uniformly over [ctx, ctx-max] as in a running batch; --width
+pads the block tables to the engine's width (max_model_len / 16 pages), which sets the split count.
 
+#9's shape (Llama-3-70B at TP = 2, the 1024/512 steady state):
+python benchmarks/decode_sweep.py --seqs 682 --ctx 1024 --ctx-max 1536 --hkv 4 --width 512
 python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--output out.json]"""
 import argparse
 import itertools
@@ -9,58 +13,73 @@ import json
 import torch
 import triton.testing
 
+from nanoflow.kernels import gpu
 from nanoflow.kernels import reference as ref
 from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.models.batch import DECODE, ForwardBatch
 
 
-def case(seqs, ctx, hq=32, hkv=8, d=128, page=16):
-    blocks = seqs * (ctx // page) + 1
+def case(seqs, ctx, hq=32, hkv=8, d=128, page=16, ctx_max=None, width=None):
+    """Queries, caches and metadata of `seqs` decode sequences; their pages scattered over the cache."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(ctx, (ctx_max or ctx) + 1, (seqs,), generator=g).tolist()
+    pages = [-(-n // page) for n in lens]
+    blocks = sum(pages) + 1
     kc = torch.randn(blocks, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
-    perm = torch.randperm(blocks - 1).tolist()
-    tables = [perm[i * (ctx // page):(i + 1) * (ctx // page)] for i in range(seqs)]
-    batch = ForwardBatch(torch.zeros(seqs), torch.zeros(seqs), torch.zeros(seqs), list(range(seqs + 1)), [ctx] * seqs,
+    perm = torch.randperm(blocks - 1, generator=g).tolist()
+    ends = list(itertools.accumulate(pages))
+    tables = [perm[e - n:e] for n, e in zip(pages, ends)]
+    tables[0] = tables[0] + [0] * ((width or 0) - len(tables[0]))  # the metadata's width is its widest table
+    batch = ForwardBatch(torch.zeros(seqs), torch.zeros(seqs), torch.zeros(seqs), list(range(seqs + 1)), lens,
                          tables, seqs, torch.zeros(1))
     meta = batch.build_attention(DECODE, 0, seqs)
     meta = type(meta)(*(t.cuda() for t in (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
     q = torch.randn(seqs, hq, d, device="cuda", dtype=torch.bfloat16)
-    return q, kc, vc, meta
+    return q, kc, vc, meta, 2 * sum(lens) * hkv * d * kc.element_size()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, default=305)
     ap.add_argument("--ctx", type=int, default=1280)
-    ap.add_argument("--default-only", action="store_true", help="time the default configuration alone")
+    ap.add_argument("--ctx-max", type=int)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--width", type=int, help="block table width in pages (the engine's: max_model_len / 16)")
+    ap.add_argument("--default-only", action="store_true", help="time the engine's configuration alone")
     ap.add_argument("--output")
     a = ap.parse_args()
-    q, kc, vc, meta = case(a.seqs, a.ctx)
-    nbytes = 2 * a.seqs * a.ctx * kc.shape[2] * kc.shape[3] * kc.element_size()
-    expect = torch.empty(q.shape, device="cuda")
+    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, ctx_max=a.ctx_max, width=a.width)
+    scale = 128 ** -0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    expect = torch.empty(8, a.hq, 128, device="cuda")
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
-                                                 meta.block_tables[:8]), 128 ** -0.5, expect)
+                                                 meta.block_tables[:8]), scale, expect)
+    runs = [("engine default", lambda out: gpu.decode_attention(q, kc, vc, meta, scale, out))]
+    grid = () if a.default_only else itertools.product((256, 512), (32, 64), (2, 4), (2, 3, 4), (2, 4, 8))
+    for split, bn, warps, stages, per_sm in grid:
+        kw = dict(split_tokens=split, block_n=bn, num_warps=warps, num_stages=stages, programs=per_sm * sms)
+        runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
     rows = []
-    grid = ((512,), (64,), (4,), (2,)) if a.default_only else ((512, 1024), (32, 64, 128), (4, 8), (2, 3, 4))
-    for split, bn, warps, stages in itertools.product(*grid):
+    for config, fn in runs:
         out = torch.empty_like(q)
-        kw = dict(split_tokens=split, block_n=bn, num_warps=warps, num_stages=stages)
         try:
-            decode_attention(q, kc, vc, meta, 128 ** -0.5, out, **kw)
-            err = ((out[:8].float() - expect[:8]).norm() / expect[:8].norm()).item()
-            ms = triton.testing.do_bench(lambda: decode_attention(q, kc, vc, meta, 128 ** -0.5, out, **kw),
-                                         warmup=25, rep=100, return_mode="median")
+            fn(out)
+            err = ((out[:8].float() - expect).norm() / expect.norm()).item()
+            ms = triton.testing.do_bench(lambda: fn(out), warmup=25, rep=100, return_mode="median")
         except Exception as e:  # a config the compiler rejects (shared memory)
-            print(kw, "failed:", type(e).__name__)
+            print(config, "failed:", type(e).__name__)
             continue
-        rows.append({**kw, "ms": ms, "tb_s": nbytes / ms / 1e9, "rel_err": err})
-    rows.sort(key=lambda r: r["ms"])
-    print(f"{a.seqs} seqs x {a.ctx} tokens, {nbytes / 1e6:.0f} MB of KV per call")
-    for r in rows[:8]:
-        print(f"split {r['split_tokens']:5d} block_n {r['block_n']:4d} warps {r['num_warps']} stages "
-              f"{r['num_stages']}: {r['ms']:.3f} ms  {r['tb_s']:.2f} TB/s  err {r['rel_err']:.1e}")
+        rows.append({"config": config, "ms": ms, "tb_s": nbytes / ms / 1e9, "rel_err": err})
+    print(f"{a.seqs} seqs x {a.ctx}..{a.ctx_max or a.ctx} tokens, {a.hq}/{a.hkv} heads, {nbytes / 1e6:.0f} MB of KV "
+          f"per call, {torch.cuda.get_device_name()}")
+    for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:8]:
+        print(f"{r['ms']:.3f} ms  {r['tb_s']:.2f} TB/s  err {r['rel_err']:.1e}  {r['config']}")
     if a.output:
-        json.dump({"seqs": a.seqs, "ctx": a.ctx, "bytes": nbytes, "configs": rows}, open(a.output, "w"), indent=1)
+        json.dump({"seqs": a.seqs, "ctx": a.ctx, "ctx_max": a.ctx_max, "hq": a.hq, "hkv": a.hkv, "width": a.width,
+                   "bytes": nbytes, "device": torch.cuda.get_device_name(), "configs": rows},
+                  open(a.output, "w"), indent=1)
 
 
 if __name__ == "__main__":

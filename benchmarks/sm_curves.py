@@ -65,9 +65,8 @@ def stream_ceiling(x, sms, stream):
 
 
 def decode_curves(sm_list, quick):
-    q, kc, vc, meta = case(305, 1280)
+    q, kc, vc, meta, nbytes = case(305, 1280)
     out = torch.empty_like(q)
-    nbytes = 2 * 305 * 1280 * 8 * 128 * 2
     rows = []
     for sms in sm_list:
         granted, stream = share(sms)
@@ -100,9 +99,8 @@ def decode_contexts(config, sm_list):
     kw = {k: v for k, v in config.items() if k != "per_sm"}
     rows = []
     for seqs, ctx in ((1024, 256), (305, 1280), (32, 16384)):
-        q, kc, vc, meta = case(seqs, ctx)
+        q, kc, vc, meta, nbytes = case(seqs, ctx)
         out = torch.empty_like(q)
-        nbytes = 2 * seqs * ctx * 8 * 128 * 2
         for sms in sm_list:
             granted, stream = share(sms)
             grid = timed(lambda: decode_attention(q, kc, vc, meta, SCALE, out), stream)
@@ -146,7 +144,7 @@ def gemm_curves(sm_list, token_list):
 
 def pair(splits, decode_config):
     """Nano-batch 1's layer GEMMs (457 tokens) || nano-batch 2's decode attention (152 x 1280 tokens)."""
-    q, kc, vc, meta = case(152, 1280)
+    q, kc, vc, meta, _ = case(152, 1280)
     out = torch.empty_like(q)
     mats = gemm_mats(457)
     kw = {k: v for k, v in decode_config.items() if k != "per_sm"}

@@ -124,7 +124,7 @@ def test_greedy_matches_hf_with_ties_and_idle_experts(tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.gate.weight.zero_()
     model.save_pretrained(str(tmp_path / "m"))
-    llm = LLM(str(tmp_path / "m"))
+    llm = LLM(str(tmp_path / "m"), device="cpu")  # HF runs in float32 on the CPU
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, 8)
@@ -160,8 +160,8 @@ def test_nanobatched_forward_equals_plain(tmp_path, budget, arch):
     make_hf_model(path, arch, None, seed=5)
     moe_spec().save(str(tmp_path / "spec.json"))
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
-    plain = LLM(path, max_num_batched_tokens=budget).generate(PROMPTS, p, use_tqdm=False)
-    nano = LLM(path, max_num_batched_tokens=budget, mode="nanobatch-only",
+    plain = LLM(path, device="cpu", max_num_batched_tokens=budget).generate(PROMPTS, p, use_tqdm=False)
+    nano = LLM(path, device="cpu", max_num_batched_tokens=budget, mode="nanobatch-only",
                pipeline_spec=str(tmp_path / "spec.json")).generate(PROMPTS, p, use_tqdm=False)
     for a, b in zip(nano, plain):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

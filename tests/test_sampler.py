@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from nanoflow.kernels import reference as ref
 from nanoflow.layers.sampler import SamplingMetadata, apply_penalties, filter_probs, logprob_rows, sample
 
 V = 50
@@ -69,6 +70,33 @@ def test_sampling_follows_the_distribution():
     counts = torch.bincount(torch.stack([sample(logits.expand(1000, 3), md(1000)) for _ in range(10)]).flatten(),
                             minlength=3).float()
     assert torch.allclose(counts / counts.sum(), logits.exp()[0], atol=0.02)
+
+
+def test_temperature_scales_the_distribution():
+    """The unfiltered race runs on logits / T in log space: its draws follow softmax(logits / T)."""
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    torch.manual_seed(0)
+    m = md(1000, temperature=2.0)
+    m.any_greedy = False
+    counts = torch.bincount(torch.stack([sample(logits.expand(1000, 3), m) for _ in range(10)]).flatten(),
+                            minlength=3).float()
+    assert torch.allclose(counts / counts.sum(), (logits / 2).softmax(-1)[0], atol=0.02)
+
+
+def test_greedy_and_sampled_rows_mix():
+    logits = torch.randn(4, V) * 3
+    m = md(4)
+    m.temperature = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    got = sample(logits, m)
+    assert got[0] == logits[0].argmax() and got[2] == logits[2].argmax()
+
+
+def test_race_never_picks_an_excluded_token():
+    """q of exactly 0 (an Exp(1) draw can round to it) must not let a -inf score win."""
+    scores = torch.tensor([[float("-inf"), 0.5, float("-inf"), -1.0]])
+    assert ref.exponential_race(scores, torch.ones(1), torch.zeros_like(scores)).item() == 1
+    q = torch.tensor([[0.0, 1.0, 0.0, 1e-3]])
+    assert ref.exponential_race(scores, torch.ones(1), q).item() == 3
 
 
 def test_penalties_as_specified():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -173,6 +174,8 @@ def throughput(args) -> dict:
               "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
     hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ({}, None)
     llm = LLM(args.model, **engine_kwargs(args))
+    gc.collect()
+    gc.freeze()  # the engine lives as long as the process: full collections need not walk it between iterations
     eng = llm.engine
     if hf_weights is not None:
         from nanoflow.models.loader import load_hf_weights

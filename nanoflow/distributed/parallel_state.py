@@ -111,11 +111,17 @@ def all_gather_columns(x: torch.Tensor, out: torch.Tensor) -> None:
     out.view(n, -1, cols).copy_(staged.view(-1, n, cols).transpose(0, 1))
 
 
-def gather_columns(x: torch.Tensor, tp: TPGroup) -> torch.Tensor | None:
-    """Rank 0: the ranks' x side by side ([n, size * cols]); other ranks: None."""
+def gather_columns(x: torch.Tensor, tp: TPGroup, dtype: torch.dtype, width: int) -> torch.Tensor | None:
+    """Rank 0: the first `width` columns of the ranks' x side by side, in dtype ([n, width]); other ranks: None.
+    Each part is widened as it is placed: one pass over the gathered bytes, not a concatenation and a cast."""
     parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
     dist.gather(x.contiguous(), parts, dst=0)
-    return torch.cat(parts, dim=1) if parts else None
+    if parts is None:
+        return None
+    out = x.new_empty(x.shape[0], width, dtype=dtype)
+    for start, part in zip(range(0, width, x.shape[1]), parts):
+        out[:, start: start + x.shape[1]] = part[:, : width - start]
+    return out
 
 
 def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -280,6 +280,7 @@ class ModelRunner:
             return self._device([getattr(p, name) for p in params], dtype)
         md = SamplingMetadata(col("temperature"), col("top_k", torch.long), col("top_p"), col("min_p"),
                               [self._generator(s) for s in seqs], all_greedy=all(p.temperature == 0 for p in params),
+                              any_greedy=any(p.temperature == 0 for p in params),
                               use_min_p=any(p.min_p > 0 for p in params),
                               use_top_k_p=any(p.top_k > 0 or p.top_p < 1 for p in params))
         vocab = self.cfg.vocab_size

@@ -16,12 +16,23 @@ from nanoflow.kernels.triton_rope import rope_append_kv  # noqa: F401
 
 
 def _compile(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    """fn compiled for any row count: only the first dim of its tensors is dynamic. (With every dim dynamic,
+    the kernels index 2-D views by dividing by a runtime width, in 64-bit integers.)"""
+    compiled = torch.compile(fn, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        for t in (*args, *kwargs.values()):
+            if isinstance(t, torch.Tensor) and t.dim() > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(*args, **kwargs)
+    return run
 
 
 rms_norm = _compile(reference.rms_norm)
 add_rms_norm = _compile(reference.add_rms_norm)
 silu_mul = _compile(reference.silu_mul)
+exponential_race = _compile(reference.exponential_race)
 
 
 @functools.cache

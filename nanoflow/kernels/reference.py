@@ -33,6 +33,13 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(F.silu(gate) * up)
 
 
+def exponential_race(scores: torch.Tensor, temperature: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Sample each row of softmax(scores / temperature) [R, V] as argmax(p / q) with q ~ Exp(1), in log space:
+    log p - log q and scores / temperature - log q differ by a per-row constant, so the softmax is never
+    computed. q is clamped away from 0 so that an excluded token (score -inf) never wins."""
+    return (scores / temperature[:, None] - q.clamp_min(1e-30).log()).argmax(-1)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     """Rotate q [n, Hq, D] and k [n, Hkv, D] in place (neox layout: halves of the head dim).
 

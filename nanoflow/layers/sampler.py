@@ -1,8 +1,9 @@
 """Sampling in torch ops, batched over rows with per-row parameters.
 
 Order (as vLLM): penalties, min_tokens bans, temperature, min_p, top_k / top_p, then an exponential
-race (argmax of p / q, q ~ Exp(1)), which samples from p without normalizing it. A seeded row draws
-its q from its own generator, so its result does not depend on the rest of the batch.
+race (argmax of p / q, q ~ Exp(1)), which samples from p without normalizing it; with no filter it runs on
+the scaled logits in log space and never computes p (the backend's `exponential_race`: one fused pass on the
+GPU). A seeded row draws its q from its own generator, so its result does not depend on the rest of the batch.
 Logprobs are of the model's raw distribution (before penalties and temperature).
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from nanoflow.kernels import backend
 
 
 @dataclass(slots=True)
@@ -27,6 +30,7 @@ class SamplingMetadata:
     banned: torch.Tensor | None = None  # [R, V] bool: tokens not allowed yet (min_tokens)
     # known on the host, so that sampling never waits for the GPU to answer a question
     all_greedy: bool = False
+    any_greedy: bool = True
     use_min_p: bool = True
     use_top_k_p: bool = True
 
@@ -79,17 +83,18 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     logits = apply_penalties(logits, md)
     if md.banned is not None:
         logits = logits.masked_fill(md.banned, float("-inf"))
-    greedy = logits.argmax(-1)
     if md.all_greedy:
-        return greedy
-    temp = torch.where(md.temperature > 0, md.temperature, 1.0)[:, None]
-    probs = filter_probs((logits / temp).softmax(-1), md)
-    q = torch.empty_like(probs).exponential_()
+        return logits.argmax(-1)
+    temp = torch.where(md.temperature > 0, md.temperature, 1.0)
+    scores = logits
+    if md.use_min_p or md.use_top_k_p:
+        scores, temp = filter_probs((logits / temp[:, None]).softmax(-1), md).log(), torch.ones_like(temp)
+    q = torch.empty_like(scores).exponential_()
     for i, gen in enumerate(md.generators):
         if gen is not None:
             q[i].exponential_(generator=gen)
-    sampled = (probs / q).argmax(-1)
-    return torch.where(md.temperature > 0, sampled, greedy)
+    sampled = backend(logits.device).exponential_race(scores, temp, q)
+    return torch.where(md.temperature > 0, sampled, logits.argmax(-1)) if md.any_greedy else sampled
 
 
 def logprob_rows(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> LogprobRows:

@@ -311,9 +311,8 @@ class LlamaModel(nn.Module):
         logits = torch.mm(x, self.lm_head.t())
         if self.tp.size == 1:
             return logits.float()
-        # gathered in the model's dtype, widened after: the same values as widening first, half the bytes moved
-        logits = gather_columns(logits, self.tp)
-        return logits[:, : self.cfg.vocab_size].float() if logits is not None else None
+        # gathered in the model's dtype, widened as placed: the same values as widening first, half the bytes moved
+        return gather_columns(logits, self.tp, torch.float32, self.cfg.vocab_size)
 
     # -- the plain forward: every op over all rows, in order --------------------------------------
     def forward_layers(self, batch: ForwardBatch, ws: Workspace) -> None:
