@@ -16,7 +16,7 @@ HIDDEN = 8192
 REPS = 20
 
 
-def rank_main(rank, size, port, out):
+def rank_main(rank, size, port, output):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     results = {}
@@ -41,9 +41,18 @@ def rank_main(rank, size, port, out):
         # bus bandwidth as nccl-tests reports it: the bytes each rank must move, 2 (n - 1) / n of the tensor
         results[rows] = {"us": us, "busbw_gb_s": x.numel() * 2 * 2 * (size - 1) / size / us / 1e3}
     if rank == 0:
-        out.update(results)
-    dist.barrier()
-    dist.destroy_process_group()
+        report(results, size, output)
+    os._exit(0)  # NCCL's teardown can hang after CUDA graphs captured its collectives (pytorch#115388)
+
+
+def report(results, size, output):
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}
+    line = "  ".join(f"{rows} rows {r['us']:7.1f} us {r['busbw_gb_s']:5.0f} GB/s" for rows, r in results.items())
+    print(f"{line}  {' '.join(f'{k}={v}' for k, v in env.items())}", flush=True)
+    if output:
+        with open(output, "a") as f:
+            f.write(json.dumps({"env": env, "tp": size, "device": torch.cuda.get_device_name(),
+                                "nccl": ".".join(map(str, torch.cuda.nccl.version())), "results": results}) + "\n")
 
 
 def main():
@@ -51,17 +60,7 @@ def main():
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--output")
     a = ap.parse_args()
-    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(rank_main, args=(a.tp, 29600 + os.getpid() % 1000, out), nprocs=a.tp)
-        results = dict(out)
-    line = "  ".join(f"{rows} rows {r['us']:7.1f} us {r['busbw_gb_s']:5.0f} GB/s" for rows, r in results.items())
-    print(f"{line}  {' '.join(f'{k}={v}' for k, v in env.items())}", flush=True)
-    if a.output:
-        with open(a.output, "a") as f:
-            f.write(json.dumps({"env": env, "tp": a.tp, "device": torch.cuda.get_device_name(),
-                                "nccl": ".".join(map(str, torch.cuda.nccl.version())), "results": results}) + "\n")
+    mp.spawn(rank_main, args=(a.tp, 29600 + os.getpid() % 1000, a.output), nprocs=a.tp)
 
 
 if __name__ == "__main__":

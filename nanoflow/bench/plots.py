@@ -56,8 +56,8 @@ def timeline_chart(timeline: dict, out: str, title: str, layers: int = 3) -> Non
         ax.set_title(f"{kind}: {timeline['iteration_ms'][kind]:.2f} ms for the whole iteration "
                      f"({timeline['tokens']} tokens); layers 0-{layers - 1} shown", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[o]) for o in ops]
-    fig.legend(handles, ops, loc="upper right", fontsize=7, ncol=len(ops))
+    fig.legend(handles, ops, loc="lower center", fontsize=7, ncol=min(len(ops), 10))  # below: clear of the title
     fig.suptitle(f"{title}: spec {timeline['spec']}", fontsize=10, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0.12 if len(ops) > 10 else 0.07, 1, 0.93))
     fig.savefig(out, dpi=120)
     plt.close(fig)
