@@ -16,8 +16,9 @@ from nanoflow.kernels.triton_rope import rope_append_kv  # noqa: F401
 
 
 def _compile(fn):
-    """fn compiled for any row count: only the first dim of its tensors is dynamic. (With every dim dynamic,
-    the kernels index 2-D views by dividing by a runtime width, in 64-bit integers.)"""
+    """fn compiled for any row count: only the first dim of its tensors is dynamic, the widths are constants.
+    (With every dim dynamic, the activation ran 2.3x slower in #9's layer, BENCHMARKS.md: likely its 2-D
+    indexing by a runtime width.)"""
     compiled = torch.compile(fn, fullgraph=True)
 
     @functools.wraps(fn)
