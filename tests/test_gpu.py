@@ -4,6 +4,7 @@ Tolerances: elementwise fusions in bf16 vs the fp32 reference of the same bf16 i
 < 1e-2; whole-model logprobs in bf16 vs fp32 within 0.1 + 2% nats (far-tail tokens of a random model
 have logprobs near -20, where bf16 rounding of the logits moves them by tenths)."""
 import json
+import os
 
 import pytest
 import torch
@@ -260,9 +261,11 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPU
 
 @two_gpus
 @pytest.mark.parametrize("mode", ["non-overlap", "pipeline"])
-def test_tensor_parallel_nccl_equals_one_gpu(model_dir, tmp_path, mode):
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm-mem"])
+def test_tensor_parallel_nccl_equals_one_gpu(model_dir, tmp_path, mode, all_reduce):
     """TP = 2 over NCCL, with CUDA graphs: the plain forward, and the pipeline with its collectives on a network unit
-    (the first nano-batch's projection in the all-gather form), give one GPU's greedy tokens."""
+    (the first nano-batch's projection in the all-gather form), give one GPU's greedy tokens; with the all-reduces
+    through NCCL or torch's symmetric memory."""
     from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS
     from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit
     rows = ((0, 24), (24, 64))
@@ -276,11 +279,11 @@ def test_tensor_parallel_nccl_equals_one_gpu(model_dir, tmp_path, mode):
     kw = dict(device="cuda", num_kv_blocks=256, max_num_batched_tokens=64)
     ref = LLM(model_dir, **kw).generate(PROMPTS, p, use_tqdm=False)
     got = generate_in_a_process(tmp_path, dict(model=model_dir, tensor_parallel_size=2, mode=mode, pipeline_spec=path,
-                                                **kw), PROMPTS, p)
+                                                **kw), PROMPTS, p, env={"NANOFLOW_ALL_REDUCE": all_reduce})
     assert_same_greedy(got, ref)
 
 
-def generate_in_a_process(tmp_path, llm_kwargs, prompts, params):
+def generate_in_a_process(tmp_path, llm_kwargs, prompts, params, env=None):
     """LLM(**llm_kwargs).generate in a Python process of its own: NCCL's teardown can hang after CUDA graphs captured
     its collectives (pytorch#115388), which would leave this process unable to start another TP engine."""
     import pickle
@@ -295,7 +298,7 @@ def generate_in_a_process(tmp_path, llm_kwargs, prompts, params):
               "pickle.dump(llm.generate(prompts, params, use_tqdm=False), open(out, 'wb'))\n"
               "llm.shutdown()\n"
               "sys.stdout.flush(); sys.stderr.flush(); os._exit(0)\n")
-    subprocess.run([sys.executable, "-c", script, str(job)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", script, str(job)], check=True, timeout=600, env={**os.environ, **(env or {})})
     return pickle.loads(out.read_bytes())
 
 

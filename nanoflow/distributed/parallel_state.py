@@ -19,6 +19,11 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(minutes=10)
 TEARDOWN_TIMEOUT_S = 20.0
 _abandoned = False  # a teardown that hung: this process's group is left behind
+# How the ranks' partial rows are summed on CUDA: "nccl", or "symm-mem": torch's two-shot all-reduce, each rank
+# reading and writing its peers' buffers over NVLink directly, in place in buffers allocated by row_buffer.
+ALL_REDUCE_ENV = "NANOFLOW_ALL_REDUCE"
+ALL_REDUCE_CHOICES = ("nccl", "symm-mem")
+_symmetric: set[int] = set()  # the storages of row_buffer's symmetric allocations
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +55,9 @@ def local_init_method() -> str:
 
 def init_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
     if device.type == "cuda":
+        all_reduce_backend()  # a bad choice fails before any process joins
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast (NVLS) stays off: it takes memory and SMs
+        os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # and in torch's symmetric memory
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # (no watchdog abort racing close_group's)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -68,6 +75,7 @@ def close_group(abort: bool = False, timeout_s: float = TEARDOWN_TIMEOUT_S) -> b
     global _abandoned
     if not dist.is_initialized():
         return True
+    _symmetric.clear()
     abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if dist.get_backend() != "nccl" or abort_group is None:
         dist.destroy_process_group()
@@ -94,9 +102,31 @@ def check_can_start() -> None:
         raise RuntimeError("a tensor-parallel engine is already running in this process; shut it down first")
 
 
+def all_reduce_backend() -> str:
+    choice = os.environ.get(ALL_REDUCE_ENV, "nccl")
+    if choice not in ALL_REDUCE_CHOICES:
+        raise ValueError(f"{ALL_REDUCE_ENV}={choice!r}: expected one of {', '.join(ALL_REDUCE_CHOICES)}")
+    return choice
+
+
+def row_buffer(rows: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[rows, width] that all_reduce sums in place, a range of rows at a time: with the symm-mem all-reduce in a
+    tensor-parallel group, symmetric memory (a collective: every rank allocates its buffers in the same order)."""
+    if not (dist.is_initialized() and dist.get_backend() == "nccl" and all_reduce_backend() == "symm-mem"):
+        return torch.empty(rows, width, dtype=dtype, device=device)
+    from torch.distributed import _symmetric_memory as symm_mem
+    buf = symm_mem.empty(rows, width, dtype=dtype, device=device)
+    symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+    _symmetric.add(buf.untyped_storage().data_ptr())
+    return buf
+
+
 def all_reduce(x: torch.Tensor) -> None:
     """Sum x over the ranks, in place (x: contiguous, e.g. a range of workspace rows)."""
-    dist.all_reduce(x)
+    if _symmetric and x.untyped_storage().data_ptr() in _symmetric:
+        torch.ops.symm_mem.two_shot_all_reduce_(x, "sum", dist.group.WORLD.group_name)
+    else:
+        dist.all_reduce(x)
 
 
 # all_gather_into_tensor's name from torch 2.13 on (the old one warns there; 2.11 has only the old one)

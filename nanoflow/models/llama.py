@@ -31,7 +31,14 @@ from torch import nn
 from nanoflow import kernels
 from nanoflow.kernels import grouped_gemm, reference
 from nanoflow.config import ModelConfig
-from nanoflow.distributed.parallel_state import SINGLE, TPGroup, all_gather_columns, all_reduce, gather_columns
+from nanoflow.distributed.parallel_state import (
+    SINGLE,
+    TPGroup,
+    all_gather_columns,
+    all_reduce,
+    gather_columns,
+    row_buffer,
+)
 from nanoflow.layers.rotary import cos_sin_table
 from nanoflow.models.batch import DECODE, PREFILL, ForwardBatch
 
@@ -71,10 +78,11 @@ class Workspace:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, device, tp_size: int = 1) -> "Workspace":
-        """cfg: a rank's shard."""
-        def buf(width):
-            return torch.empty(num_tokens, width, dtype=dtype, device=device)
-        return cls(*map(buf, cls._widths(cfg, tp_size)))
+        """cfg: a rank's shard. `hidden`, which the all-reduces sum, through row_buffer (with tensor parallelism
+        every rank allocates it)."""
+        def buf(name, width):
+            return (row_buffer if name == "hidden" else torch.empty)(num_tokens, width, dtype=dtype, device=device)
+        return cls(*map(buf, cls.__slots__, cls._widths(cfg, tp_size)))
 
     @classmethod
     def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1) -> int:

@@ -19,6 +19,7 @@ from nanoflow.distributed.parallel_state import (
     close_group,
     init_group,
     local_init_method,
+    row_buffer,
 )
 from nanoflow.distributed.worker import check_size, rank_device
 
@@ -29,8 +30,9 @@ def _calls(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: int, 
 
     def buf(width):
         return torch.randn(rows, width, device=device).to(dtype)
-    if op in ("o_allreduce", "down_allreduce"):
-        x = buf(cfg.hidden_size)
+    if op in ("o_allreduce", "down_allreduce"):  # in the kind of buffer the model sums (Workspace.hidden)
+        x = row_buffer(rows, cfg.hidden_size, dtype=dtype, device=device)
+        x.copy_(buf(cfg.hidden_size))
         return lambda: all_reduce(x)
     x, out = ((buf(shard.q_size), buf(shard.q_size * tp)) if op == "attn_allgather" else
               (buf(cfg.hidden_size // tp), buf(cfg.hidden_size)))
