@@ -1,8 +1,8 @@
-"""Decode attention: effective KV bandwidth of the persistent kernel's configurations on one case, on the
-whole card. Default case: the Llama-3-8B 1024/512 steady
-state, 305 sequences x 1,280 tokens, 32 query / 8 KV heads, head dim 128, bf16. --ctx-max spreads the contexts
+"""Decode attention: effective KV bandwidth of the stream-K kernel's configurations on one case, on the whole card.
+Default case: the Llama-3-8B 1024/512 steady state, 305 sequences x 1,280 tokens, 32 query / 8 KV heads, head dim
+128, bf16. --ctx-max spreads the contexts
 uniformly over [ctx, ctx-max] as in a running batch; --width pads the block tables to the engine's width
-(max_model_len / 16 pages), which sets the split count.
+(max_model_len / 16 pages), which bounds the tiles per sequence.
 
 #9's shape (Llama-3-70B at TP = 2, the 1024/512 steady state):
 python benchmarks/decode_sweep.py --seqs 682 --ctx 1024 --ctx-max 1536 --hkv 4 --width 512
@@ -58,10 +58,9 @@ def main():
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
                                                  meta.block_tables[:8]), scale, expect)
     runs = [("engine default", lambda out: gpu.decode_attention(q, kc, vc, meta, scale, out))]
-    grid = () if a.default_only else itertools.product((256, 512, 1024), (32, 64), (2, 4), (2, 3), (4, 8, None))
-    for split, bn, warps, stages, per_sm in grid:  # per_sm None: one program per possible work item
-        kw = dict(split_tokens=split, block_n=bn, num_warps=warps, num_stages=stages,
-                  programs=per_sm and per_sm * sms)
+    grid = () if a.default_only else itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16))
+    for bn, warps, stages, per_sm in grid:
+        kw = dict(block_n=bn, num_warps=warps, num_stages=stages, programs=per_sm * sms)
         runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
     rows = []
     for config, fn in runs:

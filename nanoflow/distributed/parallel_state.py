@@ -20,9 +20,11 @@ TIMEOUT = datetime.timedelta(minutes=10)
 TEARDOWN_TIMEOUT_S = 20.0
 _abandoned = False  # a teardown that hung: this process's group is left behind
 # How the ranks' partial rows are summed on CUDA: "nccl", or "symm-mem": torch's two-shot all-reduce, each rank
-# reading and writing its peers' buffers over NVLink directly, in place in buffers allocated by row_buffer.
+# reading and writing its peers' buffers over NVLink directly, in place in buffers allocated by row_buffer (1.25x
+# NCCL's speed on 2 x H100 at 2,048 x 8,192 bf16, BENCHMARKS #9); "auto": symm-mem at TP = 2 between GPUs with
+# peer access (measured there), else NCCL.
 ALL_REDUCE_ENV = "NANOFLOW_ALL_REDUCE"
-ALL_REDUCE_CHOICES = ("nccl", "symm-mem")
+ALL_REDUCE_CHOICES = ("auto", "nccl", "symm-mem")
 _symmetric: set[int] = set()  # the storages of row_buffer's symmetric allocations
 
 
@@ -103,16 +105,25 @@ def check_can_start() -> None:
 
 
 def all_reduce_backend() -> str:
-    choice = os.environ.get(ALL_REDUCE_ENV, "nccl")
+    choice = os.environ.get(ALL_REDUCE_ENV, "auto")
     if choice not in ALL_REDUCE_CHOICES:
         raise ValueError(f"{ALL_REDUCE_ENV}={choice!r}: expected one of {', '.join(ALL_REDUCE_CHOICES)}")
     return choice
 
 
+def _symmetric_all_reduce() -> bool:
+    """Whether this process's group sums through symmetric memory (the same answer on every rank)."""
+    if not (dist.is_initialized() and dist.get_backend() == "nccl"):
+        return False
+    choice, n = all_reduce_backend(), dist.get_world_size()
+    return choice == "symm-mem" or choice == "auto" and n == 2 and all(
+        torch.cuda.can_device_access_peer(a, b) for a in range(n) for b in range(n) if a != b)
+
+
 def row_buffer(rows: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[rows, width] that all_reduce sums in place, a range of rows at a time: with the symm-mem all-reduce in a
     tensor-parallel group, symmetric memory (a collective: every rank allocates its buffers in the same order)."""
-    if not (dist.is_initialized() and dist.get_backend() == "nccl" and all_reduce_backend() == "symm-mem"):
+    if not _symmetric_all_reduce():
         return torch.empty(rows, width, dtype=dtype, device=device)
     from torch.distributed import _symmetric_memory as symm_mem
     buf = symm_mem.empty(rows, width, dtype=dtype, device=device)

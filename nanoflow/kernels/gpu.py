@@ -43,11 +43,11 @@ def _sms(index: int) -> int:
 
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
     """The persistent decode kernel sized to the SMs it runs on (the unit's share, or the device), in the
-    configuration that measured best on an H100 on both #4's Llama-3-8B shape and #9's Llama-3-70B TP = 2 shape
-    (BENCHMARKS.md, #4): 512-token splits of 64-token tiles, 2 warps, 2 tiles in flight, 8 programs per SM."""
+    configuration that measured best on an H100 (BENCHMARKS.md, #4): 64-token tiles, 2 warps, 2 tiles in flight,
+    8 programs per SM."""
     sms = sm_share.current or _sms(q.device.index or 0)
-    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, split_tokens=512,
-                                      block_n=64, num_warps=2, num_stages=2, programs=8 * sms)
+    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, block_n=64,
+                                      num_warps=2, num_stages=2, programs=8 * sms)
 
 
 def experts_mlp(x, gate_up, down, offs):

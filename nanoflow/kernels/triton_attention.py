@@ -39,24 +39,20 @@ def _softmax_step(scores, v, m, l, acc):
 
 
 @triton.jit
-def _decode_tile(ITEM_SEQ, ITEM_SPLIT, SEQ_LENS, Q_START, BT, j, pid, num_programs, last_work, stride_bt, window,
-                 NUM_KV: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr):
-    """Where the program's j-th tile is: its work item's sequence, query row, KV head and split end, its
-    token positions, and their pages."""
-    TILES: tl.constexpr = SPLIT_TOKENS // BLOCK_N
-    item = pid + (j // TILES) * num_programs
-    work = tl.minimum(item // NUM_KV, last_work)  # j past the program's last tile: any valid entry
-    s = tl.load(ITEM_SEQ + work)
+def _decode_tile(TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, g, stride_bt, window, NUM_KV: tl.constexpr,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Where global tile g is: its unit (sequence s, KV head), its index t in the unit and the unit's tile count,
+    its query row, the sequence's KV end, its token positions and their pages."""
+    u = tl.load(TILE_UNIT + g)
+    s = u // NUM_KV
     seq_len = tl.load(SEQ_LENS + s)
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    start = lo + tl.load(ITEM_SPLIT + work) * SPLIT_TOKENS
-    end = tl.minimum(start + SPLIT_TOKENS, seq_len)
-    offs_n = start + (j % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-    page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=offs_n < end, other=0)
-    return s, tl.load(Q_START + s), item % NUM_KV, tl.load(ITEM_SPLIT + work), end, offs_n, page
+    t = g - tl.load(UNIT_START + u)
+    offs_n = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+    page = tl.load(BT + s * stride_bt + offs_n // PAGE, mask=offs_n < seq_len, other=0)
+    return u, s, t, tl.cdiv(seq_len - lo, BLOCK_N), tl.load(Q_START + s), seq_len, offs_n, page
 
 
 @triton.jit
@@ -66,60 +62,66 @@ def _decode_step(q, k, v, valid, scale, m, l, acc):
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, BT, Q_START, SEQ_LENS, ITEM_SEQ, ITEM_SPLIT, NUM_ITEMS, PART_O, PART_LSE,
-                         last_work, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
-                         stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
-                         NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr):
-    """A persistent program: work items (sequence, split, KV head) pid, pid + P, ... as ONE flat loop over
-    their KV tiles. Where tile j + 1 is (its pages included) is loaded during tile j: with the page loads
-    of a tile inside its own iteration, Triton's pipeliner keeps a single K/V buffer (measured: 45 KB of
-    shared memory at any depth, ~40 GB/s per SM); carried over, it keeps `num_stages` tiles in flight.
-    Every item runs SPLIT_TOKENS / BLOCK_N tiles; in a sequence's last split those past its end load nothing
-    and run their math on masked scores (skipping that math behind a branch measured 4 % slower at best)."""
+def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, NUM_TILES, CHUNK, PART_O, PART_LSE,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+                   stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
+                   NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """A persistent program: the KV tiles [pid * CHUNK, (pid + 1) * CHUNK) of the batch's tiles, units (sequence,
+    KV head) one after another, each of its sequence's tiles in order, as ONE flat loop (stream-K: every program
+    gets the same number of tiles, none of them empty). A unit whole in one program writes its output; a unit cut
+    by programs' bounds writes a part per program, which the combine kernel merges. Where tile j + 1 is (its pages
+    included) is loaded during tile j: with the page loads of a tile inside its own iteration, Triton's pipeliner
+    keeps a single K/V buffer (measured: 45 KB of shared memory at any depth, ~40 GB/s per SM); carried over, it
+    keeps `num_stages` tiles in flight."""
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    TILES: tl.constexpr = SPLIT_TOKENS // BLOCK_N
-    num_items = tl.load(NUM_ITEMS) * NUM_KV
-    mine = tl.cdiv(tl.maximum(num_items - pid, 0), num_programs)
+    chunk = tl.load(CHUNK)
+    first_g = pid * chunk
+    last_g = tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    s, row, kvh, split, end, offs_n, page = _decode_tile(
-        ITEM_SEQ, ITEM_SPLIT, SEQ_LENS, Q_START, BT, 0, pid, num_programs, last_work, stride_bt, window,
-        NUM_KV, PAGE, BLOCK_N, SPLIT_TOKENS, HAS_WINDOW)
     q = tl.zeros([BLOCK_G, D], Q.dtype.element_ty)
-    for j in tl.range(0, mine * TILES):
-        t = j % TILES
-        valid = offs_n < end
+    u, s, t, tiles, row, seq_len, offs_n, page = _decode_tile(
+        TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, tl.maximum(tl.minimum(first_g, last_g), 0), stride_bt, window,
+        NUM_KV, PAGE, BLOCK_N, HAS_WINDOW)
+    for g in tl.range(first_g, last_g + 1):
+        kvh = u % NUM_KV
+        valid = offs_n < seq_len
         kv_off = page[:, None] * stride_kb + (offs_n % PAGE)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
         k = tl.load(K + kv_off, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)  # (fp8 KV: widened)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
         heads = kvh * G + offs_g
-        if t == 0:  # a new item: its queries, and a fresh online softmax
+        if (t == 0) | (g == first_g):  # a new unit: its queries, and a fresh online softmax
             q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=offs_g[:, None] < G, other=0.0)
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, D], tl.float32)
         m, l, acc = _decode_step(q, k, v, valid, scale, m, l, acc)
-        if t == TILES - 1:  # tiles past the split's end load nothing and leave the state as it was
-            base = s * stride_po_s + heads * stride_po_h + split * stride_po_p
-            tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=(offs_g < G)[:, None])
-            tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + split, m + tl.log(l), mask=offs_g < G)
-        s, row, kvh, split, end, offs_n, page = _decode_tile(
-            ITEM_SEQ, ITEM_SPLIT, SEQ_LENS, Q_START, BT, j + 1, pid, num_programs, last_work, stride_bt, window,
-            NUM_KV, PAGE, BLOCK_N, SPLIT_TOKENS, HAS_WINDOW)
+        if (t == tiles - 1) | (g == last_g):  # the unit's or the program's last tile
+            unit_first = g - t
+            if (unit_first >= first_g) & (t == tiles - 1):  # whole in this program: the output itself
+                tl.store(OUT + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                         (acc / l[:, None]).to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
+            else:  # this program's part
+                part = pid - unit_first // chunk
+                base = s * stride_po_s + heads * stride_po_h + part * stride_po_p
+                tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=(offs_g < G)[:, None])
+                tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + part, m + tl.log(l), mask=offs_g < G)
+        u, s, t, tiles, row, seq_len, offs_n, page = _decode_tile(
+            TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, tl.minimum(g + 1, last_g), stride_bt, window, NUM_KV,
+            PAGE, BLOCK_N, HAS_WINDOW)
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, stride_oh,
+def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, UNIT_START, CHUNK, stride_ot, stride_oh,
                            stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, window,
-                           D: tl.constexpr, SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-                           HAS_WINDOW: tl.constexpr):
+                           NUM_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, MAX_PARTS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Merge by log-sum-exp the parts of each query head whose unit the decode kernel's programs cut."""
     s = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SEQ_LENS + s)
@@ -128,9 +130,13 @@ def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, 
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(seq_len - window, 0)
-    used = tl.cdiv(seq_len - lo, SPLIT_TOKENS)
+    chunk = tl.load(CHUNK)
+    unit_first = tl.load(UNIT_START + s * NUM_KV + h // G)
+    used = (unit_first + tl.cdiv(seq_len - lo, BLOCK_N) - 1) // chunk - unit_first // chunk + 1
+    if used == 1:  # written whole by its program
+        return
     row = tl.load(Q_START + s)
-    offs_p = tl.arange(0, SPLITS)
+    offs_p = tl.arange(0, MAX_PARTS)
     offs_d = tl.arange(0, D)
     lse = tl.load(PART_LSE + s * stride_pl_s + h * stride_pl_h + offs_p, mask=offs_p < used, other=float("-inf"))
     w = tl.exp(lse - tl.max(lse, 0))
@@ -140,61 +146,67 @@ def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, stride_ot, 
     tl.store(OUT + row * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
-def _work_items(meta: AttentionMeta, split_tokens: int, splits: int, window: int | None):
-    """(sequence, split) of every work item, items of a sequence together, and their count: device ops only,
-    so a CUDA graph recomputes them from the metadata it replays with."""
-    key = ("decode_items", split_tokens)
+def _decode_tiles(meta: AttentionMeta, num_kv: int, block_n: int, max_tiles: int, window: int | None, programs: int,
+                  min_chunk: int):
+    """The batch's KV tiles in units (sequence, KV head): each tile's unit, each unit's first tile, the tile count,
+    and the tiles per program. Device ops only, so a CUDA graph recomputes them from the metadata it replays with."""
+    key = ("decode_tiles", num_kv, block_n, programs, min_chunk)
     if key not in meta.derived:
         kv = meta.seq_lens.long()
         if window is not None:
             kv = kv.clamp(max=window)
-        per_seq = (kv + split_tokens - 1) // split_tokens
-        ends = per_seq.cumsum(0)
-        ids = torch.arange(meta.capacity * splits, device=kv.device)
-        seq = torch.searchsorted(ends, ids, right=True).clamp(max=meta.capacity - 1)
-        meta.derived[key] = (seq.int(), (ids - (ends[seq] - per_seq[seq])).int(), ends[-1:].int())
+        tiles = (kv + block_n - 1) // block_n  # per sequence
+        unit_tiles = tiles.repeat_interleave(num_kv)
+        unit_end = unit_tiles.cumsum(0)
+        total = unit_end[-1:]
+        ids = torch.arange(meta.capacity * num_kv * max_tiles, device=kv.device)
+        tile_unit = torch.searchsorted(unit_end, ids, right=True).clamp(max=unit_end.shape[0] - 1)
+        chunk = ((total + programs - 1) // programs).clamp(min=min_chunk)
+        meta.derived[key] = (tile_unit.int(), (unit_end - unit_tiles).int(), total.int(), chunk.int())
     return meta.derived[key]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
-                     scale: float, out: torch.Tensor, sliding_window: int | None = None,
-                     split_tokens: int = 512, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     programs: int | None = None) -> None:
+                     scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64,
+                     num_warps: int = 2, num_stages: int = 2, programs: int = 8, max_parts: int = 16) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
-    Each sequence's KV is cut into splits of split_tokens (flash-decoding); a work item is one split of
-    one KV head. `programs` persistent programs share the items round-robin (None: one program per
-    possible item); a second kernel merges each sequence's splits by their log-sum-exp. On an execution
-    unit of S SMs, a few programs per SM keep every SM streaming with no tail of idle programs."""
+    A unit of work is one sequence's KV for one KV head (its query heads served together: GQA), cut into tiles of
+    block_n tokens; `programs` persistent programs take equal runs of the batch's tiles (on an execution unit of
+    S SMs, a few programs per SM keep every SM streaming with no tail). A unit cut across programs leaves a part
+    in each (at most max_parts: a program takes at least enough tiles for that), which a second kernel merges by
+    log-sum-exp (flash-decoding)."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
     cap = meta.capacity
-    if split_tokens % block_n:
-        raise ValueError(f"split_tokens {split_tokens} must be a multiple of block_n {block_n}")
-    splits = triton.next_power_of_2(triton.cdiv(meta.block_tables.shape[1] * page, split_tokens))
-    parts = meta.derived.get(("decode_parts", splits))
+    if max_parts < 4 or max_parts & (max_parts - 1):
+        raise ValueError(f"max_parts {max_parts} must be a power of 2, at least 4")
+    max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
+    # a unit of n tiles meets at most (n - 1) // chunk + 2 programs
+    min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
+    parts = meta.derived.get(("decode_parts", max_parts))
     if parts is None:
-        parts = (torch.empty(cap, num_heads, splits, d, dtype=torch.float32, device=q.device),
-                 torch.empty(cap, num_heads, splits, dtype=torch.float32, device=q.device))
-        meta.derived[("decode_parts", splits)] = parts
+        parts = (torch.empty(cap, num_heads, max_parts, d, dtype=torch.float32, device=q.device),
+                 torch.empty(cap, num_heads, max_parts, dtype=torch.float32, device=q.device))
+        meta.derived[("decode_parts", max_parts)] = parts
     part_o, part_lse = parts
-    item_seq, item_split, num_items = _work_items(meta, split_tokens, splits, sliding_window)
+    tile_unit, unit_start, num_tiles, chunk = _decode_tiles(meta, num_kv, block_n, max_tiles, sliding_window,
+                                                            programs, min_chunk)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
-    _decode_split_kernel[(programs or cap * splits * num_kv,)](
-        q, k_cache, v_cache, meta.block_tables, meta.q_start, meta.seq_lens, item_seq, item_split, num_items,
-        part_o, part_lse, item_seq.shape[0] - 1,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+    _decode_kernel[(programs,)](
+        q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.seq_lens, tile_unit, unit_start, num_tiles,
+        chunk, part_o, part_lse, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
         sliding_window or 0,
         NUM_KV=num_kv, G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n,
-        SPLIT_TOKENS=split_tokens, HAS_WINDOW=sliding_window is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_WINDOW=sliding_window is not None, num_warps=num_warps, num_stages=num_stages)
     _decode_combine_kernel[(cap, num_heads)](
-        part_o, part_lse, out, meta.q_start, meta.seq_lens, out.stride(0), out.stride(1),
+        part_o, part_lse, out, meta.q_start, meta.seq_lens, unit_start, chunk, out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        sliding_window or 0, D=d, SPLITS=splits, SPLIT_TOKENS=split_tokens, HAS_WINDOW=sliding_window is not None,
-        num_warps=4)
+        sliding_window or 0, NUM_KV=num_kv, G=g, D=d, MAX_PARTS=max_parts, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, num_warps=4)
 
 
 @triton.jit
