@@ -17,18 +17,11 @@ def layer_gemms(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]
             "gate_up": (tokens, 2 * i, h), "down": (tokens, h, i)}
 
 
-def _time(fn, device: torch.device, reps: int, warm_s: float = 0.3) -> float:
-    """Median seconds of fn() over reps runs, after warm_s seconds of running it on a GPU, so that its clocks
-    have risen. (One bench run measured C, the optimum's GEMM rate, 10 % below the others on the same kind of
-    card, BENCHMARKS #9; the cause was not found, this guards against one.)"""
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of fn() over reps runs, after one untimed run and no longer warm-up: on an H100, sustained
+    GEMMs hold the card at its power cap (700 W, 1.4-1.6 GHz against 1.98, nvidia-smi during #9's bench), and C
+    measured after 0.3 s of them came out 20 % low (587-632 TFLOP/s against 759-770)."""
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        until = time.perf_counter() + warm_s
-        while time.perf_counter() < until:
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize(device)
     times = []
     for _ in range(reps):
         if device.type == "cuda":

@@ -219,8 +219,8 @@ def throughput(args) -> dict:
             path = args.timeline if len(workloads) == 1 else \
                 args.timeline.replace(".png", f"-{len(report['results'])}.png")
             timeline_chart(r["timeline"], path, f"{r['workload']}, {report['device']}, mode {eng.config.mode}")
-    # C is measured before and after the workloads and the higher taken: runs on these cards have measured it up
-    # to 25 % low once (BENCHMARKS #9), which would overstate every percentage
+    # C is measured before and after the workloads and the higher taken (the stricter optimum): one run measured it
+    # 10 % low at its start (BENCHMARKS #9), which would overstate every percentage
     rates.append(gemm_rate())
     optimal = tp * cost_model.optimal_throughput(max(rates), cfg)
     report.update({"gemm_tflops": max(rates) / 1e12, "gemm_tflops_measured": [x / 1e12 for x in rates],
