@@ -206,6 +206,11 @@ def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
     with pytest.raises(ValueError, match="tensor_parallel_size 2 is more than the 1 CPU cores available"):
         LLM(llama_dir, tensor_parallel_size=2)
     monkeypatch.undo()
+    monkeypatch.setenv("NANOFLOW_ALL_REDUCE", "ncl")
+    with pytest.raises(ValueError, match="NANOFLOW_ALL_REDUCE='ncl': expected one of auto, nccl, symm-mem"):
+        LLM(llama_dir, tensor_parallel_size=2)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("nanoflow-tp")]
+    monkeypatch.undo()
     # a failure on rank 0 after the workers started (here every rank finds no room for the KV cache) leaves none behind
     with pytest.raises(ValueError, match="not enough memory for the KV cache"):
         LLM(llama_dir, tensor_parallel_size=2, kv_cache_gb=1e-9)

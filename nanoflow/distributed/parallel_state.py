@@ -56,8 +56,8 @@ def local_init_method() -> str:
 
 
 def init_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
+    all_reduce_backend()  # a bad choice fails before the group forms
     if device.type == "cuda":
-        all_reduce_backend()  # a bad choice fails before any process joins
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast (NVLS) stays off: it takes memory and SMs
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # and in torch's symmetric memory
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # (no watchdog abort racing close_group's)
