@@ -157,12 +157,13 @@ def _decode_tiles(meta: AttentionMeta, num_kv: int, block_n: int, max_tiles: int
             kv = kv.clamp(max=window)
         tiles = (kv + block_n - 1) // block_n  # per sequence
         unit_tiles = tiles.repeat_interleave(num_kv)
-        unit_end = unit_tiles.cumsum(0)
+        unit_end = unit_tiles.cumsum(0).int()
         total = unit_end[-1:]
-        ids = torch.arange(meta.capacity * num_kv * max_tiles, device=kv.device)
-        tile_unit = torch.searchsorted(unit_end, ids, right=True).clamp(max=unit_end.shape[0] - 1)
+        # int32 throughout: the table has a row per possible tile (capacity x KV heads x max_model_len / block_n)
+        ids = torch.arange(meta.capacity * num_kv * max_tiles, dtype=torch.int32, device=kv.device)
+        tile_unit = torch.searchsorted(unit_end, ids, right=True, out_int32=True).clamp_(max=unit_end.shape[0] - 1)
         chunk = ((total + programs - 1) // programs).clamp(min=min_chunk)
-        meta.derived[key] = (tile_unit.int(), (unit_end - unit_tiles).int(), total.int(), chunk.int())
+        meta.derived[key] = (tile_unit, (unit_end - unit_tiles).int(), total, chunk)
     return meta.derived[key]
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nanoflow.config import ModelConfig
 from nanoflow.models.batch import ForwardBatch
-from nanoflow.distributed.parallel_state import TPGroup
+from nanoflow.distributed.parallel_state import TPGroup, all_reduce_backend
 from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, LlamaModel, Workspace, layer_ops
 from nanoflow.models.loader import init_dummy
 from nanoflow.pipeline.cache import (
@@ -178,10 +178,15 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
                    rows, times, tp_size=tp_size)
 
 
+# Bumped when a kernel changes what a profile measures, so that older profiles are measured again (2: stream-K
+# decode attention, the symmetric-memory all-reduce).
+KERNELS = 2
+
+
 def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int,
                  tp_size: int = 1) -> str:
-    tp = f"-tp{tp_size}" if tp_size > 1 else ""
-    name = f"{cache_key(gpu, cfg, dtype, budget)}--d{decode_rows}-c{context}{tp}.json"
+    tp = f"-tp{tp_size}-{all_reduce_backend()}" if tp_size > 1 else ""
+    name = f"{cache_key(gpu, cfg, dtype, budget)}--d{decode_rows}-c{context}{tp}--k{KERNELS}.json"
     return os.path.join(cache_dir("profiles"), name)
 
 
