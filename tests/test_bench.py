@@ -51,8 +51,21 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["num_requests"] == 6 and r["total_prompt_tokens"] == 144 and r["total_output_tokens"] == 36
     assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])
     assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / report["optimal_tokens_per_second"])
-    assert report["device"] == "cpu" and report["kv_blocks"] > 0 and "% of optimal" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert report["device"] == "cpu" and report["kv_blocks"] > 0 and "% of optimal" in printed
     assert r["steady_iterations"] == 0 and r["steady_tokens_per_second"] is None  # all 6 fit at once
+    assert len(r["gc_collections"]) == 3 and "host GC pauses" in printed
+    assert len(report["gemm_tflops_measured"]) == 2 and report["gemm_tflops"] == max(report["gemm_tflops_measured"])
+
+
+def test_gc_pauses_counts_the_collections_inside():
+    import gc
+    from nanoflow.bench.throughput import GcPauses
+    with GcPauses() as p:
+        gc.collect()
+    gc.collect()  # outside: not counted
+    assert p.count[2] == 1 and p.ms[2] > 0 and p.max_ms >= p.ms[2]
+    assert p not in gc.callbacks
 
 
 def test_bench_steady_state(tmp_path):

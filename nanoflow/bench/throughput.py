@@ -37,6 +37,33 @@ def _commit() -> str | None:
         return None
 
 
+class GcPauses:
+    """The host's pauses for Python's garbage collector while it is entered, per generation: a pause longer than
+    the GPU's lead on the host leaves the GPU idle."""
+
+    def __init__(self):
+        self.count, self.ms, self.max_ms, self._start = [0, 0, 0], [0.0, 0.0, 0.0], 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._start) * 1e3
+        self.count[info["generation"]] += 1
+        self.ms[info["generation"]] += ms
+        self.max_ms = max(self.max_ms, ms)
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        return {"gc_collections": self.count, "gc_ms": self.ms, "gc_max_ms": self.max_ms}
+
+
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
                  timeline: bool = False, progress: bool = True) -> dict:
     """Run every request of the workload to completion; returns timings and counts. A multi-round
@@ -67,27 +94,28 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     start = time.perf_counter()
     done = 0
     steady = [0, 0, 0.0]  # iterations, tokens, seconds
-    while eng.has_unfinished_requests():
-        if profile and done >= num_requests // 2:  # keep one batch of the steady state
-            eng.runner.keep_next_batch, profile = True, False
-        in_steady, tokens, t = done > 0 and bool(sched.waiting), sched.num_scheduled_tokens, time.perf_counter()
-        if eng.runner.clock is not None:
-            eng.runner.clock.steady = in_steady
-        for out in eng.step():
-            if out.finished:
-                bar.update(1)
-                done += 1
-                out_tokens += len(out.outputs[0].token_ids)
-                c, k, prompt = turns.pop(out.request_id)
-                prompt_tokens += len(prompt)
-                if k + 1 < len(convs[c]):
-                    add(c, k + 1, prompt + out.outputs[0].token_ids)
-        peak_running = max(peak_running, len(eng.scheduler.running))
-        steps += 1
-        if in_steady:
-            steady[0] += 1
-            steady[1] += sched.num_scheduled_tokens - tokens
-            steady[2] += time.perf_counter() - t
+    with GcPauses() as pauses:
+        while eng.has_unfinished_requests():
+            if profile and done >= num_requests // 2:  # keep one batch of the steady state
+                eng.runner.keep_next_batch, profile = True, False
+            in_steady, tokens, t = done > 0 and bool(sched.waiting), sched.num_scheduled_tokens, time.perf_counter()
+            if eng.runner.clock is not None:
+                eng.runner.clock.steady = in_steady
+            for out in eng.step():
+                if out.finished:
+                    bar.update(1)
+                    done += 1
+                    out_tokens += len(out.outputs[0].token_ids)
+                    c, k, prompt = turns.pop(out.request_id)
+                    prompt_tokens += len(prompt)
+                    if k + 1 < len(convs[c]):
+                        add(c, k + 1, prompt + out.outputs[0].token_ids)
+            peak_running = max(peak_running, len(eng.scheduler.running))
+            steps += 1
+            if in_steady:
+                steady[0] += 1
+                steady[1] += sched.num_scheduled_tokens - tokens
+                steady[2] += time.perf_counter() - t
     if on_gpu:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -103,7 +131,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         "steady_iterations": steady[0],
         "steady_tokens_per_second": steady[1] / steady[2] if steady[0] else None,
         "steady_mean_tokens_per_iteration": steady[1] / steady[0] if steady[0] else None,
-        **cache_report(sched.num_prefill_tokens - before[0], stats, before[1]),
+        **cache_report(sched.num_prefill_tokens - before[0], stats, before[1]), **pauses.summary(),
     }
     if eng.runner.clock is not None:
         result.update(eng.runner.clock.summary())
@@ -260,6 +288,8 @@ def print_result(report: dict, r: dict) -> None:
         rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%  (gap p50 "
                      f"{r['gpu_idle_gap_ms_p50']:.3f} ms, p99 {r['gpu_idle_gap_ms_p99']:.3f}, "
                      f"max {r['gpu_idle_gap_ms_max']:.1f})"))
+    rows.append(("host GC pauses", f"{'/'.join(map(str, r['gc_collections']))} collections of generations 0/1/2, "
+                 f"{'/'.join(f'{ms:.0f}' for ms in r['gc_ms'])} ms; the longest {r['gc_max_ms']:.1f} ms"))
     if r.get("phase_ms"):
         rows.append(("GPU ms per iteration", ", ".join(f"{k} {v:.2f}" for k, v in r["phase_ms"].items()) +
                      f"  (mean of {r['phase_iterations']} iterations, the steady ones if any)"))
