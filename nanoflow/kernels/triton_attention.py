@@ -1,8 +1,9 @@
-"""Paged attention in Triton: decode (split-KV, then a combine step) and chunked prefill (flash style).
+"""Paged attention in Triton: decode (stream-K over the batch's KV tiles, then a combine step) and chunked prefill
+(flash style).
 
-Both read every shape they need from `AttentionMeta` device tensors, with a grid fixed by the
-metadata's capacity, so they replay inside CUDA graphs whatever the batch holds. Grouped-query
-attention: a program serves all query heads of one KV head, so each KV tile is read once for them.
+Both read every shape they need from `AttentionMeta` device tensors, with grids fixed by their arguments and the
+metadata's capacity, so they replay inside CUDA graphs whatever the batch holds. Grouped-query attention: a program
+serves all query heads of one KV head, so each KV tile is read once for them.
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
     """A persistent program: the KV tiles [pid * CHUNK, (pid + 1) * CHUNK) of the batch's tiles, units (sequence,
     KV head) one after another, each of its sequence's tiles in order, as ONE flat loop (stream-K: every program
     gets the same number of tiles, none of them empty). A unit whole in one program writes its output; a unit cut
-    by programs' bounds writes a part per program, which the combine kernel merges. Where tile j + 1 is (its pages
-    included) is loaded during tile j: with the page loads of a tile inside its own iteration, Triton's pipeliner
+    by programs' bounds writes a part per program, which the combine kernel merges. Where tile g + 1 is (its pages
+    included) is loaded during tile g: with the page loads of a tile inside its own iteration, Triton's pipeliner
     keeps a single K/V buffer (measured: 45 KB of shared memory at any depth, ~40 GB/s per SM); carried over, it
     keeps `num_stages` tiles in flight."""
     pid = tl.program_id(0)
