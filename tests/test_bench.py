@@ -86,8 +86,8 @@ def test_bench_steady_state(tmp_path):
 
 
 def test_iteration_clock_phases_and_idle(monkeypatch):
-    """The clock's arithmetic, with stand-in events at given GPU times (ms): busy and idle time, and the phases
-    averaged over the steady iterations only."""
+    """The clock's arithmetic, with stand-in events at given GPU times (ms): busy and idle time, the phases
+    averaged over the steady iterations only, and each stage's GPU time per token."""
     from nanoflow.executor import profiling
 
     class Event:
@@ -103,12 +103,15 @@ def test_iteration_clock_phases_and_idle(monkeypatch):
     monkeypatch.setattr(profiling, "_event", lambda: Event(next(times)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     clock = profiling.IterationClock()
-    for steady in (False, True, True):
-        clock.steady = steady
-        clock.start()
+    for stage in ("fill", "steady", "steady"):
+        clock.stage = stage
+        clock.start(100 if stage == "fill" else 200)
         clock.mark()
         clock.mark()
         clock.end()
     s = clock.summary()
     assert s["iterations"] == 3 and s["gpu_busy_ms"] == 7 + 15 + 15 and s["gpu_idle_ms"] == 2
     assert s["phase_ms"] == {"forward": 11, "logits": 2, "sampling": 2} and s["phase_iterations"] == 2
+    assert s["stages"] == {"fill": {"iterations": 1, "tokens": 100, "gpu_ms": 7, "tokens_per_gpu_second": 100 / 7e-3},
+                           "steady": {"iterations": 2, "tokens": 400, "gpu_ms": 30,
+                                      "tokens_per_gpu_second": 400 / 30e-3}}

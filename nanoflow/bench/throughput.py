@@ -100,7 +100,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
                 eng.runner.keep_next_batch, profile = True, False
             in_steady, tokens, t = done > 0 and bool(sched.waiting), sched.num_scheduled_tokens, time.perf_counter()
             if eng.runner.clock is not None:
-                eng.runner.clock.steady = in_steady
+                eng.runner.clock.stage = "steady" if in_steady else "fill" if done == 0 else "drain"
             for out in eng.step():
                 if out.finished:
                     bar.update(1)
@@ -290,6 +290,10 @@ def print_result(report: dict, r: dict) -> None:
                      f"max {r['gpu_idle_gap_ms_max']:.1f})"))
     rows.append(("host GC pauses", f"{'/'.join(map(str, r['gc_collections']))} collections of generations 0/1/2, "
                  f"{'/'.join(f'{ms:.0f}' for ms in r['gc_ms'])} ms; the longest {r['gc_max_ms']:.1f} ms"))
+    if r.get("stages"):
+        rows.append(("GPU time by stage", "; ".join(
+            f"{name} {row['iterations']} it, {row['tokens'] / row['iterations']:.0f} tok/it, "
+            f"{row['tokens_per_gpu_second']:.0f} tok/s of GPU time" for name, row in r["stages"].items())))
     if r.get("phase_ms"):
         rows.append(("GPU ms per iteration", ", ".join(f"{k} {v:.2f}" for k, v in r["phase_ms"].items()) +
                      f"  (mean of {r['phase_iterations']} iterations, the steady ones if any)"))

@@ -156,7 +156,7 @@ class ModelRunner:
         step = Step(batch, plan.feed_rows, out.kv_saves, out.kv_loads, out.kv_fence)
         if self.tp.size > 1:
             broadcast_object(self.tp, step)
-        self.clock and self.clock.start()  # after the host's preparation: a GPU that waits for it is idle
+        self.clock and self.clock.start(batch.num_tokens)  # after the host's preparation: a GPU that waits is idle
         fed = self.last_tokens[self._device(plan.feed_src)] if plan.feed_rows else None
         launch = self._sample(out, self.run_step(step, fed), plan)
         self.clock and self.clock.end()
