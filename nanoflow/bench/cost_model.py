@@ -18,7 +18,7 @@ def layer_gemms(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of fn() over reps runs, after one untimed run and no longer warm-up: on an H100, sustained
+    """Median seconds of fn() over reps runs, after a single untimed run. No longer warm-up: on an H100, sustained
     GEMMs hold the card at its power cap (700 W, 1.4-1.6 GHz against 1.98, nvidia-smi during #9's bench), and C
     measured after 0.3 s of them came out 20 % low (587-632 TFLOP/s against 759-770)."""
     fn()
