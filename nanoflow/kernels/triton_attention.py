@@ -57,12 +57,6 @@ def _decode_tile(TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, g, stride_bt, win
 
 
 @triton.jit
-def _decode_step(q, k, v, valid, scale, m, l, acc):
-    scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-    return _softmax_step(scores, v, m, l, acc)
-
-
-@triton.jit
 def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, NUM_TILES, CHUNK, PART_O, PART_LSE,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
@@ -101,7 +95,8 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, D], tl.float32)
-        m, l, acc = _decode_step(q, k, v, valid, scale, m, l, acc)
+        scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m, l, acc = _softmax_step(scores, v, m, l, acc)
         if (t == tiles - 1) | (g == last_g):  # the unit's or the program's last tile
             unit_first = g - t
             if (unit_first >= first_g) & (t == tiles - 1):  # whole in this program: the output itself
