@@ -34,6 +34,7 @@ rms_norm = _compile(reference.rms_norm)
 add_rms_norm = _compile(reference.add_rms_norm)
 silu_mul = _compile(reference.silu_mul)
 exponential_race = _compile(reference.exponential_race)
+moe_combine = _compile(reference.moe_combine)
 
 
 @functools.cache

@@ -94,6 +94,18 @@ decode_attention = paged_attention
 prefill_attention = paged_attention
 
 
+def moe_combine(y: torch.Tensor, where: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+    """out[r] = sum over j of weights[r, j] * y[where[r, j]] (+ shared[r]), summed in float32 in the order of j:
+    each row gathers its k expert outputs (y is in expert order) instead of scattering them with atomics."""
+    acc = weights[:, 0:1] * y[where[:, 0]].float()
+    for j in range(1, where.shape[1]):
+        acc = acc + weights[:, j: j + 1] * y[where[:, j]].float()
+    if shared is not None:
+        acc = acc + shared
+    return out.copy_(acc)
+
+
 def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Each expert's SwiGLU MLP over its rows of x (sorted by expert: expert e's rows end at offs[e], int32):
     gate_up [experts, 2 I, H] (gate rows, then up rows), down [experts, H, I]. One GEMM pair per expert that has

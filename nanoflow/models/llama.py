@@ -284,29 +284,31 @@ class LlamaModel(nn.Module):
 
     def experts(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         """Each row's top-k experts by token permutation: the (row, expert) pairs sorted by expert, so that each
-        expert runs its SwiGLU MLP on contiguous rows (the backend's experts_mlp: grouped GEMMs on the GPU), whose
-        outputs, weighted, are summed back into their rows in float32. Routing as HF Mixtral: softmax in float32,
-        top-k (torch.topk's tie-break), weights renormalized over the k; each row's sum in increasing expert
-        order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's output times
+        expert runs its SwiGLU MLP on contiguous rows (the backend's experts_mlp: grouped GEMMs on the GPU); then
+        each row gathers its k outputs, weighted, summed in float32 (moe_combine). Routing as HF Mixtral: softmax
+        in float32, top-k (torch.topk's tie-break), weights renormalized over the k; each row's sum in increasing
+        expert order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's output times
         sigmoid(x · its gate)). Nothing here waits for the host."""
         layer, c = self.layers[l], self.cfg
-        weights, ids = ws.router[a:b].float().softmax(-1).topk(c.num_experts_per_tok, dim=-1)
+        k = c.num_experts_per_tok
+        weights, ids = ws.router[a:b].float().softmax(-1).topk(k, dim=-1)
         if c.norm_topk_prob:
             weights /= weights.sum(-1, keepdim=True)
+        ids, order = ids.sort(-1)  # each row's experts in increasing order: the order its outputs are summed in
+        weights = weights.gather(-1, order)
         sorted_ids, pairs = ids.flatten().sort(stable=True)
         # where each expert's pairs end, counted on the device (torch.bincount on CUDA syncs for its size)
         offs = torch.searchsorted(sorted_ids, torch.arange(c.num_experts, device=ids.device), right=True,
                                   out_int32=True)
-        rows = pairs // c.num_experts_per_tok  # the row (from a) of each pair, by expert
-        y = self.k.experts_mlp(ws.normed[a:b].index_select(0, rows), layer.experts_gate_up, layer.experts_down, offs)
-        out = torch.zeros(b - a, c.hidden_size, dtype=torch.float32, device=y.device)
-        out.index_add_(0, rows, y * weights.flatten().index_select(0, pairs).unsqueeze(1))
+        x = ws.normed[a:b]
+        y = self.k.experts_mlp(x.index_select(0, pairs // k), layer.experts_gate_up, layer.experts_down, offs)
+        where = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(len(pairs), device=pairs.device))
+        shared = None
         if c.shared_expert_intermediate_size:
-            x = ws.normed[a:b]
             act = torch.empty(b - a, c.shared_expert_intermediate_size, dtype=x.dtype, device=x.device)
             self.k.silu_mul(torch.mm(x, layer.shared_gate_up.t()), out=act)
-            out += torch.mm(x, layer.shared_gate.t()).float().sigmoid() * torch.mm(act, layer.shared_down.t()).float()
-        ws.hidden[a:b].copy_(out)
+            shared = torch.mm(x, layer.shared_gate.t()).float().sigmoid() * torch.mm(act, layer.shared_down.t()).float()
+        self.k.moe_combine(y, where.view(b - a, k), weights, ws.hidden[a:b], shared)
 
     down_allreduce = o_allreduce  # the same sum of the ranks' partial hidden rows, after down (or the experts)
 

@@ -1,0 +1,129 @@
+"""Where the MoE layer's time goes (#10): the engine's experts op and its pieces at one rank's shard of Mixtral,
+against the same FLOPs as one dense cuBLAS GEMM pair and as a loop of per-expert cuBLAS GEMMs; the Triton grouped
+GEMM (kernels/triton_moe.py) in its configs. Each variant is captured in a CUDA graph and replayed; the variants
+of one row count are interleaved (the card's clock drifts under its power cap).
+
+python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--output out.json]"""
+import argparse
+import json
+
+import torch
+
+from nanoflow.config import preset
+from nanoflow.kernels import gpu
+from nanoflow.models.llama import LlamaModel, Workspace
+from nanoflow.models.loader import init_dummy
+
+
+def graphed(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def timed(graphs: dict, reps: int = 20, rounds: int = 5) -> dict:
+    """Median ms per replay of each graph, the graphs taking turns."""
+    times = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g.replay()
+            start.record()
+            for _ in range(reps):
+                g.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / reps)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def triton_configs():
+    try:
+        from nanoflow.kernels import triton_moe
+    except ImportError:
+        return None, []
+    grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                     (64, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3))]
+    return triton_moe, grid
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mixtral-8x7b")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 1447, 2048])
+    ap.add_argument("--output")
+    args = ap.parse_args()
+    full = preset(args.model)
+    cfg = preset(args.model, num_layers=1, intermediate_size=full.intermediate_size // args.tp)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    model = LlamaModel(cfg, dt, dev, 4096)
+    init_dummy(model, 0)
+    layer = model.layers[0]
+    E, k, H, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+    triton_moe, configs = triton_configs()
+    rows = []
+    for M in args.tokens:
+        ws = Workspace.allocate(cfg, M, dt, dev)
+        ws.normed[:M].normal_()
+        model.router(0, ws, None, 0, M)
+        ids = ws.router[:M].float().softmax(-1).topk(k, dim=-1)[1]
+        sorted_ids, pairs = ids.flatten().sort(stable=True)
+        offs = torch.searchsorted(sorted_ids, torch.arange(E, device=dev), right=True, out_int32=True)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+        xs = ws.normed[:M].index_select(0, pairs // k)
+        h = torch.empty(M * k, 2 * I, dtype=dt, device=dev)
+        act = torch.empty(M * k, I, dtype=dt, device=dev)
+        y = torch.empty(M * k, H, dtype=dt, device=dev)
+        gu_t, dn_t = layer.experts_gate_up.transpose(1, 2), layer.experts_down.transpose(1, 2)
+
+        def loop():
+            start = 0
+            for e, n in enumerate(counts):
+                torch.mm(xs[start:start + n], layer.experts_gate_up[e].t(), out=h[start:start + n])
+                torch.mm(act[start:start + n], layer.experts_down[e].t(), out=y[start:start + n])
+                start += n
+        w_gu, w_dn = layer.experts_gate_up[0], layer.experts_down[0]
+        variants = {
+            "experts op": lambda: model.experts(0, ws, None, 0, M),
+            "grouped gate_up": lambda: h.copy_(torch._grouped_mm(xs, gu_t, offs=offs)),
+            "silu_mul": lambda: gpu.silu_mul(h, out=act),
+            "grouped down": lambda: y.copy_(torch._grouped_mm(act, dn_t, offs=offs)),
+            "dense gate_up+down (same FLOPs)": lambda: (torch.mm(xs, w_gu.t(), out=h), torch.mm(act, w_dn.t(), out=y)),
+            "loop of cuBLAS gate_up+down": loop,
+        }
+        for c in configs:
+            name = "triton gate_up+down " + "/".join(str(v) for v in c.values())
+            variants[name] = (lambda c=c: (triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=h, **c),
+                                           triton_moe.grouped_mm(act, layer.experts_down, offs, out=y, **c)))
+        if configs:  # the Triton result against torch's, once
+            ref = torch._grouped_mm(xs, gu_t, offs=offs)
+            got = triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, **configs[0])
+            err = (got.float() - ref.float()).abs().max().item()
+            print(f"M={M}: triton vs torch._grouped_mm max abs diff {err:.3g}")
+        graphs = {}
+        for name, fn in variants.items():
+            try:
+                graphs[name] = graphed(fn)
+            except Exception as e:  # a Triton config that does not fit (shared memory) is skipped, named
+                print(f"M={M} {name}: {type(e).__name__}: {str(e)[:120]}")
+        ms = timed(graphs)
+        flops = 2 * M * k * 3 * H * I
+        for name, t in ms.items():
+            rate = flops / (t * 1e-3) / 1e12 if "gate_up+down" in name or name == "experts op" else None
+            rows.append({"tokens": M, "variant": name, "ms": t, "tflops": rate, "counts": counts})
+    print(f"\n{'tokens':>6}  {'variant':<48} {'ms':>8} {'TFLOP/s':>8}")
+    for r in rows:
+        print(f"{r['tokens']:>6}  {r['variant']:<48} {r['ms']:8.3f} {r['tflops'] or 0:8.0f}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "tp": args.tp, "device": torch.cuda.get_device_name(), "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
