@@ -21,6 +21,7 @@ from nanoflow.bench import cost_model
 from nanoflow.bench.workloads import Workload, parse
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.llm import LLM
+from nanoflow.executor.model_runner import settle_gc
 from nanoflow.executor.profiling import IterationClock, op_times
 from nanoflow.pipeline import measure
 from nanoflow.pipeline.cache import gpu_name
@@ -202,8 +203,7 @@ def throughput(args) -> dict:
               "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
     hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ({}, None)
     llm = LLM(args.model, **engine_kwargs(args))
-    gc.collect()
-    gc.freeze()  # the engine lives as long as the process: full collections need not walk it between iterations
+    settle_gc()
     eng = llm.engine
     if hf_weights is not None:
         from nanoflow.models.loader import load_hf_weights

@@ -54,6 +54,7 @@ class Replica:
         self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path,
                                  blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
         self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests, stream_interval)
+        settle_gc()
         self.engine.start()
         self.outboxes: dict[int, asyncio.Queue] = {}  # by front end: (submission id, item) for its current stream
         self.aborts: dict[str, asyncio.Event] = {}  # by submission id: set when the router aborts it

@@ -9,7 +9,6 @@ blocks, same CUDA graphs), then runs the steps rank 0 broadcasts until it sends 
 from __future__ import annotations
 
 import atexit
-import gc
 import os
 from dataclasses import dataclass
 
@@ -96,7 +95,7 @@ class Workers:
 
 
 def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
-    from nanoflow.executor.model_runner import ModelRunner
+    from nanoflow.executor.model_runner import ModelRunner, settle_gc
     from nanoflow.models.loader import build_model, resolve
     from nanoflow.pipeline.measure import TimelineSpec, TimeSpec, run_timeline, run_timing
     device = rank_device(args.device_type, rank)
@@ -107,8 +106,7 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
         model = build_model(resolve(args.model, args.config.num_layers), args.load_format, args.dtype, device,
                             args.max_model_len, args.config.seed, tp)
         runner = ModelRunner(model, args.config, set(), args.max_model_len)
-        gc.collect()
-        gc.freeze()  # this process keeps its runner for life: full collections need not walk it between steps
+        settle_gc()
         while (step := broadcast_object(tp)) is not None:
             if isinstance(step, TimeSpec):  # (nanoflow tune timing a candidate on every rank)
                 try:

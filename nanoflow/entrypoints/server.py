@@ -386,6 +386,7 @@ def serve(args) -> int:
             raise ValueError("--ray-address is for --data-parallel-size")
         engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests,
                              args.stream_interval)
+        settle_gc()
     else:
         if args.data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
