@@ -64,6 +64,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain(self) -> bool:
+        """Sampled from softmax(logits / temperature) alone: no penalty, filter, seed or logprobs."""
+        return (not self.penalized and self.top_k == 0 and self.top_p == 1 and self.min_p == 0 and self.seed is None
+                and self.logprobs is None)
+
 
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x

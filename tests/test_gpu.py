@@ -61,13 +61,16 @@ def test_fused_elementwise_ops_match_reference():
     ref.silu_mul(gu[100:300].float(), out=expect)
     assert rel(act[100:300], expect) < 1e-2 and not act[:100].any() and not act[300:].any()
     # the sampler's race, compiled for any row count: the token it picks scores the row's maximum
+    # (bf16 logits, as the ranks race on theirs; rows of temperature 0 take the maximum)
     for rows in (683, 5, 1024):
-        scores = torch.randn(rows, 32000, device="cuda") * 4
-        temp = torch.rand(rows, device="cuda") + 0.5
-        q = torch.empty_like(scores).exponential_()
-        race = (scores.double() / temp.double()[:, None] - q.double().log())
-        got = k.exponential_race(scores, temp, q)
+        scores = (torch.randn(rows, 32000, device="cuda") * 4).bfloat16()
+        temp = (torch.rand(rows, device="cuda") + 0.5) * (torch.rand(rows, device="cuda") > 0.2)
+        q = torch.empty(scores.shape, device="cuda").exponential_()
+        t = temp.double()[:, None]
+        race = torch.where(t > 0, scores.double() / t - q.double().log(), scores.double())
+        best, got = k.exponential_race(scores, temp, q)
         assert torch.allclose(race.gather(1, got[:, None])[:, 0], race.amax(-1), rtol=0, atol=1e-5)
+        assert torch.allclose(best.double(), race.amax(-1), rtol=1e-6, atol=1e-5)
 
 
 def test_gpu_model_matches_cpu_reference(model_dir):

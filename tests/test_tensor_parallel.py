@@ -9,7 +9,7 @@ import torch
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import preset
 from nanoflow.distributed.parallel_state import TPGroup
-from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS, layer_ops
+from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS, LlamaModel, layer_ops
 from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
 from nanoflow.pipeline.spec import NanoOp, PipelineSpec, Unit, load_spec, non_overlap
@@ -235,6 +235,55 @@ def test_tp2_matches_tp1(llama_dir, llama_tp):
     for async_scheduling in (False, True):
         llama_tp.engine.async_scheduling = async_scheduling
         assert_same(llama_tp.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
+
+
+def _count_races(monkeypatch) -> list:
+    calls = []
+    race = LlamaModel.race_tokens
+    monkeypatch.setattr(LlamaModel, "race_tokens", lambda self, *a: calls.append(1) or race(self, *a))
+    return calls
+
+
+def test_tp2_greedy_race_matches_tp1(llama_dir, llama_tp, monkeypatch):
+    """Greedy rows without logprobs: the ranks race over their vocabulary slices (no logits gathered), and the
+    tokens are TP = 1's."""
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    refs = LLM(llama_dir, **ENGINE).generate(PROMPTS, plain, use_tqdm=False)
+    races = _count_races(monkeypatch)
+    outs = llama_tp.generate(PROMPTS, plain, use_tqdm=False)
+    assert races and [o.outputs[0].token_ids for o in outs] == [r.outputs[0].token_ids for r in refs]
+
+
+def test_tp2_race_samples_softmax_over_the_whole_vocabulary(llama_dir, llama_tp, monkeypatch):
+    """Sampled rows raced per rank follow softmax(logits / T) over the whole vocabulary: the first token's
+    frequencies over 600 draws against HF's logits, at a temperature where both ranks' slices hold a good share
+    of the probability (so the best of the ranks' winners decides)."""
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    half = llama_tp.engine.runner.model.vocab_rows
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt])).logits[0, -1]
+        for t in (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1):
+            p = (logits / t).softmax(0)
+            if min(p[:half].sum(), p[half:].sum()) > 0.2 and p.max() < 0.6 and (p > 0.02).sum() >= 3:
+                break
+        else:
+            continue
+        break
+    else:
+        pytest.fail("no prompt whose likely first tokens lie in both vocabulary slices")
+    races = _count_races(monkeypatch)
+    n = 600
+    outs = llama_tp.generate([prompt] * n, SamplingParams(temperature=t, max_tokens=1, ignore_eos=True),
+                             use_tqdm=False)
+    got = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
+    assert races
+    likely = (p > 0.02).nonzero()[:, 0]
+    for i in likely.tolist() + [None]:  # each likely token, then all the others together
+        pi = p[i].item() if i is not None else 1 - p[likely].sum().item()
+        freq = ((got == i) if i is not None else ~torch.isin(got, likely)).float().mean().item()
+        assert abs(freq - pi) < 4 * (pi * (1 - pi) / n) ** 0.5 + 0.01, (i, freq, pi)
 
 
 def test_a_hung_nccl_teardown_is_bounded(monkeypatch):

@@ -152,11 +152,17 @@ def all_gather_columns(x: torch.Tensor, out: torch.Tensor) -> None:
     out.view(n, -1, cols).copy_(staged.view(-1, n, cols).transpose(0, 1))
 
 
+def gather(x: torch.Tensor, tp: TPGroup) -> list[torch.Tensor] | None:
+    """Rank 0: every rank's x (all of one shape), by rank; other ranks: None."""
+    parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return parts
+
+
 def gather_columns(x: torch.Tensor, tp: TPGroup, dtype: torch.dtype, width: int) -> torch.Tensor | None:
     """Rank 0: the first `width` columns of the ranks' x side by side, in dtype ([n, width]); other ranks: None.
     Each part is widened as it is placed: one pass over the gathered bytes, not a concatenation and a cast."""
-    parts = [torch.empty_like(x) for _ in range(tp.size)] if tp.rank == 0 else None
-    dist.gather(x.contiguous(), parts, dst=0)
+    parts = gather(x, tp)
     if parts is None:
         return None
     out = x.new_empty(x.shape[0], width, dtype=dtype)

@@ -67,6 +67,7 @@ class Step:
     kv_saves: list[tuple[int, int]]
     kv_loads: list[tuple[int, int]]
     kv_fence: bool
+    race: list[float] | None = None  # the sampled rows' temperatures, when the ranks race (_race)
 
 
 @dataclass(slots=True)
@@ -115,6 +116,12 @@ class ModelRunner:
         self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device, self.tp.size)
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        # with tensor parallelism each rank draws the race's noise for its vocabulary slice: streams of their own
+        self.race_generator = torch.Generator(self.device)
+        if config.seed is None:
+            self.race_generator.seed()
+        else:
+            self.race_generator.manual_seed(config.seed + 1 + self.tp.rank)
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
         self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
         self.clock: IterationClock | None = None  # set to measure the GPU's idle time and each iteration's phases
@@ -164,19 +171,31 @@ class ModelRunner:
         batch, plan = self.prepare(out)
         if self.keep_next_batch:
             self.kept_batch, self.keep_next_batch = batch, False
-        step = Step(batch, plan.feed_rows, out.kv_saves, out.kv_loads, out.kv_fence)
+        step = Step(batch, plan.feed_rows, out.kv_saves, out.kv_loads, out.kv_fence, self._race(plan))
         if self.tp.size > 1:
             broadcast_object(self.tp, step)
         self.clock and self.clock.start(batch.num_tokens)  # after the host's preparation: a GPU that waits is idle
         fed = self.last_tokens[self._device(plan.feed_src)] if plan.feed_rows else None
-        launch = self._sample(out, self.run_step(step, fed), plan)
+        result = self.run_step(step, fed)
+        launch = self._sample(out, result, plan) if step.race is None else self._launch(result, None, {}, plan)
         self.clock and self.clock.end()
         return launch
 
+    def _race(self, plan: _Plan) -> list[float] | None:
+        """With tensor parallelism, the sampled rows' temperatures when the ranks can race over their vocabulary
+        slices instead of gathering the logits (LlamaModel.race_tokens): no prompt logprobs, and every sampled
+        row plain (SamplingParams.plain) with no min_tokens ban."""
+        if self.tp.size == 1 or plan.prompt_rows or not plan.sample_chunks:
+            return None
+        seqs = [c.seq for c in plan.sample_chunks]
+        if not all(s.params.plain and s.num_generated >= s.params.min_tokens for s in seqs):
+            return None
+        return [s.params.temperature for s in seqs]
+
     @torch.inference_mode()
     def run_step(self, step: Step, fed: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The forward and the logits (on rank 0; None on the other ranks). fed: on rank 0, the tokens of the
-        step's feed rows (on the device); the other ranks receive them."""
+        """The forward and the logits, or with step.race the sampled tokens (on rank 0; None on the other ranks).
+        fed: on rank 0, the tokens of the step's feed rows (on the device); the other ranks receive them."""
         if self.offload is not None:
             self.offload.issue(step.kv_saves, step.kv_loads, step.kv_fence)
         batch, feed = step.batch, None
@@ -196,9 +215,12 @@ class ModelRunner:
             self.forward(batch, ws)
             rows = batch.logits_rows
         self.clock and self.clock.mark()
-        logits = self.model.compute_logits(ws, rows)
+        if step.race is None:
+            result = self.model.compute_logits(ws, rows)
+        else:
+            result = self.model.race_tokens(ws, rows, self._device(step.race, torch.float32), self.race_generator)
         self.clock and self.clock.mark()
-        return logits
+        return result
 
     def collect(self, launch: Launch) -> ModelOutput:
         """Wait for a launched iteration and bring its results to the host."""
@@ -273,6 +295,11 @@ class ModelRunner:
             c = out.chunks[i]
             targets = self._device(c.seq.token_ids[pos + 1: pos + 1 + n])
             prompt[i] = logprob_rows(logits[row: row + n].log_softmax(-1), targets, c.seq.params.prompt_logprobs)
+        return self._launch(tokens, logprobs, prompt, plan)
+
+    def _launch(self, tokens: torch.Tensor, logprobs: LogprobRows | None, prompt: dict[int, LogprobRows],
+                plan: _Plan) -> Launch:
+        seqs = [c.seq for c in plan.sample_chunks]
         self.last_tokens = tokens
         self.last_index = {s.seq_id: i for i, s in enumerate(seqs)}
         if self.device.type != "cuda":
@@ -295,7 +322,7 @@ class ModelRunner:
                               use_min_p=any(p.min_p > 0 for p in params),
                               use_top_k_p=any(p.top_k > 0 or p.top_p < 1 for p in params))
         vocab = self.cfg.vocab_size
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
+        if any(p.penalized for p in params):
             md.repetition_penalty = col("repetition_penalty")
             md.presence_penalty = col("presence_penalty")
             md.frequency_penalty = col("frequency_penalty")

@@ -33,11 +33,16 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(F.silu(gate) * up)
 
 
-def exponential_race(scores: torch.Tensor, temperature: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def exponential_race(scores: torch.Tensor, temperature: torch.Tensor,
+                     q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample each row of softmax(scores / temperature) [R, V] as argmax(p / q) with q ~ Exp(1), in log space:
     log p - log q and scores / temperature - log q differ by a per-row constant, so the softmax is never
-    computed. q is clamped away from 0 so that an excluded token (score -inf) never wins."""
-    return (scores / temperature[:, None] - q.clamp_min(1e-30).log()).argmax(-1)
+    computed. q is clamped away from 0 so that an excluded token (score -inf) never wins. A row of temperature 0
+    takes its highest score (greedy). Returns each row's (winning score, token): with tensor parallelism each rank
+    races over its vocabulary slice and the best of the ranks' winners is the row's draw."""
+    t = temperature[:, None]
+    s = scores.float()
+    return torch.where(t > 0, s / t - q.clamp_min(1e-30).log(), s).max(-1)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:

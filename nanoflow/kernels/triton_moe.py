@@ -1,49 +1,80 @@
 """A grouped GEMM for the mixture-of-experts MLPs in Triton, a candidate replacement for torch._grouped_mm
 (grouped_gemm.py): x's rows sorted by expert, expert e's rows ending at offs[e], each multiplied by w[e].T.
 
-No host sync, so a CUDA graph captures it: the grid is fixed by the shapes alone (every m-tile there could be,
-cdiv(M, block_m) + E since each expert adds at most one partial tile, times the n-tiles), and each program
-reads offs on the device to find its expert and rows; programs past the last expert's tiles return at once.
+No host sync, so a CUDA graph captures it: the launch depends on the shapes alone, and the kernel reads offs on
+the device to count each expert's m-tiles (block_m rows of one expert; at most cdiv(M, block_m) + E of them,
+since each expert adds at most one partial tile) and to find the expert and rows of each (m-tile, n-tile).
+
+Two kernels share that bookkeeping (_expert_tiles, _tile_coords) and the masked store (_store_tile):
+- the TMA kernel (Hopper and later): x and w read through host-built TMA tensor descriptors, persistent (one
+  program per SM at most, each looping over tiles);
+- the pointer kernel, the fallback (older GPUs, x or w not TMA-aligned): one program per tile there could be,
+  the spare ones returning at once.
+The store is a masked pointer store in both: a tile's rows past its expert's end are the next expert's, written
+by another program, so a TMA store (whole boxes) would clobber them.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
-def _grouped_mm_kernel(X, W, OUT, OFFS, M, N, K, stride_xm, stride_we, stride_wn, stride_om,
-                       E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped ordering of a flat grid: GROUP_M m-tiles in a row share each n-tile of w while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M) + E
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-
-    # Which expert owns m-tile pid_m: every expert's tile count, their running sum, and the first expert whose
-    # running sum passes pid_m (all E at once as one vector, rather than a loop of scalar loads).
+def _expert_tiles(OFFS, N, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per expert (vectors over BLOCK_E): row starts and ends, m-tile counts and their running sum; then the
+    number of m-tiles in all and of n-tiles. All E at once as vectors, rather than a loop of scalar loads."""
     e = tl.arange(0, BLOCK_E)
     ends = tl.load(OFFS + e, mask=e < E, other=0)
     starts = tl.load(OFFS + e - 1, mask=(e > 0) & (e < E), other=0)
     tiles = tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M)
-    tiles_end = tl.cumsum(tiles, 0)
-    if pid_m >= tl.sum(tiles):
-        return  # a spare tile: the experts' rows needed fewer
+    return starts, ends, tiles, tl.cumsum(tiles, 0), tl.sum(tiles), tl.cdiv(N, BLOCK_N)
+
+
+@triton.jit
+def _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n, BLOCK_E: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile number tile (< num_pid_m * num_pid_n): its expert, first row, the expert's row end, first column."""
+    # Grouped ordering: GROUP_M m-tiles in a row share each n-tile of w while it is in L2.
+    per_group = GROUP_M * num_pid_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
+    # The owner of m-tile pid_m: the first expert whose running tile count passes it.
     expert = tl.sum((tiles_end <= pid_m).to(tl.int32))
-    mine = e == expert
+    mine = tl.arange(0, BLOCK_E) == expert
     row_end = tl.sum(tl.where(mine, ends, 0))
     row_begin = tl.sum(tl.where(mine, starts, 0)) + (pid_m - tl.sum(tl.where(mine, tiles_end - tiles, 0))) * BLOCK_M
+    return expert, row_begin, row_end, pid_n * BLOCK_N
 
+
+@triton.jit
+def _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = row_begin + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_begin + tl.arange(0, BLOCK_N)
+    mask = (rows < row_end)[:, None] & (cols < N)[None, :]  # rows past row_end: the next expert's (or no one's)
+    out_ptrs = OUT + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]  # int64: M * N can pass 2**31
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, stride_om,
+                       E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(0)
+    if pid >= num_pid_m * num_pid_n:
+        return  # a spare program: the experts' rows needed fewer tiles
+    expert, row_begin, row_end, col_begin = _tile_coords(pid, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
+                                                         BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = row_begin + tl.arange(0, BLOCK_M)
+    cols = col_begin + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    row_ok = rows < row_end  # the tile's rows past its expert's end belong to the next expert (or to none)
+    row_ok = rows < row_end
     col_ok = cols < N
     # int64 offsets: E * N * K and M * K can pass 2**31 at real sizes.
     x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
@@ -56,15 +87,60 @@ def _grouped_mm_kernel(X, W, OUT, OFFS, M, N, K, stride_xm, stride_we, stride_wn
         acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    out_ptrs = OUT + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
+                           E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+    # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K], boxes [BLOCK_N, BLOCK_K]. TMA
+    # zero-fills past M and K; x rows past the expert's end and w rows past N (the next expert's) are read but
+    # only feed outputs that the store masks off.
+    starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n  # the real count, read from offs: the loop skips the spare tiles
+    step = tl.num_programs(0)  # a runtime value: a new grid size (it follows M when M is small) doesn't recompile
+    # The epilogue recomputes its tile from a counter of its own (as Triton's persistent-matmul tutorial does), so
+    # that a flattened, pipelined loop needn't carry the prologue's coordinates over to the epilogue.
+    tile_c = tl.program_id(0) - step
+    for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=FLATTEN):
+        expert, row_begin, _, col_begin = _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
+                                                       BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
+        w_row = expert * N + col_begin
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x_desc.load([row_begin, k * BLOCK_K])
+            b = w_desc.load([w_row, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        tile_c += step
+        _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
+                                                        BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
+        _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """TMA needs 16-byte-aligned bases and row strides (K * itemsize a multiple of 16 for contiguous tensors),
+    and w's experts stacked evenly to be viewed as [E * N, K]."""
+    size = x.element_size()
+    return (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and x.stride(0) * size % 16 == 0
+            and w.stride(1) * size % 16 == 0 and w.stride(0) == w.shape[1] * w.stride(1))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
                block_m: int = 128, block_n: int = 128, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
-               num_stages: int = 4) -> torch.Tensor:
+               num_stages: int = 4, tma: bool | None = None, flatten: bool = True) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
-    offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums)."""
+    offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
+
+    tma: None picks the TMA kernel on CUDA devices of compute capability >= 9 when x and w are TMA-aligned, else
+    the pointer kernel; True forces the TMA kernel (it also runs in Triton's interpreter) and raises ValueError if
+    x or w is not TMA-aligned; False forces the pointer kernel. flatten: the TMA kernel's tile loop is flattened
+    with its K loop into one software pipeline (num_stages deep); False pipelines the K loop alone."""
     m, k = x.shape
     e, n, wk = w.shape
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
@@ -74,8 +150,23 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1
     if m == 0 or n == 0:
         return out
-    grid = ((triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n),)
-    _grouped_mm_kernel[grid](x, w, out, offs, m, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                             E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    if tma is None:
+        tma = (x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] >= 9
+               and _tma_aligned(x, w))
+    elif tma and not _tma_aligned(x, w):
+        raise ValueError("tma=True needs 16-byte-aligned x and w (base and row stride: K * itemsize a multiple of "
+                         "16) and w stacked evenly as [E * N, K]")
+    meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+    tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone
+    if not tma:
+        _grouped_mm_kernel[(tiles,)](x, w, out, offs, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                                     **meta)
+        return out
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
+    w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [block_n, block_k])
+    # Persistent: at most one program per SM (a few in the interpreter, so that each loops over several tiles).
+    programs = min(_num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+                   if x.is_cuda else 3, tiles)
+    _grouped_mm_tma_kernel[(programs,)](x_desc, w_desc, out, offs, n, k, out.stride(0), FLATTEN=flatten, **meta)
     return out

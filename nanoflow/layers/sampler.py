@@ -93,7 +93,7 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     for i, gen in enumerate(md.generators):
         if gen is not None:
             q[i].exponential_(generator=gen)
-    sampled = backend(logits.device).exponential_race(scores, temp, q)
+    sampled = backend(logits.device).exponential_race(scores, temp, q)[1]
     return torch.where(md.temperature > 0, sampled, logits.argmax(-1)) if md.any_greedy else sampled
 
 

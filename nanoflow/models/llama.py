@@ -36,6 +36,7 @@ from nanoflow.distributed.parallel_state import (
     TPGroup,
     all_gather_columns,
     all_reduce,
+    gather,
     gather_columns,
     row_buffer,
 )
@@ -312,17 +313,38 @@ class LlamaModel(nn.Module):
 
     down_allreduce = o_allreduce  # the same sum of the ranks' partial hidden rows, after down (or the experts)
 
-    def compute_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor | None:
-        """Logits (float32) of the given rows (on the device). With tensor parallelism, each rank computes its
-        vocabulary slice and rank 0, which samples, gathers them; the other ranks get None."""
+    def _local_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits of the given rows, in the model's dtype."""
         x = ws.residual.index_select(0, rows) + ws.hidden.index_select(0, rows)
         # plain torch: the row count changes every iteration, and this runs outside the CUDA graph
         x = reference.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        logits = torch.mm(x, self.lm_head.t())
+        return torch.mm(x, self.lm_head.t())
+
+    def compute_logits(self, ws: Workspace, rows: torch.Tensor) -> torch.Tensor | None:
+        """Logits (float32) of the given rows (on the device). With tensor parallelism, each rank computes its
+        vocabulary slice and rank 0, which samples, gathers them; the other ranks get None."""
+        logits = self._local_logits(ws, rows)
         if self.tp.size == 1:
             return logits.float()
         # gathered in the model's dtype, widened as placed: the same values as widening first, half the bytes moved
         return gather_columns(logits, self.tp, torch.float32, self.cfg.vocab_size)
+
+    def race_tokens(self, ws: Workspace, rows: torch.Tensor, temperature: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor | None:
+        """With tensor parallelism, the sampler's exponential race for rows that only scale by a temperature
+        (ModelRunner decides): each rank races over its own vocabulary slice with noise of its own, and rank 0
+        takes the best of the ranks' winners. That is a draw from softmax(logits / T) as racing over the gathered
+        logits would be, without moving them; a row of temperature 0 gets the argmax, the lowest id among equal
+        logits. Rank 0 gets the tokens (long), the others None."""
+        logits = self._local_logits(ws, rows)[:, : self.cfg.vocab_size - self.vocab_start]  # (the padding never wins)
+        q = torch.empty(logits.shape, device=logits.device).exponential_(generator=generator)
+        best, token = self.k.exponential_race(logits, temperature, q)
+        parts = gather(torch.stack((best.double(), (token + self.vocab_start).double()), 1), self.tp)
+        if parts is None:
+            return None
+        ranks = torch.stack(parts)  # [ranks, rows, (score, token)]
+        winner = ranks[..., 0].argmax(0, keepdim=True)  # the first of equal scores: the lowest rank, so the lowest id
+        return ranks[..., 1].gather(0, winner)[0].long()
 
     # -- the plain forward: every op over all rows, in order --------------------------------------
     def forward_layers(self, batch: ForwardBatch, ws: Workspace) -> None:

@@ -1,0 +1,131 @@
+"""The Triton grouped GEMM (triton_moe.grouped_mm) against a plain-torch loop over the experts, in float32.
+
+On the CPU it runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 there) at tiny sizes in fp32,
+tolerance 1e-4: the interpreter's tl.dot multiplies bf16 operands wrongly (it holds bf16 as uint16 and multiplies
+the bit patterns: errors ~1e10), so bf16 is checked on the GPU only, against the fp32 reference over the same bf16
+inputs (relative error < 1e-2, as in test_triton_kernels.py).
+
+Both kernels run everywhere: the pointer kernel (tma=False) and the persistent TMA one (tma=True; the interpreter
+runs tensor descriptors too, with 3 programs looping over the tiles). On a CUDA device before Hopper tma=True is
+skipped.
+"""
+import pytest
+import torch
+
+from conftest import gpu
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+TOL = 1e-2 if ON_GPU else 1e-4
+HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] >= 9
+TMA = [False, pytest.param(True, marks=pytest.mark.skipif(ON_GPU and not HOPPER, reason="TMA needs Hopper"))]
+
+# rows per expert, then unused trailing rows (offs[-1] < M); the empty experts sit between others and at the ends
+CASES = {
+    "mixed": ([10, 0, 1, 29], 5),  # M = 45: not a multiple of 16 or 32; expert 3 spans several tiles
+    "empty_ends": ([0, 17, 0, 1], 3),
+    "one_expert": ([0, 0, 33, 0], 0),
+    "all_empty": ([0, 0, 0, 0], 6),
+}
+# block_m, block_n, block_k, group_m: several m- and n-tiles; N = 48 is not a multiple of 32, K = 48 not of 32
+BLOCKS = {"16x32x32_g2": (16, 32, 32, 2), "16x16x16_g1": (16, 16, 16, 1), "32x64x32_g3": (32, 64, 32, 3),
+          "defaults": (128, 128, 64, 8)}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def make(counts, trailing, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = sum(counts) + trailing
+    x = torch.randn(m, k, generator=g).to(DTYPE).to(DEVICE)
+    # distinct experts: each its own random weights, scaled apart so that a swapped expert shows at any tolerance
+    w = (torch.randn(len(counts), n, k, generator=g) * torch.arange(1, len(counts) + 1)[:, None, None])
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
+    return x, w.to(DTYPE).to(DEVICE), offs
+
+
+def reference(x, w, counts):
+    """Expert e's rows times w[e].T in float32, expert by expert."""
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        out.append(torch.mm(x[start:start + c].float(), w[e].float().T))
+        start += c
+    return torch.cat(out)
+
+
+def check(got, x, w, counts):
+    expect = reference(x, w, counts)
+    start = 0
+    for e, c in enumerate(counts):  # expert by expert, so that one wrong expert (or one wrong row) can't hide
+        if c:
+            assert rel_err(got[start:start + c], expect[start:start + c]) < TOL, f"expert {e}"
+        start += c
+    assert got[start:].isnan().all(), "rows past offs[-1] must be left untouched"
+
+
+@pytest.mark.parametrize("tma", TMA)
+@pytest.mark.parametrize("blocks", sorted(BLOCKS))
+@pytest.mark.parametrize("nk", [(48, 64), (64, 32), (48, 48)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grouped_mm_matches_reference(case, nk, blocks, tma):
+    from nanoflow.kernels.triton_moe import grouped_mm
+    counts, trailing = CASES[case]
+    n, k = nk
+    bm, bn, bk, gm = BLOCKS[blocks]
+    x, w, offs = make(counts, trailing, n, k, seed=hash((case, nk)) % 1000)
+    out = torch.full((x.shape[0], n), float("nan"), dtype=DTYPE, device=DEVICE)
+    got = grouped_mm(x, w, offs, out, block_m=bm, block_n=bn, block_k=bk, group_m=gm, num_warps=4, num_stages=2,
+                     tma=tma)
+    assert got is out
+    check(got, x, w, counts)
+
+
+@pytest.mark.parametrize("tma", TMA)
+def test_grouped_mm_allocates_out_and_takes_strided_rows(tma):
+    """Without out it allocates [M, N] in x's dtype; x may be a view with a row stride wider than K."""
+    from nanoflow.kernels.triton_moe import grouped_mm
+    counts = [3, 0, 20, 6]
+    x, w, offs = make(counts, 0, 48, 64, seed=7)
+    wide = torch.randn(x.shape[0], 96).to(DTYPE).to(DEVICE)
+    wide[:, 16:80] = x
+    got = grouped_mm(wide[:, 16:80], w, offs, block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2,
+                     tma=tma)
+    assert got.shape == (x.shape[0], 48) and got.dtype == DTYPE
+    check(got, x, w, counts)
+
+
+def test_grouped_mm_tma_needs_aligned_rows():
+    """K = 6 (24 or 12 bytes a row): tma=None falls back to the pointer kernel, tma=True refuses."""
+    from nanoflow.kernels.triton_moe import grouped_mm
+    counts = [3, 0, 20, 6]
+    x, w, offs = make(counts, 2, 48, 6, seed=5)
+    out = torch.full((x.shape[0], 48), float("nan"), dtype=DTYPE, device=DEVICE)
+    check(grouped_mm(x, w, offs, out, block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=2), x, w, counts)
+    with pytest.raises(ValueError, match="tma=True"):
+        grouped_mm(x, w, offs, out, block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=2, tma=True)
+
+
+@gpu
+@pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened"])
+def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
+    """No host sync: captured once, it follows offsets rewritten in place before each replay."""
+    if path != "pointer" and not HOPPER:
+        pytest.skip("TMA needs Hopper")
+    from nanoflow.kernels.triton_moe import grouped_mm
+    counts = [5, 0, 37, 0, 0, 130, 1, 0]
+    x, w, offs = make(counts, 40, 256, 512, seed=11)
+    out = torch.full((x.shape[0], 256), float("nan"), dtype=DTYPE, device=DEVICE)
+    kw = dict(tma=path != "pointer", flatten=path != "tma_unflattened")
+    grouped_mm(x, w, offs, out, **kw)  # warm-up: compiles
+    check(out, x, w, counts)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grouped_mm(x, w, offs, out, **kw)
+    for moved in ([0, 100, 0, 72, 0, 0, 0, 1], [213, 0, 0, 0, 0, 0, 0, 0], [0] * 8):
+        out.fill_(float("nan"))
+        offs.copy_(torch.tensor(moved).cumsum(0).to(torch.int32))
+        graph.replay()
+        check(out, x, w, moved)
