@@ -45,9 +45,12 @@ def triton_configs():
         from nanoflow.kernels import triton_moe
     except ImportError:
         return None, []
-    grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ((64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                                     (64, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 128, 4, 3))]
+    grid = [dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, tma=False)]  # the pointer path
+    for bm, bn, bk, w, s, g in ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 3, 4), (128, 256, 64, 8, 4, 8),
+                                (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 5, 4), (128, 128, 64, 4, 4, 8),
+                                (128, 128, 128, 8, 3, 8), (128, 256, 32, 8, 5, 8), (64, 256, 64, 4, 4, 8)):
+        grid.append(dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s, group_m=g, tma=True))
+    grid.append(dict(grid[1], flatten=False))
     return triton_moe, grid
 
 
@@ -97,7 +100,9 @@ def main():
             "loop of cuBLAS gate_up+down": loop,
         }
         for c in configs:
-            name = "triton gate_up+down " + "/".join(str(v) for v in c.values())
+            name = (f"triton gate_up+down {c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} "
+                    f"s{c['num_stages']} g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
+                    f"{'' if c.get('flatten', True) else ' noflat'}")
             variants[name] = (lambda c=c: (triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=h, **c),
                                            triton_moe.grouped_mm(act, layer.experts_down, offs, out=y, **c)))
         if configs:  # the Triton result against torch's, once
