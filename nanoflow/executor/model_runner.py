@@ -137,8 +137,8 @@ class ModelRunner:
             self.forward = Pipeline(model, self.spec)
         self.graphs: GraphRunner | None = None
         if on_gpu and config.cuda_graph and not model.capturable:
-            raise ValueError("CUDA graphs of a mixture-of-experts model need torch's grouped GEMM, which runs without "
-                             "a host sync only in bfloat16 on sm90 / sm100 GPUs; use --enforce-eager")
+            raise ValueError(f"CUDA graphs of a mixture-of-experts model need the Triton grouped GEMMs, which take "
+                             f"bfloat16 or float16, not {self.dtype}; use --enforce-eager or --dtype bfloat16")
         if config.cuda_graph if config.cuda_graph is not None else on_gpu and model.capturable:
             max_blocks = -(-max_model_len // self.block_size)
             self.graphs = GraphRunner(self.forward, self.ws, self.max_num_tokens, config.max_num_seqs, max_blocks,

@@ -1,5 +1,5 @@
 """The GPU backend: Triton paged attention and rope + KV append, torch.compile fusions of the reference norms
-and activation, the experts' MLPs as grouped GEMMs.
+and activation, the experts' MLPs as Triton grouped GEMMs.
 
 GEMMs stay in the model (torch.mm: cuBLAS). The fusions are the reference functions themselves,
 compiled: one source of truth for the math, one fused kernel each on the GPU.
@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from nanoflow.kernels import grouped_gemm, reference, sm_share, triton_attention
+from nanoflow.kernels import reference, sm_share, triton_attention, triton_moe
 from nanoflow.kernels.triton_attention import prefill_attention  # noqa: F401
 from nanoflow.kernels.triton_rope import rope_append_kv  # noqa: F401
 
@@ -51,9 +51,13 @@ def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None)
                                       num_warps=2, num_stages=2, programs=8 * sms)
 
 
+def experts_capturable(dtype: torch.dtype) -> bool:
+    return triton_moe.supported(dtype)
+
+
 def experts_mlp(x, gate_up, down, offs):
-    """Grouped GEMMs where torch runs them without a host sync (grouped_gemm.supported), else the reference's
-    loop over the experts (which a CUDA graph cannot capture: the runner then runs eagerly)."""
-    if grouped_gemm.supported(x.device, x.dtype, x.shape[1], down.shape[2]):
-        return grouped_gemm.experts_mlp(x, gate_up, down, offs, silu_mul)
+    """Triton's grouped GEMMs in 16-bit floats (triton_moe.supported), else the reference's loop over the experts
+    (which a CUDA graph cannot capture: the runner then runs eagerly)."""
+    if triton_moe.supported(x.dtype):
+        return triton_moe.experts_mlp(x, gate_up, down, offs, silu_mul)
     return reference.experts_mlp(x, gate_up, down, offs)

@@ -111,6 +111,11 @@ def moe_combine(y: torch.Tensor, where: torch.Tensor, weights: torch.Tensor, out
     return out.copy_(acc)
 
 
+def experts_capturable(dtype: torch.dtype) -> bool:
+    """Whether experts_mlp runs without a host sync (a CUDA graph could capture it): not the loop below."""
+    return False
+
+
 def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Each expert's SwiGLU MLP over its rows of x (sorted by expert: expert e's rows end at offs[e], int32):
     gate_up [experts, 2 I, H] (gate rows, then up rows), down [experts, H, I]. One GEMM pair per expert that has

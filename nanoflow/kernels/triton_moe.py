@@ -1,5 +1,6 @@
-"""A grouped GEMM for the mixture-of-experts MLPs in Triton, a candidate replacement for torch._grouped_mm
-(grouped_gemm.py): x's rows sorted by expert, expert e's rows ending at offs[e], each multiplied by w[e].T.
+"""The experts' MLPs as grouped GEMMs in Triton: x's rows sorted by expert, expert e's rows ending at offs[e],
+each multiplied by w[e].T. On an H100 at Mixtral's TP = 2 shard it runs the experts' GEMMs 1.1-1.2x faster than
+torch._grouped_mm (CUTLASS), which it replaced (BENCHMARKS.md, #10; benchmarks/moe_ops.py).
 
 No host sync, so a CUDA graph captures it: the launch depends on the shapes alone, and the kernel reads offs on
 the device to count each expert's m-tiles (block_m rows of one expert; at most cdiv(M, block_m) + E of them,
@@ -131,11 +132,27 @@ def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.stride(1) * size % 16 == 0 and w.stride(0) == w.shape[1] * w.stride(1))
 
 
+def supported(dtype: torch.dtype) -> bool:
+    """Whether experts_mlp takes this dtype (on a CUDA device): 16-bit floats."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
+                silu_mul) -> torch.Tensor:
+    """reference.experts_mlp as two grouped GEMMs, the activation between them."""
+    h = grouped_mm(x, gate_up, offs)
+    act = h.new_empty(h.shape[0], h.shape[1] // 2)
+    silu_mul(h, out=act)
+    return grouped_mm(act, down, offs)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
-               block_m: int = 128, block_n: int = 128, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
-               num_stages: int = 4, tma: bool | None = None, flatten: bool = True) -> torch.Tensor:
+               block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
+               num_stages: int | None = None, tma: bool | None = None, flatten: bool = True) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
     offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
+    The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
+    (the pointer kernel's tiles must also fit older GPUs' shared memory).
 
     tma: None picks the TMA kernel on CUDA devices of compute capability >= 9 when x and w are TMA-aligned, else
     the pointer kernel; True forces the TMA kernel (it also runs in Triton's interpreter) and raises ValueError if
@@ -156,6 +173,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     elif tma and not _tma_aligned(x, w):
         raise ValueError("tma=True needs 16-byte-aligned x and w (base and row stride: K * itemsize a multiple of "
                          "16) and w stacked evenly as [E * N, K]")
+    if num_stages is None:
+        num_stages = 4 if tma else 3
     meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
     tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nanoflow import kernels
-from nanoflow.kernels import grouped_gemm, reference
+from nanoflow.kernels import reference
 from nanoflow.config import ModelConfig
 from nanoflow.distributed.parallel_state import (
     SINGLE,
@@ -175,8 +175,7 @@ class LlamaModel(nn.Module):
     def capturable(self) -> bool:
         """Whether the forward runs without a host sync, so that a CUDA graph can capture it: the experts need the
         grouped GEMMs (the reference's loop over experts reads the counts on the host)."""
-        c = self.cfg
-        return not c.is_moe or grouped_gemm.supported(self.device, self.dtype, c.hidden_size, c.intermediate_size)
+        return not self.cfg.is_moe or self.k.experts_capturable(self.dtype)
 
     # -- operations over rows [a, b) -------------------------------------------------------------
     def embed_tokens(self, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
