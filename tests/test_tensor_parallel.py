@@ -303,3 +303,20 @@ def test_a_hung_nccl_teardown_is_bounded(monkeypatch):
     hang.set()
     with pytest.raises(RuntimeError, match="could not leave its NCCL group"):
         parallel_state.check_can_start()
+
+
+def test_cli_exits_without_finalizing_after_a_hung_teardown():
+    """With its group left behind, the CLI ends by os._exit with the command's code: finalizing the interpreter would
+    abort (SIGABRT) on the thread stuck in NCCL's teardown, as `bench throughput -tp 2` did on 2 x H100."""
+    import subprocess
+    import sys
+    script = ("import atexit, sys\n"
+              "from nanoflow.distributed import parallel_state\n"
+              "from nanoflow.entrypoints.cli import main\n"
+              "parallel_state._abandoned = True\n"
+              "atexit.register(lambda: print('finalized'))\n"
+              "print('ran', flush=False)\n"
+              "sys.exit(main(['serve', '--model', '/no/such/model', '--stream-interval', '0']))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--stream-interval must be >= 1" in r.stderr
+    assert "ran" in r.stdout and "finalized" not in r.stdout  # stdout flushed; no atexit, no finalizing

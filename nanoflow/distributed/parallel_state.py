@@ -95,6 +95,11 @@ def close_group(abort: bool = False, timeout_s: float = TEARDOWN_TIMEOUT_S) -> b
     return True
 
 
+def group_abandoned() -> bool:
+    """Whether this process left its group behind (close_group: NCCL's teardown hung)."""
+    return _abandoned
+
+
 def check_can_start() -> None:
     """A process holds one group: a new tensor-parallel engine needs the last one's group gone."""
     if _abandoned:

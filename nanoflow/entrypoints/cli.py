@@ -6,6 +6,7 @@ import os
 import sys
 
 from nanoflow.config import MODES
+from nanoflow.distributed.parallel_state import group_abandoned
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -191,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         a.workload = ["const:512:128"]
     a.command_line = "nanoflow " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        return a.func(a)
+        code = a.func(a)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    if group_abandoned():  # finalizing would abort (SIGABRT) on NCCL's thread left in its hung teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    return code
 
 
 if __name__ == "__main__":
