@@ -20,9 +20,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import nanoflow
 from nanoflow.engine.llm_engine import LLMEngine
-from nanoflow.executor.model_runner import settle_gc
 from nanoflow.entrypoints.async_engine import AsyncEngine, ClientDisconnected, Overloaded, RequestStream
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.executor.model_runner import settle_gc
 from nanoflow.models.loader import resolve
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams

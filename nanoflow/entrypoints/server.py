@@ -27,11 +27,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoflow.engine.llm_engine import LLMEngine
-from nanoflow.executor.model_runner import settle_gc
 from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.executor.model_runner import settle_gc
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
