@@ -99,12 +99,17 @@ def main():
             "dense gate_up+down (same FLOPs)": lambda: (torch.mm(xs, w_gu.t(), out=h), torch.mm(act, w_dn.t(), out=y)),
             "loop of cuBLAS gate_up+down": loop,
         }
-        for c in configs:
-            name = (f"triton gate_up+down {c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} "
-                    f"s{c['num_stages']} g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
-                    f"{'' if c.get('flatten', True) else ' noflat'}")
-            variants[name] = (lambda c=c: (triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=h, **c),
-                                           triton_moe.grouped_mm(act, layer.experts_down, offs, out=y, **c)))
+        for c in configs:  # each GEMM alone too: the best config of one need not be the other's
+            tag = (f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
+                   f"g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
+                   f"{'' if c.get('flatten', True) else ' noflat'}")
+            variants["triton gate_up " + tag] = lambda c=c: triton_moe.grouped_mm(xs, layer.experts_gate_up, offs,
+                                                                                    out=h, **c)
+            variants["triton down " + tag] = lambda c=c: triton_moe.grouped_mm(act, layer.experts_down, offs, out=y,
+                                                                                 **c)
+            variants["triton gate_up+down " + tag] = (
+                lambda c=c: (triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=h, **c),
+                             triton_moe.grouped_mm(act, layer.experts_down, offs, out=y, **c)))
         if configs:  # the Triton result against torch's, once
             ref = torch._grouped_mm(xs, gu_t, offs=offs)
             got = triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, **configs[0])
@@ -119,11 +124,21 @@ def main():
         ms = timed(graphs)
         flops = 2 * M * k * 3 * H * I
         for name, t in ms.items():
-            rate = flops / (t * 1e-3) / 1e12 if "gate_up+down" in name or name == "experts op" else None
+            # gate_up holds 2/3 of the FLOPs, down 1/3
+            share = (1 if "gate_up+down" in name or name == "experts op" else 2 / 3 if "gate_up" in name
+                     else 1 / 3 if name.endswith(" down") or "down " in name else 0)
+            rate = share * flops / (t * 1e-3) / 1e12 or None
             rows.append({"tokens": M, "variant": name, "ms": t, "tflops": rate, "counts": counts})
-    print(f"\n{'tokens':>6}  {'variant':<48} {'ms':>8} {'TFLOP/s':>8}")
+    print(f"\n{'tokens':>6}  {'variant':<58} {'ms':>8} {'TFLOP/s':>8}")
     for r in rows:
-        print(f"{r['tokens']:>6}  {r['variant']:<48} {r['ms']:8.3f} {r['tflops'] or 0:8.0f}")
+        print(f"{r['tokens']:>6}  {r['variant']:<58} {r['ms']:8.3f} {r['tflops'] or 0:8.0f}")
+    for gemm in ("gate_up", "down", "gate_up+down"):
+        for M in args.tokens:
+            mine = [r for r in rows if r["tokens"] == M and r["variant"].startswith(f"triton {gemm} ")]
+            if mine:
+                best = min(mine, key=lambda r: r["ms"])
+                print(f"best Triton config for {gemm} at {M} tokens: {best['variant'].split(' ', 2)[2]}, "
+                      f"{best['ms']:.3f} ms")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": args.model, "tp": args.tp, "device": torch.cuda.get_device_name(), "rows": rows}, f,
