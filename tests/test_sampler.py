@@ -89,6 +89,10 @@ def test_greedy_and_sampled_rows_mix():
     m.temperature = torch.tensor([0.0, 1.0, 0.0, 1.0])
     got = sample(logits, m)
     assert got[0] == logits[0].argmax() and got[2] == logits[2].argmax()
+    m.use_min_p = m.use_top_k_p = False  # unfiltered: the race itself gives the greedy rows their argmax
+    for _ in range(20):
+        got = sample(logits, m)
+        assert got[0] == logits[0].argmax() and got[2] == logits[2].argmax()
 
 
 def test_race_never_picks_an_excluded_token():

@@ -85,16 +85,18 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits = logits.masked_fill(md.banned, float("-inf"))
     if md.all_greedy:
         return logits.argmax(-1)
-    temp = torch.where(md.temperature > 0, md.temperature, 1.0)
-    scores = logits
-    if md.use_min_p or md.use_top_k_p:
-        scores, temp = filter_probs((logits / temp[:, None]).softmax(-1), md).log(), torch.ones_like(temp)
+    filtered = md.use_min_p or md.use_top_k_p
+    scores, temp = logits, md.temperature  # unfiltered, the race gives a greedy row (temperature 0) its argmax
+    if filtered:
+        t = torch.where(md.temperature > 0, md.temperature, 1.0)[:, None]
+        scores, temp = filter_probs((logits / t).softmax(-1), md).log(), torch.ones_like(md.temperature)
     q = torch.empty_like(scores).exponential_()
     for i, gen in enumerate(md.generators):
         if gen is not None:
             q[i].exponential_(generator=gen)
     sampled = backend(logits.device).exponential_race(scores, temp, q)[1]
-    return torch.where(md.temperature > 0, sampled, logits.argmax(-1)) if md.any_greedy else sampled
+    # filtered, a greedy row takes the logits' argmax (its filtered log-probs may round to ties the logits lack)
+    return torch.where(md.temperature > 0, sampled, logits.argmax(-1)) if filtered and md.any_greedy else sampled
 
 
 def logprob_rows(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> LogprobRows:
