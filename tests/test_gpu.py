@@ -71,6 +71,19 @@ def test_fused_elementwise_ops_match_reference():
         best, got = k.exponential_race(scores, temp, q)
         assert torch.allclose(race.gather(1, got[:, None])[:, 0], race.amax(-1), rtol=0, atol=1e-5)
         assert torch.allclose(best.double(), race.amax(-1), rtol=1e-6, atol=1e-5)
+    # the sampler, unfiltered, on the device: greedy rows take their argmax inside the race, sampled rows follow
+    # softmax(logits / T)
+    from nanoflow.layers.sampler import SamplingMetadata, sample
+    rows = 4000
+    logits = torch.tensor([0.0, 1.0, 2.0], device="cuda").expand(rows, 3).contiguous()
+    logits[::2] = torch.randn(rows // 2, 3, device="cuda")
+    temp = torch.tensor([0.0, 2.0], device="cuda").repeat(rows // 2)
+    zeros = torch.zeros(rows, device="cuda")
+    m = SamplingMetadata(temp, zeros.long(), zeros + 1, zeros, [None] * rows, use_min_p=False, use_top_k_p=False)
+    got = sample(logits, m)
+    assert torch.equal(got[::2], logits[::2].argmax(-1))
+    freq = torch.bincount(got[1::2], minlength=3).float() / (rows // 2)
+    assert torch.allclose(freq, (logits[1] / 2).softmax(-1), atol=0.03)
 
 
 def test_gpu_model_matches_cpu_reference(model_dir):
