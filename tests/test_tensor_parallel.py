@@ -306,14 +306,20 @@ def test_a_hung_nccl_teardown_is_bounded(monkeypatch):
 
 
 def test_cli_exits_without_finalizing_after_a_hung_teardown():
-    """With its group left behind, the CLI ends by os._exit with the command's code: finalizing the interpreter would
-    abort (SIGABRT) on the thread stuck in NCCL's teardown, as `bench throughput -tp 2` did on 2 x H100."""
+    """The CLI stops a tensor-parallel engine the command left running before it returns. If the group's teardown
+    hangs there, it ends by os._exit with the command's code: finalizing the interpreter would abort (SIGABRT) on
+    the thread stuck in NCCL's teardown, as `bench throughput -tp 2` did on 2 x H100 (twice: the second time the
+    teardown ran at exit, after the CLI had checked)."""
     import subprocess
     import sys
     script = ("import atexit, sys\n"
-              "from nanoflow.distributed import parallel_state\n"
+              "from nanoflow.distributed import parallel_state, worker\n"
               "from nanoflow.entrypoints.cli import main\n"
-              "parallel_state._abandoned = True\n"
+              "class Hung:  # a live group whose teardown hangs\n"
+              "    def shutdown(self):\n"
+              "        worker._running.remove(self)\n"
+              "        parallel_state._abandoned = True\n"
+              "worker._running.append(Hung())\n"
               "atexit.register(lambda: print('finalized'))\n"
               "print('ran', flush=False)\n"
               "sys.exit(main(['serve', '--model', '/no/such/model', '--stream-interval', '0']))\n")

@@ -26,6 +26,7 @@ from nanoflow.distributed.parallel_state import (
 )
 
 JOIN_TIMEOUT_S = 30
+_running: list[Workers] = []  # this process's live groups of workers (shutdown_all)
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class Workers:
             self._stop()
             raise
         atexit.register(self.shutdown)
+        _running.append(self)
 
     def shutdown(self, clean: bool = True) -> None:
         """clean: tell the workers to exit (if all are still there to hear it) and wait for them; else (rank 0
@@ -77,6 +79,7 @@ class Workers:
         if not self.procs:
             return
         atexit.unregister(self.shutdown)
+        _running.remove(self)
         if clean and all(p.is_alive() for p in self.procs):
             broadcast_object(self.group, None)
             close_group()
@@ -92,6 +95,12 @@ class Workers:
                 p.kill()
                 p.join()
         self.procs = []
+
+
+def shutdown_all() -> None:
+    """Stop every live group of workers now (their engines were not shut down), rather than at exit."""
+    while _running:
+        _running[-1].shutdown()
 
 
 def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:

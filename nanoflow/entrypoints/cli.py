@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from nanoflow.config import MODES
 from nanoflow.distributed.parallel_state import group_abandoned
+from nanoflow.distributed.worker import shutdown_all
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -191,15 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(a, "bench", None) == "throughput" and not a.workload:
         a.workload = ["const:512:128"]
     a.command_line = "nanoflow " + " ".join(sys.argv[1:] if argv is None else argv)
+    code = 1
     try:
         code = a.func(a)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)
         code = 2
-    if group_abandoned():  # finalizing would abort (SIGABRT) on NCCL's thread left in its hung teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
+    finally:
+        # A tensor-parallel engine the command left running stops here, not at exit: if NCCL's teardown hangs,
+        # finalizing the interpreter would abort (SIGABRT) on its thread, so the process then ends by os._exit.
+        shutdown_all()
+        if group_abandoned():
+            if sys.exc_info()[0] is not None:  # (an error on its way out: print it, since nothing else will)
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)
     return code
 
 
