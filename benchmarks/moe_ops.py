@@ -60,8 +60,6 @@ def main():
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 1447, 2048])
     ap.add_argument("--output")
-    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                    help="time every Triton config on each GEMM (--no-sweep: the engine's configs only)")
     args = ap.parse_args()
     full = preset(args.model)
     cfg = preset(args.model, num_layers=1, intermediate_size=full.intermediate_size // args.tp)
@@ -71,7 +69,6 @@ def main():
     layer = model.layers[0]
     E, k, H, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
     triton_moe, configs = triton_configs()
-    configs = configs if args.sweep else []
     rows = []
     for M in args.tokens:
         ws = Workspace.allocate(cfg, M, dt, dev)
@@ -102,15 +99,6 @@ def main():
             "dense gate_up+down (same FLOPs)": lambda: (torch.mm(xs, w_gu.t(), out=h), torch.mm(act, w_dn.t(), out=y)),
             "loop of cuBLAS gate_up+down": loop,
         }
-        if triton_moe:  # the activation apart (as before) and in gate_up's epilogue (the engine's), with down
-            variants["triton gate_up, silu_mul, down"] = lambda: (
-                triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=h), gpu.silu_mul(h, out=act),
-                triton_moe.grouped_mm(act, layer.experts_down, offs, out=y))
-            for bn, w, st in ((128, 8, 4), (128, 8, 3), (64, 4, 4)):
-                variants[f"triton gated gate_up 128x{bn}x64 w{w} s{st}, down"] = lambda bn=bn, w=w, st=st: (
-                    triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=act, gated=True, block_n=bn,
-                                          num_warps=w, num_stages=st),
-                    triton_moe.grouped_mm(act, layer.experts_down, offs, out=y))
         for c in configs:  # each GEMM alone too: the best config of one need not be the other's
             tag = (f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
                    f"g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
@@ -137,8 +125,8 @@ def main():
         flops = 2 * M * k * 3 * H * I
         for name, t in ms.items():
             # gate_up holds 2/3 of the FLOPs, down 1/3
-            both = name == "experts op" or "gate_up" in name and "down" in name
-            share = 1 if both else 2 / 3 if "gate_up" in name else 1 / 3 if "down" in name else 0
+            share = (1 if "gate_up+down" in name or name == "experts op" else 2 / 3 if "gate_up" in name
+                     else 1 / 3 if name.endswith(" down") or "down " in name else 0)
             rate = share * flops / (t * 1e-3) / 1e12 or None
             rows.append({"tokens": M, "variant": name, "ms": t, "tflops": rate, "counts": counts})
     print(f"\n{'tokens':>6}  {'variant':<58} {'ms':>8} {'TFLOP/s':>8}")

@@ -58,5 +58,5 @@ def experts_mlp(x, gate_up, down, offs):
     """Triton's grouped GEMMs in 16-bit floats (triton_moe.supported), else the reference's loop over the experts
     (which a CUDA graph cannot capture: the runner then runs eagerly)."""
     if triton_moe.supported(x.dtype):
-        return triton_moe.experts_mlp(x, gate_up, down, offs)
+        return triton_moe.experts_mlp(x, gate_up, down, offs, silu_mul)
     return reference.experts_mlp(x, gate_up, down, offs)

@@ -63,15 +63,9 @@ def _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M: 
 
 
 @triton.jit
-def _silu_mul(gate, up):
-    """SwiGLU's activation on the fp32 sums, as reference.silu_mul does on the GEMM's rounded output."""
-    return gate * tl.sigmoid(gate) * up
-
-
-@triton.jit
 def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, stride_om,
                        E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
     pid = tl.program_id(0)
     if pid >= num_pid_m * num_pid_n:
@@ -87,30 +81,21 @@ def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, s
     x_ptrs = X + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
     w_ptrs = W + expert.to(tl.int64) * stride_we + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]  # w[e].T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = ks < K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc)
-        if GATED:
-            b = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b, acc_up)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if GATED:
-        acc = _silu_mul(acc, acc_up)
     _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
                            E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr,
-                           FLATTEN: tl.constexpr):
-    # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K] (gated: [E * 2N, K]), boxes
-    # [BLOCK_N, BLOCK_K]. TMA
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+    # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K], boxes [BLOCK_N, BLOCK_K]. TMA
     # zero-fills past M and K; x rows past the expert's end and w rows past N (the next expert's) are read but
     # only feed outputs that the store masks off.
     starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
@@ -122,19 +107,12 @@ def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
     for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=FLATTEN):
         expert, row_begin, _, col_begin = _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
                                                        BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
-        w_row = expert * (2 * N if GATED else N) + col_begin
+        w_row = expert * N + col_begin
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if GATED:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             a = x_desc.load([row_begin, k * BLOCK_K])
             b = w_desc.load([w_row, k * BLOCK_K])
             acc = tl.dot(a, b.T, acc)
-            if GATED:
-                b = w_desc.load([w_row + N, k * BLOCK_K])
-                acc_up = tl.dot(a, b.T, acc_up)
-        if GATED:
-            acc = _silu_mul(acc, acc_up)
         tile_c += step
         _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
                                                         BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
@@ -159,20 +137,20 @@ def supported(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """reference.experts_mlp as two grouped GEMMs, the first with the activation in its epilogue (gated: its
-    128-column tiles of gate and of up hold as many sums as the 256-column tiles of the plain GEMM)."""
-    return grouped_mm(grouped_mm(x, gate_up, offs, gated=True, block_n=128), down, offs)
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
+                silu_mul) -> torch.Tensor:
+    """reference.experts_mlp as two grouped GEMMs, the activation between them."""
+    h = grouped_mm(x, gate_up, offs)
+    act = h.new_empty(h.shape[0], h.shape[1] // 2)
+    silu_mul(h, out=act)
+    return grouped_mm(act, down, offs)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
                block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
-               num_stages: int | None = None, tma: bool | None = None, flatten: bool = True,
-               gated: bool = False) -> torch.Tensor:
+               num_stages: int | None = None, tma: bool | None = None, flatten: bool = True) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
     offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
-    gated: w [E, 2N, K] holds gate rows then up rows, and out is SwiGLU's silu(x @ gate.T) * (x @ up.T), taken
-    from the fp32 sums (reference.silu_mul's math, without the [M, 2N] product in memory).
     The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
     (the pointer kernel's tiles must also fit older GPUs' shared memory).
 
@@ -181,9 +159,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     x or w is not TMA-aligned; False forces the pointer kernel. flatten: the TMA kernel's tile loop is flattened
     with its K loop into one software pipeline (num_stages deep); False pipelines the K loop alone."""
     m, k = x.shape
-    e, w_rows, wk = w.shape
-    n = w_rows // 2 if gated else w_rows
-    assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32 and not (gated and w_rows % 2)
+    e, n, wk = w.shape
+    assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
     assert x.stride(1) == 1 and w.stride(2) == 1, "rows of x and of w must be contiguous"
     if out is None:
         out = x.new_empty(m, n)
@@ -199,14 +176,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     if num_stages is None:
         num_stages = 4 if tma else 3
     meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                GROUP_M=group_m, GATED=gated, num_warps=num_warps, num_stages=num_stages)
+                GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
     tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone
     if not tma:
         _grouped_mm_kernel[(tiles,)](x, w, out, offs, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
                                      **meta)
         return out
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
-    w_desc = TensorDescriptor(w, [e * w_rows, k], [w.stride(1), 1], [block_n, block_k])
+    w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [block_n, block_k])
     # Persistent: at most one program per SM (a few in the interpreter, so that each loops over several tiles).
     programs = min(_num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
                    if x.is_cuda else 3, tiles)
