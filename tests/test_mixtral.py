@@ -245,7 +245,10 @@ def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path, arch):
     assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is on only "
+                                                 "without a GPU (conftest.py); the cuda case runs instead")),
+    pytest.param("cuda", marks=gpu)])
 def test_grouped_experts_match_the_loop(device):
     """The Triton grouped GEMMs' experts (triton_moe; on the CPU in Triton's interpreter, float32) against the
     reference's loop over experts, with experts of no rows, one row and many. On the GPU (bf16) also replayed from a
