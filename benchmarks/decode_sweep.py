@@ -20,14 +20,15 @@ from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.models.batch import DECODE, ForwardBatch
 
 
-def case(seqs, ctx, hq=32, hkv=8, d=128, page=16, ctx_max=None, width=None):
-    """Queries, caches and metadata of `seqs` decode sequences; their pages scattered over the cache."""
+def case(seqs, ctx, hq=32, hkv=8, d=128, page=16, ctx_max=None, width=None, kv_dtype=torch.bfloat16):
+    """Queries, caches (kv_dtype: bf16, or float8_e4m3fn as --kv-cache-dtype fp8 stores them) and metadata of
+    `seqs` decode sequences; their pages scattered over the cache."""
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(ctx, (ctx_max or ctx) + 1, (seqs,), generator=g).tolist()
     pages = [-(-n // page) for n in lens]
     blocks = sum(pages) + 1
-    kc = torch.randn(blocks, page, hkv, d, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
+    kc = torch.randn(blocks, page, hkv, d, device="cuda").to(kv_dtype)
+    vc = torch.randn(blocks, page, hkv, d, device="cuda").to(kv_dtype)
     perm = torch.randperm(blocks - 1, generator=g).tolist()
     ends = list(itertools.accumulate(pages))
     tables = [perm[e - n:e] for n, e in zip(pages, ends)]

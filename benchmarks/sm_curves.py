@@ -7,7 +7,8 @@ cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x 
 at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode
 attention on the disjoint S_m SMs, against the two run one after the other on the whole card.
 
-python benchmarks/sm_curves.py [--output out.json] [--plot out.png] [--quick]"""
+python benchmarks/sm_curves.py [--output out.json] [--plot out.png] [--quick] [--kv-cache-dtype fp8]
+(fp8: the decode caches in float8 e4m3, as the engine's --kv-cache-dtype fp8; TB/s counts the bytes read.)"""
 import argparse
 import itertools
 import json
@@ -71,8 +72,8 @@ def stream_ceiling(x, sms, stream):
     return x.numel() // 8192 * 8192 * x.element_size() / best / 1e9
 
 
-def decode_curves(sm_list, quick):
-    q, kc, vc, meta, nbytes = case(305, 1280)
+def decode_curves(sm_list, quick, kv_dtype):
+    q, kc, vc, meta, nbytes = case(305, 1280, kv_dtype=kv_dtype)
     out = torch.empty_like(q)
     rows = []
     for sms in sm_list:
@@ -99,11 +100,11 @@ def decode_curves(sm_list, quick):
     return rows
 
 
-def decode_contexts(config, sm_list):
+def decode_contexts(config, sm_list, kv_dtype):
     """The engine's config and the given one on short and long contexts."""
     rows = []
     for seqs, ctx in ((1024, 256), (305, 1280), (32, 16384)):
-        q, kc, vc, meta, nbytes = case(seqs, ctx)
+        q, kc, vc, meta, nbytes = case(seqs, ctx, kv_dtype=kv_dtype)
         out = torch.empty_like(q)
         for sms in sm_list:
             granted, stream = share(sms)
@@ -145,9 +146,9 @@ def gemm_curves(sm_list, token_list):
     return rows
 
 
-def pair(splits, decode_config):
+def pair(splits, decode_config, kv_dtype):
     """Nano-batch 1's layer GEMMs (457 tokens) || nano-batch 2's decode attention (152 x 1280 tokens)."""
-    q, kc, vc, meta, _ = case(152, 1280)
+    q, kc, vc, meta, _ = case(152, 1280, kv_dtype=kv_dtype)
     out = torch.empty_like(q)
     mats = gemm_mats(457)
     kw = {k: v for k, v in decode_config.items() if k != "per_sm"}
@@ -218,16 +219,18 @@ def main():
     ap.add_argument("--output")
     ap.add_argument("--plot")
     ap.add_argument("--quick", action="store_true", help="few configs (a smoke run)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="auto: bf16")
     a = ap.parse_args()
+    kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
     torch.manual_seed(0)
     full = total_sms()
-    res = {"device": torch.cuda.get_device_name(), "total_sms": full}
-    res["decode"] = decode_curves([16, 32, 64, full], a.quick)
+    res = {"device": torch.cuda.get_device_name(), "total_sms": full, "kv_cache_dtype": str(kv_dtype)}
+    res["decode"] = decode_curves([16, 32, 64, full], a.quick, kv_dtype)
     best_full = res["decode"][-1]["persistent_config"]
     best_32 = next(r for r in res["decode"] if r["sms"] >= 32)["persistent_config"]
-    res["decode_contexts"] = decode_contexts(best_32, [32, full])
+    res["decode_contexts"] = decode_contexts(best_32, [32, full], kv_dtype)
     res["gemm"] = gemm_curves([32, 64, 96, 104, 120, full], [256, 915, 2048])
-    res["pair"] = pair([(96, 32), (104, 24), (112, 16), (88, 40), (80, 48), (64, 64)], best_32)
+    res["pair"] = pair([(96, 32), (104, 24), (112, 16), (88, 40), (80, 48), (64, 64)], best_32, kv_dtype)
     res["best_full_card_decode_config"] = best_full
     print("\nSMs  streaming read  engine config  best config  (TB/s)")
     for r in res["decode"]:
