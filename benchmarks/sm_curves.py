@@ -1,11 +1,11 @@
 """Performance vs SM count (#4): decode attention and the layer GEMMs, each on a stream confined to S SMs
 (nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
-Decode: the stream-K kernel in the engine's config (8 programs per SM) vs its best over tile/pipeline configs
-and programs = k x S, and a plain streaming read as the ceiling. GEMMs: cuBLAS vs
-cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x slower than ideal scaling
-at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode
-attention on the disjoint S_m SMs, against the two run one after the other on the whole card.
+Decode: the stream-K kernel in the engine's config (8 programs per SM) vs its best over tile/pipeline configs,
+programs = k x S and query blocks of 16 or 4 rows (Llama-3-8B's group), and a plain streaming read as the ceiling.
+GEMMs: cuBLAS vs cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x slower than
+ideal scaling at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode attention on the
+disjoint S_m SMs, against the two run one after the other on the whole card.
 
 python benchmarks/sm_curves.py [--output out.json] [--plot out.png] [--quick] [--kv-cache-dtype fp8]
 (fp8: the decode caches in float8 e4m3, as the engine's --kv-cache-dtype fp8; TB/s counts the bytes read.)"""
@@ -45,10 +45,12 @@ ENGINE = dict(block_n=64, num_warps=2, num_stages=2, per_sm=8)  # kernels/gpu.py
 
 
 def decode_configs(quick):
+    """Tile, warps, depth and programs per SM; query blocks of 16 rows (the engine's) and of the group's 4."""
     if quick:
-        return [dict(block_n=64, num_warps=2, num_stages=s, per_sm=k) for s in (2, 3) for k in (4, 8)]
-    grid = itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8, 16))
-    return [dict(block_n=b, num_warps=w, num_stages=s, per_sm=k) for b, w, s, k in grid]
+        grid = itertools.product((64,), (2,), (2, 3), (4, 8), (None, 4))
+    else:
+        grid = itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8, 16), (None, 4))
+    return [dict(block_n=b, num_warps=w, num_stages=s, per_sm=k, block_g=g) for b, w, s, k, g in grid]
 
 
 def run_decode(config, sms, q, kc, vc, meta, out, stream):

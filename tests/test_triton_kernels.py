@@ -51,8 +51,13 @@ def test_attention_matches_reference(case, shape, window):
         fn(q, kc, vc, meta, scale, got, window)
         if kind == DECODE:  # a persistent grid: few programs, each looping over many work items
             again = torch.full_like(got, float("nan"))
-            for programs, max_parts in ((3, 4), (64, 4), (64, 16)):  # units whole, cut in two, cut in many
-                fn(q, kc, vc, meta, scale, again, window, block_n=16, programs=programs, max_parts=max_parts)
+            tight = 1 << (q.shape[1] // kc.shape[2] - 1).bit_length()  # the group size's power of 2, below 16
+            # units whole, cut in two, cut in many; query blocks of 16 rows and of the group's own
+            for programs, max_parts, block_g in ((3, 4, None), (64, 4, None), (64, 16, None), (3, 4, tight),
+                                                 (64, 16, tight)):
+                again.fill_(float("nan"))
+                fn(q, kc, vc, meta, scale, again, window, block_n=16, programs=programs, max_parts=max_parts,
+                   block_g=block_g)
                 assert torch.allclose(again.float(), got.float(), atol=2e-2 if ON_GPU else 1e-5, equal_nan=True)
         rows = expect[:, 0, 0].isfinite()
         assert torch.equal(rows, got[:, 0, 0].isfinite().cpu() if not ON_GPU else got[:, 0, 0].isfinite())

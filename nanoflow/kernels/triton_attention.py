@@ -165,20 +165,29 @@ def _decode_tiles(meta: AttentionMeta, num_kv: int, block_n: int, max_tiles: int
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64,
-                     num_warps: int = 2, num_stages: int = 2, programs: int = 8, max_parts: int = 16) -> None:
+                     num_warps: int = 2, num_stages: int = 2, programs: int = 8, max_parts: int = 16,
+                     block_g: int | None = None) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
     A unit of work is one sequence's KV for one KV head (its query heads served together: GQA), cut into tiles of
     block_n tokens; `programs` persistent programs take equal runs of the batch's tiles (on an execution unit of
     S SMs, a few programs per SM keep every SM streaming with no tail). A unit cut across programs leaves a part
     in each (at most max_parts: a program takes at least enough tiles for that), which a second kernel merges by
-    log-sum-exp (flash-decoding)."""
+    log-sum-exp (flash-decoding).
+
+    block_g: the rows of a program's query block (its KV head's query heads, padded). None: at least 16, the
+    MMA's rows; a smaller power of 2 >= the group size also compiles (Triton pads the MMA itself) and leaves less
+    softmax and accumulator work per tile (sm_curves.py compares the two)."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
     cap = meta.capacity
     if max_parts < 4 or max_parts & (max_parts - 1):
         raise ValueError(f"max_parts {max_parts} must be a power of 2, at least 4")
+    if block_g is None:
+        block_g = max(16, triton.next_power_of_2(g))
+    elif block_g < g or block_g & (block_g - 1):
+        raise ValueError(f"block_g {block_g} must be a power of 2, at least the {g} query heads per KV head")
     max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
     # a unit of n tiles meets at most (n - 1) // chunk + 2 programs
     min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
@@ -197,7 +206,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
         sliding_window or 0,
-        NUM_KV=num_kv, G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, PAGE=page, BLOCK_N=block_n,
+        NUM_KV=num_kv, G=g, BLOCK_G=block_g, D=d, PAGE=page, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, num_warps=num_warps, num_stages=num_stages)
     _decode_combine_kernel[(cap, num_heads)](
         part_o, part_lse, out, meta.q_start, meta.seq_lens, unit_start, chunk, out.stride(0), out.stride(1),
