@@ -176,8 +176,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     log-sum-exp (flash-decoding).
 
     block_g: the rows of a program's query block (its KV head's query heads, padded). None: at least 16, the
-    MMA's rows; a smaller power of 2 >= the group size also compiles (Triton pads the MMA itself) and leaves less
-    softmax and accumulator work per tile (sm_curves.py compares the two)."""
+    MMA's rows; a smaller power of 2 >= the group size is accepted by Triton 3.6 (it pads a small dot itself)
+    and leaves less softmax and accumulator work per tile (sm_curves.py compares the two)."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
