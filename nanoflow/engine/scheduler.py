@@ -103,12 +103,19 @@ class Scheduler:
                 out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
                 budget -= n
         # 3. admit waiting sequences in order while the budget and the KV cache allow
-        predicted = self._predicted_blocks() if self.waiting and self.config.admission == "predicted" else 0
+        predicted = None  # admission="predicted": the running sequences' peak, computed once one is tried
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_inflight or not self._admit(seq, predicted):  # a preempted one waits for its last token
+            if seq.num_inflight:  # a preempted one waits for its last token
                 break
-            predicted += self._predicted_peak(seq) if self.config.admission == "predicted" else 0
+            if self.config.admission == "predicted":
+                predicted = self._predicted_blocks() if predicted is None else predicted
+                if predicted + self._predicted_peak(seq) > self.blocks.num_blocks:
+                    break
+            if not self._admit(seq):
+                break
+            if predicted is not None:
+                predicted += self._predicted_peak(seq)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -134,11 +141,8 @@ class Scheduler:
         return seq.num_inflight > 0 and (seq.num_generated >= seq.max_tokens
                                          or seq.num_tokens + seq.num_inflight >= self.max_model_len)
 
-    def _admit(self, seq: Sequence, predicted: int) -> bool:
-        """Give seq its blocks if it may run: room for its tokens and first generated token, less a cached prefix.
-        predicted: with admission="predicted", the most blocks the running sequences will hold at once."""
-        if self.config.admission == "predicted" and predicted + self._predicted_peak(seq) > self.blocks.num_blocks:
-            return False
+    def _admit(self, seq: Sequence) -> bool:
+        """Give seq its blocks if it may run: room for its tokens and first generated token, less a cached prefix."""
         # prompt logprobs need every prompt row's logits: no reuse (as in vLLM)
         use_cache = seq.request.params.prompt_logprobs is None
         if use_cache and self._sibling_prefilling(seq):
@@ -170,8 +174,9 @@ class Scheduler:
         after their last token: the asynchronous engine reads it back one iteration late), those still holding
         blocks are the ones with at least `left` to go, each grown by left + ENDING_LAG - 1 tokens at most."""
         fixed, decoding = 0, []
+        in_step = self.config.max_num_seqs <= self.budget
         for s in self.running:
-            if s.num_pending > 1 or self.config.max_num_seqs > self.budget:
+            if s.num_pending > 1 or not in_step:
                 fixed += self._predicted_peak(s)  # (a decode that may miss an iteration would end late)
             else:
                 now = s.num_tokens + s.num_inflight

@@ -299,9 +299,8 @@ class ModelRunner:
 
     def _launch(self, tokens: torch.Tensor, logprobs: LogprobRows | None, prompt: dict[int, LogprobRows],
                 plan: _Plan) -> Launch:
-        seqs = [c.seq for c in plan.sample_chunks]
         self.last_tokens = tokens
-        self.last_index = {s.seq_id: i for i, s in enumerate(seqs)}
+        self.last_index = {c.seq.seq_id: i for i, c in enumerate(plan.sample_chunks)}
         if self.device.type != "cuda":
             return Launch(tokens, logprobs, prompt, None)
         # non-blocking copies into pinned memory: the CPU does not wait for this iteration here
