@@ -6,7 +6,12 @@ uniformly over [ctx, ctx-max] as in a running batch; --width pads the block tabl
 
 #9's shape (Llama-3-70B at TP = 2, the 1024/512 steady state):
 python benchmarks/decode_sweep.py --seqs 682 --ctx 1024 --ctx-max 1536 --hkv 4 --width 512
-python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--output out.json]"""
+Mixtral 8x7B at TP = 2 with the fp8 cache (#10):
+python benchmarks/decode_sweep.py --seqs 663 --ctx 1024 --ctx-max 1536 --hq 16 --hkv 4 --width 2048 --kv-cache-dtype fp8
+python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--kv-cache-dtype fp8] [--output out.json]
+
+The grid crosses tiles, warps, depth and programs per SM with the query block's rows: 16 (the MMA's) or the
+group's own power of 2 (block_g)."""
 import argparse
 import itertools
 import json
@@ -50,18 +55,22 @@ def main():
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--width", type=int, help="block table width in pages (the engine's: max_model_len / 16)")
     ap.add_argument("--default-only", action="store_true", help="time the engine's configuration alone")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="auto: bf16")
     ap.add_argument("--output")
     a = ap.parse_args()
-    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, ctx_max=a.ctx_max, width=a.width)
+    kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
+    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, ctx_max=a.ctx_max, width=a.width, kv_dtype=kv_dtype)
     scale = 128 ** -0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     expect = torch.empty(8, a.hq, 128, device="cuda")
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
                                                  meta.block_tables[:8]), scale, expect)
     runs = [("engine default", lambda out: gpu.decode_attention(q, kc, vc, meta, scale, out))]
-    grid = () if a.default_only else itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16))
-    for bn, warps, stages, per_sm in grid:
-        kw = dict(block_n=bn, num_warps=warps, num_stages=stages, programs=per_sm * sms)
+    tight = max(1, a.hq // a.hkv)
+    blocks_g = (None,) if tight >= 16 or tight & (tight - 1) else (None, tight)
+    grid = () if a.default_only else itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16), blocks_g)
+    for bn, warps, stages, per_sm, bg in grid:
+        kw = dict(block_n=bn, num_warps=warps, num_stages=stages, programs=per_sm * sms, block_g=bg)
         runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
     rows = []
     for config, fn in runs:
@@ -80,6 +89,7 @@ def main():
         print(f"{r['ms']:.3f} ms  {r['tb_s']:.2f} TB/s  err {r['rel_err']:.1e}  {r['config']}")
     if a.output:
         json.dump({"seqs": a.seqs, "ctx": a.ctx, "ctx_max": a.ctx_max, "hq": a.hq, "hkv": a.hkv, "width": a.width,
+                   "kv_cache_dtype": str(kv_dtype),
                    "bytes": nbytes, "device": torch.cuda.get_device_name(), "configs": rows},
                   open(a.output, "w"), indent=1)
 
