@@ -66,8 +66,9 @@ def test_attention_matches_reference(case, shape, window):
 
 @pytest.mark.parametrize("case", ["mixed", "decode_long"])
 def test_attention_over_an_fp8_cache_matches_reference(case):
-    """--kv-cache-dtype fp8: the kernels widen the cache's float8 e4m3 values to the queries' dtype, as the
-    reference does to float32 (every e4m3 value is exact in both)."""
+    """--kv-cache-dtype fp8: the kernels widen the cache's float8 e4m3 values to fp16 and run the dots there, as
+    the reference does in float32 (every e4m3 value is exact in both; the queries and probabilities round to
+    fp16)."""
     from nanoflow.kernels import triton_attention as ta
     q_lens, seq_lens, num_decode = CASES[case]
     q, kc, vc, batch = make_case(q_lens, seq_lens, num_decode, dtype=DTYPE, device=DEVICE, **SHAPES["gqa4"], seed=3)
@@ -83,7 +84,7 @@ def test_attention_over_an_fp8_cache_matches_reference(case):
         ref.paged_attention(q, kc, vc, meta, scale, expect)
         fn(q, kc, vc, meta, scale, got)
         rows = expect[:, 0, 0].isfinite()
-        assert rows.any() and rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 1e-4)
+        assert rows.any() and rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 2e-3)
 
 
 def test_prefill_tiles_cover_every_query_row_once():
