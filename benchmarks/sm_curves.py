@@ -41,7 +41,7 @@ def timed(fn, stream, reps=10):
     return start.elapsed_time(end) / reps
 
 
-ENGINE = dict(block_n=64, num_warps=2, num_stages=2, per_sm=8)  # kernels/gpu.py's decode_attention
+ENGINE = dict(block_n=64, num_warps=2, num_stages=2, per_sm=4, block_g=4)  # kernels/gpu.py's, for Llama-3-8B
 
 
 def decode_configs(quick):
