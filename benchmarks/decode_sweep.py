@@ -10,8 +10,8 @@ Mixtral 8x7B at TP = 2 with the fp8 cache (#10):
 python benchmarks/decode_sweep.py --seqs 663 --ctx 1024 --ctx-max 1536 --hq 16 --hkv 4 --width 2048 --kv-cache-dtype fp8
 python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--kv-cache-dtype fp8] [--output out.json]
 
-The grid crosses tiles, warps, depth and programs per SM with the query block's rows: 16 (the MMA's) or the
-group's own power of 2 (block_g)."""
+The grid: the gather kernel's tiles, warps, depth and programs per SM with the query block's rows (16, the MMA's,
+or the group's own power of 2: block_g); the page kernel's warps, pages in flight and programs per SM."""
 import argparse
 import itertools
 import json
@@ -68,9 +68,12 @@ def main():
     runs = [("engine default", lambda out: gpu.decode_attention(q, kc, vc, meta, scale, out))]
     tight = max(1, a.hq // a.hkv)
     blocks_g = (None,) if tight >= 16 or tight & (tight - 1) else (None, tight)
-    grid = () if a.default_only else itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16), blocks_g)
-    for bn, warps, stages, per_sm, bg in grid:
-        kw = dict(block_n=bn, num_warps=warps, num_stages=stages, programs=per_sm * sms, block_g=bg)
+    gather = itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16), blocks_g)
+    configs = [dict(pages=False, block_n=bn, num_warps=w, num_stages=st, programs=k * sms, block_g=bg)
+               for bn, w, st, k, bg in gather]
+    configs += [dict(pages=True, num_warps=w, num_stages=st, programs=k * sms, block_g=blocks_g[-1])
+                for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))]
+    for kw in () if a.default_only else configs:
         runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
     rows = []
     for config, fn in runs:

@@ -1,8 +1,9 @@
 """Performance vs SM count (#4): decode attention and the layer GEMMs, each on a stream confined to S SMs
 (nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
-Decode: the stream-K kernel in the engine's config (8 programs per SM) vs its best over tile/pipeline configs,
-programs = k x S and query blocks of 16 or 4 rows (Llama-3-8B's group), and a plain streaming read as the ceiling.
+Decode: the stream-K kernels in the engine's config (the page kernel, 8 programs per SM) vs their best over
+configs (the gather kernel's tiles and depth, query blocks of 16 or 4 rows; the page kernel's warps and pages in
+flight; programs = k x S), and a plain streaming read as the ceiling.
 GEMMs: cuBLAS vs cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x slower than
 ideal scaling at commit 1dafcc2 and was dropped). Pair: nano-batch GEMMs on S_c SMs || decode attention on the
 disjoint S_m SMs, against the two run one after the other on the whole card.
@@ -41,16 +42,20 @@ def timed(fn, stream, reps=10):
     return start.elapsed_time(end) / reps
 
 
-ENGINE = dict(block_n=64, num_warps=2, num_stages=2, per_sm=4, block_g=4)  # kernels/gpu.py's, for Llama-3-8B
+ENGINE = dict(pages=True, num_warps=1, num_stages=3, per_sm=8, block_g=4)  # kernels/gpu.py's, for Llama-3-8B
 
 
 def decode_configs(quick):
-    """Tile, warps, depth and programs per SM; query blocks of 16 rows (the engine's) and of the group's 4."""
+    """The gather kernel: tile, warps, depth and programs per SM, query blocks of 16 rows and of the group's 4.
+    The page kernel: warps, pages in flight and programs per SM."""
     if quick:
-        grid = itertools.product((64,), (2,), (2, 3), (4, 8), (None, 4))
+        gather = itertools.product((64,), (2,), (2,), (4, 8), (None, 4))
+        page = itertools.product((1,), (3, 4), (4, 8, 16))
     else:
-        grid = itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8, 16), (None, 4))
-    return [dict(block_n=b, num_warps=w, num_stages=s, per_sm=k, block_g=g) for b, w, s, k, g in grid]
+        gather = itertools.product((32, 64), (2, 4), (2, 3), (2, 4, 8), (None, 4))
+        page = itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))
+    return ([dict(pages=False, block_n=b, num_warps=w, num_stages=s, per_sm=k, block_g=g) for b, w, s, k, g in gather]
+            + [dict(pages=True, num_warps=w, num_stages=s, per_sm=k, block_g=4) for w, s, k in page])
 
 
 def run_decode(config, sms, q, kc, vc, meta, out, stream):

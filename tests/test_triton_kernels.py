@@ -5,6 +5,7 @@ against the fp32 reference over the same bf16 inputs (relative error < 1e-2, see
 between 1e-3 and 1e-2).
 """
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ CASES = {
     "prefill_long": ([150, 20], [150, 170], 0),
 }
 SHAPES = {"gqa4": dict(hq=8, hkv=2, d=32, page=16), "gqa7": dict(hq=14, hkv=2, d=16, page=4),
-          "mha": dict(hq=2, hkv=2, d=64, page=8)}
+          "mha": dict(hq=2, hkv=2, d=64, page=8), "gqa2": dict(hq=4, hkv=2, d=16, page=32)}
 
 
 def rel_err(a, b):
@@ -53,11 +54,13 @@ def test_attention_matches_reference(case, shape, window):
             again = torch.full_like(got, float("nan"))
             tight = 1 << (q.shape[1] // kc.shape[2] - 1).bit_length()  # the group size's power of 2, below 16
             # units whole, cut in two, cut in many; query blocks of 16 rows and of the group's own
-            for programs, max_parts, block_g in ((3, 4, None), (64, 4, None), (64, 16, None), (3, 4, tight),
-                                                 (64, 16, tight)):
+            # the page kernel (TMA; the interpreter runs it too) where the pages are large enough for it
+            kernels = (False, True) if kc.shape[1] >= 16 else (False,)
+            for pages, (programs, max_parts, block_g) in itertools.product(kernels, (
+                    (3, 4, None), (64, 4, None), (64, 16, None), (3, 4, tight), (64, 16, tight))):
                 again.fill_(float("nan"))
                 fn(q, kc, vc, meta, scale, again, window, block_n=16, programs=programs, max_parts=max_parts,
-                   block_g=block_g)
+                   block_g=block_g, pages=pages)
                 assert torch.allclose(again.float(), got.float(), atol=2e-2 if ON_GPU else 1e-5, equal_nan=True)
         rows = expect[:, 0, 0].isfinite()
         assert torch.equal(rows, got[:, 0, 0].isfinite().cpu() if not ON_GPU else got[:, 0, 0].isfinite())
@@ -82,9 +85,24 @@ def test_attention_over_an_fp8_cache_matches_reference(case):
         expect = torch.full(q.shape, float("nan"), device=DEVICE)
         got = torch.full(q.shape, float("nan"), dtype=DTYPE, device=DEVICE)
         ref.paged_attention(q, kc, vc, meta, scale, expect)
-        fn(q, kc, vc, meta, scale, got)
         rows = expect[:, 0, 0].isfinite()
-        assert rows.any() and rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 2e-3)
+        for pages in (False, True) if kind == DECODE else (None,):
+            got.fill_(float("nan"))
+            fn(q, kc, vc, meta, scale, got, **({} if pages is None else dict(pages=pages)))
+            assert rows.any() and rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 2e-3)
+
+
+def test_page_kernel_refuses_pages_it_cannot_fetch():
+    """pages=True on pages under 16 tokens (the PV dot's depth) names the problem; pages=None falls back."""
+    from nanoflow.kernels import triton_attention as ta
+    q, kc, vc, batch = make_case([1, 1], [30, 9], 2, dtype=DTYPE, device=DEVICE, **SHAPES["mha"], seed=5)
+    meta = batch.build_attention(DECODE, 0, q.shape[0], capacity=2)
+    meta = type(meta)(*(t.to(DEVICE) for t in (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
+    out = torch.full(q.shape, float("nan"), dtype=DTYPE, device=DEVICE)
+    with pytest.raises(ValueError, match="pages of 16 to 256 tokens"):
+        ta.decode_attention(q, kc, vc, meta, 0.125, out, pages=True)
+    ta.decode_attention(q, kc, vc, meta, 0.125, out)
+    assert out.isfinite().all()
 
 
 def test_prefill_tiles_cover_every_query_row_once():

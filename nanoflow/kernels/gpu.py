@@ -44,11 +44,10 @@ def _sms(index: int) -> int:
 
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
     """The persistent decode kernel sized to the SMs it runs on (the unit's share, or the device), in the
-    configuration that measured best on an H100 (BENCHMARKS.md, #4): 64-token tiles, 2 warps, 2 tiles in flight,
-    4 programs per SM, a query block of the group's own rows."""
+    configuration that measured best on an H100 (BENCHMARKS.md, #4): the page kernel where it runs, 8 programs
+    per SM, a query block of the group's own rows."""
     sms = sm_share.current or _sms(q.device.index or 0)
-    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, block_n=64,
-                                      num_warps=2, num_stages=2, programs=4 * sms,
+    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, programs=8 * sms,
                                       block_g=1 << (q.shape[1] // k_cache.shape[2] - 1).bit_length())
 
 

@@ -1,6 +1,12 @@
 """Paged attention in Triton: decode (stream-K over the batch's KV tiles, then a combine step) and chunked prefill
 (flash style).
 
+Decode has two kernels over the same stream-K plan, sharing how a unit opens and closes and the combine step:
+- the page kernel (Hopper and later, pages of 16+ tokens): a tile is one page, fetched by TMA through a 4-D
+  descriptor of the cache; its unit, page and span come from flat tables indexed by the tile alone, so Triton's
+  pipeliner keeps `num_stages` pages in flight per program (on 32 H100 SMs 1.5x the gather kernel's bandwidth);
+- the gather kernel, the fallback (older GPUs, small pages): tiles of block_n tokens gathered through pointers.
+
 Both read every shape they need from `AttentionMeta` device tensors, with grids fixed by their arguments and the
 metadata's capacity, so they replay inside CUDA graphs whatever the batch holds. Grouped-query attention: a program
 serves all query heads of one KV head, so each KV tile is read once for them.
@@ -10,7 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from nanoflow.kernels import tma
 from nanoflow.models.batch import AttentionMeta
 
 
@@ -57,18 +65,40 @@ def _decode_tile(TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, g, stride_bt, win
 
 
 @triton.jit
+def _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G: tl.constexpr, BLOCK_G: tl.constexpr,
+               D: tl.constexpr, DOT: tl.constexpr):
+    """A new unit: its queries, and a fresh online softmax."""
+    q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=offs_g[:, None] < G, other=0.0).to(DOT)
+    return q, tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32), \
+        tl.zeros([BLOCK_G, D], tl.float32)
+
+
+@triton.jit
+def _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d, whole, part, stride_ot, stride_oh,
+                stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G: tl.constexpr):
+    """A unit's last tile in this program: the output itself if the whole unit was here, else this program's part
+    (its normalized output and log-sum-exp, for the combine kernel)."""
+    if whole:
+        tl.store(OUT + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l[:, None]).to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
+    else:
+        base = s * stride_po_s + heads * stride_po_h + part * stride_po_p
+        tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=(offs_g < G)[:, None])
+        tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + part, m + tl.log(l), mask=offs_g < G)
+
+
+@triton.jit
 def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, NUM_TILES, CHUNK, PART_O, PART_LSE,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
                    NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr):
-    """A persistent program: the KV tiles [pid * CHUNK, (pid + 1) * CHUNK) of the batch's tiles, units (sequence,
-    KV head) one after another, each of its sequence's tiles in order, as ONE flat loop (stream-K: every program
-    gets the same number of tiles, none of them empty). A unit whole in one program writes its output; a unit cut
-    by programs' bounds writes a part per program, which the combine kernel merges. Where tile g + 1 is (its pages
+    """The gather kernel. A persistent program: the KV tiles [pid * CHUNK, (pid + 1) * CHUNK) of the batch's tiles,
+    units (sequence, KV head) one after another, each of its sequence's tiles in order, as ONE flat loop
+    (stream-K: every program gets the same number of tiles, none of them empty). Where tile g + 1 is (its pages
     included) is loaded during tile g: with the page loads of a tile inside its own iteration, Triton's pipeliner
-    keeps a single K/V buffer (measured: 45 KB of shared memory at any depth, ~40 GB/s per SM); carried over, it
-    keeps `num_stages` tiles in flight."""
+    keeps a single K/V buffer (measured: 45 KB of shared memory at any depth, ~40 GB/s per SM)."""
     pid = tl.program_id(0)
     chunk = tl.load(CHUNK)
     first_g = pid * chunk
@@ -89,46 +119,76 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
         k = tl.load(K + kv_off, mask=valid[:, None], other=0.0).to(DOT)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(DOT)
         heads = kvh * G + offs_g
-        if (t == 0) | (g == first_g):  # a new unit: its queries, and a fresh online softmax
-            q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                        mask=offs_g[:, None] < G, other=0.0).to(DOT)
-            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, D], tl.float32)
+        if (t == 0) | (g == first_g):
+            q, m, l, acc = _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G, BLOCK_G, D, DOT)
         scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
-        if (t == tiles - 1) | (g == last_g):  # the unit's or the program's last tile
+        if (t == tiles - 1) | (g == last_g):
             unit_first = g - t
-            if (unit_first >= first_g) & (t == tiles - 1):  # whole in this program: the output itself
-                tl.store(OUT + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                         (acc / l[:, None]).to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
-            else:  # this program's part
-                part = pid - unit_first // chunk
-                base = s * stride_po_s + heads * stride_po_h + part * stride_po_p
-                tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=(offs_g < G)[:, None])
-                tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + part, m + tl.log(l), mask=offs_g < G)
+            _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d,
+                        (unit_first >= first_g) & (t == tiles - 1), pid - unit_first // chunk, stride_ot,
+                        stride_oh, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G)
         u, s, t, tiles, row, seq_len, offs_n, page = _decode_tile(
             TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, tl.minimum(g + 1, last_g), stride_bt, window, NUM_KV,
             PAGE, BLOCK_N, HAS_WINDOW)
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, SEQ_LENS, UNIT_START, CHUNK, stride_ot, stride_oh,
-                           stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, window,
-                           NUM_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, MAX_PARTS: tl.constexpr,
-                           BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, TILE_SPAN, UNIT_START, NUM_TILES,
+                        CHUNK, PART_O, PART_LSE, stride_qt, stride_qh, stride_ot, stride_oh,
+                        stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale,
+                        NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                        PAGE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
+    """The page kernel: the gather kernel's stream-K plan with one page per tile, fetched by TMA. Everything an
+    iteration needs to fetch its page comes from tables indexed by the tile, so the loop's loads depend on the
+    loop index alone and the pipeliner runs STAGES iterations ahead (a tile's unit, page, and span: the first and
+    last valid positions in the page and whether it opens or closes its unit)."""
+    pid = tl.program_id(0)
+    chunk = tl.load(CHUNK)
+    first_g = pid * chunk
+    last_g = tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, PAGE)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    q = tl.zeros([BLOCK_G, D], DOT)
+    for g in tl.range(first_g, last_g + 1, num_stages=STAGES):
+        u = tl.load(TILE_UNIT + g)
+        page = tl.load(TILE_PAGE + g)
+        span = tl.load(TILE_SPAN + g)
+        kvh = u % NUM_KV
+        s = u // NUM_KV
+        k = k_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
+        v = v_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
+        heads = kvh * G + offs_g
+        if (((span >> 1) & 1) == 1) | (g == first_g):
+            q, m, l, acc = _open_unit(Q, tl.load(Q_START + s), heads, offs_g, offs_d, stride_qt, stride_qh, G,
+                                      BLOCK_G, D, DOT)
+        valid = (offs_n >= (span >> 16)) & (offs_n < ((span >> 2) & 0x3FFF))
+        scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m, l, acc = _softmax_step(scores, v, m, l, acc)
+        if ((span & 1) == 1) | (g == last_g):
+            unit_first = tl.load(UNIT_START + u)
+            _close_unit(OUT, PART_O, PART_LSE, acc, m, l, tl.load(Q_START + s), s, heads, offs_g, offs_d,
+                        (unit_first >= first_g) & ((span & 1) == 1), pid - unit_first // chunk, stride_ot,
+                        stride_oh, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G)
+
+
+@triton.jit
+def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, UNIT_START, UNIT_TILES, CHUNK, stride_ot, stride_oh,
+                           stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+                           NUM_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, MAX_PARTS: tl.constexpr):
     """Merge by log-sum-exp the parts of each query head whose unit the decode kernel's programs cut."""
     s = tl.program_id(0)
     h = tl.program_id(1)
-    seq_len = tl.load(SEQ_LENS + s)
-    if seq_len == 0:
+    tiles = tl.load(UNIT_TILES + s * NUM_KV + h // G)
+    if tiles == 0:
         return
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(seq_len - window, 0)
     chunk = tl.load(CHUNK)
     unit_first = tl.load(UNIT_START + s * NUM_KV + h // G)
-    used = (unit_first + tl.cdiv(seq_len - lo, BLOCK_N) - 1) // chunk - unit_first // chunk + 1
+    used = (unit_first + tiles - 1) // chunk - unit_first // chunk + 1
     if used == 1:  # written whole by its program
         return
     row = tl.load(Q_START + s)
@@ -151,38 +211,73 @@ def _dot_dtype(q: torch.Tensor, k_cache: torch.Tensor):
     return getattr(tl, str(q.dtype).removeprefix("torch."))
 
 
-def _decode_tiles(meta: AttentionMeta, num_kv: int, block_n: int, max_tiles: int, window: int | None, programs: int,
-                  min_chunk: int):
-    """The batch's KV tiles in units (sequence, KV head): each tile's unit, each unit's first tile, the tile count,
-    and the tiles per program. Device ops only, so a CUDA graph recomputes them from the metadata it replays with."""
+def _units(meta: AttentionMeta, num_kv: int, tiles: torch.Tensor, rows: int, programs: int, min_chunk: int):
+    """Stream-K's plan from each sequence's tile count: each tile's unit (a table of `rows` tiles, int32), each
+    unit's first tile and tile count, the batch's tile count and the tiles per program. Device ops only, so a
+    CUDA graph recomputes them from the metadata it replays with."""
+    unit_tiles = tiles.int().repeat_interleave(num_kv)
+    unit_end = unit_tiles.cumsum(0, dtype=torch.int32)
+    total = unit_end[-1:]
+    ids = torch.arange(rows, dtype=torch.int32, device=tiles.device)
+    tile_unit = torch.searchsorted(unit_end, ids, right=True, out_int32=True).clamp_(max=unit_end.shape[0] - 1)
+    chunk = ((total + programs - 1) // programs).clamp(min=min_chunk)
+    return ids, tile_unit, unit_end - unit_tiles, unit_tiles, total, chunk
+
+
+def _gather_tiles(meta: AttentionMeta, num_kv: int, block_n: int, max_tiles: int, window: int | None,
+                  programs: int, min_chunk: int):
+    """The gather kernel's plan: tiles of block_n tokens from the window's start (capacity x KV heads x
+    max_tiles rows of the table: int32 throughout)."""
     key = ("decode_tiles", num_kv, block_n, programs, min_chunk)
     if key not in meta.derived:
-        kv = meta.seq_lens.long()
+        kv = meta.seq_lens
         if window is not None:
             kv = kv.clamp(max=window)
-        tiles = (kv + block_n - 1) // block_n  # per sequence
-        unit_tiles = tiles.repeat_interleave(num_kv)
-        unit_end = unit_tiles.cumsum(0).int()
-        total = unit_end[-1:]
-        # int32 throughout: the table has a row per possible tile (capacity x KV heads x max_model_len / block_n)
-        ids = torch.arange(meta.capacity * num_kv * max_tiles, dtype=torch.int32, device=kv.device)
-        tile_unit = torch.searchsorted(unit_end, ids, right=True, out_int32=True).clamp_(max=unit_end.shape[0] - 1)
-        chunk = ((total + programs - 1) // programs).clamp(min=min_chunk)
-        meta.derived[key] = (tile_unit, (unit_end - unit_tiles).int(), total, chunk)
+        _, *plan = _units(meta, num_kv, (kv + block_n - 1) // block_n, meta.capacity * num_kv * max_tiles, programs,
+                          min_chunk)
+        meta.derived[key] = plan
+    return meta.derived[key]
+
+
+def _page_tiles(meta: AttentionMeta, num_kv: int, page: int, window: int | None, programs: int, min_chunk: int):
+    """The page kernel's plan: tiles of one page from the page holding the window's start, and per tile its page
+    and span (start << 16 | stop << 2 | opens << 1 | closes: positions [start, stop) of the page are attended)."""
+    key = ("decode_pages", num_kv, programs, min_chunk)
+    if key not in meta.derived:
+        kv = meta.seq_lens.int()
+        lo = (kv - window).clamp_(min=0) if window is not None else torch.zeros_like(kv)
+        first_page = lo // page
+        width = meta.block_tables.shape[1]
+        ids, tile_unit, unit_start, unit_tiles, total, chunk = _units(
+            meta, num_kv, (kv + page - 1) // page - first_page, meta.capacity * num_kv * width, programs, min_chunk)
+        t = ids - unit_start[tile_unit]
+        s = tile_unit // num_kv
+        index = first_page[s] + t  # the page's index in its sequence
+        tile_page = meta.block_tables.reshape(-1)[s * width + index.clamp_(0, width - 1)]
+        begin = index * page
+        span = ((lo[s] - begin).clamp_(min=0) << 16 | (kv[s] - begin).clamp_(0, page) << 2
+                | (t == 0).int() << 1 | (t == unit_tiles[tile_unit] - 1).int())
+        meta.derived[key] = (tile_unit, tile_page.int(), span, unit_start, unit_tiles, total, chunk)
     return meta.derived[key]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64,
-                     num_warps: int = 2, num_stages: int = 2, programs: int = 8, max_parts: int = 16,
-                     block_g: int | None = None) -> None:
+                     num_warps: int | None = None, num_stages: int | None = None, programs: int = 8,
+                     max_parts: int = 16, block_g: int | None = None, pages: bool | None = None) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
-    A unit of work is one sequence's KV for one KV head (its query heads served together: GQA), cut into tiles of
-    block_n tokens; `programs` persistent programs take equal runs of the batch's tiles (on an execution unit of
-    S SMs, a few programs per SM keep every SM streaming with no tail). A unit cut across programs leaves a part
-    in each (at most max_parts: a program takes at least enough tiles for that), which a second kernel merges by
-    log-sum-exp (flash-decoding).
+    A unit of work is one sequence's KV for one KV head (its query heads served together: GQA), cut into tiles;
+    `programs` persistent programs take equal runs of the batch's tiles (on an execution unit of S SMs, a few
+    programs per SM keep every SM streaming with no tail). A unit cut across programs leaves a part in each (at
+    most max_parts: a program takes at least enough tiles for that), which a second kernel merges by log-sum-exp
+    (flash-decoding).
+
+    pages: None takes the page kernel (a tile is a page, fetched by TMA; num_stages pages in flight) where it
+    runs: a CUDA device of compute capability >= 9, TMA-aligned caches and pages of 16 to 256 tokens (a power of
+    2); True forces it (it also runs in Triton's interpreter) and raises ValueError where it cannot; False takes
+    the gather kernel (tiles of block_n tokens). num_warps and num_stages default to what measured best for the
+    kernel taken on an H100 (BENCHMARKS.md, #4): 1 warp and 3 pages in flight; 2 warps and 2 stages.
 
     block_g: the rows of a program's query block (its KV head's query heads, padded). None: at least 16, the
     MMA's rows; a smaller power of 2 >= the group size is accepted by Triton 3.6 (it pads a small dot itself)
@@ -197,32 +292,49 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_g = max(16, triton.next_power_of_2(g))
     elif block_g < g or block_g & (block_g - 1):
         raise ValueError(f"block_g {block_g} must be a power of 2, at least the {g} query heads per KV head")
-    max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
-    # a unit of n tiles meets at most (n - 1) // chunk + 2 programs
-    min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
+    page_ok = 16 <= page <= 256 and page & (page - 1) == 0 and tma.aligned(k_cache) and tma.aligned(v_cache)
+    if pages is None:
+        pages = page_ok and tma.available(k_cache)
+    elif pages and not page_ok:
+        raise ValueError(f"the page kernel needs pages of 16 to 256 tokens (a power of 2; here {page}) and "
+                         "TMA-aligned caches (16-byte base and strides)")
     parts = meta.derived.get(("decode_parts", max_parts))
     if parts is None:
         parts = (torch.empty(cap, num_heads, max_parts, d, dtype=torch.float32, device=q.device),
                  torch.empty(cap, num_heads, max_parts, dtype=torch.float32, device=q.device))
         meta.derived[("decode_parts", max_parts)] = parts
     part_o, part_lse = parts
-    tile_unit, unit_start, num_tiles, chunk = _decode_tiles(meta, num_kv, block_n, max_tiles, sliding_window,
-                                                            programs, min_chunk)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
-    _decode_kernel[(programs,)](
-        q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.seq_lens, tile_unit, unit_start, num_tiles,
-        chunk, part_o, part_lse, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1), scale,
-        sliding_window or 0,
-        NUM_KV=num_kv, G=g, BLOCK_G=block_g, D=d, PAGE=page, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, DOT=_dot_dtype(q, k_cache), num_warps=num_warps,
-        num_stages=num_stages)
+    num_warps = num_warps or (1 if pages else 2)
+    num_stages = num_stages or (3 if pages else 2)
+    common = dict(NUM_KV=num_kv, G=g, BLOCK_G=block_g, D=d, PAGE=page, DOT=_dot_dtype(q, k_cache),
+                  num_warps=num_warps)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1),
+               part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
+    if pages:
+        # a unit of n tiles meets at most (n - 1) // chunk + 2 programs
+        min_chunk = max(1, triton.cdiv(meta.block_tables.shape[1] - 1, max_parts - 2))
+        tile_unit, tile_page, span, unit_start, unit_tiles, num_tiles, chunk = _page_tiles(
+            meta, num_kv, page, sliding_window, programs, min_chunk)
+        box = [1, page, 1, d]
+        _decode_page_kernel[(programs,)](
+            q, TensorDescriptor(k_cache, list(k_cache.shape), list(k_cache.stride()), box),
+            TensorDescriptor(v_cache, list(v_cache.shape), list(v_cache.stride()), box), out, meta.q_start,
+            tile_unit, tile_page, span, unit_start, num_tiles, chunk, part_o, part_lse, *strides, scale,
+            STAGES=num_stages, **common)
+    else:
+        max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
+        min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
+        tile_unit, unit_start, unit_tiles, num_tiles, chunk = _gather_tiles(
+            meta, num_kv, block_n, max_tiles, sliding_window, programs, min_chunk)
+        _decode_kernel[(programs,)](
+            q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.seq_lens, tile_unit, unit_start,
+            num_tiles, chunk, part_o, part_lse, *strides[:4], k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), meta.block_tables.stride(0), *strides[4:], scale, sliding_window or 0,
+            BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, num_stages=num_stages, **common)
     _decode_combine_kernel[(cap, num_heads)](
-        part_o, part_lse, out, meta.q_start, meta.seq_lens, unit_start, chunk, out.stride(0), out.stride(1),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        sliding_window or 0, NUM_KV=num_kv, G=g, D=d, MAX_PARTS=max_parts, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, num_warps=4)
+        part_o, part_lse, out, meta.q_start, unit_start, unit_tiles, chunk, *strides[2:], NUM_KV=num_kv, G=g, D=d,
+        MAX_PARTS=max_parts, num_warps=4)
 
 
 @triton.jit

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from nanoflow.kernels import tma as tma_engine
+
 
 @triton.jit
 def _expert_tiles(OFFS, N, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -168,8 +170,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     if m == 0 or n == 0:
         return out
     if tma is None:
-        tma = (x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] >= 9
-               and _tma_aligned(x, w))
+        tma = tma_engine.available(x) and _tma_aligned(x, w)
     elif tma and not _tma_aligned(x, w):
         raise ValueError("tma=True needs 16-byte-aligned x and w (base and row stride: K * itemsize a multiple of "
                          "16) and w stacked evenly as [E * N, K]")
