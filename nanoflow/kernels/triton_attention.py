@@ -211,53 +211,73 @@ def _dot_dtype(q: torch.Tensor, k_cache: torch.Tensor):
     return getattr(tl, str(q.dtype).removeprefix("torch."))
 
 
-def _units(meta: AttentionMeta, num_kv: int, tiles: torch.Tensor, rows: int, programs: int, min_chunk: int):
-    """Stream-K's plan from each sequence's tile count: each tile's unit (a table of `rows` tiles, int32), each
-    unit's first tile and tile count, the batch's tile count and the tiles per program. Device ops only, so a
-    CUDA graph recomputes them from the metadata it replays with."""
+def _stream_k(tiles: torch.Tensor, num_kv: int, programs: int, min_chunk: int):
+    """Stream-K's plan from each sequence's tile count: each unit's first tile and tile count, the batch's tile
+    count and the tiles per program. Device ops only, so a CUDA graph recomputes them from the metadata it
+    replays with."""
     unit_tiles = tiles.int().repeat_interleave(num_kv)
     unit_end = unit_tiles.cumsum(0, dtype=torch.int32)
     total = unit_end[-1:]
-    ids = torch.arange(rows, dtype=torch.int32, device=tiles.device)
-    tile_unit = torch.searchsorted(unit_end, ids, right=True, out_int32=True).clamp_(max=unit_end.shape[0] - 1)
-    chunk = ((total + programs - 1) // programs).clamp(min=min_chunk)
-    return ids, tile_unit, unit_end - unit_tiles, unit_tiles, total, chunk
+    return unit_end - unit_tiles, unit_tiles, total, ((total + programs - 1) // programs).clamp(min=min_chunk)
 
 
 def _gather_tiles(meta: AttentionMeta, num_kv: int, block_n: int, max_tiles: int, window: int | None,
                   programs: int, min_chunk: int):
-    """The gather kernel's plan: tiles of block_n tokens from the window's start (capacity x KV heads x
-    max_tiles rows of the table: int32 throughout)."""
+    """The gather kernel's plan: tiles of block_n tokens from the window's start, and each tile's unit (a table
+    of capacity x KV heads x max_tiles rows: int32 throughout)."""
     key = ("decode_tiles", num_kv, block_n, programs, min_chunk)
     if key not in meta.derived:
         kv = meta.seq_lens
         if window is not None:
             kv = kv.clamp(max=window)
-        _, *plan = _units(meta, num_kv, (kv + block_n - 1) // block_n, meta.capacity * num_kv * max_tiles, programs,
-                          min_chunk)
-        meta.derived[key] = plan
+        unit_start, unit_tiles, total, chunk = _stream_k((kv + block_n - 1) // block_n, num_kv, programs, min_chunk)
+        ids = torch.arange(meta.capacity * num_kv * max_tiles, dtype=torch.int32, device=kv.device)
+        tile_unit = torch.searchsorted(unit_start + unit_tiles, ids, right=True, out_int32=True)
+        meta.derived[key] = (tile_unit.clamp_(max=unit_tiles.shape[0] - 1), unit_start, unit_tiles, total, chunk)
     return meta.derived[key]
 
 
+@triton.jit
+def _page_plan_kernel(SEQ_LENS, BT, UNIT_START, TILE_UNIT, TILE_PAGE, TILE_SPAN, stride_bt, window,
+                      NUM_KV: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """One unit's rows of the page kernel's tables: per tile, its unit, its page, and its span (start << 16 |
+    stop << 2 | opens << 1 | closes: positions [start, stop) of the page are attended)."""
+    u = tl.program_id(0)
+    s = u // NUM_KV
+    seq_len = tl.load(SEQ_LENS + s)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    first_page = lo // PAGE
+    tiles = tl.cdiv(seq_len, PAGE) - first_page
+    start = tl.load(UNIT_START + u)
+    for t0 in range(0, tiles, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        keep = t < tiles
+        begin = (first_page + t) * PAGE
+        span = (tl.maximum(lo - begin, 0) << 16 | tl.minimum(seq_len - begin, PAGE) << 2
+                | (t == 0).to(tl.int32) << 1 | (t == tiles - 1).to(tl.int32))
+        tl.store(TILE_UNIT + start + t, u, mask=keep)
+        tl.store(TILE_PAGE + start + t, tl.load(BT + s * stride_bt + first_page + t, mask=keep), mask=keep)
+        tl.store(TILE_SPAN + start + t, span, mask=keep)
+
+
 def _page_tiles(meta: AttentionMeta, num_kv: int, page: int, window: int | None, programs: int, min_chunk: int):
-    """The page kernel's plan: tiles of one page from the page holding the window's start, and per tile its page
-    and span (start << 16 | stop << 2 | opens << 1 | closes: positions [start, stop) of the page are attended)."""
+    """The page kernel's plan: tiles of one page from the page holding the window's start. The tables have a row
+    per possible tile (capacity x KV heads x the block tables' width); a unit's rows are written by one program
+    of _page_plan_kernel, the rows past the batch's tiles are left unwritten (no program reads them)."""
     key = ("decode_pages", num_kv, programs, min_chunk)
     if key not in meta.derived:
-        kv = meta.seq_lens.int()
-        lo = (kv - window).clamp_(min=0) if window is not None else torch.zeros_like(kv)
-        first_page = lo // page
-        width = meta.block_tables.shape[1]
-        ids, tile_unit, unit_start, unit_tiles, total, chunk = _units(
-            meta, num_kv, (kv + page - 1) // page - first_page, meta.capacity * num_kv * width, programs, min_chunk)
-        t = ids - unit_start[tile_unit]
-        s = tile_unit // num_kv
-        index = first_page[s] + t  # the page's index in its sequence
-        tile_page = meta.block_tables.reshape(-1)[s * width + index.clamp_(0, width - 1)]
-        begin = index * page
-        span = ((lo[s] - begin).clamp_(min=0) << 16 | (kv[s] - begin).clamp_(0, page) << 2
-                | (t == 0).int() << 1 | (t == unit_tiles[tile_unit] - 1).int())
-        meta.derived[key] = (tile_unit, tile_page.int(), span, unit_start, unit_tiles, total, chunk)
+        kv = meta.seq_lens
+        first_page = (kv - window).clamp(min=0) // page if window is not None else 0
+        unit_start, unit_tiles, total, chunk = _stream_k((kv + page - 1) // page - first_page, num_kv, programs,
+                                                         min_chunk)
+        units, width = unit_tiles.shape[0], meta.block_tables.shape[1]
+        tile_unit, tile_page, span = torch.empty(3, units * width, dtype=torch.int32, device=kv.device)
+        _page_plan_kernel[(units,)](kv, meta.block_tables, unit_start, tile_unit, tile_page, span,
+                                    meta.block_tables.stride(0), window or 0, NUM_KV=num_kv, PAGE=page, BLOCK=256,
+                                    HAS_WINDOW=window is not None, num_warps=2)
+        meta.derived[key] = (tile_unit, tile_page, span, unit_start, unit_tiles, total, chunk)
     return meta.derived[key]
 
 
@@ -277,7 +297,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     runs: a CUDA device of compute capability >= 9, TMA-aligned caches and pages of 16 to 256 tokens (a power of
     2); True forces it (it also runs in Triton's interpreter) and raises ValueError where it cannot; False takes
     the gather kernel (tiles of block_n tokens). num_warps and num_stages default to what measured best for the
-    kernel taken on an H100 (BENCHMARKS.md, #4): 1 warp and 3 pages in flight; 2 warps and 2 stages.
+    kernel taken on an H100 (BENCHMARKS.md, #4): 1 warp and 6 pipeline stages; 2 warps and 2 stages.
 
     block_g: the rows of a program's query block (its KV head's query heads, padded). None: at least 16, the
     MMA's rows; a smaller power of 2 >= the group size is accepted by Triton 3.6 (it pads a small dot itself)
@@ -306,7 +326,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_o, part_lse = parts
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
     num_warps = num_warps or (1 if pages else 2)
-    num_stages = num_stages or (3 if pages else 2)
+    num_stages = num_stages or (6 if pages else 2)
     common = dict(NUM_KV=num_kv, G=g, BLOCK_G=block_g, D=d, PAGE=page, DOT=_dot_dtype(q, k_cache),
                   num_warps=num_warps)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1),
