@@ -65,6 +65,17 @@ def _decode_tile(TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, g, stride_bt, win
 
 
 @triton.jit
+def _program_start(CHUNK, NUM_TILES, BLOCK_G: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
+    """This program's run of the batch's tiles (the tiles per program, its first and last), and an empty state:
+    queries, the online softmax's running max, sum and accumulator."""
+    chunk = tl.load(CHUNK)
+    first_g = tl.program_id(0) * chunk
+    return (chunk, first_g, tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1, tl.zeros([BLOCK_G, D], DOT),
+            tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+            tl.zeros([BLOCK_G, D], tl.float32))
+
+
+@triton.jit
 def _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G: tl.constexpr, BLOCK_G: tl.constexpr,
                D: tl.constexpr, DOT: tl.constexpr):
     """A new unit: its queries, and a fresh online softmax."""
@@ -100,15 +111,9 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
     included) is loaded during tile g: with the page loads of a tile inside its own iteration, Triton's pipeliner
     keeps a single K/V buffer (measured: 45 KB of shared memory at any depth, ~40 GB/s per SM)."""
     pid = tl.program_id(0)
-    chunk = tl.load(CHUNK)
-    first_g = pid * chunk
-    last_g = tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1
+    chunk, first_g, last_g, q, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    q = tl.zeros([BLOCK_G, D], DOT)
     u, s, t, tiles, row, seq_len, offs_n, page = _decode_tile(
         TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, tl.maximum(tl.minimum(first_g, last_g), 0), stride_bt, window,
         NUM_KV, PAGE, BLOCK_N, HAS_WINDOW)
@@ -144,16 +149,10 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
     loop index alone and the pipeliner runs STAGES iterations ahead (a tile's unit, page, and span: the first and
     last valid positions in the page and whether it opens or closes its unit)."""
     pid = tl.program_id(0)
-    chunk = tl.load(CHUNK)
-    first_g = pid * chunk
-    last_g = tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1
+    chunk, first_g, last_g, q, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, PAGE)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    q = tl.zeros([BLOCK_G, D], DOT)
     for g in tl.range(first_g, last_g + 1, num_stages=STAGES):
         u = tl.load(TILE_UNIT + g)
         page = tl.load(TILE_PAGE + g)
