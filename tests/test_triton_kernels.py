@@ -105,6 +105,17 @@ def test_page_kernel_refuses_pages_it_cannot_fetch():
     assert out.isfinite().all()
 
 
+def test_tma_alignment_rule():
+    """TMA takes 16-byte-aligned bases and 16-byte multiples for every stride but the contiguous last one."""
+    from nanoflow.kernels import tma
+    cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    assert tma.aligned(cache)
+    assert not tma.aligned(cache[..., 1:])  # base 2 bytes in, rows still 128 bytes apart
+    assert not tma.aligned(torch.zeros(4, 16, 2, 4, dtype=torch.bfloat16))  # 8-byte rows
+    assert not tma.aligned(cache.transpose(2, 3))  # the last dimension not contiguous
+    assert not tma.available(cache)  # a CPU tensor
+
+
 def test_prefill_tiles_cover_every_query_row_once():
     from nanoflow.kernels.triton_attention import _tiles
     q, kc, vc, batch = make_case([5, 40, 1, 17], [5, 40, 30, 17], 0, device=DEVICE)
