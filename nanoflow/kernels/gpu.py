@@ -37,16 +37,11 @@ exponential_race = _compile(reference.exponential_race)
 moe_combine = _compile(reference.moe_combine)
 
 
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
     """The persistent decode kernel sized to the SMs it runs on (the unit's share, or the device), in the
     configuration that measured best on an H100 (BENCHMARKS.md, #4): the page kernel where it runs, 8 programs
     per SM, a query block of the group's own rows."""
-    sms = sm_share.current or _sms(q.device.index or 0)
+    sms = sm_share.current or sm_share.total_sms(q.device.index or 0)
     triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, programs=8 * sms,
                                       block_g=1 << (q.shape[1] // k_cache.shape[2] - 1).bit_length())
 

@@ -6,11 +6,18 @@ cuBLASLt takes a target SM count (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), which t
 "carveout"; our persistent decode attention sizes its grid from `current`."""
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 
 current: int | None = None  # SMs of the unit being issued; None: the whole device
+
+
+@functools.cache
+def total_sms(device: int = 0) -> int:
+    """The SMs of CUDA device `device`."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @contextmanager

@@ -65,14 +65,20 @@ def _decode_tile(TILE_UNIT, UNIT_START, SEQ_LENS, Q_START, BT, g, stride_bt, win
 
 
 @triton.jit
+def _fresh_softmax(BLOCK_G: tl.constexpr, D: tl.constexpr):
+    """An online softmax with nothing folded in: running max, sum and accumulator."""
+    return tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32), \
+        tl.zeros([BLOCK_G, D], tl.float32)
+
+
+@triton.jit
 def _program_start(CHUNK, NUM_TILES, BLOCK_G: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
     """This program's run of the batch's tiles (the tiles per program, its first and last), and an empty state:
-    queries, the online softmax's running max, sum and accumulator."""
+    queries and a fresh online softmax."""
     chunk = tl.load(CHUNK)
     first_g = tl.program_id(0) * chunk
-    return (chunk, first_g, tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1, tl.zeros([BLOCK_G, D], DOT),
-            tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
-            tl.zeros([BLOCK_G, D], tl.float32))
+    m, l, acc = _fresh_softmax(BLOCK_G, D)
+    return chunk, first_g, tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1, tl.zeros([BLOCK_G, D], DOT), m, l, acc
 
 
 @triton.jit
@@ -81,8 +87,8 @@ def _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G: tl.conste
     """A new unit: its queries, and a fresh online softmax."""
     q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=offs_g[:, None] < G, other=0.0).to(DOT)
-    return q, tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32), \
-        tl.zeros([BLOCK_G, D], tl.float32)
+    m, l, acc = _fresh_softmax(BLOCK_G, D)
+    return q, m, l, acc
 
 
 @triton.jit

@@ -16,14 +16,14 @@ by another program, so a TMA store (whole boxes) would clobber them.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from nanoflow.kernels import tma as tma_engine
+from nanoflow.kernels import sm_share
+from nanoflow.kernels import tma as tma_engine  # (grouped_mm's `tma` argument picks the kernel)
 
 
 @triton.jit
@@ -121,17 +121,9 @@ def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
         _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """TMA needs 16-byte-aligned bases and row strides (K * itemsize a multiple of 16 for contiguous tensors),
-    and w's experts stacked evenly to be viewed as [E * N, K]."""
-    size = x.element_size()
-    return (x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and x.stride(0) * size % 16 == 0
-            and w.stride(1) * size % 16 == 0 and w.stride(0) == w.shape[1] * w.stride(1))
+    """x and w TMA-aligned, and w's experts stacked evenly to be viewed as [E * N, K]."""
+    return tma_engine.aligned(x) and tma_engine.aligned(w) and w.stride(0) == w.shape[1] * w.stride(1)
 
 
 def supported(dtype: torch.dtype) -> bool:
@@ -186,7 +178,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
     w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [block_n, block_k])
     # Persistent: at most one program per SM (a few in the interpreter, so that each loops over several tiles).
-    programs = min(_num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    programs = min(sm_share.total_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
                    if x.is_cuda else 3, tiles)
     _grouped_mm_tma_kernel[(programs,)](x_desc, w_desc, out, offs, n, k, out.stride(0), FLATTEN=flatten, **meta)
     return out

@@ -12,6 +12,8 @@ import ctypes
 
 import torch
 
+from nanoflow.kernels.sm_share import total_sms
+
 _SM = 1  # CU_DEV_RESOURCE_TYPE_SM
 _DEFAULT_STREAM = 1  # CU_GREEN_CTX_DEFAULT_STREAM (required by cuGreenCtxCreate)
 _NON_BLOCKING = 1  # CU_STREAM_NON_BLOCKING (required by cuGreenCtxStreamCreate)
@@ -40,10 +42,6 @@ def _check(result: int, what: str) -> None:
         name = ctypes.c_char_p()
         _driver().cuGetErrorName(result, ctypes.byref(name))
         raise RuntimeError(f"{what} failed: {name.value.decode() if name.value else result}")
-
-
-def total_sms(device: int = 0) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def partition(sms: tuple[int, ...], device: int = 0) -> list[tuple[int, torch.cuda.Stream]]:
