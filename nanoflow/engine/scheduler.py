@@ -109,13 +109,11 @@ class Scheduler:
             if seq.num_inflight:  # a preempted one waits for its last token
                 break
             if self.config.admission == "predicted":
-                predicted = self._predicted_blocks() if predicted is None else predicted
-                if predicted + self._predicted_peak(seq) > self.blocks.num_blocks:
+                predicted = (self._predicted_blocks() if predicted is None else predicted) + self._predicted_peak(seq)
+                if predicted > self.blocks.num_blocks:
                     break
             if not self._admit(seq):
                 break
-            if predicted is not None:
-                predicted += self._predicted_peak(seq)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
