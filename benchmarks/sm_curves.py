@@ -1,7 +1,7 @@
 """Performance vs SM count (#4): decode attention and the layer GEMMs, each on a stream confined to S SMs
 (nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
-Decode: the stream-K kernels in the engine's config (the page kernel, 8 programs per SM) vs their best over
+Decode: the engine's own call (kernels/gpu.py: the page kernel, 8 programs per SM) vs the best over
 configs (the gather kernel's tiles and depth, query blocks of 16 or 4 rows; the page kernel's warps and pages in
 flight; programs = k x S), and a plain streaming read as the ceiling.
 GEMMs: cuBLAS vs cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x slower than
@@ -21,6 +21,7 @@ from decode_sweep import case
 
 from nanoflow.bench.cost_model import layer_gemms
 from nanoflow.config import preset
+from nanoflow.kernels import gpu
 from nanoflow.kernels.sm_share import sm_share
 from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.pipeline.units import partition, share, total_sms
@@ -42,7 +43,12 @@ def timed(fn, stream, reps=10):
     return start.elapsed_time(end) / reps
 
 
-ENGINE = dict(pages=True, num_warps=1, num_stages=6, per_sm=8, block_g=4)  # kernels/gpu.py's, for Llama-3-8B
+def run_engine(sms, q, kc, vc, meta, out, stream):
+    """The engine's own call (kernels/gpu.py), told its share as the pipeline tells it."""
+    def call():
+        with sm_share(sms, total_sms()):
+            gpu.decode_attention(q, kc, vc, meta, SCALE, out)
+    return timed(call, stream)
 
 
 def decode_configs(quick):
@@ -86,7 +92,7 @@ def decode_curves(sm_list, quick, kv_dtype):
     for sms in sm_list:
         granted, stream = share(sms)
         row = {"sms": granted}
-        ms = run_decode(ENGINE, granted, q, kc, vc, meta, out, stream)
+        ms = run_engine(granted, q, kc, vc, meta, out, stream)
         row["default_ms"], row["default_tb_s"] = ms, nbytes / ms / 1e9
         row["stream_read_tb_s"] = stream_ceiling(kc.view(-1), granted, stream)
         best = None
@@ -115,7 +121,7 @@ def decode_contexts(config, sm_list, kv_dtype):
         out = torch.empty_like(q)
         for sms in sm_list:
             granted, stream = share(sms)
-            default = run_decode(ENGINE, granted, q, kc, vc, meta, out, stream)
+            default = run_engine(granted, q, kc, vc, meta, out, stream)
             pers = run_decode(config, granted, q, kc, vc, meta, out, stream)
             rows.append({"seqs": seqs, "ctx": ctx, "sms": granted, "default_tb_s": nbytes / default / 1e9,
                          "persistent_tb_s": nbytes / pers / 1e9})
