@@ -1,0 +1,140 @@
+"""What the overlapped pair's two ops contend for (#4): each op timed on its share while an interferer runs without
+pause on the other share, against the op alone.
+
+The pair is sm_curves.py's: the Llama-3-8B layer GEMMs of a 457-token nano-batch (cuBLASLt told its share) on the
+compute SMs, the engine's decode attention over 152 x 1,280 tokens on the memory SMs. Interferers:
+- on the memory SMs: the attention itself; a streaming read of 1 GB (plain loads, or marked evict-first so that it
+  does not push the GEMMs' weights out of L2); an FMA spin that touches no memory (power and clocks only);
+- on the compute SMs: the GEMMs themselves; a GEMM whose operands stay in L2 (tensor-core power, no HBM traffic).
+Then the attention's grid and depth (programs per SM, pages in flight) on its share, under the GEMMs.
+
+python benchmarks/pair_probe.py [--split 96 36] [--output out.json]"""
+import argparse
+import json
+import math
+
+import torch
+import triton
+import triton.language as tl
+from decode_sweep import case
+from sm_curves import SCALE, gemm_mats, timed
+
+from nanoflow.kernels import gpu
+from nanoflow.kernels.sm_share import sm_share
+from nanoflow.kernels.triton_attention import decode_attention
+from nanoflow.pipeline.units import partition, total_sms
+
+
+@triton.jit
+def _read(X, OUT, n, BLOCK: tl.constexpr, EVICT: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in tl.range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK, num_stages=4):
+        acc += tl.load(X + start + tl.arange(0, BLOCK), eviction_policy=EVICT).to(tl.float32)
+    tl.store(OUT + tl.program_id(0), tl.sum(acc))
+
+
+@triton.jit
+def _spin(OUT, iters, BLOCK: tl.constexpr):
+    x = tl.arange(0, BLOCK).to(tl.float32) * 1e-3
+    for _ in range(iters):
+        x = x * 0.999 + 1e-3
+    tl.store(OUT + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), x)
+
+
+def under(fn, stream, other, other_stream, reps=20):
+    """Milliseconds per call of fn on stream while `other` runs without pause on other_stream (queued to outlast
+    the measurement window three times over); None for `other` times fn alone."""
+    if other is None:
+        return timed(fn, stream, reps)
+    alone, other_ms = timed(fn, stream, 4), timed(other, other_stream, 4)
+    with torch.cuda.stream(other_stream):
+        for _ in range(math.ceil(3 * (reps + 2) * alone / other_ms) + 4):
+            other()
+        done = torch.cuda.Event()
+        done.record(other_stream)
+    ms = timed(fn, stream, reps)
+    done.synchronize()
+    return ms
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", type=int, nargs=2, default=(96, 36), metavar=("COMPUTE", "MEMORY"))
+    ap.add_argument("--output")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    full = total_sms()
+    (gc, cs), (gm, ms_) = partition(tuple(a.split))
+    q, kc, vc, meta, nbytes = case(152, 1280)
+    out = torch.empty_like(q)
+    mats = gemm_mats(457)
+    big = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16).normal_()  # 1 GB
+    sink = torch.empty(64 * full, device="cuda")
+    spin_out = torch.empty(16 * full * 1024, device="cuda")
+    small = [torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    small_out = torch.empty(1024, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def gemms():
+        with sm_share(gc, full):
+            for x, w, o, _ in mats.values():
+                torch.mm(x, w.t(), out=o)
+
+    def attn(**kw):
+        if not kw:
+            with sm_share(gm, full):
+                return gpu.decode_attention(q, kc, vc, meta, SCALE, out)
+        per_sm = kw.pop("per_sm")
+        decode_attention(q, kc, vc, meta, SCALE, out, programs=per_sm * gm, block_g=4, **kw)
+
+    def read(evict):
+        return lambda: _read[(4 * gm,)](big, sink, big.numel(), BLOCK=8192, EVICT=evict, num_warps=8)
+
+    def spin():
+        _spin[(4 * gm,)](spin_out, 20000, BLOCK=1024, num_warps=8)
+
+    def l2_gemm():
+        with sm_share(gc, full):
+            for _ in range(8):
+                torch.mm(small[0], small[1].t(), out=small_out)
+
+    seq = timed(lambda: (gemms(), gpu.decode_attention(q, kc, vc, meta, SCALE, out)), torch.cuda.Stream(), 20)
+    res = {"device": torch.cuda.get_device_name(), "split": [gc, gm], "sequence_ms": seq, "gemms": {}, "attention": {}}
+    print(f"{res['device']}: GEMMs on {gc} SMs, attention on {gm}; the pair in sequence on {full} SMs {seq:.3f} ms")
+    for name, other in (("alone", None), ("attention", attn), ("read", read("")), ("read evict_first",
+                        read("evict_first")), ("spin", spin)):
+        res["gemms"][name] = under(gemms, cs, other, ms_)
+        print(f"GEMMs on {gc} SMs, beside {name:>17} on {gm}: {res['gemms'][name]:.3f} ms", flush=True)
+    read_alone = timed(read(""), ms_, 5)
+    for name, fn in (("read", read("")), ("read evict_first", read("evict_first"))):
+        ms = under(fn, ms_, gemms, cs, 5)
+        res[f"{name} TB/s"] = [big.numel() * 2 / read_alone / 1e9, big.numel() * 2 / ms / 1e9]
+        print(f"{name} on {gm} SMs: {res[f'{name} TB/s'][0]:.2f} TB/s alone, {res[f'{name} TB/s'][1]:.2f} beside the "
+              f"GEMMs", flush=True)
+    for name, other in (("alone", None), ("GEMMs", gemms), ("L2-resident GEMM", l2_gemm)):
+        res["attention"][name] = under(attn, ms_, other, cs)
+        print(f"attention (engine) on {gm} SMs, beside {name:>16} on {gc}: {res['attention'][name]:.3f} ms "
+              f"({nbytes / res['attention'][name] / 1e9:.2f} TB/s)", flush=True)
+    res["attention configs"] = []
+    for per_sm in (4, 8, 16):
+        for stages in (4, 6, 8):
+            kw = dict(pages=True, num_warps=1, num_stages=stages, per_sm=per_sm)
+            try:
+                alone = under(lambda: attn(**dict(kw)), ms_, None, cs)
+                with_g = under(lambda: attn(**dict(kw)), ms_, gemms, cs)
+            except Exception as e:  # a config the compiler rejects (shared memory)
+                print(f"  {kw}: {type(e).__name__}")
+                continue
+            res["attention configs"].append({**kw, "alone_ms": alone, "beside_gemms_ms": with_g})
+            print(f"attention {kw}: {alone:.3f} ms alone, {with_g:.3f} beside the GEMMs", flush=True)
+    g, at = res["gemms"], res["attention"]
+    print(f"\nsummary: GEMMs {g['alone']:.3f} -> {g['attention']:.3f} beside attention "
+          f"(x{g['attention'] / g['alone']:.2f}),"
+          f" beside a read x{g['read'] / g['alone']:.2f}, evict-first read x{g['read evict_first'] / g['alone']:.2f},"
+          f" spin x{g['spin'] / g['alone']:.2f}; attention {at['alone']:.3f} -> {at['GEMMs']:.3f} beside the GEMMs "
+          f"(x{at['GEMMs'] / at['alone']:.2f}), beside an L2-resident GEMM x{at['L2-resident GEMM'] / at['alone']:.2f}")
+    if a.output:
+        json.dump(res, open(a.output, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
