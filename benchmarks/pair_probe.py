@@ -6,7 +6,9 @@ compute SMs, the engine's decode attention over 152 x 1,280 tokens on the memory
 - on the memory SMs: the attention itself; a streaming read of 1 GB (plain loads, or marked evict-first so that it
   does not push the GEMMs' weights out of L2); an FMA spin that touches no memory (power and clocks only);
 - on the compute SMs: the GEMMs themselves; a GEMM whose operands stay in L2 (tensor-core power, no HBM traffic).
-Then the attention's grid and depth (programs per SM, pages in flight) on its share, under the GEMMs.
+Then the attention's grid and depth (programs per SM, pages in flight) on its share, under the GEMMs; its kernels'
+times (plan, decode, combine); the same KV bytes in a layout where a page's KV head is contiguous (1 KV head, 8x
+the sequences) against the cache's [blocks, page, KV heads, D]; and the pair itself on several splits.
 
 python benchmarks/pair_probe.py [--split 96 36] [--output out.json]"""
 import argparse
@@ -17,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from decode_sweep import case
-from sm_curves import SCALE, gemm_mats, timed
+from sm_curves import SCALE, gemm_mats, pair, timed
 
 from nanoflow.kernels import gpu
 from nanoflow.kernels.sm_share import sm_share
@@ -126,6 +128,24 @@ def main():
                 continue
             res["attention configs"].append({**kw, "alone_ms": alone, "beside_gemms_ms": with_g})
             print(f"attention {kw}: {alone:.3f} ms alone, {with_g:.3f} beside the GEMMs", flush=True)
+    for seqs, hq, hkv in ((152, 32, 8), (152 * 8, 4, 1)):
+        q2, kc2, vc2, meta2, nb2 = case(seqs, 1280, hq=hq, hkv=hkv)
+        out2 = torch.empty_like(q2)
+
+        def engine():
+            with sm_share(gm, full):
+                gpu.decode_attention(q2, kc2, vc2, meta2, SCALE, out2)
+        res[f"layout {seqs} x {hq}/{hkv}"] = ms = timed(engine, ms_, 20)
+        print(f"attention on {gm} SMs, {seqs} seqs, {hq}/{hkv} heads: {ms:.3f} ms ({nb2 / ms / 1e9:.2f} TB/s)")
+        with torch.cuda.stream(ms_), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                engine()
+            torch.cuda.synchronize()
+        kernels = {e.key: e.device_time_total / 10 / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+        res[f"kernels {seqs} x {hq}/{hkv}"] = kernels
+        print("   kernels (ms):", {k[:40]: round(v, 4) for k, v in kernels.items()}, flush=True)
+    res["pairs"] = pair([(104, 28), (100, 32), (96, 36), (92, 40), (88, 44)],
+                        dict(pages=True, num_warps=1, num_stages=8, per_sm=8, block_g=4), torch.bfloat16)
     g, at = res["gemms"], res["attention"]
     print(f"\nsummary: GEMMs {g['alone']:.3f} -> {g['attention']:.3f} beside attention "
           f"(x{g['attention'] / g['alone']:.2f}),"
