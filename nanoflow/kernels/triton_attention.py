@@ -182,29 +182,35 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
 
 
 @triton.jit
-def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, UNIT_START, UNIT_TILES, CHUNK, stride_ot, stride_oh,
-                           stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+def _decode_combine_kernel(PART_O, PART_LSE, OUT, Q_START, TILE_UNIT, UNIT_START, UNIT_TILES, NUM_TILES, CHUNK,
+                           stride_ot, stride_oh, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
                            NUM_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, MAX_PARTS: tl.constexpr):
-    """Merge by log-sum-exp the parts of each query head whose unit the decode kernel's programs cut."""
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    tiles = tl.load(UNIT_TILES + s * NUM_KV + h // G)
-    if tiles == 0:
-        return
+    """Merge by log-sum-exp the parts of the units the decode kernel's programs cut. Only a unit crossed by a
+    boundary between two programs' runs is cut, so there is one combine program per boundary: program p takes
+    the unit holding tile p * chunk if that is the first boundary inside it (one grid of `programs`, not one
+    program per sequence and head of the capacity, nearly all of which would have nothing to merge)."""
+    p = tl.program_id(0)
     chunk = tl.load(CHUNK)
-    unit_first = tl.load(UNIT_START + s * NUM_KV + h // G)
-    used = (unit_first + tiles - 1) // chunk - unit_first // chunk + 1
-    if used == 1:  # written whole by its program
+    if (p == 0) | (p * chunk >= tl.load(NUM_TILES)):
         return
+    u = tl.load(TILE_UNIT + p * chunk)
+    unit_first = tl.load(UNIT_START + u)
+    if unit_first // chunk != p - 1:  # the unit starts at this boundary, or an earlier boundary cut it
+        return
+    used = (unit_first + tl.load(UNIT_TILES + u) - 1) // chunk - unit_first // chunk + 1
+    s = u // NUM_KV
     row = tl.load(Q_START + s)
     offs_p = tl.arange(0, MAX_PARTS)
     offs_d = tl.arange(0, D)
-    lse = tl.load(PART_LSE + s * stride_pl_s + h * stride_pl_h + offs_p, mask=offs_p < used, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, 0))
-    o = tl.load(PART_O + s * stride_po_s + h * stride_po_h + offs_p[:, None] * stride_po_p + offs_d[None, :],
-                mask=(offs_p < used)[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(OUT + row * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+    for i in tl.static_range(G):
+        h = (u % NUM_KV) * G + i
+        lse = tl.load(PART_LSE + s * stride_pl_s + h * stride_pl_h + offs_p, mask=offs_p < used,
+                      other=float("-inf"))
+        w = tl.exp(lse - tl.max(lse, 0))
+        o = tl.load(PART_O + s * stride_po_s + h * stride_po_h + offs_p[:, None] * stride_po_p + offs_d[None, :],
+                    mask=(offs_p < used)[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(OUT + row * stride_ot + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
 def _dot_dtype(q: torch.Tensor, k_cache: torch.Tensor):
@@ -359,9 +365,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             num_tiles, chunk, part_o, part_lse, *strides[:4], k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), meta.block_tables.stride(0), *strides[4:], scale, sliding_window or 0,
             BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, num_stages=num_stages, **common)
-    _decode_combine_kernel[(cap, num_heads)](
-        part_o, part_lse, out, meta.q_start, unit_start, unit_tiles, chunk, *strides[2:], NUM_KV=num_kv, G=g, D=d,
-        MAX_PARTS=max_parts, num_warps=4)
+    _decode_combine_kernel[(programs,)](
+        part_o, part_lse, out, meta.q_start, tile_unit, unit_start, unit_tiles, num_tiles, chunk, *strides[2:],
+        NUM_KV=num_kv, G=g, D=d, MAX_PARTS=max_parts, num_warps=4)
 
 
 @triton.jit
