@@ -67,6 +67,26 @@ def test_attention_matches_reference(case, shape, window):
         assert rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 1e-4)
 
 
+def test_decode_skips_units_without_tiles():
+    """A decode entry with no KV between two others is a unit without tiles: a program's next unit is then not the
+    one whose queries it prefetched, and the kernels must fetch the right queries (each kernel, every unit cut or
+    whole)."""
+    from nanoflow.kernels import triton_attention as ta
+    q, kc, vc, batch = make_case([1, 1, 1, 1], [40, 33, 21, 50], 4, dtype=DTYPE, device=DEVICE,
+                                 **SHAPES["gqa4"], seed=5)
+    meta = batch.build_attention(DECODE, 0, q.shape[0], capacity=6)
+    meta.seq_lens[1] = 0
+    meta = type(meta)(*(t.to(DEVICE) for t in (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
+    scale = q.shape[2] ** -0.5
+    expect = torch.empty(q.shape, device=DEVICE)
+    ref.paged_attention(q, kc, vc, meta, scale, expect)
+    rows = [0, 2, 3]
+    for pages, programs in itertools.product((False, True), (1, 2, 5, 64)):
+        got = torch.full(q.shape, float("nan"), dtype=DTYPE, device=DEVICE)
+        ta.decode_attention(q, kc, vc, meta, scale, got, block_n=16, programs=programs, pages=pages, block_g=4)
+        assert rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 1e-4), (pages, programs)
+
+
 @pytest.mark.parametrize("case", ["mixed", "decode_long"])
 def test_attention_over_an_fp8_cache_matches_reference(case):
     """--kv-cache-dtype fp8: the kernels widen the cache's float8 e4m3 values to fp16 and run the dots there, as
