@@ -68,9 +68,8 @@ def test_attention_matches_reference(case, shape, window):
 
 
 def test_decode_skips_units_without_tiles():
-    """A decode entry with no KV between two others is a unit without tiles: a program's next unit is then not the
-    one whose queries it prefetched, and the kernels must fetch the right queries (each kernel, every unit cut or
-    whole)."""
+    """A decode entry with no KV between two others is a unit without tiles: its neighbours' tiles, queries and
+    parts must still meet (each kernel; units whole, cut in two and cut in many)."""
     from nanoflow.kernels import triton_attention as ta
     q, kc, vc, batch = make_case([1, 1, 1, 1], [40, 33, 21, 50], 4, dtype=DTYPE, device=DEVICE,
                                  **SHAPES["gqa4"], seed=5)

@@ -74,39 +74,21 @@ def _fresh_softmax(BLOCK_G: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _program_start(CHUNK, NUM_TILES, BLOCK_G: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
     """This program's run of the batch's tiles (the tiles per program, its first and last), and an empty state:
-    queries, prefetched queries of no unit (-1) and a fresh online softmax."""
+    queries and a fresh online softmax."""
     chunk = tl.load(CHUNK)
     first_g = tl.program_id(0) * chunk
     m, l, acc = _fresh_softmax(BLOCK_G, D)
-    q = tl.zeros([BLOCK_G, D], DOT)
-    return chunk, first_g, tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1, q, q, first_g * 0 - 1, m, l, acc
+    return chunk, first_g, tl.minimum(first_g + chunk, tl.load(NUM_TILES)) - 1, tl.zeros([BLOCK_G, D], DOT), m, l, acc
 
 
 @triton.jit
-def _queries(Q, Q_START, u, units, offs_g, offs_d, stride_qt, stride_qh, NUM_KV: tl.constexpr, G: tl.constexpr,
-             DOT: tl.constexpr):
-    """The query heads of unit u (zeros past the last unit)."""
-    ok = u < units
-    row = tl.load(Q_START + u // NUM_KV, mask=ok, other=0)
-    heads = (u % NUM_KV) * G + offs_g
-    return tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                   mask=(offs_g[:, None] < G) & ok, other=0.0).to(DOT)
-
-
-@triton.jit
-def _open_unit(Q, Q_START, u, q_next, next_unit, units, offs_g, offs_d, stride_qt, stride_qh, NUM_KV: tl.constexpr,
-               G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
-    """A new unit u: its queries, a fresh online softmax, and the next unit's queries fetched now, to be waited for
-    only when that unit opens (a load at the opening itself stalled the program once per unit: short contexts
-    measured slower per byte). A program's units follow each other (u, u + 1, ...) unless units without tiles lie
-    between, where the prefetched queries are not used."""
-    if next_unit == u:
-        q = q_next
-    else:
-        q = _queries(Q, Q_START, u, units, offs_g, offs_d, stride_qt, stride_qh, NUM_KV, G, DOT)
-    q_next = _queries(Q, Q_START, u + 1, units, offs_g, offs_d, stride_qt, stride_qh, NUM_KV, G, DOT)
+def _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G: tl.constexpr, BLOCK_G: tl.constexpr,
+               D: tl.constexpr, DOT: tl.constexpr):
+    """A new unit: its queries, and a fresh online softmax."""
+    q = tl.load(Q + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=offs_g[:, None] < G, other=0.0).to(DOT)
     m, l, acc = _fresh_softmax(BLOCK_G, D)
-    return q, q_next, u + 1, m, l, acc
+    return q, m, l, acc
 
 
 @triton.jit
@@ -124,8 +106,7 @@ def _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d,
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, NUM_TILES, UNITS, CHUNK, PART_O,
-                   PART_LSE,
+def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, NUM_TILES, CHUNK, PART_O, PART_LSE,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                    stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale, window,
                    NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -136,7 +117,7 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
     included) is loaded during tile g: with the page loads of a tile inside its own iteration, Triton's pipeliner
     keeps a single K/V buffer (measured: 45 KB of shared memory at any depth, ~40 GB/s per SM)."""
     pid = tl.program_id(0)
-    chunk, first_g, last_g, q, q_next, next_unit, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
+    chunk, first_g, last_g, q, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     u, s, t, tiles, row, seq_len, offs_n, page = _decode_tile(
@@ -150,8 +131,7 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(DOT)
         heads = kvh * G + offs_g
         if (t == 0) | (g == first_g):
-            q, q_next, next_unit, m, l, acc = _open_unit(Q, Q_START, u, q_next, next_unit, UNITS, offs_g, offs_d,
-                                                         stride_qt, stride_qh, NUM_KV, G, BLOCK_G, D, DOT)
+            q, m, l, acc = _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G, BLOCK_G, D, DOT)
         scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
         if (t == tiles - 1) | (g == last_g):
@@ -166,7 +146,7 @@ def _decode_kernel(Q, K, V, OUT, BT, Q_START, SEQ_LENS, TILE_UNIT, UNIT_START, N
 
 @triton.jit
 def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, TILE_SPAN, UNIT_START, NUM_TILES,
-                        UNITS, CHUNK, PART_O, PART_LSE, stride_qt, stride_qh, stride_ot, stride_oh,
+                        CHUNK, PART_O, PART_LSE, stride_qt, stride_qh, stride_ot, stride_oh,
                         stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale,
                         NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                         PAGE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
@@ -175,7 +155,7 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
     loop index alone and the pipeliner runs STAGES iterations ahead (a tile's unit, page, and span: the first and
     last valid positions in the page and whether it opens or closes its unit)."""
     pid = tl.program_id(0)
-    chunk, first_g, last_g, q, q_next, next_unit, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
+    chunk, first_g, last_g, q, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, PAGE)
@@ -189,8 +169,8 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
         v = v_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
         heads = kvh * G + offs_g
         if (((span >> 1) & 1) == 1) | (g == first_g):
-            q, q_next, next_unit, m, l, acc = _open_unit(Q, Q_START, u, q_next, next_unit, UNITS, offs_g, offs_d,
-                                                         stride_qt, stride_qh, NUM_KV, G, BLOCK_G, D, DOT)
+            q, m, l, acc = _open_unit(Q, tl.load(Q_START + s), heads, offs_g, offs_d, stride_qt, stride_qh, G,
+                                      BLOCK_G, D, DOT)
         valid = (offs_n >= (span >> 16)) & (offs_n < ((span >> 2) & 0x3FFF))
         scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
@@ -373,8 +353,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _decode_page_kernel[(programs,)](
             q, TensorDescriptor(k_cache, list(k_cache.shape), list(k_cache.stride()), box),
             TensorDescriptor(v_cache, list(v_cache.shape), list(v_cache.stride()), box), out, meta.q_start,
-            tile_unit, tile_page, span, unit_start, num_tiles, unit_tiles.shape[0], chunk, part_o, part_lse, *strides,
-            scale, STAGES=num_stages, **common)
+            tile_unit, tile_page, span, unit_start, num_tiles, chunk, part_o, part_lse, *strides, scale,
+            STAGES=num_stages, **common)
     else:
         max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
         min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
@@ -382,8 +362,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             meta, num_kv, block_n, max_tiles, sliding_window, programs, min_chunk)
         _decode_kernel[(programs,)](
             q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.seq_lens, tile_unit, unit_start,
-            num_tiles, unit_tiles.shape[0], chunk, part_o, part_lse, *strides[:4], k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), *strides[4:], scale, sliding_window or 0,
+            num_tiles, chunk, part_o, part_lse, *strides[:4], k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), meta.block_tables.stride(0), *strides[4:], scale, sliding_window or 0,
             BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, num_stages=num_stages, **common)
     _decode_combine_kernel[(programs,)](
         part_o, part_lse, out, meta.q_start, tile_unit, unit_start, unit_tiles, num_tiles, chunk, *strides[2:],
