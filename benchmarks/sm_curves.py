@@ -175,11 +175,12 @@ def pair(splits, decode_config, kv_dtype):
 
     def attn(sms):
         decode_attention(q, kc, vc, meta, SCALE, out, programs=decode_config["per_sm"] * sms, **kw)
-    seq = timed(lambda: (gemms(), attn(total_sms())), main, reps=20)
-    print(f"pair in sequence on {total_sms()} SMs: {seq:.3f} ms", flush=True)
     for sc, sm in splits:
         (gc, cs), (gm, ms_) = partition((sc, sm))
         for gemm_kind in ("cublas", "cublaslt_target"):
+            # the sequence timed next to each overlapped run: after heavy GEMM work the GEMMs run up to 15 % slower
+            # for some seconds (BENCHMARKS.md, #4 session 11), which a sequence timed once would carry
+            seq = timed(lambda: (gemms(), attn(total_sms())), main, reps=20)
             def both():
                 fork = torch.cuda.Event()
                 fork.record(main)
@@ -242,8 +243,9 @@ def main():
     best_full = res["decode"][-1]["persistent_config"]
     best_32 = next(r for r in res["decode"] if r["sms"] >= 32)["persistent_config"]
     res["decode_contexts"] = decode_contexts(best_32, [32, full], kv_dtype)
-    res["gemm"] = gemm_curves([32, 64, 96, 104, 120, full], [256, 915, 2048])
+    # the pair before the GEMM curves, whose minutes of GEMMs leave the card's GEMMs slower for a while
     res["pair"] = pair([(96, 32), (104, 24), (112, 16), (88, 40), (80, 48), (64, 64)], best_32, kv_dtype)
+    res["gemm"] = gemm_curves([32, 64, 96, 104, 120, full], [256, 915, 2048])
     res["best_full_card_decode_config"] = best_full
     print("\nSMs  streaming read  engine config  best config  (TB/s)")
     for r in res["decode"]:
