@@ -1,7 +1,7 @@
 """Performance vs SM count (#4): decode attention and the layer GEMMs, each on a stream confined to S SMs
 (nanoflow.pipeline.units), then GEMMs of one nano-batch overlapped with the decode attention of the other.
 
-Decode: the engine's own call (kernels/gpu.py: the page kernel, 8 programs per SM) vs the best over
+Decode: the engine's own call (kernels/gpu.py: its kernel and grid for the share and cache) vs the best over
 configs (the gather kernel's tiles and depth, query blocks of 16 or 4 rows; the page kernel's warps and pages in
 flight; programs = k x S), and a plain streaming read as the ceiling.
 GEMMs: cuBLAS vs cuBLASLt told the unit's SM count (a persistent Triton matmul measured 1.2-1.8x slower than

@@ -39,10 +39,14 @@ moe_combine = _compile(reference.moe_combine)
 
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
     """The persistent decode kernel sized to the SMs it runs on (the unit's share, or the device), in the
-    configuration that measured best on an H100 (BENCHMARKS.md, #4): the page kernel where it runs, 8 programs
-    per SM, a query block of the group's own rows."""
-    sms = sm_share.current or sm_share.total_sms(q.device.index or 0)
-    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window, programs=8 * sms,
+    configuration that measured best on an H100 (BENCHMARKS.md, #4), with a query block of the group's own rows:
+    on a share, or over an fp8 cache, the page kernel where it runs, 8 programs per SM; on the whole device over a
+    16-bit cache, the gather kernel, 4 programs per SM (there it read 1-2 % faster on short and mid contexts)."""
+    total = sm_share.total_sms(q.device.index or 0)
+    sms = sm_share.current or total
+    gather = sms >= total and k_cache.element_size() == 2
+    triton_attention.decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window,
+                                      programs=(4 if gather else 8) * sms, pages=False if gather else None,
                                       block_g=1 << (q.shape[1] // k_cache.shape[2] - 1).bit_length())
 
 
