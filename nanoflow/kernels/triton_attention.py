@@ -159,6 +159,8 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, PAGE)
+    unit_first = first_g
+    row = first_g
     for g in tl.range(first_g, last_g + 1, num_stages=STAGES):
         u = tl.load(TILE_UNIT + g)
         page = tl.load(TILE_PAGE + g)
@@ -168,15 +170,19 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
         k = k_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
         v = v_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
         heads = kvh * G + offs_g
-        if (((span >> 1) & 1) == 1) | (g == first_g):
-            q, m, l, acc = _open_unit(Q, tl.load(Q_START + s), heads, offs_g, offs_d, stride_qt, stride_qh, G,
-                                      BLOCK_G, D, DOT)
+        opens = ((span >> 1) & 1) == 1
+        if opens | (g == first_g):  # the unit's query row and first tile kept, so that closing it waits on no load
+            row = tl.load(Q_START + s)
+            q, m, l, acc = _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G, BLOCK_G, D, DOT)
+            if opens:
+                unit_first = g
+            else:  # a unit that an earlier program began: once per program
+                unit_first = tl.load(UNIT_START + u)
         valid = (offs_n >= (span >> 16)) & (offs_n < ((span >> 2) & 0x3FFF))
         scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
         if ((span & 1) == 1) | (g == last_g):
-            unit_first = tl.load(UNIT_START + u)
-            _close_unit(OUT, PART_O, PART_LSE, acc, m, l, tl.load(Q_START + s), s, heads, offs_g, offs_d,
+            _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d,
                         (unit_first >= first_g) & ((span & 1) == 1), pid - unit_first // chunk, stride_ot,
                         stride_oh, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G)
 
