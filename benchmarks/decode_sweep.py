@@ -21,6 +21,7 @@ import triton.testing
 
 from nanoflow.kernels import gpu
 from nanoflow.kernels import reference as ref
+from nanoflow.kernels.sm_share import total_sms
 from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.models.batch import DECODE, ForwardBatch
 
@@ -61,7 +62,7 @@ def main():
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
     q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, ctx_max=a.ctx_max, width=a.width, kv_dtype=kv_dtype)
     scale = 128 ** -0.5
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = total_sms()
     expect = torch.empty(8, a.hq, 128, device="cuda")
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
                                                  meta.block_tables[:8]), scale, expect)

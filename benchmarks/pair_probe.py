@@ -19,20 +19,12 @@ import torch
 import triton
 import triton.language as tl
 from decode_sweep import case
-from sm_curves import SCALE, gemm_mats, pair, timed
+from sm_curves import SCALE, gemm_mats, pair, stream_read, timed
 
 from nanoflow.kernels import gpu
 from nanoflow.kernels.sm_share import sm_share
 from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.pipeline.units import partition, total_sms
-
-
-@triton.jit
-def _read(X, OUT, n, BLOCK: tl.constexpr, EVICT: tl.constexpr):
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in tl.range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK, num_stages=4):
-        acc += tl.load(X + start + tl.arange(0, BLOCK), eviction_policy=EVICT).to(tl.float32)
-    tl.store(OUT + tl.program_id(0), tl.sum(acc))
 
 
 @triton.jit
@@ -89,7 +81,7 @@ def main():
         decode_attention(q, kc, vc, meta, SCALE, out, programs=per_sm * gm, block_g=4, **kw)
 
     def read(evict):
-        return lambda: _read[(4 * gm,)](big, sink, big.numel(), BLOCK=8192, EVICT=evict, num_warps=8)
+        return lambda: stream_read[(4 * gm,)](big, sink, big.numel(), BLOCK=8192, EVICT=evict, num_warps=8)
 
     def spin():
         _spin[(4 * gm,)](spin_out, 20000, BLOCK=1024, num_warps=8)

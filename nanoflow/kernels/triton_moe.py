@@ -16,7 +16,6 @@ by another program, so a TMA store (whole boxes) would clobber them.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
