@@ -129,3 +129,38 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
         offs.copy_(torch.tensor(moved).cumsum(0).to(torch.int32))
         graph.replay()
         check(out, x, w, moved)
+
+
+@pytest.mark.parametrize("m, e, k, normalize", [(1, 8, 2, True), (37, 8, 2, True), (600, 8, 2, True),
+                                                (150, 60, 4, False), (0, 8, 2, True), (9, 4, 4, True)])
+def test_route_matches_reference(m, e, k, normalize):
+    """One Triton program against reference.moe_route: Mixtral's 8 experts top-2 renormalized, over one and over
+    two blocks of rows (512 at 8 experts); Qwen2-MoE's 60 top-4 not renormalized (64 rows a block); no rows; k = E.
+    Logits in the router's dtype, each row a random order of distinct values (bf16 logits tie often, and
+    torch.topk's tie-break is its own: the next test)."""
+    from nanoflow.kernels import reference
+    from nanoflow.kernels.triton_moe import route
+    g = torch.Generator().manual_seed(m * 100 + e)
+    ranks = torch.rand(m, e, generator=g).argsort(-1)
+    logits = ((ranks - e / 2) * 0.125 + torch.randint(-4, 4, (m, 1), generator=g)).to(torch.bfloat16).to(DEVICE)
+    got, expect = route(logits, k, normalize), reference.moe_route(logits, k, normalize)
+    for name, a, b in zip(("rows", "where", "weights", "offs"), got, expect):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name == "weights":
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_route_ties_go_to_the_lower_expert():
+    """Equal logits: the top-k takes the lowest experts among equals, and the pairs stay a permutation that
+    rows and where describe alike."""
+    from nanoflow.kernels.triton_moe import route
+    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 2.0], [5.0, 5.0, 5.0, 5.0]],
+                          dtype=torch.bfloat16, device=DEVICE)
+    rows, where, weights, offs = route(logits, 2, True)
+    assert offs.tolist() == [2, 5, 6, 6]  # rows 0 and 2 take experts 0 and 1, row 1 takes 1 and 2
+    assert rows.tolist() == [0, 2, 0, 1, 2, 1]
+    assert where.tolist() == [[0, 2], [3, 5], [1, 4]]
+    assert torch.equal(rows[where], torch.arange(3, device=DEVICE)[:, None].expand(3, 2))
+    torch.testing.assert_close(weights, torch.full((3, 2), 0.5, device=DEVICE))

@@ -1,5 +1,5 @@
 """The GPU backend: Triton paged attention and rope + KV append, torch.compile fusions of the reference norms
-and activation, the experts' MLPs as Triton grouped GEMMs.
+and activation, the experts' routing and MLPs in Triton (one routing program, grouped GEMMs).
 
 GEMMs stay in the model (torch.mm: cuBLAS). The fusions are the reference functions themselves,
 compiled: one source of truth for the math, one fused kernel each on the GPU.
@@ -51,6 +51,7 @@ def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None)
 
 
 experts_capturable = triton_moe.supported  # (its grouped GEMMs read the offsets on the device)
+moe_route = triton_moe.route
 
 
 def experts_mlp(x, gate_up, down, offs):

@@ -99,6 +99,25 @@ decode_attention = paged_attention
 prefill_attention = paged_attention
 
 
+def moe_route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+    """Routing as HF Mixtral: softmax of the router's logits [R, E] in float32, top-k (torch.topk's tie-break),
+    the k weights renormalized to sum to 1 if `normalize`; each row's k experts in increasing order (the order its
+    outputs are summed in). Then the R * k (row, expert) pairs sorted by expert, stably. Returns the source row of
+    each sorted pair [R * k], each pair's place in that order [R, k], the weights [R, k] (float32) and where each
+    expert's pairs end (int32 [E], counted on the device: torch.bincount on CUDA syncs for its size)."""
+    weights, ids = logits.float().softmax(-1).topk(k, dim=-1)
+    if normalize:
+        weights /= weights.sum(-1, keepdim=True)
+    ids, order = ids.sort(-1)
+    weights = weights.gather(-1, order)
+    sorted_ids, pairs = ids.flatten().sort(stable=True)
+    offs = torch.searchsorted(sorted_ids, torch.arange(logits.shape[1], device=ids.device), right=True,
+                              out_int32=True)
+    where = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(len(pairs), device=pairs.device))
+    return pairs // k, where.view(-1, k), weights, offs
+
+
 def moe_combine(y: torch.Tensor, where: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
                 shared: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = sum over j of weights[r, j] * y[where[r, j]] (+ shared[r]), summed in float32 in the order of j:

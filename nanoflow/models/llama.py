@@ -285,30 +285,20 @@ class LlamaModel(nn.Module):
     def experts(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         """Each row's top-k experts by token permutation: the (row, expert) pairs sorted by expert, so that each
         expert runs its SwiGLU MLP on contiguous rows (the backend's experts_mlp: grouped GEMMs on the GPU); then
-        each row gathers its k outputs, weighted, summed in float32 (moe_combine). Routing as HF Mixtral: softmax
-        in float32, top-k (torch.topk's tie-break), weights renormalized over the k; each row's sum in increasing
-        expert order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's output times
-        sigmoid(x · its gate)). Nothing here waits for the host."""
+        each row gathers its k outputs, weighted, summed in float32 (moe_combine). Routing as HF Mixtral
+        (the backend's moe_route): softmax in float32, top-k, weights renormalized over the k; each row's sum in
+        increasing expert order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's
+        output times sigmoid(x · its gate)). Nothing here waits for the host."""
         layer, c = self.layers[l], self.cfg
-        k = c.num_experts_per_tok
-        weights, ids = ws.router[a:b].float().softmax(-1).topk(k, dim=-1)
-        if c.norm_topk_prob:
-            weights /= weights.sum(-1, keepdim=True)
-        ids, order = ids.sort(-1)  # each row's experts in increasing order: the order its outputs are summed in
-        weights = weights.gather(-1, order)
-        sorted_ids, pairs = ids.flatten().sort(stable=True)
-        # where each expert's pairs end, counted on the device (torch.bincount on CUDA syncs for its size)
-        offs = torch.searchsorted(sorted_ids, torch.arange(c.num_experts, device=ids.device), right=True,
-                                  out_int32=True)
+        rows, where, weights, offs = self.k.moe_route(ws.router[a:b], c.num_experts_per_tok, c.norm_topk_prob)
         x = ws.normed[a:b]
-        y = self.k.experts_mlp(x.index_select(0, pairs // k), layer.experts_gate_up, layer.experts_down, offs)
-        where = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(len(pairs), device=pairs.device))
+        y = self.k.experts_mlp(x.index_select(0, rows), layer.experts_gate_up, layer.experts_down, offs)
         shared = None
         if c.shared_expert_intermediate_size:
             act = torch.empty(b - a, c.shared_expert_intermediate_size, dtype=x.dtype, device=x.device)
             self.k.silu_mul(torch.mm(x, layer.shared_gate_up.t()), out=act)
             shared = torch.mm(x, layer.shared_gate.t()).float().sigmoid() * torch.mm(act, layer.shared_down.t()).float()
-        self.k.moe_combine(y, where.view(b - a, k), weights, ws.hidden[a:b], shared)
+        self.k.moe_combine(y, where, weights, ws.hidden[a:b], shared)
 
     down_allreduce = o_allreduce  # the same sum of the ranks' partial hidden rows, after down (or the experts)
 
