@@ -134,8 +134,8 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
 @pytest.mark.parametrize("m, e, k, normalize", [(1, 8, 2, True), (37, 8, 2, True), (600, 8, 2, True),
                                                 (150, 60, 4, False), (0, 8, 2, True), (9, 4, 4, True)])
 def test_route_matches_reference(m, e, k, normalize):
-    """One Triton program against reference.moe_route: Mixtral's 8 experts top-2 renormalized, over one and over
-    two blocks of rows (512 at 8 experts); Qwen2-MoE's 60 top-4 not renormalized (64 rows a block); no rows; k = E.
+    """The Triton routing against reference.moe_route: Mixtral's 8 experts top-2 renormalized, in one and in ten
+    blocks of rows (64 at 8 experts); Qwen2-MoE's 60 top-4 not renormalized (16 rows a block); no rows; k = E.
     Logits in the router's dtype, each row a random order of distinct values (bf16 logits tie often, and
     torch.topk's tie-break is its own: the next test)."""
     from nanoflow.kernels import reference
@@ -164,3 +164,18 @@ def test_route_ties_go_to_the_lower_expert():
     assert where.tolist() == [[0, 2], [3, 5], [1, 4]]
     assert torch.equal(rows[where], torch.arange(3, device=DEVICE)[:, None].expand(3, 2))
     torch.testing.assert_close(weights, torch.full((3, 2), 0.5, device=DEVICE))
+
+
+def test_route_places_every_pair_of_rows_that_are_not_numbers():
+    """A CUDA graph's padding rows hold whatever the workspace held: a row of NaN or infinities still picks k
+    experts, so that every pair gets a place (else the combine reads a place never written)."""
+    from nanoflow.kernels.triton_moe import route
+    logits = torch.randn(70, 8).to(torch.bfloat16)
+    logits[3] = float("nan")
+    logits[5, 2] = float("nan")
+    logits[66] = float("inf")
+    logits[67, :2] = float("-inf")
+    rows, where, _, offs = route(logits.to(DEVICE), 2, True)
+    assert offs[-1].item() == 140 and (torch.diff(offs, prepend=offs.new_zeros(1)) >= 0).all()
+    assert sorted(where.flatten().tolist()) == list(range(140))
+    assert torch.equal(rows[where], torch.arange(70, device=DEVICE)[:, None].expand(70, 2))

@@ -1,9 +1,9 @@
 """Mixture-of-experts kernels in Triton: the routing of rows to experts, and the experts' MLPs as grouped GEMMs.
 
-Routing (`route`): one program computes what reference.moe_route does with a dozen torch kernels (softmax,
-top-k, sorts, searchsorted, scatter: ~85 us a layer on an H200 at 1,600-1,900 rows, more than their bytes need).
-Its sort is a counting sort: a pair's place is its expert's start plus the pairs of that expert in earlier rows,
-so two passes over the rows (count, then place) sort stably without comparisons.
+Routing (`route`): two kernels over blocks of rows compute what reference.moe_route does with a dozen torch
+kernels (softmax, top-k, sorts, searchsorted, scatter: ~85 us a layer on an H200 at 1,600-1,900 rows, more than
+their bytes need). Its sort is a counting sort: a pair's place is its expert's start plus the pairs of that expert
+in earlier rows, so counting each block's pairs per expert, then placing them, sorts stably without comparisons.
 
 The grouped GEMMs: x's rows sorted by expert, expert e's rows ending at offs[e],
 each multiplied by w[e].T. On an H100 at Mixtral's TP = 2 shard it runs the experts' GEMMs 1.1-1.2x faster than
@@ -194,7 +194,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
 def _route_rows(LOGITS, r0, M, stride_l, E: tl.constexpr, K: tl.constexpr, NORMALIZE: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """Rows [r0, r0 + BLOCK_R): which k experts each picks (a [BLOCK_R, BLOCK_E] mask, none for rows past M) and
-    their weights. Top-k as k rounds of the highest remaining probability, the lowest expert among equals."""
+    their weights. Top-k as k rounds of the highest remaining probability, the lowest expert among equals. A row
+    whose logits hold a NaN or an infinity (a CUDA graph's padding rows hold whatever was there) still picks k
+    experts, so that every pair gets a place."""
     rows = r0 + tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(LOGITS + rows[:, None] * stride_l + e[None, :], mask=(rows < M)[:, None] & (e < E)[None, :],
@@ -202,7 +204,7 @@ def _route_rows(LOGITS, r0, M, stride_l, E: tl.constexpr, K: tl.constexpr, NORMA
     x = tl.where((e < E)[None, :], x, float("-inf"))
     p = tl.exp(x - tl.max(x, 1)[:, None])
     p = p / tl.sum(p, 1)[:, None]
-    left = tl.where((e < E)[None, :], p, -1.0)
+    left = tl.where((e < E)[None, :], tl.where(p == p, p, -0.5), -1.0)  # NaN: below every number, above the picked
     chosen = (e[None, :] < 0) & (rows[:, None] < M)  # all False, [BLOCK_R, BLOCK_E]
     for _ in tl.static_range(K):
         best = tl.max(left, 1)
@@ -217,39 +219,57 @@ def _route_rows(LOGITS, r0, M, stride_l, E: tl.constexpr, K: tl.constexpr, NORMA
 
 
 @triton.jit
-def _route_kernel(LOGITS, ROWS, WHERE, WEIGHTS, OFFS, M, stride_l, E: tl.constexpr, K: tl.constexpr,
-                  NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_count_kernel(LOGITS, COUNTS, M, stride_l, E: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """Each block of rows: how many of its pairs go to each expert."""
+    pid = tl.program_id(0)
+    _, chosen, _ = _route_rows(LOGITS, pid * BLOCK_R, M, stride_l, E, K, False, BLOCK_R, BLOCK_E)
+    tl.store(COUNTS + pid * BLOCK_E + tl.arange(0, BLOCK_E), tl.sum(chosen.to(tl.int32), 0))
+
+
+@triton.jit
+def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, stride_l, E: tl.constexpr, K: tl.constexpr,
+                        NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_B: tl.constexpr):
+    """Each block of rows places its pairs: an expert's pairs begin where the earlier experts' end, and within
+    it after the pairs of earlier blocks and of earlier rows in this block."""
+    pid = tl.program_id(0)
+    b = tl.arange(0, BLOCK_B)
     e = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], tl.int32)
-    for r0 in range(0, M, BLOCK_R):
-        _, chosen, _ = _route_rows(LOGITS, r0, M, stride_l, E, K, NORMALIZE, BLOCK_R, BLOCK_E)
-        counts += tl.sum(chosen.to(tl.int32), 0)
-    ends = tl.cumsum(counts, 0)
-    tl.store(OFFS + e, ends, mask=e < E)
-    start = ends - counts  # where the pairs of each expert in the rows still to place begin
-    for r0 in range(0, M, BLOCK_R):
-        rows, chosen, w = _route_rows(LOGITS, r0, M, stride_l, E, K, NORMALIZE, BLOCK_R, BLOCK_E)
-        c = chosen.to(tl.int32)
-        place = start[None, :] + tl.cumsum(c, 0) - c  # after the same expert's pairs in earlier rows
-        j = tl.cumsum(c, 1) - 1  # the pair's index in its row: the row's experts in increasing order
-        row_2d = rows[:, None] + 0 * e[None, :]
-        tl.store(ROWS + place, row_2d.to(tl.int64), mask=chosen)
-        tl.store(WHERE + row_2d * K + j, place.to(tl.int64), mask=chosen)
-        tl.store(WEIGHTS + row_2d * K + j, w, mask=chosen)
-        start += tl.sum(c, 0)
+    counts = tl.load(COUNTS + b[:, None] * BLOCK_E + e[None, :], mask=(b < tl.num_programs(0))[:, None], other=0)
+    totals = tl.sum(counts, 0)
+    ends = tl.cumsum(totals, 0)
+    if pid == 0:
+        tl.store(OFFS + e, ends, mask=e < E)
+    start = ends - totals + tl.sum(tl.where((b < pid)[:, None], counts, 0), 0)
+    rows, chosen, w = _route_rows(LOGITS, pid * BLOCK_R, M, stride_l, E, K, NORMALIZE, BLOCK_R, BLOCK_E)
+    c = chosen.to(tl.int32)
+    place = start[None, :] + tl.cumsum(c, 0) - c
+    j = tl.cumsum(c, 1) - 1  # the pair's index in its row: the row's experts in increasing order
+    row_2d = rows[:, None] + 0 * e[None, :]
+    tl.store(ROWS + place, row_2d.to(tl.int64), mask=chosen)
+    tl.store(WHERE + row_2d * K + j, place.to(tl.int64), mask=chosen)
+    tl.store(WEIGHTS + row_2d * K + j, w, mask=chosen)
 
 
 def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
-    """reference.moe_route in one Triton program (no host sync: a CUDA graph captures it). Ties in the top-k go to
-    the lower expert (torch.topk leaves them unspecified)."""
+    """reference.moe_route in two Triton kernels over blocks of rows (no host sync: a CUDA graph captures them).
+    Ties in the top-k go to the lower expert (torch.topk leaves them unspecified)."""
     m, e = logits.shape
     assert logits.stride(1) == 1 and 0 < k <= e
     rows = torch.empty(m * k, dtype=torch.int64, device=logits.device)
     where = torch.empty(m, k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(m, k, dtype=torch.float32, device=logits.device)
-    offs = torch.empty(e, dtype=torch.int32, device=logits.device)
+    offs = torch.zeros(e, dtype=torch.int32, device=logits.device)
+    if m == 0:
+        return rows, where, weights, offs
     block_e = triton.next_power_of_2(e)
-    _route_kernel[(1,)](logits, rows, where, weights, offs, m, logits.stride(0), E=e, K=k, NORMALIZE=normalize,
-                        BLOCK_R=max(16, min(512, 4096 // block_e)), BLOCK_E=block_e, num_warps=4)
+    block_r = max(16, 512 // block_e)
+    blocks = triton.cdiv(m, block_r)
+    counts = torch.empty(blocks, block_e, dtype=torch.int32, device=logits.device)
+    meta = dict(E=e, K=k, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
+    _route_count_kernel[(blocks,)](logits, counts, m, logits.stride(0), **meta)
+    _route_place_kernel[(blocks,)](logits, counts, rows, where, weights, offs, m, logits.stride(0),
+                                   NORMALIZE=normalize, BLOCK_B=triton.next_power_of_2(blocks), **meta)
     return rows, where, weights, offs
