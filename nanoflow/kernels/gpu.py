@@ -16,9 +16,11 @@ from nanoflow.kernels.triton_rope import rope_append_kv  # noqa: F401
 
 
 def _compile(fn):
-    """fn compiled for any row count: only the first dim of its tensors is dynamic, the widths are constants.
-    (With every dim dynamic, the activation ran 2.3x slower in #9's layer, BENCHMARKS.md: likely its 2-D
-    indexing by a runtime width.)"""
+    """fn compiled for any row count: only the first dim of its tensors is dynamic, the widths are constants, and
+    a new width compiles anew rather than turning dynamic (dynamo's default on a second width: two activation
+    widths in one process, e.g. Qwen2-MoE's experts and shared expert). With dynamic widths the activation ran
+    2.3x slower in #9's layer and 1.6-1.8x slower at Mixtral's TP = 2 width (BENCHMARKS.md): its 2-D indexing by
+    a runtime width."""
     compiled = torch.compile(fn, fullgraph=True)
 
     @functools.wraps(fn)
@@ -26,6 +28,8 @@ def _compile(fn):
         for t in (*args, *kwargs.values()):
             if isinstance(t, torch.Tensor) and t.dim() > 1:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
+                for d in range(1, t.dim()):
+                    torch._dynamo.mark_static(t, d)
         return compiled(*args, **kwargs)
     return run
 
