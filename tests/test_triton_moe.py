@@ -132,10 +132,12 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
 
 
 @pytest.mark.parametrize("m, e, k, normalize", [(1, 8, 2, True), (37, 8, 2, True), (600, 8, 2, True),
-                                                (150, 60, 4, False), (0, 8, 2, True), (9, 4, 4, True)])
+                                                (150, 60, 4, False), (1100, 60, 4, False), (0, 8, 2, True),
+                                                (9, 4, 4, True)])
 def test_route_matches_reference(m, e, k, normalize):
     """The Triton routing against reference.moe_route: Mixtral's 8 experts top-2 renormalized, in one and in ten
-    blocks of rows (64 at 8 experts); Qwen2-MoE's 60 top-4 not renormalized (16 rows a block); no rows; k = E.
+    blocks of rows (64 at 8 experts); Qwen2-MoE's 60 top-4 not renormalized, in ten blocks of 16 rows and in 35 of
+    32 (at most 64 blocks: larger blocks as the rows grow); no rows; k = E.
     Logits in the router's dtype, each row a random order of distinct values (bf16 logits tie often, and
     torch.topk's tie-break is its own: the next test)."""
     from nanoflow.kernels import reference

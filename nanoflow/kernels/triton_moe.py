@@ -265,7 +265,8 @@ def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, 
     if m == 0:
         return rows, where, weights, offs
     block_e = triton.next_power_of_2(e)
-    block_r = max(16, 512 // block_e)
+    # ~512 (row, expert) cells a block, in at most 64 blocks: every place program loads all blocks' counts
+    block_r = max(16, 512 // block_e, triton.next_power_of_2(triton.cdiv(m, 64)))
     blocks = triton.cdiv(m, block_r)
     counts = torch.empty(blocks, block_e, dtype=torch.int32, device=logits.device)
     meta = dict(E=e, K=k, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
