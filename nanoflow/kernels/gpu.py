@@ -1,5 +1,5 @@
 """The GPU backend: Triton paged attention and rope + KV append, torch.compile fusions of the reference norms
-and activation, the experts' routing and MLPs in Triton (one routing program, grouped GEMMs).
+and activation, the experts' routing (a counting sort) and MLPs (grouped GEMMs) in Triton.
 
 GEMMs stay in the model (torch.mm: cuBLAS). The fusions are the reference functions themselves,
 compiled: one source of truth for the math, one fused kernel each on the GPU.
