@@ -1,4 +1,6 @@
 """The plain-torch kernels against independent formulations (dense attention, HF's rope and norm)."""
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,3 +73,23 @@ def test_attention_metadata_clips_sequences_to_a_range():
     p = b.build_attention(PREFILL, 1, 8, capacity=4)  # all of seq 2, the first two rows of seq 3, padding
     assert p.q_start.tolist() == [2, 6, 0, 0] and p.q_len.tolist() == [4, 2, 0, 0]
     assert p.seq_lens.tolist() == [4, 10, 0, 0] and p.block_tables.tolist()[:2] == [[4, 5], [6, 7]]
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on the CPU needs a C++ compiler")
+def test_compiled_fusions_keep_widths_static():
+    """gpu._compile (the GPU backend's fusions of these functions) compiles each new width anew, with the rows
+    dynamic: dynamo would make the width dynamic on its second value, and the activation then ran 1.7x slower on
+    an H100 (BENCHMARKS.md, #10 session 12). Here on the CPU: widths 8, 16, 32 give three graphs (two if the
+    width turned dynamic), each serving several row counts; the results equal the reference's."""
+    from torch._dynamo.utils import counters
+
+    from nanoflow.kernels import gpu
+    torch._dynamo.reset()  # dynamo caches graphs on the function's code, whatever torch.compile wrapped it
+    silu_mul = gpu._compile(ref.silu_mul)
+    before = counters["stats"]["unique_graphs"]
+    for width in (8, 16, 32, 16):
+        for rows in (3, 5):
+            x = torch.randn(rows, 2 * width)
+            got = silu_mul(x, out=torch.empty(rows, width))
+            torch.testing.assert_close(got, ref.silu_mul(x, torch.empty(rows, width)))
+    assert counters["stats"]["unique_graphs"] - before == 3
