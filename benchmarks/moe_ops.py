@@ -16,7 +16,7 @@ import types
 import torch
 
 from nanoflow.config import preset
-from nanoflow.kernels import gpu
+from nanoflow.kernels import gpu, reference
 from nanoflow.models.llama import LlamaModel, Workspace
 from nanoflow.models.loader import init_dummy
 
@@ -98,18 +98,16 @@ def main():
     model = LlamaModel(cfg, dt, dev, 4096)
     init_dummy(model, 0)
     layer = model.layers[0]
-    E, k, H, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+    k, H, I = cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
     triton_moe, configs = triton_configs()
     rows = []
     for M in args.tokens:
         ws = Workspace.allocate(cfg, M, dt, dev)
         ws.normed[:M].normal_()
         model.router(0, ws, None, 0, M)
-        ids = ws.router[:M].float().softmax(-1).topk(k, dim=-1)[1]
-        sorted_ids, pairs = ids.flatten().sort(stable=True)
-        offs = torch.searchsorted(sorted_ids, torch.arange(E, device=dev), right=True, out_int32=True)
+        pair_rows, _, weights, offs = reference.moe_route(ws.router[:M], k, cfg.norm_topk_prob)
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-        xs = ws.normed[:M].index_select(0, pairs // k)
+        xs = ws.normed[:M].index_select(0, pair_rows)
         h = torch.empty(M * k, 2 * I, dtype=dt, device=dev)
         act = torch.empty(M * k, I, dtype=dt, device=dev)
         y = torch.empty(M * k, H, dtype=dt, device=dev)
@@ -147,9 +145,10 @@ def main():
             err = (got.float() - ref.float()).abs().max().item()
             print(f"M={M}: triton vs torch._grouped_mm max abs diff {err:.3g}")
         model.experts(0, ws, None, 0, M)
-        probs, top = ws.router[:M].float().softmax(-1).topk(k, dim=-1)
-        fi = flashinfer_moe(ws.normed[:M], top.to(torch.int32), probs / probs.sum(-1, keepdim=True),
-                            layer.experts_gate_up, layer.experts_down, ws.hidden[:M].clone())
+        # each row's experts in increasing order, as moe_route's weights are (FlashInfer takes the row's experts)
+        ids = ws.router[:M].float().topk(k, dim=-1)[1].sort(-1)[0].to(torch.int32)
+        fi = flashinfer_moe(ws.normed[:M], ids, weights, layer.experts_gate_up, layer.experts_down,
+                            ws.hidden[:M].clone())
         if fi is not None:
             variants["flashinfer fused MoE (routing given)"] = fi
         graphs = {}
