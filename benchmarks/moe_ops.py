@@ -10,6 +10,7 @@ its layout of fc1's halves is found by checking both against the experts op.
 
 python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--output out.json]"""
 import argparse
+import functools
 import json
 import types
 
@@ -151,6 +152,18 @@ def main():
                             ws.hidden[:M].clone())
         if fi is not None:
             variants["flashinfer fused MoE (routing given)"] = fi
+        # eagerly, the experts op as the engine runs it without CUDA graphs: with its grouped GEMMs, and with a
+        # loop of cuBLAS GEMMs after a host sync for the offsets (its time includes the sync's GPU idle)
+        eager = {"experts op, eager": lambda: model.experts(0, ws, None, 0, M)}
+        grouped = model.k
+        loop_k = types.SimpleNamespace(**{n: getattr(grouped, n) for n in dir(grouped) if not n.startswith("_")})
+        loop_k.experts_mlp = functools.partial(reference.experts_mlp, activation=gpu.silu_mul)
+
+        def synced_loop():
+            model.k = loop_k
+            model.experts(0, ws, None, 0, M)
+            model.k = grouped
+        eager["experts op, cuBLAS loop after a host sync, eager"] = synced_loop
         graphs = {}
         for name, fn in variants.items():
             try:
@@ -159,11 +172,14 @@ def main():
                 print(f"M={M} {name}: {type(e).__name__}: {str(e)[:120]}")
                 if name.startswith("flashinfer"):  # timed eagerly if it cannot be captured
                     graphs[name] = types.SimpleNamespace(replay=fn)
+        for name, fn in eager.items():
+            fn()
+            graphs[name] = types.SimpleNamespace(replay=fn)
         ms = timed(graphs)
         flops = 2 * M * k * 3 * H * I
         for name, t in ms.items():
             # gate_up holds 2/3 of the FLOPs, down 1/3
-            share = (1 if "gate_up+down" in name or name == "experts op" or name.startswith("flashinfer")
+            share = (1 if "gate_up+down" in name or name.startswith(("experts op", "flashinfer"))
                      else 2 / 3 if "gate_up" in name
                      else 1 / 3 if name.endswith(" down") or "down " in name else 0)
             rate = share * flops / (t * 1e-3) / 1e12 or None

@@ -135,17 +135,18 @@ def experts_capturable(dtype: torch.dtype) -> bool:
     return False
 
 
-def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
+                activation=silu_mul) -> torch.Tensor:
     """Each expert's SwiGLU MLP over its rows of x (sorted by expert: expert e's rows end at offs[e], int32):
     gate_up [experts, 2 I, H] (gate rows, then up rows), down [experts, H, I]. One GEMM pair per expert that has
-    rows, after one host sync for the offsets."""
+    rows, after one host sync for the offsets. activation: silu_mul's signature (a backend's own)."""
     y = x.new_empty(x.shape[0], down.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
             h = torch.mm(x[start:end], gate_up[e].t())
             act = h.new_empty(end - start, down.shape[2])
-            silu_mul(h, out=act)
+            activation(h, out=act)
             torch.mm(act, down[e].t(), out=y[start:end])
         start = end
     return y
