@@ -1,12 +1,14 @@
 """Where the MoE layer's time goes (#10): the engine's experts op and its pieces at one rank's shard of Mixtral,
 against the same FLOPs as one dense cuBLAS GEMM pair and as a loop of per-expert cuBLAS GEMMs; the Triton grouped
 GEMM (kernels/triton_moe.py) in its configs. Each variant is captured in a CUDA graph and replayed; the variants
-of one row count are interleaved (the card's clock drifts under its power cap).
+of one row count are interleaved (the card's clock drifts under its power cap). The experts op also runs eagerly,
+as is and with a loop of cuBLAS GEMMs after a host sync for the offsets (reference.experts_mlp): what an engine
+without CUDA graphs would run.
 
-With FlashInfer installed (an optional extra: `bash ../shared/scripts/gpu-wheels.sh flashinfer-python==0.7.2.post1
-'apache-tvm-ffi>=0.1.11,<0.2'` carries it to the device; its first call JIT-compiles), its CUTLASS fused MoE runs
-too, for the same routing, as the issue's other candidate for the experts. Written in session 12 and not yet run:
-its layout of fc1's halves is found by checking both against the experts op.
+With FlashInfer installed, its CUTLASS fused MoE runs too, for the same routing, as the issue's other candidate
+for the experts; its layout of fc1's halves is found by checking both against the experts op. Never run here: its
+first call JIT-compiles FlashInfer's sm90 fused-MoE module, a build that does not fit the device's limits
+(BENCHMARKS.md, #10, session 13).
 
 python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--output out.json]"""
 import argparse
