@@ -1,9 +1,9 @@
 """Where the MoE layer's time goes (#10): the engine's experts op and its pieces at one rank's shard of Mixtral,
 against the same FLOPs as one dense cuBLAS GEMM pair and as a loop of per-expert cuBLAS GEMMs; the Triton grouped
-GEMM (kernels/triton_moe.py) in its configs. Each variant is captured in a CUDA graph and replayed; the variants
-of one row count are interleaved (the card's clock drifts under its power cap). The experts op also runs eagerly,
-as is and with a loop of cuBLAS GEMMs after a host sync for the offsets (reference.experts_mlp): what an engine
-without CUDA graphs would run.
+GEMM (kernels/triton_moe.py) in its configs, gate_up with the activation in its epilogue as the engine runs it. Each
+variant is captured in a CUDA graph and replayed; the variants of one row count are interleaved (the card's clock
+drifts under its power cap). The experts op also runs eagerly, as is and with a loop of cuBLAS GEMMs after a host
+sync for the offsets (reference.experts_mlp): what an engine without CUDA graphs would run.
 
 With FlashInfer installed, its CUTLASS fused MoE runs too, for the same routing, as the issue's other candidate
 for the experts; its layout of fc1's halves is found by checking both against the experts op. Never run here: its
@@ -12,7 +12,6 @@ first call JIT-compiles FlashInfer's sm90 fused-MoE module, a build that does no
 
 python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--output out.json]"""
 import argparse
-import functools
 import json
 import types
 
@@ -102,6 +101,10 @@ def main():
     init_dummy(model, 0)
     layer = model.layers[0]
     k, H, I = cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+    # gate rows, then up rows (the model holds them interleaved), for the layouts the loop and FlashInfer take
+    plain_gu = layer.experts_gate_up
+    if model.experts_interleaved:
+        plain_gu = plain_gu.view(cfg.num_experts, I, 2, H).transpose(1, 2).reshape(plain_gu.shape)
     triton_moe, configs = triton_configs()
     rows = []
     for M in args.tokens:
@@ -136,11 +139,11 @@ def main():
                    f"g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
                    f"{'' if c.get('flatten', True) else ' noflat'}")
             variants["triton gate_up " + tag] = lambda c=c: triton_moe.grouped_mm(xs, layer.experts_gate_up, offs,
-                                                                                    out=h, **c)
+                                                                                    out=act, gated=True, **c)
             variants["triton down " + tag] = lambda c=c: triton_moe.grouped_mm(act, layer.experts_down, offs, out=y,
                                                                                  **c)
             variants["triton gate_up+down " + tag] = (
-                lambda c=c: (triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=h, **c),
+                lambda c=c: (triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, out=act, gated=True, **c),
                              triton_moe.grouped_mm(act, layer.experts_down, offs, out=y, **c)))
         if configs:  # the Triton result against torch's, once
             ref = torch._grouped_mm(xs, gu_t, offs=offs)
@@ -150,8 +153,7 @@ def main():
         model.experts(0, ws, None, 0, M)
         # each row's experts in increasing order, as moe_route's weights are (FlashInfer takes the row's experts)
         ids = ws.router[:M].float().topk(k, dim=-1)[1].sort(-1)[0].to(torch.int32)
-        fi = flashinfer_moe(ws.normed[:M], ids, weights, layer.experts_gate_up, layer.experts_down,
-                            ws.hidden[:M].clone())
+        fi = flashinfer_moe(ws.normed[:M], ids, weights, plain_gu, layer.experts_down, ws.hidden[:M].clone())
         if fi is not None:
             variants["flashinfer fused MoE (routing given)"] = fi
         # eagerly, the experts op as the engine runs it without CUDA graphs: with its grouped GEMMs, and with a
@@ -159,7 +161,7 @@ def main():
         eager = {"experts op, eager": lambda: model.experts(0, ws, None, 0, M)}
         grouped = model.k
         loop_k = types.SimpleNamespace(**{n: getattr(grouped, n) for n in dir(grouped) if not n.startswith("_")})
-        loop_k.experts_mlp = functools.partial(reference.experts_mlp, activation=gpu.silu_mul)
+        loop_k.experts_mlp = lambda x, _, down, offs: reference.experts_mlp(x, plain_gu, down, offs, gpu.silu_mul)
 
         def synced_loop():
             model.k = loop_k

@@ -245,14 +245,40 @@ def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path, arch):
     assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_interleaved_experts_load_the_same_model(tmp_path, monkeypatch, arch):
+    """A backend that takes the experts' gate and up rows interleaved (the GPU's: the activation in the first grouped
+    GEMM) gets them so from safetensors, GGUF and dummy weights, whole and as TP = 2 shards: the plain layout's
+    model with those rows interleaved, every other parameter the same."""
+    from nanoflow.distributed.parallel_state import TPGroup
+    from nanoflow.kernels import reference
+    from nanoflow.kernels.triton_moe import interleave
+    path = str(tmp_path / "hf")
+    make_hf_model(path, arch, None, seed=6, vocab_size=512)
+    write_gguf(str(tmp_path / "m.gguf"), build_model(resolve(path), "auto", torch.float32, torch.device("cpu"), 64))
+    w = torch.arange(2 * 6 * 3).reshape(2, 6, 3)
+    assert interleave(w)[1, 4].tolist() == w[1, 2].tolist() and interleave(w)[1, 5].tolist() == w[1, 5].tolist()
+    for source, load_format in ((resolve(path), "auto"), (resolve(str(tmp_path / "m.gguf")), "auto"),
+                                (resolve(path), "dummy")):
+        for tp in ({}, {"tp": TPGroup(0, 2)}, {"tp": TPGroup(1, 2)}):
+            plain = build_model(source, load_format, torch.float32, torch.device("cpu"), 64, **tp)
+            with monkeypatch.context() as m:
+                m.setattr(reference, "experts_interleaved", lambda dtype: True)
+                mixed = build_model(source, load_format, torch.float32, torch.device("cpu"), 64, **tp)
+            assert mixed.experts_interleaved and not plain.experts_interleaved
+            for (name, a), b in zip(mixed.named_parameters(), plain.parameters()):
+                assert torch.equal(a, interleave(b) if name.endswith("experts_gate_up") else b), (name, tp)
+
+
 @pytest.mark.parametrize("device", [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is on only "
                                                  "without a GPU (conftest.py); the cuda case runs instead")),
     pytest.param("cuda", marks=gpu)])
 def test_grouped_experts_match_the_loop(device):
-    """The Triton grouped GEMMs' experts (triton_moe; on the CPU in Triton's interpreter, float32) against the
-    reference's loop over experts, with experts of no rows, one row and many. On the GPU (bf16) also replayed from a
-    CUDA graph after the offsets changed: the group sizes are read on the device."""
+    """The Triton grouped GEMMs' experts (triton_moe, over gate and up rows interleaved, the activation in the first
+    GEMM; on the CPU in Triton's interpreter, float32) against the reference's loop over experts (gate rows, then up
+    rows), with experts of no rows, one row and many. On the GPU (bf16) also replayed from a CUDA graph after the
+    offsets changed: the group sizes are read on the device."""
     from nanoflow.kernels import reference, triton_moe
     on_gpu = device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -271,19 +297,19 @@ def test_grouped_experts_match_the_loop(device):
         return reference.experts_mlp(x.float(), gate_up.float(), down.float(), offs)
     if on_gpu:
         from nanoflow.kernels import gpu as k
-        assert k.experts_capturable(dtype)
+        assert k.experts_capturable(dtype) and k.experts_interleaved(dtype)
         run = k.experts_mlp
     else:
-        def run(x, gate_up, down, offs):
-            return triton_moe.experts_mlp(x, gate_up, down, offs, reference.silu_mul)
+        run = triton_moe.experts_mlp
+    mixed = triton_moe.interleave(gate_up)
     counts = [5, 0, 37, 0, 0, 130, 1, 0]
-    assert rel(run(x, gate_up, down, offsets(counts)), expect(offsets(counts))) < (1e-2 if on_gpu else 1e-6)
+    assert rel(run(x, mixed, down, offsets(counts)), expect(offsets(counts))) < (1e-2 if on_gpu else 1e-6)
     if on_gpu:
         offs = offsets(counts)
-        run(x, gate_up, down, offs)  # warm-up: compiles silu_mul
+        run(x, mixed, down, offs)  # warm-up
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = run(x, gate_up, down, offs)
+            y = run(x, mixed, down, offs)
         moved = [0, 100, 0, 72, 0, 0, 0, 1]
         offs.copy_(offsets(moved))
         graph.replay()

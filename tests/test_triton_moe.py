@@ -56,8 +56,14 @@ def reference(x, w, counts):
     return torch.cat(out)
 
 
-def check(got, x, w, counts):
-    expect = reference(x, w, counts)
+def swiglu(h):
+    """silu(gate) * up of products [rows, 2 I] whose columns are gate, then up."""
+    i = h.shape[1] // 2
+    return torch.nn.functional.silu(h[:, :i]) * h[:, i:]
+
+
+def check(got, x, w, counts, activation=lambda h: h):
+    expect = activation(reference(x, w, counts))
     start = 0
     for e, c in enumerate(counts):  # expert by expert, so that one wrong expert (or one wrong row) can't hide
         if c:
@@ -81,6 +87,26 @@ def test_grouped_mm_matches_reference(case, nk, blocks, tma):
                      tma=tma)
     assert got is out
     check(got, x, w, counts)
+
+
+# the interpreter's numpy: the sigmoid of a very negative sum overflows exp to inf, giving the right 0
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("tma", TMA)
+@pytest.mark.parametrize("blocks", ["16x32x32_g2", "32x64x32_g3", "defaults"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grouped_mm_gated_matches_reference(case, blocks, tma):
+    """gated=True over gate and up rows interleaved (triton_moe.interleave): silu(gate) * up of each expert's rows,
+    from the fp32 sums, into half the columns. I = 48 is not a multiple of the tiles' half widths."""
+    from nanoflow.kernels.triton_moe import grouped_mm, interleave
+    counts, trailing = CASES[case]
+    bm, bn, bk, gm = BLOCKS[blocks]
+    x, w, offs = make(counts, trailing, 96, 64, seed=hash(case) % 1000)
+    out = torch.full((x.shape[0], 48), float("nan"), dtype=DTYPE, device=DEVICE)
+    got = grouped_mm(x, interleave(w), offs, out, block_m=bm, block_n=bn, block_k=bk, group_m=gm, num_warps=4,
+                     num_stages=2, tma=tma, gated=True)
+    assert got is out
+    check(got, x, w, counts, swiglu)
+    assert grouped_mm(x, interleave(w), offs, tma=tma, gated=True).shape == (x.shape[0], 48)
 
 
 @pytest.mark.parametrize("tma", TMA)
@@ -109,26 +135,29 @@ def test_grouped_mm_tma_needs_aligned_rows():
 
 
 @gpu
-@pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened"])
+@pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened", "tma_gated", "pointer_gated"])
 def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
     """No host sync: captured once, it follows offsets rewritten in place before each replay."""
-    if path != "pointer" and not HOPPER:
+    if path.startswith("tma") and not HOPPER:
         pytest.skip("TMA needs Hopper")
-    from nanoflow.kernels.triton_moe import grouped_mm
+    from nanoflow.kernels.triton_moe import grouped_mm, interleave
     counts = [5, 0, 37, 0, 0, 130, 1, 0]
     x, w, offs = make(counts, 40, 256, 512, seed=11)
-    out = torch.full((x.shape[0], 256), float("nan"), dtype=DTYPE, device=DEVICE)
-    kw = dict(tma=path != "pointer", flatten=path != "tma_unflattened")
-    grouped_mm(x, w, offs, out, **kw)  # warm-up: compiles
-    check(out, x, w, counts)
+    gated = path.endswith("gated")
+    out = torch.full((x.shape[0], 128 if gated else 256), float("nan"), dtype=DTYPE, device=DEVICE)
+    kw = dict(tma=path.startswith("tma"), flatten=path != "tma_unflattened", gated=gated)
+    activation = swiglu if gated else (lambda h: h)
+    w_in = interleave(w) if gated else w
+    grouped_mm(x, w_in, offs, out, **kw)  # warm-up: compiles
+    check(out, x, w, counts, activation)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        grouped_mm(x, w, offs, out, **kw)
+        grouped_mm(x, w_in, offs, out, **kw)
     for moved in ([0, 100, 0, 72, 0, 0, 0, 1], [213, 0, 0, 0, 0, 0, 0, 0], [0] * 8):
         out.fill_(float("nan"))
         offs.copy_(torch.tensor(moved).cumsum(0).to(torch.int32))
         graph.replay()
-        check(out, x, w, moved)
+        check(out, x, w, moved, activation)
 
 
 @pytest.mark.parametrize("m, e, k, normalize", [(1, 8, 2, True), (37, 8, 2, True), (600, 8, 2, True),

@@ -54,7 +54,8 @@ def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None)
                                       block_g=1 << (q.shape[1] // k_cache.shape[2] - 1).bit_length())
 
 
-experts_capturable = triton_moe.supported  # (its grouped GEMMs read the offsets on the device)
+# Triton's grouped GEMMs in 16-bit floats: they read the offsets on the device, and take gate and up interleaved
+experts_capturable = experts_interleaved = triton_moe.supported
 moe_route = triton_moe.route
 
 
@@ -62,5 +63,5 @@ def experts_mlp(x, gate_up, down, offs):
     """Triton's grouped GEMMs in 16-bit floats (triton_moe.supported), else the reference's loop over the experts
     (which a CUDA graph cannot capture: the runner then runs eagerly)."""
     if triton_moe.supported(x.dtype):
-        return triton_moe.experts_mlp(x, gate_up, down, offs, silu_mul)
-    return reference.experts_mlp(x, gate_up, down, offs)
+        return triton_moe.experts_mlp(x, gate_up, down, offs)
+    return reference.experts_mlp(x, gate_up, down, offs, silu_mul)

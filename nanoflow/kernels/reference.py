@@ -6,6 +6,8 @@ Layouts shared by every backend:
   a token's slot is block_id * block_size + offset.
   Attention metadata: an `AttentionMeta` (models/batch.py) whose rows index q and out absolutely.
   Padding rows of a batch write their KV to a spare slot past the last block.
+  Experts' gate_up [experts, 2 I, H]: each expert's gate rows, then its up rows; on a backend whose
+  experts_interleaved(dtype) is true, gate and up rows interleaved instead (the model loads them so).
 """
 from __future__ import annotations
 
@@ -132,6 +134,11 @@ def moe_combine(y: torch.Tensor, where: torch.Tensor, weights: torch.Tensor, out
 
 def experts_capturable(dtype: torch.dtype) -> bool:
     """Whether experts_mlp runs without a host sync (a CUDA graph could capture it): not the loop below."""
+    return False
+
+
+def experts_interleaved(dtype: torch.dtype) -> bool:
+    """Whether experts_mlp takes gate_up's gate and up rows interleaved: not here."""
     return False
 
 

@@ -5,15 +5,17 @@ kernels (softmax, top-k, sorts, searchsorted, scatter: ~85 us a layer on an H200
 their bytes need). Its sort is a counting sort: a pair's place is its expert's start plus the pairs of that expert
 in earlier rows, so counting each block's pairs per expert, then placing them, sorts stably without comparisons.
 
-The grouped GEMMs: x's rows sorted by expert, expert e's rows ending at offs[e],
-each multiplied by w[e].T. On an H100 at Mixtral's TP = 2 shard it runs the experts' GEMMs 1.1-1.2x faster than
-torch._grouped_mm (CUTLASS), which it replaced (BENCHMARKS.md, #10; benchmarks/moe_ops.py).
+The grouped GEMMs: x's rows sorted by expert, expert e's rows ending at offs[e], each multiplied by w[e].T. On an
+H100 at Mixtral's TP = 2 shard it runs the experts' GEMMs 1.1-1.2x faster than torch._grouped_mm (CUTLASS), which
+it replaced (BENCHMARKS.md, #10; benchmarks/moe_ops.py). The gate_up GEMM also applies the SwiGLU to its fp32 sums
+before storing (`gated`), over gate and up rows interleaved so that each tile holds matching pairs: the [rows, 2 I]
+product is never written and no separate activation pass runs.
 
 No host sync, so a CUDA graph captures it: the launch depends on the shapes alone, and the kernel reads offs on
 the device to count each expert's m-tiles (block_m rows of one expert; at most cdiv(M, block_m) + E of them,
 since each expert adds at most one partial tile) and to find the expert and rows of each (m-tile, n-tile).
 
-Two kernels share that bookkeeping (_expert_tiles, _tile_coords) and the masked store (_store_tile):
+Two kernels share that bookkeeping (_expert_tiles, _tile_coords) and the masked store (_store_result):
 - the TMA kernel (Hopper and later): x and w read through host-built TMA tensor descriptors, persistent (one
   program per SM at most, each looping over tiles);
 - the pointer kernel, the fallback (older GPUs, x or w not TMA-aligned): one program per tile there could be,
@@ -71,9 +73,22 @@ def _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M: 
 
 
 @triton.jit
+def _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The tile's sums, or with GATED (w's rows gate and up interleaved, so a tile's columns pair them) the
+    SwiGLU silu(gate) * up of its fp32 sums: half the columns, at half the column index."""
+    if GATED:
+        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
+        _store_tile(OUT, gate * tl.sigmoid(gate) * up, row_begin, row_end, col_begin // 2, N // 2, stride_om,
+                    BLOCK_M, BLOCK_N // 2)
+    else:
+        _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, stride_om,
                        E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr):
     starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
     pid = tl.program_id(0)
     if pid >= num_pid_m * num_pid_n:
@@ -96,13 +111,14 @@ def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, s
         acc = tl.dot(a, b, acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
+    _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
 
 
 @triton.jit
 def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
                            E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr):
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+                           GATED: tl.constexpr):
     # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K], boxes [BLOCK_N, BLOCK_K]. TMA
     # zero-fills past M and K; x rows past the expert's end and w rows past N (the next expert's) are read but
     # only feed outputs that the store masks off.
@@ -124,7 +140,7 @@ def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
         tile_c += step
         _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
                                                         BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
-        _store_tile(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N)
+        _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
 
 
 def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -137,18 +153,24 @@ def supported(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
-                silu_mul) -> torch.Tensor:
-    """reference.experts_mlp as two grouped GEMMs, the activation between them."""
-    h = grouped_mm(x, gate_up, offs)
-    act = h.new_empty(h.shape[0], h.shape[1] // 2)
-    silu_mul(h, out=act)
-    return grouped_mm(act, down, offs)
+def interleave(gate_up: torch.Tensor) -> torch.Tensor:
+    """Experts' gate_up [E, 2 I, H] (gate rows, then up rows, as the reference and checkpoints hold them) with its
+    rows interleaved, gate 0, up 0, gate 1, up 1, ...: the layout experts_mlp takes."""
+    e, n, h = gate_up.shape
+    return gate_up.view(e, 2, n // 2, h).transpose(1, 2).reshape(e, n, h)
+
+
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """reference.experts_mlp as two grouped GEMMs, over gate_up's rows interleaved (interleave): the first applies
+    the activation to its fp32 sums before storing, so the [rows, 2 I] product is never written (measured 3-4 %
+    faster than a separate silu_mul pass on an H100, BENCHMARKS.md #10)."""
+    return grouped_mm(grouped_mm(x, gate_up, offs, gated=True), down, offs)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
                block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
-               num_stages: int | None = None, tma: bool | None = None, flatten: bool = True) -> torch.Tensor:
+               num_stages: int | None = None, tma: bool | None = None, flatten: bool = True,
+               gated: bool = False) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
     offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
     The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
@@ -157,14 +179,17 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     tma: None picks the TMA kernel on CUDA devices of compute capability >= 9 when x and w are TMA-aligned, else
     the pointer kernel; True forces the TMA kernel (it also runs in Triton's interpreter) and raises ValueError if
     x or w is not TMA-aligned; False forces the pointer kernel. flatten: the TMA kernel's tile loop is flattened
-    with its K loop into one software pipeline (num_stages deep); False pipelines the K loop alone."""
+    with its K loop into one software pipeline (num_stages deep); False pipelines the K loop alone.
+    gated: w's rows are gate and up interleaved (interleave), and out [M, N / 2] gets silu(gate) * up."""
     m, k = x.shape
     e, n, wk = w.shape
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
     assert x.stride(1) == 1 and w.stride(2) == 1, "rows of x and of w must be contiguous"
+    assert not gated or (n % 2 == 0 and block_n % 2 == 0), "gated: gate and up rows in pairs"
+    n_out = n // 2 if gated else n
     if out is None:
-        out = x.new_empty(m, n)
-    assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1
+        out = x.new_empty(m, n_out)
+    assert out.shape == (m, n_out) and out.dtype == x.dtype and out.stride(1) == 1
     if m == 0 or n == 0:
         return out
     if tma is None:
@@ -175,7 +200,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     if num_stages is None:
         num_stages = 4 if tma else 3
     meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
+                GROUP_M=group_m, GATED=gated, num_warps=num_warps, num_stages=num_stages)
     tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone
     if not tma:
         _grouped_mm_kernel[(tiles,)](x, w, out, offs, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),

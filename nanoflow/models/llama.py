@@ -133,7 +133,7 @@ class DecoderLayer(nn.Module):
         self.o_bias = _param(h, **p) if cfg.o_bias else None
         self.o_rows = self.o_rows_bias = None  # o split by output rows, for o_gathered (prepare_o_allgather)
         self.mlp_norm = _param(h, **p)
-        if cfg.is_moe:  # the experts' gate|up and down stacked: [experts, out, in]
+        if cfg.is_moe:  # the experts' gate|up (or interleaved: LlamaModel.experts_interleaved) and down stacked
             self.router = _param(cfg.num_experts, h, **p)
             self.experts_gate_up = _param(cfg.num_experts, 2 * i, h, **p)
             self.experts_down = _param(cfg.num_experts, h, i, **p)
@@ -169,6 +169,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("cos_sin", cos_sin_table(cfg, max_positions, device), persistent=False)
         self.scale = cfg.head_dim ** -0.5
         self.k = kernels.backend(device)
+        # the experts' gate and up rows interleaved, as the backend's experts_mlp takes them (the loader fills them so)
+        self.experts_interleaved = cfg.is_moe and self.k.experts_interleaved(dtype)
         self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
 
     @property

@@ -140,12 +140,13 @@ def load_hf_weights(model: LlamaModel, weights, cut: bool = False) -> None:
 @torch.no_grad()
 def init_dummy(model: LlamaModel, seed: int) -> None:
     """Random weights. With tensor parallelism every rank draws the whole tensors, in the same order, and keeps its
-    part: the sharded model is exactly the split of the unsharded one (what the tests compare)."""
+    part: the sharded model is exactly the split of the unsharded one (what the tests compare). Interleaved experts'
+    gate_up is drawn whole too, then placed piece by piece: the same model as in the plain layout."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1:  # norm weights and biases
             p.fill_(1.0 if name.endswith("norm") else 0.0)
-        elif model.tp.size == 1:
+        elif model.tp.size == 1 and not (model.experts_interleaved and name.endswith("experts_gate_up")):
             p.normal_(0.0, 0.02, generator=gen)
         else:
             pieces = [(shard, _whole_shape(model, name, _piece(model, p, shard))) for shard in _shards_of(model, name)]
@@ -157,10 +158,13 @@ def init_dummy(model: LlamaModel, seed: int) -> None:
 
 def _piece(model: LlamaModel, param: torch.Tensor, shard: str | None) -> torch.Tensor:
     """The rows of a fused parameter that one checkpoint tensor fills (q, k or v of qkv; gate or up of gate_up).
-    Stacked experts: shard 'E' is expert E, 'E.gate' / 'E.up' its gate or up rows."""
+    Stacked experts: shard 'E' is expert E, 'E.gate' / 'E.up' its gate or up rows (every other row, where the
+    model holds them interleaved)."""
     if param.dim() == 3:
         expert, _, shard = shard.partition(".")
         param, shard = param[int(expert)], shard or None
+        if shard and model.experts_interleaved:
+            return param[{"gate": 0, "up": 1}[shard]::2]
     if shard is None:
         return param
     c = model.cfg
