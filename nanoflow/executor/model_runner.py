@@ -153,6 +153,7 @@ class ModelRunner:
         per_block = self._block_bytes()
         if self.device.type != "cuda":
             return int(self.config.kv_cache_gb * 2**30) // per_block
+        torch.cuda.empty_cache()  # what loading freed (init_dummy's whole tensors) would otherwise count as used
         free, total = torch.cuda.mem_get_info(self.device)
         c = self.cfg
         # activations of one full iteration, plus logits rows in float32 (with headroom for sampling)
