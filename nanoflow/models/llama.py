@@ -133,7 +133,7 @@ class DecoderLayer(nn.Module):
         self.o_bias = _param(h, **p) if cfg.o_bias else None
         self.o_rows = self.o_rows_bias = None  # o split by output rows, for o_gathered (prepare_o_allgather)
         self.mlp_norm = _param(h, **p)
-        if cfg.is_moe:  # the experts' gate|up (or interleaved: LlamaModel.experts_interleaved) and down stacked
+        if cfg.is_moe:  # the experts' gate|up and down stacked: [experts, out, in] (LlamaModel.experts_interleaved)
             self.router = _param(cfg.num_experts, h, **p)
             self.experts_gate_up = _param(cfg.num_experts, 2 * i, h, **p)
             self.experts_down = _param(cfg.num_experts, h, i, **p)
