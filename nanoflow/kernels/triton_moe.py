@@ -185,7 +185,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     e, n, wk = w.shape
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
     assert x.stride(1) == 1 and w.stride(2) == 1, "rows of x and of w must be contiguous"
-    assert not gated or (n % 2 == 0 and block_n % 2 == 0), "gated: gate and up rows in pairs"
+    assert not gated or n % 2 == 0, "gated: gate and up rows in pairs"
     n_out = n // 2 if gated else n
     if out is None:
         out = x.new_empty(m, n_out)
