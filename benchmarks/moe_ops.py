@@ -59,6 +59,7 @@ def triton_configs():
                                 (128, 128, 128, 8, 3, 8), (128, 256, 32, 8, 5, 8), (64, 256, 64, 4, 4, 8)):
         grid.append(dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s, group_m=g, tma=True))
     grid.append(dict(grid[1], flatten=False))
+    grid += [dict(grid[3], half_tail=True), dict(grid[1], half_tail=True)]
     return triton_moe, grid
 
 
@@ -137,7 +138,7 @@ def main():
         for c in configs:  # each GEMM alone too: the best config of one need not be the other's
             tag = (f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
                    f"g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
-                   f"{'' if c.get('flatten', True) else ' noflat'}")
+                   f"{'' if c.get('flatten', True) else ' noflat'}{' half' if c.get('half_tail') else ''}")
             variants["triton gate_up " + tag] = lambda c=c: triton_moe.grouped_mm(xs, layer.experts_gate_up, offs,
                                                                                     out=act, gated=True, **c)
             variants["triton down " + tag] = lambda c=c: triton_moe.grouped_mm(act, layer.experts_down, offs, out=y,
