@@ -13,6 +13,7 @@ first call JIT-compiles FlashInfer's sm90 fused-MoE module, a build that does no
 python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--output out.json]"""
 import argparse
 import json
+import re
 import types
 
 import torch
@@ -59,7 +60,6 @@ def triton_configs():
                                 (128, 128, 128, 8, 3, 8), (128, 256, 32, 8, 5, 8), (64, 256, 64, 4, 4, 8)):
         grid.append(dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s, group_m=g, tma=True))
     grid.append(dict(grid[1], flatten=False))
-    grid += [dict(grid[3], half_tail=True), dict(grid[1], half_tail=True)]
     return triton_moe, grid
 
 
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 1447, 2048])
     ap.add_argument("--output")
+    ap.add_argument("--variants", help="time only the variants whose names match this regular expression")
     args = ap.parse_args()
     full = preset(args.model)
     cfg = preset(args.model, num_layers=1, intermediate_size=full.intermediate_size // args.tp)
@@ -138,7 +139,7 @@ def main():
         for c in configs:  # each GEMM alone too: the best config of one need not be the other's
             tag = (f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
                    f"g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
-                   f"{'' if c.get('flatten', True) else ' noflat'}{' half' if c.get('half_tail') else ''}")
+                   f"{'' if c.get('flatten', True) else ' noflat'}")
             variants["triton gate_up " + tag] = lambda c=c: triton_moe.grouped_mm(xs, layer.experts_gate_up, offs,
                                                                                     out=act, gated=True, **c)
             variants["triton down " + tag] = lambda c=c: triton_moe.grouped_mm(act, layer.experts_down, offs, out=y,
@@ -169,6 +170,9 @@ def main():
             model.experts(0, ws, None, 0, M)
             model.k = grouped
         eager["experts op, cuBLAS loop after a host sync, eager"] = synced_loop
+        if args.variants:
+            variants = {n: f for n, f in variants.items() if re.search(args.variants, n)}
+            eager = {n: f for n, f in eager.items() if re.search(args.variants, n)}
         graphs = {}
         for name, fn in variants.items():
             try:

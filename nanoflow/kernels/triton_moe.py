@@ -115,51 +115,32 @@ def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, s
 
 
 @triton.jit
-def _tile_sums(x_desc, w_desc, row_begin, w_row, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = x_desc.load([row_begin, k * BLOCK_K])
-        b = w_desc.load([w_row, k * BLOCK_K])
-        acc = tl.dot(a, b.T, acc)
-    return acc
-
-
-@triton.jit
-def _grouped_mm_tma_kernel(x_desc, xh_desc, w_desc, OUT, OFFS, N, K, stride_om,
+def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
                            E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-                           GATED: tl.constexpr, HALF_TAIL: tl.constexpr):
+                           GATED: tl.constexpr):
     # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K], boxes [BLOCK_N, BLOCK_K]. TMA
     # zero-fills past M and K; x rows past the expert's end and w rows past N (the next expert's) are read but
     # only feed outputs that the store masks off.
     starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n  # the real count, read from offs: the loop skips the spare tiles
     step = tl.num_programs(0)  # a runtime value: a new grid size (it follows M when M is small) doesn't recompile
-    if HALF_TAIL:
-        # An expert's last m-tile with at most BLOCK_M / 2 rows runs as a half-height tile (xh_desc's boxes).
-        for tile in tl.range(tl.program_id(0), num_tiles, step):
-            expert, row_begin, row_end, col_begin = _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m,
-                                                                 num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
-            w_row = expert * N + col_begin
-            if row_end - row_begin <= BLOCK_M // 2:
-                acc = _tile_sums(xh_desc, w_desc, row_begin, w_row, K, BLOCK_M // 2, BLOCK_N, BLOCK_K)
-                _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M // 2, BLOCK_N, GATED)
-            else:
-                acc = _tile_sums(x_desc, w_desc, row_begin, w_row, K, BLOCK_M, BLOCK_N, BLOCK_K)
-                _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
-    else:
-        # The epilogue recomputes its tile from a counter of its own (as Triton's persistent-matmul tutorial does),
-        # so that a flattened, pipelined loop needn't carry the prologue's coordinates over to the epilogue.
-        tile_c = tl.program_id(0) - step
-        for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=FLATTEN):
-            expert, row_begin, _, col_begin = _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m,
-                                                           num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = _tile_sums(x_desc, w_desc, row_begin, expert * N + col_begin, K, BLOCK_M, BLOCK_N, BLOCK_K)
-            tile_c += step
-            _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m,
-                                                            num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
-            _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
+    # The epilogue recomputes its tile from a counter of its own (as Triton's persistent-matmul tutorial does), so
+    # that a flattened, pipelined loop needn't carry the prologue's coordinates over to the epilogue.
+    tile_c = tl.program_id(0) - step
+    for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=FLATTEN):
+        expert, row_begin, _, col_begin = _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
+                                                       BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
+        w_row = expert * N + col_begin
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x_desc.load([row_begin, k * BLOCK_K])
+            b = w_desc.load([w_row, k * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        tile_c += step
+        _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
+                                                        BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
+        _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
 
 
 def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -189,7 +170,7 @@ def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
                block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
                num_stages: int | None = None, tma: bool | None = None, flatten: bool = True,
-               gated: bool = False, half_tail: bool = False) -> torch.Tensor:
+               gated: bool = False) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
     offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
     The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
@@ -226,13 +207,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
                                      **meta)
         return out
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
-    xh_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m // 2, block_k]) if half_tail else x_desc
     w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [block_n, block_k])
     # Persistent: at most one program per SM (a few in the interpreter, so that each loops over several tiles).
     programs = min(sm_share.total_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
                    if x.is_cuda else 3, tiles)
-    _grouped_mm_tma_kernel[(programs,)](x_desc, xh_desc, w_desc, out, offs, n, k, out.stride(0), FLATTEN=flatten,
-                                        HALF_TAIL=half_tail, **meta)
+    _grouped_mm_tma_kernel[(programs,)](x_desc, w_desc, out, offs, n, k, out.stride(0), FLATTEN=flatten, **meta)
     return out
 
 
