@@ -230,7 +230,7 @@ def _route_rows(LOGITS, r0, M, stride_l, E: tl.constexpr, K: tl.constexpr, NORMA
     p = tl.exp(x - tl.max(x, 1)[:, None])
     p = p / tl.sum(p, 1)[:, None]
     left = tl.where((e < E)[None, :], tl.where(p == p, p, -0.5), -1.0)  # NaN: below every number, above the picked
-    chosen = (e[None, :] < 0) & (rows[:, None] < M)  # all False, [BLOCK_R, BLOCK_E]
+    chosen = tl.zeros([BLOCK_R, BLOCK_E], dtype=tl.int1)
     for _ in tl.static_range(K):
         best = tl.max(left, 1)
         first = tl.min(tl.where(left == best[:, None], e[None, :], BLOCK_E), 1)
@@ -271,7 +271,7 @@ def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, stride_l,
     c = chosen.to(tl.int32)
     place = start[None, :] + tl.cumsum(c, 0) - c
     j = tl.cumsum(c, 1) - 1  # the pair's index in its row: the row's experts in increasing order
-    row_2d = rows[:, None] + 0 * e[None, :]
+    row_2d = tl.broadcast_to(rows[:, None], [BLOCK_R, BLOCK_E])
     tl.store(ROWS + place, row_2d.to(tl.int64), mask=chosen)
     tl.store(WHERE + row_2d * K + j, place.to(tl.int64), mask=chosen)
     tl.store(WEIGHTS + row_2d * K + j, w, mask=chosen)
