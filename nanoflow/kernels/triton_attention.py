@@ -381,9 +381,16 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                     scale, window,
                     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr):
-    tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+                    SPLIT_MASK: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+    if HEAVY_FIRST:
+        # grid (KV heads, tiles), tiles last to first: launched in that order, a sequence's later (longer) query
+        # tiles start first
+        kvh = tl.program_id(0)
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
     s = tl.load(TILE_SEQ + tile)
     if s < 0:  # no work for this tile
         return
@@ -407,7 +414,15 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
     m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * G_PAD, D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
+    masked_from = lo
+    if SPLIT_MASK and not HAS_WINDOW:
+        # keys up to the tile's first row's position are allowed for every row: those whole tiles need no mask
+        masked_from = (seq_len - q_len + q0 + 1) // BLOCK_N * BLOCK_N
+        for n0 in range(lo, masked_from, BLOCK_N):
+            offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh,
+                                                stride_bt, offs_d, PAGE, BLOCK_N)
+            m, l, acc = _softmax_step(tl.dot(q, tl.trans(k.to(DOT))) * scale, v.to(DOT), m, l, acc)
+    for n0 in range(masked_from, hi, BLOCK_N):
         offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh, stride_bt,
                                             offs_d, PAGE, BLOCK_N)
         k, v = k.to(DOT), v.to(DOT)
@@ -437,17 +452,22 @@ def _tiles(meta: AttentionMeta, num_rows: int, block_q: int) -> tuple[torch.Tens
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
-                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64) -> None:
+                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64,
+                      block_m: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                      split_mask: bool = False, heavy_first: bool = False) -> None:
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
     g_pad = triton.next_power_of_2(g)
-    block_q = max(128 // g_pad, 1) if d <= 128 else max(64 // g_pad, 1)
+    block_m = block_m or (128 if d <= 128 else 64)  # rows of a tile: query rows times the group's heads
+    block_q = max(block_m // g_pad, 1)
     tile_seq, tile_q = _tiles(meta, q.shape[0], block_q)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
-    _prefill_kernel[(tile_seq.shape[0], num_kv)](
+    grid = (num_kv, tile_seq.shape[0]) if heavy_first else (tile_seq.shape[0], num_kv)
+    _prefill_kernel[grid](
         q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.q_len, meta.seq_lens, tile_seq, tile_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), meta.block_tables.stride(0), scale, sliding_window or 0,
         G=g, G_PAD=g_pad, BLOCK_Q=block_q, D=d, PAGE=page, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
-        DOT=_dot_dtype(q, k_cache), num_warps=4 if block_q * g_pad <= 64 else 8, num_stages=2)
+        DOT=_dot_dtype(q, k_cache), SPLIT_MASK=split_mask, HEAVY_FIRST=heavy_first,
+        num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8), num_stages=num_stages)
