@@ -71,9 +71,8 @@ def main():
     expect = torch.empty(q.shape, device="cuda")
     ref.paged_attention(q, kc, vc, meta, scale, expect)
     runs = [("engine default", lambda out: gpu.prefill_attention(q, kc, vc, meta, scale, out))]
-    grid = [dict(split_mask=sm, heavy_first=hf) for sm, hf in itertools.product((False, True), repeat=2)]
-    grid += [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, split_mask=True, heavy_first=True)
-             for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
+    grid = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+            for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
     for kw in () if a.default_only else grid:
         runs.append((kw, lambda out, kw=kw: prefill_attention(q, kc, vc, meta, scale, out, **kw)))
     rows = []

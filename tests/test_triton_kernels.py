@@ -145,6 +145,25 @@ def test_prefill_tiles_cover_every_query_row_once():
     assert covered == sorted((s, r) for s, n in enumerate([5, 40, 1, 17]) for r in range(n))
 
 
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("tiles", [(16, 16), (32, 64), (64, 32)])  # (block_m, block_n)
+def test_prefill_tiles_of_every_size_match_reference(tiles, window):
+    """Small tiles, so that a query tile sees whole key tiles below its first row (run without a mask) and
+    tiles across the diagonal; chunks that continue a cached prompt (q_len < seq_len) and whole prompts."""
+    from nanoflow.kernels import triton_attention as ta
+    q, kc, vc, batch = make_case([37, 70, 5, 16], [37, 150, 21, 16], 0, dtype=DTYPE, device=DEVICE, **SHAPES["gqa4"],
+                                 seed=11)
+    meta = batch.build_attention(PREFILL, 0, q.shape[0], capacity=5)
+    meta = type(meta)(*(t.to(DEVICE) for t in (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
+    scale = q.shape[2] ** -0.5
+    expect = torch.full(q.shape, float("nan"), device=DEVICE)
+    ref.paged_attention(q, kc, vc, meta, scale, expect, window)
+    got = torch.full(q.shape, float("nan"), dtype=DTYPE, device=DEVICE)
+    ta.prefill_attention(q, kc, vc, meta, scale, got, window, block_m=tiles[0], block_n=tiles[1], num_warps=4)
+    assert got.isfinite().all()
+    assert rel_err(got, expect) < (1e-2 if ON_GPU else 1e-4)
+
 # Triton 3.6's interpreter rounds float32 to e4m3 wrongly where rounding carries into the exponent (-1.96 becomes
 # -1.0, not -2.0), so the fp8 store is checked on the GPU only; the fp8 loads are checked on the CPU too (above).
 FP8_STORE = pytest.param(torch.float8_e4m3fn, id="fp8-cache", marks=pytest.mark.skipif(

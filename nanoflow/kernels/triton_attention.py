@@ -381,16 +381,11 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                     scale, window,
                     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
-                    SPLIT_MASK: tl.constexpr, HEAVY_FIRST: tl.constexpr):
-    if HEAVY_FIRST:
-        # grid (KV heads, tiles), tiles last to first: launched in that order, a sequence's later (longer) query
-        # tiles start first
-        kvh = tl.program_id(0)
-        tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    else:
-        tile = tl.program_id(0)
-        kvh = tl.program_id(1)
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr):
+    # The grid is (KV heads, tiles), the tiles taken last to first: programs launch in that order, so each
+    # sequence's later query tiles, which have the most keys, start first and the short ones fill the tail.
+    kvh = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     s = tl.load(TILE_SEQ + tile)
     if s < 0:  # no work for this tile
         return
@@ -415,7 +410,7 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
     l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * G_PAD, D], tl.float32)
     masked_from = lo
-    if SPLIT_MASK and not HAS_WINDOW:
+    if not HAS_WINDOW:
         # keys up to the tile's first row's position are allowed for every row: those whole tiles need no mask
         masked_from = (seq_len - q_len + q0 + 1) // BLOCK_N * BLOCK_N
         for n0 in range(lo, masked_from, BLOCK_N):
@@ -452,9 +447,11 @@ def _tiles(meta: AttentionMeta, num_rows: int, block_q: int) -> tuple[torch.Tens
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
-                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64,
-                      block_m: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                      split_mask: bool = False, heavy_first: bool = False) -> None:
+                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 128,
+                      block_m: int | None = None, num_warps: int | None = None, num_stages: int = 2) -> None:
+    """Flash-style causal attention of each prefill sequence's query rows over its pages. A tile is block_m rows:
+    block_m / (the group's heads, to a power of 2) query rows, with all the query heads of one KV head. The defaults
+    measured best on an H100 over bf16 and fp8 caches (BENCHMARKS.md, #10: benchmarks/prefill_sweep.py)."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
@@ -463,11 +460,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = max(block_m // g_pad, 1)
     tile_seq, tile_q = _tiles(meta, q.shape[0], block_q)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
-    grid = (num_kv, tile_seq.shape[0]) if heavy_first else (tile_seq.shape[0], num_kv)
-    _prefill_kernel[grid](
+    _prefill_kernel[(num_kv, tile_seq.shape[0])](
         q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.q_len, meta.seq_lens, tile_seq, tile_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), meta.block_tables.stride(0), scale, sliding_window or 0,
         G=g, G_PAD=g_pad, BLOCK_Q=block_q, D=d, PAGE=page, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
-        DOT=_dot_dtype(q, k_cache), SPLIT_MASK=split_mask, HEAVY_FIRST=heavy_first,
-        num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8), num_stages=num_stages)
+        DOT=_dot_dtype(q, k_cache), num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8),
+        num_stages=num_stages)
