@@ -181,8 +181,9 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
 # Bumped when a kernel changes what a profile measures, so that older profiles are measured again (2: stream-K
 # decode attention, the symmetric-memory all-reduce; 3: decode in fp16 over an fp8 cache, 4 programs per SM and a
 # query block of the group's rows; 4: the TMA page kernel; 5: the combine per boundary, the gather kernel again on
-# the whole device over 16-bit caches).
-KERNELS = 5
+# the whole device over 16-bit caches; 6: the experts' SwiGLU in gate_up's epilogue, prefill attention's unmasked
+# tiles and longest-first launch).
+KERNELS = 6
 
 
 def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int,
