@@ -26,18 +26,24 @@ from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.models.batch import DECODE, ForwardBatch
 
 
-def case(seqs, ctx, hq=32, hkv=8, d=128, page=16, ctx_max=None, width=None, kv_dtype=torch.bfloat16):
-    """Queries, caches (kv_dtype: bf16, or float8_e4m3fn as --kv-cache-dtype fp8 stores them) and metadata of
-    `seqs` decode sequences; their pages scattered over the cache."""
-    g = torch.Generator().manual_seed(0)
-    lens = torch.randint(ctx, (ctx_max or ctx) + 1, (seqs,), generator=g).tolist()
+def paged_cache(lens, hkv, d, page, kv_dtype, g):
+    """Random K and V caches holding sequences of these lengths, each sequence's pages scattered over the cache
+    (block 0 left over, for padding); their block tables."""
     pages = [-(-n // page) for n in lens]
     blocks = sum(pages) + 1
     kc = torch.randn(blocks, page, hkv, d, device="cuda").to(kv_dtype)
     vc = torch.randn(blocks, page, hkv, d, device="cuda").to(kv_dtype)
     perm = torch.randperm(blocks - 1, generator=g).tolist()
     ends = list(itertools.accumulate(pages))
-    tables = [perm[e - n:e] for n, e in zip(pages, ends)]
+    return kc, vc, [perm[e - n:e] for n, e in zip(pages, ends)]
+
+
+def case(seqs, ctx, hq=32, hkv=8, d=128, page=16, ctx_max=None, width=None, kv_dtype=torch.bfloat16):
+    """Queries, caches (kv_dtype: bf16, or float8_e4m3fn as --kv-cache-dtype fp8 stores them) and metadata of
+    `seqs` decode sequences; their pages scattered over the cache."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(ctx, (ctx_max or ctx) + 1, (seqs,), generator=g).tolist()
+    kc, vc, tables = paged_cache(lens, hkv, d, page, kv_dtype, g)
     tables[0] = tables[0] + [0] * ((width or 0) - len(tables[0]))  # the metadata's width is its widest table
     batch = ForwardBatch(torch.zeros(seqs), torch.zeros(seqs), torch.zeros(seqs), list(range(seqs + 1)), lens,
                          tables, seqs, torch.zeros(1))
@@ -45,6 +51,22 @@ def case(seqs, ctx, hq=32, hkv=8, d=128, page=16, ctx_max=None, width=None, kv_d
     meta = type(meta)(*(t.cuda() for t in (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
     q = torch.randn(seqs, hq, d, device="cuda", dtype=torch.bfloat16)
     return q, kc, vc, meta, 2 * sum(lens) * hkv * d * kc.element_size()
+
+
+def time_configs(runs, out: torch.Tensor, error) -> list[dict]:
+    """Each (config, fn(out)) of runs: its relative error (error(out)) and median ms by do_bench. A config the
+    compiler rejects (shared memory, registers) is skipped, named."""
+    rows = []
+    for config, fn in runs:
+        try:
+            fn(out)
+            err = error(out)
+            ms = triton.testing.do_bench(lambda: fn(out), warmup=25, rep=100, return_mode="median")
+        except Exception as e:
+            print(config, "failed:", type(e).__name__, str(e)[:120])
+            continue
+        rows.append({"config": config, "ms": ms, "rel_err": err})
+    return rows
 
 
 def main():
@@ -76,17 +98,10 @@ def main():
                 for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))]
     for kw in () if a.default_only else configs:
         runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
-    rows = []
-    for config, fn in runs:
-        out = torch.empty_like(q)
-        try:
-            fn(out)
-            err = ((out[:8].float() - expect).norm() / expect.norm()).item()
-            ms = triton.testing.do_bench(lambda: fn(out), warmup=25, rep=100, return_mode="median")
-        except Exception as e:  # a config the compiler rejects (shared memory)
-            print(config, "failed:", type(e).__name__)
-            continue
-        rows.append({"config": config, "ms": ms, "tb_s": nbytes / ms / 1e9, "rel_err": err})
+    rows = time_configs(runs, torch.empty_like(q), lambda out: ((out[:8].float() - expect).norm() /
+                                                                   expect.norm()).item())
+    for r in rows:
+        r["tb_s"] = nbytes / r["ms"] / 1e9
     print(f"{a.seqs} seqs x {a.ctx}..{a.ctx_max or a.ctx} tokens, {a.hq}/{a.hkv} heads, {nbytes / 1e6:.0f} MB of KV "
           f"per call, {torch.cuda.get_device_name()}")
     for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:8]:

@@ -10,7 +10,7 @@ for the experts; its layout of fc1's halves is found by checking both against th
 first call JIT-compiles FlashInfer's sm90 fused-MoE module, a build that does not fit the device's limits
 (BENCHMARKS.md, #10, session 13).
 
-python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--output out.json]"""
+python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--variants REGEX] [--output out.json]"""
 import argparse
 import json
 import re

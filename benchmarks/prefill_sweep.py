@@ -14,6 +14,7 @@ import json
 
 import torch
 import triton.testing
+from decode_sweep import paged_cache, time_configs
 
 from nanoflow.kernels import gpu
 from nanoflow.kernels import reference as ref
@@ -25,13 +26,7 @@ def case(prompts, hq, hkv, d=128, page=16, kv_dtype=torch.bfloat16):
     """Queries, caches and metadata of the prefill sequences (q_len, seq_len); their pages scattered over the
     cache. Returns also the causal FLOPs: 4 * d * hq per (query, allowed key) pair."""
     g = torch.Generator().manual_seed(0)
-    pages = [-(-s // page) for _, s in prompts]
-    blocks = sum(pages) + 1
-    kc = torch.randn(blocks, page, hkv, d, device="cuda").to(kv_dtype)
-    vc = torch.randn(blocks, page, hkv, d, device="cuda").to(kv_dtype)
-    perm = torch.randperm(blocks - 1, generator=g).tolist()
-    ends = list(itertools.accumulate(pages))
-    tables = [perm[e - n:e] for n, e in zip(pages, ends)]
+    kc, vc, tables = paged_cache([s for _, s in prompts], hkv, d, page, kv_dtype, g)
     rows = sum(q for q, _ in prompts)
     starts = [0, *itertools.accumulate(q for q, _ in prompts)]
     batch = ForwardBatch(torch.zeros(rows), torch.zeros(rows), torch.zeros(rows), starts, [s for _, s in prompts],
@@ -51,7 +46,7 @@ def flash_rate(prompts, hq, hkv, d=128) -> float:
     def run():
         for q, k in zip(qs, ks):
             torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
-    ms = triton.testing.do_bench(run)
+    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
     return 4 * d * hq * sum(s * (s + 1) // 2 for _, s in prompts) / (ms * 1e-3) / 1e12
 
 
@@ -75,27 +70,16 @@ def main():
             for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
     for kw in () if a.default_only else grid:
         runs.append((kw, lambda out, kw=kw: prefill_attention(q, kc, vc, meta, scale, out, **kw)))
-    rows = []
-    for config, fn in runs:
-        out = torch.empty_like(q)
-        try:
-            fn(out)
-        except Exception as e:  # a config that does not fit (shared memory, registers) is skipped, named
-            print(f"{config}: {type(e).__name__}: {str(e)[:120]}")
-            continue
-        err = ((out.float() - expect).norm() / expect.norm()).item()
-        if err > 2e-2:
-            print(f"{config}: relative error {err:.3g} against the reference, skipped")
-            continue
-        ms = triton.testing.do_bench(lambda: fn(out))
-        rows.append({"config": config, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "rel_err": err})
+    rows = time_configs(runs, torch.empty_like(q), lambda out: ((out.float() - expect).norm() / expect.norm()).item())
+    for r in rows:
+        r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
     flash = flash_rate(prompts, a.hq, a.hkv)
     rows.sort(key=lambda r: r["ms"])
     print(f"prompts {a.prompts}, {a.hq}/{a.hkv} heads, cache {kv_dtype}; torch flash on fresh prompts of these "
           f"lengths: {flash:.0f} TFLOP/s")
-    print(f"{'ms':>8} {'TFLOP/s':>8}  config")
+    print(f"{'ms':>8} {'TFLOP/s':>8} {'error':>8}  config")
     for r in rows:
-        print(f"{r['ms']:8.4f} {r['tflops']:8.0f}  {r['config']}")
+        print(f"{r['ms']:8.4f} {r['tflops']:8.0f} {r['rel_err']:8.1e}  {r['config']}")
     if a.output:
         with open(a.output, "w") as f:
             json.dump({"prompts": prompts, "hq": a.hq, "hkv": a.hkv, "kv_dtype": str(kv_dtype),
