@@ -381,11 +381,13 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                     scale, window,
                     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr):
-    # The grid is (KV heads, tiles), the tiles taken last to first: programs launch in that order, so each
-    # sequence's later query tiles, which have the most keys, start first and the short ones fill the tail.
-    kvh = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT: tl.constexpr,
+                    NUM_KV: tl.constexpr):
+    # One program per (tile, KV head), the KV head fastest and the tiles taken last to first: programs launch in
+    # that order, so each sequence's later query tiles, which have the most keys, start first and the short ones
+    # fill the tail.
+    kvh = tl.program_id(0) % NUM_KV
+    tile = tl.num_programs(0) // NUM_KV - 1 - tl.program_id(0) // NUM_KV
     s = tl.load(TILE_SEQ + tile)
     if s < 0:  # no work for this tile
         return
@@ -460,10 +462,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = max(block_m // g_pad, 1)
     tile_seq, tile_q = _tiles(meta, q.shape[0], block_q)
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
-    _prefill_kernel[(num_kv, tile_seq.shape[0])](
+    _prefill_kernel[(num_kv * tile_seq.shape[0],)](
         q, k_cache, v_cache, out, meta.block_tables, meta.q_start, meta.q_len, meta.seq_lens, tile_seq, tile_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), meta.block_tables.stride(0), scale, sliding_window or 0,
         G=g, G_PAD=g_pad, BLOCK_Q=block_q, D=d, PAGE=page, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
-        DOT=_dot_dtype(q, k_cache), num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8),
+        DOT=_dot_dtype(q, k_cache), NUM_KV=num_kv, num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8),
         num_stages=num_stages)
