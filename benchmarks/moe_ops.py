@@ -58,7 +58,7 @@ def triton_configs():
     for bm, bn, bk, w, s, g in ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 3, 4), (128, 256, 64, 8, 4, 8),
                                 (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 5, 4), (128, 128, 64, 4, 4, 8),
                                 (128, 128, 128, 8, 3, 8), (128, 256, 32, 8, 5, 8), (64, 256, 64, 4, 4, 8),
-                                (64, 256, 64, 8, 4, 8), (64, 512, 64, 8, 2, 8), (64, 512, 32, 8, 5, 8), (64, 512, 32, 8, 4, 8)):
+                                (64, 256, 64, 8, 4, 8), (64, 512, 32, 8, 5, 8)):
         grid.append(dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s, group_m=g, tma=True))
     grid.append(dict(grid[1], flatten=False))
     return triton_moe, grid

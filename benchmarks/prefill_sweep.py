@@ -6,8 +6,11 @@ same lengths: the rate a kernel that needs no pages reaches.
 that continues a prompt whose first S - Q tokens are cached). The default is the kind of prefill part a 2,048-token
 batch of the 1024/512 steady state holds beside ~500 decodes: one whole prompt and the second half of another.
 
+--sliding-window W times a model with a window (Mistral's): each query attends to its last W positions; torch's
+flash has no window, so its rate is not given then.
+
 python benchmarks/prefill_sweep.py [--prompts 1024:1024,524:1024] [--hq 32 --hkv 8] [--kv-cache-dtype fp8]
-                                   [--default-only] [--output out.json]"""
+                                   [--sliding-window W] [--default-only] [--output out.json]"""
 import argparse
 import itertools
 import json
@@ -22,9 +25,9 @@ from nanoflow.kernels.triton_attention import prefill_attention
 from nanoflow.models.batch import PREFILL, ForwardBatch
 
 
-def case(prompts, hq, hkv, d=128, page=16, kv_dtype=torch.bfloat16):
+def case(prompts, hq, hkv, d=128, page=16, kv_dtype=torch.bfloat16, window=None):
     """Queries, caches and metadata of the prefill sequences (q_len, seq_len); their pages scattered over the
-    cache. Returns also the causal FLOPs: 4 * d * hq per (query, allowed key) pair."""
+    cache. Returns also the FLOPs: 4 * d * hq per (query, allowed key) pair."""
     g = torch.Generator().manual_seed(0)
     kc, vc, tables = paged_cache([s for _, s in prompts], hkv, d, page, kv_dtype, g)
     rows = sum(q for q, _ in prompts)
@@ -34,7 +37,7 @@ def case(prompts, hq, hkv, d=128, page=16, kv_dtype=torch.bfloat16):
     meta = batch.build_attention(PREFILL, 0, rows)
     meta = type(meta)(*(t.cuda() for t in (meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables)))
     q = torch.randn(rows, hq, d, device="cuda", dtype=torch.bfloat16)
-    pairs = sum(sum(range(s - ql + 1, s + 1)) for ql, s in prompts)
+    pairs = sum(min(n, window or n) for ql, s in prompts for n in range(s - ql + 1, s + 1))  # n keys a query sees
     return q, kc, vc, meta, 4 * d * hq * pairs
 
 
@@ -56,34 +59,36 @@ def main():
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="auto: bf16")
+    ap.add_argument("--sliding-window", type=int)
     ap.add_argument("--default-only", action="store_true", help="time the engine's configuration alone")
     ap.add_argument("--output")
     a = ap.parse_args()
     prompts = [tuple(map(int, p.split(":"))) for p in a.prompts.split(",")]
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
-    q, kc, vc, meta, flops = case(prompts, a.hq, a.hkv, kv_dtype=kv_dtype)
+    w = a.sliding_window
+    q, kc, vc, meta, flops = case(prompts, a.hq, a.hkv, kv_dtype=kv_dtype, window=w)
     scale = 128 ** -0.5
     expect = torch.empty(q.shape, device="cuda")
-    ref.paged_attention(q, kc, vc, meta, scale, expect)
-    runs = [("engine default", lambda out: gpu.prefill_attention(q, kc, vc, meta, scale, out))]
+    ref.paged_attention(q, kc, vc, meta, scale, expect, w)
+    runs = [("engine default", lambda out: gpu.prefill_attention(q, kc, vc, meta, scale, out, w))]
     grid = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
             for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
     for kw in () if a.default_only else grid:
-        runs.append((kw, lambda out, kw=kw: prefill_attention(q, kc, vc, meta, scale, out, **kw)))
+        runs.append((kw, lambda out, kw=kw: prefill_attention(q, kc, vc, meta, scale, out, w, **kw)))
     rows = time_configs(runs, torch.empty_like(q), lambda out: ((out.float() - expect).norm() / expect.norm()).item())
     for r in rows:
         r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-    flash = flash_rate(prompts, a.hq, a.hkv)
+    flash = None if w else flash_rate(prompts, a.hq, a.hkv)
     rows.sort(key=lambda r: r["ms"])
-    print(f"prompts {a.prompts}, {a.hq}/{a.hkv} heads, cache {kv_dtype}; torch flash on fresh prompts of these "
-          f"lengths: {flash:.0f} TFLOP/s")
+    print(f"prompts {a.prompts}, {a.hq}/{a.hkv} heads, cache {kv_dtype}, window {w}; torch flash on fresh prompts "
+          f"of these lengths: {'-' if flash is None else f'{flash:.0f}'} TFLOP/s")
     print(f"{'ms':>8} {'TFLOP/s':>8} {'error':>8}  config")
     for r in rows:
         print(f"{r['ms']:8.4f} {r['tflops']:8.0f} {r['rel_err']:8.1e}  {r['config']}")
     if a.output:
         with open(a.output, "w") as f:
             json.dump({"prompts": prompts, "hq": a.hq, "hkv": a.hkv, "kv_dtype": str(kv_dtype),
-                       "flash_tflops": flash, "rows": rows}, f, indent=1)
+                       "sliding_window": w, "flash_tflops": flash, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -146,11 +146,12 @@ def test_prefill_tiles_cover_every_query_row_once():
 
 
 
-@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("window", [None, 7, 47, 100])
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 64), (64, 32)])  # (block_m, block_n)
 def test_prefill_tiles_of_every_size_match_reference(tiles, window):
-    """Small tiles, so that a query tile sees whole key tiles below its first row (run without a mask) and
-    tiles across the diagonal; chunks that continue a cached prompt (q_len < seq_len) and whole prompts."""
+    """Small tiles, so that a query tile sees whole key tiles below its first row and inside every row's window
+    (run without a mask), tiles at the window's start and across the diagonal; chunks that continue a cached prompt
+    (q_len < seq_len) and whole prompts."""
     from nanoflow.kernels import triton_attention as ta
     q, kc, vc, batch = make_case([37, 70, 5, 16], [37, 150, 21, 16], 0, dtype=DTYPE, device=DEVICE, **SHAPES["gqa4"],
                                  seed=11)

@@ -377,6 +377,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @triton.jit
+def _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb, stride_ks, stride_kh,
+                  stride_bt, offs_d, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, DOT: tl.constexpr):
+    """Fold key tile [n0, n0 + BLOCK_N) into the online softmax of the tile's query rows (at positions pos_q);
+    MASKED: with the causal (and window) mask, else every key allowed for every row."""
+    offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh, stride_bt, offs_d,
+                                        PAGE, BLOCK_N)
+    scores = tl.dot(q, tl.trans(k.to(DOT))) * scale
+    if MASKED:
+        allowed = valid[None, :] & (offs_n[None, :] <= pos_q[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (pos_q[:, None] - offs_n[None, :] < window)
+        scores = tl.where(allowed, scores, float("-inf"))
+    return _softmax_step(scores, v.to(DOT), m, l, acc)
+
+
+@triton.jit
 def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
                     scale, window,
@@ -404,30 +421,29 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
     q = tl.load(Q + (q_start + r)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(DOT)
     pos_q = seq_len - q_len + r
-    hi = tl.minimum(seq_len - q_len + q0 + BLOCK_Q, seq_len)  # causal limit of the tile's last row
+    pos_first = seq_len - q_len + q0  # the tile's first row's position
+    hi = tl.minimum(pos_first + BLOCK_Q, seq_len)  # causal limit of the tile's last row
     lo = 0
+    unmasked_from = 0
     if HAS_WINDOW:
-        lo = tl.maximum(seq_len - q_len + q0 - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(pos_first - window + 1, 0) // BLOCK_N * BLOCK_N  # the first row's window
+        unmasked_from = tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N  # inside the last row's window
+    # Whole key tiles inside every row's window and at or before the first row's position are allowed for every
+    # row: they need no mask. Only the tiles at the window's start and across the diagonal are masked.
+    masked_from = tl.maximum((pos_first + 1) // BLOCK_N * BLOCK_N, lo)
+    unmasked_from = tl.minimum(tl.maximum(unmasked_from, lo), masked_from)
     m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * G_PAD, D], tl.float32)
-    masked_from = lo
-    if not HAS_WINDOW:
-        # keys up to the tile's first row's position are allowed for every row: those whole tiles need no mask
-        masked_from = (seq_len - q_len + q0 + 1) // BLOCK_N * BLOCK_N
-        for n0 in range(lo, masked_from, BLOCK_N):
-            offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh,
-                                                stride_bt, offs_d, PAGE, BLOCK_N)
-            m, l, acc = _softmax_step(tl.dot(q, tl.trans(k.to(DOT))) * scale, v.to(DOT), m, l, acc)
+    for n0 in range(lo, unmasked_from, BLOCK_N):
+        m, l, acc = _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb,
+                                  stride_ks, stride_kh, stride_bt, offs_d, PAGE, BLOCK_N, True, HAS_WINDOW, DOT)
+    for n0 in range(unmasked_from, masked_from, BLOCK_N):
+        m, l, acc = _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb,
+                                  stride_ks, stride_kh, stride_bt, offs_d, PAGE, BLOCK_N, False, HAS_WINDOW, DOT)
     for n0 in range(masked_from, hi, BLOCK_N):
-        offs_n, valid, k, v = _load_kv_tile(K, V, BT, s, kvh, n0, hi, stride_kb, stride_ks, stride_kh, stride_bt,
-                                            offs_d, PAGE, BLOCK_N)
-        k, v = k.to(DOT), v.to(DOT)
-        allowed = valid[None, :] & (offs_n[None, :] <= pos_q[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (pos_q[:, None] - offs_n[None, :] < window)
-        scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m, l, acc = _softmax_step(scores, v, m, l, acc)
+        m, l, acc = _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb,
+                                  stride_ks, stride_kh, stride_bt, offs_d, PAGE, BLOCK_N, True, HAS_WINDOW, DOT)
     o = acc / tl.where(l == 0, 1.0, l)[:, None]
     tl.store(OUT + (q_start + r)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
