@@ -435,9 +435,10 @@ def _prefill_kernel(Q, K, V, OUT, BT, Q_START, Q_LEN, SEQ_LENS, TILE_SEQ, TILE_Q
     m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * G_PAD, D], tl.float32)
-    for n0 in range(lo, unmasked_from, BLOCK_N):
-        m, l, acc = _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb,
-                                  stride_ks, stride_kh, stride_bt, offs_d, PAGE, BLOCK_N, True, HAS_WINDOW, DOT)
+    if HAS_WINDOW:  # (without a window this loop is empty: compiled only where it can run)
+        for n0 in range(lo, unmasked_from, BLOCK_N):
+            m, l, acc = _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb,
+                                      stride_ks, stride_kh, stride_bt, offs_d, PAGE, BLOCK_N, True, HAS_WINDOW, DOT)
     for n0 in range(unmasked_from, masked_from, BLOCK_N):
         m, l, acc = _prefill_step(q, K, V, BT, s, kvh, n0, hi, pos_q, window, scale, m, l, acc, stride_kb,
                                   stride_ks, stride_kh, stride_bt, offs_d, PAGE, BLOCK_N, False, HAS_WINDOW, DOT)
