@@ -65,22 +65,22 @@ def main():
     a = ap.parse_args()
     prompts = [tuple(map(int, p.split(":"))) for p in a.prompts.split(",")]
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
-    w = a.sliding_window
-    q, kc, vc, meta, flops = case(prompts, a.hq, a.hkv, kv_dtype=kv_dtype, window=w)
+    window = a.sliding_window
+    q, kc, vc, meta, flops = case(prompts, a.hq, a.hkv, kv_dtype=kv_dtype, window=window)
     scale = 128 ** -0.5
     expect = torch.empty(q.shape, device="cuda")
-    ref.paged_attention(q, kc, vc, meta, scale, expect, w)
-    runs = [("engine default", lambda out: gpu.prefill_attention(q, kc, vc, meta, scale, out, w))]
+    ref.paged_attention(q, kc, vc, meta, scale, expect, window)
+    runs = [("engine default", lambda out: gpu.prefill_attention(q, kc, vc, meta, scale, out, window))]
     grid = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
             for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
     for kw in () if a.default_only else grid:
-        runs.append((kw, lambda out, kw=kw: prefill_attention(q, kc, vc, meta, scale, out, w, **kw)))
+        runs.append((kw, lambda out, kw=kw: prefill_attention(q, kc, vc, meta, scale, out, window, **kw)))
     rows = time_configs(runs, torch.empty_like(q), lambda out: ((out.float() - expect).norm() / expect.norm()).item())
     for r in rows:
         r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-    flash = None if w else flash_rate(prompts, a.hq, a.hkv)
+    flash = None if window else flash_rate(prompts, a.hq, a.hkv)
     rows.sort(key=lambda r: r["ms"])
-    print(f"prompts {a.prompts}, {a.hq}/{a.hkv} heads, cache {kv_dtype}, window {w}; torch flash on fresh prompts "
+    print(f"prompts {a.prompts}, {a.hq}/{a.hkv} heads, cache {kv_dtype}, window {window}; torch flash on fresh prompts "
           f"of these lengths: {'-' if flash is None else f'{flash:.0f}'} TFLOP/s")
     print(f"{'ms':>8} {'TFLOP/s':>8} {'error':>8}  config")
     for r in rows:
@@ -88,7 +88,7 @@ def main():
     if a.output:
         with open(a.output, "w") as f:
             json.dump({"prompts": prompts, "hq": a.hq, "hkv": a.hkv, "kv_dtype": str(kv_dtype),
-                       "sliding_window": w, "flash_tflops": flash, "rows": rows}, f, indent=1)
+                       "sliding_window": window, "flash_tflops": flash, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
