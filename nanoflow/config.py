@@ -203,6 +203,8 @@ PRESETS: dict[str, ModelConfig] = {
                          eos_token_ids=[151643]),
     "mistral-7b": _preset("mistral", 32768, 4096, 14336, 32, 32, 8, 1e6, 32768, 1e-5, bos_token_id=1,
                           eos_token_ids=[2]),
+    "mistral-7b-v0.1": _preset("mistral", 32000, 4096, 14336, 32, 32, 8, 1e4, 32768, 1e-5, bos_token_id=1,
+                               eos_token_ids=[2], sliding_window=4096),
     "mixtral-8x7b": _preset("mixtral", 32000, 4096, 14336, 32, 32, 8, 1e6, 32768, 1e-5, bos_token_id=1,
                             eos_token_ids=[2], num_experts=8, num_experts_per_tok=2),
     "qwen1.5-moe-a2.7b": _preset("qwen2_moe", 151936, 2048, 1408, 24, 16, 16, 1e6, 8192, 1e-6, qkv_bias=True,

@@ -236,6 +236,7 @@ def test_tuned_cache_and_resolve(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     l3, qwen = preset("llama-3-8b"), preset("qwen2-7b")
     assert cache.shape_key(l3) == cache.shape_key(preset("mistral-7b")) != cache.shape_key(qwen)
+    assert cache.shape_key(preset("mistral-7b-v0.1")) == cache.shape_key(l3) + "-w4096"  # a window: its own profile
     assert find_tuned("NVIDIA H100 80GB HBM3", qwen, torch.bfloat16, 2048) is None
     assert resolve_pipeline_spec("auto", "NVIDIA H100 80GB HBM3", qwen, torch.bfloat16, 2048) == non_overlap(2048)
     assert resolve_pipeline_spec("auto", "NVIDIA H100 80GB HBM3", l3, "bfloat16", 2048).name == \
