@@ -145,7 +145,6 @@ def test_prefill_tiles_cover_every_query_row_once():
     assert covered == sorted((s, r) for s, n in enumerate([5, 40, 1, 17]) for r in range(n))
 
 
-
 @pytest.mark.parametrize("window", [None, 7, 47, 100])
 @pytest.mark.parametrize("tiles", [(16, 16), (32, 64), (64, 32)])  # (block_m, block_n)
 def test_prefill_tiles_of_every_size_match_reference(tiles, window):
@@ -164,6 +163,7 @@ def test_prefill_tiles_of_every_size_match_reference(tiles, window):
     ta.prefill_attention(q, kc, vc, meta, scale, got, window, block_m=tiles[0], block_n=tiles[1], num_warps=4)
     assert got.isfinite().all()
     assert rel_err(got, expect) < (1e-2 if ON_GPU else 1e-4)
+
 
 # Triton 3.6's interpreter rounds float32 to e4m3 wrongly where rounding carries into the exponent (-1.96 becomes
 # -1.0, not -2.0), so the fp8 store is checked on the GPU only; the fp8 loads are checked on the CPU too (above).
