@@ -9,6 +9,8 @@ python benchmarks/decode_sweep.py --seqs 682 --ctx 1024 --ctx-max 1536 --hkv 4 -
 Mixtral 8x7B at TP = 2 with the fp8 cache (#10):
 python benchmarks/decode_sweep.py --seqs 663 --ctx 1024 --ctx-max 1536 --hq 16 --hkv 4 --width 2048 --kv-cache-dtype fp8
 python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--kv-cache-dtype fp8] [--output out.json]
+--page sets the cache's page (block) size; --sms times every config on a share of that many SMs (a green context,
+as a pipeline's memory unit), the engine's call told its share.
 
 The grid: the gather kernel's tiles, warps, depth and programs per SM with the query block's rows (16, the MMA's,
 or the group's own power of 2: block_g); the page kernel's warps, pages in flight and programs per SM."""
@@ -21,9 +23,10 @@ import triton.testing
 
 from nanoflow.kernels import gpu
 from nanoflow.kernels import reference as ref
-from nanoflow.kernels.sm_share import total_sms
+from nanoflow.kernels.sm_share import sm_share, total_sms
 from nanoflow.kernels.triton_attention import decode_attention
 from nanoflow.models.batch import DECODE, ForwardBatch
+from nanoflow.pipeline.units import share
 
 
 def paged_cache(lens, hkv, d, page, kv_dtype, g):
@@ -77,14 +80,18 @@ def main():
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--width", type=int, help="block table width in pages (the engine's: max_model_len / 16)")
+    ap.add_argument("--page", type=int, default=16, help="tokens per page (the engine's --block-size)")
+    ap.add_argument("--sms", type=int, help="run on a share of this many SMs (default: the whole card)")
+    ap.add_argument("--kernel", choices=["both", "page", "gather"], default="both", help="the configs of which kernel")
     ap.add_argument("--default-only", action="store_true", help="time the engine's configuration alone")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="auto: bf16")
     ap.add_argument("--output")
     a = ap.parse_args()
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
-    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, ctx_max=a.ctx_max, width=a.width, kv_dtype=kv_dtype)
+    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, page=a.page, ctx_max=a.ctx_max, width=a.width,
+                                   kv_dtype=kv_dtype)
     scale = 128 ** -0.5
-    sms = total_sms()
+    sms, stream = share(a.sms) if a.sms else (total_sms(), torch.cuda.current_stream())
     expect = torch.empty(8, a.hq, 128, device="cuda")
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
                                                  meta.block_tables[:8]), scale, expect)
@@ -93,21 +100,23 @@ def main():
     blocks_g = (None,) if tight >= 16 or tight & (tight - 1) else (None, tight)
     gather = itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16), blocks_g)
     configs = [dict(pages=False, block_n=bn, num_warps=w, num_stages=st, programs=k * sms, block_g=bg)
-               for bn, w, st, k, bg in gather]
+               for bn, w, st, k, bg in gather] if a.kernel != "page" else []
     configs += [dict(pages=True, num_warps=w, num_stages=st, programs=k * sms, block_g=blocks_g[-1])
-                for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))]
+                for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))] if a.kernel != "gather" else []
     for kw in () if a.default_only else configs:
         runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
-    rows = time_configs(runs, torch.empty_like(q), lambda out: ((out[:8].float() - expect).norm() /
-                                                                   expect.norm()).item())
+    with torch.cuda.stream(stream), sm_share(sms, total_sms()):
+        rows = time_configs(runs, torch.empty_like(q), lambda out: ((out[:8].float() - expect).norm() /
+                                                                       expect.norm()).item())
     for r in rows:
         r["tb_s"] = nbytes / r["ms"] / 1e9
-    print(f"{a.seqs} seqs x {a.ctx}..{a.ctx_max or a.ctx} tokens, {a.hq}/{a.hkv} heads, {nbytes / 1e6:.0f} MB of KV "
-          f"per call, {torch.cuda.get_device_name()}")
+    print(f"{a.seqs} seqs x {a.ctx}..{a.ctx_max or a.ctx} tokens, {a.hq}/{a.hkv} heads, pages of {a.page}, "
+          f"{nbytes / 1e6:.0f} MB of KV per call, {sms} SMs of {torch.cuda.get_device_name()}")
     for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:8]:
         print(f"{r['ms']:.3f} ms  {r['tb_s']:.2f} TB/s  err {r['rel_err']:.1e}  {r['config']}")
     if a.output:
         json.dump({"seqs": a.seqs, "ctx": a.ctx, "ctx_max": a.ctx_max, "hq": a.hq, "hkv": a.hkv, "width": a.width,
+                   "page": a.page, "sms": sms,
                    "kv_cache_dtype": str(kv_dtype),
                    "bytes": nbytes, "device": torch.cuda.get_device_name(), "configs": rows},
                   open(a.output, "w"), indent=1)
