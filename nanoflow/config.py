@@ -235,6 +235,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
 
 
 MODES = ("non-overlap", "nanobatch-only", "pipeline")
+SCHEDULE_POLICIES = ("fcfs", "lof")
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the model's dtype
 
 
@@ -253,6 +254,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     admission: str = "kv"  # "kv": free blocks for the prompt; "predicted": predicted peak use
     predicted_output_len: int | None = None  # for admission="predicted"; None: max_tokens
+    # which waiting request is admitted next: "fcfs", in arrival order; "lof", longest output (max_tokens) first,
+    # as SGLang's: in an offline batch the long ones start early, so the run does not end on a few long decodes
+    schedule_policy: str = "fcfs"
     # None: CUDA graphs on the GPU, plain eager on the CPU. True on the CPU runs the graph path's static
     # buffers and padding eagerly (how the CPU tests cover it); False: eager everywhere (--enforce-eager).
     cuda_graph: bool | None = None
@@ -281,6 +285,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.admission not in ("kv", "predicted"):
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
         if self.block_size <= 0 or self.max_num_seqs <= 0:
             raise ValueError("block_size and max_num_seqs must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:

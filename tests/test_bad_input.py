@@ -107,6 +107,8 @@ def test_max_model_len_beyond_the_model(llama_dir):
 def test_bad_engine_options(llama_dir):
     with pytest.raises(ValueError, match="admission"):
         LLM(llama_dir, admission="magic")
+    with pytest.raises(ValueError, match="schedule_policy.*'sjf'"):
+        LLM(llama_dir, schedule_policy="sjf")
     with pytest.raises(ValueError, match="dtype"):
         LLM(llama_dir, dtype="int3")
 

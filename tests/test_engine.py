@@ -87,6 +87,34 @@ def test_predicted_admission_avoids_preemption(llama_dir, short_reference):
     assert tokens(outs) == tokens(short_reference)
 
 
+def test_longest_output_first(llama_dir, short_reference):
+    """schedule_policy "lof": the waiting sequences by max_tokens, longest first, ties in arrival order, a
+    preempted one ahead of all; and the same outputs as first-come first-served, through preemptions."""
+    from nanoflow.config import EngineConfig
+    from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
+    from nanoflow.engine.sequence import Request
+    sched = Scheduler(EngineConfig(schedule_policy="lof"), 64, 64, 256)
+    seqs = [Request(str(i), None, [3] * 3, SamplingParams(max_tokens=m)).seqs[0]
+            for i, m in enumerate([5, 50, 253, 20, 50])]
+    for seq in seqs[:4]:
+        sched.add(seq)
+    first = sched.schedule()
+    assert [c.seq for c in first.chunks] == [seqs[2], seqs[1], seqs[3], seqs[0]]
+    sched.update(first)
+    for seq in seqs[:4]:  # their first tokens land
+        seq.num_inflight -= 1
+        seq.token_ids.append(7)
+    sched._preempt(seqs[0], SchedulerOutput())  # (the engine does this when a decode finds no free block)
+    sched.add(seqs[4])
+    assert [c.seq for c in sched.schedule().chunks if c.start == 0] == [seqs[0], seqs[4]]
+
+    llm = LLM(llama_dir, num_kv_blocks=10, block_size=4, schedule_policy="lof")
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 10, 8, 10, 9)]
+    outs = llm.generate(SHORT, params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert tokens(outs) == [t[:m] for t, m in zip(tokens(short_reference), (6, 10, 8, 10, 9))]
+
+
 def run_scheduler(sched, lengths, asynchronous):
     """Drive the scheduler alone (no model) over requests (prompt length, max_tokens), reading each iteration's
     samples back at once or, asynchronously, one iteration late as the engine does. Returns the most blocks the

@@ -219,6 +219,7 @@ def throughput(args) -> dict:
         "params": cfg.num_params(), "active_params": cfg.active_params(), "tensor_parallel_size": tp,
         "max_num_batched_tokens": eng.runner.max_num_tokens,
         "max_num_seqs": eng.config.max_num_seqs, "admission": eng.config.admission,
+        "schedule_policy": eng.config.schedule_policy,
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,
         "kv_capacity_tokens": eng.runner.num_blocks * eng.runner.block_size,
         "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,

@@ -1,11 +1,12 @@
 """NanoFlow's dense batch: each iteration takes one token from every running decode sequence and
 fills the rest of a fixed token budget with chunked prefill.
 
-Admission is first-come first-served, gated by KV blocks (the whole prompt must fit) or, with
-admission="predicted", by the predicted peak KV use of everything running (NanoFlow's policy,
+Admission takes the waiting sequences in order (first-come first-served, or with
+schedule_policy="lof" the longest max_tokens first), gated by KV blocks (the whole prompt must fit) or,
+with admission="predicted", by the predicted peak KV use of everything running (NanoFlow's policy,
 which avoids preemption: the peak of sequences that end at different times, not the sum of their
 peaks). When a decode sequence needs a block and none is free, the newest running sequence is
-preempted and later recomputed.
+preempted, waits ahead of every new one, and is later recomputed.
 
 With prefix caching, an admitted sequence starts its prefill after its longest cached prefix (see
 block_manager.py), and the KV copies of the host tier ride on the SchedulerOutput for the runner to issue.
@@ -60,6 +61,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.waiting: deque[Sequence] = deque()
+        self.resuming: set[Sequence] = set()  # preempted, waiting at the head of the queue
+        self.unsorted = False  # schedule_policy "lof": sequences added since the waiting queue was last ordered
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
@@ -67,6 +70,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.unsorted = self.config.schedule_policy == "lof"
 
     @property
     def has_work(self) -> bool:
@@ -74,6 +78,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED
+        self.resuming.discard(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -103,6 +108,8 @@ class Scheduler:
                 out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
                 budget -= n
         # 3. admit waiting sequences in order while the budget and the KV cache allow
+        if self.unsorted:
+            self._order_waiting()
         predicted = None  # admission="predicted": the running sequences' peak, computed once one is tried
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -115,6 +122,7 @@ class Scheduler:
             if not self._admit(seq):
                 break
             self.waiting.popleft()
+            self.resuming.discard(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_pending, budget)
@@ -134,6 +142,13 @@ class Scheduler:
         self.num_scheduled_tokens += out.num_tokens
 
     # -- policies --------------------------------------------------------------------------------
+    def _order_waiting(self) -> None:
+        """schedule_policy "lof": the preempted first (in their order), then the longest output first (max_tokens,
+        which the engine bounds by the context's room); equal ones (a request's n sequences among them) in arrival
+        order. Sorted only after additions: a stable sort of an ordered queue with a few new ones at its end."""
+        self.waiting = deque(sorted(self.waiting, key=lambda s: (s not in self.resuming, -s.max_tokens)))
+        self.unsorted = False
+
     def _reaches_length(self, seq: Sequence) -> bool:
         """Its in-flight token is its last: it finishes on 'length' when that token lands."""
         return seq.num_inflight > 0 and (seq.num_generated >= seq.max_tokens
@@ -203,6 +218,7 @@ class Scheduler:
         self.blocks.free(seq)  # recomputed from scratch on readmission
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self.resuming.add(seq)
         out.preempted.append(seq)
         out.chunks = [c for c in out.chunks if c.seq is not seq]
         self.num_preemptions += 1

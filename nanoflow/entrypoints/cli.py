@@ -6,7 +6,7 @@ import os
 import sys
 import traceback
 
-from nanoflow.config import MODES
+from nanoflow.config import MODES, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
 
@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="auto: the model's dtype; fp8: float8 e4m3, unscaled (half the bytes: twice the KV blocks)")
     p.add_argument("--admission", choices=["kv", "predicted"], default="kv")
+    p.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, default="fcfs",
+                   help="the waiting request admitted next: fcfs, in arrival order; lof, the longest output "
+                        "(max_tokens) first (offline batches: the run does not end on a few long decodes)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule iteration i + 1 while the GPU runs i (default: on for CUDA)")
@@ -52,8 +55,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,
-                kv_cache_dtype=a.kv_cache_dtype,
-                admission=a.admission, seed=a.seed, cuda_graph=False if a.enforce_eager else None,
+                kv_cache_dtype=a.kv_cache_dtype, admission=a.admission, schedule_policy=a.schedule_policy,
+                seed=a.seed, cuda_graph=False if a.enforce_eager else None,
                 async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec,
                 enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb,
                 tensor_parallel_size=a.tensor_parallel_size, num_layers=a.num_layers)
