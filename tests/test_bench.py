@@ -115,3 +115,22 @@ def test_iteration_clock_phases_and_idle(monkeypatch):
     assert s["stages"] == {"fill": {"iterations": 1, "tokens": 100, "gpu_ms": 7, "tokens_per_gpu_second": 100 / 7e-3},
                            "steady": {"iterations": 2, "tokens": 400, "gpu_ms": 30,
                                       "tokens_per_gpu_second": 400 / 30e-3}}
+
+
+def test_bench_schedule_replays_the_engines_iterations(tmp_path, capsys):
+    """bench schedule (the scheduler alone) takes as many iterations as the engine does on the same lengths,
+    budget, KV blocks and policy (the engine scheduling asynchronously, as on a GPU)."""
+    engine, replayed = tmp_path / "engine.json", tmp_path / "replay.json"
+    common = ["--workload", "const:40:20:30", "--max-num-batched-tokens", "64", "--num-kv-blocks", "60",
+              "--admission", "predicted", "--schedule-policy", "lof"]
+    assert main(["bench", "throughput", *common, "--warmup-requests", "1", "--async-scheduling",
+                 "--output", str(engine)]) == 0
+    assert main(["bench", "schedule", *common, "fcfs", "--output", str(replayed)]) == 0
+    ran = json.loads(engine.read_text())["results"][0]
+    lof, fcfs = json.loads(replayed.read_text())["results"]
+    assert lof["schedule_policy"] == "lof" and lof["iterations"] == ran["iterations"] > 30
+    assert lof["preemptions"] == ran["preemptions"] == 0
+    assert lof["tokens"] == fcfs["tokens"] == 30 * (40 + 19)  # every prompt token, and each output but the last
+    assert "iterations" in capsys.readouterr().out
+    assert main(["bench", "schedule", "--workload", "const:2000:5:2", "--num-kv-blocks", "60"]) == 2
+    assert "2000 tokens" in capsys.readouterr().err

@@ -116,31 +116,10 @@ def test_longest_output_first(llama_dir, short_reference):
 
 
 def run_scheduler(sched, lengths, asynchronous):
-    """Drive the scheduler alone (no model) over requests (prompt length, max_tokens), reading each iteration's
-    samples back at once or, asynchronously, one iteration late as the engine does. Returns the most blocks the
-    running sequences' predicted peaks summed to at any iteration."""
-    from nanoflow.engine.sequence import Request, Status
-    for i, (p, m) in enumerate(lengths):
-        seq = Request(str(i), None, [3] * p, SamplingParams(max_tokens=m, ignore_eos=True)).seqs[0]
-        seq.max_tokens = m
-        sched.add(seq)
-    sum_of_peaks, inflight = 0, None
-    while sched.has_work or inflight:
-        out = sched.schedule()
-        sum_of_peaks = max(sum_of_peaks, sum(sched._predicted_peak(s) for s in sched.running))
-        if not out.empty:
-            sched.update(out)
-        launched = None if out.empty else out
-        done, inflight = (inflight, launched) if asynchronous else (launched, None)
-        assert done or inflight, "the scheduler stalled"
-        for c in done.chunks if done else ():
-            if c.samples:
-                c.seq.num_inflight -= 1
-                if c.seq.status is not Status.FINISHED:
-                    c.seq.token_ids.append(7)
-                    if c.seq.num_output_tokens >= c.seq.max_tokens:
-                        sched.finish(c.seq)
-    return sum_of_peaks
+    """Replay the scheduler alone (no model) over requests (prompt length, max_tokens); the most blocks the running
+    sequences' predicted peaks summed to at any iteration."""
+    from nanoflow.bench.replay import replay
+    return max(sum(sched._predicted_peak(s) for s in sched.running) for _ in replay(sched, lengths, asynchronous))
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

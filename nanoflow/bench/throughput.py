@@ -112,7 +112,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
                     if k + 1 < len(convs[c]):
                         add(c, k + 1, prompt + out.outputs[0].token_ids)
             peak_running = max(peak_running, len(eng.scheduler.running))
-            steps += 1
+            steps += sched.num_scheduled_tokens > tokens  # (not the last step, which only reads back)
             if in_steady:
                 steady[0] += 1
                 steady[1] += sched.num_scheduled_tokens - tokens

@@ -86,6 +86,11 @@ def _bench_throughput(a: argparse.Namespace) -> int:
     return main(a)
 
 
+def _bench_schedule(a: argparse.Namespace) -> int:
+    from nanoflow.bench.replay import main
+    return main(a)
+
+
 def _bench_plot(a: argparse.Namespace) -> int:
     from nanoflow.bench.plots import throughput_bars
     throughput_bars(a.reports, a.output)
@@ -171,6 +176,20 @@ def main(argv: list[str] | None = None) -> int:
                                       "(GPU; with each op's time alone at its SM share vs overlapped)")
     t.add_argument("--output", help="write the report as JSON")
     t.set_defaults(func=_bench_throughput)
+    sc = bench.add_parser("schedule", help="the scheduler alone over a workload's lengths (no model, no GPU): "
+                                            "iterations and tokens per iteration by token budget and policy")
+    sc.add_argument("--workload", action="append", required=True, help="const:IN:OUT[:N] or trace:NAME[:N]")
+    sc.add_argument("--num-requests", type=int, default=None, help="as bench throughput's")
+    sc.add_argument("--num-kv-blocks", type=int, required=True, help="the KV blocks (a GPU run prints its count)")
+    sc.add_argument("--block-size", type=int, default=16)
+    sc.add_argument("--max-num-batched-tokens", type=int, nargs="+", default=[2048], help="budgets to compare")
+    sc.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, nargs="+", default=["fcfs"])
+    sc.add_argument("--admission", choices=["kv", "predicted"], default="predicted")
+    sc.add_argument("--max-num-seqs", type=int, default=1024)
+    sc.add_argument("--max-model-len", type=int, default=32768)
+    sc.add_argument("--seed", type=int, default=0, help="the trace's sample")
+    sc.add_argument("--output", help="write the rows as JSON")
+    sc.set_defaults(func=_bench_schedule)
     pl = bench.add_parser("plot", help="draw throughput reports (JSON of bench throughput) as a PNG bar chart")
     pl.add_argument("reports", nargs="+")
     pl.add_argument("-o", "--output", required=True)

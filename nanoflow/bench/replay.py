@@ -1,0 +1,98 @@
+"""`nanoflow bench schedule`: the scheduler alone, replayed over a workload's lengths with no model and no GPU.
+
+How many iterations a run takes and how full they are depends only on the scheduler, the KV blocks and the lengths.
+The replay reads each sampled token back one iteration late, as the asynchronous engine does, so on the H200 runs of
+#10 (BENCHMARKS.md) it gave their iteration counts to within one. Where a forward costs a fixed part plus a part per
+token, as a mixture of experts' does (its weights and each expert's partial tile, then its rows), fewer iterations for
+the same tokens is a faster run: this compares token budgets and schedule policies in seconds, before a GPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from nanoflow.config import EngineConfig
+from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
+from nanoflow.engine.sequence import Request, Status
+from nanoflow.sampling_params import SamplingParams
+
+
+def replay(sched: Scheduler, lengths: list[tuple[int, int]], asynchronous: bool = True) -> Iterator[SchedulerOutput]:
+    """Each iteration's SchedulerOutput over requests of these (prompt, output) lengths, all waiting at the start,
+    every output token generated (ignore_eos). A request's prompt shares no block with another's. Each iteration's
+    sampled tokens are read back at once or, asynchronously, one iteration late."""
+    for i, (p, o) in enumerate(lengths):
+        if sched.blocks.blocks_for(p + 1) > sched.blocks.num_blocks:
+            raise ValueError(f"a prompt of {p} tokens and its first output need more than the KV cache's "
+                             f"{sched.blocks.num_blocks} blocks of {sched.blocks.block_size} tokens")
+        seq = Request(str(i), None, [i] * p, SamplingParams(max_tokens=o, ignore_eos=True)).seqs[0]
+        seq.max_tokens = min(o, sched.max_model_len - p)  # (as the engine bounds it)
+        sched.add(seq)
+    inflight = None
+    while sched.has_work or inflight:
+        out = sched.schedule()
+        if not out.empty:
+            sched.update(out)
+            yield out
+        launched = None if out.empty else out
+        done, inflight = (inflight, launched) if asynchronous else (launched, None)
+        if not (done or inflight):
+            raise RuntimeError(f"the scheduler stalled with {len(sched.waiting)} requests waiting")
+        for c in done.chunks if done else ():
+            if c.samples:
+                c.seq.num_inflight -= 1
+                if c.seq.status is not Status.FINISHED:
+                    c.seq.token_ids.append(7)
+                    if c.seq.num_output_tokens >= c.seq.max_tokens:
+                        sched.finish(c.seq)
+
+
+@dataclass(slots=True)
+class Replayed:
+    workload: str
+    budget: int
+    schedule_policy: str
+    iterations: int
+    tokens: int
+    tokens_per_iteration: float
+    thin_iterations: int  # under a quarter of the budget: mostly the run's fill and drain
+    peak_running: int
+    preemptions: int
+
+
+def run(workload, config: EngineConfig, num_blocks: int, max_model_len: int) -> Replayed:
+    sched = Scheduler(config, num_blocks, config.max_num_batched_tokens, max_model_len)
+    sizes, peak = [], 0
+    for out in replay(sched, workload.lengths):
+        sizes.append(out.num_tokens)
+        peak = max(peak, len(sched.running))
+    budget = config.max_num_batched_tokens
+    return Replayed(workload.name, budget, config.schedule_policy, len(sizes), sum(sizes), sum(sizes) / len(sizes),
+                    sum(n < budget / 4 for n in sizes), peak, sched.num_preemptions)
+
+
+def main(a: argparse.Namespace) -> int:
+    from nanoflow.bench.workloads import parse
+    rows = []
+    for spec in a.workload:
+        w = parse(spec, a.num_requests, a.seed)
+        if w.rounds:
+            raise ValueError(f"{spec}: a multi-round workload's turns wait on each other's answers; replay takes "
+                             f"const or trace workloads")
+        for budget in a.max_num_batched_tokens:
+            for policy in a.schedule_policy:
+                config = EngineConfig(max_num_batched_tokens=budget, max_num_seqs=a.max_num_seqs,
+                                      block_size=a.block_size, admission=a.admission, schedule_policy=policy)
+                rows.append(run(w, config, a.num_kv_blocks, a.max_model_len))
+    print(f"{'workload':24s} {'budget':>6s} {'policy':>6s} {'iterations':>10s} {'tok/iter':>8s} {'thin':>5s} "
+          f"{'peak running':>12s} {'preempted':>9s}")
+    for r in rows:
+        print(f"{r.workload:24s} {r.budget:6d} {r.schedule_policy:>6s} {r.iterations:10d} {r.tokens_per_iteration:8.0f}"
+              f" {r.thin_iterations:5d} {r.peak_running:12d} {r.preemptions:9d}")
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump({"command": a.command_line, "num_kv_blocks": a.num_kv_blocks, "block_size": a.block_size,
+                       "admission": a.admission, "results": [asdict(r) for r in rows]}, f, indent=1)
+    return 0
