@@ -248,6 +248,10 @@ def throughput(args) -> dict:
             path = args.timeline if len(workloads) == 1 else \
                 args.timeline.replace(".png", f"-{len(report['results'])}.png")
             timeline_chart(r["timeline"], path, f"{r['workload']}, {report['device']}, mode {eng.config.mode}")
+    if eng.device.type == "cuda":  # (rank 0's) what gpu_memory_utilization left unused, to tune it by
+        free, total = torch.cuda.mem_get_info(eng.device)
+        report["gpu_memory_gib"] = {"total": total / 2**30, "in_use": (total - free) / 2**30,
+                                    "peak_allocated": torch.cuda.max_memory_allocated(eng.device) / 2**30}
     # C is measured before and after the workloads and the higher taken (the stricter optimum): one run measured it
     # 10 % low at its start (BENCHMARKS #9), which would overstate every percentage
     rates.append(gemm_rate())
@@ -279,6 +283,8 @@ def print_result(report: dict, r: dict) -> None:
              f"(some request done, others still waiting)"),
             ("KV blocks", f"{report['kv_blocks']} x {report['block_size']} tokens; peak running "
                           f"{r['peak_running_requests']}; preemptions {r['preemptions']}"),
+            *([("GPU memory", "{peak_allocated:.1f} GiB at most in tensors, {in_use:.1f} in use after the run, of "
+                              "{total:.1f}".format(**report["gpu_memory_gib"]))] if "gpu_memory_gib" in report else []),
             ("prefill tokens computed", f"{r['prefill_tokens_computed']} of {r['total_prompt_tokens']} prompt tokens; "
                                         f"prefix cache hit rate {100 * r['prefix_cache_hit_rate']:.1f}%")]
     if report["kv_offload_blocks"]:
