@@ -1,8 +1,8 @@
 """`nanoflow bench schedule`: the scheduler alone, replayed over a workload's lengths with no model and no GPU.
 
 How many iterations a run takes and how full they are depends only on the scheduler, the KV blocks and the lengths.
-The replay reads each sampled token back one iteration late, as the asynchronous engine does, so on the H200 runs of
-#10 (BENCHMARKS.md) it gave their iteration counts to within one. Where a forward costs a fixed part plus a part per
+The replay reads each sampled token back one iteration late, as the asynchronous engine does, and on the H200 runs of
+#10 (BENCHMARKS.md) it gave their iteration counts exactly. Where a forward costs a fixed part plus a part per
 token, as a mixture of experts' does (its weights and each expert's partial tile, then its rows), fewer iterations for
 the same tokens is a faster run: this compares token budgets and schedule policies in seconds, before a GPU run.
 """
@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from nanoflow.bench.workloads import Workload, parse
 from nanoflow.config import EngineConfig
 from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
 from nanoflow.engine.sequence import Request, Status
@@ -62,7 +63,7 @@ class Replayed:
     preemptions: int
 
 
-def run(workload, config: EngineConfig, num_blocks: int, max_model_len: int) -> Replayed:
+def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len: int) -> Replayed:
     sched = Scheduler(config, num_blocks, config.max_num_batched_tokens, max_model_len)
     sizes, peak = [], 0
     for out in replay(sched, workload.lengths):
@@ -74,7 +75,6 @@ def run(workload, config: EngineConfig, num_blocks: int, max_model_len: int) -> 
 
 
 def main(a: argparse.Namespace) -> int:
-    from nanoflow.bench.workloads import parse
     rows = []
     for spec in a.workload:
         w = parse(spec, a.num_requests, a.seed)
