@@ -34,12 +34,6 @@ from nanoflow.kernels import sm_share
 from nanoflow.kernels import tma as tma_engine  # (grouped_mm's `tma` argument picks the kernel)
 
 
-# From this many rows (3,072 tokens of top-2 routing), the TMA kernel runs 3 stages: at 4,096 tokens of Mixtral on an
-# H100 they measured 4 % faster than 4, while at 1,600-2,048 the two are within noise (BENCHMARKS.md, #10). A CUDA
-# graph's rows are fixed, so each captured batch size keeps one depth.
-DEEP_ROWS = 6144
-
-
 @triton.jit
 def _expert_tiles(OFFS, N, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per expert (vectors over BLOCK_E): row starts and ends, m-tile counts and their running sum; then the
@@ -179,8 +173,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
                gated: bool = False) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
     offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
-    The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: with TMA 4, or 3 from
-    DEEP_ROWS rows on; else 3 (the pointer kernel's tiles must also fit older GPUs' shared memory).
+    The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
+    (the pointer kernel's tiles must also fit older GPUs' shared memory).
 
     tma: None picks the TMA kernel on CUDA devices of compute capability >= 9 when x and w are TMA-aligned, else
     the pointer kernel; True forces the TMA kernel (it also runs in Triton's interpreter) and raises ValueError if
@@ -204,7 +198,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
         raise ValueError("tma=True needs 16-byte-aligned x and w (base and row stride: K * itemsize a multiple of "
                          "16) and w stacked evenly as [E * N, K]")
     if num_stages is None:
-        num_stages = (3 if m >= DEEP_ROWS else 4) if tma else 3
+        num_stages = 4 if tma else 3
     meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 GROUP_M=group_m, GATED=gated, num_warps=num_warps, num_stages=num_stages)
     tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone
