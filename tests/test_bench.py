@@ -125,7 +125,9 @@ def test_bench_schedule_replays_the_engines_iterations(tmp_path, capsys):
               "--admission", "predicted", "--schedule-policy", "lof"]
     assert main(["bench", "throughput", *common, "--warmup-requests", "1", "--async-scheduling",
                  "--output", str(engine)]) == 0
-    assert main(["bench", "schedule", *common, "fcfs", "--output", str(replayed)]) == 0
+    png = tmp_path / "s.png"
+    assert main(["bench", "schedule", *common, "fcfs", "--output", str(replayed), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
     ran = json.loads(engine.read_text())["results"][0]
     lof, fcfs = json.loads(replayed.read_text())["results"]
     assert lof["schedule_policy"] == "lof" and lof["iterations"] == ran["iterations"] > 30

@@ -95,4 +95,8 @@ def main(a: argparse.Namespace) -> int:
         with open(a.output, "w") as f:
             json.dump({"command": a.command_line, "num_kv_blocks": a.num_kv_blocks, "block_size": a.block_size,
                        "admission": a.admission, "results": [asdict(r) for r in rows]}, f, indent=1)
+    if a.plot:
+        from nanoflow.bench.plots import schedule_bars
+        schedule_bars([asdict(r) for r in rows], a.plot, f"the scheduler replayed: {a.num_kv_blocks} KV blocks of "
+                      f"{a.block_size} tokens, admission {a.admission}")
     return 0

@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--max-model-len", type=int, default=32768)
     sc.add_argument("--seed", type=int, default=0, help="the trace's sample")
     sc.add_argument("--output", help="write the rows as JSON")
+    sc.add_argument("--plot", help="draw the iterations per budget and policy (PNG)")
     sc.set_defaults(func=_bench_schedule)
     pl = bench.add_parser("plot", help="draw throughput reports (JSON of bench throughput) as a PNG bar chart")
     pl.add_argument("reports", nargs="+")
