@@ -25,11 +25,9 @@ def replay(sched: Scheduler, lengths: list[tuple[int, int]], asynchronous: bool 
     every output token generated (ignore_eos). A request's prompt shares no block with another's. Each iteration's
     sampled tokens are read back at once or, asynchronously, one iteration late."""
     for i, (p, o) in enumerate(lengths):
-        if sched.blocks.blocks_for(p + 1) > sched.blocks.num_blocks:
-            raise ValueError(f"a prompt of {p} tokens and its first output need more than the KV cache's "
-                             f"{sched.blocks.num_blocks} blocks of {sched.blocks.block_size} tokens")
+        room = sched.check_prompt(p)  # (as the engine checks and bounds a request)
         seq = Request(str(i), None, [i] * p, SamplingParams(max_tokens=o, ignore_eos=True)).seqs[0]
-        seq.max_tokens = min(o, sched.max_model_len - p)  # (as the engine bounds it)
+        seq.max_tokens = min(o, room)
         sched.add(seq)
     inflight = None
     while sched.has_work or inflight:

@@ -113,15 +113,8 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room in the context length "
-                             f"(max_model_len = {self.max_model_len})")
-        blocks = self.scheduler.blocks
-        if blocks.blocks_for(len(ids) + 1) > blocks.num_blocks:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than the KV cache holds "
-                             f"({blocks.num_blocks * blocks.block_size} tokens)")
+        room = self.scheduler.check_prompt(len(ids))
         req = Request(request_id, text, ids, params)
-        room = self.max_model_len - len(ids)
         for seq in req.seqs:
             seq.max_tokens = min(params.max_tokens or room, room)
             self.scheduler.add(seq)
