@@ -235,7 +235,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
 
 
 MODES = ("non-overlap", "nanobatch-only", "pipeline")
-SCHEDULE_POLICIES = ("fcfs", "lof")
+SCHEDULE_POLICIES = ("fcfs", "lof", "slack")
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the model's dtype
 
 
@@ -255,7 +255,9 @@ class EngineConfig:
     admission: str = "kv"  # "kv": free blocks for the prompt; "predicted": predicted peak use
     predicted_output_len: int | None = None  # for admission="predicted"; None: max_tokens
     # which waiting request is admitted next: "fcfs", in arrival order; "lof", longest output (max_tokens) first,
-    # as SGLang's: in an offline batch the long ones start early, so the run does not end on a few long decodes
+    # as SGLang's: in an offline batch the long ones start early, so the run does not end on a few long decodes;
+    # "slack": arrival order, but a request whose max_tokens outlasts the waiting queue (at the run's tokens per
+    # iteration) goes first, longest first: no long drain, and the others' ends stay staggered (see scheduler.py)
     schedule_policy: str = "fcfs"
     # None: CUDA graphs on the GPU, plain eager on the CPU. True on the CPU runs the graph path's static
     # buffers and padding eagerly (how the CPU tests cover it); False: eager everywhere (--enforce-eager).

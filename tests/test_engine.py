@@ -87,9 +87,9 @@ def test_predicted_admission_avoids_preemption(llama_dir, short_reference):
     assert tokens(outs) == tokens(short_reference)
 
 
-def test_longest_output_first(llama_dir, short_reference):
+def test_longest_output_first():
     """schedule_policy "lof": the waiting sequences by max_tokens, longest first, ties in arrival order, a
-    preempted one ahead of all; and the same outputs as first-come first-served, through preemptions."""
+    preempted one ahead of all."""
     from nanoflow.config import EngineConfig
     from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
     from nanoflow.engine.sequence import Request
@@ -108,7 +108,33 @@ def test_longest_output_first(llama_dir, short_reference):
     sched.add(seqs[4])
     assert [c.seq for c in sched.schedule().chunks if c.start == 0] == [seqs[0], seqs[4]]
 
-    llm = LLM(llama_dir, num_kv_blocks=10, block_size=4, schedule_policy="lof")
+
+def test_slack_starts_what_would_outlast_the_queue():
+    """schedule_policy "slack": sequences whose max_tokens reach the cut (the waiting queue's tokens over the tokens
+    an iteration so far, the budget before the first) go first, longest first; the rest keep arrival order; and
+    the queue is ordered again once the cut passes one of them."""
+    from nanoflow.config import EngineConfig
+    from nanoflow.engine.scheduler import Scheduler
+    from nanoflow.engine.sequence import Request
+    sched = Scheduler(EngineConfig(schedule_policy="slack"), 8, 128, 1024)  # 8 blocks of 16: one 100-token prompt
+    seqs = [Request(str(i), None, [i] * 100, SamplingParams(max_tokens=m)).seqs[0]  # (no prompt shares a block)
+            for i, m in enumerate([10, 60, 5, 200, 40, 20, 60, 8])]
+    for seq in seqs:
+        sched.add(seq)
+    first = sched.schedule()  # cut 1203 / 128 = 9.4: the 5 and the 8 keep arrival order
+    assert [c.seq for c in first.chunks] == [seqs[3]] and first.num_tokens == 100  # (then out of blocks)
+    assert list(sched.waiting) == [seqs[i] for i in (1, 6, 4, 5, 0, 2, 7)]
+    sched.update(first)
+    assert sched._cut() == pytest.approx(903 / 100)  # the pace is the 100 tokens of the one iteration so far
+    sched.finish(seqs[1])  # (an abort) the queue shrinks: cut 7.4, so the 8 goes ahead of arrival order
+    assert not sched.schedule().chunks[1:]
+    assert list(sched.waiting) == [seqs[i] for i in (6, 4, 5, 0, 7, 2)]
+
+
+@pytest.mark.parametrize("policy", ["lof", "slack"])
+def test_schedule_policies_keep_the_outputs(llama_dir, short_reference, policy):
+    """Another admission order, through preemptions, gives the same greedy outputs as first-come first-served."""
+    llm = LLM(llama_dir, num_kv_blocks=10, block_size=4, schedule_policy=policy)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 10, 8, 10, 9)]
     outs = llm.generate(SHORT, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0

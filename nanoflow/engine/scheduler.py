@@ -1,8 +1,9 @@
 """NanoFlow's dense batch: each iteration takes one token from every running decode sequence and
 fills the rest of a fixed token budget with chunked prefill.
 
-Admission takes the waiting sequences in order (first-come first-served, or with
-schedule_policy="lof" the longest max_tokens first), gated by KV blocks (the whole prompt must fit) or,
+Admission takes the waiting sequences in order (first-come first-served; with schedule_policy="lof" the
+longest max_tokens first; with "slack" in arrival order but for those whose max_tokens outlast the queue,
+which go first, longest first), gated by KV blocks (the whole prompt must fit) or,
 with admission="predicted", by the predicted peak KV use of everything running (NanoFlow's policy,
 which avoids preemption: the peak of sequences that end at different times, not the sum of their
 peaks). When a decode sequence needs a block and none is free, the newest running sequence is
@@ -13,6 +14,7 @@ block_manager.py), and the KV copies of the host tier ride on the SchedulerOutpu
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,11 +64,14 @@ class Scheduler:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, num_host_blocks)
         self.waiting: deque[Sequence] = deque()
         self.resuming: set[Sequence] = set()  # preempted, waiting at the head of the queue
-        self.unsorted = False  # schedule_policy "lof": sequences added since the waiting queue was last ordered
+        # schedule_policy "lof" / "slack": the cuts (see _cut) for which the waiting queue's order still holds;
+        # empty when sequences were added since it was last ordered
+        self.order_holds = (math.inf, -math.inf)
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
         self.num_scheduled_tokens = 0  # every token computed, prefill and decode
+        self.num_iterations = 0
 
     def check_prompt(self, num_tokens: int) -> int:
         """The room a prompt of num_tokens leaves for output tokens; ValueError if the context length leaves none,
@@ -81,7 +86,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-        self.unsorted = self.config.schedule_policy == "lof"
+        self.order_holds = (math.inf, -math.inf)
 
     @property
     def has_work(self) -> bool:
@@ -119,8 +124,10 @@ class Scheduler:
                 out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
                 budget -= n
         # 3. admit waiting sequences in order while the budget and the KV cache allow
-        if self.unsorted:
-            self._order_waiting()
+        if self.config.schedule_policy != "fcfs":
+            cut = self._cut()
+            if not self.order_holds[0] < cut <= self.order_holds[1]:
+                self._order_waiting(cut)
         predicted = None  # admission="predicted": the running sequences' peak, computed once one is tried
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -151,14 +158,31 @@ class Scheduler:
             self.blocks.cache_computed(c.seq)
         self.num_prefill_tokens += sum(c.length for c in out.chunks[out.num_decode:])
         self.num_scheduled_tokens += out.num_tokens
+        self.num_iterations += 1
 
     # -- policies --------------------------------------------------------------------------------
-    def _order_waiting(self) -> None:
-        """schedule_policy "lof": the preempted first (in their order), then the longest output first (max_tokens,
-        which the engine bounds by the context's room); equal ones (a request's n sequences among them) in arrival
-        order. Sorted only after additions: a stable sort of an ordered queue with a few new ones at its end."""
-        self.waiting = deque(sorted(self.waiting, key=lambda s: (s not in self.resuming, -s.max_tokens)))
-        self.unsorted = False
+    def _cut(self) -> float:
+        """The shortest max_tokens that goes ahead of arrival order. "lof": 0, so all of them, longest first.
+        "slack": the iterations the waiting queue lasts at this run's pace (its tokens over the tokens an iteration
+        so far; the budget before the first): a sequence admitted later than that with a longer output would
+        still decode after the queue has emptied, stretching the run's end over a few sequences, so those start
+        first; the rest keep arrival order, where their ends stay staggered (lof bunches ends of equal lengths, and
+        the cache then fills with long decodes that admit no prefill)."""
+        if self.config.schedule_policy == "lof":
+            return 0.0
+        pace = self.num_scheduled_tokens / self.num_iterations if self.num_iterations else self.budget
+        return sum(s.num_prompt_tokens + s.max_tokens for s in self.waiting) / max(pace, 1.0)
+
+    def _order_waiting(self, cut: float) -> None:
+        """The preempted first (in their order), then those with max_tokens >= cut, longest first (max_tokens,
+        which the engine bounds by the context's room), then the rest; ties, and the rest, in arrival order (a
+        request's n sequences among them). Records the cuts between which this order holds, so that it is sorted
+        again only after additions or once the cut passes a sequence's max_tokens."""
+        self.waiting = deque(sorted(self.waiting, key=lambda s: (0, 0, 0) if s in self.resuming else
+                                    (1, -s.max_tokens, s.seq_id) if s.max_tokens >= cut else (2, 0, s.seq_id)))
+        kept = [s.max_tokens for s in self.waiting if s not in self.resuming]
+        self.order_holds = (max((m for m in kept if m < cut), default=-math.inf),
+                            min((m for m in kept if m >= cut), default=math.inf))
 
     def _reaches_length(self, seq: Sequence) -> bool:
         """Its in-flight token is its last: it finishes on 'length' when that token lands."""
