@@ -110,25 +110,36 @@ def test_longest_output_first():
 
 
 def test_slack_starts_what_would_outlast_the_queue():
-    """schedule_policy "slack": sequences whose max_tokens reach the cut (the waiting queue's tokens over the tokens
-    an iteration so far, the budget before the first) go first, longest first; the rest keep arrival order; and
-    the queue is ordered again once the cut passes one of them."""
+    """schedule_policy "slack": sequences whose max_tokens reach the cut (the fewest iterations the waiting queue
+    can take: its tokens over the budget, or the tokens its sequences hold over the KV cache) go first, longest
+    first; the rest keep arrival order; and the queue is ordered again once the cut passes one of them."""
     from nanoflow.config import EngineConfig
     from nanoflow.engine.scheduler import Scheduler
     from nanoflow.engine.sequence import Request
-    sched = Scheduler(EngineConfig(schedule_policy="slack"), 8, 128, 1024)  # 8 blocks of 16: one 100-token prompt
-    seqs = [Request(str(i), None, [i] * 100, SamplingParams(max_tokens=m)).seqs[0]  # (no prompt shares a block)
-            for i, m in enumerate([10, 60, 5, 200, 40, 20, 60, 8])]
-    for seq in seqs:
-        sched.add(seq)
-    first = sched.schedule()  # cut 1203 / 128 = 9.4: the 5 and the 8 keep arrival order
-    assert [c.seq for c in first.chunks] == [seqs[3]] and first.num_tokens == 100  # (then out of blocks)
-    assert list(sched.waiting) == [seqs[i] for i in (1, 6, 4, 5, 0, 2, 7)]
+    lengths = [10, 60, 5, 200, 40, 20, 60, 8]
+    held = sum(m * (100 + m / 2) for m in lengths)  # 64,994 token-iterations: a prompt and half its output, held
+
+    def queue(num_blocks):
+        sched = Scheduler(EngineConfig(schedule_policy="slack"), num_blocks, 128, 1024)
+        seqs = [Request(str(i), None, [i] * 100, SamplingParams(max_tokens=m)).seqs[0]  # (no prompt shares a block)
+                for i, m in enumerate(lengths)]
+        for seq in seqs:
+            sched.add(seq)
+        return sched, seqs
+
+    sched, seqs = queue(20)  # 320 tokens of cache: bound by it, every max_tokens is under the cut
+    assert sched._cut() == pytest.approx(held / 320)
+    first = sched.schedule()
+    assert [c.seq for c in first.chunks] == seqs[:2] and list(sched.waiting) == seqs[2:]
+    sched, seqs = queue(1000)  # 16,000 tokens: bound by the budget (held / cache: 4.1)
+    assert sched._cut() == pytest.approx(1203 / 128)
+    first = sched.schedule()  # cut 9.4: the 5 and the 8 keep arrival order
+    assert [(c.seq, c.length) for c in first.chunks] == [(seqs[3], 100), (seqs[1], 28)]
+    assert list(sched.waiting) == [seqs[i] for i in (6, 4, 5, 0, 2, 7)]
     sched.update(first)
-    assert sched._cut() == pytest.approx(903 / 100)  # the pace is the 100 tokens of the one iteration so far
-    sched.finish(seqs[1])  # (an abort) the queue shrinks: cut 7.4, so the 8 goes ahead of arrival order
-    assert not sched.schedule().chunks[1:]
-    assert list(sched.waiting) == [seqs[i] for i in (6, 4, 5, 0, 7, 2)]
+    sched.finish(seqs[6])  # (an abort) the queue shrinks: cut 583 / 128 = 4.6, under both
+    sched.schedule()
+    assert list(sched.waiting) == [seqs[i] for i in (5, 0, 7, 2)]
 
 
 @pytest.mark.parametrize("policy", ["lof", "slack"])

@@ -71,7 +71,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
         self.num_scheduled_tokens = 0  # every token computed, prefill and decode
-        self.num_iterations = 0
 
     def check_prompt(self, num_tokens: int) -> int:
         """The room a prompt of num_tokens leaves for output tokens; ValueError if the context length leaves none,
@@ -158,20 +157,22 @@ class Scheduler:
             self.blocks.cache_computed(c.seq)
         self.num_prefill_tokens += sum(c.length for c in out.chunks[out.num_decode:])
         self.num_scheduled_tokens += out.num_tokens
-        self.num_iterations += 1
 
     # -- policies --------------------------------------------------------------------------------
     def _cut(self) -> float:
         """The shortest max_tokens that goes ahead of arrival order. "lof": 0, so all of them, longest first.
-        "slack": the iterations the waiting queue lasts at this run's pace (its tokens over the tokens an iteration
-        so far; the budget before the first): a sequence admitted later than that with a longer output would
-        still decode after the queue has emptied, stretching the run's end over a few sequences, so those start
-        first; the rest keep arrival order, where their ends stay staggered (lof bunches ends of equal lengths, and
-        the cache then fills with long decodes that admit no prefill)."""
+        "slack": the fewest iterations the waiting queue can take, bound by the budget (its tokens) or by the KV
+        cache (a sequence holds about prompt + max_tokens / 2 tokens for max_tokens iterations). One admitted later
+        than that with a longer output would still decode after the queue has emptied, stretching the run's end
+        over a few sequences, so those start first. The rest keep arrival order, where their ends stay staggered:
+        lof bunches the ends of equal lengths, and the cache then fills with long decodes that admit no prefill."""
         if self.config.schedule_policy == "lof":
             return 0.0
-        pace = self.num_scheduled_tokens / self.num_iterations if self.num_iterations else self.budget
-        return sum(s.num_prompt_tokens + s.max_tokens for s in self.waiting) / max(pace, 1.0)
+        tokens = held = 0.0
+        for s in self.waiting:
+            tokens += s.num_prompt_tokens + s.max_tokens
+            held += s.max_tokens * (s.num_prompt_tokens + s.max_tokens / 2)
+        return max(tokens / self.budget, held / (self.blocks.num_blocks * self.blocks.block_size))
 
     def _order_waiting(self, cut: float) -> None:
         """The preempted first (in their order), then those with max_tokens >= cut, longest first (max_tokens,
