@@ -181,9 +181,9 @@ class Scheduler:
         again only after additions or once the cut passes a sequence's max_tokens."""
         self.waiting = deque(sorted(self.waiting, key=lambda s: (0, 0, 0) if s in self.resuming else
                                     (1, -s.max_tokens, s.seq_id) if s.max_tokens >= cut else (2, 0, s.seq_id)))
-        kept = [s.max_tokens for s in self.waiting if s not in self.resuming]
-        self.order_holds = (max((m for m in kept if m < cut), default=-math.inf),
-                            min((m for m in kept if m >= cut), default=math.inf))
+        lengths = [s.max_tokens for s in self.waiting if s not in self.resuming]
+        self.order_holds = (max((m for m in lengths if m < cut), default=-math.inf),
+                            min((m for m in lengths if m >= cut), default=math.inf))
 
     def _reaches_length(self, seq: Sequence) -> bool:
         """Its in-flight token is its last: it finishes on 'length' when that token lands."""
