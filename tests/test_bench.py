@@ -1,5 +1,7 @@
 """The benchmark driver, workloads and cost model (on the CPU default model)."""
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +135,18 @@ def test_bench_schedule_replays_the_engines_iterations(tmp_path, capsys):
     assert lof["schedule_policy"] == "lof" and lof["iterations"] == ran["iterations"] > 30
     assert lof["preemptions"] == ran["preemptions"] == 0
     assert lof["tokens"] == fcfs["tokens"] == 30 * (40 + 19)  # every prompt token, and each output but the last
+    # benchmarks/iteration_cost.py splits the replay into the run's stages as the bench does (steady: some request
+    # has finished and some wait), and into prefill and decode tokens
+    spec = importlib.util.spec_from_file_location(
+        "iteration_cost", Path(__file__).parents[1] / "benchmarks" / "iteration_cost.py")
+    iteration_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(iteration_cost)
+    run = json.loads(engine.read_text())
+    run["results"][0]["stages"] = {"steady": {"iterations": ran["steady_iterations"]}}
+    sums = iteration_cost.stage_sums(run, 2048)
+    assert sums["steady"][0] == ran["steady_iterations"] > 10 and sums["fill"][0] > 0 and sums["drain"][0] > 0
+    assert sum(v[0] for v in sums.values()) == ran["iterations"]
+    assert sum(v[1] for v in sums.values()) == 30 * 40 and sum(v[2] for v in sums.values()) == 30 * 19
     assert "iterations" in capsys.readouterr().out
     assert main(["bench", "schedule", "--workload", "const:2000:5:2", "--num-kv-blocks", "60"]) == 2
     assert "2000 tokens" in capsys.readouterr().err

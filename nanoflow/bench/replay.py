@@ -4,9 +4,10 @@ How many iterations a run takes and how full they are depends only on the schedu
 The replay reads each sampled token back one iteration late, as the asynchronous engine does, and on the H200 runs of
 #10 (BENCHMARKS.md) it gave their iteration counts exactly. Where a forward costs a fixed part plus a part per
 token, as a mixture of experts' does (its weights and each expert's partial tile, then its rows), fewer iterations for
-the same tokens is a faster run: this compares token budgets and schedule policies in seconds, before a GPU run. The
-count is an upper bound on the gain: a token costs more in a batch of more decodes (#10, session 17: slack took 8 %
-fewer iterations than lof and ran 0.7 % faster).
+the same tokens is a faster run: this compares token budgets and schedule policies in seconds, before a GPU run. A
+workload fixes its prefill and decode tokens, so the gain is the iterations saved times that fixed part, which
+benchmarks/iteration_cost.py fits to GPU runs (Mixtral on one H200: 24.9 ms, a fifth of a splitwise run's time; so
+8 % fewer iterations predicted 1.6 % and measured 0.7 %, BENCHMARKS.md #10).
 """
 from __future__ import annotations
 
