@@ -30,7 +30,7 @@ def stage_sums(run: dict, max_model_len: int) -> dict[str, np.ndarray]:
                           schedule_policy=run.get("schedule_policy") or "fcfs")
     sched = Scheduler(config, run["kv_blocks"], config.max_num_batched_tokens, max_model_len)
     sums = {s: np.zeros(3) for s in STAGES}
-    seqs, waited = [], True  # the queue as the engine saw it before the step
+    seqs, waited = [], True  # every sequence; whether any waited before this iteration's admission
     for out in replay(sched, parse(r["workload"]).lengths):
         seqs = seqs or list(sched.running) + list(sched.waiting)
         done = sum(s.status is Status.FINISHED for s in seqs)
