@@ -114,7 +114,7 @@ def test_slack_starts_what_would_outlast_the_queue():
     can take: its tokens over the budget, or the tokens its sequences hold over the KV cache) go first, longest
     first; the rest keep arrival order; and the queue is ordered again once the cut passes one of them."""
     from nanoflow.config import EngineConfig
-    from nanoflow.engine.scheduler import Scheduler
+    from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
     from nanoflow.engine.sequence import Request
     lengths = [10, 60, 5, 200, 40, 20, 60, 8]
     held = sum(m * (100 + m / 2) for m in lengths)  # 64,994 token-iterations: a prompt and half its output, held
@@ -140,6 +140,13 @@ def test_slack_starts_what_would_outlast_the_queue():
     sched.finish(seqs[6])  # (an abort) the queue shrinks: cut 583 / 128 = 4.6, under both
     sched.schedule()
     assert list(sched.waiting) == [seqs[i] for i in (5, 0, 7, 2)]
+    sched._preempt(seqs[3], SchedulerOutput())  # back to the queue's head
+    # the cut's sums follow the queue through additions, admissions, an abort and a preemption
+    queue = list(sched.waiting)
+    assert queue == [seqs[i] for i in (3, 5, 0, 7, 2)]
+    tokens = sum(s.num_prompt_tokens + s.max_tokens for s in queue)
+    held = sum(s.max_tokens * (s.num_prompt_tokens + s.max_tokens / 2) for s in queue)
+    assert tokens == 743 and sched._cut() == pytest.approx(max(tokens / 128, held / 16000))
 
 
 @pytest.mark.parametrize("policy", ["lof", "slack"])

@@ -67,6 +67,9 @@ class Scheduler:
         # schedule_policy "lof" / "slack": the cuts (see _cut) for which the waiting queue's order still holds;
         # empty when sequences were added since it was last ordered
         self.order_holds = (math.inf, -math.inf)
+        # the waiting queue's tokens (prompt + max_tokens) and twice the tokens its sequences would hold over their
+        # decodes (max_tokens * (2 prompt + max_tokens)): slack's cut, kept as the queue changes, not summed each time
+        self.waiting_tokens = self.waiting_held2 = 0
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
@@ -85,6 +88,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._count_waiting(seq, 1)
         self.order_holds = (math.inf, -math.inf)
 
     @property
@@ -98,6 +102,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self._count_waiting(seq, -1)
         self.blocks.free(seq)
 
     def schedule(self) -> SchedulerOutput:
@@ -139,6 +144,7 @@ class Scheduler:
             if not self._admit(seq):
                 break
             self.waiting.popleft()
+            self._count_waiting(seq, -1)
             self.resuming.discard(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -168,11 +174,13 @@ class Scheduler:
         lof bunches the ends of equal lengths, and the cache then fills with long decodes that admit no prefill."""
         if self.config.schedule_policy == "lof":
             return 0.0
-        tokens = held = 0.0
-        for s in self.waiting:
-            tokens += s.num_prompt_tokens + s.max_tokens
-            held += s.max_tokens * (s.num_prompt_tokens + s.max_tokens / 2)
-        return max(tokens / self.budget, held / (self.blocks.num_blocks * self.blocks.block_size))
+        cache = self.blocks.num_blocks * self.blocks.block_size
+        return max(self.waiting_tokens / self.budget, self.waiting_held2 / (2 * cache))
+
+    def _count_waiting(self, seq: Sequence, sign: int) -> None:
+        m, p = seq.max_tokens or 0, seq.num_prompt_tokens
+        self.waiting_tokens += sign * (p + m)
+        self.waiting_held2 += sign * m * (2 * p + m)
 
     def _order_waiting(self, cut: float) -> None:
         """The preempted first (in their order), then those with max_tokens >= cut, longest first (max_tokens,
@@ -254,6 +262,7 @@ class Scheduler:
         self.blocks.free(seq)  # recomputed from scratch on readmission
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self._count_waiting(seq, 1)
         self.resuming.add(seq)
         out.preempted.append(seq)
         out.chunks = [c for c in out.chunks if c.seq is not seq]
