@@ -13,17 +13,17 @@ import json
 import numpy as np
 
 from nanoflow.bench.replay import replay
+from nanoflow.bench.throughput import stage_of
 from nanoflow.bench.workloads import parse
 from nanoflow.config import EngineConfig
 from nanoflow.engine.scheduler import Scheduler
 from nanoflow.engine.sequence import Status
 
-STAGES = ("fill", "steady", "drain")
+STAGES = ("fill", "steady", "drain")  # (stage_of's)
 
 
 def stage_sums(run: dict, max_model_len: int) -> dict[str, np.ndarray]:
-    """Per stage of the run, replayed: [iterations, prefill tokens, decode tokens]. A stage is `bench throughput`'s:
-    fill until a request finishes, steady while requests wait, then drain."""
+    """Per stage of the run (`bench throughput`'s stage_of), replayed: [iterations, prefill tokens, decode tokens]."""
     r = run["results"][0]
     config = EngineConfig(max_num_batched_tokens=run["max_num_batched_tokens"], max_num_seqs=run["max_num_seqs"],
                           block_size=run["block_size"], admission=run["admission"],
@@ -34,8 +34,7 @@ def stage_sums(run: dict, max_model_len: int) -> dict[str, np.ndarray]:
     for out in replay(sched, parse(r["workload"]).lengths):
         seqs = seqs or list(sched.running) + list(sched.waiting)
         done = sum(s.status is Status.FINISHED for s in seqs)
-        stage = "fill" if done == 0 else "steady" if waited else "drain"
-        sums[stage] += (1, out.num_tokens - out.num_decode, out.num_decode)
+        sums[stage_of(done, waited)] += (1, out.num_tokens - out.num_decode, out.num_decode)
         waited = bool(sched.waiting)  # (finishing changes only the running)
     for s in STAGES:
         if s in r["stages"] and r["stages"][s]["iterations"] != sums[s][0]:

@@ -65,6 +65,12 @@ class GcPauses:
         return {"gc_collections": self.count, "gc_ms": self.ms, "gc_max_ms": self.max_ms}
 
 
+def stage_of(done: int, waiting: bool) -> str:
+    """The stage of a run an iteration falls in, judged before it: fill until a request has finished, steady while
+    others still wait, then drain."""
+    return "fill" if done == 0 else "steady" if waiting else "drain"
+
+
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
                  timeline: bool = False, progress: bool = True) -> dict:
     """Run every request of the workload to completion; returns timings and counts. A multi-round
@@ -99,9 +105,10 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         while eng.has_unfinished_requests():
             if profile and done >= num_requests // 2:  # keep one batch of the steady state
                 eng.runner.keep_next_batch, profile = True, False
-            in_steady, tokens, t = done > 0 and bool(sched.waiting), sched.num_scheduled_tokens, time.perf_counter()
+            stage, tokens, t = stage_of(done, bool(sched.waiting)), sched.num_scheduled_tokens, time.perf_counter()
+            in_steady = stage == "steady"
             if eng.runner.clock is not None:
-                eng.runner.clock.stage = "steady" if in_steady else "fill" if done == 0 else "drain"
+                eng.runner.clock.stage = stage
             for out in eng.step():
                 if out.finished:
                     bar.update(1)

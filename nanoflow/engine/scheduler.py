@@ -178,7 +178,7 @@ class Scheduler:
         return max(self.waiting_tokens / self.budget, self.waiting_held2 / (2 * cache))
 
     def _count_waiting(self, seq: Sequence, sign: int) -> None:
-        m, p = seq.max_tokens or 0, seq.num_prompt_tokens
+        m, p = seq.max_tokens, seq.num_prompt_tokens
         self.waiting_tokens += sign * (p + m)
         self.waiting_held2 += sign * m * (2 * p + m)
 
