@@ -1,14 +1,13 @@
-"""Time pipeline specs side by side on steady-state batches, as `nanoflow tune` times its candidates: each spec's
-layers captured in a CUDA graph and replayed (pipeline/measure.py). Specs: non-overlap, spec files, and the
-attention-overlap family (decode attention of the decode rows on a memory unit beside the other rows' attention
-half; the MLP whole). The specs take turns, `--rounds` times; the median of each is kept (the card's clock drifts
-under its power cap).
+"""Time hand-written pipeline specs against non-overlap on steady-state batches, as `nanoflow tune` times its
+candidates: each spec's layers captured in a CUDA graph and replayed (pipeline/measure.py), with any engine
+setting (tune itself profiles a 16-bit cache only). The specs take turns, `--rounds` times; the median of each is
+kept (the card's clock drifts under its power cap).
 
 python benchmarks/time_specs.py --model mixtral-8x7b --load-format dummy --kv-cache-dtype fp8
-    --max-num-batched-tokens 4096 --batch 2688:720:1000 --overlap 100:32 66:66 0:0 [--spec FILE ...] [--output F]
+    --max-num-batched-tokens 4096 --batch 2688:720:1000 1376:524:1280 --spec FILE ... [--output F]
 
---batch ROWS:DECODE:CONTEXT (decode rows over CONTEXT tokens, then prompts of CONTEXT tokens up to ROWS);
---overlap COMPUTE_SMS:MEMORY_SMS (0: a plain stream over the whole device)."""
+--batch ROWS:DECODE:CONTEXT: DECODE decode rows over CONTEXT tokens, then prompts of CONTEXT tokens up to ROWS. A
+spec's row boundaries are scaled to each batch's rows (PipelineSpec.scaled)."""
 import argparse
 import json
 import statistics
@@ -16,15 +15,14 @@ import statistics
 from nanoflow.entrypoints.cli import add_engine_args, engine_kwargs
 from nanoflow.models.loader import resolve
 from nanoflow.pipeline.measure import close, time_iteration
-from nanoflow.pipeline.spec import attention_overlap, load_spec, non_overlap
+from nanoflow.pipeline.spec import load_spec, non_overlap
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_engine_args(p)
     p.add_argument("--batch", nargs="+", required=True)
-    p.add_argument("--overlap", nargs="*", default=[])
-    p.add_argument("--spec", nargs="*", default=[])
+    p.add_argument("--spec", nargs="+", required=True, help="spec files or shipped specs' names")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--output")
@@ -37,7 +35,6 @@ def main() -> None:
         for b in a.batch:
             budget, decode, context = map(int, b.split(":"))
             specs = [non_overlap(budget, 1, cfg.is_moe)] + [load_spec(f) for f in a.spec]
-            specs += [attention_overlap(budget, decode, *map(int, o.split(":")), moe=cfg.is_moe) for o in a.overlap]
             times = {s.name: [] for s in specs}
             for _ in range(a.rounds):
                 for s in specs:

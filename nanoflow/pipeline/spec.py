@@ -173,21 +173,3 @@ def non_overlap(tokens: int, tp_size: int = 1, moe: bool = False) -> PipelineSpe
     return PipelineSpec("non-overlap", tokens, [Unit("device", "other")],
                         [NanoOp(op, 0, tokens, "device") for op in layer_ops(tp_size, moe)]).validate()
 
-
-def attention_overlap(tokens: int, decode_rows: int, compute_sms: int, memory_sms: int,
-                      moe: bool = False) -> PipelineSpec:
-    """The MLP whole, only the attention half cut: the first `decode_rows` rows (the decode rows, which a batch puts
-    first) have their decode attention on a memory unit while the other rows' norm, qkv, rope, attention and o_proj
-    run on a compute unit beside it. Every GEMM of the MLP keeps all rows, so that no expert's weights are read
-    twice and no tile is cut. Units of 0 SMs are plain streams over the whole device."""
-    a, t = decode_rows, tokens
-    pre, mlp = ("attn_norm", "qkv", "rope_kv"), ("mlp_norm",) + (MOE_OPS if moe else ("gate_up", "act", "down"))
-    ops = ([NanoOp(op, 0, a, "device") for op in pre] + [NanoOp("decode_attn", 0, a, "memory")]
-           + [NanoOp(op, a, t, "compute") for op in pre]
-           + [NanoOp("prefill_attn", 0, a, "compute"), NanoOp("decode_attn", a, t, "compute")]
-           + [NanoOp(op, a, t, "compute") for op in ("prefill_attn", "o_proj")]
-           + [NanoOp("o_proj", 0, a, "device")] + [NanoOp(op, 0, t, "device") for op in mlp])
-    units = [Unit("device", "other"), Unit("compute", "compute", compute_sms), Unit("memory", "memory", memory_sms)]
-    return PipelineSpec(f"attn-overlap-d{a}-c{compute_sms}-m{memory_sms}", tokens, units, ops,
-                        f"decode attention of rows [0, {a}) on {memory_sms or 'all'} SMs beside the attention half of "
-                        f"rows [{a}, {t}) on {compute_sms or 'all'}; the MLP whole").validate()
