@@ -9,7 +9,8 @@ python benchmarks/decode_sweep.py --seqs 682 --ctx 1024 --ctx-max 1536 --hkv 4 -
 Mixtral 8x7B at TP = 2 with the fp8 cache (#10):
 python benchmarks/decode_sweep.py --seqs 663 --ctx 1024 --ctx-max 1536 --hq 16 --hkv 4 --width 2048 --kv-cache-dtype fp8
 python benchmarks/decode_sweep.py [--seqs 305] [--ctx 1280] [--default-only] [--kv-cache-dtype fp8] [--output out.json]
---page sets the cache's page (block) size; --sms times every config on a share of that many SMs (a green context,
+--page sets the cache's page (block) size; --head-dim the heads' width (64 over a 16-bit cache reads the bytes of 128
+over fp8, without widening them); --sms times every config on a share of that many SMs (a green context,
 as a pipeline's memory unit), the engine's call told its share.
 
 The grid: the gather kernel's tiles, warps, depth and programs per SM with the query block's rows (16, the MMA's,
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--ctx-max", type=int)
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--width", type=int, help="block table width in pages (the engine's: max_model_len / 16)")
     ap.add_argument("--page", type=int, default=16, help="tokens per page (the engine's --block-size)")
     ap.add_argument("--sms", type=int, help="run on a share of this many SMs (default: the whole card)")
@@ -88,11 +90,10 @@ def main():
     ap.add_argument("--output")
     a = ap.parse_args()
     kv_dtype = torch.float8_e4m3fn if a.kv_cache_dtype == "fp8" else torch.bfloat16
-    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, page=a.page, ctx_max=a.ctx_max, width=a.width,
-                                   kv_dtype=kv_dtype)
-    scale = 128 ** -0.5
+    q, kc, vc, meta, nbytes = case(a.seqs, a.ctx, a.hq, a.hkv, a.head_dim, a.page, a.ctx_max, a.width, kv_dtype)
+    scale = a.head_dim ** -0.5
     sms, stream = share(a.sms) if a.sms else (total_sms(), torch.cuda.current_stream())
-    expect = torch.empty(8, a.hq, 128, device="cuda")
+    expect = torch.empty(8, a.hq, a.head_dim, device="cuda")
     ref.paged_attention(q[:8], kc, vc, type(meta)(meta.q_start[:8], meta.q_len[:8], meta.seq_lens[:8],
                                                  meta.block_tables[:8]), scale, expect)
     runs = [("engine default", lambda out: gpu.decode_attention(q, kc, vc, meta, scale, out))]
@@ -110,12 +111,13 @@ def main():
                                                                        expect.norm()).item())
     for r in rows:
         r["tb_s"] = nbytes / r["ms"] / 1e9
-    print(f"{a.seqs} seqs x {a.ctx}..{a.ctx_max or a.ctx} tokens, {a.hq}/{a.hkv} heads, pages of {a.page}, "
-          f"{nbytes / 1e6:.0f} MB of KV per call, {sms} SMs of {torch.cuda.get_device_name()}")
+    print(f"{a.seqs} seqs x {a.ctx}..{a.ctx_max or a.ctx} tokens, {a.hq}/{a.hkv} heads of {a.head_dim}, "
+          f"pages of {a.page}, {nbytes / 1e6:.0f} MB of KV per call, {sms} SMs of {torch.cuda.get_device_name()}")
     for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:8]:
         print(f"{r['ms']:.3f} ms  {r['tb_s']:.2f} TB/s  err {r['rel_err']:.1e}  {r['config']}")
     if a.output:
-        json.dump({"seqs": a.seqs, "ctx": a.ctx, "ctx_max": a.ctx_max, "hq": a.hq, "hkv": a.hkv, "width": a.width,
+        json.dump({"seqs": a.seqs, "ctx": a.ctx, "ctx_max": a.ctx_max, "hq": a.hq, "hkv": a.hkv,
+                   "head_dim": a.head_dim, "width": a.width,
                    "page": a.page, "sms": sms,
                    "kv_cache_dtype": str(kv_dtype),
                    "bytes": nbytes, "device": torch.cuda.get_device_name(), "configs": rows},
