@@ -52,16 +52,18 @@ def test_attention_matches_reference(case, shape, window):
         fn(q, kc, vc, meta, scale, got, window)
         if kind == DECODE:  # a persistent grid: few programs, each looping over many work items
             again = torch.full_like(got, float("nan"))
-            tight = 1 << (q.shape[1] // kc.shape[2] - 1).bit_length()  # the group size's power of 2, below 16
-            # units whole, cut in two, cut in many; query blocks of 16 rows and of the group's own
-            # the page kernel (TMA; the interpreter runs it too) where the pages are large enough for it
-            kernels = (False, True) if kc.shape[1] >= 16 else (False,)
-            for pages, (programs, max_parts, block_g) in itertools.product(kernels, (
-                    (3, 4, None), (64, 4, None), (64, 16, None), (3, 4, tight), (64, 16, tight))):
+            # units whole, cut in two, cut in many; query blocks of 16 rows and of the unit's own (its query
+            # heads' power of 2, below 16); the page kernel (TMA; the interpreter runs it too) where the pages
+            # are large enough for it, with one KV head a unit and with two
+            kernels = ((False, 1), (True, 1), (True, 2)) if kc.shape[1] >= 16 else ((False, 1),)
+            for (pages, kv_heads), (programs, max_parts, tight) in itertools.product(kernels, (
+                    (3, 4, False), (64, 4, False), (64, 16, False), (3, 4, True), (64, 16, True))):
+                block_g = 1 << (q.shape[1] // kc.shape[2] * kv_heads - 1).bit_length() if tight else None
                 again.fill_(float("nan"))
                 fn(q, kc, vc, meta, scale, again, window, block_n=16, programs=programs, max_parts=max_parts,
-                   block_g=block_g, pages=pages)
-                assert torch.allclose(again.float(), got.float(), atol=2e-2 if ON_GPU else 1e-5, equal_nan=True)
+                   block_g=block_g, pages=pages, kv_heads=kv_heads)
+                assert torch.allclose(again.float(), got.float(), atol=2e-2 if ON_GPU else 1e-5, equal_nan=True), \
+                    (pages, kv_heads, programs, max_parts, block_g)
         rows = expect[:, 0, 0].isfinite()
         assert torch.equal(rows, got[:, 0, 0].isfinite().cpu() if not ON_GPU else got[:, 0, 0].isfinite())
         assert rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 1e-4)

@@ -149,16 +149,23 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
                         CHUNK, PART_O, PART_LSE, stride_qt, stride_qh, stride_ot, stride_oh,
                         stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale,
                         NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                        PAGE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
+                        PAGE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr, HEADS: tl.constexpr,
+                        GROUP: tl.constexpr):
     """The page kernel: the gather kernel's stream-K plan with one page per tile, fetched by TMA. Everything an
     iteration needs to fetch its page comes from tables indexed by the tile, so the loop's loads depend on the
     loop index alone and the pipeliner runs STAGES iterations ahead (a tile's unit, page, and span: the first and
-    last valid positions in the page and whether it opens or closes its unit)."""
+    last valid positions in the page and whether it opens or closes its unit).
+
+    A unit holds HEADS adjacent KV heads (NUM_KV units a sequence, G = HEADS x GROUP query heads): a tile is their
+    PAGE x HEADS rows of the page (row j: position j // HEADS, head j % HEADS), and a query row attends only to
+    its own head's rows. The dots then fill more of the MMA's rows and each tile carries HEADS times the bytes,
+    for the same loop and softmax work a tile."""
     pid = tl.program_id(0)
     chunk, first_g, last_g, q, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, PAGE)
+    offs_n = tl.arange(0, PAGE * HEADS)
+    own_head = (offs_g // GROUP)[:, None] == (offs_n % HEADS)[None, :]
     unit_first = first_g
     row = first_g
     for g in tl.range(first_g, last_g + 1, num_stages=STAGES):
@@ -167,8 +174,8 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
         span = tl.load(TILE_SPAN + g)
         kvh = u % NUM_KV
         s = u // NUM_KV
-        k = k_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
-        v = v_desc.load([page, 0, kvh, 0]).reshape(PAGE, D).to(DOT)
+        k = k_desc.load([page, 0, kvh * HEADS, 0]).reshape(PAGE * HEADS, D).to(DOT)
+        v = v_desc.load([page, 0, kvh * HEADS, 0]).reshape(PAGE * HEADS, D).to(DOT)
         heads = kvh * G + offs_g
         opens = ((span >> 1) & 1) == 1
         if opens | (g == first_g):  # the unit's query row and first tile kept, so that closing it waits on no load
@@ -178,8 +185,9 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
                 unit_first = g
             else:  # a unit that an earlier program began: once per program
                 unit_first = tl.load(UNIT_START + u)
-        valid = (offs_n >= (span >> 16)) & (offs_n < ((span >> 2) & 0x3FFF))
-        scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        pos = offs_n // HEADS
+        valid = (pos >= (span >> 16)) & (pos < ((span >> 2) & 0x3FFF))
+        scores = tl.where(valid[None, :] & own_head, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
         if ((span & 1) == 1) | (g == last_g):
             _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d,
@@ -303,7 +311,8 @@ def _page_tiles(meta: AttentionMeta, num_kv: int, page: int, window: int | None,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
                      scale: float, out: torch.Tensor, sliding_window: int | None = None, block_n: int = 64,
                      num_warps: int | None = None, num_stages: int | None = None, programs: int = 8,
-                     max_parts: int = 16, block_g: int | None = None, pages: bool | None = None) -> None:
+                     max_parts: int = 16, block_g: int | None = None, pages: bool | None = None,
+                     kv_heads: int = 1) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
     A unit of work is one sequence's KV for one KV head (its query heads served together: GQA), cut into tiles;
@@ -318,25 +327,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     the gather kernel (tiles of block_n tokens). num_warps and num_stages default to what measured best for the
     kernel taken on an H100 (BENCHMARKS.md, #4): 1 warp and 6 pipeline stages; 2 warps and 2 stages.
 
-    block_g: the rows of a program's query block (its KV head's query heads, padded). None: at least 16, the
-    MMA's rows; a smaller power of 2 >= the group size is accepted by Triton 3.6 (it pads a small dot itself)
-    and leaves less softmax and accumulator work per tile (sm_curves.py compares the two)."""
+    kv_heads: the page kernel's KV heads per unit (a divisor of the cache's KV heads; the gather kernel takes 1):
+    a tile is a page of that many heads, attended by all their query heads at once.
+
+    block_g: the rows of a program's query block (its unit's query heads, padded). None: at least 16, the
+    MMA's rows; a smaller power of 2 >= the unit's query heads is accepted by Triton 3.6 (it pads a small dot
+    itself) and leaves less softmax and accumulator work per tile (sm_curves.py compares the two)."""
     num_heads, d = q.shape[1], q.shape[2]
     num_kv, page = k_cache.shape[2], k_cache.shape[1]
     g = num_heads // num_kv
     cap = meta.capacity
     if max_parts < 4 or max_parts & (max_parts - 1):
         raise ValueError(f"max_parts {max_parts} must be a power of 2, at least 4")
+    if kv_heads < 1 or num_kv % kv_heads:
+        raise ValueError(f"kv_heads {kv_heads} must divide the cache's {num_kv} KV heads")
     if block_g is None:
-        block_g = max(16, triton.next_power_of_2(g))
-    elif block_g < g or block_g & (block_g - 1):
-        raise ValueError(f"block_g {block_g} must be a power of 2, at least the {g} query heads per KV head")
+        block_g = max(16, triton.next_power_of_2(g * kv_heads))
+    elif block_g < g * kv_heads or block_g & (block_g - 1):
+        raise ValueError(f"block_g {block_g} must be a power of 2, at least the {g * kv_heads} query heads of a "
+                         f"unit ({kv_heads} KV heads of {g})")
     page_ok = 16 <= page <= 256 and page & (page - 1) == 0 and tma.aligned(k_cache) and tma.aligned(v_cache)
     if pages is None:
         pages = page_ok and tma.available(k_cache)
     elif pages and not page_ok:
         raise ValueError(f"the page kernel needs pages of 16 to 256 tokens (a power of 2; here {page}) and "
                          "TMA-aligned caches (16-byte base and strides)")
+    if kv_heads > 1 and not pages:
+        raise ValueError(f"kv_heads {kv_heads}: only the page kernel serves several KV heads a unit")
     parts = meta.derived.get(("decode_parts", max_parts))
     if parts is None:
         parts = (torch.empty(cap, num_heads, max_parts, d, dtype=torch.float32, device=q.device),
@@ -346,7 +363,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and out.stride(2) == 1
     num_warps = num_warps or (1 if pages else 2)
     num_stages = num_stages or (6 if pages else 2)
-    common = dict(NUM_KV=num_kv, G=g, BLOCK_G=block_g, D=d, PAGE=page, DOT=_dot_dtype(q, k_cache),
+    units_kv = num_kv // kv_heads  # units a sequence
+    common = dict(NUM_KV=units_kv, G=g * kv_heads, BLOCK_G=block_g, D=d, PAGE=page, DOT=_dot_dtype(q, k_cache),
                   num_warps=num_warps)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), part_o.stride(0), part_o.stride(1),
                part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
@@ -354,13 +372,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # a unit of n tiles meets at most (n - 1) // chunk + 2 programs
         min_chunk = max(1, triton.cdiv(meta.block_tables.shape[1] - 1, max_parts - 2))
         tile_unit, tile_page, span, unit_start, unit_tiles, num_tiles, chunk = _page_tiles(
-            meta, num_kv, page, sliding_window, programs, min_chunk)
-        box = [1, page, 1, d]
+            meta, units_kv, page, sliding_window, programs, min_chunk)
+        box = [1, page, kv_heads, d]
         _decode_page_kernel[(programs,)](
             q, TensorDescriptor(k_cache, list(k_cache.shape), list(k_cache.stride()), box),
             TensorDescriptor(v_cache, list(v_cache.shape), list(v_cache.stride()), box), out, meta.q_start,
             tile_unit, tile_page, span, unit_start, num_tiles, chunk, part_o, part_lse, *strides, scale,
-            STAGES=num_stages, **common)
+            STAGES=num_stages, HEADS=kv_heads, GROUP=g, **common)
     else:
         max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
         min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
@@ -373,7 +391,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, num_stages=num_stages, **common)
     _decode_combine_kernel[(programs,)](
         part_o, part_lse, out, meta.q_start, tile_unit, unit_start, unit_tiles, num_tiles, chunk, *strides[2:],
-        NUM_KV=num_kv, G=g, D=d, MAX_PARTS=max_parts, num_warps=4)
+        NUM_KV=units_kv, G=g * kv_heads, D=d, MAX_PARTS=max_parts, num_warps=4)
 
 
 @triton.jit
