@@ -14,7 +14,8 @@ over fp8, without widening them); --sms times every config on a share of that ma
 as a pipeline's memory unit), the engine's call told its share.
 
 The grid: the gather kernel's tiles, warps, depth and programs per SM with the query block's rows (16, the MMA's,
-or the group's own power of 2: block_g); the page kernel's warps, pages in flight and programs per SM."""
+or the group's own power of 2: block_g); the page kernel's KV heads a unit (kv_heads), warps, pages in flight and
+programs per SM, with the unit's own query block."""
 import argparse
 import itertools
 import json
@@ -85,6 +86,8 @@ def main():
     ap.add_argument("--page", type=int, default=16, help="tokens per page (the engine's --block-size)")
     ap.add_argument("--sms", type=int, help="run on a share of this many SMs (default: the whole card)")
     ap.add_argument("--kernel", choices=["both", "page", "gather"], default="both", help="the configs of which kernel")
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=[1, 2, 4],
+                    help="the page kernel's KV heads a unit to try (those dividing --hkv)")
     ap.add_argument("--default-only", action="store_true", help="time the engine's configuration alone")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="auto: bf16")
     ap.add_argument("--output")
@@ -102,8 +105,13 @@ def main():
     gather = itertools.product((32, 64), (2, 4), (2, 3), (4, 8, 16), blocks_g)
     configs = [dict(pages=False, block_n=bn, num_warps=w, num_stages=st, programs=k * sms, block_g=bg)
                for bn, w, st, k, bg in gather] if a.kernel != "page" else []
-    configs += [dict(pages=True, num_warps=w, num_stages=st, programs=k * sms, block_g=blocks_g[-1])
-                for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))] if a.kernel != "gather" else []
+    # the page kernel: one KV head a unit in the grid that set its defaults; units of several heads (larger tiles:
+    # fewer in flight fit in shared memory) over more warps and fewer programs per SM
+    page = [(1, w, st, k) for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))]
+    page += [(n, w, st, k) for n, w, st, k in itertools.product(a.kv_heads, (1, 2, 4), (2, 3, 4, 6), (2, 4, 8))
+             if n > 1 and a.hkv % n == 0]
+    configs += [dict(pages=True, num_warps=w, num_stages=st, programs=k * sms, kv_heads=n,
+                     block_g=1 << (tight * n - 1).bit_length()) for n, w, st, k in page] if a.kernel != "gather" else []
     for kw in () if a.default_only else configs:
         runs.append((kw, lambda out, kw=kw: decode_attention(q, kc, vc, meta, scale, out, **kw)))
     with torch.cuda.stream(stream), sm_share(sms, total_sms()):

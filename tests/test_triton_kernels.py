@@ -25,7 +25,8 @@ CASES = {
     "prefill_long": ([150, 20], [150, 170], 0),
 }
 SHAPES = {"gqa4": dict(hq=8, hkv=2, d=32, page=16), "gqa7": dict(hq=14, hkv=2, d=16, page=4),
-          "mha": dict(hq=2, hkv=2, d=64, page=8), "gqa2": dict(hq=4, hkv=2, d=16, page=32)}
+          "mha": dict(hq=2, hkv=2, d=64, page=8), "gqa2": dict(hq=4, hkv=2, d=16, page=32),
+          "gqa2_kv4": dict(hq=8, hkv=4, d=16, page=16)}
 
 
 def rel_err(a, b):
@@ -54,8 +55,9 @@ def test_attention_matches_reference(case, shape, window):
             again = torch.full_like(got, float("nan"))
             # units whole, cut in two, cut in many; query blocks of 16 rows and of the unit's own (its query
             # heads' power of 2, below 16); the page kernel (TMA; the interpreter runs it too) where the pages
-            # are large enough for it, with one KV head a unit and with two
-            kernels = ((False, 1), (True, 1), (True, 2)) if kc.shape[1] >= 16 else ((False, 1),)
+            # are large enough for it, with one KV head a unit and with several
+            heads = [n for n in (1, 2, 4) if kc.shape[2] % n == 0]
+            kernels = [(False, 1)] + [(True, n) for n in heads] if kc.shape[1] >= 16 else [(False, 1)]
             for (pages, kv_heads), (programs, max_parts, tight) in itertools.product(kernels, (
                     (3, 4, False), (64, 4, False), (64, 16, False), (3, 4, True), (64, 16, True))):
                 block_g = 1 << (q.shape[1] // kc.shape[2] * kv_heads - 1).bit_length() if tight else None
