@@ -4,7 +4,8 @@
 Decode has two kernels over the same stream-K plan, sharing how a unit opens and closes and the combine step:
 - the page kernel (Hopper and later, pages of 16+ tokens): a tile is one page, fetched by TMA through a 4-D
   descriptor of the cache; its unit, page and span come from flat tables indexed by the tile alone, so Triton's
-  pipeliner keeps `num_stages` pages in flight per program (on 32 H100 SMs 1.5x the gather kernel's bandwidth);
+  pipeliner keeps `num_stages` pages in flight per program (on 32 H100 SMs 1.5x the gather kernel's bandwidth).
+  A unit may hold several adjacent KV heads (kv_heads), whose page rows then make one tile;
 - the gather kernel, the fallback (older GPUs, small pages): tiles of block_n tokens gathered through pointers.
 
 Both read every shape they need from `AttentionMeta` device tensors, with grids fixed by their arguments and the
