@@ -109,9 +109,9 @@ def test_attention_over_an_fp8_cache_matches_reference(case):
         got = torch.full(q.shape, float("nan"), dtype=DTYPE, device=DEVICE)
         ref.paged_attention(q, kc, vc, meta, scale, expect)
         rows = expect[:, 0, 0].isfinite()
-        for pages in (False, True) if kind == DECODE else (None,):
+        for kw in (dict(pages=False), dict(pages=True), dict(pages=True, kv_heads=2)) if kind == DECODE else ({},):
             got.fill_(float("nan"))
-            fn(q, kc, vc, meta, scale, got, **({} if pages is None else dict(pages=pages)))
+            fn(q, kc, vc, meta, scale, got, **kw)
             assert rows.any() and rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 2e-3)
 
 

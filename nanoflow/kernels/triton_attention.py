@@ -316,11 +316,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      kv_heads: int = 1) -> None:
     """q, out [T, Hq, D] (rows picked by meta); caches [blocks, page, Hkv, D].
 
-    A unit of work is one sequence's KV for one KV head (its query heads served together: GQA), cut into tiles;
-    `programs` persistent programs take equal runs of the batch's tiles (on an execution unit of S SMs, a few
-    programs per SM keep every SM streaming with no tail). A unit cut across programs leaves a part in each (at
-    most max_parts: a program takes at least enough tiles for that), which a second kernel merges by log-sum-exp
-    (flash-decoding).
+    A unit of work is one sequence's KV for one KV head, or for kv_heads adjacent ones (their query heads served
+    together: GQA), cut into tiles; `programs` persistent programs take equal runs of the batch's tiles (on an
+    execution unit of S SMs, a few programs per SM keep every SM streaming with no tail). A unit cut across
+    programs leaves a part in each (at most max_parts: a program takes at least enough tiles for that), which a
+    second kernel merges by log-sum-exp (flash-decoding).
 
     pages: None takes the page kernel (a tile is a page, fetched by TMA; num_stages pages in flight) where it
     runs: a CUDA device of compute capability >= 9, TMA-aligned caches and pages of 16 to 256 tokens (a power of

@@ -172,4 +172,3 @@ def non_overlap(tokens: int, tp_size: int = 1, moe: bool = False) -> PipelineSpe
     """One nano-batch per op on the whole device: the plain forward, as a spec."""
     return PipelineSpec("non-overlap", tokens, [Unit("device", "other")],
                         [NanoOp(op, 0, tokens, "device") for op in layer_ops(tp_size, moe)]).validate()
-
