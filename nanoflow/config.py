@@ -256,8 +256,9 @@ class EngineConfig:
     predicted_output_len: int | None = None  # for admission="predicted"; None: max_tokens
     # which waiting request is admitted next: "fcfs", in arrival order; "lof", longest output (max_tokens) first,
     # as SGLang's: in an offline batch the long ones start early, so the run does not end on a few long decodes;
-    # "slack": arrival order, but a request whose max_tokens outlasts the waiting queue (the fewest iterations the
-    # budget and the KV cache allow it) goes first, longest first: no long drain, the others' ends stay staggered
+    # "slack": arrival order, but a request whose max_tokens outlasts the work in hand (the fewest iterations the
+    # budget allows the waiting queue, and the KV cache the waiting and running requests) goes first, longest first:
+    # no long drain, the others' ends stay staggered
     schedule_policy: str = "fcfs"
     # None: CUDA graphs on the GPU, plain eager on the CPU. True on the CPU runs the graph path's static
     # buffers and padding eagerly (how the CPU tests cover it); False: eager everywhere (--enforce-eager).

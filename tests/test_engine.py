@@ -110,9 +110,10 @@ def test_longest_output_first():
 
 
 def test_slack_starts_what_would_outlast_the_queue():
-    """schedule_policy "slack": sequences whose max_tokens reach the cut (the fewest iterations the waiting queue
-    can take: its tokens over the budget, or the tokens its sequences hold over the KV cache) go first, longest
-    first; the rest keep arrival order; and the queue is ordered again once the cut passes one of them."""
+    """schedule_policy "slack": sequences whose max_tokens reach the cut (the fewest iterations the work in hand
+    can take: the waiting queue's tokens over the budget, or the tokens the waiting and the running sequences will
+    hold over the KV cache) go first, longest first; the rest keep arrival order; and the queue is ordered again
+    once the cut passes one of them."""
     from nanoflow.config import EngineConfig
     from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
     from nanoflow.engine.sequence import Request
@@ -131,6 +132,11 @@ def test_slack_starts_what_would_outlast_the_queue():
     assert sched._cut() == pytest.approx(held / 320)
     first = sched.schedule()
     assert [c.seq for c in first.chunks] == seqs[:2] and list(sched.waiting) == seqs[2:]
+    sched.update(first)  # admitted, the two still hold their part of the cache: the cut counts them
+    assert sched._cut() == pytest.approx(held / 320)
+    seqs[0].num_inflight -= 1
+    seqs[0].token_ids.append(7)  # its first output: 101 tokens held, 9 outputs to go
+    assert sched._cut() == pytest.approx((held - 10 * 105 + 9 * (101 + 4.5)) / 320)
     sched, seqs = queue(1000)  # 16,000 tokens: bound by the budget (held / cache: 4.1)
     assert sched._cut() == pytest.approx(1203 / 128)
     first = sched.schedule()  # cut 9.4: the 5 and the 8 keep arrival order

@@ -55,6 +55,12 @@ class SchedulerOutput:
 ENDING_LAG = 2  # iterations a sequence may hold its blocks after its last one (1 with asynchronous scheduling; 1 spare)
 
 
+def _held2(tokens: int, outputs: int) -> int:
+    """Twice the token-iterations a sequence of `tokens` tokens holds while it makes `outputs` more (one an
+    iteration: it holds tokens + outputs / 2 on average)."""
+    return outputs * (2 * tokens + outputs)
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int, max_model_len: int,
                  num_host_blocks: int = 0):
@@ -167,20 +173,26 @@ class Scheduler:
     # -- policies --------------------------------------------------------------------------------
     def _cut(self) -> float:
         """The shortest max_tokens that goes ahead of arrival order. "lof": 0, so all of them, longest first.
-        "slack": the fewest iterations the waiting queue can take, bound by the budget (its tokens) or by the KV
-        cache (a sequence holds about prompt + max_tokens / 2 tokens for max_tokens iterations). One admitted later
-        than that with a longer output would still decode after the queue has emptied, stretching the run's end
+        "slack": the fewest iterations the work in hand can take, bound by the budget (the waiting queue's tokens)
+        or by the KV cache (what the waiting and the running sequences will hold: a sequence holds its tokens and
+        about half the outputs it has still to make, for as many iterations as those outputs). One admitted later
+        than that with a longer output would still decode after the rest has finished, stretching the run's end
         over a few sequences, so those start first. The rest keep arrival order, where their ends stay staggered:
-        lof bunches the ends of equal lengths, and the cache then fills with long decodes that admit no prefill."""
+        lof bunches the ends of equal lengths, and the cache then fills with long decodes that admit no prefill.
+        (A running sequence's decodes take an iteration each whatever the budget, so only the cache counts them;
+        counted against the budget too, they cost a 2,048-token budget 2 % more iterations on splitwise.)"""
         if self.config.schedule_policy == "lof":
             return 0.0
         cache = self.blocks.num_blocks * self.blocks.block_size
-        return max(self.waiting_tokens / self.budget, self.waiting_held2 / (2 * cache))
+        # the running sequences summed here: at most max_num_seqs of them, and schedule walks them anyway
+        held2 = self.waiting_held2 + sum(_held2(s.num_tokens, s.max_tokens - s.num_output_tokens)
+                                         for s in self.running)
+        return max(self.waiting_tokens / self.budget, held2 / (2 * cache))
 
     def _count_waiting(self, seq: Sequence, sign: int) -> None:
         m, p = seq.max_tokens, seq.num_prompt_tokens
         self.waiting_tokens += sign * (p + m)
-        self.waiting_held2 += sign * m * (2 * p + m)
+        self.waiting_held2 += sign * _held2(p, m)
 
     def _order_waiting(self, cut: float) -> None:
         """The preempted first (in their order), then those with max_tokens >= cut, longest first (max_tokens,

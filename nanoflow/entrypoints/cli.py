@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, default="fcfs",
                    help="the waiting request admitted next: fcfs, in arrival order; lof, the longest output "
                         "(max_tokens) first (offline batches: the run does not end on a few long decodes); slack, "
-                        "arrival order but for outputs that would outlast the waiting queue, which go first")
+                        "arrival order but for outputs that would outlast the work in hand, which go first")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule iteration i + 1 while the GPU runs i (default: on for CUDA)")
