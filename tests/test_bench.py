@@ -148,5 +148,8 @@ def test_bench_schedule_replays_the_engines_iterations(tmp_path, capsys):
     assert sum(v[0] for v in sums.values()) == ran["iterations"]
     assert sum(v[1] for v in sums.values()) == 30 * 40 and sum(v[2] for v in sums.values()) == 30 * 19
     assert "iterations" in capsys.readouterr().out
+    # bench plot draws throughput reports: a replay is refused, and named as one
+    assert main(["bench", "plot", str(replayed), "-o", str(tmp_path / "p.png")]) == 2
+    assert "not a `bench throughput` report" in (err := capsys.readouterr().err) and "`bench schedule` replay" in err
     assert main(["bench", "schedule", "--workload", "const:2000:5:2", "--num-kv-blocks", "60"]) == 2
     assert "2000 tokens" in capsys.readouterr().err

@@ -4,12 +4,28 @@ from __future__ import annotations
 import json
 
 
+def _throughput_report(path: str) -> dict:
+    """A `bench throughput` report, or ValueError naming what the file is not."""
+    try:
+        with open(path) as f:
+            rep = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(rep, dict) or not all(isinstance(r, dict) and "tokens_per_second" in r
+                                            for r in rep.get("results") or [None]):
+        replayed = isinstance(rep, dict) and any(isinstance(r, dict) and "schedule_policy" in r
+                                                 for r in rep.get("results") or [])
+        hint = " (a `bench schedule` replay: its --plot draws it)" if replayed else ""
+        raise ValueError(f"{path} is not a `bench throughput` report: no results with tokens_per_second{hint}")
+    return rep
+
+
 def throughput_bars(report_files: list[str], out: str) -> None:
     """Total tok/s per workload (one bar group per report), the cost model's optimum as a line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    reports = [json.load(open(f)) for f in report_files]
+    reports = [_throughput_report(f) for f in report_files]
     workloads = list(dict.fromkeys(r["workload"] for rep in reports for r in rep["results"]))
     width = 0.8 / len(reports)
     fig, ax = plt.subplots(figsize=(1.6 * len(workloads) + 2, 4.5))
