@@ -135,6 +135,9 @@ def test_bench_schedule_replays_the_engines_iterations(tmp_path, capsys):
     assert lof["schedule_policy"] == "lof" and lof["iterations"] == ran["iterations"] > 30
     assert lof["preemptions"] == ran["preemptions"] == 0
     assert lof["tokens"] == fcfs["tokens"] == 30 * (40 + 19)  # every prompt token, and each output but the last
+    # the fewest iterations any schedule could take: here what the sequences hold over the 960 tokens of cache,
+    # 30 x (20 x 40 + 19 x 20 / 2) = 29,700 token-iterations (over the budget, their tokens need 28; the longest, 20)
+    assert lof["lower_bound"] == fcfs["lower_bound"] == 31 <= lof["iterations"]
     # benchmarks/iteration_cost.py splits the replay into the run's stages as the bench does (steady: some request
     # has finished and some wait), and into prefill and decode tokens
     spec = importlib.util.spec_from_file_location(

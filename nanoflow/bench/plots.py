@@ -81,14 +81,15 @@ def timeline_chart(timeline: dict, out: str, title: str, layers: int = 3) -> Non
 
 def schedule_bars(rows: list[dict], out: str, title: str) -> None:
     """bench schedule's replay: iterations per (budget, policy), a bar group per workload, each bar labeled with its
-    tokens per iteration (fewer iterations for the same tokens: a faster run where each iteration has a fixed cost)."""
+    tokens per iteration (fewer iterations for the same tokens: a faster run where each iteration has a fixed cost)
+    and marked at its lower bound."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     settings = list(dict.fromkeys((r["budget"], r["schedule_policy"]) for r in rows))
     width = 0.8 / len(settings)
-    fig, ax = plt.subplots(figsize=(max(8.0, 2.2 * len(workloads) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 2.2 * len(workloads) + 2) + 3, 4.5))
     for i, (budget, policy) in enumerate(settings):
         mine = {r["workload"]: r for r in rows if (r["budget"], r["schedule_policy"]) == (budget, policy)}
         names = [w for w in workloads if w in mine]
@@ -97,10 +98,12 @@ def schedule_bars(rows: list[dict], out: str, title: str) -> None:
         for bar, w in zip(bars, names):
             ax.annotate(f"{mine[w]['tokens_per_iteration']:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
+            ax.hlines(mine[w]["lower_bound"], bar.get_x(), bar.get_x() + bar.get_width(), colors="black", lw=1.5,
+                      label="the fewest iterations any schedule could take" if (i, w) == (0, names[0]) else None)
     ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(workloads))], workloads, fontsize=8)
     ax.set_ylabel("iterations (labels: tokens per iteration)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, clear of them
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -4,7 +4,8 @@ How many iterations a run takes and how full they are depends only on the schedu
 The replay reads each sampled token back one iteration late, as the asynchronous engine does, and on the H200 runs of
 #10 (BENCHMARKS.md) it gave their iteration counts exactly. Where a forward costs a fixed part plus a part per
 token, as a mixture of experts' does (its weights and each expert's partial tile, then its rows), fewer iterations for
-the same tokens is a faster run: this compares token budgets and schedule policies in seconds, before a GPU run. A
+the same tokens is a faster run: this compares token budgets and schedule policies in seconds, before a GPU run,
+and against the fewest iterations any schedule could take (lower_bound). A
 workload fixes its prefill and decode tokens, so the gain is the iterations saved times that fixed part, which
 benchmarks/iteration_cost.py fits to GPU runs (Mixtral on one H200: 24.9 ms, a fifth of a splitwise run's time; so
 8 % fewer iterations predicted 1.6 % and measured 0.7 %, BENCHMARKS.md #10).
@@ -62,6 +63,18 @@ class Replayed:
     thin_iterations: int  # under a quarter of the budget: mostly the run's fill and drain
     peak_running: int
     preemptions: int
+    lower_bound: int  # the fewest iterations any schedule could take (lower_bound)
+
+
+def lower_bound(lengths: list[tuple[int, int]], config: EngineConfig, num_blocks: int, max_model_len: int) -> int:
+    """The fewest iterations any schedule of these (prompt, output) lengths could take: the longest output (an
+    iteration each); the tokens to compute over the budget; the token-iterations the sequences hold over the KV
+    cache (p + i tokens during output i); their outputs over max_num_seqs (a slot an iteration each)."""
+    outs = [(p, min(o, max_model_len - p)) for p, o in lengths]  # as the engine bounds max_tokens
+    tokens = sum(p + m - 1 for p, m in outs)  # every prompt token, and each output but the last
+    held = sum(m * p + m * (m - 1) // 2 for p, m in outs)
+    return max(max(m for _, m in outs), -(-tokens // config.max_num_batched_tokens),
+               -(-held // (num_blocks * config.block_size)), -(-sum(m for _, m in outs) // config.max_num_seqs))
 
 
 def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len: int) -> Replayed:
@@ -72,7 +85,8 @@ def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len
         peak = max(peak, len(sched.running))
     budget = config.max_num_batched_tokens
     return Replayed(workload.name, budget, config.schedule_policy, len(sizes), sum(sizes), sum(sizes) / len(sizes),
-                    sum(n < budget / 4 for n in sizes), peak, sched.num_preemptions)
+                    sum(n < budget / 4 for n in sizes), peak, sched.num_preemptions,
+                    lower_bound(workload.lengths, config, num_blocks, max_model_len))
 
 
 def main(a: argparse.Namespace) -> int:
@@ -87,11 +101,13 @@ def main(a: argparse.Namespace) -> int:
                 config = EngineConfig(max_num_batched_tokens=budget, max_num_seqs=a.max_num_seqs,
                                       block_size=a.block_size, admission=a.admission, schedule_policy=policy)
                 rows.append(run(w, config, a.num_kv_blocks, a.max_model_len))
-    print(f"{'workload':24s} {'budget':>6s} {'policy':>6s} {'iterations':>10s} {'tok/iter':>8s} {'thin':>5s} "
-          f"{'peak running':>12s} {'preempted':>9s}")
+    print(f"{'workload':24s} {'budget':>6s} {'policy':>6s} {'iterations':>10s} {'bound':>6s} {'tok/iter':>8s} "
+          f"{'thin':>5s} {'peak running':>12s} {'preempted':>9s}")
     for r in rows:
-        print(f"{r.workload:24s} {r.budget:6d} {r.schedule_policy:>6s} {r.iterations:10d} {r.tokens_per_iteration:8.0f}"
-              f" {r.thin_iterations:5d} {r.peak_running:12d} {r.preemptions:9d}")
+        print(f"{r.workload:24s} {r.budget:6d} {r.schedule_policy:>6s} {r.iterations:10d} {r.lower_bound:6d} "
+              f"{r.tokens_per_iteration:8.0f} {r.thin_iterations:5d} {r.peak_running:12d} {r.preemptions:9d}")
+    print("bound: the fewest iterations any schedule could take (the longest output; the tokens over the budget; "
+          "what the sequences hold over the KV cache; their outputs over max_num_seqs)")
     if a.output:
         with open(a.output, "w") as f:
             json.dump({"command": a.command_line, "num_kv_blocks": a.num_kv_blocks, "block_size": a.block_size,
