@@ -2,8 +2,8 @@
 fills the rest of a fixed token budget with chunked prefill.
 
 Admission takes the waiting sequences in order (first-come first-served; with schedule_policy="lof" the
-longest max_tokens first; with "slack" in arrival order but for those whose max_tokens outlast the queue,
-which go first, longest first), gated by KV blocks (the whole prompt must fit) or,
+longest max_tokens first; with "slack" in arrival order but for those whose max_tokens outlast the work in
+hand, which go first, longest first), gated by KV blocks (the whole prompt must fit) or,
 with admission="predicted", by the predicted peak KV use of everything running (NanoFlow's policy,
 which avoids preemption: the peak of sequences that end at different times, not the sum of their
 peaks). When a decode sequence needs a block and none is free, the newest running sequence is

@@ -187,8 +187,10 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
             else:  # a unit that an earlier program began: once per program
                 unit_first = tl.load(UNIT_START + u)
         pos = offs_n // HEADS
-        valid = (pos >= (span >> 16)) & (pos < ((span >> 2) & 0x3FFF))
-        scores = tl.where(valid[None, :] & own_head, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        allowed = ((pos >= (span >> 16)) & (pos < ((span >> 2) & 0x3FFF)))[None, :]
+        if HEADS > 1:  # (compiled in only then: one head a unit runs the kernel as it was)
+            allowed = allowed & own_head
+        scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc)
         if ((span & 1) == 1) | (g == last_g):
             _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d,
