@@ -134,7 +134,7 @@ class Scheduler:
                 out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
                 budget -= n
         # 3. admit waiting sequences in order while the budget and the KV cache allow
-        if self.config.schedule_policy != "fcfs":
+        if self.config.schedule_policy != "fcfs" and self.waiting:  # (the cut sums the running: only when needed)
             cut = self._cut()
             if not self.order_holds[0] < cut <= self.order_holds[1]:
                 self._order_waiting(cut)
