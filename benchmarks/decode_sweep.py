@@ -107,8 +107,8 @@ def main():
                for bn, w, st, k, bg in gather] if a.kernel != "page" else []
     # the page kernel: one KV head a unit in the grid that set its defaults; units of several heads (larger tiles:
     # fewer in flight fit in shared memory) over more warps and fewer programs per SM
-    page = [(1, w, st, k) for w, st, k in itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16)) if 1 in a.kv_heads]
-    page += [(n, w, st, k) for n, w, st, k in itertools.product(a.kv_heads, (1, 2, 4), (2, 4, 6), (2, 4, 8))
+    page = [(1, w, st, k) for w, st, k in itertools.product((1, 2), (4, 6, 8, 10), (4, 8, 16)) if 1 in a.kv_heads]
+    page += [(n, w, st, k) for n, w, st, k in itertools.product(a.kv_heads, (1, 2, 4), (4, 6, 8), (2, 4, 8))
              if n > 1 and a.hkv % n == 0]
     configs += [dict(pages=True, num_warps=w, num_stages=st, programs=k * sms, kv_heads=n,
                      block_g=1 << (tight * n - 1).bit_length()) for n, w, st, k in page] if a.kernel != "gather" else []

@@ -56,10 +56,10 @@ def decode_configs(quick):
     The page kernel: warps, pages in flight and programs per SM."""
     if quick:
         gather = itertools.product((64,), (2,), (2,), (4, 8), (None, 4))
-        page = itertools.product((1,), (3, 4), (4, 8, 16))
+        page = itertools.product((1,), (6, 8), (4, 8, 16))
     else:
         gather = itertools.product((32, 64), (2, 4), (2, 3), (2, 4, 8), (None, 4))
-        page = itertools.product((1, 2), (2, 3, 4, 6), (4, 8, 16))
+        page = itertools.product((1, 2), (4, 6, 8, 10), (4, 8, 16))
     return ([dict(pages=False, block_n=b, num_warps=w, num_stages=s, per_sm=k, block_g=g) for b, w, s, k, g in gather]
             + [dict(pages=True, num_warps=w, num_stages=s, per_sm=k, block_g=4) for w, s, k in page])
 

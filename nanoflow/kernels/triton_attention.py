@@ -4,7 +4,7 @@
 Decode has two kernels over the same stream-K plan, sharing how a unit opens and closes and the combine step:
 - the page kernel (Hopper and later, pages of 16+ tokens): a tile is one page, fetched by TMA through a 4-D
   descriptor of the cache; its unit, page and span come from flat tables indexed by the tile alone, so Triton's
-  pipeliner keeps `num_stages` pages in flight per program (on 32 H100 SMs 1.5x the gather kernel's bandwidth).
+  pipeliner keeps pages in flight per program (on 32 H100 SMs 1.5x the gather kernel's bandwidth).
   A unit may hold several adjacent KV heads (kv_heads), whose page rows then make one tile;
 - the gather kernel, the fallback (older GPUs, small pages): tiles of block_n tokens gathered through pointers.
 
@@ -154,8 +154,10 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
                         GROUP: tl.constexpr):
     """The page kernel: the gather kernel's stream-K plan with one page per tile, fetched by TMA. Everything an
     iteration needs to fetch its page comes from tables indexed by the tile, so the loop's loads depend on the
-    loop index alone and the pipeliner runs STAGES iterations ahead (a tile's unit, page, and span: the first and
-    last valid positions in the page and whether it opens or closes its unit).
+    loop index alone and the pipeliner prefetches them (a tile's unit, page, and span: the first and
+    last valid positions in the page and whether it opens or closes its unit). The tables and the pages they
+    point to are two levels of loads, which share the STAGES: Triton 3.6 keeps max(1, (STAGES - 1) // 2) pages of
+    K and V in flight (2 at 6 stages, 3 at 8), in that many shared-memory buffers.
 
     A unit holds HEADS adjacent KV heads (NUM_KV units a sequence, G = HEADS x GROUP query heads): a tile is their
     PAGE x HEADS rows of the page (row j: position j // HEADS, head j % HEADS), and a query row attends only to
@@ -324,11 +326,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     programs leaves a part in each (at most max_parts: a program takes at least enough tiles for that), which a
     second kernel merges by log-sum-exp (flash-decoding).
 
-    pages: None takes the page kernel (a tile is a page, fetched by TMA; num_stages pages in flight) where it
+    pages: None takes the page kernel (a tile is a page, fetched by TMA; about num_stages / 2 in flight) where it
     runs: a CUDA device of compute capability >= 9, TMA-aligned caches and pages of 16 to 256 tokens (a power of
     2); True forces it (it also runs in Triton's interpreter) and raises ValueError where it cannot; False takes
     the gather kernel (tiles of block_n tokens). num_warps and num_stages default to what measured best for the
-    kernel taken on an H100 (BENCHMARKS.md, #4): 1 warp and 6 pipeline stages; 2 warps and 2 stages.
+    kernel taken (BENCHMARKS.md, #4): 1 warp and 6 pipeline stages; 2 warps and 2 stages. (8 stages read 1-2.5 %
+    more over 16-bit caches on 32 H100 SMs, and 2 % less on 32 H200 SMs and over fp8.)
 
     kv_heads: the page kernel's KV heads per unit (a divisor of the cache's KV heads; the gather kernel takes 1):
     a tile is a page of that many heads, attended by all their query heads at once.
