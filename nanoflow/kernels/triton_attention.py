@@ -37,14 +37,18 @@ def _load_kv_tile(K, V, BT, s, kvh, n0, limit, stride_kb, stride_ks, stride_kh, 
 
 
 @triton.jit
-def _softmax_step(scores, v, m, l, acc):
-    """Fold one tile of scores (-inf where excluded) and its values into the online softmax."""
-    m_new = tl.maximum(m, tl.max(scores, 1))
+def _softmax_step(scores, v, m, l, acc, KEYS_AXIS: tl.constexpr = 1):
+    """Fold one tile of scores (-inf where excluded) and its values into the online softmax. The keys run along
+    KEYS_AXIS of scores: 1 (query rows x keys; acc [rows, D]) or 0 (keys x query rows; acc [D, rows])."""
+    m_new = tl.maximum(m, tl.max(scores, KEYS_AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-    p = tl.exp(scores - m_safe[:, None])
+    p = tl.exp(scores - tl.expand_dims(m_safe, KEYS_AXIS))
     alpha = tl.exp(m - m_safe)
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    l = l * alpha + tl.sum(p, KEYS_AXIS)
+    if KEYS_AXIS == 1:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    else:
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))
     return m_new, l, acc
 
 
@@ -94,15 +98,19 @@ def _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G: tl.conste
 
 @triton.jit
 def _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d, whole, part, stride_ot, stride_oh,
-                stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G: tl.constexpr):
+                stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G: tl.constexpr,
+                HEADS_AXIS: tl.constexpr = 0):
     """A unit's last tile in this program: the output itself if the whole unit was here, else this program's part
-    (its normalized output and log-sum-exp, for the combine kernel)."""
+    (its normalized output and log-sum-exp, for the combine kernel). The query heads run along HEADS_AXIS of acc:
+    0 ([heads, D]) or 1 ([D, heads])."""
+    o = acc / tl.expand_dims(l, 1 - HEADS_AXIS)
+    h = tl.expand_dims(heads, 1 - HEADS_AXIS)
+    d = tl.expand_dims(offs_d, HEADS_AXIS)
+    keep = tl.expand_dims(offs_g < G, 1 - HEADS_AXIS)
     if whole:
-        tl.store(OUT + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc / l[:, None]).to(OUT.dtype.element_ty), mask=(offs_g < G)[:, None])
+        tl.store(OUT + row * stride_ot + h * stride_oh + d, o.to(OUT.dtype.element_ty), mask=keep)
     else:
-        base = s * stride_po_s + heads * stride_po_h + part * stride_po_p
-        tl.store(PART_O + base[:, None] + offs_d[None, :], acc / l[:, None], mask=(offs_g < G)[:, None])
+        tl.store(PART_O + s * stride_po_s + h * stride_po_h + part * stride_po_p + d, o, mask=keep)
         tl.store(PART_LSE + s * stride_pl_s + heads * stride_pl_h + part, m + tl.log(l), mask=offs_g < G)
 
 
@@ -151,7 +159,7 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
                         stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, scale,
                         NUM_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                         PAGE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr, HEADS: tl.constexpr,
-                        GROUP: tl.constexpr):
+                        GROUP: tl.constexpr, KEYS_AXIS: tl.constexpr):
     """The page kernel: the gather kernel's stream-K plan with one page per tile, fetched by TMA. Everything an
     iteration needs to fetch its page comes from tables indexed by the tile, so the loop's loads depend on the
     loop index alone and the pipeliner prefetches them (a tile's unit, page, and span: the first and
@@ -162,15 +170,24 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
     A unit holds HEADS adjacent KV heads (NUM_KV units a sequence, G = HEADS x GROUP query heads): a tile is their
     PAGE x HEADS rows of the page (row j: position j // HEADS, head j % HEADS), and a query row attends only to
     its own head's rows. The dots then fill more of the MMA's rows and each tile carries HEADS times the bytes,
-    for the same loop and softmax work a tile."""
+    for the same loop and softmax work a tile.
+
+    KEYS_AXIS 0 runs the dots transposed, for query blocks under the MMA's 16 rows: scores keys x query heads
+    (K q^T) and the accumulator D x query heads (V^T P^T), so the few query heads are the MMA's N (8 wide), not
+    its M (16). At 4 heads that is half the MMAs and a quarter of the accumulator (168 registers against 199; on 32
+    H100 SMs 1.04-1.05x the bandwidth, BENCHMARKS.md #4). KEYS_AXIS 1 (16 or more query rows, which fill M):
+    scores query heads x keys, the accumulator query heads x D."""
     pid = tl.program_id(0)
     chunk, first_g, last_g, q, m, l, acc = _program_start(CHUNK, NUM_TILES, BLOCK_G, D, DOT)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, PAGE * HEADS)
-    own_head = (offs_g // GROUP)[:, None] == (offs_n % HEADS)[None, :]
+    own_head = tl.expand_dims(offs_n % HEADS, 1 - KEYS_AXIS) == tl.expand_dims(offs_g // GROUP, KEYS_AXIS)
     unit_first = first_g
     row = first_g
+    if KEYS_AXIS == 0:
+        q = tl.trans(q)
+        acc = tl.trans(acc)
     for g in tl.range(first_g, last_g + 1, num_stages=STAGES):
         u = tl.load(TILE_UNIT + g)
         page = tl.load(TILE_PAGE + g)
@@ -184,20 +201,27 @@ def _decode_page_kernel(Q, k_desc, v_desc, OUT, Q_START, TILE_UNIT, TILE_PAGE, T
         if opens | (g == first_g):  # the unit's query row and first tile kept, so that closing it waits on no load
             row = tl.load(Q_START + s)
             q, m, l, acc = _open_unit(Q, row, heads, offs_g, offs_d, stride_qt, stride_qh, G, BLOCK_G, D, DOT)
+            if KEYS_AXIS == 0:
+                q = tl.trans(q)
+                acc = tl.trans(acc)
             if opens:
                 unit_first = g
             else:  # a unit that an earlier program began: once per program
                 unit_first = tl.load(UNIT_START + u)
         pos = offs_n // HEADS
-        allowed = ((pos >= (span >> 16)) & (pos < ((span >> 2) & 0x3FFF)))[None, :]
+        allowed = tl.expand_dims((pos >= (span >> 16)) & (pos < ((span >> 2) & 0x3FFF)), 1 - KEYS_AXIS)
         if HEADS > 1:  # (compiled in only then: one head a unit runs the kernel as it was)
             allowed = allowed & own_head
-        scores = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m, l, acc = _softmax_step(scores, v, m, l, acc)
+        if KEYS_AXIS == 0:
+            scores = tl.dot(k, q)
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(allowed, scores * scale, float("-inf"))
+        m, l, acc = _softmax_step(scores, v, m, l, acc, KEYS_AXIS)
         if ((span & 1) == 1) | (g == last_g):
             _close_unit(OUT, PART_O, PART_LSE, acc, m, l, row, s, heads, offs_g, offs_d,
                         (unit_first >= first_g) & ((span & 1) == 1), pid - unit_first // chunk, stride_ot,
-                        stride_oh, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G)
+                        stride_oh, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h, G, 1 - KEYS_AXIS)
 
 
 @triton.jit
@@ -384,7 +408,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, TensorDescriptor(k_cache, list(k_cache.shape), list(k_cache.stride()), box),
             TensorDescriptor(v_cache, list(v_cache.shape), list(v_cache.stride()), box), out, meta.q_start,
             tile_unit, tile_page, span, unit_start, num_tiles, chunk, part_o, part_lse, *strides, scale,
-            STAGES=num_stages, HEADS=kv_heads, GROUP=g, **common)
+            STAGES=num_stages, HEADS=kv_heads, GROUP=g, KEYS_AXIS=0 if block_g < 16 else 1, **common)
     else:
         max_tiles = triton.cdiv(meta.block_tables.shape[1] * page, block_n)
         min_chunk = max(1, triton.cdiv(max_tiles - 1, max_parts - 2))
