@@ -182,8 +182,9 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
 # decode attention, the symmetric-memory all-reduce; 3: decode in fp16 over an fp8 cache, 4 programs per SM and a
 # query block of the group's rows; 4: the TMA page kernel; 5: the combine per boundary, the gather kernel again on
 # the whole device over 16-bit caches; 6: the experts' SwiGLU in gate_up's epilogue, prefill attention's unmasked
-# tiles and longest-first launch; 7: the same unmasked tiles with a sliding window).
-KERNELS = 7
+# tiles and longest-first launch; 7: the same unmasked tiles with a sliding window; 8: the page kernel's dots
+# transposed under 16 query rows).
+KERNELS = 8
 
 
 def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int,
