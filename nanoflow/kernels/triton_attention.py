@@ -354,8 +354,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     runs: a CUDA device of compute capability >= 9, TMA-aligned caches and pages of 16 to 256 tokens (a power of
     2); True forces it (it also runs in Triton's interpreter) and raises ValueError where it cannot; False takes
     the gather kernel (tiles of block_n tokens). num_warps and num_stages default to what measured best for the
-    kernel taken (BENCHMARKS.md, #4): 1 warp and 6 pipeline stages; 2 warps and 2 stages. (8 stages read 1-2.5 %
-    more over 16-bit caches on 32 H100 SMs, and 2 % less on 32 H200 SMs and over fp8.)
+    kernel taken (BENCHMARKS.md, #4): 1 warp and 6 pipeline stages; 2 warps and 2 stages. (With the transposed
+    dots, 8 stages read 3.5-6 % more over 16-bit caches on 32 H100 SMs but 2-6 % less on 32 H200 SMs; over fp8
+    they move it by under 2 % either way: no one depth wins both cards.)
 
     kv_heads: the page kernel's KV heads per unit (a divisor of the cache's KV heads; the gather kernel takes 1):
     a tile is a page of that many heads, attended by all their query heads at once.
