@@ -109,11 +109,12 @@ def main():
     if model.experts_interleaved:
         plain_gu = plain_gu.view(cfg.num_experts, I, 2, H).transpose(1, 2).reshape(plain_gu.shape)
     triton_moe, configs = triton_configs()
+    batch = types.SimpleNamespace(live_rows=None)  # all the MoE ops read of a batch: every row is real
     rows = []
     for M in args.tokens:
         ws = Workspace.allocate(cfg, M, dt, dev)
         ws.normed[:M].normal_()
-        model.router(0, ws, None, 0, M)
+        model.router(0, ws, batch, 0, M)
         pair_rows, _, weights, offs = reference.moe_route(ws.router[:M], k, cfg.norm_topk_prob)
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
         xs = ws.normed[:M].index_select(0, pair_rows)
@@ -130,7 +131,7 @@ def main():
                 start += n
         w_gu, w_dn = layer.experts_gate_up[0], layer.experts_down[0]
         variants = {
-            "experts op": lambda: model.experts(0, ws, None, 0, M),
+            "experts op": lambda: model.experts(0, ws, batch, 0, M),
             "grouped gate_up": lambda: h.copy_(torch._grouped_mm(xs, gu_t, offs=offs)),
             "silu_mul": lambda: gpu.silu_mul(h, out=act),
             "grouped down": lambda: y.copy_(torch._grouped_mm(act, dn_t, offs=offs)),
@@ -153,7 +154,7 @@ def main():
             got = triton_moe.grouped_mm(xs, layer.experts_gate_up, offs, **configs[0])
             err = (got.float() - ref.float()).abs().max().item()
             print(f"M={M}: triton vs torch._grouped_mm max abs diff {err:.3g}")
-        model.experts(0, ws, None, 0, M)
+        model.experts(0, ws, batch, 0, M)
         # each row's experts in increasing order, as moe_route's weights are (FlashInfer takes the row's experts)
         ids = ws.router[:M].float().topk(k, dim=-1)[1].sort(-1)[0].to(torch.int32)
         fi = flashinfer_moe(ws.normed[:M], ids, weights, plain_gu, layer.experts_down, ws.hidden[:M].clone())
@@ -161,14 +162,14 @@ def main():
             variants["flashinfer fused MoE (routing given)"] = fi
         # eagerly, the experts op as the engine runs it without CUDA graphs: with its grouped GEMMs, and with a
         # loop of cuBLAS GEMMs after a host sync for the offsets (its time includes the sync's GPU idle)
-        eager = {"experts op, eager": lambda: model.experts(0, ws, None, 0, M)}
+        eager = {"experts op, eager": lambda: model.experts(0, ws, batch, 0, M)}
         grouped = model.k
         loop_k = types.SimpleNamespace(**{n: getattr(grouped, n) for n in dir(grouped) if not n.startswith("_")})
         loop_k.experts_mlp = lambda x, _, down, offs: reference.experts_mlp(x, plain_gu, down, offs, gpu.silu_mul)
 
         def synced_loop():
             model.k = loop_k
-            model.experts(0, ws, None, 0, M)
+            model.experts(0, ws, batch, 0, M)
             model.k = grouped
         eager["experts op, cuBLAS loop after a host sync, eager"] = synced_loop
         if args.variants:

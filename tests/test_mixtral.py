@@ -2,6 +2,8 @@
 experts that get no tokens; the plain parity is in test_hf_parity.py), nano-batched == plain, loading; the grouped
 GEMMs against the reference's loop over experts, and on the GPU the model against the CPU reference, with and
 without CUDA graphs."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -50,9 +52,10 @@ def assert_moe_layer_gives(model, x, ref, atol):
     for cuts in ([0, 40], [0, 8, 13, 40]):
         ws = Workspace.allocate(model.cfg, len(x), torch.float32, "cpu")
         ws.normed.copy_(x)
+        batch = SimpleNamespace(live_rows=None)  # all the MoE ops read of a batch: every row is real
         for a, b in zip(cuts, cuts[1:]):
-            model.router(0, ws, None, a, b)
-            model.experts(0, ws, None, a, b)
+            model.router(0, ws, batch, a, b)
+            model.experts(0, ws, batch, a, b)
         torch.testing.assert_close(ws.hidden, ref, atol=atol, rtol=1e-5)
 
 
@@ -168,6 +171,38 @@ def test_nanobatched_forward_equals_plain(tmp_path, budget, arch):
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             (t, lp), = x.items()
             assert lp.logprob == pytest.approx(y[t].logprob, abs=1e-4)
+
+
+def test_graph_padding_rows_go_to_no_expert(tmp_path, monkeypatch):
+    """The CUDA-graph path (static buffers and buckets, run eagerly on the CPU): a bucket's padding rows reach no
+    expert (each op's routing places the pairs of its real rows only), and the tokens and logprobs are the eager
+    path's, plain and nano-batched."""
+    from nanoflow.kernels import reference
+    path = str(tmp_path / "m")
+    make_hf_model(path, "mixtral", None, seed=6)
+    moe_spec().save(str(tmp_path / "spec.json"))
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    eager = LLM(path, device="cpu", max_num_batched_tokens=64).generate(PROMPTS, p, use_tqdm=False)
+    seen = []
+    route = reference.moe_route
+
+    def spy(logits, k, normalize, live=None, first=0):
+        out = route(logits, k, normalize, live, first)
+        a = logits.storage_offset() // logits.stride(0)  # the op's first row: logits is ws.router[a:b]
+        seen.append((logits.shape[0], min(max(int(live) - a, 0), logits.shape[0]) * k, int(out[3][-1])))
+        return out
+    monkeypatch.setattr(reference, "moe_route", spy)
+    for kw in ({}, dict(mode="nanobatch-only", pipeline_spec=str(tmp_path / "spec.json"))):
+        seen.clear()
+        outs = LLM(path, device="cpu", max_num_batched_tokens=64, cuda_graph=True, **kw).generate(
+            PROMPTS, p, use_tqdm=False)
+        assert any(pairs < rows * 2 for rows, pairs, _ in seen)  # some ops really had padding rows
+        assert all(placed == pairs for _, pairs, placed in seen)
+        for a, b in zip(outs, eager):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                (t, lp), = x.items()
+                assert lp.logprob == pytest.approx(y[t].logprob, abs=1e-4)
 
 
 def write_gguf(path, model):

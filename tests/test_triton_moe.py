@@ -183,6 +183,35 @@ def test_route_matches_reference(m, e, k, normalize):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("m, live, first", [(600, 517, 0), (600, 300, 100), (600, 900, 100), (64, 10, 32),
+                                             (37, 0, 0)])
+def test_route_skips_padding_rows(m, live, first):
+    """A CUDA graph's bucket: the rows from `live` (counted from the op's first row) are padding and go to no
+    expert. Triton and the reference agree on every output; the real rows route as if the padding were not
+    there; the padding's places are 0 with weight 0, and the pair slots past the placed pairs hold row 0."""
+    from nanoflow.kernels import reference
+    from nanoflow.kernels.triton_moe import route
+    e, k = 8, 2
+    g = torch.Generator().manual_seed(m + live)
+    logits = (torch.rand(m, e, generator=g).argsort(-1) * 0.125).to(torch.bfloat16).to(DEVICE)
+    logits[m // 2:] = float("nan")  # padding holds whatever was there; where it is real, no NaN reaches here
+    n = min(max(live - first, 0), m)
+    logits[:n] = (torch.rand(n, e, generator=g).argsort(-1) * 0.125).to(torch.bfloat16).to(DEVICE)
+    count = torch.tensor([live], dtype=torch.int32, device=DEVICE)
+    got = route(logits, k, True, count, first)
+    expect = reference.moe_route(logits, k, True, count, first)
+    for name, a, b in zip(("rows", "where", "weights", "offs"), got, expect):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    rows, where, weights, offs = got
+    real = reference.moe_route(logits[:n], k, True)
+    assert torch.equal(offs, real[3]) and offs[-1].item() == n * k
+    assert torch.equal(rows[:n * k], real[0]) and not rows[n * k:].any()
+    assert torch.equal(where[:n], real[1]) and not where[n:].any()
+    torch.testing.assert_close(weights[:n], real[2])
+    assert not weights[n:].any()
+
+
 def test_route_ties_go_to_the_lower_expert():
     """Equal logits: the top-k takes the lowest experts among equals, and the pairs stay a permutation that
     rows and where describe alike."""

@@ -3,7 +3,8 @@
 A batch of T tokens runs in the graph of the smallest bucket >= T. Buckets: 8, 16, 32, 64, 128, then
 every 64 tokens up to the token budget, so padding costs at most 63 rows once batches are large.
 Padding rows take token 0 at position 0, write their KV to a spare slot that no sequence owns, and
-belong to no sequence, so attention ignores them. Inputs and attention metadata live in static
+belong to no sequence, so attention ignores them; a mixture of experts routes them to no expert
+(ForwardBatch.live_rows: the real row count, on the device). Inputs and attention metadata live in static
 buffers that each iteration overwrites before the replay; the logits (a handful of rows, a
 dynamic count) are computed after the replay, outside the graph.
 
@@ -67,6 +68,7 @@ class GraphRunner:
         self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.slots = torch.full((max_tokens,), pad_slot, dtype=torch.long, device=dev)
+        self.live = torch.zeros(1, dtype=torch.int32, device=dev)  # the batch's real rows: the experts skip the rest
         self.max_blocks_per_seq = max_blocks_per_seq
         self.metas: dict = {}  # (kind, ordinal) -> AttentionMeta buffers shared by the buckets
         self.batches: dict[int, ForwardBatch] = {}
@@ -79,7 +81,7 @@ class GraphRunner:
     def static_batch(self, size: int) -> ForwardBatch:
         if size not in self.batches:
             b = ForwardBatch(self.input_ids[:size], self.positions[:size], self.slots[:size], [0, size], [], [],
-                             0, self.input_ids[:0])
+                             0, self.input_ids[:0], live_rows=self.live)
             b.attn = _StaticMetas(self.metas, min(self.sizes[-1], self.max_seqs), self.max_blocks_per_seq,
                                   self.input_ids.device)
             self.batches[size] = b
@@ -89,6 +91,7 @@ class GraphRunner:
         """Run the bucket once with every row padding: compiles kernels and makes the static buffers of
         every attention range the forward asks for (which `load` then fills)."""
         self.slots[:size].fill_(self.pad_slot)
+        self.live.zero_()
         self.forward(self.static_batch(size), self.ws.rows(size))
         self.warm.add(size)
 
@@ -128,6 +131,7 @@ class GraphRunner:
         self.positions[:n].copy_(batch.positions, non_blocking=True)
         self.slots[:n].copy_(batch.slot_mapping, non_blocking=True)
         self.slots[n:size].fill_(self.pad_slot)
+        self.live.fill_(n)
         pin = self.input_ids.is_cuda
         for (kind, a, b), meta in self.static_batch(size).attn.items():  # rows past n are padding
             meta.copy_(batch.build_attention(kind, min(a, n), min(b, n), pin=pin))

@@ -101,23 +101,35 @@ decode_attention = paged_attention
 prefill_attention = paged_attention
 
 
-def moe_route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor]:
+def moe_route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | None = None,
+              first: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing as HF Mixtral: softmax of the router's logits [R, E] in float32, top-k (torch.topk's tie-break),
     the k weights renormalized to sum to 1 if `normalize`; each row's k experts in increasing order (the order its
     outputs are summed in). Then the R * k (row, expert) pairs sorted by expert, stably. Returns the source row of
     each sorted pair [R * k], each pair's place in that order [R, k], the weights [R, k] (float32) and where each
-    expert's pairs end (int32 [E], counted on the device: torch.bincount on CUDA syncs for its size)."""
+    expert's pairs end (int32 [E], counted on the device: torch.bincount on CUDA syncs for its size).
+
+    live: the batch's real row count (a one-element tensor: a CUDA graph reads it at replay), these rows counted
+    from `first`; the rows past it are a graph's padding and go to no expert, so the experts' GEMMs skip them.
+    Their places are 0 with weight 0, and the pair slots past the placed pairs take row 0."""
     weights, ids = logits.float().softmax(-1).topk(k, dim=-1)
     if normalize:
         weights /= weights.sum(-1, keepdim=True)
+    padding = None
+    if live is not None:
+        padding = torch.arange(logits.shape[0], device=logits.device) >= (live.to(logits.device) - first)
+        ids = ids.masked_fill(padding[:, None], logits.shape[1])  # past every expert: sorted after their pairs
     ids, order = ids.sort(-1)
     weights = weights.gather(-1, order)
     sorted_ids, pairs = ids.flatten().sort(stable=True)
     offs = torch.searchsorted(sorted_ids, torch.arange(logits.shape[1], device=ids.device), right=True,
                               out_int32=True)
-    where = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(len(pairs), device=pairs.device))
-    return pairs // k, where.view(-1, k), weights, offs
+    where = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(len(pairs), device=pairs.device)).view(-1, k)
+    rows = pairs // k
+    if padding is not None:
+        rows = rows.masked_fill(torch.arange(len(rows), device=rows.device) >= offs[-1], 0)
+        where, weights = where.masked_fill(padding[:, None], 0), weights.masked_fill(padding[:, None], 0.0)
+    return rows, where, weights, offs
 
 
 def moe_combine(y: torch.Tensor, where: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,

@@ -216,12 +216,22 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
 
 
 @triton.jit
+def _live_rows(M, LIVE, FIRST):
+    """How many of the M rows are real: all of them, or with LIVE (the batch's real row count, on the device) those
+    before it, counted from this op's first row FIRST. A CUDA graph's padding rows come after the real ones."""
+    if LIVE is None:
+        live = M
+    else:
+        live = tl.minimum(tl.maximum(tl.load(LIVE) - FIRST, 0), M)
+    return live
+
+
+@triton.jit
 def _route_rows(LOGITS, r0, M, stride_l, E: tl.constexpr, K: tl.constexpr, NORMALIZE: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """Rows [r0, r0 + BLOCK_R): which k experts each picks (a [BLOCK_R, BLOCK_E] mask, none for rows past M) and
     their weights. Top-k as k rounds of the highest remaining probability, the lowest expert among equals. A row
-    whose logits hold a NaN or an infinity (a CUDA graph's padding rows hold whatever was there) still picks k
-    experts, so that every pair gets a place."""
+    whose logits hold a NaN or an infinity still picks k experts, so that every pair gets a place."""
     rows = r0 + tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(LOGITS + rows[:, None] * stride_l + e[None, :], mask=(rows < M)[:, None] & (e < E)[None, :],
@@ -244,21 +254,25 @@ def _route_rows(LOGITS, r0, M, stride_l, E: tl.constexpr, K: tl.constexpr, NORMA
 
 
 @triton.jit
-def _route_count_kernel(LOGITS, COUNTS, M, stride_l, E: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_E: tl.constexpr):
+def _route_count_kernel(LOGITS, COUNTS, M, LIVE, FIRST, stride_l, E: tl.constexpr, K: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """Each block of rows: how many of its pairs go to each expert."""
     pid = tl.program_id(0)
-    _, chosen, _ = _route_rows(LOGITS, pid * BLOCK_R, M, stride_l, E, K, False, BLOCK_R, BLOCK_E)
+    live = _live_rows(M, LIVE, FIRST)
+    _, chosen, _ = _route_rows(LOGITS, pid * BLOCK_R, live, stride_l, E, K, False, BLOCK_R, BLOCK_E)
     tl.store(COUNTS + pid * BLOCK_E + tl.arange(0, BLOCK_E), tl.sum(chosen.to(tl.int32), 0))
 
 
 @triton.jit
-def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, stride_l, E: tl.constexpr, K: tl.constexpr,
-                        NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, LIVE, FIRST, stride_l, E: tl.constexpr,
+                        K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_B: tl.constexpr):
     """Each block of rows places its pairs: an expert's pairs begin where the earlier experts' end, and within
-    it after the pairs of earlier blocks and of earlier rows in this block."""
+    it after the pairs of earlier blocks and of earlier rows in this block. With LIVE, the padding rows place
+    none; each program also fills its share of what they leave: their places (0, weight 0) and the pair slots
+    past the placed pairs (row 0), so that the gather before the GEMMs and the combine after stay in bounds."""
     pid = tl.program_id(0)
+    live = _live_rows(M, LIVE, FIRST)
     b = tl.arange(0, BLOCK_B)
     e = tl.arange(0, BLOCK_E)
     counts = tl.load(COUNTS + b[:, None] * BLOCK_E + e[None, :], mask=(b < tl.num_programs(0))[:, None], other=0)
@@ -267,7 +281,7 @@ def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, stride_l,
     if pid == 0:
         tl.store(OFFS + e, ends, mask=e < E)
     start = ends - totals + tl.sum(tl.where((b < pid)[:, None], counts, 0), 0)
-    rows, chosen, w = _route_rows(LOGITS, pid * BLOCK_R, M, stride_l, E, K, NORMALIZE, BLOCK_R, BLOCK_E)
+    rows, chosen, w = _route_rows(LOGITS, pid * BLOCK_R, live, stride_l, E, K, NORMALIZE, BLOCK_R, BLOCK_E)
     c = chosen.to(tl.int32)
     place = start[None, :] + tl.cumsum(c, 0) - c
     j = tl.cumsum(c, 1) - 1  # the pair's index in its row: the row's experts in increasing order
@@ -275,10 +289,18 @@ def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, stride_l,
     tl.store(ROWS + place, row_2d.to(tl.int64), mask=chosen)
     tl.store(WHERE + row_2d * K + j, place.to(tl.int64), mask=chosen)
     tl.store(WEIGHTS + row_2d * K + j, w, mask=chosen)
+    if LIVE is not None:
+        padding = (rows >= live) & (rows < M)
+        placed = tl.sum(totals)
+        for i in tl.static_range(K):
+            tl.store(WHERE + rows * K + i, tl.zeros([BLOCK_R], dtype=tl.int64), mask=padding)
+            tl.store(WEIGHTS + rows * K + i, tl.zeros([BLOCK_R], dtype=tl.float32), mask=padding)
+            slot = pid * BLOCK_R * K + i * BLOCK_R + tl.arange(0, BLOCK_R)
+            tl.store(ROWS + slot, tl.zeros([BLOCK_R], dtype=tl.int64), mask=(slot >= placed) & (slot < M * K))
 
 
-def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
+def route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | None = None,
+          first: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference.moe_route in two Triton kernels over blocks of rows (no host sync: a CUDA graph captures them).
     Ties in the top-k go to the lower expert (torch.topk leaves them unspecified)."""
     m, e = logits.shape
@@ -295,7 +317,7 @@ def route(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, 
     blocks = triton.cdiv(m, block_r)
     counts = torch.empty(blocks, block_e, dtype=torch.int32, device=logits.device)
     meta = dict(E=e, K=k, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
-    _route_count_kernel[(blocks,)](logits, counts, m, logits.stride(0), **meta)
-    _route_place_kernel[(blocks,)](logits, counts, rows, where, weights, offs, m, logits.stride(0),
+    _route_count_kernel[(blocks,)](logits, counts, m, live, first, logits.stride(0), **meta)
+    _route_place_kernel[(blocks,)](logits, counts, rows, where, weights, offs, m, live, first, logits.stride(0),
                                    NORMALIZE=normalize, BLOCK_B=triton.next_power_of_2(blocks), **meta)
     return rows, where, weights, offs

@@ -54,6 +54,9 @@ class ForwardBatch:
     num_decode: int  # the first num_decode sequences are decode (one row each)
     logits_rows: torch.Tensor  # rows whose hidden state goes through the lm_head
     attn: dict = field(default_factory=dict)  # (kind, a, b) -> AttentionMeta
+    # A CUDA graph's bucket: the real row count, int32 [1] on the device, rewritten each iteration (rows past it
+    # are padding). None: every row is real.
+    live_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -290,9 +290,11 @@ class LlamaModel(nn.Module):
         each row gathers its k outputs, weighted, summed in float32 (moe_combine). Routing as HF Mixtral
         (the backend's moe_route): softmax in float32, top-k, weights renormalized over the k; each row's sum in
         increasing expert order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's
-        output times sigmoid(x · its gate)). Nothing here waits for the host."""
+        output times sigmoid(x · its gate)). Nothing here waits for the host. A CUDA graph's padding rows
+        (batch.live_rows) go to no expert."""
         layer, c = self.layers[l], self.cfg
-        rows, where, weights, offs = self.k.moe_route(ws.router[a:b], c.num_experts_per_tok, c.norm_topk_prob)
+        rows, where, weights, offs = self.k.moe_route(ws.router[a:b], c.num_experts_per_tok, c.norm_topk_prob,
+                                                      batch.live_rows, a)
         x = ws.normed[a:b]
         y = self.k.experts_mlp(x.index_select(0, rows), layer.experts_gate_up, layer.experts_down, offs)
         shared = None
