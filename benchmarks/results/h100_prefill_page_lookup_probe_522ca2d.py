@@ -1,15 +1,17 @@
 """Ad-hoc probe (session 21): is prefill attention bound by its per-key page lookups? The engine's kernel against the
-same kernel whose key tiles take one page lookup a tile (pages contiguous here, so both read the same keys)."""
-import sys
+same kernel whose key tiles take one page lookup a tile (pages contiguous here, so both read the same keys).
+PYTHONPATH=.:benchmarks python benchmarks/results/h100_prefill_page_lookup_probe_522ca2d.py engine|direct"""
 import itertools
+import sys
+
 import torch
 import triton
 import triton.language as tl
 import triton.testing
-sys.path[:0] = ["benchmarks"]  # run from the repository root: python benchmarks/results/THIS.py engine|direct
-from prefill_sweep import flash_rate
-from nanoflow.kernels import triton_attention as ta
+from prefill_sweep import flash_rate  # run from the repository root, benchmarks on the path: PYTHONPATH=.:benchmarks
+
 from nanoflow.kernels import reference as ref
+from nanoflow.kernels import triton_attention as ta
 from nanoflow.models.batch import PREFILL, ForwardBatch
 
 
