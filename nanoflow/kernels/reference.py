@@ -117,7 +117,7 @@ def moe_route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor 
         weights /= weights.sum(-1, keepdim=True)
     padding = None
     if live is not None:
-        padding = torch.arange(logits.shape[0], device=logits.device) >= (live.to(logits.device) - first)
+        padding = torch.arange(logits.shape[0], device=logits.device) >= live - first
         ids = ids.masked_fill(padding[:, None], logits.shape[1])  # past every expert: sorted after their pairs
     ids, order = ids.sort(-1)
     weights = weights.gather(-1, order)
