@@ -70,6 +70,30 @@ def test_gc_pauses_counts_the_collections_inside():
     assert p not in gc.callbacks
 
 
+def test_clocks_sample_the_gpu_while_entered(tmp_path):
+    """nvidia-smi's answers (here a stand-in that prints them, one a call, and a sample it cannot give) become the
+    run's clock and power; the power cap counts by its reason bit. Without the tool, or off CUDA, nothing."""
+    import sys
+    import time
+    from nanoflow.bench.throughput import Clocks
+    answers = tmp_path / "answers"
+    answers.write_text("1470, 692.07, 0x0000000000000004\n1980, 600.5, 0x0000000000000000\n[N/A], [N/A], [N/A]\n"
+                       "1395, 699.9, 0x0000000000000005\n")
+    fake = (sys.executable, "-c", "import pathlib, sys; p = pathlib.Path(sys.argv[1]); lines = p.read_text()."
+            "splitlines(); print(lines[0] if lines else ''); p.write_text(''.join(l + chr(10) for l in lines[1:]))",
+            str(answers))
+    with Clocks("GPU-0", command=fake, period=0.01) as c:
+        while answers.read_text():
+            time.sleep(0.01)
+    assert not c._thread.is_alive()
+    s = c.summary()
+    assert s["sm_clock_mhz_median"] == 1470 and s["sm_clock_mhz_min"] == 1395
+    assert s["power_w_median"] == pytest.approx(692.07) and s["power_capped_share"] == pytest.approx(2 / 3)
+    with Clocks(None) as off, Clocks("GPU-0", command=("no-such-tool",)) as missing:
+        pass
+    assert off.summary() == {} and missing.summary() == {}
+
+
 def test_bench_steady_state(tmp_path):
     """With more requests than run at once, the steady state (some request done, others still waiting) is measured
     apart from the fill and the drain: its batches are fuller than the whole run's."""

@@ -11,7 +11,10 @@ import datetime
 import gc
 import json
 import os
+import shutil
+import statistics
 import subprocess
+import threading
 import time
 
 import torch
@@ -65,6 +68,58 @@ class GcPauses:
         return {"gc_collections": self.count, "gc_ms": self.ms, "gc_max_ms": self.max_ms}
 
 
+class Clocks:
+    """The GPU's SM clock and power draw, sampled by nvidia-smi about once a second while entered (a thread). A long
+    run can hold the card at its power cap, below the clock that C was timed at: on one H200, Mixtral's run held
+    1.46 GHz at 700 W against C's 1.98 (BENCHMARKS.md #10, session 21). Without nvidia-smi it samples nothing."""
+    POWER_CAP = 0x4  # nvidia-smi's clocks event reason for the software power cap
+
+    def __init__(self, gpu: str | None, command: tuple[str, ...] = ("nvidia-smi",), period: float = 1.0):
+        self.cmd = [*command, f"--id={gpu}", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",
+                    "--format=csv,noheader,nounits"]
+        self.enabled = gpu is not None and shutil.which(command[0]) is not None
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                out = subprocess.run(self.cmd, capture_output=True, text=True, timeout=10).stdout
+                mhz, watts, reasons = (f.strip() for f in out.strip().split(","))
+                self.samples.append((float(mhz), float(watts), int(reasons, 16)))
+            except (OSError, subprocess.SubprocessError, ValueError):
+                pass  # a sample the tool could not give ("[N/A]", a timeout): skipped
+            if self._stop.wait(self.period):
+                return
+
+    def __enter__(self) -> "Clocks":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        mhz, watts, reasons = zip(*self.samples)
+        return {"sm_clock_mhz_median": statistics.median(mhz), "sm_clock_mhz_min": min(mhz),
+                "power_w_median": statistics.median(watts),
+                "power_capped_share": sum(r & self.POWER_CAP != 0 for r in reasons) / len(reasons)}
+
+
+def gpu_id(device: torch.device) -> str | None:
+    """The device as nvidia-smi names it (its UUID, whatever CUDA_VISIBLE_DEVICES maps), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
 def stage_of(done: int, waiting: bool) -> str:
     """The stage of a run an iteration falls in, judged before it: fill until a request has finished, steady while
     others still wait, then drain."""
@@ -101,7 +156,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     start = time.perf_counter()
     done = 0
     steady = [0, 0, 0.0]  # iterations, tokens, seconds
-    with GcPauses() as pauses:
+    with GcPauses() as pauses, Clocks(gpu_id(eng.device)) as clocks:
         while eng.has_unfinished_requests():
             if profile and done >= num_requests // 2:  # keep one batch of the steady state
                 eng.runner.keep_next_batch, profile = True, False
@@ -140,6 +195,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         "steady_tokens_per_second": steady[1] / steady[2] if steady[0] else None,
         "steady_mean_tokens_per_iteration": steady[1] / steady[0] if steady[0] else None,
         **cache_report(sched.num_prefill_tokens - before[0], stats, before[1]), **pauses.summary(),
+        **clocks.summary(),
     }
     if eng.runner.clock is not None:
         result.update(eng.runner.clock.summary())
@@ -302,6 +358,10 @@ def print_result(report: dict, r: dict) -> None:
         rows.append(("GPU idle between iterations", f"{100 * r['gpu_idle_share']:.2f}%  (gap p50 "
                      f"{r['gpu_idle_gap_ms_p50']:.3f} ms, p99 {r['gpu_idle_gap_ms_p99']:.3f}, "
                      f"max {r['gpu_idle_gap_ms_max']:.1f})"))
+    if "sm_clock_mhz_median" in r:
+        rows.append(("GPU clock and power", f"SM {r['sm_clock_mhz_median']:.0f} MHz median "
+                     f"({r['sm_clock_mhz_min']:.0f} at least), {r['power_w_median']:.0f} W median; at the power cap "
+                     f"in {100 * r['power_capped_share']:.0f}% of samples"))
     rows.append(("host GC pauses", f"{'/'.join(map(str, r['gc_collections']))} collections of generations 0/1/2, "
                  f"{'/'.join(f'{ms:.0f}' for ms in r['gc_ms'])} ms; the longest {r['gc_max_ms']:.1f} ms"))
     if r.get("stages"):
