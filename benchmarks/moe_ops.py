@@ -61,6 +61,7 @@ def triton_configs():
                                 (64, 256, 64, 8, 4, 8), (64, 512, 32, 8, 5, 8)):
         grid.append(dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s, group_m=g, tma=True))
     grid.append(dict(grid[1], flatten=False))
+    grid += [dict(grid[3], split_k=s) for s in (1, 4, 16)]  # the engine's config, its part round cut otherwise
     return triton_moe, grid
 
 
@@ -141,7 +142,8 @@ def main():
         for c in configs:  # each GEMM alone too: the best config of one need not be the other's
             tag = (f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']} "
                    f"g{c.get('group_m', 8)} {'tma' if c['tma'] else 'ptr'}"
-                   f"{'' if c.get('flatten', True) else ' noflat'}")
+                   f"{'' if c.get('flatten', True) else ' noflat'}"
+                   f"{' split%d' % c['split_k'] if 'split_k' in c else ''}")
             variants["triton gate_up " + tag] = lambda c=c: triton_moe.grouped_mm(xs, layer.experts_gate_up, offs,
                                                                                     out=act, gated=True, **c)
             variants["triton down " + tag] = lambda c=c: triton_moe.grouped_mm(act, layer.experts_down, offs, out=y,

@@ -134,8 +134,50 @@ def test_grouped_mm_tma_needs_aligned_rows():
         grouped_mm(x, w, offs, out, block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=2, tma=True)
 
 
+def programs() -> int:
+    """How many programs the TMA kernel runs: one an SM on a GPU, INTERPRETER_PROGRAMS in the interpreter."""
+    from nanoflow.kernels import sm_share, triton_moe
+    return sm_share.total_sms(0) if ON_GPU else triton_moe.INTERPRETER_PROGRAMS
+
+
+# tiles (16 x 32) as a function of the programs P, and K (k-blocks of 16): a last round of fewer tiles than the
+# programs, cut by k-iterations (2 or more a chunk, so that the sums' order changes), after whole rounds (17
+# k-blocks: 6 chunks, the last short) or alone; and one that cannot be cut (one k-block)
+SPLITS = {"part_round": (lambda p: 2 * p + 1, 272), "quarter_round": (lambda p: p + max(p // 4, 1), 128),
+          "one_tile": (lambda p: 1, 256), "one_k_block": (lambda p: p + 1, 16)}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.skipif(ON_GPU and not HOPPER, reason="TMA needs Hopper")
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", sorted(SPLITS))
+def test_grouped_mm_split_round_matches_reference(case, gated, monkeypatch):
+    """The TMA kernel's part round cut by k-iterations (split_k) equals the reference, twice the same bits (a cut
+    tile's pieces are added in chunk order, whichever program completes it), and it was cut: in the interpreter's
+    fp32 outputs its sums differ in their last bits from the uncut kernel's, except with one k-block, where nothing
+    is cut. (A GPU's bf16 outputs round such differences away.)"""
+    from nanoflow.kernels import triton_moe
+    from nanoflow.kernels.triton_moe import grouped_mm, interleave
+    monkeypatch.setattr(triton_moe, "INTERPRETER_PROGRAMS", 8)  # part rounds of several tiles, each cut 3-5 ways
+    tiles, k = SPLITS[case]
+    t = tiles(programs())
+    counts = [0, 5, 0, 0] if t == 1 else [16 * (t - 2) - 5, 0, 3, 16]  # one n-tile (N = 32): t m-tiles
+    x, w, offs = make(counts, 2, 32, k, seed=hash(case) % 1000)
+    outs = []
+    for split_k in (8, 8, 1):
+        outs.append(torch.full((x.shape[0], 16 if gated else 32), float("nan"), dtype=DTYPE, device=DEVICE))
+        grouped_mm(x, interleave(w) if gated else w, offs, outs[-1], block_m=16, block_n=32, block_k=16,
+                   num_warps=4, num_stages=2, tma=True, gated=gated, split_k=split_k)
+        check(outs[-1], x, w, counts, swiglu if gated else (lambda h: h))
+    rows = sum(counts)
+    assert torch.equal(outs[0][:rows], outs[1][:rows])
+    if not ON_GPU:
+        assert torch.equal(outs[0][:rows], outs[2][:rows]) == (case == "one_k_block")
+
+
 @gpu
-@pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened", "tma_gated", "pointer_gated"])
+@pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened", "tma_gated", "tma_uncut",
+                                  "pointer_gated"])
 def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
     """No host sync: captured once, it follows offsets rewritten in place before each replay."""
     if path.startswith("tma") and not HOPPER:
@@ -145,7 +187,8 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
     x, w, offs = make(counts, 40, 256, 512, seed=11)
     gated = path.endswith("gated")
     out = torch.full((x.shape[0], 128 if gated else 256), float("nan"), dtype=DTYPE, device=DEVICE)
-    kw = dict(tma=path.startswith("tma"), flatten=path != "tma_unflattened", gated=gated)
+    kw = dict(tma=path.startswith("tma"), flatten=path != "tma_unflattened", gated=gated,
+              split_k=1 if path == "tma_uncut" else 8)
     activation = swiglu if gated else (lambda h: h)
     w_in = interleave(w) if gated else w
     grouped_mm(x, w_in, offs, out, **kw)  # warm-up: compiles

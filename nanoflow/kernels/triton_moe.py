@@ -33,6 +33,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from nanoflow.kernels import sm_share
 from nanoflow.kernels import tma as tma_engine  # (grouped_mm's `tma` argument picks the kernel)
 
+INTERPRETER_PROGRAMS = 3  # the TMA kernel's programs off a GPU (Triton's interpreter)
+
 
 @triton.jit
 def _expert_tiles(OFFS, N, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -115,32 +117,97 @@ def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, s
 
 
 @triton.jit
-def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, OFFS, N, K, stride_om,
+def _k_sums(x_desc, w_desc, row_begin, w_row, k0, k1, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k0, k1):
+        a = x_desc.load([row_begin, k * BLOCK_K])
+        b = w_desc.load([w_row, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)
+    return acc
+
+
+@triton.jit
+def _split(part_tiles, K, BLOCK_K: tl.constexpr, MAX_SPLIT: tl.constexpr):
+    """How the part round's tiles are cut: into `split` chunks of `chunk` k-iterations (split 1: not cut), as many as
+    the programs allow (one a chunk), at most MAX_SPLIT, and no empty chunk."""
+    kt = tl.cdiv(K, BLOCK_K)
+    split = tl.minimum(tl.minimum(tl.num_programs(0) // tl.maximum(part_tiles, 1), MAX_SPLIT), kt)
+    chunk = tl.cdiv(kt, tl.maximum(split, 1))
+    return tl.cdiv(kt, chunk), chunk, kt
+
+
+@triton.jit
+def _split_round(x_desc, w_desc, OUT, PARTS, LOCKS, N, K, stride_om, first_tile, num_tiles, starts, ends, tiles,
+                 tiles_end, num_pid_m, num_pid_n, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr,
+                 MAX_SPLIT: tl.constexpr, SUM_ROWS: tl.constexpr):
+    """The part round, tiles [first_tile, num_tiles), fewer than the programs: each tile cut into `split` runs of
+    k-iterations, one a program. Chunk-major (program u: chunk u // tiles of tile u % tiles), so that the programs
+    at one chunk read the same k-slabs of w, as a whole round does. (Stream-K's runs, staggered program by program,
+    measured up to 2x slower on the experts' down GEMM: w then streams from DRAM rather than L2.) Each piece's fp32
+    sums go to PARTS (slot u); the program that completes a tile's k-iterations (an atomic count in LOCKS) adds its
+    pieces in chunk order, whichever came last, and stores the result. One SM reads all of a tile's pieces, which
+    is why split is capped."""
+    part_tiles = num_tiles - first_tile
+    split, chunk, kt = _split(part_tiles, K, BLOCK_K, MAX_SPLIT)
+    u = tl.program_id(0)
+    if u < part_tiles * split:
+        t = u % part_tiles
+        k0 = (u // part_tiles) * chunk
+        k1 = tl.minimum(k0 + chunk, kt)
+        expert, row_begin, row_end, col_begin = _tile_coords(first_tile + t, starts, ends, tiles, tiles_end,
+                                                             num_pid_m, num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _k_sums(x_desc, w_desc, row_begin, expert * N + col_begin, k0, k1, BLOCK_M, BLOCK_N, BLOCK_K)
+        tile_cells = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(PARTS + u.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile_cells, acc)
+        tl.debug_barrier()  # every thread's piece written before the count says so (release, at GPU scope)
+        if tl.atomic_add(LOCKS + t, k1 - k0) + k1 - k0 == kt:
+            tl.debug_barrier()
+            # Row group by row group, so that the sum and one piece (not the whole tile twice) sit in registers.
+            cells = tl.arange(0, SUM_ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            for r in tl.static_range(0, BLOCK_M, SUM_ROWS):
+                total = tl.zeros((SUM_ROWS, BLOCK_N), dtype=tl.float32)
+                for c in range(0, split):
+                    piece = PARTS + (c * part_tiles + t).to(tl.int64) * (BLOCK_M * BLOCK_N) + r * BLOCK_N
+                    total += tl.load(piece + cells, cache_modifier=".cg")  # from L2: other SMs wrote them
+                _store_result(OUT, total, row_begin + r, row_end, col_begin, N, stride_om, SUM_ROWS, BLOCK_N, GATED)
+
+
+@triton.jit
+def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, PARTS, LOCKS, OFFS, N, K, stride_om,
                            E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-                           GATED: tl.constexpr):
+                           GATED: tl.constexpr, MAX_SPLIT: tl.constexpr, SUM_ROWS: tl.constexpr):
     # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K], boxes [BLOCK_N, BLOCK_K]. TMA
     # zero-fills past M and K; x rows past the expert's end and w rows past N (the next expert's) are read but
     # only feed outputs that the store masks off.
     starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n  # the real count, read from offs: the loop skips the spare tiles
     step = tl.num_programs(0)  # a runtime value: a new grid size (it follows M when M is small) doesn't recompile
+    # Whole tiles, one a program at a time; then, if MAX_SPLIT > 1, a part round (fewer tiles than programs) is
+    # cut by k-iterations among the programs (_split_round), so that most SMs do not idle through it.
+    whole = num_tiles
+    if MAX_SPLIT > 1:
+        split, _, _ = _split(num_tiles % step, K, BLOCK_K, MAX_SPLIT)
+        if split > 1:
+            whole = num_tiles - num_tiles % step
     # The epilogue recomputes its tile from a counter of its own (as Triton's persistent-matmul tutorial does), so
     # that a flattened, pipelined loop needn't carry the prologue's coordinates over to the epilogue.
     tile_c = tl.program_id(0) - step
-    for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), whole, step, flatten=FLATTEN):
         expert, row_begin, _, col_begin = _tile_coords(tile, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
                                                        BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
-        w_row = expert * N + col_begin
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a = x_desc.load([row_begin, k * BLOCK_K])
-            b = w_desc.load([w_row, k * BLOCK_K])
-            acc = tl.dot(a, b.T, acc)
+        acc = _k_sums(x_desc, w_desc, row_begin, expert * N + col_begin, 0, tl.cdiv(K, BLOCK_K), BLOCK_M, BLOCK_N,
+                      BLOCK_K)
         tile_c += step
         _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
                                                         BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
         _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
+    if whole < num_tiles:
+        _split_round(x_desc, w_desc, OUT, PARTS, LOCKS, N, K, stride_om, whole, num_tiles, starts, ends, tiles,
+                     tiles_end, num_pid_m, num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATED, MAX_SPLIT,
+                     SUM_ROWS)
 
 
 def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -170,7 +237,7 @@ def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
                block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
                num_stages: int | None = None, tma: bool | None = None, flatten: bool = True,
-               gated: bool = False) -> torch.Tensor:
+               gated: bool = False, split_k: int = 8) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
     offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
     The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
@@ -180,7 +247,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     the pointer kernel; True forces the TMA kernel (it also runs in Triton's interpreter) and raises ValueError if
     x or w is not TMA-aligned; False forces the pointer kernel. flatten: the TMA kernel's tile loop is flattened
     with its K loop into one software pipeline (num_stages deep); False pipelines the K loop alone.
-    gated: w's rows are gate and up interleaved (interleave), and out [M, N / 2] gets silu(gate) * up."""
+    gated: w's rows are gate and up interleaved (interleave), and out [M, N / 2] gets silu(gate) * up.
+    split_k (TMA kernel): a last round of fewer tiles than programs is cut into up to split_k runs of k-iterations,
+    one a program, their fp32 sums added by the program that completes each tile (1: not cut); it takes a scratch
+    of a tile of fp32 a program."""
     m, k = x.shape
     e, n, wk = w.shape
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
@@ -210,8 +280,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [block_n, block_k])
     # Persistent: at most one program per SM (a few in the interpreter, so that each loops over several tiles).
     programs = min(sm_share.total_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-                   if x.is_cuda else 3, tiles)
-    _grouped_mm_tma_kernel[(programs,)](x_desc, w_desc, out, offs, n, k, out.stride(0), FLATTEN=flatten, **meta)
+                   if x.is_cuda else INTERPRETER_PROGRAMS, tiles)
+    # Scratch from the caching allocator (a CUDA graph's pool when captured), per call: two kernels on two streams
+    # never share it. The counts start at 0; the pieces need no zeros.
+    parts = x.new_empty((programs if split_k > 1 else 1, block_m * block_n), dtype=torch.float32)
+    locks = torch.zeros(programs if split_k > 1 else 1, dtype=torch.int32, device=x.device)
+    _grouped_mm_tma_kernel[(programs,)](x_desc, w_desc, out, parts, locks, offs, n, k, out.stride(0), FLATTEN=flatten,
+                                        MAX_SPLIT=split_k, SUM_ROWS=min(block_m, 32), **meta)
     return out
 
 
