@@ -121,6 +121,7 @@ def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, s
 @triton.jit
 def _k_sums(x_desc, w_desc, row_begin, w_row, k0, k1, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
+    """A tile's fp32 sums over its k-blocks [k0, k1): x's rows from row_begin times w's rows from w_row."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k0, k1):
         a = x_desc.load([row_begin, k * BLOCK_K])
