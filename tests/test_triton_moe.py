@@ -140,11 +140,14 @@ def programs() -> int:
     return sm_share.total_sms(0) if ON_GPU else triton_moe.INTERPRETER_PROGRAMS
 
 
-# tiles (16 x 32) as a function of the programs P, and K (k-blocks of 16): a last round of fewer tiles than the
-# programs, cut by k-iterations (2 or more a chunk, so that the sums' order changes), after whole rounds (17
-# k-blocks: 6 chunks, the last short) or alone; and one that cannot be cut (one k-block)
-SPLITS = {"part_round": (lambda p: 2 * p + 1, 272), "quarter_round": (lambda p: p + max(p // 4, 1), 128),
-          "one_tile": (lambda p: 1, 256), "one_k_block": (lambda p: p + 1, 16)}
+# tiles (16 x 32) as a function of the programs P, K (k-blocks of 16), the fewest k-blocks cut (SPLIT_MIN_K_ITERS)
+# and whether it is cut: a last round of fewer tiles than the programs, cut by k-iterations (2 or more a chunk, so
+# that the sums' order changes), after whole rounds (17 k-blocks: 6 chunks, the last short) or alone; one that
+# cannot be cut (one k-block); and one whose tiles are too short to be cut (17 k-blocks, 18 at least)
+SPLITS = {"part_round": (lambda p: 2 * p + 1, 272, 2, True),
+          "quarter_round": (lambda p: p + max(p // 4, 1), 128, 2, True),
+          "one_tile": (lambda p: 1, 256, 2, True), "one_k_block": (lambda p: p + 1, 16, 1, False),
+          "short_tiles": (lambda p: 2 * p + 1, 272, 18, False)}
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -153,13 +156,14 @@ SPLITS = {"part_round": (lambda p: 2 * p + 1, 272), "quarter_round": (lambda p: 
 @pytest.mark.parametrize("case", sorted(SPLITS))
 def test_grouped_mm_split_round_matches_reference(case, gated, monkeypatch):
     """The TMA kernel's part round cut by k-iterations (split_k) equals the reference, twice the same bits (a cut
-    tile's pieces are added in chunk order, whichever program completes it), and it was cut: in the interpreter's
-    fp32 outputs its sums differ in their last bits from the uncut kernel's, except with one k-block, where nothing
-    is cut. (A GPU's bf16 outputs round such differences away.)"""
+    tile's pieces are added in chunk order, whichever program completes it), and whether it was cut: in the
+    interpreter's fp32 outputs a cut tile's sums differ in their last bits from the uncut kernel's. (A GPU's bf16
+    outputs round such differences away.)"""
     from nanoflow.kernels import triton_moe
     from nanoflow.kernels.triton_moe import grouped_mm, interleave
     monkeypatch.setattr(triton_moe, "INTERPRETER_PROGRAMS", 8)  # part rounds of several tiles, each cut 3-5 ways
-    tiles, k = SPLITS[case]
+    tiles, k, min_k_iters, cut = SPLITS[case]
+    monkeypatch.setattr(triton_moe, "SPLIT_MIN_K_ITERS", min_k_iters)
     t = tiles(programs())
     counts = [0, 5, 0, 0] if t == 1 else [16 * (t - 2) - 5, 0, 3, 16]  # one n-tile (N = 32): t m-tiles
     x, w, offs = make(counts, 2, 32, k, seed=hash(case) % 1000)
@@ -172,17 +176,19 @@ def test_grouped_mm_split_round_matches_reference(case, gated, monkeypatch):
     rows = sum(counts)
     assert torch.equal(outs[0][:rows], outs[1][:rows])
     if not ON_GPU:
-        assert torch.equal(outs[0][:rows], outs[2][:rows]) == (case == "one_k_block")
+        assert torch.equal(outs[0][:rows], outs[2][:rows]) != cut
 
 
 @gpu
 @pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened", "tma_gated", "tma_uncut",
                                   "pointer_gated"])
-def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path):
+def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path, monkeypatch):
     """No host sync: captured once, it follows offsets rewritten in place before each replay."""
     if path.startswith("tma") and not HOPPER:
         pytest.skip("TMA needs Hopper")
+    from nanoflow.kernels import triton_moe
     from nanoflow.kernels.triton_moe import grouped_mm, interleave
+    monkeypatch.setattr(triton_moe, "SPLIT_MIN_K_ITERS", 1)  # K's 8 k-blocks: the part round cut, as at full size
     counts = [5, 0, 37, 0, 0, 130, 1, 0]
     x, w, offs = make(counts, 40, 256, 512, seed=11)
     gated = path.endswith("gated")

@@ -2,6 +2,9 @@
 positions]) against the engine's layout, on SM shares (where the fp8 kernel is bound by its instructions) and in
 #4's overlapped pair. Run from the repository root with the patched copy first on the path:
 PYTHONPATH=probe_vt:benchmarks python probe_vt/probe_vt_shares.py"""
+import json
+import os
+
 import torch
 
 import sm_curves
@@ -34,8 +37,9 @@ for seqs, ctx, ctx_max, hq in ((305, 1280, None, 32), (524, 1024, 1536, 32)):
                 line.append(ms)
                 rows.append(dict(seqs=seqs, ctx=ctx, sms=granted, warps=w, stages=st, per_sm=per, vt=flag, ms=ms,
                                  tb_s=nbytes / ms / 1e9))
-            print(f"{seqs} x {ctx} on {granted:3d} SMs, {w} warp {st} stages {per}/SM: engine {nbytes / line[0] / 1e9:.2f}"
-                  f" TB/s, V^T {nbytes / line[1] / 1e9:.2f} TB/s ({line[0] / line[1]:.2f}x)", flush=True)
+            print(f"{seqs} x {ctx} on {granted:3d} SMs, {w} warp {st} stages {per}/SM: "
+                  f"engine {nbytes / line[0] / 1e9:.2f} TB/s, V^T {nbytes / line[1] / 1e9:.2f} TB/s "
+                  f"({line[0] / line[1]:.2f}x)", flush=True)
 
 real_case = sm_curves.case
 for flag in (False, True, False, True):
@@ -46,6 +50,5 @@ for flag in (False, True, False, True):
     for r in sm_curves.pair([(96, 36), (104, 28), (88, 44), (112, 20)],
                             dict(pages=True, num_warps=1, num_stages=6, per_sm=8, block_g=4), FP8):
         rows.append(dict(pair=True, vt=flag, **r))
-import json, os
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "h100_decode_fp8_vt_shares_probe_d1e2d23.json"), "w"),
           indent=1)

@@ -36,6 +36,10 @@ from nanoflow.kernels import sm_share
 from nanoflow.kernels import tma as tma_engine  # (grouped_mm's `tma` argument picks the kernel)
 
 INTERPRETER_PROGRAMS = 3  # the TMA kernel's programs off a GPU (Triton's interpreter)
+# The part round is cut only for tiles of at least this many k-iterations. On an H100, shorter ones lost 3-4 % to
+# the cut's fixed costs (its sums, a second pipeline fill): Qwen1.5-MoE's 22 and 32, and Mixtral's 28 at TP = 8
+# tied; Mixtral's 56-224 gained 1-4 % (BENCHMARKS.md, #10 session 23).
+SPLIT_MIN_K_ITERS = 48
 
 
 @triton.jit
@@ -252,8 +256,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     with its K loop into one software pipeline (num_stages deep); False pipelines the K loop alone.
     gated: w's rows are gate and up interleaved (interleave), and out [M, N / 2] gets silu(gate) * up.
     split_k (TMA kernel): a last round of fewer tiles than programs is cut into up to split_k runs of k-iterations,
-    one a program, their fp32 sums added by the program that completes each tile (1: not cut); it takes a scratch
-    of a tile of fp32 a program."""
+    one a program, their fp32 sums added by the program that completes each tile (1: not cut; nor are tiles of
+    fewer than SPLIT_MIN_K_ITERS k-iterations); it takes a scratch of a tile of fp32 a program."""
     m, k = x.shape
     e, n, wk = w.shape
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
@@ -272,6 +276,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
                          "16) and w stacked evenly as [E * N, K]")
     if num_stages is None:
         num_stages = 4 if tma else 3
+    if triton.cdiv(k, block_k) < SPLIT_MIN_K_ITERS:
+        split_k = 1
     meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 GROUP_M=group_m, GATED=gated, num_warps=num_warps, num_stages=num_stages)
     tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone

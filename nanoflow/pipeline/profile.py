@@ -183,8 +183,9 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
 # query block of the group's rows; 4: the TMA page kernel; 5: the combine per boundary, the gather kernel again on
 # the whole device over 16-bit caches; 6: the experts' SwiGLU in gate_up's epilogue, prefill attention's unmasked
 # tiles and longest-first launch; 7: the same unmasked tiles with a sliding window; 8: the page kernel's dots
-# transposed under 16 query rows; 9: the experts' last round of tiles cut by k-chunks).
-KERNELS = 9
+# transposed under 16 query rows; 9: the experts' last round of tiles cut by k-chunks; 10: not for tiles of fewer than
+# 48 k-iterations).
+KERNELS = 10
 
 
 def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int,
