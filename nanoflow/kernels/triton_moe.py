@@ -211,10 +211,11 @@ def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, PARTS, LOCKS, OFFS, N, K, stride
         _, row_begin, row_end, col_begin = _tile_coords(tile_c, starts, ends, tiles, tiles_end, num_pid_m, num_pid_n,
                                                         BLOCK_E, BLOCK_M, BLOCK_N, GROUP_M)
         _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M, BLOCK_N, GATED)
-    if whole < num_tiles:
-        _split_round(x_desc, w_desc, OUT, PARTS, LOCKS, N, K, stride_om, whole, num_tiles, starts, ends, tiles,
-                     tiles_end, num_pid_m, num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATED, MAX_SPLIT,
-                     SUM_ROWS)
+    if MAX_SPLIT > 1:  # (compiled out when uncut: PARTS and LOCKS are then stand-ins)
+        if whole < num_tiles:
+            _split_round(x_desc, w_desc, OUT, PARTS, LOCKS, N, K, stride_om, whole, num_tiles, starts, ends, tiles,
+                         tiles_end, num_pid_m, num_pid_n, BLOCK_E, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GATED, MAX_SPLIT,
+                         SUM_ROWS)
 
 
 def _tma_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -291,9 +292,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     programs = min(sm_share.total_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
                    if x.is_cuda else INTERPRETER_PROGRAMS, tiles)
     # Scratch from the caching allocator (a CUDA graph's pool when captured), per call: two kernels on two streams
-    # never share it. The counts start at 0; the pieces need no zeros.
-    parts = x.new_empty((programs if split_k > 1 else 1, block_m * block_n), dtype=torch.float32)
-    locks = torch.zeros(programs if split_k > 1 else 1, dtype=torch.int32, device=x.device)
+    # never share it. The counts start at 0; the pieces need no zeros. Uncut, the kernel touches neither.
+    parts, locks = out, offs
+    if split_k > 1:
+        parts = x.new_empty((programs, block_m * block_n), dtype=torch.float32)
+        locks = torch.zeros(programs, dtype=torch.int32, device=x.device)
     _grouped_mm_tma_kernel[(programs,)](x_desc, w_desc, out, parts, locks, offs, n, k, out.stride(0), FLATTEN=flatten,
                                         MAX_SPLIT=split_k, SUM_ROWS=min(block_m, 32), **meta)
     return out
