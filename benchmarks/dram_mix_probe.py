@@ -132,7 +132,6 @@ def main():
         print(f"{name:>16} on {gc}: alone {row['alone']:.2f} TB/s; beside a read {row['read'][0]:.2f} + "
               f"{row['read'][1]:.2f} = {row['read'][2]:.2f}; beside attention {row['attention'][0]:.2f} + "
               f"{row['attention'][1]:.2f} = {row['attention'][2]:.2f}", flush=True)
-    del w, wt
     res["partner alone"] = {"read": big.numel() * 2 / under(partner_read, ms_, None, cs) / 1e9,
                             "attention": attn_bytes / under(attn, ms_, None, cs) / 1e9}
     print(f"partners alone on {gm}: read {res['partner alone']['read']:.2f}, attention "

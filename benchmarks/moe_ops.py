@@ -10,8 +10,12 @@ for the experts; its layout of fc1's halves is found by checking both against th
 first call JIT-compiles FlashInfer's sm90 fused-MoE module, a build that does not fit the device's limits
 (BENCHMARKS.md, #10, session 13).
 
-python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--variants REGEX] [--output out.json]"""
+--sms S: everything captured and replayed on a stream confined to S SMs, issued as the pipeline issues a unit's ops
+(sm_share: cuBLASLt told its share, the persistent kernels' grids sized to it).
+
+python benchmarks/moe_ops.py [--tp 2] [--tokens 512 1024 1447 2048] [--variants REGEX] [--sms S] [--output out.json]"""
 import argparse
+import contextlib
 import json
 import re
 import types
@@ -22,13 +26,14 @@ from nanoflow.config import preset
 from nanoflow.kernels import gpu, reference
 from nanoflow.models.llama import LlamaModel, Workspace
 from nanoflow.models.loader import init_dummy
+from nanoflow.pipeline.units import share
 
 
 def graphed(fn):
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=torch.cuda.current_stream()):  # on a share's stream, if run on one
         fn()
     return g
 
@@ -90,14 +95,8 @@ def flashinfer_moe(x, ids, weights, gate_up, down, expect):
     return None
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="mixtral-8x7b")
-    ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 1447, 2048])
-    ap.add_argument("--output")
-    ap.add_argument("--variants", help="time only the variants whose names match this regular expression")
-    args = ap.parse_args()
+def run(args) -> list[dict]:
+    """The rows timed: a variant at a row count each."""
     full = preset(args.model)
     cfg = preset(args.model, num_layers=1, intermediate_size=full.intermediate_size // args.tp)
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -197,6 +196,26 @@ def main():
                      else 1 / 3 if name.endswith(" down") or "down " in name else 0)
             rate = share * flops / (t * 1e-3) / 1e12 or None
             rows.append({"tokens": M, "variant": name, "ms": t, "tflops": rate, "counts": counts})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="mixtral-8x7b")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 1447, 2048])
+    ap.add_argument("--output")
+    ap.add_argument("--variants", help="time only the variants whose names match this regular expression")
+    ap.add_argument("--sms", type=int, help="run on a share of this many SMs (default: the whole device)")
+    args = ap.parse_args()
+    with contextlib.ExitStack() as on_share:
+        if args.sms:
+            from nanoflow.kernels.sm_share import sm_share, total_sms
+            granted, stream = share(args.sms)
+            on_share.enter_context(torch.cuda.stream(stream))
+            on_share.enter_context(sm_share(granted, total_sms()))
+            print(f"on a share of {granted} SMs")
+        rows = run(args)
     print(f"\n{'tokens':>6}  {'variant':<58} {'ms':>8} {'TFLOP/s':>8}")
     for r in rows:
         print(f"{r['tokens']:>6}  {r['variant']:<58} {r['ms']:8.3f} {r['tflops'] or 0:8.0f}")

@@ -179,6 +179,33 @@ def test_grouped_mm_split_round_matches_reference(case, gated, monkeypatch):
         assert torch.equal(outs[0][:rows], outs[2][:rows]) != cut
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.skipif(ON_GPU and not HOPPER, reason="TMA needs Hopper")
+@pytest.mark.parametrize("share", [5, 2])
+def test_grouped_mm_runs_one_program_an_sm_of_the_units_share(share, monkeypatch):
+    """Issued for an execution unit (sm_share.current set, as the pipeline sets it), the persistent kernel runs one
+    program per SM of the share, not of the device (those past the share would wait for a whole first wave), and
+    its part round, cut among that many programs, still equals the reference."""
+    from nanoflow.kernels import sm_share, triton_moe
+    from nanoflow.kernels.triton_moe import grouped_mm
+    monkeypatch.setattr(triton_moe, "SPLIT_MIN_K_ITERS", 2)
+    monkeypatch.setattr(sm_share, "current", share)
+    grids = []
+
+    class Spy:  # records the launch grid, then launches
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+    kernel = triton_moe._grouped_mm_tma_kernel
+    monkeypatch.setattr(triton_moe, "_grouped_mm_tma_kernel", Spy())
+    counts = [16 * (2 * share - 1) - 5, 0, 3, 16]  # one n-tile: 2 * share + 1 m-tiles, a part round of one
+    x, w, offs = make(counts, 2, 32, 272, seed=share)
+    out = torch.full((x.shape[0], 32), float("nan"), dtype=DTYPE, device=DEVICE)
+    grouped_mm(x, w, offs, out, block_m=16, block_n=32, block_k=16, num_warps=4, num_stages=2, tma=True)
+    check(out, x, w, counts)
+    assert grids == [(share,)]
+
+
 @gpu
 @pytest.mark.parametrize("path", ["pointer", "tma", "tma_unflattened", "tma_gated", "tma_uncut",
                                   "pointer_gated"])

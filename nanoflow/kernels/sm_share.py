@@ -3,7 +3,7 @@ execution unit's nano-ops (so, at CUDA-graph capture time, which is when kernels
 
 cuBLAS picks its kernel and grid for the whole GPU; on a share it can leave a last wave nearly empty.
 cuBLASLt takes a target SM count (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), which torch sets from its SM
-"carveout"; our persistent decode attention sizes its grid from `current`."""
+"carveout"; our persistent kernels (decode attention, the experts' grouped GEMMs) size their grids from `current`."""
 from __future__ import annotations
 
 import functools

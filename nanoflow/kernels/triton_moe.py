@@ -258,7 +258,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     gated: w's rows are gate and up interleaved (interleave), and out [M, N / 2] gets silu(gate) * up.
     split_k (TMA kernel): a last round of fewer tiles than programs is cut into up to split_k runs of k-iterations,
     one a program, their fp32 sums added by the program that completes each tile (1: not cut; nor are tiles of
-    fewer than SPLIT_MIN_K_ITERS k-iterations); it takes a scratch of a tile of fp32 a program."""
+    fewer than SPLIT_MIN_K_ITERS k-iterations); it takes a scratch of a tile of fp32 a program. The TMA kernel is
+    persistent over the SMs of the unit being issued (sm_share.current), else of the device."""
     m, k = x.shape
     e, n, wk = w.shape
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
@@ -288,9 +289,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
         return out
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
     w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [block_n, block_k])
-    # Persistent: at most one program per SM (a few in the interpreter, so that each loops over several tiles).
-    programs = min(sm_share.total_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-                   if x.is_cuda else INTERPRETER_PROGRAMS, tiles)
+    # Persistent: at most one program per SM of the unit's share, or of the device (a few in the interpreter, so
+    # that each loops over several tiles). Programs past a share's SMs would wait for a whole first wave.
+    device_programs = INTERPRETER_PROGRAMS if not x.is_cuda else sm_share.total_sms(
+        x.device.index if x.device.index is not None else torch.cuda.current_device())
+    programs = min(sm_share.current or device_programs, tiles)
     # Scratch from the caching allocator (a CUDA graph's pool when captured), per call: two kernels on two streams
     # never share it. The counts start at 0; the pieces need no zeros. Uncut, the kernel touches neither.
     parts, locks = out, offs
