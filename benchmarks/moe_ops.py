@@ -33,7 +33,7 @@ def graphed(fn):
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=torch.cuda.current_stream()):  # on a share's stream, if run on one
+    with torch.cuda.graph(g, stream=torch.cuda.current_stream()):  # main's stream: a share's, if run on one
         fn()
     return g
 
@@ -208,13 +208,13 @@ def main():
     ap.add_argument("--variants", help="time only the variants whose names match this regular expression")
     ap.add_argument("--sms", type=int, help="run on a share of this many SMs (default: the whole device)")
     args = ap.parse_args()
-    with contextlib.ExitStack() as on_share:
+    with contextlib.ExitStack() as on_share:  # a side stream either way: graphs cannot be captured on the default
         if args.sms:
             from nanoflow.kernels.sm_share import sm_share, total_sms
             granted, stream = share(args.sms)
-            on_share.enter_context(torch.cuda.stream(stream))
             on_share.enter_context(sm_share(granted, total_sms()))
             print(f"on a share of {granted} SMs")
+        on_share.enter_context(torch.cuda.stream(stream if args.sms else torch.cuda.Stream()))
         rows = run(args)
     print(f"\n{'tokens':>6}  {'variant':<58} {'ms':>8} {'TFLOP/s':>8}")
     for r in rows:
