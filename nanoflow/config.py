@@ -245,12 +245,14 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # dense token budget per iteration
     max_num_seqs: int = 1024  # a dense 2048-token batch of const 1024/512 runs ~683 decode sequences
     max_model_len: int | None = None
-    block_size: int = 16
+    # tokens a KV block (a page of decode attention); None: 16, or 32 over an fp8 cache, whose decode kernel is bound
+    # by its per-page work: pages of 32 ran Mixtral 1.007-1.019x faster on an H200 (BENCHMARKS.md #10, session 24)
+    block_size: int | None = None
     num_kv_blocks: int | None = None  # else sized from memory
     gpu_memory_utilization: float = 0.9
     kv_cache_gb: float = 1.0  # CPU KV cache size when num_kv_blocks is not given
     # "auto": the model's dtype; "fp8": float8 e4m3, unscaled (vLLM's fp8 without calibration): half the bytes of
-    # bf16, so twice the blocks and half the reads of decode attention, at 3 bits of mantissa
+    # bf16, so twice the tokens and half the reads of decode attention, at 3 bits of mantissa
     kv_cache_dtype: str = "auto"
     admission: str = "kv"  # "kv": free blocks for the prompt; "predicted": predicted peak use
     predicted_output_len: int | None = None  # for admission="predicted"; None: max_tokens
@@ -290,6 +292,8 @@ class EngineConfig:
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
+        if self.block_size is None:
+            self.block_size = 32 if self.kv_cache_dtype == "fp8" else 16
         if self.block_size <= 0 or self.max_num_seqs <= 0:
             raise ValueError("block_size and max_num_seqs must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:

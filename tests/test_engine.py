@@ -343,15 +343,25 @@ def test_cut_model_keeps_the_first_layers(llama_dir):
         LLM(llama_dir, num_layers=3)
 
 
+def test_block_size_defaults_to_16_and_to_32_over_an_fp8_cache():
+    from nanoflow.config import EngineConfig
+    assert EngineConfig().block_size == 16
+    assert EngineConfig(kv_cache_dtype="fp8").block_size == 32
+    assert EngineConfig(kv_cache_dtype="fp8", block_size=16).block_size == 16  # a size given is kept
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=0)
+
+
 def test_fp8_kv_cache():
-    """--kv-cache-dtype fp8: the cache holds float8 e4m3 (on the CPU, 4x the blocks of float32 in the same memory),
-    and the model reads it back close to the full-precision cache."""
+    """--kv-cache-dtype fp8: the cache holds float8 e4m3 (on the CPU, 4x the tokens of float32 in the same memory, in
+    blocks of 32), and the model reads it back close to the full-precision cache."""
     p = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
     prompt = ["The capital of France is"]
     full = LLM(None, max_num_batched_tokens=64)
     fp8 = LLM(None, max_num_batched_tokens=64, kv_cache_dtype="fp8")
     assert fp8.engine.runner.model.kv_cache.dtype == torch.float8_e4m3fn
-    assert 4 * full.engine.runner.num_blocks <= fp8.engine.runner.num_blocks < 4 * (full.engine.runner.num_blocks + 1)
+    assert (full.engine.runner.block_size, fp8.engine.runner.block_size) == (16, 32)
+    assert 2 * full.engine.runner.num_blocks <= fp8.engine.runner.num_blocks < 2 * (full.engine.runner.num_blocks + 1)
     a, b = (llm.generate(prompt, p, use_tqdm=False)[0] for llm in (full, fp8))
     drift = [abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob)
              for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]

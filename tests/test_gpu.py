@@ -324,15 +324,16 @@ def generate_in_a_process(tmp_path, llm_kwargs, prompts, params: list, env=None)
 
 
 def test_fp8_kv_cache_on_the_gpu(model_dir):
-    """--kv-cache-dtype fp8 with CUDA graphs: the Triton kernels store and read float8 e4m3, a block takes half
-    bf16's bytes, and the logprobs stay near the bf16 cache's."""
+    """--kv-cache-dtype fp8 with CUDA graphs: the Triton kernels store and read float8 e4m3 (in pages of 32), a token
+    takes half bf16's bytes, and the logprobs stay near the bf16 cache's."""
     p = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
     kw = dict(device="cuda", max_num_batched_tokens=64, num_kv_blocks=256)
     full = LLM(model_dir, **kw)
     a = full.generate(PROMPTS, p, use_tqdm=False)
     fp8 = LLM(model_dir, kv_cache_dtype="fp8", **kw)
     assert fp8.engine.runner.model.kv_cache.dtype == torch.float8_e4m3fn
-    assert 2 * fp8.engine.runner._block_bytes() == full.engine.runner._block_bytes()  # what sizes the cache
+    f, g = fp8.engine.runner, full.engine.runner
+    assert 2 * f._block_bytes() * g.block_size == g._block_bytes() * f.block_size  # what sizes the cache
     b = fp8.generate(PROMPTS, p, use_tqdm=False)
     drift = [abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob)
              for ra, rb in zip(a, b) for x, y in zip(ra.prompt_logprobs[1:], rb.prompt_logprobs[1:])]

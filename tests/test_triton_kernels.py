@@ -91,14 +91,15 @@ def test_decode_skips_units_without_tiles():
         assert rel_err(got[rows], expect[rows]) < (1e-2 if ON_GPU else 1e-4), (pages, programs)
 
 
+@pytest.mark.parametrize("shape", ["gqa4", "gqa2"])  # pages of 16, and of 32 (the engine's default over fp8)
 @pytest.mark.parametrize("case", ["mixed", "decode_long"])
-def test_attention_over_an_fp8_cache_matches_reference(case):
+def test_attention_over_an_fp8_cache_matches_reference(case, shape):
     """--kv-cache-dtype fp8: the kernels widen the cache's float8 e4m3 values to fp16 and run the dots there, as
     the reference does in float32 (every e4m3 value is exact in both; the queries and probabilities round to
     fp16)."""
     from nanoflow.kernels import triton_attention as ta
     q_lens, seq_lens, num_decode = CASES[case]
-    q, kc, vc, batch = make_case(q_lens, seq_lens, num_decode, dtype=DTYPE, device=DEVICE, **SHAPES["gqa4"], seed=3)
+    q, kc, vc, batch = make_case(q_lens, seq_lens, num_decode, dtype=DTYPE, device=DEVICE, **SHAPES[shape], seed=3)
     kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
     scale = q.shape[2] ** -0.5
     for kind, fn in ((DECODE, ta.decode_attention), (PREFILL, ta.prefill_attention)):

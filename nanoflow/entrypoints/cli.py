@@ -20,12 +20,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="dense token budget per iteration")
     p.add_argument("--max-num-seqs", type=int, default=1024)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=None, help="tokens a KV block (default: 16; 32 with an fp8 cache)")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size on the CPU")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                   help="auto: the model's dtype; fp8: float8 e4m3, unscaled (half the bytes: twice the KV blocks)")
+                   help="auto: the model's dtype; fp8: float8 e4m3, unscaled (half the bytes: twice the KV tokens)")
     p.add_argument("--admission", choices=["kv", "predicted"], default="kv")
     p.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, default="fcfs",
                    help="the waiting request admitted next: fcfs, in arrival order; lof, the longest output "
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--workload", action="append", required=True, help="const:IN:OUT[:N] or trace:NAME[:N]")
     sc.add_argument("--num-requests", type=int, default=None, help="as bench throughput's")
     sc.add_argument("--num-kv-blocks", type=int, required=True, help="the KV blocks (a GPU run prints its count)")
-    sc.add_argument("--block-size", type=int, default=16)
+    sc.add_argument("--block-size", type=int, default=16, help="as the GPU run's (it prints its block size)")
     sc.add_argument("--max-num-batched-tokens", type=int, nargs="+", default=[2048], help="budgets to compare")
     sc.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, nargs="+", default=["fcfs"])
     sc.add_argument("--admission", choices=["kv", "predicted"], default="predicted")
