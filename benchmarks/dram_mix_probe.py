@@ -11,20 +11,18 @@ Three steps, each on disjoint green-context shares (96 SMs for the weights, 36 f
    two in sequence on the whole card.
 
 python benchmarks/dram_mix_probe.py [--output out.json]"""
-import argparse
 import json
 
 import torch
 import triton
 import triton.language as tl
 from decode_sweep import case
-from pair_probe import under
+from pair_probe import shares, under
 from sm_curves import SCALE, gemm_mats, stream_read, timed
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nanoflow.kernels import gpu
 from nanoflow.kernels.sm_share import sm_share
-from nanoflow.pipeline.units import partition, total_sms
 
 BM, BN, BK = 128, 128, 64
 
@@ -89,13 +87,7 @@ def triton_gemms(mats, sms, pretiled):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--split", type=int, nargs=2, default=(96, 36), metavar=("COMPUTE", "MEMORY"))
-    ap.add_argument("--output")
-    a = ap.parse_args()
-    torch.manual_seed(0)
-    full = total_sms()
-    (gc, cs), (gm, ms_) = partition(tuple(a.split))
+    a, full, (gc, cs), (gm, ms_) = shares()
     res = {"device": torch.cuda.get_device_name(), "split": [gc, gm]}
     print(f"{res['device']}: weights on {gc} SMs, partner on {gm}", flush=True)
     q, kc, vc, meta, attn_bytes = case(152, 1280)

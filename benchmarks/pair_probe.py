@@ -51,14 +51,19 @@ def under(fn, stream, other, other_stream, reps=20):
     return ms
 
 
-def main():
+def shares():
+    """The probes' command line (--split COMPUTE MEMORY, --output) and their two disjoint shares: (args, the device's
+    SMs, (compute SMs, stream), (memory SMs, stream))."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", type=int, nargs=2, default=(96, 36), metavar=("COMPUTE", "MEMORY"))
     ap.add_argument("--output")
     a = ap.parse_args()
     torch.manual_seed(0)
-    full = total_sms()
-    (gc, cs), (gm, ms_) = partition(tuple(a.split))
+    return a, total_sms(), *partition(tuple(a.split))
+
+
+def main():
+    a, full, (gc, cs), (gm, ms_) = shares()
     q, kc, vc, meta, nbytes = case(152, 1280)
     out = torch.empty_like(q)
     mats = gemm_mats(457)
