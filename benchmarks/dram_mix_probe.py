@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from decode_sweep import case
 from pair_probe import shares, under
-from sm_curves import SCALE, gemm_mats, stream_read, timed
+from sm_curves import SCALE, gemm_mats, side_by_side, stream_read
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nanoflow.kernels import gpu
@@ -157,22 +157,7 @@ def main():
             g()
             gpu.decode_attention(q, kc, vc, meta, SCALE, out)
 
-        def both(g=fn):
-            fork = torch.cuda.Event()
-            fork.record(main_s)
-            for s in (cs, ms_):
-                s.wait_event(fork)
-            with torch.cuda.stream(cs):
-                g()
-            with torch.cuda.stream(ms_):
-                attn()
-            for s in (cs, ms_):
-                join = torch.cuda.Event()
-                join.record(s)
-                main_s.wait_event(join)
-        seq = timed(sequence, main_s, reps=20)
-        pair = timed(both, main_s, reps=20)
-        seq = min(seq, timed(sequence, main_s, reps=20))
+        seq, pair = side_by_side(main_s, sequence, [(fn, cs), (attn, ms_)])
         res["gemm"][name] = row = {"rel_err": err, "alone_ms": alone, "beside_attention_ms": beside,
                                    "attention_beside_ms": attn_beside, "pair_ms": pair, "sequence_ms": seq,
                                    "speedup": seq / pair}

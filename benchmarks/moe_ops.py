@@ -208,13 +208,14 @@ def main():
     ap.add_argument("--variants", help="time only the variants whose names match this regular expression")
     ap.add_argument("--sms", type=int, help="run on a share of this many SMs (default: the whole device)")
     args = ap.parse_args()
-    with contextlib.ExitStack() as on_share:  # a side stream either way: graphs cannot be captured on the default
+    stream = torch.cuda.Stream()  # a side stream either way: graphs cannot be captured on the default one
+    with contextlib.ExitStack() as on_share:
         if args.sms:
             from nanoflow.kernels.sm_share import sm_share, total_sms
             granted, stream = share(args.sms)
             on_share.enter_context(sm_share(granted, total_sms()))
             print(f"on a share of {granted} SMs")
-        on_share.enter_context(torch.cuda.stream(stream if args.sms else torch.cuda.Stream()))
+        on_share.enter_context(torch.cuda.stream(stream))
         rows = run(args)
     print(f"\n{'tokens':>6}  {'variant':<58} {'ms':>8} {'TFLOP/s':>8}")
     for r in rows:

@@ -160,6 +160,27 @@ def gemm_curves(sm_list, token_list):
     return rows
 
 
+def side_by_side(main, sequence, work, reps=20):
+    """(ms of `sequence` on stream `main`, ms of `work`'s (fn, stream) pairs run side by side, forked from and
+    joined back to `main`). The sequence is timed on either side of the overlapped run and the faster kept: after
+    heavy GEMM work the GEMMs run up to 15 % slower for some seconds (BENCHMARKS.md, #4 session 11), and one slow
+    timing of the sequence would flatter the overlap."""
+    def both():
+        fork = torch.cuda.Event()
+        fork.record(main)
+        for fn, s in work:
+            s.wait_event(fork)
+            with torch.cuda.stream(s):
+                fn()
+        for _, s in work:
+            join = torch.cuda.Event()
+            join.record(s)
+            main.wait_event(join)
+    seq = timed(sequence, main, reps)
+    t = timed(both, main, reps)
+    return min(seq, timed(sequence, main, reps)), t
+
+
 def pair(splits, decode_config, kv_dtype):
     """Nano-batch 1's layer GEMMs (457 tokens) || nano-batch 2's decode attention (152 x 1280 tokens)."""
     q, kc, vc, meta, _ = case(152, 1280, kv_dtype=kv_dtype)
@@ -183,27 +204,10 @@ def pair(splits, decode_config, kv_dtype):
     for sc, sm in splits:
         (gc, cs), (gm, ms_) = partition((sc, sm))
         for gemm_kind in ("cublas", "cublaslt_target"):
-            # the sequence timed on either side of each overlapped run, the faster kept: after heavy GEMM work the
-            # GEMMs run up to 15 % slower for some seconds (BENCHMARKS.md, #4 session 11), and one slow timing of
-            # the sequence would flatter the overlap
-            seq = timed(sequence, main, reps=20)
-
-            def both():
-                fork = torch.cuda.Event()
-                fork.record(main)
-                for s in (cs, ms_):
-                    s.wait_event(fork)
-                with torch.cuda.stream(cs):
-                    gemms(gc if gemm_kind == "cublaslt_target" else None)
-                with torch.cuda.stream(ms_):
-                    attn(gm)
-                for s in (cs, ms_):
-                    join = torch.cuda.Event()
-                    join.record(s)
-                    main.wait_event(join)
-            t = timed(both, main, reps=20)
-            seq = min(seq, timed(sequence, main, reps=20))
-            alone_g = timed(lambda: gemms(gc if gemm_kind == "cublaslt_target" else None), cs)
+            def kind_gemms():
+                gemms(gc if gemm_kind == "cublaslt_target" else None)
+            seq, t = side_by_side(main, sequence, [(kind_gemms, cs), (lambda: attn(gm), ms_)])
+            alone_g = timed(kind_gemms, cs)
             alone_a = timed(lambda: attn(gm), ms_)
             rows.append({"compute_sms": gc, "memory_sms": gm, "gemm": gemm_kind, "overlapped_ms": t,
                          "sequential_ms": seq, "speedup": seq / t, "gemm_alone_ms": alone_g, "attn_alone_ms": alone_a})
