@@ -52,8 +52,8 @@ def _reread(X, OUT, n, reps, BLOCK: tl.constexpr):
 def under(fn, stream, other, other_stream, reps=20):
     """Milliseconds per call of fn on stream while `other` runs without pause on other_stream; None for `other` times
     fn alone. `other` is replayed from a CUDA graph, queued to outlast the timed calls three times over: issued call
-    by call, a host slower than the GPU (a Triton launch costs tens of microseconds) let the queue run dry, and fn
-    was then timed nearly alone (an H100 host in session 25). Raises if `other` still ended first."""
+    by call, short kernels let the queue run dry on a host slower than the GPU, and fn was then timed nearly alone
+    (BENCHMARKS.md, #4 session 25). Raises if `other` ended before the timed calls did."""
     if other is None:
         return timed(fn, stream, reps)
     alone = timed(fn, stream, 4)
@@ -69,18 +69,13 @@ def under(fn, stream, other, other_stream, reps=20):
             graph.replay()
         done = torch.cuda.Event(enable_timing=True)
         done.record(other_stream)
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        for _ in range(reps):
-            fn()
-        end.record(stream)
+    ms = timed(fn, stream, reps)
+    after = torch.cuda.Event(enable_timing=True)
+    after.record(stream)
     done.synchronize()
-    if end.elapsed_time(done) <= 0:
+    if after.elapsed_time(done) <= 0:
         raise RuntimeError("the interferer's queue ended before the timed calls did")
-    return start.elapsed_time(end) / reps
+    return ms
 
 
 def shares():
