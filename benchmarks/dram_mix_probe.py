@@ -6,7 +6,7 @@ Three steps, each on disjoint green-context shares (96 SMs for the weights, 36 f
 1. DRAM alone: a pure tile reader (TMA, no math) over both layouts, and a contiguous streaming read, each on 96 SMs,
    alone and beside a streaming read / the engine's decode attention on 36; the sum of the two sides' TB/s.
 2. The same GEMM (a persistent Triton TMA matmul, 128 x 128 x 64 tiles) reading the plain and the pre-tiled layout,
-   against cuBLASLt told its share: alone, and beside the decode attention.
+   against cuBLASLt told its share, as X @ W^T and swapped (W @ X^T): alone, and beside the decode attention.
 3. The pair (sm_curves.py's: 457-token layer GEMMs || decode attention over 152 x 1,280) with each GEMM, against the
    two in sequence on the whole card.
 
@@ -133,22 +133,30 @@ def main():
     mats = gemm_mats(457)
     ref = {name: (x @ w_.t()).float() for name, (x, w_, _, _) in mats.items()}
 
-    def cublas(target=gc):
+    swapped = {name: torch.empty(o.shape[::-1], device="cuda", dtype=o.dtype) for name, (_, _, o, _) in mats.items()}
+
+    def cublas(target=gc, swap=False):
+        """The GEMMs through cuBLASLt told its share; swap: as W @ X^T (the output transposed), so that the weights'
+        rows are the GEMM's M and its tiles re-read them for fewer token tiles."""
         def run():
             with sm_share(target, full):
-                for x, w_, o, _ in mats.values():
-                    torch.mm(x, w_.t(), out=o)
+                for name, (x, w_, o, _) in mats.items():
+                    if swap:
+                        torch.mm(w_, x.t(), out=swapped[name])
+                    else:
+                        torch.mm(x, w_.t(), out=o)
         return run
-    gemms = {"cublaslt": cublas(), "triton plain": triton_gemms(mats, gc, False),
-             "triton pre-tiled": triton_gemms(mats, gc, True)}
-    full_gemms = {"cublaslt": cublas(full), "triton plain": triton_gemms(mats, full, False),
-                  "triton pre-tiled": triton_gemms(mats, full, True)}
+    gemms = {"cublaslt": cublas(), "cublaslt swapped": cublas(swap=True),
+             "triton plain": triton_gemms(mats, gc, False), "triton pre-tiled": triton_gemms(mats, gc, True)}
+    full_gemms = {"cublaslt": cublas(full), "cublaslt swapped": cublas(full, swap=True),
+                  "triton plain": triton_gemms(mats, full, False), "triton pre-tiled": triton_gemms(mats, full, True)}
     main_s = torch.cuda.Stream()
     res["gemm"] = {}
     for name, fn in gemms.items():
         fn()
         torch.cuda.synchronize()
-        err = max(((o.float() - ref[k]).abs().max() / ref[k].abs().max()).item() for k, (_, _, o, _) in mats.items())
+        outs = {k: swapped[k].t() if name == "cublaslt swapped" else o for k, (_, _, o, _) in mats.items()}
+        err = max(((outs[k].float() - ref[k]).abs().max() / ref[k].abs().max()).item() for k in mats)
         alone = under(fn, cs, None, ms_)
         beside = under(fn, cs, attn, ms_)
         attn_beside = under(attn, ms_, fn, cs)
