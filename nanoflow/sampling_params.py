@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM's (logits / 1e-38 overflow float32)
 
 
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or under GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
@@ -52,13 +53,19 @@ class SamplingParams:
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS), name,
                   f"must be an integer in [0, {MAX_LOGPROBS}]")
+        check(self.stop is None or isinstance(self.stop, (str, list, tuple)), "stop",
+              "must be a string or a list of strings")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings")
         self.stop_strings = tuple(stop)
+        check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
+              "must be a list of token ids")
         ids = self.stop_token_ids or []
         check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids", "must be token ids >= 0")
         if self.top_k == -1:
             self.top_k = 0
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     @property
     def greedy(self) -> bool:

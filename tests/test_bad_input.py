@@ -67,6 +67,7 @@ def test_unknown_preset_and_format():
     (dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(logprobs=100), "logprobs"), (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
 ])
 def test_invalid_sampling_params(kw, name):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):

@@ -332,6 +332,18 @@ def test_fractional_sampling_parameters_reach_the_sampler(llama_dir):
     assert [t.item() for t in got] == pytest.approx([0.7, 0.9, 0.05, 1.3, 0.5])
 
 
+def test_a_temperature_near_zero_is_greedy(llama_dir):
+    """Under 1e-5 a temperature samples greedily, as vLLM's: logits / 1e-40 overflow float32 (they sampled EOS or
+    junk), so such a request gets the greedy tokens, seeded or not."""
+    llm = LLM(llama_dir)
+    greedy = llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    for t in (1e-40, 1e-38, 1e-6):
+        p = SamplingParams(temperature=t, max_tokens=8, ignore_eos=True, seed=3, top_k=5, logprobs=1)
+        assert p.greedy
+        assert llm.generate(["hello there"], p, use_tqdm=False)[0].outputs[0].token_ids == greedy, t
+
+
 def test_cut_model_keeps_the_first_layers(llama_dir):
     """num_layers (benchmarks of a large shape on fewer GPUs): the checkpoint's first layers, the rest skipped."""
     import torch

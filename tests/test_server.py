@@ -175,7 +175,10 @@ BAD = [  # (route, body, status, what the error names)
     ("completions", [1, 2], 400, "JSON object"),
     ("completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
-    ("completions", {"prompt": 5}, 400, "prompt"),
+    ("completions", {"prompt": 5}, 400, "must be a string, a list of strings, a list of token ids"),
+    ("completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("completions", {"prompt": "x", "echo": True}, 400, "echo"),
     ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
     ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
@@ -198,6 +201,9 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
      400, "messages"),
     ("chat/completions", {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools"),
     ("chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
     ("chat/completions", {"messages": USER, "model": "gpt-4o"}, 404, "gpt-4o"),
 ]
@@ -212,6 +218,19 @@ def test_bad_input_is_a_4xx_naming_the_problem(server, route, body, status, name
     assert names in error["message"] or names == error["param"], error
     assert error["type"] and set(error) == {"message", "type", "param", "code"}
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_null_means_the_default(server):
+    """Fields OpenAI allows to be null are taken as their defaults, as OpenAI clients send them; so are the fields
+    this server does not implement, at null (or at their default value)."""
+    bodies = {"completions": {"prompt": "Hi", "max_tokens": 2, "stream": None, "echo": False, "best_of": 1,
+                              "suffix": None, "logit_bias": None, "stream_options": None},
+              "chat/completions": {"messages": USER, "max_tokens": 2, "stream": None, "logprobs": None,
+                                   "tools": None, "tool_choice": None, "response_format": None,
+                                   "parallel_tool_calls": None, "logit_bias": None}}
+    for route, body in bodies.items():
+        r = httpx.post(f"{server}/v1/{route}", json=body, headers=AUTH)
+        assert r.status_code == 200, r.text
 
 
 def test_api_key(server, client, model):

@@ -6,11 +6,12 @@ bounds that keep values inside the engine's integer types (int64 tensors, torch 
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+from pydantic_core import PydanticCustomError
 
-from nanoflow.sampling_params import SamplingParams
+from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # as OpenAI
 
@@ -22,6 +23,27 @@ def _whole(v):
 
 Int = Annotated[int, BeforeValidator(_whole)]
 Int64 = Annotated[Int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def one_of(what: str) -> WrapValidator:
+    """A union's error as one message saying what the field takes (pydantic's would list every branch by its
+    internal name)."""
+    def validate(v, handler):
+        try:
+            return handler(v)
+        except ValidationError:
+            raise PydanticCustomError("union_type", f"must be {what}") from None
+    return WrapValidator(validate)
+
+
+def only_default(default=None) -> Any:
+    """An OpenAI field this server does not implement: null (or its default value, which asks for nothing) is
+    accepted, as OpenAI clients send it; anything else is refused by name."""
+    def check(v):
+        if v is not None and not (type(v) is type(default) and v == default):
+            raise PydanticCustomError("unsupported", "is not supported by this server")
+        return v
+    return Annotated[Any, BeforeValidator(check)]
 
 
 class _Request(BaseModel):
@@ -44,16 +66,24 @@ class _SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     min_tokens: Int64 | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, one_of("a string or a list of strings")] = None
     stop_token_ids: list[Int64] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     seed: Int64 | None = None
     prompt_logprobs: Int64 | None = None
     skip_special_tokens: bool | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id; accepted and not used
+    logit_bias: only_default() = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, v, info):
+        if v is not None and not info.data.get("stream"):
+            raise PydanticCustomError("needs_stream", "is only for stream=true")
+        return v
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the parameter (see SamplingParams)."""
@@ -69,9 +99,13 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    prompt: Annotated[str | list[str] | list[Int64] | list[list[Int64]],
+                      one_of("a string, a list of strings, a list of token ids or a list of lists of token ids")]
     max_tokens: Int64 | None = 16  # null: up to the context length
     logprobs: Int64 | None = None
+    echo: only_default(False) = None
+    best_of: only_default(1) = None
+    suffix: only_default() = None
 
     def sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)
@@ -84,7 +118,7 @@ class TextPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[str | list[TextPart] | None, one_of("a string or a list of text parts")] = None
     name: str | None = None
 
     def for_template(self) -> dict:
@@ -96,13 +130,22 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int64 | None = None  # the older name of max_completion_tokens
     max_completion_tokens: Int64 | None = None  # null: up to the context length
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
+    response_format: only_default() = None
+    tools: only_default() = None
+    tool_choice: only_default() = None
+    parallel_tool_calls: only_default(True) = None
+    functions: only_default() = None
+    function_call: only_default() = None
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("invalid sampling parameter top_logprobs: needs logprobs=true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"invalid sampling parameter top_logprobs={self.top_logprobs}: must be an integer in "
+                             f"[0, {MAX_LOGPROBS}]")
         k = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, k)

@@ -250,6 +250,11 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             raise _bad_input(e) from None
 
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str) -> RequestStream:
+        longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
+        if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
+            raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
+                           f"for {longest + params.max_tokens}: {longest} in the prompt and {params.max_tokens} to "
+                           f"generate; shorten the prompt or lower max_tokens", param="max_tokens")
         try:
             return await engine.submit(prompts, params, lambda: _disconnected(raw))
         except (ValueError, TypeError) as e:
