@@ -304,6 +304,14 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
+        for name in ("max_model_len", "num_kv_blocks", "predicted_output_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
+        if not self.kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.kv_offload_gb and not self.enable_prefix_caching:
             raise ValueError("kv_offload_gb needs prefix caching (host blocks are found by prefix hash)")
 

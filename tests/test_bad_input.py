@@ -105,6 +105,47 @@ def test_max_model_len_beyond_the_model(llama_dir):
         LLM(llama_dir, max_model_len=10**6)
 
 
+def test_a_kv_cache_smaller_than_the_context_bounds_the_output():
+    """A sequence can grow only to the whole KV cache: past it, it preempted itself forever (the engine hung)."""
+    from nanoflow.config import EngineConfig
+    from nanoflow.engine.scheduler import Scheduler
+    sched = Scheduler(EngineConfig(block_size=16), 2, 64, 8192)  # 32 tokens of cache
+    assert sched.check_prompt(20) == 12
+
+
+def test_an_output_larger_than_the_kv_cache_ends_at_it(llama_dir):
+    llm = LLM(llama_dir, num_kv_blocks=2, block_size=16)
+    out = llm.generate([[5] * 20], SamplingParams(max_tokens=14, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(max_model_len=0), "max_model_len"), (dict(max_model_len=-5), "max_model_len"),
+    (dict(num_kv_blocks=0), "num_kv_blocks"), (dict(num_kv_blocks=-4), "num_kv_blocks"),
+    (dict(kv_cache_gb=-1), "kv_cache_gb"), (dict(predicted_output_len=-5), "predicted_output_len"),
+    (dict(seed="x"), "seed"),
+])
+def test_bad_engine_config(kw, name):
+    """Refused by name before anything loads (0 was taken as unset; negatives failed deep inside)."""
+    from nanoflow.config import EngineConfig
+    with pytest.raises(ValueError, match=name):
+        EngineConfig(**kw)
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "not a device"), ("mps", "cpu or cuda")])
+def test_bad_device(device, message):
+    from nanoflow.engine.llm_engine import _device
+    with pytest.raises(ValueError, match=message):
+        _device(device)
+
+
+def test_bench_help(capsys):
+    from nanoflow.entrypoints.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "throughput" in capsys.readouterr().out
+
+
 def test_bad_engine_options(llama_dir):
     with pytest.raises(ValueError, match="admission"):
         LLM(llama_dir, admission="magic")

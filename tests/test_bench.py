@@ -27,6 +27,11 @@ def test_workloads():
     for bad in ("const:10", "const:0:5", "trace:nope", "poisson:1", "const:1:2:x"):
         with pytest.raises(ValueError):
             parse(bad)
+    # a count of 0 was taken as "the default" (1,000 requests), a negative one divided by zero later
+    for bad, n in (("const:8:4:0", None), ("const:8:4:-1", None), ("trace:lmsys:0", None), ("trace:lmsys:-1", None),
+                   ("const:8:4", 0), ("trace:lmsys", -2)):
+        with pytest.raises(ValueError, match="counts must be positive"):
+            parse(bad, n)
 
 
 def test_cost_model():

@@ -344,6 +344,45 @@ def test_a_temperature_near_zero_is_greedy(llama_dir):
         assert llm.generate(["hello there"], p, use_tqdm=False)[0].outputs[0].token_ids == greedy, t
 
 
+def test_any_integer_seed_samples(llama_dir):
+    """Seeds past torch's range (2^64, or a request's n samples offset past it) sample reproducibly; they raised
+    inside step() and left the request stuck."""
+    llm = LLM(llama_dir)
+    for p in (SamplingParams(max_tokens=4, seed=2**64), SamplingParams(n=2, max_tokens=4, seed=2**64 - 1)):
+        a, b = (llm.generate(["hi"], p, use_tqdm=False)[0] for _ in range(2))
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+
+
+def test_generate_after_an_error_or_interrupt_in_a_step(llama_dir):
+    """A step that raises (or a Ctrl-C) aborts the call's requests: the next call runs and returns its own outputs
+    (another call's finished outputs were once taken as its own: KeyError)."""
+    llm = LLM(llama_dir)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expect = llm.generate(["a b c"], p, use_tqdm=False)[0].outputs[0].token_ids
+    step, calls = llm.engine.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step()
+    llm.engine.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["x y", "z"], p, use_tqdm=False)
+    llm.engine.step = step
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate(["a b c"], p, use_tqdm=False)[0].outputs[0].token_ids == expect
+
+
+def test_a_stream_whose_end_another_call_took_raises(llama_dir):
+    llm = LLM(llama_dir)
+    g = llm.stream("hello", SamplingParams(max_tokens=3, ignore_eos=True))
+    next(g)
+    llm.generate(["other"], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    with pytest.raises(RuntimeError, match="another call"):
+        list(g)
+
+
 def test_cut_model_keeps_the_first_layers(llama_dir):
     """num_layers (benchmarks of a large shape on fewer GPUs): the checkpoint's first layers, the rest skipped."""
     import torch

@@ -80,6 +80,8 @@ def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload
             raise ValueError
         if len(parts) == {"const": 3, "trace": 2}.get(kind):
             num_requests = int(parts.pop())
+        if num_requests is not None and num_requests <= 0:  # (from the spec or --num-requests)
+            raise ValueError
     except ValueError:
         raise ValueError(f"bad workload {spec!r}: counts must be positive integers") from None
     if kind == "multiround" and len(counts) <= 2:

@@ -31,7 +31,7 @@ class LLMEngine:
         self.source = resolve(model, self.config.num_layers)
         cfg = self.source.config
         self.model_config = cfg
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
         self.tokenizer = self._load_tokenizer(tokenizer)
         limit = cfg.max_position_embeddings
@@ -215,3 +215,16 @@ class LLMEngine:
         metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
                              req.finished, metrics)
+
+
+def _device(name: str | None) -> torch.device:
+    """The device to run on (default: CUDA if there is one); ValueError naming it if it is not a usable one."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device torch knows (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: nanoflow runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch has no usable CUDA device")
+    return device

@@ -82,15 +82,16 @@ class Scheduler:
         self.num_scheduled_tokens = 0  # every token computed, prefill and decode
 
     def check_prompt(self, num_tokens: int) -> int:
-        """The room a prompt of num_tokens leaves for output tokens; ValueError if the context length leaves none,
-        or if the prompt and its first output need more than the whole KV cache (it could never run)."""
+        """The room a prompt of num_tokens leaves for output tokens: to the context length, or to the whole KV cache
+        where that is smaller (a sequence longer than the cache would preempt itself forever); ValueError if the
+        context length leaves none, or if the prompt and its first output need more than the whole KV cache."""
         if num_tokens >= self.max_model_len:
             raise ValueError(f"the prompt has {num_tokens} tokens, which leaves no room in the context length "
                              f"(max_model_len = {self.max_model_len})")
         if self.blocks.blocks_for(num_tokens + 1) > self.blocks.num_blocks:
             raise ValueError(f"the prompt has {num_tokens} tokens, more than the KV cache holds "
                              f"({self.blocks.num_blocks * self.blocks.block_size} tokens)")
-        return self.max_model_len - num_tokens
+        return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size) - num_tokens
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

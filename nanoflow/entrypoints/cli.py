@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    t = bench.add_parser("throughput", help="offline throughput and % of the cost model's optimum")
+    t = bench.add_parser("throughput", help="offline throughput and %% of the cost model's optimum")
     add_engine_args(t)
     t.add_argument("--workload", action="append",
                    help="const:IN:OUT[:N] or trace:splitwise|lmsys|sharegpt[:N]; repeat to run several through one "

@@ -39,12 +39,18 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
-            while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+        mine = set(ids)
+        try:
+            with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+                while len(done) < len(ids):
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in mine:
+                            done[out.request_id] = out
+                            bar.update(1)
+        except BaseException:  # an error or an interrupt: this call's requests go, the engine stays usable
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return [done[i] for i in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -58,6 +64,9 @@ class LLM:
                         yield out
                         if out.finished:
                             return
+                if rid not in self.engine.requests:
+                    raise RuntimeError(f"stream {rid}: its request ended in a step another call took (generate or "
+                                       f"another stream stepped the engine); consume a stream before other calls")
         finally:
             self.engine.abort_request(rid)
 

@@ -356,5 +356,6 @@ class ModelRunner:
         if seed is None:
             return None
         if seq.generator is None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * seq.index)
+            # (taken modulo 2^64, the seeds torch takes: any integer seed, and its n samples', is one)
+            seq.generator = torch.Generator(device=self.device).manual_seed((seed + 1_000_003 * seq.index) % 2**64)
         return seq.generator
