@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from nanoflow import LLM, SamplingParams
@@ -45,6 +46,27 @@ def test_unsupported_architecture(tmp_path, llama_dir):
     _copy(llama_dir, tmp_path / "m", architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
         LLM(str(tmp_path / "m"))
+
+
+def test_corrupt_weights_files(tmp_path, llama_dir):
+    """A truncated safetensors file, and a GGUF without the metadata a config needs, are named."""
+    import gguf
+    bad = tmp_path / "m"
+    shutil.copytree(llama_dir, bad)
+    for f in bad.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read safetensors file"):
+        LLM(str(bad))
+    w = gguf.GGUFWriter(str(tmp_path / "nohead.gguf"), "llama")
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), "float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="lacks the metadata llama.attention.head_count"):
+        LLM(str(tmp_path / "nohead.gguf"))
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path, llama_dir):

@@ -1,4 +1,4 @@
-"""The `nanoflow` command: generate (and, as they land, serve, bench, tune)."""
+"""The `nanoflow` command: generate, serve, bench (throughput, schedule, serve, plot), tune."""
 from __future__ import annotations
 
 import argparse
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     t = bench.add_parser("throughput", help="offline throughput and %% of the cost model's optimum")
     add_engine_args(t)
     t.add_argument("--workload", action="append",
-                   help="const:IN:OUT[:N] or trace:splitwise|lmsys|sharegpt[:N]; repeat to run several through one "
-                        "engine (default const:512:128)")
+                   help="const:IN:OUT[:N], trace:splitwise|lmsys|sharegpt[:N] or multiround:TRACE[:N[:ROUNDS]]; "
+                        "repeat to run several through one engine (default const:512:128)")
     t.add_argument("--num-requests", type=int, default=None,
                    help="requests per workload without :N (default: 1000 const, or the whole trace)")
     t.add_argument("--baseline", choices=["none", "hf"], default="none",

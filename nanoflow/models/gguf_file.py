@@ -33,6 +33,9 @@ def config_from_gguf(reader) -> ModelConfig:
         v = field(reader, f"{arch}.{key}")
         return default if v is None else v
 
+    missing = [f"{arch}.{k}" for k in ("attention.head_count", "embedding_length", "block_count") if g(k) is None]
+    if missing:
+        raise ValueError(f"the GGUF file lacks the metadata {', '.join(missing)}")
     names = {t.name for t in reader.tensors}
     heads, hidden = g("attention.head_count"), g("embedding_length")
     rope = None

@@ -268,7 +268,11 @@ def _safetensors_weights(path: str):
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     for file in tqdm(files, desc="loading weights", disable=len(files) < 2):
-        with safe_open(file, framework="pt") as f:
+        try:
+            f = safe_open(file, framework="pt")
+        except Exception as e:  # (safetensors' own error type, on a truncated or corrupt file)
+            raise ValueError(f"cannot read safetensors file {file}: {e}") from None
+        with f:
             for name in f.keys():
                 yield name, f.get_slice(name)  # read by _copy_whole: only this rank's part
 
