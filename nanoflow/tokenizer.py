@@ -140,8 +140,11 @@ class Tokenizer:
         if source is None:
             raise ValueError("this model has no chat template; pass chat_template=...")
         template = _compile(source) if chat_template else self._compiled()
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        try:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        except jinja2.TemplateError as e:  # e.g. a message without the 'content' the template reads
+            raise ValueError(f"chat template error: {e}") from None
 
     def _compiled(self) -> jinja2.Template:
         if self._template is None:

@@ -161,6 +161,12 @@ def test_bad_device(device, message):
         _device(device)
 
 
+def test_bench_output_in_a_missing_directory_is_refused_before_the_run(capsys):
+    from nanoflow.entrypoints.cli import main
+    assert main(["bench", "throughput", "--model", "/no/such/model", "--output", "/no/such/dir/r.json"]) != 0
+    assert "its directory does not exist" in capsys.readouterr().err
+
+
 def test_bench_help(capsys):
     from nanoflow.entrypoints.cli import main
     with pytest.raises(SystemExit) as e:

@@ -48,3 +48,5 @@ def test_chat_template_errors(tok):
         tok.apply_chat_template([{"content": "x"}])
     with pytest.raises(ValueError, match="chat template error: nope"):
         tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ raise_exception('nope') }}")
+    with pytest.raises(ValueError, match="chat template error: .*content"):  # (was jinja2's UndefinedError)
+        tok.apply_chat_template([{"role": "user"}], chat_template="{{ messages[0]['content'].strip() }}")

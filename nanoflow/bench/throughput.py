@@ -402,6 +402,8 @@ def print_summary(report: dict) -> None:
 
 
 def main(args) -> int:
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ValueError(f"--output {args.output}: its directory does not exist (checked before the run, not after)")
     report = throughput(args)
     print_summary(report)
     if args.output:
