@@ -114,6 +114,11 @@ def test_bench_steady_state(tmp_path):
         100 * r["steady_tokens_per_second"] / report["optimal_tokens_per_second"])
     png = tmp_path / "bars.png"
     assert main(["bench", "plot", str(out), str(out), "-o", str(png)]) == 0
+    from nanoflow.bench.plots import report_labels  # two reports alike are told apart by their files' names
+    same, other = {"model": None, "commit": "abc", "device": "cpu"}, {"model": "m", "commit": "abc", "device": "cpu"}
+    assert report_labels([same, same], ["a/x.json", "b/y.json"]) == ["default model abc cpu (x.json)",
+                                                                     "default model abc cpu (y.json)"]
+    assert report_labels([same, other], ["x", "y"]) == ["default model abc cpu", "m abc cpu"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
