@@ -69,6 +69,12 @@ def test_corrupt_weights_files(tmp_path, llama_dir):
         LLM(str(tmp_path / "nohead.gguf"))
 
 
+def test_load_format_that_contradicts_the_model(llama_dir):
+    """It was ignored: the directory loaded as safetensors whatever load_format said."""
+    with pytest.raises(ValueError, match="load_format 'gguf' does not match"):
+        LLM(llama_dir, load_format="gguf")
+
+
 def test_weights_that_do_not_fit_the_config(tmp_path, llama_dir):
     _copy(llama_dir, tmp_path / "m", intermediate_size=96)
     with pytest.raises(ValueError, match=r"weight .model.layers.0.mlp.*has shape"):

@@ -121,6 +121,9 @@ def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, devic
         raise ValueError(f"unknown load_format {load_format!r}; choose auto, dummy, safetensors or gguf")
     if source.kind == "preset" and load_format not in ("auto", "dummy"):
         raise ValueError(f"preset {source.path!r} has no weights; use load_format='dummy'")
+    if {"gguf": "hf", "safetensors": "gguf"}.get(load_format) == source.kind:
+        raise ValueError(f"load_format {load_format!r} does not match {source.path!r} (a "
+                         f"{'GGUF file' if source.kind == 'gguf' else 'safetensors directory'}); use 'auto'")
     model = LlamaModel(source.config, dtype, device, max_positions, tp)
     if load_format == "dummy" or source.kind == "preset":
         init_dummy(model, seed)
