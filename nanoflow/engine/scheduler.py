@@ -88,10 +88,10 @@ class Scheduler:
         if num_tokens >= self.max_model_len:
             raise ValueError(f"the prompt has {num_tokens} tokens, which leaves no room in the context length "
                              f"(max_model_len = {self.max_model_len})")
-        if self.blocks.blocks_for(num_tokens + 1) > self.blocks.num_blocks:
-            raise ValueError(f"the prompt has {num_tokens} tokens, more than the KV cache holds "
-                             f"({self.blocks.num_blocks * self.blocks.block_size} tokens)")
-        return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size) - num_tokens
+        cache = self.blocks.num_blocks * self.blocks.block_size
+        if num_tokens + 1 > cache:
+            raise ValueError(f"the prompt has {num_tokens} tokens, more than the KV cache holds ({cache} tokens)")
+        return min(self.max_model_len, cache) - num_tokens
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

@@ -29,25 +29,19 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids = []
+        ids, done = [], {}
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p in zip(prompts, params):  # a bad prompt rejects the whole call
                 ids.append(str(next(self._ids)))
                 self.engine.add_request(ids[-1], prompt, p)
-        except Exception:
-            for rid in ids:  # leave the engine as it was
-                self.engine.abort_request(rid)
-            raise
-        done: dict[str, RequestOutput] = {}
-        mine = set(ids)
-        try:
+            mine = set(ids)
             with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
                 while len(done) < len(ids):
                     for out in self.engine.step():
                         if out.finished and out.request_id in mine:
                             done[out.request_id] = out
                             bar.update(1)
-        except BaseException:  # an error or an interrupt: this call's requests go, the engine stays usable
+        except BaseException:  # a bad prompt, an error or an interrupt: this call's requests go, the engine stays
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
