@@ -1,6 +1,7 @@
 """Per-request sampling parameters (the vLLM / OpenAI set), validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -35,7 +36,7 @@ class SamplingParams:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
         check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
-        check(_num(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        check(_num(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
         check(_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1")
         check(_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
@@ -83,4 +84,5 @@ class SamplingParams:
 
 
 def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+    """A finite number (not a bool): NaN and infinities would turn every logit into NaN."""
+    return not isinstance(x, bool) and (isinstance(x, int) or isinstance(x, float) and math.isfinite(x))
