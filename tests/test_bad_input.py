@@ -81,11 +81,18 @@ def test_weights_that_do_not_fit_the_config(tmp_path, llama_dir):
         LLM(str(tmp_path / "m"))
 
 
-def test_unknown_preset_and_format():
+def test_unknown_preset_and_format(capsys):
+    from nanoflow.entrypoints.cli import main
     with pytest.raises(ValueError, match="unknown load_format"):
         LLM("llama-3-8b", load_format="pickle")
     with pytest.raises(FileNotFoundError, match="preset"):
         LLM("llama-9-8b")
+    # a preset is a shape: its weights are random only when asked for, and refused before any work (tune's profile)
+    for load_format in ("auto", "safetensors"):
+        with pytest.raises(ValueError, match="'llama-3-8b' is a shape preset, with no weights: pass load_format='dummy'"):
+            LLM("llama-3-8b", load_format=load_format)
+    assert main(["tune", "--model", "mixtral-8x7b"]) == 2
+    assert "shape preset, with no weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kw, name", [
@@ -96,6 +103,8 @@ def test_unknown_preset_and_format():
     (dict(logprobs=100), "logprobs"), (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(temperature=float("inf")), "temperature"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(top_p=float("nan")), "top_p"),
 ])
 def test_invalid_sampling_params(kw, name):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):

@@ -63,6 +63,10 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["steady_iterations"] == 0 and r["steady_tokens_per_second"] is None  # all 6 fit at once
     assert len(r["gc_collections"]) == 3 and "host GC pauses" in printed
     assert len(report["gemm_tflops_measured"]) == 2 and report["gemm_tflops"] == max(report["gemm_tflops_measured"])
+    # the GPU-only views are refused on the CPU by name, not skipped silently
+    for flag in (["--breakdown"], ["--timeline", str(tmp_path / "t.png")]):
+        assert main(["bench", "throughput", "--workload", "const:24:6", *flag]) == 2
+        assert "need a GPU and CUDA graphs" in capsys.readouterr().err
 
 
 def test_gc_pauses_counts_the_collections_inside():

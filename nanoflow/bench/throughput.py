@@ -147,7 +147,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         add(c, 0, [])
     on_gpu = eng.device.type == "cuda"
     eng.runner.clock = IterationClock() if on_gpu else None
-    profile = (breakdown or timeline) and eng.runner.graphs is not None and on_gpu
+    profile = breakdown or timeline
     peak_running, steps, prompt_tokens, out_tokens = 0, 0, 0, 0
     sched, stats = eng.scheduler, eng.scheduler.blocks.stats
     before = sched.num_prefill_tokens, dataclasses.replace(stats)
@@ -268,6 +268,9 @@ def throughput(args) -> dict:
     llm = LLM(args.model, **engine_kwargs(args))
     settle_gc()
     eng = llm.engine
+    if (args.breakdown or args.timeline) and eng.runner.graphs is None:
+        raise ValueError("--breakdown and --timeline time an iteration's CUDA graph: they need a GPU and CUDA graphs "
+                         "(not --enforce-eager)")
     if hf_weights is not None:
         from nanoflow.models.loader import load_hf_weights
         load_hf_weights(eng.runner.model, hf_weights.items())

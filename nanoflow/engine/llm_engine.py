@@ -16,7 +16,7 @@ from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
 from nanoflow.engine.sequence import Request, Sequence, Status
 from nanoflow.executor.model_runner import ModelOutput, ModelRunner
 from nanoflow.layers.sampler import LogprobRows
-from nanoflow.models.loader import build_model, resolve
+from nanoflow.models.loader import build_model, check_load_format, resolve
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import Tokenizer
@@ -29,6 +29,7 @@ class LLMEngine:
                  dtype: str | torch.dtype = "auto", device: str | None = None, **engine_args):
         self.config = EngineConfig(**engine_args)
         self.source = resolve(model, self.config.num_layers)
+        check_load_format(self.source, load_format)
         cfg = self.source.config
         self.model_config = cfg
         self.device = _device(device)

@@ -53,7 +53,7 @@ def main(a: argparse.Namespace) -> int:
     from nanoflow.config import resolve_dtype
     from nanoflow.entrypoints.cli import engine_kwargs
     from nanoflow.executor.model_runner import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
-    from nanoflow.models.loader import resolve
+    from nanoflow.models.loader import check_load_format, resolve
     from nanoflow.pipeline.cache import (
         HAND,
         cache_key,
@@ -75,7 +75,9 @@ def main(a: argparse.Namespace) -> int:
               f"--kv-cache-dtype {a.kv_cache_dtype} (the spec it finds also serves an fp8 cache)", file=sys.stderr)
         return 2
     tp = a.tensor_parallel_size
-    cfg = resolve(a.model, a.num_layers).config
+    source = resolve(a.model, a.num_layers)
+    check_load_format(source, a.load_format)  # (its candidates' timing builds the model, after the profile)
+    cfg = source.config
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
     budget = a.max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)

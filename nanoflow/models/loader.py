@@ -113,19 +113,25 @@ def _resolve(model: str | None) -> ModelSource:
                             f"({', '.join(sorted(PRESETS))})")
 
 
+def check_load_format(source: ModelSource, load_format: str) -> None:
+    """Raises ValueError for a load_format unknown or contradicting the model (called before any work)."""
+    if load_format not in ("auto", "dummy", "safetensors", "gguf"):
+        raise ValueError(f"unknown load_format {load_format!r}; choose auto, dummy, safetensors or gguf")
+    if source.kind == "preset" and load_format != "dummy":  # (so random weights are never a surprise)
+        raise ValueError(f"{source.path!r} is a shape preset, with no weights: pass load_format='dummy' "
+                         f"(--load-format dummy) for random weights of its shape")
+    if {"gguf": "hf", "safetensors": "gguf"}.get(load_format) == source.kind:
+        raise ValueError(f"load_format {load_format!r} does not match {source.path!r} (a "
+                         f"{'GGUF file' if source.kind == 'gguf' else 'safetensors directory'}); use 'auto'")
+
+
 def build_model(source: ModelSource, load_format: str, dtype: torch.dtype, device: torch.device,
                 max_positions: int, seed: int = 0, tp: TPGroup = SINGLE) -> LlamaModel:
     """The model (with tensor parallelism, this rank's shard of it: each rank reads only its part of each
     tensor)."""
-    if load_format not in ("auto", "dummy", "safetensors", "gguf"):
-        raise ValueError(f"unknown load_format {load_format!r}; choose auto, dummy, safetensors or gguf")
-    if source.kind == "preset" and load_format not in ("auto", "dummy"):
-        raise ValueError(f"preset {source.path!r} has no weights; use load_format='dummy'")
-    if {"gguf": "hf", "safetensors": "gguf"}.get(load_format) == source.kind:
-        raise ValueError(f"load_format {load_format!r} does not match {source.path!r} (a "
-                         f"{'GGUF file' if source.kind == 'gguf' else 'safetensors directory'}); use 'auto'")
+    check_load_format(source, load_format)
     model = LlamaModel(source.config, dtype, device, max_positions, tp)
-    if load_format == "dummy" or source.kind == "preset":
+    if load_format == "dummy":
         init_dummy(model, seed)
     elif source.kind == "gguf":
         _load(model, _gguf_weights(source), GGUF_TOP, GGUF_LAYER, GGUF_EXPERT, r"blk\.(\d+)\.(.+)", source.cut)
