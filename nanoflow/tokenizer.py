@@ -129,6 +129,10 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self.tk.decode([token_id], skip_special_tokens=False)
 
+    def piece(self, token_id: int) -> str:
+        """The vocabulary's own string for a token (e.g. 'Ġthe' in byte-level BPE), as HF's convert_ids_to_tokens."""
+        return self.tk.id_to_token(token_id)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs) -> str:
         if not messages:

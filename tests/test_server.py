@@ -93,6 +93,34 @@ def test_models_and_health(server, client, model):
     assert httpx.get(f"{server}/health").status_code == 200  # no key needed outside /v1
     card = client.models.list().data[0]
     assert card.id == model and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    assert client.models.retrieve(model) == card
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("no-such/model")
+
+
+def test_tokenize_and_detokenize(server, default_llm):
+    """As vLLM's: the ids the completion or chat endpoint would send for the same input, and back."""
+    tk = default_llm.tokenizer
+    r = httpx.post(f"{server}/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+    assert r["tokens"] == tk.encode(PROMPT) and r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
+    assert "".join(r["token_strs"]).replace("Ġ", " ") == PROMPT  # the vocabulary's pieces (byte-level BPE)
+    plain = httpx.post(f"{server}/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert plain["tokens"] == tk.encode(PROMPT, add_special_tokens=False) and plain["token_strs"] is None
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(f"{server}/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == tk.encode(tk.apply_chat_template(messages, True), add_special_tokens=False)
+    usage = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "max_tokens": 1},
+                       headers=AUTH).json()["usage"]
+    assert usage["prompt_tokens"] == chat["count"]
+    back = httpx.post(f"{server}/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert back == tk.apply_chat_template(messages, True)
+    for body, names in [({}, "exactly one of prompt and messages"),
+                        ({"prompt": "x", "messages": messages}, "exactly one of prompt and messages"),
+                        ({"prompt": "x", "model": "other"}, "other")]:
+        r = httpx.post(f"{server}/tokenize", json=body)
+        assert r.status_code in (400, 404) and names in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{server}/detokenize", json={"tokens": [1, 10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens" and "1000000" in r.text
 
 
 def test_completion_and_chat_match_the_offline_api(client, model, default_llm):

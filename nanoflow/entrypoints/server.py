@@ -270,10 +270,49 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def chat_prompt(messages: list[api.ChatMessage], add_generation_prompt: bool,
+                    add_special_tokens: bool = False) -> list[int]:
+        """Messages through the model's chat template, encoded (the template writes its own special tokens)."""
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
+        return tokenizer.encode(text, add_special_tokens)
+
+    def card() -> api.ModelCard:
+        return api.ModelCard(id=model_name, created=started, max_model_len=engine.max_model_len)
+
     @app.get("/v1/models", response_model=api.ModelList, responses=ERRORS)
     async def models():
-        card = api.ModelCard(id=model_name, created=started, max_model_len=engine.max_model_len)
-        return api.ModelList(data=[card])
+        return api.ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}", response_model=api.ModelCard, responses=ERRORS)
+    async def model(model: str):
+        check_model(model)
+        return card()
+
+    @app.post("/tokenize", response_model=api.TokenizeResponse, responses=ERRORS)
+    async def tokenize(req: api.TokenizeRequest):
+        """As vLLM's: the ids a completion (prompt) or chat (messages) request would send to the model."""
+        check_model(req.model)
+        if req.prompt is not None:
+            tokens = encode(req.prompt, req.add_special_tokens is not False)
+        else:
+            tokens = chat_prompt(req.messages, req.add_generation_prompt, bool(req.add_special_tokens))
+        return api.TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens,
+                                    token_strs=[tokenizer.piece(t) for t in tokens] if req.return_token_strs else None)
+
+    @app.post("/detokenize", response_model=api.DetokenizeResponse, responses=ERRORS)
+    async def detokenize(req: api.DetokenizeRequest):
+        check_model(req.model)
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", param="tokens")
+        if bad := [t for t in req.tokens if not 0 <= t < tokenizer.vocab_size]:
+            raise APIError(400, f"token id {bad[0]} is out of the vocabulary's range [0, {tokenizer.vocab_size})",
+                           param="tokens")
+        return api.DetokenizeResponse(prompt=tokenizer.decode(req.tokens, skip_special_tokens=False))
 
     @app.post("/v1/completions", response_model=api.CompletionResponse, responses=ERRORS)
     async def completions(req: api.CompletionRequest, raw: Request):
@@ -325,13 +364,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
     async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
         check_model(req.model)
         params = sampling_params(req)
-        if tokenizer is None:
-            raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
-        try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt)
-        except (ValueError, TypeError, jinja2.TemplateError) as e:
-            raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
-        prompt = tokenizer.encode(text, add_special_tokens=False)  # the template has the special tokens
+        prompt = chat_prompt(req.messages, req.add_generation_prompt)
         stream = await submit([prompt], params, raw, "messages")
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(params.n)]
