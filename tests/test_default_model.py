@@ -70,6 +70,12 @@ def test_streaming_text_is_consistent(default_llm):
         "The capital of France is", SamplingParams(temperature=0, max_tokens=24, stop=stop, ignore_eos=True))]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
     assert texts[-1] == full[: full.index(stop)]
+    # stop strings longer than the text so far (one that never occurs, one that spans many tokens) hold it all back
+    for stop in ("z" * 12, full[2:22]):
+        texts = [o.outputs[0].text for o in default_llm.stream(
+            "The capital of France is", SamplingParams(temperature=0, max_tokens=24, stop=stop, ignore_eos=True))]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts
+        assert texts[-1] == full[: full.find(stop)] if stop in full else texts[-1] == full
 
 
 def test_cli_generate_streams_text():

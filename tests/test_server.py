@@ -174,6 +174,11 @@ def test_stop(client, model):
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
     c = out.choices[0]
     assert c.text == full[:full.index(stop)] and c.finish_reason == "stop" and c.model_extra["stop_reason"] == stop
+    for stop in ("z" * 12, full[1:15]):  # longer than the first tokens' text; one never occurs, one spans tokens
+        whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop)
+        chunks = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop,
+                                           stream=True)
+        assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
 
 
 def test_logprobs(client, model):

@@ -46,4 +46,4 @@ def visible_text(seq: Sequence, finished: bool) -> str:
     if finished or not stops or seq.params.include_stop_str_in_output:
         return seq.output_text
     hold = max(map(len, stops)) - 1
-    return seq.output_text[: len(seq.output_text) - hold] if hold else seq.output_text
+    return seq.output_text[: max(len(seq.output_text) - hold, 0)]  # (not a negative index: that counts from the end)
