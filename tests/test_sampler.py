@@ -58,6 +58,27 @@ def test_filters_compose_per_row():
     assert (probs[0] > 0).sum() == 1 and (probs[1] > 0).sum() == V
 
 
+def _vllm_support(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """The tokens vLLM may sample: min_p, then top_k, then top_p on what is left, renormalized."""
+    keep = probs >= min_p * probs.max()
+    if top_k:
+        keep &= probs >= probs[keep].topk(min(top_k, int(keep.sum()))).values[-1]
+    left = torch.where(keep, probs, 0.0)
+    left = left / left.sum()
+    p_sorted, order = left.sort(descending=True)
+    nucleus = order[:int(((p_sorted.cumsum(0) - p_sorted) < top_p).sum())]
+    return set(nucleus.tolist()) & set(torch.nonzero(keep).flatten().tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(5, 0.5, 0.0), (0, 0.4, 0.3), (8, 0.7, 0.1), (3, 1.0, 0.0)])
+def test_filters_compose_as_vllm(logits, top_k, top_p, min_p):
+    """top_p takes the nucleus of what min_p and top_k left, renormalized (not of the raw distribution)."""
+    allowed = _vllm_support(logits[0].softmax(-1), top_k, top_p, min_p)
+    probs = filter_probs(logits.softmax(-1), md(1, top_k=top_k, top_p=top_p, min_p=min_p))
+    assert set(torch.nonzero(probs[0]).flatten().tolist()) == allowed
+    assert set(draws(logits, md(1, top_k=top_k, top_p=top_p, min_p=min_p))) == allowed
+
+
 def test_temperature_sharpens(logits):
     torch.manual_seed(0)
     cold = [sample(logits, md(1, temperature=0.05)).item() for _ in range(200)]

@@ -65,14 +65,18 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 
 def filter_probs(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """Zero the tokens that min_p, top_k and top_p exclude."""
+    """Zero the tokens that min_p, top_k and top_p exclude, each on what the one before left (as vLLM: top_p
+    takes the nucleus of the distribution renormalized after min_p and top_k)."""
     if md.use_min_p:
         probs = probs.masked_fill(probs < md.min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     if md.use_top_k_p:
         sorted_p, order = probs.sort(-1, descending=True)
         ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
         drop = (md.top_k[:, None] > 0) & (ranks >= md.top_k[:, None])
-        drop |= (sorted_p.cumsum(-1) - sorted_p) >= md.top_p[:, None]  # mass before it already reaches p
+        kept = sorted_p.masked_fill(drop, 0.0)
+        kept = kept / kept.sum(-1, keepdim=True)
+        # a token goes when the mass before it already reaches p (top_p = 1 drops nothing, whatever the rounding)
+        drop |= ((kept.cumsum(-1) - kept) >= md.top_p[:, None]) & (md.top_p[:, None] < 1)
         drop[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
     return probs
