@@ -1,6 +1,7 @@
 """Bad input raises a clear error naming the problem, and the engine stays usable."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -122,6 +123,9 @@ def test_bad_prompts_leave_the_engine_usable(llama_dir):
         llm.generate([[1, 999999]], ok)
     with pytest.raises(TypeError, match="prompt must be"):
         llm.generate([3.5], ok)
+    for bad, shown in (([True, 5], "True (bool)"), ([1.0, 5], "1.0 (float)")):
+        with pytest.raises(ValueError, match=re.escape(f"token ids must be integers, got {shown}")):
+            llm.generate([bad], ok)
     # a bad prompt in a list rejects the whole call and leaves nothing behind
     with pytest.raises(ValueError):
         llm.generate([[1, 2, 3], [5] * 100], ok)

@@ -351,6 +351,14 @@ def test_any_integer_seed_samples(llama_dir):
     for p in (SamplingParams(max_tokens=4, seed=2**64), SamplingParams(n=2, max_tokens=4, seed=2**64 - 1)):
         a, b = (llm.generate(["hi"], p, use_tqdm=False)[0] for _ in range(2))
         assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    # seeds that differ only past the low 32 bits (all that the CPU generator keeps) sample differently
+    p = [SamplingParams(max_tokens=8, ignore_eos=True, seed=s) for s in (1, 2**32 + 1, 2**63 - 1, 2**32 - 1)]
+    outs = [llm.generate(["hi"], q, use_tqdm=False)[0].outputs[0].token_ids for q in p]
+    assert len(set(map(tuple, outs))) == 4, outs
+    # any top_k: one past the vocabulary (or past int64) keeps every token
+    big, off = (llm.generate(["hi"], SamplingParams(max_tokens=8, ignore_eos=True, seed=1, top_k=k), use_tqdm=False)
+                for k in (10**20, 0))
+    assert big[0].outputs[0].token_ids == off[0].outputs[0].token_ids
 
 
 def test_generate_after_an_error_or_interrupt_in_a_step(llama_dir):

@@ -94,9 +94,10 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids, or tokenizer=PATH")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
-            if bad:
+        if isinstance(prompt, (list, tuple)):
+            if bad := [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]:
+                raise ValueError(f"a prompt's token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+            if bad := [t for t in prompt if not 0 <= t < self.model_config.vocab_size]:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.model_config.vocab_size})")
             return None, list(prompt)
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")

@@ -316,12 +316,13 @@ class ModelRunner:
 
         def col(name, dtype=torch.float32):
             return self._device([getattr(p, name) for p in params], dtype)
-        md = SamplingMetadata(col("temperature"), col("top_k", torch.long), col("top_p"), col("min_p"),
+        vocab = self.cfg.vocab_size
+        top_k = self._device([min(p.top_k, vocab) for p in params], torch.long)  # (any int: past the vocab is off)
+        md = SamplingMetadata(col("temperature"), top_k, col("top_p"), col("min_p"),
                               [self._generator(s) for s in seqs], all_greedy=all(p.temperature == 0 for p in params),
                               any_greedy=any(p.temperature == 0 for p in params),
                               use_min_p=any(p.min_p > 0 for p in params),
                               use_top_k_p=any(p.top_k > 0 or p.top_p < 1 for p in params))
-        vocab = self.cfg.vocab_size
         if any(p.penalized for p in params):
             md.repetition_penalty = col("repetition_penalty")
             md.presence_penalty = col("presence_penalty")
@@ -357,5 +358,8 @@ class ModelRunner:
             return None
         if seq.generator is None:
             # (taken modulo 2^64, the seeds torch takes: any integer seed, and its n samples', is one)
-            seq.generator = torch.Generator(device=self.device).manual_seed((seed + 1_000_003 * seq.index) % 2**64)
+            seed = (seed + 1_000_003 * seq.index) % 2**64
+            if self.device.type == "cpu":  # its generator keeps the low 32 bits only: fold the high ones in
+                seed = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         return seq.generator
