@@ -237,6 +237,9 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools"),
+    ("chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    ("chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
     ("chat/completions", {"messages": USER, "model": "gpt-4o"}, 404, "gpt-4o"),
 ]
@@ -255,13 +258,17 @@ def test_bad_input_is_a_4xx_naming_the_problem(server, route, body, status, name
 
 def test_null_means_the_default(server):
     """Fields OpenAI allows to be null are taken as their defaults, as OpenAI clients send them; so are the fields
-    this server does not implement, at null (or at their default value)."""
-    bodies = {"completions": {"prompt": "Hi", "max_tokens": 2, "stream": None, "echo": False, "best_of": 1,
-                              "suffix": None, "logit_bias": None, "stream_options": None},
-              "chat/completions": {"messages": USER, "max_tokens": 2, "stream": None, "logprobs": None,
-                                   "tools": None, "tool_choice": None, "response_format": None,
-                                   "parallel_tool_calls": None, "logit_bias": None}}
-    for route, body in bodies.items():
+    this server does not implement, at null or at a value that asks for nothing."""
+    bodies = [("completions", {"prompt": "Hi", "max_tokens": 2, "stream": None, "echo": False, "best_of": 1,
+                                "suffix": None, "logit_bias": None, "stream_options": None}),
+              ("chat/completions", {"messages": USER, "max_tokens": 2, "stream": None, "logprobs": None,
+                                    "tools": None, "tool_choice": None, "response_format": None,
+                                    "parallel_tool_calls": None, "logit_bias": None}),
+              # values that ask for nothing, as some clients send them
+              ("chat/completions", {"messages": USER, "max_tokens": 2, "tools": [], "tool_choice": "none",
+                                    "response_format": {"type": "text"}, "logit_bias": {}, "functions": [],
+                                    "function_call": "auto", "parallel_tool_calls": False})]
+    for route, body in bodies:
         r = httpx.post(f"{server}/v1/{route}", json=body, headers=AUTH)
         assert r.status_code == 200, r.text
 

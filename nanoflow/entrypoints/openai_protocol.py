@@ -45,11 +45,12 @@ def one_of(what: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-def only_default(default=None) -> Any:
-    """An OpenAI field this server does not implement: null (or its default value, which asks for nothing) is
-    accepted, as OpenAI clients send it; anything else is refused by name."""
+def only_default(*neutral) -> Any:
+    """An OpenAI field this server does not implement: null, or a value that asks for nothing (its default, an
+    empty list of tools, a tool_choice of "none"), is accepted, as clients send them; anything else is refused
+    by name."""
     def check(v):
-        if v is not None and not (type(v) is type(default) and v == default):
+        if v is not None and not any(type(v) is type(n) and v == n for n in neutral):
             raise PydanticCustomError("unsupported", "is not supported by this server")
         return v
     return Annotated[Any, BeforeValidator(check)]
@@ -85,7 +86,7 @@ class _SamplingRequest(_Request):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id; accepted and not used
-    logit_bias: only_default() = None
+    logit_bias: only_default({}) = None
 
     @field_validator("stream_options")
     @classmethod
@@ -114,7 +115,7 @@ class CompletionRequest(_SamplingRequest):
     logprobs: Int64 | None = None
     echo: only_default(False) = None
     best_of: only_default(1) = None
-    suffix: only_default() = None
+    suffix: only_default("") = None
 
     def sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)
@@ -142,12 +143,12 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
-    response_format: only_default() = None
-    tools: only_default() = None
-    tool_choice: only_default() = None
-    parallel_tool_calls: only_default(True) = None
-    functions: only_default() = None
-    function_call: only_default() = None
+    response_format: only_default({"type": "text"}) = None
+    tools: only_default([]) = None
+    tool_choice: only_default("none", "auto") = None  # (with no tools)
+    parallel_tool_calls: only_default(True, False) = None
+    functions: only_default([]) = None
+    function_call: only_default("none", "auto") = None
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
