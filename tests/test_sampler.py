@@ -70,13 +70,19 @@ def _vllm_support(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -
     return set(nucleus.tolist()) & set(torch.nonzero(keep).flatten().tolist())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
 @pytest.mark.parametrize("top_k, top_p, min_p", [(5, 0.5, 0.0), (0, 0.4, 0.3), (8, 0.7, 0.1), (3, 1.0, 0.0)])
-def test_filters_compose_as_vllm(logits, top_k, top_p, min_p):
+def test_filters_compose_as_vllm(logits, top_k, top_p, min_p, device):
     """top_p takes the nucleus of what min_p and top_k left, renormalized (not of the raw distribution)."""
     allowed = _vllm_support(logits[0].softmax(-1), top_k, top_p, min_p)
-    probs = filter_probs(logits.softmax(-1), md(1, top_k=top_k, top_p=top_p, min_p=min_p))
+    m = md(1, top_k=top_k, top_p=top_p, min_p=min_p)
+    for name in ("temperature", "top_k", "top_p", "min_p"):
+        setattr(m, name, getattr(m, name).to(device))
+    logits = logits.to(device)
+    probs = filter_probs(logits.softmax(-1), m)
     assert set(torch.nonzero(probs[0]).flatten().tolist()) == allowed
-    assert set(draws(logits, md(1, top_k=top_k, top_p=top_p, min_p=min_p))) == allowed
+    assert set(draws(logits, m)) == allowed
 
 
 def test_temperature_sharpens(logits):
