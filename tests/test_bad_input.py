@@ -212,3 +212,12 @@ def test_tune_refuses_an_fp8_kv_cache(capsys):
     from nanoflow.entrypoints.cli import main
     assert main(["tune", "--kv-cache-dtype", "fp8"]) == 2
     assert "--kv-cache-dtype fp8" in capsys.readouterr().err
+
+
+def test_text_without_a_tokenizer_says_how_to_give_one(tmp_path):
+    from conftest import make_hf_model
+    make_hf_model(str(tmp_path), "llama", None)
+    llm = LLM(str(tmp_path))
+    with pytest.raises(ValueError, match="no tokenizer: pass token ids, or a tokenizer .*--tokenizer PATH"):
+        llm.generate("hi")
+    assert len(llm.generate([[1, 2]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2

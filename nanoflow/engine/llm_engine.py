@@ -92,7 +92,8 @@ class LLMEngine:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids, or tokenizer=PATH")
+                raise ValueError("this model has no tokenizer: pass token ids, or a tokenizer (tokenizer=PATH; on the "
+                                 "command line, --tokenizer PATH)")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             if bad := [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]:
