@@ -18,6 +18,9 @@ def test_workloads():
     prompts = w.prompts(vocab_size=50, seed=1)
     assert len(prompts) == 7 and all(len(p) == 100 and max(p) < 50 for p in prompts)
     assert prompts == w.prompts(vocab_size=50, seed=1)
+    # another stream (a bench's next workload or rate) shares no prompt's start with the first
+    other = w.prompts(vocab_size=50, seed=1, stream=1)
+    assert not {tuple(p[:16]) for p in prompts} & {tuple(p[:16]) for p in other}
     for name in TRACES:
         rows = load_trace(name)
         assert len(rows) > 10000 and all(0 < p <= MAX_PROMPT and 0 < o <= MAX_OUTPUT for p, o in rows)
@@ -51,9 +54,10 @@ def test_cost_model():
 def test_bench_throughput_cli(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "throughput", "--workload", "const:24:6", "--num-requests", "6", "--warmup-requests", "1",
-                 "--workload", "trace:lmsys:3", "--output", str(out)]) == 0
+                 "--workload", "trace:lmsys:3", "--workload", "const:48:2:3", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
-    r, t = report["results"]
+    r, t, longer = report["results"]
+    assert longer["prefix_cache_hit_rate"] == 0  # its prompts did start with the first workload's: a cache hit
     assert t["workload"] == "trace:lmsys:3" and t["num_requests"] == 3
     assert r["num_requests"] == 6 and r["total_prompt_tokens"] == 144 and r["total_output_tokens"] == 36
     assert r["tokens_per_second"] == pytest.approx(180 / r["elapsed_time"])

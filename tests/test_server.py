@@ -373,8 +373,10 @@ def test_bench_serve(server, tmp_path, capsys):
             assert r[f"{stat}_{name}_ms"] > 0
     assert r["mean_normalized_latency_ms"] == pytest.approx(r["mean_e2e_ms"] / 4)
     assert "normalized latency" in capsys.readouterr().out
+    hits = metrics(server)["nanoflow_prefix_cache_hits_total"]
     assert main(args + ["--num-requests", "3", "--sweep", "20,inf", "--output", str(out), "--plot", str(png)]) == 0
     assert [r["request_rate"] for r in json.loads(out.read_text())["results"]] == [20.0, "inf"]
+    assert metrics(server)["nanoflow_prefix_cache_hits_total"] == hits  # each rate's own prompts: no cached prefix
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -84,9 +84,11 @@ def _read_ids(r: RequestResult, logprobs: dict | None) -> None:
 
 
 async def run(url: str, model: str, workload: Workload, rate: float, max_concurrency: int | None = None,
-              api_key: str | None = None, vocab_size: int = 32000, temperature: float = 1.0, seed: int = 0) -> dict:
-    """Send the workload's conversations at `rate` per second (Poisson; inf: all at once); returns the summary."""
-    convs = workload.conversations(vocab_size, seed)
+              api_key: str | None = None, vocab_size: int = 32000, temperature: float = 1.0, seed: int = 0,
+              stream: int = 0) -> dict:
+    """Send the workload's conversations at `rate` per second (Poisson; inf: all at once); returns the summary.
+    stream: which draw of prompts (see Workload.prompts); the arrival gaps are the seed's alone."""
+    convs = workload.conversations(vocab_size, seed, stream)
     multiround = any(len(turns) > 1 for turns in convs)
     gaps, stand_ins = random.Random(seed), random.Random(seed + 1)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -207,10 +209,10 @@ def main(args) -> int:
             args.model = json.load(resp)["data"][0]["id"]
     report = {"command": getattr(args, "command_line", None), "date": datetime.date.today().isoformat(), "url": url,
               "model": args.model, "workload": args.workload, "max_concurrency": args.max_concurrency, "results": []}
-    for rate in args.sweep or [args.request_rate]:
+    for k, rate in enumerate(args.sweep or [args.request_rate]):  # (each rate its own prompts: no cache hits)
         workload = parse(args.workload, args.num_requests, args.seed)
         r = asyncio.run(run(f"{url}/v1/completions", args.model, workload, rate, args.max_concurrency, args.api_key,
-                            args.vocab_size, args.temperature, args.seed))
+                            args.vocab_size, args.temperature, args.seed, stream=k))
         r = {"request_rate": rate if math.isfinite(rate) else "inf", **r}  # JSON has no inf
         print_result(r)
         report["results"].append(r)

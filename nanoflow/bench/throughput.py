@@ -127,7 +127,7 @@ def stage_of(done: int, waiting: bool) -> str:
 
 
 def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float = 1.0, breakdown: bool = False,
-                 timeline: bool = False, progress: bool = True) -> dict:
+                 timeline: bool = False, progress: bool = True, stream: int = 0) -> dict:
     """Run every request of the workload to completion; returns timings and counts. A multi-round
     conversation's next turn is added once its previous turn has finished.
 
@@ -135,7 +135,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     wait to be admitted, when the batch's mix of prefill and decode is the one an endless backlog keeps. A run whose
     requests all fit at once has none (its batches only fill, then drain); the whole-run figures are the headline."""
     eng = llm.engine
-    convs = workload.conversations(eng.model_config.vocab_size, seed)
+    convs = workload.conversations(eng.model_config.vocab_size, seed, stream)
     turns: dict[str, tuple[int, int, list[int]]] = {}  # request id -> (conversation, turn, prompt)
 
     def add(c: int, k: int, context: list[int]) -> None:
@@ -245,8 +245,8 @@ def _hf_baseline(args, workloads: list[Workload]) -> tuple[dict, dict]:
     cfg = resolve(args.model, args.num_layers).config
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hf = hf_baseline.build(cfg, resolve_dtype(args.dtype, device, cfg.torch_dtype), device, args.seed)
-    results = {w.name: hf_baseline.run(hf, w.prompts(cfg.vocab_size, args.seed), w.lengths[0][1], args.temperature)
-               for w in workloads}
+    results = {w.name: hf_baseline.run(hf, w.prompts(cfg.vocab_size, args.seed, k), w.lengths[0][1], args.temperature)
+               for k, w in enumerate(workloads)}
     weights = {k: v.to("cpu") for k, v in hf.state_dict().items()}
     del hf
     if device.type == "cuda":
@@ -296,10 +296,10 @@ def throughput(args) -> dict:
     if args.warmup_requests:
         run_workload(llm, Workload("warm-up", workloads[0].lengths[: args.warmup_requests]), args.seed + 1,
                      args.temperature, progress=False)
-    for w in workloads:
+    for k, w in enumerate(workloads):  # (each workload its own prompts: none starts with an earlier one's)
         preempted = eng.scheduler.num_preemptions
         r = {"workload": w.name, **run_workload(llm, w, args.seed, args.temperature, breakdown=args.breakdown,
-                                                timeline=bool(args.timeline))}
+                                                timeline=bool(args.timeline), stream=k)}
         r["preemptions"] = eng.scheduler.num_preemptions - preempted
         r["tokens_per_second_per_gpu"] = r["tokens_per_second"] / tp
         if w.name.startswith("const:"):

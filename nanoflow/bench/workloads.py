@@ -28,14 +28,16 @@ class Workload:
                                     # message's tokens (not the whole prompt's), conversation after conversation
     rounds: list[int] | None = None  # multi-round: each conversation's number of turns
 
-    def prompts(self, vocab_size: int, seed: int = 0) -> list[list[int]]:
-        rng = random.Random(seed)
+    def prompts(self, vocab_size: int, seed: int = 0, stream: int = 0) -> list[list[int]]:
+        """Random token ids. Each stream is its own draw: the runs of one bench (its workloads, its request rates)
+        take streams 0, 1, ..., so that no run's prompts start with an earlier run's, which the prefix cache holds."""
+        rng = random.Random(f"{seed}:{stream}" if stream else seed)
         return [[rng.randrange(vocab_size) for _ in range(p)] for p, _ in self.lengths]
 
-    def conversations(self, vocab_size: int, seed: int = 0) -> list[list[tuple[list[int], int]]]:
+    def conversations(self, vocab_size: int, seed: int = 0, stream: int = 0) -> list[list[tuple[list[int], int]]]:
         """Each conversation's turns as (new message's token ids, answer tokens); one turn each unless
         multi-round. A turn's prompt is the previous turn's prompt and answer, then the new message."""
-        turns = iter(zip(self.prompts(vocab_size, seed), (o for _, o in self.lengths)))
+        turns = iter(zip(self.prompts(vocab_size, seed, stream), (o for _, o in self.lengths)))
         return [[next(turns) for _ in range(k)] for k in self.rounds or [1] * len(self.lengths)]
 
     @property
