@@ -202,10 +202,13 @@ def test_bad_engine_options(llama_dir):
         LLM(llama_dir, dtype="int3")
 
 
-def test_bad_stream_interval_is_refused_before_the_model_loads(capsys):
+@pytest.mark.parametrize("flag, value, message", [("--stream-interval", "0", "--stream-interval must be >= 1"),
+                                                   ("--max-waiting-requests", "0", "--max-waiting-requests must be >= 1"),
+                                                   ("--port", "99999", "--port must be >= 0 and <= 65535")])
+def test_bad_serve_flags_are_refused_before_the_model_loads(capsys, flag, value, message):
     from nanoflow.entrypoints.cli import main
-    assert main(["serve", "--model", "/no/such/model", "--stream-interval", "0"]) != 0
-    assert "--stream-interval must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", "/no/such/model", flag, value]) != 0
+    assert message in capsys.readouterr().err
 
 
 def test_tune_refuses_an_fp8_kv_cache(capsys):

@@ -89,3 +89,7 @@ def test_cli_reports_bad_input():
     r = subprocess.run([sys.executable, "-m", "nanoflow.entrypoints.cli", "generate", "x", "--model", "/nonexistent"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "model not found" in r.stderr
+    # a prompt the engine refuses prints only the error (the prompt was echoed first, the error on its line)
+    r = subprocess.run([sys.executable, "-m", "nanoflow.entrypoints.cli", "generate", "The capital of France is",
+                        "--max-model-len", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "" and "the prompt has" in r.stderr

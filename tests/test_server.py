@@ -454,13 +454,15 @@ def test_stream_interval(interval, due):
     from nanoflow.entrypoints.metrics import Metrics
     from nanoflow.outputs import CompletionOutput, RequestOutput
 
-    def out(rid, n, done=False):
-        return RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * n, list(range(n)))], finished=done)
+    def out(rid, n, done=False, choices=1):
+        return RequestOutput(rid, None, [1], [CompletionOutput(i, "x" * n, list(range(n))) for i in range(choices)],
+                             finished=done)
     engine = SimpleNamespace(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"))
     eng = AsyncEngine(engine, Metrics(), 8, interval)
-    eng._sinks.update({"a": "sink-a", "b": "sink-b"})
-    sent = [n for n in range(1, 9) if eng._due(out("a", n, n == 8)) == "sink-a"]
-    assert sent == due and "a" not in eng._sinks and "a" not in eng._sent
+    for choices in (1, 3):  # N new tokens of each choice (n > 1 once counted them all together)
+        eng._sinks.update({"a": "sink-a", "b": "sink-b"})
+        sent = [n for n in range(1, 9) if eng._due(out("a", n, n == 8, choices)) == "sink-a"]
+        assert sent == due and "a" not in eng._sinks and "a" not in eng._sent
     assert eng._due(out("b", 1)) == "sink-b"  # its own count
     with pytest.raises(ValueError, match="--stream-interval must be >= 1"):
         AsyncEngine(engine, Metrics(), 8, 0)

@@ -33,7 +33,9 @@ class RequestResult:
     prompt_len: int
     output_len: int = 0
     ttft: float | None = None  # seconds
-    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks (one token each)
+    # gaps between streamed chunks, as vLLM's benchmark counts them: one token a chunk unless the server
+    # coalesces them (serve --stream-interval N: up to N a chunk), where TPOT is the per-token figure
+    itl: list[float] = field(default_factory=list)
     e2e: float = 0.0
     error: str | None = None
     token_ids: list[int] | None = None  # the answer's, when asked for and the server names them
@@ -162,7 +164,7 @@ def print_result(r: dict) -> None:
             ("duration", f"{r['duration_s']:.2f} s"), ("request throughput", f"{r['request_throughput']:.2f} req/s"),
             ("output tok/s", f"{r['output_throughput']:.1f}"), ("total tok/s", f"{r['total_token_throughput']:.1f}"),
             # a client near one core (100%) bounds the throughput it can measure
-            ("client CPU", f"{r['client_cpu_s']:.1f} s ({100 * r['client_cpu_s'] / r['duration_s']:.0f}% of a core)")]
+            ("client CPU", f"{r['client_cpu_s']:.2f} s ({100 * r['client_cpu_s'] / r['duration_s']:.0f}% of a core)")]
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency"),
                         ("normalized_latency", "normalized latency (/token)")):
         if r[f"mean_{name}_ms"] is not None:

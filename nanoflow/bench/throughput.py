@@ -333,13 +333,14 @@ def throughput(args) -> dict:
 
 
 def print_result(report: dict, r: dict) -> None:
+    unit, tp = "rank" if report["device"] == "cpu" else "GPU", report["tensor_parallel_size"]
     rows = [("workload", r["workload"]), ("device", report["device"]),
             ("requests/s", f"{r['requests_per_second']:.2f}"), ("total tok/s", f"{r['tokens_per_second']:.1f}"),
             ("output tok/s", f"{r['output_tokens_per_second']:.1f}"),
-            ("total tok/s per GPU", f"{r['tokens_per_second_per_gpu']:.1f} ({report['tensor_parallel_size']} GPUs)"),
+            (f"total tok/s per {unit}", f"{r['tokens_per_second_per_gpu']:.1f} ({tp} {unit}{'s' * (tp > 1)})"),
             ("optimal tok/s (C/2P)", f"{report['optimal_tokens_per_second']:.1f}  "
-                                     f"(C = {report['gemm_tflops']:.1f} TFLOP/s per GPU, the higher of "
-                                     f"{' and '.join(f'{x:.1f}' for x in report['gemm_tflops_measured'])}, "
+                                     f"(C = {report['gemm_tflops']:.4g} TFLOP/s per {unit}, the higher of "
+                                     f"{' and '.join(f'{x:.4g}' for x in report['gemm_tflops_measured'])}, "
                                      f"P = {report['active_params'] / 1e9:.3g} B active parameters)"),
             ("% of optimal", f"{r['percent_of_optimal']:.1f}%"),
             ("tokens / iteration", f"{r['mean_tokens_per_iteration']:.0f}"),

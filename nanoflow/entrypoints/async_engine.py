@@ -218,7 +218,8 @@ class AsyncEngine(EngineClient):
             self._sent.pop(rid, None)
             return self._sinks.pop(rid, None)
         if self.stream_interval > 1:  # (the default, 1: every output, no counting)
-            tokens, sent = sum(len(c.token_ids) for c in out.outputs), self._sent.get(rid, 0)
+            # (counted per choice: a request's n choices step together)
+            tokens, sent = max(len(c.token_ids) for c in out.outputs), self._sent.get(rid, 0)
             if tokens - sent < self.stream_interval and sent > 0:
                 return None
             self._sent[rid] = tokens

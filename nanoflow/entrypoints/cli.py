@@ -70,10 +70,10 @@ def generate(a: argparse.Namespace) -> int:
                             min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.sample_seed,
                             stop=a.stop or None, ignore_eos=a.ignore_eos)
     prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
-    if not a.chat:
-        sys.stdout.write(a.prompt)
     shown = 0
-    for out in llm.stream(prompt, params):
+    for i, out in enumerate(llm.stream(prompt, params)):
+        if i == 0 and not a.chat:  # (once the prompt is accepted: a refused one prints only the error)
+            sys.stdout.write(a.prompt)
         text = out.outputs[0].text
         sys.stdout.write(text[shown:])
         sys.stdout.flush()
@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=_bench_throughput)
     sc = bench.add_parser("schedule", help="the scheduler alone over a workload's lengths (no model, no GPU): "
                                             "iterations and tokens per iteration by token budget and policy")
-    sc.add_argument("--workload", action="append", required=True, help="const:IN:OUT[:N] or trace:NAME[:N]")
+    sc.add_argument("--workload", action="append", required=True,
+                    help="const:IN:OUT[:N] or trace:splitwise|lmsys|sharegpt[:N] (not multiround: its turns wait on "
+                         "answers)")
     sc.add_argument("--num-requests", type=int, default=None, help="as bench throughput's")
     sc.add_argument("--num-kv-blocks", type=int, required=True, help="the KV blocks (a GPU run prints its count)")
     sc.add_argument("--block-size", type=int, default=16, help="as the GPU run's (it prints its block size)")
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--url", default="http://127.0.0.1:8000")
     bs.add_argument("--model", default=None, help="the served model name (default: the server's first model)")
     bs.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"))
-    bs.add_argument("--workload", default="trace:splitwise", help="const:IN:OUT[:N] or trace:NAME[:N]")
+    bs.add_argument("--workload", default="trace:splitwise",
+                    help="const:IN:OUT[:N], trace:splitwise|lmsys|sharegpt[:N] or multiround:TRACE[:N[:ROUNDS]]")
     bs.add_argument("--num-requests", type=int, default=1000, help="requests per rate, unless the workload has :N")
     bs.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     bs.add_argument("--sweep", type=_rates, default=None, help="R1,R2,...: one run per request rate")

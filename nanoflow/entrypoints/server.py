@@ -415,8 +415,11 @@ def serve(args) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     except (ValueError, OSError):
         pass
-    if args.stream_interval < 1:  # (before the model loads)
-        raise ValueError(f"--stream-interval must be >= 1, not {args.stream_interval}")
+    for flag, value, low, high in (("--stream-interval", args.stream_interval, 1, None),  # (before the model loads)
+                                   ("--max-waiting-requests", args.max_waiting_requests, 1, None),
+                                   ("--port", args.port, 0, 65535)):
+        if value < low or high is not None and value > high:
+            raise ValueError(f"{flag} must be >= {low}{f' and <= {high}' if high else ''}, not {value}")
     if args.api_server_count < 1 or args.api_server_count > 1 and args.data_parallel_size is None:
         raise ValueError(f"--api-server-count must be >= 1 ({args.api_server_count} given), and above 1 only with "
                          f"--data-parallel-size")
