@@ -154,10 +154,27 @@ def test_a_kv_cache_smaller_than_the_context_bounds_the_output():
     assert sched.check_prompt(20) == 12
 
 
-def test_an_output_larger_than_the_kv_cache_ends_at_it(llama_dir):
-    llm = LLM(llama_dir, num_kv_blocks=2, block_size=16)
-    out = llm.generate([[5] * 20], SamplingParams(max_tokens=14, ignore_eos=True), use_tqdm=False)[0].outputs[0]
-    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+def test_an_output_larger_than_the_kv_cache(llama_dir, caplog):
+    """max_tokens that the whole cache cannot hold is refused (it was cut silently); without max_tokens the output
+    ends at the cache, as at the context length; the engine warns of such a cache at its start."""
+    with caplog.at_level("WARNING"):
+        llm = LLM(llama_dir, num_kv_blocks=2, block_size=16)
+    assert "the KV cache holds 32 tokens, fewer than max_model_len" in caplog.text
+    with pytest.raises(ValueError, match=r"the prompt \(20 tokens\) and max_tokens=14 need more than the whole KV "
+                                         r"cache holds \(32 tokens\)"):
+        llm.generate([[5] * 20], SamplingParams(max_tokens=14, ignore_eos=True), use_tqdm=False)
+    for max_tokens in (12, None):
+        out = llm.generate([[5] * 20], SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_a_predicted_output_len_past_the_cache_is_admitted(llama_dir):
+    """NanoFlow's admission by a fixed predicted output length: a prediction longer than the request may generate
+    (here, than the whole cache) once kept it waiting forever."""
+    llm = LLM(llama_dir, num_kv_blocks=2, block_size=16, admission="predicted", predicted_output_len=64)
+    out = llm.generate([[5] * 20], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5
 
 
 @pytest.mark.parametrize("kw, name", [

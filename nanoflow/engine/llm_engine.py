@@ -4,6 +4,7 @@ step = schedule (scheduler) -> execute (runner) -> postprocess (tokens, text, st
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -22,6 +23,7 @@ from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import Tokenizer
 
 Prompt = str | list[int] | dict
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -59,6 +61,9 @@ class LLMEngine:
             raise
         self.scheduler = Scheduler(self.config, self.runner.num_blocks, self.runner.max_num_tokens,
                                    self.max_model_len, self.runner.num_host_blocks)
+        if (cache := self.runner.num_blocks * self.runner.block_size) < self.max_model_len:
+            log.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): a sequence can grow only to "
+                        "the cache, and a request whose max_tokens needs more is refused", cache, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.device.type == "cuda")
@@ -117,6 +122,10 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         room = self.scheduler.check_prompt(len(ids))
+        if params.max_tokens is not None and min(params.max_tokens, self.max_model_len - len(ids)) > room:
+            raise ValueError(f"the prompt ({len(ids)} tokens) and max_tokens={params.max_tokens} need more than the "
+                             f"whole KV cache holds ({len(ids) + room} tokens): lower max_tokens, or give the cache "
+                             f"more room")
         req = Request(request_id, text, ids, params)
         for seq in req.seqs:
             seq.max_tokens = min(params.max_tokens or room, room)

@@ -90,7 +90,8 @@ class Scheduler:
                              f"(max_model_len = {self.max_model_len})")
         cache = self.blocks.num_blocks * self.blocks.block_size
         if num_tokens + 1 > cache:
-            raise ValueError(f"the prompt has {num_tokens} tokens, more than the KV cache holds ({cache} tokens)")
+            raise ValueError(f"the prompt has {num_tokens} tokens: with its first output token, more than the KV "
+                             f"cache holds ({cache} tokens)")
         return min(self.max_model_len, cache) - num_tokens
 
     def add(self, seq: Sequence) -> None:
@@ -229,6 +230,8 @@ class Scheduler:
 
     def _predicted_len(self, seq: Sequence) -> int:
         out_len = self.config.predicted_output_len or seq.max_tokens or 0
+        if seq.max_tokens is not None:  # (a prediction past what it may generate could outgrow the whole cache)
+            out_len = min(out_len, seq.max_tokens)
         return max(seq.num_prompt_tokens + out_len, seq.num_tokens)
 
     def _predicted_peak(self, seq: Sequence) -> int:
