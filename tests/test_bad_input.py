@@ -151,7 +151,9 @@ def test_a_kv_cache_smaller_than_the_context_bounds_the_output():
     from nanoflow.config import EngineConfig
     from nanoflow.engine.scheduler import Scheduler
     sched = Scheduler(EngineConfig(block_size=16), 2, 64, 8192)  # 32 tokens of cache
-    assert sched.check_prompt(20) == 12
+    assert sched.check_prompt(20) == 12 == sched.check_prompt(20, 12)
+    with pytest.raises(ValueError, match="max_tokens=13 need more than the whole KV cache holds"):
+        sched.check_prompt(20, 13)
 
 
 def test_an_output_larger_than_the_kv_cache(llama_dir, caplog):

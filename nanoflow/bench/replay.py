@@ -29,7 +29,7 @@ def replay(sched: Scheduler, lengths: list[tuple[int, int]], asynchronous: bool 
     every output token generated (ignore_eos). A request's prompt shares no block with another's. Each iteration's
     sampled tokens are read back at once or, asynchronously, one iteration late."""
     for i, (p, o) in enumerate(lengths):
-        room = sched.check_prompt(p)  # (as the engine checks and bounds a request)
+        room = sched.check_prompt(p, o)  # (as the engine checks and bounds a request)
         seq = Request(str(i), None, [i] * p, SamplingParams(max_tokens=o, ignore_eos=True)).seqs[0]
         seq.max_tokens = min(o, room)
         sched.add(seq)

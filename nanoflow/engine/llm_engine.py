@@ -121,11 +121,7 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        room = self.scheduler.check_prompt(len(ids))
-        if params.max_tokens is not None and min(params.max_tokens, self.max_model_len - len(ids)) > room:
-            raise ValueError(f"the prompt ({len(ids)} tokens) and max_tokens={params.max_tokens} need more than the "
-                             f"whole KV cache holds ({len(ids) + room} tokens): lower max_tokens, or give the cache "
-                             f"more room")
+        room = self.scheduler.check_prompt(len(ids), params.max_tokens)
         req = Request(request_id, text, ids, params)
         for seq in req.seqs:
             seq.max_tokens = min(params.max_tokens or room, room)

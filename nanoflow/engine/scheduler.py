@@ -81,10 +81,11 @@ class Scheduler:
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
         self.num_scheduled_tokens = 0  # every token computed, prefill and decode
 
-    def check_prompt(self, num_tokens: int) -> int:
+    def check_prompt(self, num_tokens: int, max_tokens: int | None = None) -> int:
         """The room a prompt of num_tokens leaves for output tokens: to the context length, or to the whole KV cache
-        where that is smaller (a sequence longer than the cache would preempt itself forever); ValueError if the
-        context length leaves none, or if the prompt and its first output need more than the whole KV cache."""
+        where that is smaller (a sequence longer than the cache would preempt itself forever). ValueError if the
+        context length leaves none, if the prompt and its first output need more than the whole KV cache, or if
+        max_tokens does where the context would allow it (a cut there would be silent)."""
         if num_tokens >= self.max_model_len:
             raise ValueError(f"the prompt has {num_tokens} tokens, which leaves no room in the context length "
                              f"(max_model_len = {self.max_model_len})")
@@ -92,7 +93,11 @@ class Scheduler:
         if num_tokens + 1 > cache:
             raise ValueError(f"the prompt has {num_tokens} tokens: with its first output token, more than the KV "
                              f"cache holds ({cache} tokens)")
-        return min(self.max_model_len, cache) - num_tokens
+        room = min(self.max_model_len, cache) - num_tokens
+        if max_tokens is not None and min(max_tokens, self.max_model_len - num_tokens) > room:
+            raise ValueError(f"the prompt ({num_tokens} tokens) and max_tokens={max_tokens} need more than the whole "
+                             f"KV cache holds ({cache} tokens): lower max_tokens, or give the cache more room")
+        return room
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

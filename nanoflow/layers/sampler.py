@@ -74,9 +74,10 @@ def filter_probs(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
         drop = (md.top_k[:, None] > 0) & (ranks >= md.top_k[:, None])
         kept = sorted_p.masked_fill(drop, 0.0)
-        kept = kept / kept.sum(-1, keepdim=True)
-        # a token goes when the mass before it already reaches p (top_p = 1 drops nothing, whatever the rounding)
-        drop |= ((kept.cumsum(-1) - kept) >= md.top_p[:, None]) & (md.top_p[:, None] < 1)
+        # a token goes when the mass kept before it already reaches p of all kept (top_p = 1 drops nothing, whatever
+        # the rounding)
+        p = md.top_p[:, None]
+        drop |= ((kept.cumsum(-1) - kept) >= p * kept.sum(-1, keepdim=True)) & (p < 1)
         drop[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
     return probs
