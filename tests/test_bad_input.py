@@ -231,6 +231,17 @@ def test_bad_serve_flags_are_refused_before_the_model_loads(capsys, flag, value,
     assert message in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
+    import socket
+    from nanoflow.entrypoints.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "/no/such/model", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
 def test_tune_refuses_an_fp8_kv_cache(capsys):
     from nanoflow.entrypoints.cli import main
     assert main(["tune", "--kv-cache-dtype", "fp8"]) == 2

@@ -27,7 +27,10 @@ for rows in (64, 256, 1024):
         ts = []
         for _ in range(50):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); mod.filter_probs(probs, md); b.record(); torch.cuda.synchronize()
+            a.record()
+            mod.filter_probs(probs, md)
+            b.record()
+            torch.cuda.synchronize()
             ts.append(a.elapsed_time(b))
         times.setdefault(name, []).append(statistics.median(ts))
     b, n = min(times["before"]), min(times["after"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sys
 import uuid
 from multiprocessing.connection import wait
@@ -24,13 +23,11 @@ from prometheus_client import start_http_server
 from nanoflow.distributed.parallel_state import free_ports
 from nanoflow.distributed.replica import launch_replicas
 from nanoflow.entrypoints.dp_router import Router
-from nanoflow.entrypoints.server import run_http
+from nanoflow.entrypoints.server import listen_socket, run_http
 
 
 def serve_api_servers(args) -> int:
     from nanoflow.entrypoints.cli import engine_kwargs
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ValueError("--api-server-count > 1 needs SO_REUSEPORT (Linux, BSD, macOS)")
     namespace = f"nanoflow-{uuid.uuid4().hex[:12]}"
     # (held to the end: Ray ends an actor, named or not, once its creator holds no handle to it)
     replicas = launch_replicas(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
@@ -68,9 +65,5 @@ def _api_server(args, front: int, address: str, namespace: str, ports: list[int]
     router = Router.attach(address, namespace, args.data_parallel_size, args.max_waiting_requests, front)
     router.metrics.peers = [f"http://127.0.0.1:{p}/metrics" for k, p in enumerate(ports) if k != front]
     start_http_server(ports[front], addr="127.0.0.1", registry=router.metrics.registry)  # its own, for the others
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((args.host, args.port))
-    run_http(router, args, sock)
+    run_http(router, args, listen_socket(args.host, args.port, reuse_port=True))
 

@@ -15,6 +15,7 @@ import re
 import resource
 import secrets
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -423,27 +424,51 @@ def serve(args) -> int:
     if args.api_server_count < 1 or args.api_server_count > 1 and args.data_parallel_size is None:
         raise ValueError(f"--api-server-count must be >= 1 ({args.api_server_count} given), and above 1 only with "
                          f"--data-parallel-size")
-    if args.data_parallel_size is None:
-        if args.ray_address is not None:
-            raise ValueError("--ray-address is for --data-parallel-size")
-        engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests,
-                             args.stream_interval)
-        settle_gc()
-    else:
-        if args.data_parallel_size < 1:
-            raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
-        if args.api_server_count > 1:
-            from nanoflow.entrypoints.api_servers import serve_api_servers
-            return serve_api_servers(args)
-        from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
-        engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
-                               args.max_waiting_requests, args.stream_interval)
-    run_http(engine, args)
+    if args.data_parallel_size is None and args.ray_address is not None:
+        raise ValueError("--ray-address is for --data-parallel-size")
+    if args.data_parallel_size is not None and args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
+    # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
+    sock = listen_socket(args.host, args.port, reuse_port=args.api_server_count > 1)
+    if args.api_server_count > 1:
+        sock.close()  # (a check only: each API-server process binds its own, beside the others)
+        from nanoflow.entrypoints.api_servers import serve_api_servers
+        return serve_api_servers(args)
+    with sock:
+        if args.data_parallel_size is None:
+            engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests,
+                                 args.stream_interval)
+            settle_gc()
+        else:
+            from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
+            engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
+                                   args.max_waiting_requests, args.stream_interval)
+        run_http(engine, args, sock)
     return 0
 
 
-def run_http(engine: EngineClient, args, sock=None) -> None:
-    """The API over engine, on args.host:args.port (or an open socket), until SIGTERM / SIGINT (see serve)."""
+def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it); a port in use is a ValueError naming it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: {e.strerror}") from None
+    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--api-server-count > 1 needs SO_REUSEPORT (Linux, BSD, macOS)")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
+    """The API over engine, on a socket bound to args.host:args.port, until SIGTERM / SIGINT (see serve)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -462,4 +487,4 @@ def run_http(engine: EngineClient, args, sock=None) -> None:
     # before; an ignoring one lets the process exit 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    Server(config).run(sockets=None if sock is None else [sock])
+    Server(config).run(sockets=[sock])
