@@ -43,6 +43,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    full_attention_layers: tuple[int, ...] = ()  # layers without the window (Qwen2's max_window_layers, layer_types)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
@@ -53,6 +54,10 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Qwen2-MoE: plus a shared expert every token uses (a SwiGLU MLP of this width), scaled by sigmoid(x · gate)
     shared_expert_intermediate_size: int = 0
+
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding attention window (None: it attends to the whole context)."""
+        return None if layer in self.full_attention_layers else self.sliding_window
 
     def __post_init__(self):
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -132,6 +137,13 @@ class ModelConfig:
             qwen = arch in ("qwen2", "qwen2_moe")
             if qwen and not cfg.get("use_sliding_window", False):
                 window = None
+            layers = cfg["num_hidden_layers"]
+            if types := cfg.get("layer_types"):  # (transformers >= 5 writes each layer's kind)
+                full = tuple(i for i, t in enumerate(types[:layers]) if t != "sliding_attention")
+            else:  # Qwen2's layers below max_window_layers attend fully (HF's default for it: 28)
+                full = tuple(range(min(cfg.get("max_window_layers", 28), layers))) if qwen else ()
+            if window is None or len(full) == layers:
+                window, full = None, ()
             if arch == "qwen2_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
                 raise ValueError("Qwen2-MoE with dense MLP layers among the expert layers (mlp_only_layers, "
                                  "decoder_sparse_step > 1) is not supported")
@@ -154,6 +166,7 @@ class ModelConfig:
                 o_bias=not qwen and cfg.get("attention_bias", False),
                 mlp_bias=cfg.get("mlp_bias", False),
                 sliding_window=window,
+                full_attention_layers=full,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),

@@ -57,3 +57,23 @@ def test_sharded_safetensors(tmp_path, tokenizer_dir):
     out = LLM(str(tmp_path)).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                                       use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(model, PROMPTS[1], 8)
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1, 2])
+def test_qwen2_windows_only_the_layers_from_max_window_layers(tmp_path, max_window_layers):
+    """Qwen2 windows layers >= max_window_layers (transformers >= 5 writes them as layer_types); the others attend to
+    the whole context. A prompt longer than the window tells them apart."""
+    from conftest import make_hf_model
+    model = make_hf_model(str(tmp_path), "qwen2", None, seed=4, use_sliding_window=True, sliding_window=6,
+                          max_window_layers=max_window_layers)
+    llm = LLM(str(tmp_path))
+    c = llm.engine.model_config
+    assert (c.sliding_window, c.full_attention_layers) == ((None, ()) if max_window_layers == 2 else
+                                                            (6, tuple(range(max_window_layers))))
+    prompt = PROMPTS[2] + PROMPTS[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    for pos in range(1, len(prompt)):
+        assert out.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(),
+                                                                                abs=1e-4)

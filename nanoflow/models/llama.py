@@ -224,7 +224,7 @@ class LlamaModel(nn.Module):
         q = ws.qkv[:, : c.q_size].view(n, c.num_heads, c.head_dim)
         out = ws.attn.view(n, c.num_heads, c.head_dim)
         fn = self.k.decode_attention if kind == DECODE else self.k.prefill_attention
-        fn(q, self.kv_cache[l, 0], self.kv_cache[l, 1], meta, self.scale, out, c.sliding_window)
+        fn(q, self.kv_cache[l, 0], self.kv_cache[l, 1], meta, self.scale, out, c.window(l))
 
     def decode_attn(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         self._attention(DECODE, l, ws, batch, a, b)
