@@ -74,21 +74,23 @@ class Tokenizer:
             with open(jinja_file) as f:
                 template = f.read()
         bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
-        eos_ids = cls._end_ids(tk, eos)
-        gen = read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
-        eos_ids |= set([gen] if isinstance(gen, int) else gen or [])
-        return cls(tk, template, bos, eos, eos_ids)
+        return cls(tk, template, bos, eos, cls._end_ids(tk, eos))
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
         from nanoflow.models.gguf_file import field
         kind = field(reader, "tokenizer.ggml.model")
+        if kind is None:
+            raise FileNotFoundError("the GGUF file has no tokenizer (no tokenizer.ggml.model)")
         if kind != "gpt2":
             raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (byte-level BPE 'gpt2' is supported); "
                              "pass an HF tokenizer directory instead")
-        tokens = field(reader, "tokenizer.ggml.tokens")
-        types = field(reader, "tokenizer.ggml.token_type")
-        merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+        keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+        tokens, types, merges = (field(reader, k) for k in keys)
+        if missing := [k for k, v in zip(keys, (tokens, types, merges)) if v is None]:
+            raise ValueError(f"the GGUF file's tokenizer lacks {', '.join(missing)}; pass an HF tokenizer directory "
+                             f"instead (tokenizer=PATH; on the command line, --tokenizer PATH)")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
         vocab = {t: i for i, t in enumerate(tokens)}
         tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
         tk.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre") or "default")

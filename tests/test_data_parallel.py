@@ -43,7 +43,7 @@ def test_deltas_rebuild_the_cumulative_outputs():
 
 
 def test_routing_by_load_with_bounded_prefix_affinity():
-    info = ReplicaInfo(None, 4096, "m", kv_tokens=1000, block_size=4, prefix_caching=True)
+    info = ReplicaInfo(None, 4096, "m", {}, kv_tokens=1000, block_size=4, prefix_caching=True)
     router = Router([(None, info), (None, info)], Metrics(), 8)
     a, b = router.replicas
     shared = router.affinity.keys([1, 2, 3, 4, 5, 6, 7, 8, 9])

@@ -427,3 +427,50 @@ def test_fp8_kv_cache():
     assert 0 < max(drift) < 0.5  # rounded (3 bits of mantissa), not garbage
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(None, kv_cache_dtype="int4")
+
+
+def _with_generation_config(src: str, dst, gen: dict, tokenizer: bool = True) -> str:
+    """A copy of the model directory src with this generation_config.json (and without tokenizer.json if asked)."""
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    (dst / "generation_config.json").write_text(json.dumps(gen))
+    if not tokenizer:
+        (dst / "tokenizer.json").unlink()
+    return str(dst)
+
+
+def test_generation_config_sets_the_defaults_of_requests_without_params(llama_dir, tmp_path):
+    """As vLLM's --generation-config auto: temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens
+    of the model's generation_config.json are the defaults; 'nanoflow' keeps SamplingParams()'s; a directory's file
+    may stand in for the model's."""
+    gen = {"do_sample": True, "temperature": 0.0, "top_k": 7, "repetition_penalty": 1.0, "max_new_tokens": 5}
+    path = _with_generation_config(llama_dir, tmp_path / "m", gen)
+    llm = LLM(path)
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, top_k=7, max_tokens=5)
+    out = llm.generate([PROMPTS[0]], use_tqdm=False)[0].outputs[0]  # greedy, 5 tokens
+    expect = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == expect.token_ids and len(out.token_ids) == 5
+    assert LLM(path, generation_config="nanoflow").get_default_sampling_params() == SamplingParams()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text('{"top_p": 0.5}')
+    assert LLM(llama_dir, generation_config=str(other)).get_default_sampling_params() == SamplingParams(top_p=0.5)
+
+
+def test_generation_config_eos_ids_stop_without_a_tokenizer(llama_dir, tmp_path):
+    """Its eos_token_id list ends sequences even where the directory has no tokenizer."""
+    free = LLM(llama_dir).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    ids = free[0].outputs[0].token_ids
+    path = _with_generation_config(llama_dir, tmp_path / "m", {"eos_token_id": [2, ids[3]]}, tokenizer=False)
+    out = LLM(path).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ids[:ids.index(ids[3]) + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("gen, choice, message", [
+    ({"temperature": -1.0}, "auto", "generation config's default invalid sampling parameter temperature"),
+    ({}, "/no/such/dir", "generation_config must be 'auto', 'nanoflow' or a directory")])
+def test_bad_generation_configs_are_refused(llama_dir, tmp_path, gen, choice, message):
+    path = _with_generation_config(llama_dir, tmp_path / "m", gen)
+    with pytest.raises(ValueError, match=message):
+        LLM(path, generation_config=choice)

@@ -466,3 +466,19 @@ def test_stream_interval(interval, due):
     assert eng._due(out("b", 1)) == "sink-b"  # its own count
     with pytest.raises(ValueError, match="--stream-interval must be >= 1"):
         AsyncEngine(engine, Metrics(), 8, 0)
+
+
+def test_the_models_defaults_fill_what_a_request_leaves_unset():
+    """The generation config's defaults (vLLM's --generation-config auto) apply to fields a request does not set;
+    max_tokens too, where neither max_tokens nor max_completion_tokens is given (an explicit null: the context)."""
+    from nanoflow.entrypoints import openai_protocol as api
+    defaults = {"temperature": 0.25, "top_k": 5, "max_tokens": 7}
+    p = api.CompletionRequest(prompt="x").sampling_params(defaults)
+    assert (p.temperature, p.top_k, p.max_tokens) == (0.25, 5, 7)
+    p = api.CompletionRequest(prompt="x", temperature=1.0, max_tokens=None).sampling_params(defaults)
+    assert (p.temperature, p.top_k, p.max_tokens) == (1.0, 5, None)
+    assert api.CompletionRequest(prompt="x").sampling_params({}).max_tokens == 16  # (OpenAI's default)
+    chat = dict(messages=[{"role": "user", "content": "x"}])
+    assert api.ChatCompletionRequest(**chat).sampling_params(defaults).max_tokens == 7
+    assert api.ChatCompletionRequest(**chat, max_completion_tokens=3).sampling_params(defaults).max_tokens == 3
+    assert api.ChatCompletionRequest(**chat, top_k=0).sampling_params(defaults).top_k == 0

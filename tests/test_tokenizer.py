@@ -50,3 +50,26 @@ def test_chat_template_errors(tok):
         tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ raise_exception('nope') }}")
     with pytest.raises(ValueError, match="chat template error: .*content"):  # (was jinja2's UndefinedError)
         tok.apply_chat_template([{"role": "user"}], chat_template="{{ messages[0]['content'].strip() }}")
+
+
+@pytest.mark.parametrize("model, error, message", [
+    (None, FileNotFoundError, "the GGUF file has no tokenizer"),
+    ("gpt2", ValueError, "tokenizer lacks tokenizer.ggml.merges; pass an HF tokenizer directory")])
+def test_a_gguf_without_tokenizer_metadata_says_what_it_lacks(tmp_path, model, error, message):
+    """(The engine then serves token ids only where the file has no tokenizer at all, as an HF directory without
+    tokenizer.json.)"""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from nanoflow.models.gguf_file import open_gguf
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    if model is not None:
+        w.add_tokenizer_model(model)
+        w.add_token_list(["a", "b"])
+        w.add_token_types([1, 1])
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(error, match=message):
+        Tokenizer.from_gguf(open_gguf(str(tmp_path / "t.gguf")))

@@ -40,6 +40,7 @@ class ReplicaInfo:
     tokenizer: Tokenizer | None
     max_model_len: int
     model_path: str
+    sampling_defaults: dict
     kv_tokens: int  # the KV cache's capacity
     block_size: int
     prefix_caching: bool
@@ -52,7 +53,7 @@ class Replica:
     def __init__(self, model: str | None, engine_kwargs: dict, max_waiting_requests: int, stream_interval: int = 1):
         engine = LLMEngine(model, **engine_kwargs)
         blocks = engine.scheduler.blocks
-        self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path,
+        self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path, engine.sampling_defaults,
                                  blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
         self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests, stream_interval)
         settle_gc()

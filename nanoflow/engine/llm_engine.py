@@ -17,7 +17,7 @@ from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
 from nanoflow.engine.sequence import Request, Sequence, Status
 from nanoflow.executor.model_runner import ModelOutput, ModelRunner
 from nanoflow.layers.sampler import LogprobRows
-from nanoflow.models.loader import build_model, check_load_format, resolve
+from nanoflow.models.loader import build_model, check_load_format, read_generation_config, resolve
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import Tokenizer
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, load_format: str = "auto",
-                 dtype: str | torch.dtype = "auto", device: str | None = None, **engine_args):
+                 dtype: str | torch.dtype = "auto", device: str | None = None, generation_config: str = "auto",
+                 **engine_args):
         self.config = EngineConfig(**engine_args)
         self.source = resolve(model, self.config.num_layers)
         check_load_format(self.source, load_format)
@@ -37,6 +38,10 @@ class LLMEngine:
         self.device = _device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
         self.tokenizer = self._load_tokenizer(tokenizer)
+        eos, self.sampling_defaults = read_generation_config(self.source, generation_config)
+        if self.sampling_defaults:  # (as vLLM says it)
+            log.info("default sampling parameters from the model's generation config: %s (generation_config="
+                     "'nanoflow', --generation-config nanoflow: nanoflow's defaults)", self.sampling_defaults)
         limit = cfg.max_position_embeddings
         if self.config.max_model_len is not None and self.config.max_model_len > limit:
             raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context length {limit}")
@@ -50,7 +55,7 @@ class LLMEngine:
             self.workers = Workers(tp_size, WorkerArgs(self.source.path, load_format, self.dtype, self.device.type,
                                                        self.config, self.max_model_len))
             tp = self.workers.group
-        self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
+        self.eos_token_ids = set(cfg.eos_token_ids) | eos | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         try:
             model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len,
                                  self.config.seed, tp)
@@ -77,13 +82,13 @@ class LLMEngine:
     def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
         if path is not None:
             return Tokenizer.from_dir(path)
-        if self.source.kind == "gguf":
-            return Tokenizer.from_gguf(self.source.gguf_reader)
-        if self.source.kind == "hf":
-            try:
+        try:
+            if self.source.kind == "gguf":
+                return Tokenizer.from_gguf(self.source.gguf_reader)
+            if self.source.kind == "hf":
                 return Tokenizer.from_dir(self.source.path)
-            except FileNotFoundError:
-                return None  # token-id prompts only
+        except FileNotFoundError:
+            return None  # token-id prompts only
         return None
 
     # -- requests --------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ class LLMEngine:
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        params = params or SamplingParams()
+        params = SamplingParams(**self.sampling_defaults) if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:

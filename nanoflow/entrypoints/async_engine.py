@@ -79,6 +79,7 @@ class EngineClient(abc.ABC):
     tokenizer: Tokenizer | None
     max_model_len: int
     model_path: str  # where the model came from (the served name's default)
+    sampling_defaults: dict  # from the model's generation config: what a request leaves unset
 
     def __init__(self, metrics: Metrics, max_waiting_requests: int):
         self.metrics = metrics
@@ -157,6 +158,7 @@ class AsyncEngine(EngineClient):
         self.stream_interval = stream_interval
         self._sent: dict[str, int] = {}  # engine thread only: tokens of each request already sent
         self.tokenizer, self.max_model_len, self.model_path = engine.tokenizer, engine.max_model_len, engine.source.path
+        self.sampling_defaults = engine.sampling_defaults
         self.stats = EngineStats()  # after the last iteration (written by the engine thread only)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
         self._sinks: dict[str, _Sink] = {}  # engine thread only

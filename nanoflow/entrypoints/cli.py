@@ -15,6 +15,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory, .gguf file or shape preset (default: SmolLM2-135M)")
     p.add_argument("--tokenizer", default=None, help="HF directory with tokenizer.json (default: the model's)")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"])
+    p.add_argument("--generation-config", default="auto",
+                   help="default sampling parameters of requests that leave them unset: auto, the model's "
+                        "generation_config.json; nanoflow, nanoflow's own; or a directory holding one")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -52,7 +55,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(tokenizer=a.tokenizer, load_format=a.load_format, dtype=a.dtype, device=a.device,
+    return dict(tokenizer=a.tokenizer, load_format=a.load_format, generation_config=a.generation_config,
+                dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
                 gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_gb=a.kv_cache_gb,

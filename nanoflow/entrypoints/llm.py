@@ -19,6 +19,11 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling params uses: the model's generation config's defaults (temperature, top_p,
+        top_k, min_p, repetition_penalty, max_new_tokens), else SamplingParams()'s; as vLLM's."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
         self.engine.shutdown()

