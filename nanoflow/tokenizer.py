@@ -136,26 +136,56 @@ class Tokenizer:
         return self.tk.id_to_token(token_id)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, **kwargs) -> str:
+                            chat_template: str | None = None, continue_final_message: bool = False,
+                            **kwargs) -> str:
+        """The conversation as the template renders it; kwargs are the template's own variables. Content given as
+        OpenAI's text parts is joined, a null content is empty. continue_final_message: the text ends inside the
+        last message (no end of turn), for the model to go on with it (as HF's and vLLM's)."""
         if not messages:
             raise ValueError("messages must not be empty")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m:
-                raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        messages = [_template_message(m) for m in messages]
         source = chat_template or self.chat_template
         if source is None:
             raise ValueError("this model has no chat template; pass chat_template=...")
         template = _compile(source) if chat_template else self._compiled()
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        except jinja2.TemplateError as e:  # e.g. a message without the 'content' the template reads
+        except (jinja2.TemplateError, TypeError) as e:  # e.g. a message without the 'content' the template reads
             raise ValueError(f"chat template error: {e}") from None
+        return _cut_after_final(text, messages[-1].get("content")) if continue_final_message else text
 
     def _compiled(self) -> jinja2.Template:
         if self._template is None:
             self._template = _compile(self.chat_template)
         return self._template
+
+
+def _template_message(m) -> dict:
+    if not isinstance(m, dict) or "role" not in m:
+        raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
+    content = m.get("content", "")
+    if content is None:
+        return m | {"content": ""}
+    if isinstance(content, list):
+        if bad := [p for p in content if not isinstance(p, dict) or p.get("type") != "text" or "text" not in p]:
+            raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}), got "
+                             f"{bad[0]!r}")
+        return m | {"content": "".join(p["text"] for p in content)}
+    return m
+
+
+def _cut_after_final(text: str, final) -> str:
+    """text up to the end of the final message's content (a template may strip the content's edges)."""
+    core = (final or "").strip()
+    if not core or core not in text:
+        raise ValueError("continue_final_message: the final message's text must appear in the rendered "
+                         "conversation (and not be empty)")
+    at = text.rindex(core)
+    kept = final.lstrip()  # its trailing spaces too, where the template kept them
+    return text[: at + (len(kept) if text.startswith(kept, at) else len(core))]
 
 
 def _raise(message: str):

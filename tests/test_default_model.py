@@ -61,6 +61,66 @@ def test_stop_string_cuts_exactly(default_llm):
     assert kept.text == full[: full.index(stop) + len(stop)]
 
 
+def test_a_stop_tokens_text_shows_only_with_include_stop_str_in_output(default_llm):
+    """As vLLM's: the token that ends a sequence (a stop token id, EOS) stays in token_ids, its text only with
+    include_stop_str_in_output. Greedy: ' Paris' (7042) '.' (30) ..."""
+    prompt = "The capital of France is"
+    for include, text in ((False, " Paris"), (True, " Paris.")):
+        c = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[30],
+                                                        include_stop_str_in_output=include), use_tqdm=False)[0]
+        c = c.outputs[0]
+        assert (c.text, c.token_ids, c.finish_reason, c.stop_reason) == (text, [7042, 30], "stop", 30)
+    for include in (False, True):
+        c = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                             SamplingParams(temperature=0, max_tokens=40, skip_special_tokens=False,
+                                            include_stop_str_in_output=include), use_tqdm=False)[0].outputs[0]
+        assert c.finish_reason == "stop" and c.stop_reason is None  # EOS, <|im_end|>
+        assert c.text.endswith("<|im_end|>") == include and "Paris" in c.text
+
+
+@pytest.mark.parametrize("min_tokens, stop, text, reason", [
+    (1, " Paris", " Paris.\n\nThe answer is:", "length"),  # ' Paris' is the first token's text
+    (2, ".", " Paris.\n\nThe answer is:", "length"),  # '.' is the second's
+    (1, ".", " Paris", "stop")])
+def test_the_first_min_tokens_text_holds_no_stop_string(default_llm, min_tokens, stop, text, reason):
+    """As vLLM's (since its PR 22014): a stop string is looked for only past the first min_tokens tokens' text."""
+    c = default_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8, stop=stop,
+                                                                         min_tokens=min_tokens), use_tqdm=False)[0]
+    assert (c.outputs[0].text, c.outputs[0].finish_reason) == (text, reason)
+
+
+def test_the_sampled_token_comes_first_in_its_logprobs(default_llm):
+    """As vLLM's: each position's dict starts with the sampled token, then the top-k."""
+    c = default_llm.generate("The capital of France is", SamplingParams(temperature=1.5, seed=3, max_tokens=8,
+                                                                         logprobs=2), use_tqdm=False)[0].outputs[0]
+    assert [next(iter(lp)) for lp in c.logprobs] == c.token_ids
+    assert any(lp[t].rank > 2 and len(lp) == 3 for t, lp in zip(c.token_ids, c.logprobs))  # (one outside the top 2)
+
+
+def test_chat_options_as_vllms(default_llm):
+    """continue_final_message, chat_template_kwargs, OpenAI's content parts and a null content, a tuple of params."""
+    greedy = SamplingParams(temperature=0, max_tokens=5)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The capital of France is"}]
+    r = default_llm.chat(msgs, greedy, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    assert default_llm.tokenizer.decode(r.prompt_token_ids).endswith("assistant\nThe capital of France is")
+    assert r.outputs[0].text.startswith(" Paris")
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+        default_llm.chat(msgs, greedy, continue_final_message=True)
+    template = "{{ messages[0].content }}{% if flag %} [FLAG]{% endif %}"
+    ids = default_llm.chat_prompt(msgs, chat_template=template, chat_template_kwargs={"flag": True})
+    assert default_llm.tokenizer.decode(ids["prompt_token_ids"]) == "Hi [FLAG]"
+    with pytest.raises(TypeError):  # (a misspelled option is an error, not a template variable)
+        default_llm.chat(msgs, greedy, add_generation_promt=False)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]
+    assert default_llm.chat_prompt(parts) == default_llm.chat_prompt(msgs[:1])
+    with pytest.raises(ValueError, match="content parts must be text parts"):
+        default_llm.chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    assert default_llm.chat_prompt([{"role": "user", "content": None}]) == \
+        default_llm.chat_prompt([{"role": "user", "content": ""}])
+    outs = default_llm.generate(["a", "b"], (greedy, SamplingParams(temperature=0, max_tokens=2)), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 2]
+
+
 def test_streaming_text_is_consistent(default_llm):
     """Streamed texts only grow, and never show a stop string that is then cut."""
     p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

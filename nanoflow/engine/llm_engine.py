@@ -193,15 +193,20 @@ class LLMEngine:
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        delta = detokenize(self.tokenizer, seq) if self.tokenizer else ""
+        params, n = seq.params, seq.num_output_tokens
         reason = stop = None
-        if seq.num_output_tokens >= params.min_tokens:
+        if n >= params.min_tokens:  # (the sampler bans them before)
             if token in self.eos_token_ids and not params.ignore_eos:
                 reason = "stop"
             elif params.stop_token_ids and token in params.stop_token_ids:
                 reason, stop = "stop", token
-            elif (s := find_stop(seq, len(delta))) is not None:
+        # As vLLM's: a stop token's text is left out unless include_stop_str_in_output, and the text of the first
+        # min_tokens tokens cannot hold a stop string.
+        if self.tokenizer and (reason is None or params.include_stop_str_in_output):
+            delta = detokenize(self.tokenizer, seq)
+            if n <= params.min_tokens:
+                seq.stop_text_from = len(seq.output_text)
+            elif reason is None and (s := find_stop(seq, len(delta))) is not None:
                 reason, stop = "stop", s
         if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
@@ -212,9 +217,9 @@ class LLMEngine:
     def _position(self, rows: LogprobRows, j: int, target: int, k: int) -> PositionLogprobs:
         """Row j as {token id: Logprob}: its top-k tokens and the target token."""
         decode = self.tokenizer.id_to_token if self.tokenizer else (lambda _: None)
-        entry = {t: Logprob(v, r + 1, decode(t))
-                 for r, (t, v) in enumerate(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k]))}
-        entry[target] = Logprob(rows.logprob[j], rows.rank[j], decode(target))
+        entry = {target: Logprob(rows.logprob[j], rows.rank[j], decode(target))}  # first, as vLLM's
+        entry |= {t: Logprob(v, r + 1, decode(t))
+                  for r, (t, v) in enumerate(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k])) if t != target}
         return entry
 
     def _output(self, req: Request) -> RequestOutput:

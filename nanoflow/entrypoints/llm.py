@@ -28,10 +28,12 @@ class LLM:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
         self.engine.shutdown()
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | list | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         prompts = _as_list(prompts)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         ids, done = [], {}
@@ -69,19 +71,25 @@ class LLM:
         finally:
             self.engine.abort_request(rid)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
-             **template_kwargs) -> list[RequestOutput]:
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.chat_prompt(c, add_generation_prompt, chat_template, **template_kwargs) for c in conversations]
+        prompts = [self.chat_prompt(c, add_generation_prompt, chat_template, continue_final_message,
+                                    chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None,
-                    **template_kwargs) -> dict:
-        """Token ids of a conversation rendered by the chat template (special tokens come from the template)."""
+                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> dict:
+        """Token ids of a conversation rendered by the chat template (special tokens come from the template).
+        continue_final_message: end inside the last message, for the model to continue it (with
+        add_generation_prompt=False); chat_template_kwargs: the template's own variables."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template, **template_kwargs)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
+                                                  continue_final_message, **(chat_template_kwargs or {}))
         return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
 
