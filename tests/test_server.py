@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
+import nanoflow
 from nanoflow import SamplingParams
 from nanoflow.entrypoints.cli import main
 
@@ -166,6 +167,34 @@ def test_n_and_seed(client, model):
     chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2,
                                                  max_tokens=4, seed=1, stream=True))
     assert {c.index for ch in chunks for c in ch.choices} == {0, 1}
+    assert all(len(ch.choices) == 1 for ch in chunks)  # one choice a chunk, as OpenAI's
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert all(len(ch.choices) == 1 for ch in chunks) and {ch.choices[0].index for ch in chunks} == {0, 1}
+
+
+def test_vllm_compatible_extras(server, client, model):
+    """Unknown fields ignored (as vLLM: OpenAI's newer fields, a response's message sent back with its null extras),
+    continuous usage, chat's prompt_logprobs on the response, continue_final_message, /version, the model card."""
+    reply = client.chat.completions.create(model=model, messages=USER, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(
+        model=model, max_tokens=3, store=False, metadata={"k": "v"},
+        messages=[*USER, reply.choices[0].message.model_dump(), {"role": "user", "content": "And?"}],
+        extra_body={"prompt_logprobs": 0})
+    assert again.usage.completion_tokens == 3 and len(again.model_extra["prompt_logprobs"]) == again.usage.prompt_tokens
+    assert "prompt_logprobs" not in again.choices[0].model_extra
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert [ch.usage.completion_tokens for ch in chunks] == list(range(1, 5)) + [4]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The capital of France is"}]
+    body = dict(model=model, messages=messages, max_tokens=3, temperature=0)
+    cont = client.chat.completions.create(**body, extra_body={"add_generation_prompt": False,
+                                                              "continue_final_message": True})
+    assert cont.choices[0].message.content.startswith(" Paris")
+    with pytest.raises(openai.BadRequestError, match="continue_final_message and add_generation_prompt"):
+        client.chat.completions.create(**body, extra_body={"continue_final_message": True})
+    assert httpx.get(f"{server}/version").json() == {"version": nanoflow.__version__}
+    card = client.models.list().data[0]
+    assert card.model_extra["root"].endswith(".gguf") and card.model_extra["parent"] is None
 
 
 def test_stop(client, model):
@@ -199,6 +228,14 @@ def test_logprobs(client, model):
     assert len(content) == 4 and "".join(t.token for t in content) == chat.choices[0].message.content
     for t in content:
         assert len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and bytes(t.bytes) == t.token.encode()
+    sampled = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                             temperature=2.0, seed=3, logprobs=True, top_logprobs=2)
+    content = sampled.choices[0].logprobs.content
+    for t in content:  # the top 2 in order, whatever was sampled
+        top = t.top_logprobs
+        assert len(top) == 2 and top[0].logprob >= top[1].logprob
+        assert t.token in (top[0].token, top[1].token) or t.logprob <= top[1].logprob
+    assert any(t.token not in (t.top_logprobs[0].token, t.top_logprobs[1].token) for t in content)  # (tested)
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -457,7 +494,7 @@ def test_stream_interval(interval, due):
     def out(rid, n, done=False, choices=1):
         return RequestOutput(rid, None, [1], [CompletionOutput(i, "x" * n, list(range(n))) for i in range(choices)],
                              finished=done)
-    engine = SimpleNamespace(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"))
+    engine = SimpleNamespace(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"), sampling_defaults={})
     eng = AsyncEngine(engine, Metrics(), 8, interval)
     for choices in (1, 3):  # N new tokens of each choice (n > 1 once counted them all together)
         eng._sinks.update({"a": "sink-a", "b": "sink-b"})

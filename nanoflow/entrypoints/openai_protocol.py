@@ -1,11 +1,14 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic; the OpenAPI schema comes from them).
 
-Requests are strict (no type coercion, no unknown fields, finite floats), so a wrong type is a 400
-naming the field rather than a silent guess. Value ranges are SamplingParams' to check; here only the
-bounds that keep values inside the engine's integer types (int64 tensors, torch generator seeds).
+Requests are strict (no type coercion, finite floats), so a wrong type is a 400 naming the field rather
+than a silent guess. Unknown fields are ignored with a warning, as vLLM does (clients send OpenAI's newer
+fields, and replay a response's message with its null extras). Value ranges are SamplingParams' to check;
+here only the bounds that keep values inside the engine's integer types (int64 tensors, torch generator
+seeds).
 """
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,6 +26,7 @@ from pydantic_core import PydanticCustomError
 from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # as OpenAI
+log = logging.getLogger(__name__)
 
 
 def _whole(v):
@@ -57,11 +61,18 @@ def only_default(*neutral) -> Any:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _warn_ignored(self):
+        if self.model_extra:
+            log.warning("fields of a %s ignored: %s", type(self).__name__, ", ".join(sorted(self.model_extra)))
+        return self
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # (vLLM's) usage so far in every chunk, with include_usage
 
 
 class _SamplingRequest(_Request):
@@ -109,6 +120,10 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[str] | list[Int64] | list[list[Int64]],
@@ -136,8 +151,9 @@ class ChatMessage(_Request):
     name: str | None = None
 
     def for_template(self) -> dict:
-        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content or ""} | ({"name": self.name} if self.name else {})
+        """(The tokenizer joins text parts; extra fields stay out.)"""
+        content = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content
+        return {"role": self.role, "content": content} | ({"name": self.name} if self.name else {})
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -147,6 +163,8 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # (vLLM's) the text ends inside the last message, for the model to go on
+    chat_template_kwargs: dict[str, Any] | None = None  # (vLLM's) the template's own variables
     response_format: only_default({"type": "text"}) = None
     tools: only_default([]) = None
     tool_choice: only_default("none", "auto") = None  # (with no tools)
@@ -173,6 +191,8 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None  # default: True for a prompt; the chat template holds its own
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")
@@ -207,12 +227,14 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+PromptLogprobs = list[dict[int, PromptLogprob] | None] | None
+
+
 class _Choice(BaseModel):
     """What every choice carries beside its content."""
     index: int
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None  # the stop string or token id that ended it
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class _Response(BaseModel):
@@ -224,10 +246,12 @@ class _Response(BaseModel):
 class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs = None  # (its prompt's: a completion may have several prompts)
 
 
 class CompletionResponse(_Response):
-    """Also each chunk of a stream (with usage only in the last one, when asked for)."""
+    """Also each chunk of a stream (one choice a chunk; usage in the last one, or in every one with
+    continuous_usage_stats, when asked for)."""
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
@@ -261,6 +285,7 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs = None
 
 
 class ChatStreamChoice(_Choice):
@@ -269,9 +294,11 @@ class ChatStreamChoice(_Choice):
 
 
 class ChatCompletionChunk(_Response):
+    """(prompt_logprobs in the first chunk, when asked for)"""
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs = None
 
 
 class ModelCard(BaseModel):
@@ -279,6 +306,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "nanoflow"
+    root: str  # where the model came from (vLLM's)
+    parent: str | None = None
     max_model_len: int
 
 

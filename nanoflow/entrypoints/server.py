@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import nanoflow
 from nanoflow.engine.llm_engine import LLMEngine
 from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
@@ -133,9 +134,9 @@ def _chat_logprobs(c: CompletionOutput, start: int, k: int) -> api.ChatLogprobs:
 
     content = []
     for tid, pos in zip(c.token_ids[start:], c.logprobs[start:]):
-        # the position's entries are the top k in rank order, then the sampled token if it is not among them
-        content.append(api.TokenLogprob(**top(pos[tid], tid).model_dump(),
-                                    top_logprobs=[top(e, t) for t, e in list(pos.items())[:k]]))
+        # the position's entries: the sampled token, then the top k (the sampled one among them or not)
+        ranked = sorted(pos.items(), key=lambda item: item[1].rank)[:k]
+        content.append(api.TokenLogprob(**top(pos[tid], tid).model_dump(), top_logprobs=[top(e, t) for t, e in ranked]))
     return api.ChatLogprobs(content=content)
 
 
@@ -267,23 +268,28 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             raise APIError(503, "the engine is not running", type="internal_error")
         return {}
 
+    @app.get("/version")
+    async def version():
+        return {"version": nanoflow.__version__}
+
     @app.get("/metrics", response_class=Response)
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def chat_prompt(messages: list[api.ChatMessage], add_generation_prompt: bool,
-                    add_special_tokens: bool = False) -> list[int]:
-        """Messages through the model's chat template, encoded (the template writes its own special tokens)."""
+    def chat_prompt(req: api.ChatCompletionRequest | api.TokenizeRequest, add_special_tokens=False) -> list[int]:
+        """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt)
+            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
+                                                 continue_final_message=req.continue_final_message,
+                                                 **(req.chat_template_kwargs or {}))
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
         return tokenizer.encode(text, add_special_tokens)
 
     def card() -> api.ModelCard:
-        return api.ModelCard(id=model_name, created=started, max_model_len=engine.max_model_len)
+        return api.ModelCard(id=model_name, created=started, root=engine.model_path, max_model_len=engine.max_model_len)
 
     @app.get("/v1/models", response_model=api.ModelList, responses=ERRORS)
     async def models():
@@ -301,7 +307,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         if req.prompt is not None:
             tokens = encode(req.prompt, req.add_special_tokens is not False)
         else:
-            tokens = chat_prompt(req.messages, req.add_generation_prompt, bool(req.add_special_tokens))
+            tokens = chat_prompt(req, bool(req.add_special_tokens))
         return api.TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens,
                                     token_strs=[tokenizer.piece(t) for t in tokens] if req.return_token_strs else None)
 
@@ -346,8 +352,9 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         if req.stream:
             async def chunks():
                 async for i, out in stream:
-                    if new := choices(i, out):
-                        yield api.CompletionResponse(**head, choices=new)
+                    for choice in choices(i, out):  # one a chunk, as OpenAI's and vLLM's
+                        usage = _usage(sum(map(len, prompts)), progress) if req.continuous_usage else None
+                        yield api.CompletionResponse(**head, choices=[choice], usage=usage)
                 if req.include_usage:
                     usage = _usage(sum(map(len, prompts)), progress)
                     yield api.CompletionResponse(**head, choices=[], usage=usage)
@@ -365,7 +372,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
     async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
         check_model(req.model)
         params = sampling_params(req)
-        prompt = chat_prompt(req.messages, req.add_generation_prompt)
+        prompt = chat_prompt(req)
         stream = await submit([prompt], params, raw, "messages")
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(params.n)]
@@ -375,17 +382,19 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
         if req.stream:
             async def chunks():
+                sent_prompt = False
                 async for _, out in stream:
-                    new = []
-                    for c in out.outputs:
-                        if (piece := _advance(c, progress[c.index])) is not None:
-                            text, start, first = piece
-                            delta = api.ChatMessageOut(role="assistant" if first else None, content=text)
-                            new.append(api.ChatStreamChoice(
-                                index=c.index, delta=delta, logprobs=logprobs(c, start), finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason, prompt_logprobs=_prompt_logprobs(out) if first else None))
-                    if new:
-                        yield api.ChatCompletionChunk(**head, choices=new)
+                    for c in out.outputs:  # one choice a chunk, as OpenAI's and vLLM's
+                        if (piece := _advance(c, progress[c.index])) is None:
+                            continue
+                        text, start, first = piece
+                        delta = api.ChatMessageOut(role="assistant" if first else None, content=text)
+                        choice = api.ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs(c, start),
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                        usage = _usage(len(prompt), progress) if req.continuous_usage else None
+                        yield api.ChatCompletionChunk(**head, choices=[choice], usage=usage,
+                                                      prompt_logprobs=None if sent_prompt else _prompt_logprobs(out))
+                        sent_prompt = True
                 if req.include_usage:
                     yield api.ChatCompletionChunk(**head, choices=[], usage=_usage(len(prompt), progress))
             return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
@@ -400,8 +409,9 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             _advance(c, progress[c.index])
             choices.append(api.ChatChoice(
                 index=c.index, message=api.ChatMessageOut(content=c.text), logprobs=logprobs(c, 0),
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason, prompt_logprobs=_prompt_logprobs(out)))
-        return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress))
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress),
+                                          prompt_logprobs=_prompt_logprobs(out))
 
     return app
 
