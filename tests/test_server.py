@@ -172,6 +172,32 @@ def test_n_and_seed(client, model):
     assert all(len(ch.choices) == 1 for ch in chunks) and {ch.choices[0].index for ch in chunks} == {0, 1}
 
 
+def test_echo(client, model, default_llm):
+    """The prompt before the completion, its tokens' logprobs before the completion's (the first null); with
+    max_tokens 0, the prompt alone, as lm-eval's loglikelihood asks of vLLM."""
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1)
+    echo = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    n = len(default_llm.tokenizer.encode(PROMPT))
+    c, lp = echo.choices[0], echo.choices[0].logprobs
+    assert c.text == PROMPT + plain.choices[0].text and len(lp.tokens) == n + 3 == echo.usage.total_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert lp.tokens[n:] == plain.choices[0].logprobs.tokens and lp.token_logprobs[n:] == pytest.approx(
+        plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+    assert all(len(top) in (1, 2) and top[t] == v for t, v, top in zip(lp.tokens[1:], lp.token_logprobs[1:],
+                                                                      lp.top_logprobs[1:]))
+    alone = client.completions.create(model=model, prompt=[PROMPT, "Hi there"], max_tokens=0, logprobs=0, echo=True)
+    assert [ch.text for ch in alone.choices] == [PROMPT, "Hi there"] and alone.usage.completion_tokens == 0
+    assert alone.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:n], abs=1e-4)
+    streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == c.text
+    ids = default_llm.tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True)
+    assert by_ids.choices[0].text == default_llm.tokenizer.decode(ids, skip_special_tokens=False)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=0)
+
+
 def test_vllm_compatible_extras(server, client, model):
     """Unknown fields ignored (as vLLM: OpenAI's newer fields, a response's message sent back with its null extras),
     continuous usage, chat's prompt_logprobs on the response, continue_final_message, /version, the model card."""
@@ -248,7 +274,7 @@ BAD = [  # (route, body, status, what the error names)
     ("completions", {"prompt": 5}, 400, "must be a string, a list of strings, a list of token ids"),
     ("completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ("completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
     ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("completions", {"prompt": "x", "best_of": 2}, 400, "best_of"),
     ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
@@ -296,7 +322,7 @@ def test_bad_input_is_a_4xx_naming_the_problem(server, route, body, status, name
 def test_null_means_the_default(server):
     """Fields OpenAI allows to be null are taken as their defaults, as OpenAI clients send them; so are the fields
     this server does not implement, at null or at a value that asks for nothing."""
-    bodies = [("completions", {"prompt": "Hi", "max_tokens": 2, "stream": None, "echo": False, "best_of": 1,
+    bodies = [("completions", {"prompt": "Hi", "max_tokens": 2, "stream": None, "echo": None, "best_of": 1,
                                 "suffix": None, "logit_bias": None, "stream_options": None}),
               ("chat/completions", {"messages": USER, "max_tokens": 2, "stream": None, "logprobs": None,
                                     "tools": None, "tool_choice": None, "response_format": None,

@@ -9,6 +9,7 @@ seeds).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -130,14 +131,23 @@ class CompletionRequest(_SamplingRequest):
                       one_of("a string, a list of strings, a list of token ids or a list of lists of token ids")]
     max_tokens: Int64 | None = 16  # null: up to the context length; unset: the model's default, else 16
     logprobs: Int64 | None = None
-    echo: only_default(False) = None
+    echo: bool | None = None  # the prompt before the completion (its logprobs too); with max_tokens 0, alone
     best_of: only_default(1) = None
     suffix: only_default("") = None
 
+    @property
+    def echo_only(self) -> bool:
+        """The prompt and its logprobs, no completion (as lm-eval's loglikelihood asks)."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def sampling_params(self, defaults: dict) -> SamplingParams:
         given = "max_tokens" in self.model_fields_set
-        return self._sampling_params(defaults, self.max_tokens if given else defaults.get("max_tokens", 16),
-                                     self.logprobs)
+        max_tokens = self.max_tokens if given else defaults.get("max_tokens", 16)
+        # (echo alone: one token is computed, for the prompt's logprobs, and dropped)
+        params = self._sampling_params(defaults, 1 if self.echo_only else max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs, k as the completion's
+            params = replace(params, prompt_logprobs=max(self.logprobs, params.prompt_logprobs or 0))
+        return params
 
 
 class TextPart(_Request):
@@ -221,9 +231,10 @@ class PromptLogprob(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """(With echo, the prompt's first token has null in token_logprobs and top_logprobs.)"""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

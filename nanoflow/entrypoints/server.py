@@ -115,13 +115,18 @@ def _token_str(entry: Logprob, token_id: int) -> str:
     return entry.decoded_token if entry.decoded_token is not None else f"token_id:{token_id}"
 
 
-def _completion_logprobs(c: CompletionOutput, start: int, p: _Progress) -> api.CompletionLogprobs:
-    lp = api.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for tid, pos in zip(c.token_ids[start:], c.logprobs[start:]):
-        tok = _token_str(pos[tid], tid)
+def _completion_logprobs(token_ids: list[int], positions: list, k: int, p: _Progress, tokenizer=None,
+                         lp: api.CompletionLogprobs | None = None) -> api.CompletionLogprobs:
+    """Tokens and their positions' logprobs appended to lp: each token's, and its top k with it. A position
+    without logprobs (an echoed prompt's first) has nulls, its token named by the tokenizer."""
+    lp = lp or api.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for tid, pos in zip(token_ids, positions):
+        tok = _token_str(pos[tid], tid) if pos else tokenizer.id_to_token(tid)
         lp.tokens.append(tok)
-        lp.token_logprobs.append(pos[tid].logprob)
-        lp.top_logprobs.append({_token_str(e, t): e.logprob for t, e in pos.items()})  # top-k and the sampled one
+        lp.token_logprobs.append(pos[tid].logprob if pos else None)
+        ranked = sorted(pos.items(), key=lambda item: item[1].rank)[:k] if pos else []
+        lp.top_logprobs.append({tok: pos[tid].logprob} | {_token_str(e, t): e.logprob for t, e in ranked}
+                               if pos else None)
         lp.text_offset.append(p.offset)
         p.offset += len(tok)
     return lp
@@ -328,13 +333,16 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         p = req.prompt
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if isinstance(p, str):
-            prompts = [encode(p)]
-        else:
-            prompts = [encode(x) for x in p] if isinstance(p[0], str) else [p] if isinstance(p[0], int) else p
+        texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
+        prompts = [encode(x) for x in texts] if texts else [p] if isinstance(p[0], int) else p
+        if req.echo and texts is None:  # token ids echo as their text
+            if tokenizer is None:
+                raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
+            texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
         stream = await submit(prompts, params, raw, "prompt")
         head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
+        k = params.logprobs
 
         def choices(i: int, out: RequestOutput) -> list[api.CompletionChoice]:
             new = []
@@ -343,10 +351,18 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
                 if (piece := _advance(c, p)) is None:
                     continue
                 text, start, first = piece
+                lp = None
+                if req.echo and first:  # the prompt first (alone with max_tokens 0: its computed token dropped)
+                    text = texts[i] + ("" if req.echo_only else text)
+                    if k is not None:
+                        lp = _completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, k, p, tokenizer)
+                if req.echo_only:
+                    p.tokens = 0
+                elif k is not None:
+                    lp = _completion_logprobs(c.token_ids[start:], c.logprobs[start:], k, p, lp=lp)
                 new.append(api.CompletionChoice(
                     index=i * params.n + c.index, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                    logprobs=_completion_logprobs(c, start, p) if c.logprobs is not None else None,
-                    prompt_logprobs=_prompt_logprobs(out) if first else None))
+                    logprobs=lp, prompt_logprobs=_prompt_logprobs(out) if first else None))
             return new
 
         if req.stream:
