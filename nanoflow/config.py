@@ -140,8 +140,12 @@ class ModelConfig:
             layers = cfg["num_hidden_layers"]
             if types := cfg.get("layer_types"):  # (transformers >= 5 writes each layer's kind)
                 full = tuple(i for i, t in enumerate(types[:layers]) if t != "sliding_attention")
-            else:  # Qwen2's layers below max_window_layers attend fully (HF's default for it: 28)
-                full = tuple(range(min(cfg.get("max_window_layers", 28), layers))) if qwen else ()
+            elif arch == "qwen2":  # windowed from max_window_layers on (HF's default for it: 28)
+                full = tuple(range(min(cfg.get("max_window_layers", 28), layers)))
+            elif arch == "qwen2_moe":  # transformers' rule for it: even layers below max_window_layers
+                full = tuple(i for i in range(layers) if i % 2 or i >= cfg.get("max_window_layers", 28))
+            else:
+                full = ()
             if window is None or len(full) == layers:
                 window, full = None, ()
             if arch == "qwen2_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):

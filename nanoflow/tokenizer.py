@@ -137,10 +137,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, continue_final_message: bool = False,
-                            **kwargs) -> str:
-        """The conversation as the template renders it; kwargs are the template's own variables. Content given as
-        OpenAI's text parts is joined, a null content is empty. continue_final_message: the text ends inside the
-        last message (no end of turn), for the model to go on with it (as HF's and vLLM's)."""
+                            template_kwargs: dict | None = None) -> str:
+        """The conversation as the template renders it. Content given as OpenAI's text parts is joined by newlines
+        (as vLLM's), a null content is empty. continue_final_message: the text ends inside the last message (no end
+        of turn), for the model to go on with it (as HF's and vLLM's). template_kwargs: the template's own
+        variables, which may also set the two options (vLLM's chat_template_kwargs)."""
+        kwargs = dict(template_kwargs or {})
+        add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
+        continue_final_message = kwargs.pop("continue_final_message", continue_final_message)
         if not messages:
             raise ValueError("messages must not be empty")
         if continue_final_message and add_generation_prompt:
@@ -173,7 +177,7 @@ def _template_message(m) -> dict:
         if bad := [p for p in content if not isinstance(p, dict) or p.get("type") != "text" or "text" not in p]:
             raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}), got "
                              f"{bad[0]!r}")
-        return m | {"content": "".join(p["text"] for p in content)}
+        return m | {"content": "\n".join(p["text"] for p in content)}
     return m
 
 

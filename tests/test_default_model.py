@@ -81,9 +81,10 @@ def test_a_stop_tokens_text_shows_only_with_include_stop_str_in_output(default_l
 @pytest.mark.parametrize("min_tokens, stop, text, reason", [
     (1, " Paris", " Paris.\n\nThe answer is:", "length"),  # ' Paris' is the first token's text
     (2, ".", " Paris.\n\nThe answer is:", "length"),  # '.' is the second's
-    (1, ".", " Paris", "stop")])
+    (1, ".", " Paris", "stop"),
+    (1, " Paris.", "", "stop")])  # (a match may begin in that text, as long as it reaches past it)
 def test_the_first_min_tokens_text_holds_no_stop_string(default_llm, min_tokens, stop, text, reason):
-    """As vLLM's (since its PR 22014): a stop string is looked for only past the first min_tokens tokens' text."""
+    """As vLLM's (since its PR 22014): a stop string must reach past the first min_tokens tokens' text."""
     c = default_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8, stop=stop,
                                                                          min_tokens=min_tokens), use_tqdm=False)[0]
     assert (c.outputs[0].text, c.outputs[0].finish_reason) == (text, reason)
@@ -112,7 +113,10 @@ def test_chat_options_as_vllms(default_llm):
     with pytest.raises(TypeError):  # (a misspelled option is an error, not a template variable)
         default_llm.chat(msgs, greedy, add_generation_promt=False)
     parts = [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]
-    assert default_llm.chat_prompt(parts) == default_llm.chat_prompt(msgs[:1])
+    assert default_llm.chat_prompt(parts) == default_llm.chat_prompt([{"role": "user", "content": "H\ni"}])
+    # chat_template_kwargs may set the options too (vLLM merges them over its own)
+    assert default_llm.chat_prompt(msgs[:1], chat_template_kwargs={"add_generation_prompt": False}) == \
+        default_llm.chat_prompt(msgs[:1], add_generation_prompt=False)
     with pytest.raises(ValueError, match="content parts must be text parts"):
         default_llm.chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
     assert default_llm.chat_prompt([{"role": "user", "content": None}]) == \

@@ -454,8 +454,32 @@ def test_generation_config_sets_the_defaults_of_requests_without_params(llama_di
     assert LLM(path, generation_config="nanoflow").get_default_sampling_params() == SamplingParams()
     other = tmp_path / "other"
     other.mkdir()
-    (other / "generation_config.json").write_text('{"top_p": 0.5}')
-    assert LLM(llama_dir, generation_config=str(other)).get_default_sampling_params() == SamplingParams(top_p=0.5)
+    (other / "generation_config.json").write_text('{"top_p": 0.5, "eos_token_id": 77}')
+    llm = LLM(llama_dir, generation_config=str(other))
+    assert llm.get_default_sampling_params() == SamplingParams(top_p=0.5) and 77 in llm.engine.eos_token_ids
+
+
+def test_the_models_default_max_tokens_is_cut_to_the_room_there_is(llama_dir, tmp_path):
+    """A generation config's max_new_tokens past the context or the KV cache bounds a request without params; it
+    does not refuse it (a request's own max_tokens past the cache is refused)."""
+    path = _with_generation_config(llama_dir, tmp_path / "m", {"temperature": 0.0, "max_new_tokens": 4096})
+    llm = LLM(path, max_model_len=64, num_kv_blocks=3, block_size=16)  # 48 tokens of cache
+    out = llm.generate([PROMPTS[1]], use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 48 - len(PROMPTS[1]) or out.finish_reason == "stop"
+    with pytest.raises(ValueError, match="max_tokens=60 need more than the whole KV cache"):
+        llm.generate([PROMPTS[1]], SamplingParams(max_tokens=60), use_tqdm=False)
+
+
+def test_an_unreadable_generation_config_is_ignored_unless_asked_for(llama_dir, tmp_path, caplog):
+    """As vLLM: the model's own, malformed or not an object, is skipped with a warning; a directory passed as
+    generation_config is an error naming the file."""
+    for i, text in enumerate(['{"temperature": 0.5,', "[1, 2]", ""]):
+        path = _with_generation_config(llama_dir, tmp_path / f"m{i}", {})
+        (tmp_path / f"m{i}" / "generation_config.json").write_text(text)
+        assert LLM(path).get_default_sampling_params() == SamplingParams()
+        assert "ignoring" in caplog.text and "generation_config.json" in caplog.text
+        with pytest.raises(ValueError, match=f"m{i}/generation_config.json: "):
+            LLM(llama_dir, generation_config=str(tmp_path / f"m{i}"))
 
 
 def test_generation_config_eos_ids_stop_without_a_tokenizer(llama_dir, tmp_path):

@@ -77,3 +77,23 @@ def test_qwen2_windows_only_the_layers_from_max_window_layers(tmp_path, max_wind
     for pos in range(1, len(prompt)):
         assert out.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(),
                                                                                 abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe"])
+@pytest.mark.parametrize("max_window_layers", [0, 2, 3, 5])
+def test_windowed_layers_follow_transformers_without_layer_types(arch, max_window_layers):
+    """A config without layer_types (older files) windows the layers transformers would (its rule differs between
+    Qwen2 and Qwen2-MoE)."""
+    import transformers
+    from conftest import ARCH_CONFIGS
+    from nanoflow.config import ModelConfig
+    kw = {k: v for k, v in ARCH_CONFIGS[arch].items() if k != "model_type"}
+    hf = transformers.AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                           use_sliding_window=True, sliding_window=8,
+                                           max_window_layers=max_window_layers, **kw)
+    cfg = hf.to_dict()
+    windowed = [i for i, t in enumerate(cfg.pop("layer_types")) if t == "sliding_attention"]
+    c = ModelConfig.from_hf(cfg | {"architectures": [hf.architectures[0]] if hf.architectures else []} |
+                            {"model_type": arch})
+    assert [i for i in range(5) if c.window(i) is not None] == windowed

@@ -211,6 +211,12 @@ def test_vllm_compatible_extras(server, client, model):
     chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
                                             stream_options={"include_usage": True, "continuous_usage_stats": True}))
     assert [ch.usage.completion_tokens for ch in chunks] == list(range(1, 5)) + [4]
+    every = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.chat.completions.create(model=model, messages=USER, max_tokens=3, n=2, seed=1, stream=True,
+                                                 stream_options=every))
+    for j in (0, 1):  # each choice's own count, the prompt's own tokens (as vLLM's); the last chunk the totals
+        assert [ch.usage.completion_tokens for ch in chunks[:-1] if ch.choices[0].index == j] == [1, 2, 3]
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The capital of France is"}]
     body = dict(model=model, messages=messages, max_tokens=3, temperature=0)
     cont = client.chat.completions.create(**body, extra_body={"add_generation_prompt": False,
@@ -533,7 +539,8 @@ def test_stream_interval(interval, due):
 
 def test_the_models_defaults_fill_what_a_request_leaves_unset():
     """The generation config's defaults (vLLM's --generation-config auto) apply to fields a request does not set;
-    max_tokens too, where neither max_tokens nor max_completion_tokens is given (an explicit null: the context)."""
+    its max_tokens bounds the request's (16 for a completion that sets none, as OpenAI's), as vLLM's get_max_tokens;
+    a request without one (null, a chat's unset) is cut by the server to the context left (test below)."""
     from nanoflow.entrypoints import openai_protocol as api
     defaults = {"temperature": 0.25, "top_k": 5, "max_tokens": 7}
     p = api.CompletionRequest(prompt="x").sampling_params(defaults)
@@ -541,7 +548,25 @@ def test_the_models_defaults_fill_what_a_request_leaves_unset():
     p = api.CompletionRequest(prompt="x", temperature=1.0, max_tokens=None).sampling_params(defaults)
     assert (p.temperature, p.top_k, p.max_tokens) == (1.0, 5, None)
     assert api.CompletionRequest(prompt="x").sampling_params({}).max_tokens == 16  # (OpenAI's default)
+    assert api.CompletionRequest(prompt="x").sampling_params({"max_tokens": 100}).max_tokens == 16
+    assert api.CompletionRequest(prompt="x", max_tokens=50).sampling_params(defaults).max_tokens == 7
     chat = dict(messages=[{"role": "user", "content": "x"}])
-    assert api.ChatCompletionRequest(**chat).sampling_params(defaults).max_tokens == 7
+    assert api.ChatCompletionRequest(**chat).sampling_params(defaults).max_tokens is None
     assert api.ChatCompletionRequest(**chat, max_completion_tokens=3).sampling_params(defaults).max_tokens == 3
     assert api.ChatCompletionRequest(**chat, top_k=0).sampling_params(defaults).top_k == 0
+
+
+def test_a_default_max_tokens_past_the_context_is_cut_to_it(llama_dir, tmp_path):
+    """A generation config's max_new_tokens beyond the context left bounds requests without max_tokens at the
+    context; it does not refuse them."""
+    import shutil
+    shutil.copytree(llama_dir, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text('{"max_new_tokens": 4096, "temperature": 0.0}')
+    proc, url = start_server(["--model", str(tmp_path / "m"), "--max-model-len", "48"], tmp_path / "log")
+    body = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["total_tokens"] == 48 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16  # (OpenAI's default)
+    assert stop_server(proc) == 0

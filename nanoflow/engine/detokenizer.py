@@ -30,8 +30,8 @@ def find_stop(seq: Sequence, delta_len: int) -> str | None:
     if not stops or not delta_len:
         return None
     text = seq.output_text
-    # only a match that overlaps the new text can be new (and none in the first min_tokens' text)
-    begin = max(len(text) - delta_len - max(map(len, stops)) + 1, seq.stop_text_from)
+    # only a match that overlaps the new text can be new
+    begin = max(len(text) - delta_len - max(map(len, stops)) + 1, 0)
     hits = [(i, s) for s in stops if (i := text.find(s, begin)) >= 0]
     if not hits:
         return None

@@ -114,7 +114,8 @@ class LLMEngine:
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        params = SamplingParams(**self.sampling_defaults) if params is None else params
+        defaulted = params is None  # (the model's default max_tokens is a bound, cut to the room there is)
+        params = SamplingParams(**self.sampling_defaults) if defaulted else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
@@ -126,7 +127,7 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        room = self.scheduler.check_prompt(len(ids), params.max_tokens)
+        room = self.scheduler.check_prompt(len(ids), None if defaulted else params.max_tokens)
         req = Request(request_id, text, ids, params)
         for seq in req.seqs:
             seq.max_tokens = min(params.max_tokens or room, room)
@@ -200,13 +201,11 @@ class LLMEngine:
                 reason = "stop"
             elif params.stop_token_ids and token in params.stop_token_ids:
                 reason, stop = "stop", token
-        # As vLLM's: a stop token's text is left out unless include_stop_str_in_output, and the text of the first
-        # min_tokens tokens cannot hold a stop string.
+        # As vLLM's: a stop token's text is left out unless include_stop_str_in_output, and a stop string must
+        # reach past the first min_tokens tokens' text (find_stop looks only at matches that reach the new text).
         if self.tokenizer and (reason is None or params.include_stop_str_in_output):
             delta = detokenize(self.tokenizer, seq)
-            if n <= params.min_tokens:
-                seq.stop_text_from = len(seq.output_text)
-            elif reason is None and (s := find_stop(seq, len(delta))) is not None:
+            if reason is None and n > params.min_tokens and (s := find_stop(seq, len(delta))) is not None:
                 reason, stop = "stop", s
         if reason is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"

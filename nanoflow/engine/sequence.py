@@ -45,8 +45,8 @@ class Request:
 class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
                  "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
-                 "stop_text_from", "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight",
-                 "block_hashes", "num_cached_blocks")
+                 "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight", "block_hashes",
+                 "num_cached_blocks")
 
     def __init__(self, request: Request, index: int):
         params = request.params
@@ -66,7 +66,6 @@ class Sequence:
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.output_text = ""
-        self.stop_text_from = 0  # where a stop string may begin in output_text: past the first min_tokens' text
         # incremental detokenization window (see detokenizer.py)
         self.prefix_offset = max(self.num_prompt_tokens - 6, 0)
         self.read_offset = self.num_prompt_tokens

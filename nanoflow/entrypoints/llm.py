@@ -89,7 +89,7 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
-                                                  continue_final_message, **(chat_template_kwargs or {}))
+                                                  continue_final_message, chat_template_kwargs)
         return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
 

@@ -108,13 +108,16 @@ class _SamplingRequest(_Request):
         return v
 
     def _sampling_params(self, defaults: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """defaults: the model's (generation config), for what the request leaves unset, max_tokens excepted.
-        Raises ValueError naming the parameter (see SamplingParams)."""
+        """defaults: the model's (generation config), for what the request leaves unset; its max_tokens bounds the
+        request's, as vLLM's (a request without one: the server cuts it to the context left). Raises ValueError
+        naming the parameter (see SamplingParams)."""
         names = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output",
                  "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
+        if max_tokens is not None and "max_tokens" in defaults:
+            max_tokens = min(max_tokens, defaults["max_tokens"])
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
 
     @property
@@ -129,7 +132,7 @@ class _SamplingRequest(_Request):
 class CompletionRequest(_SamplingRequest):
     prompt: Annotated[str | list[str] | list[Int64] | list[list[Int64]],
                       one_of("a string, a list of strings, a list of token ids or a list of lists of token ids")]
-    max_tokens: Int64 | None = 16  # null: up to the context length; unset: the model's default, else 16
+    max_tokens: Int64 | None = 16  # null: up to the context length (or the model's default, if less)
     logprobs: Int64 | None = None
     echo: bool | None = None  # the prompt before the completion (its logprobs too); with max_tokens 0, alone
     best_of: only_default(1) = None
@@ -141,8 +144,7 @@ class CompletionRequest(_SamplingRequest):
         return bool(self.echo) and self.max_tokens == 0
 
     def sampling_params(self, defaults: dict) -> SamplingParams:
-        given = "max_tokens" in self.model_fields_set
-        max_tokens = self.max_tokens if given else defaults.get("max_tokens", 16)
+        max_tokens = self.max_tokens if "max_tokens" in self.model_fields_set else 16  # (OpenAI's default)
         # (echo alone: one token is computed, for the prompt's logprobs, and dropped)
         params = self._sampling_params(defaults, 1 if self.echo_only else max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs, k as the completion's
@@ -169,7 +171,7 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int64 | None = None  # the older name of max_completion_tokens
-    max_completion_tokens: Int64 | None = None  # null: the model's default, else up to the context length
+    max_completion_tokens: Int64 | None = None  # null: up to the context length (or the model's default, if less)
     logprobs: bool | None = None
     top_logprobs: Int64 | None = None
     add_generation_prompt: bool = True
@@ -189,8 +191,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError(f"invalid sampling parameter top_logprobs={self.top_logprobs}: must be an integer in "
                              f"[0, {MAX_LOGPROBS}]")
         k = (self.top_logprobs or 0) if self.logprobs else None
-        max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens) if m is not None),
-                          defaults.get("max_tokens"))
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(defaults, max_tokens, k)
 
 

