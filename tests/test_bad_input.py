@@ -242,6 +242,34 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "serve", "--request-rate", "0"], "--request-rate: request rates must be > 0 or inf, got 0.0"),
+    (["bench", "serve", "--request-rate", "nan"], "request rates must be > 0"),
+    (["bench", "serve", "--sweep", "1,-2"], "--sweep: request rates must be > 0 or inf, got -2.0"),
+    (["bench", "serve", "--sweep", "1,2", "--request-rate", "2"], "--request-rate and --sweep: give one"),
+    (["bench", "serve", "--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+    (["bench", "serve", "--vocab-size", "0"], "--vocab-size must be >= 1"),
+    (["bench", "serve", "--output", "/no/such/dir/r.json"], "--output /no/such/dir/r.json: its directory"),
+    (["bench", "serve", "--plot", "p.txt"], "--plot p.txt: not a format matplotlib writes"),
+    (["bench", "serve", "--workload", "trace:sharegpt:1:2"], "expected trace:NAME"),
+    (["bench", "serve", "--url", "http://127.0.0.1:9"], "cannot reach the server at http://127.0.0.1:9"),
+    (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--output", "/no/such/s.json"],
+     "--output /no/such/s.json: its directory does not exist"),
+    (["bench", "throughput", "--warmup-requests", "-1", "--model", "/no/such/model"], "--warmup-requests must be"),
+    (["tune", "--context", "-5"], "--context must be >= 1, not -5"),
+    (["tune", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+    (["tune", "--top", "0"], "--top must be >= 1"),
+    (["tune", "--max-nano-batches", "0"], "--max-nano-batches must be >= 1"),
+    (["tune", "--context", "100000"], "--context 100000 leaves no room in the model's context length"),
+    (["tune", "--output", "/no/such/dir/spec.json"], "--output /no/such/dir/spec.json: its directory")])
+def test_bench_and_tune_refuse_bad_flags_before_any_work(capsys, argv, message):
+    """Each a one-line error naming the flag, before a model loads, a replay runs or a server is asked (a bad path
+    found after the run lost it; a rate of 0 divided by zero; an unreachable server printed a traceback)."""
+    from nanoflow.entrypoints.cli import main
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_tune_refuses_an_fp8_kv_cache(capsys):
     from nanoflow.entrypoints.cli import main
     assert main(["tune", "--kv-cache-dtype", "fp8"]) == 2

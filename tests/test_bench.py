@@ -31,9 +31,13 @@ def test_workloads():
         with pytest.raises(ValueError):
             parse(bad)
     # a count of 0 was taken as "the default" (1,000 requests), a negative one divided by zero later
-    for bad, n in (("const:8:4:0", None), ("const:8:4:-1", None), ("trace:lmsys:0", None), ("trace:lmsys:-1", None),
-                   ("const:8:4", 0), ("trace:lmsys", -2)):
+    for bad, n in (("const:8:4:0", None), ("const:8:4:-1", None), ("trace:lmsys:0", None), ("trace:lmsys:-1", None)):
         with pytest.raises(ValueError, match="counts must be positive"):
+            parse(bad, n)
+    for bad, n, message in (("const:8:4", 0, "--num-requests must be >= 1"), ("trace:lmsys", -2, "--num-requests"),
+                            ("trace:splitwise:5:6", None, "expected trace:NAME"),  # (it ran the whole trace)
+                            ("trace:splitwise:100000", None, "the trace has 17563 requests, fewer than 100000")):
+        with pytest.raises(ValueError, match=message):
             parse(bad, n)
 
 
@@ -64,6 +68,7 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["percent_of_optimal"] == pytest.approx(100 * r["tokens_per_second"] / report["optimal_tokens_per_second"])
     printed = capsys.readouterr().out
     assert report["device"] == "cpu" and report["kv_blocks"] > 0 and "% of optimal" in printed
+    assert report["model"] == "SmolLM2-135M-Instruct.Q4_1" and report["num_layers"] is None  # (what labels a plot)
     assert r["steady_iterations"] == 0 and r["steady_tokens_per_second"] is None  # all 6 fit at once
     assert len(r["gc_collections"]) == 3 and "host GC pauses" in printed
     assert len(report["gemm_tflops_measured"]) == 2 and report["gemm_tflops"] == max(report["gemm_tflops_measured"])

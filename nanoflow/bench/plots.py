@@ -5,6 +5,20 @@ import json
 import os
 
 
+def check_outputs(files: dict[str, str | None], plots: dict[str, str | None]) -> None:
+    """Before a run, so that a bad path does not lose it: {flag: path} of files to write, whose directory must
+    exist, and of plots, which also need a format matplotlib writes."""
+    for flag, path in (files | plots).items():
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"{flag} {path}: its directory does not exist (checked before the run, not after)")
+    if any(plots.values()):
+        from matplotlib.figure import Figure
+        formats = Figure().canvas.get_supported_filetypes()
+        for flag, path in plots.items():
+            if path and os.path.splitext(path)[1].lstrip(".").lower() not in formats:
+                raise ValueError(f"{flag} {path}: not a format matplotlib writes ({', '.join(sorted(formats))})")
+
+
 def _throughput_report(path: str) -> dict:
     """A `bench throughput` report, or ValueError naming what the file is not."""
     try:
@@ -23,8 +37,9 @@ def _throughput_report(path: str) -> dict:
 
 def report_labels(reports: list[dict], files: list[str]) -> list[str]:
     """A bar group's label per report: what tells them apart (model, commit, device), else also the file's name."""
-    labels = [" ".join(str(x) for x in (rep.get("model") or "default model", rep.get("commit"), rep.get("device"))
-                       if x) for rep in reports]
+    labels = [" ".join(str(x) for x in (rep.get("model") or "default model",
+                                        rep.get("num_layers") and f"{rep['num_layers']} layers", rep.get("commit"),
+                                        rep.get("device")) if x) for rep in reports]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({os.path.basename(f)})" for label, f in zip(labels, files)]
     return labels

@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from nanoflow.bench.plots import check_outputs
 from nanoflow.bench.workloads import Workload, parse
 from nanoflow.config import EngineConfig
 from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
@@ -90,6 +91,7 @@ def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len
 
 
 def main(a: argparse.Namespace) -> int:
+    check_outputs({"--output": a.output}, {"--plot": a.plot})
     rows = []
     for spec in a.workload:
         w = parse(spec, a.num_requests, a.seed)

@@ -19,12 +19,14 @@ import math
 import random
 import resource
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
 
+from nanoflow.bench.plots import check_outputs
 from nanoflow.bench.workloads import Workload, parse
 
 
@@ -182,7 +184,7 @@ def latency_vs_rate(report: dict, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    results = [r for r in report["results"] if r["completed"]]
+    results = sorted((r for r in report["results"] if r["completed"]), key=lambda r: r["request_throughput"])
     x = [r["request_throughput"] for r in results]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for stat, style in (("mean", "o-"), ("p99", "s--")):
@@ -204,14 +206,32 @@ def main(args) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     except (ValueError, OSError):
         pass
+    rates = args.sweep or [args.request_rate]
+    if bad := [r for r in rates if not r > 0]:  # (nan too)
+        raise ValueError(f"{'--sweep' if args.sweep else '--request-rate'}: request rates must be > 0 or inf, got "
+                         f"{bad[0]}")
+    if args.sweep and args.request_rate != float("inf"):
+        raise ValueError("--request-rate and --sweep: give one (a sweep runs each of its rates)")
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--vocab-size", args.vocab_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, not {value}")
+    check_outputs({"--output": args.output}, {"--plot": args.plot})
+    parse(args.workload, args.num_requests, args.seed)  # (a bad workload named before the server is asked)
     url = args.url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if args.model is None:
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers=headers), timeout=30) as resp:
-            args.model = json.load(resp)["data"][0]["id"]
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers=headers),
+                                        timeout=30) as resp:
+                args.model = json.load(resp)["data"][0]["id"]
+        except urllib.error.HTTPError as e:
+            hint = " (pass --api-key, or set NANOFLOW_API_KEY)" if e.code == 401 else ""
+            raise ValueError(f"{url}/v1/models answered {e.code} {e.reason}{hint}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(f"cannot reach the server at {url}: {getattr(e, 'reason', e)}") from None
     report = {"command": getattr(args, "command_line", None), "date": datetime.date.today().isoformat(), "url": url,
               "model": args.model, "workload": args.workload, "max_concurrency": args.max_concurrency, "results": []}
-    for k, rate in enumerate(args.sweep or [args.request_rate]):  # (each rate its own prompts: no cache hits)
+    for k, rate in enumerate(rates):  # (each rate its own prompts: no cache hits)
         workload = parse(args.workload, args.num_requests, args.seed)
         r = asyncio.run(run(f"{url}/v1/completions", args.model, workload, rate, args.max_concurrency, args.api_key,
                             args.vocab_size, args.temperature, args.seed, stream=k))

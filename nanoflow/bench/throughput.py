@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from nanoflow.bench import cost_model
+from nanoflow.bench.plots import check_outputs
 from nanoflow.bench.workloads import Workload, parse
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.llm import LLM
@@ -268,6 +269,9 @@ def throughput(args) -> dict:
     llm = LLM(args.model, **engine_kwargs(args))
     settle_gc()
     eng = llm.engine
+    # (the default model by its file's name; a cut model by its layers: what tells reports apart)
+    report["model"] = args.model or os.path.basename(eng.source.path).removesuffix(".gguf")
+    report["num_layers"] = args.num_layers
     if (args.breakdown or args.timeline) and eng.runner.graphs is None:
         raise ValueError("--breakdown and --timeline time an iteration's CUDA graph: they need a GPU and CUDA graphs "
                          "(not --enforce-eager)")
@@ -406,8 +410,9 @@ def print_summary(report: dict) -> None:
 
 
 def main(args) -> int:
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise ValueError(f"--output {args.output}: its directory does not exist (checked before the run, not after)")
+    check_outputs({"--output": args.output}, {"--timeline": args.timeline})
+    if args.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests must be >= 0, not {args.warmup_requests}")
     report = throughput(args)
     print_summary(report)
     if args.output:

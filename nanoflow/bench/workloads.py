@@ -74,8 +74,12 @@ def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload
     """'const:IN:OUT[:N]', 'trace:NAME[:N]' or 'multiround:NAME[:N[:ROUNDS]]'; N (else num_requests) requests,
     or conversations of ROUNDS turns (default 4), traces sampled without replacement (default: 1000 const
     requests, the whole trace, 250 conversations)."""
+    if num_requests is not None and num_requests <= 0:
+        raise ValueError(f"--num-requests must be >= 1, not {num_requests}")
     kind, _, rest = spec.partition(":")
     parts = rest.split(":")
+    if kind == "trace" and len(parts) > 2:
+        raise ValueError(f"bad workload {spec!r}: expected trace:NAME[:N]")
     try:
         counts = [int(x) for x in parts[1:]] if kind == "multiround" else []  # N, ROUNDS
         if min(counts, default=1) <= 0:
@@ -99,6 +103,8 @@ def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload
         return Workload(spec, [(p, o)] * (num_requests or 1000))
     if kind == "trace":
         rows = load_trace(parts[0])
+        if num_requests is not None and num_requests > len(rows):
+            raise ValueError(f"bad workload {spec!r}: the trace has {len(rows)} requests, fewer than {num_requests}")
         if num_requests is not None and num_requests < len(rows):
             rows = random.Random(seed).sample(rows, num_requests)
         return Workload(spec, rows)

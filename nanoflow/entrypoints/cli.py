@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--block-size", type=int, default=16, help="as the GPU run's (it prints its block size)")
     sc.add_argument("--max-num-batched-tokens", type=int, nargs="+", default=[2048], help="budgets to compare")
     sc.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, nargs="+", default=["fcfs"])
-    sc.add_argument("--admission", choices=["kv", "predicted"], default="predicted")
+    sc.add_argument("--admission", choices=["kv", "predicted"], default="predicted",
+                    help="default: predicted, as the GPU runs it is compared with (the engine's own default is kv)")
     sc.add_argument("--max-num-seqs", type=int, default=1024)
     sc.add_argument("--max-model-len", type=int, default=32768)
     sc.add_argument("--seed", type=int, default=0, help="the trace's sample")

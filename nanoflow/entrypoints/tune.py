@@ -61,6 +61,7 @@ def main(a: argparse.Namespace) -> int:
         gpu_name,
         save_tuned,
     )
+    from nanoflow.bench.plots import check_outputs
     from nanoflow.pipeline.measure import close as close_engines
     from nanoflow.pipeline.profile import load_or_measure
     from nanoflow.pipeline.spec import load_spec
@@ -78,6 +79,13 @@ def main(a: argparse.Namespace) -> int:
     source = resolve(a.model, a.num_layers)
     check_load_format(source, a.load_format)  # (its candidates' timing builds the model, after the profile)
     cfg = source.config
+    for flag, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--context", a.context),
+                        ("--top", a.top), ("--max-nano-batches", a.max_nano_batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, not {value}")
+    if a.context >= (limit := a.max_model_len or cfg.max_position_embeddings):
+        raise ValueError(f"--context {a.context} leaves no room in the model's context length ({limit})")
+    check_outputs({"--output": a.output}, {})
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
     budget = a.max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
