@@ -212,6 +212,15 @@ def test_bench_help(capsys):
     assert e.value.code == 0 and "throughput" in capsys.readouterr().out
 
 
+def test_vllm_constructor_options(llama_dir):
+    """An unknown option names itself and the options there are; enforce_eager is vLLM's cuda_graph=False;
+    trust_remote_code is accepted (no checkpoint code ever runs)."""
+    with pytest.raises(TypeError, match="unknown engine option 'swap_space'; the options are tokenizer, "):
+        LLM(llama_dir, swap_space=4)
+    llm = LLM(llama_dir, enforce_eager=True, trust_remote_code=True)
+    assert llm.engine.config.cuda_graph is False and LLM(llama_dir).engine.config.cuda_graph is None
+
+
 def test_bad_engine_options(llama_dir):
     with pytest.raises(ValueError, match="admission"):
         LLM(llama_dir, admission="magic")

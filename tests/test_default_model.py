@@ -125,6 +125,27 @@ def test_chat_options_as_vllms(default_llm):
     assert [len(o.outputs[0].token_ids) for o in outs] == [5, 2]
 
 
+def test_params_set_after_construction_count_and_prompts_as_vllms(default_llm):
+    """A field set after construction counts (the engine takes a validated copy: a bad value is refused); a chat's
+    output names its rendered prompt; numpy integers are token ids; a prompt dict's unknown keys are an error."""
+    import numpy as np
+    p = SamplingParams(temperature=0, max_tokens=8)
+    p.stop = [","]
+    c = default_llm.generate("Once upon a time", p, use_tqdm=False)[0].outputs[0]
+    assert (c.text, c.stop_reason) == ("", ",")  # (greedy: ', the city of ...')
+    p.logprobs = 100
+    with pytest.raises(ValueError, match="logprobs=100"):
+        default_llm.generate("x", p, use_tqdm=False)
+    out = default_llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert out.prompt.endswith("<|im_start|>assistant\n") and "Hi" in out.prompt
+    assert default_llm.tokenizer.encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids
+    ids = default_llm.generate([np.int64(5), np.int64(6)], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert ids.prompt_token_ids == [5, 6] and type(ids.prompt_token_ids[0]) is int
+    with pytest.raises(ValueError, match="not \\['multi_modal_data'\\]"):
+        default_llm.generate({"prompt": "x", "multi_modal_data": {}}, use_tqdm=False)
+    assert default_llm.get_tokenizer() is default_llm.tokenizer
+
+
 def test_streaming_text_is_consistent(default_llm):
     """Streamed texts only grow, and never show a stop string that is then cut."""
     p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -5,7 +5,9 @@ step = schedule (scheduler) -> execute (runner) -> postprocess (tokens, text, st
 from __future__ import annotations
 
 import logging
+import numbers
 import time
+from dataclasses import fields, replace
 
 import torch
 
@@ -30,6 +32,9 @@ class LLMEngine:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, load_format: str = "auto",
                  dtype: str | torch.dtype = "auto", device: str | None = None, generation_config: str = "auto",
                  **engine_args):
+        if unknown := sorted(set(engine_args) - {f.name for f in fields(EngineConfig)}):
+            raise TypeError(f"unknown engine option {unknown[0]!r}; the options are tokenizer, load_format, dtype, "
+                            f"device, generation_config and {', '.join(f.name for f in fields(EngineConfig))}")
         self.config = EngineConfig(**engine_args)
         self.source = resolve(model, self.config.num_layers)
         check_load_format(self.source, load_format)
@@ -93,24 +98,29 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(text or None, token ids). A dict holds 'prompt' (text), 'prompt_token_ids', or both (the ids are what
+        runs; the text is the output's prompt, as a rendered chat's)."""
         if isinstance(prompt, dict):
+            if extra := set(prompt) - {"prompt", "prompt_token_ids"}:
+                raise ValueError(f"a prompt dict takes 'prompt' and / or 'prompt_token_ids', not {sorted(extra)} "
+                                 f"(nanoflow serves text-only models)")
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
+                text = prompt.get("prompt")
+                return (text if isinstance(text, str) else None), self.tokenize(list(prompt["prompt_token_ids"]))[1]
+            if "prompt" not in prompt:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids, or a tokenizer (tokenizer=PATH; on the "
                                  "command line, --tokenizer PATH)")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
-            if bad := [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]:
+            if bad := [t for t in prompt if not is_token_id(t)]:
                 raise ValueError(f"a prompt's token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
             if bad := [t for t in prompt if not 0 <= t < self.model_config.vocab_size]:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.model_config.vocab_size})")
-            return None, list(prompt)
+            return None, [int(t) for t in prompt]  # (numpy's integers too)
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
@@ -118,6 +128,7 @@ class LLMEngine:
         params = SamplingParams(**self.sampling_defaults) if defaulted else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params = replace(params)  # the request's own copy, validated again: fields set after construction count
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.model_config.vocab_size
@@ -232,6 +243,11 @@ class LLMEngine:
         metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
                              req.finished, metrics)
+
+
+def is_token_id(t) -> bool:
+    """An integer, numpy's included, but not a bool."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def _device(name: str | None) -> torch.device:

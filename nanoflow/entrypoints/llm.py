@@ -6,18 +6,27 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from nanoflow.engine.llm_engine import LLMEngine, Prompt
+from nanoflow.engine.llm_engine import LLMEngine, Prompt, is_token_id
 from nanoflow.outputs import RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **kwargs):
+    def __init__(self, model: str | None = None, *, enforce_eager: bool = False, trust_remote_code: bool = False,
+                 **kwargs):
         """model: an HF directory, a .gguf file, a shape preset (with load_format='dummy'), or None for the
-        embedded default (SmolLM2-135M-Instruct). kwargs: see LLMEngine and EngineConfig."""
+        embedded default (SmolLM2-135M-Instruct). kwargs: see LLMEngine and EngineConfig. As vLLM's:
+        enforce_eager, no CUDA graphs (cuda_graph=False); trust_remote_code is accepted and has no effect (only
+        the built-in architectures load; a checkpoint's own code never runs)."""
+        if enforce_eager:
+            kwargs["cuda_graph"] = False
         self.engine = LLMEngine(model, **kwargs)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        """The model's Tokenizer (nanoflow's own: encode, decode, apply_chat_template), or None; as vLLM's."""
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without sampling params uses: the model's generation config's defaults (temperature, top_p,
@@ -90,12 +99,12 @@ class LLM:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
                                                   continue_final_message, chat_template_kwargs)
-        return {"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
 
 def _as_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+    if isinstance(prompts, (list, tuple)) and prompts and all(is_token_id(t) for t in prompts):
         return [list(prompts)]  # one prompt of token ids
     return list(prompts)
