@@ -221,6 +221,11 @@ def test_vllm_constructor_options(llama_dir):
     assert llm.engine.config.cuda_graph is False and LLM(llama_dir).engine.config.cuda_graph is None
 
 
+def test_a_pipeline_spec_without_its_mode_is_warned_of(llama_dir, caplog):
+    LLM(llama_dir, pipeline_spec="/no/such/spec.json")
+    assert "pipeline_spec '/no/such/spec.json' is not used" in caplog.text
+
+
 def test_bad_engine_options(llama_dir):
     with pytest.raises(ValueError, match="admission"):
         LLM(llama_dir, admission="magic")

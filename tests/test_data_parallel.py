@@ -211,6 +211,17 @@ def test_api_servers_share_the_port_and_add_up_their_metrics(cluster, tmp_path, 
         assert stop_server(proc) == 0
 
 
+def test_a_replica_that_refuses_its_options_says_why(cluster):
+    """(It printed Ray's actor traceback, 69 lines.)"""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", "--data-parallel-size", "1",
+                          "--ray-address", cluster, "--mode", "pipeline", "--port", "0"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 2 and "nanoflow: error: a replica could not start: ValueError: mode 'pipeline'" in \
+        run.stderr, run.stderr[-2000:]
+
+
 def test_bad_api_server_count(capsys):
     assert main(["serve", "--api-server-count", "2"]) != 0
     assert "--api-server-count" in capsys.readouterr().err

@@ -197,6 +197,17 @@ def test_cli_flag():
     assert p.parse_args(["--tensor-parallel-size", "4"]).tensor_parallel_size == 4
 
 
+def test_a_rank_that_dies_at_start_is_an_error_at_once(llama_dir, tmp_path):
+    """A script without a main guard: spawn's import of it fails in the new rank, which exits; rank 0 says so at
+    once (it waited the group's ten minutes for it)."""
+    import subprocess
+    import sys
+    script = tmp_path / "noguard.py"
+    script.write_text(f"from nanoflow import LLM\nLLM({llama_dir!r}, tensor_parallel_size=2)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "guard its work with `if __name__ == '__main__':`" in run.stderr
+
+
 def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
     with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the model's num_attention_heads"):
         LLM(llama_dir, tensor_parallel_size=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from dataclasses import dataclass
 
 import ray
@@ -182,7 +183,16 @@ def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, r
             num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
         ).remote(model, engine_kwargs, max_waiting_requests, stream_interval) for i in range(num_replicas)]
-        return list(zip(replicas, ray.get([r.info.remote() for r in replicas])))
+        try:
+            return list(zip(replicas, ray.get([r.info.remote() for r in replicas])))
+        except ray.exceptions.RayActorError as e:  # an engine that refused its options: why, in one line
+            raise ValueError(f"a replica could not start: {_cause(e)}") from None
     except BaseException:
         ray.shutdown()
         raise
+
+
+def _cause(error: Exception) -> str:
+    """The replica's own exception, the last 'SomeError: message' line of Ray's report (else its first line)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line for line in reversed(lines) if re.match(r"\w+(Error|Exception): ", line)), lines[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,13 @@ class Workers:
         if args.device_type == "cuda":
             os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the workers, set before NCCL starts anywhere
         ctx = mp.get_context("spawn")  # (fork would copy rank 0's CUDA context and threads)
-        self.procs = [ctx.Process(target=_worker, args=(r, size, init_method, args), name=f"nanoflow-tp{r}")
-                      for r in range(1, size)]
+        started = [ctx.Event() for _ in range(1, size)]
+        self.procs = [ctx.Process(target=_worker, args=(r, size, init_method, args, started[r - 1]),
+                                  name=f"nanoflow-tp{r}") for r in range(1, size)]
         for p in self.procs:
             p.start()
         try:
+            _wait_started(self.procs, started)
             self.group: TPGroup = init_group(0, size, init_method, rank_device(args.device_type, 0))
         except BaseException:
             self._stop()
@@ -103,7 +106,20 @@ def shutdown_all() -> None:
         _running[-1].shutdown()
 
 
-def _worker(rank: int, size: int, init_method: str, args: WorkerArgs) -> None:
+def _wait_started(procs: list, started: list) -> None:
+    """Until every rank runs _worker. One that exits first (a script without a main guard, whose import spawn
+    repeats, fails so) is an error now, not the group's ten-minute wait for it."""
+    while not all(e.is_set() for e in started):
+        for p, e in zip(procs, started):
+            if not e.is_set() and p.exitcode is not None:
+                raise RuntimeError(f"tensor-parallel rank {p.name} exited (code {p.exitcode}) before it started; a "
+                                   f"script that starts ranks runs them in new processes that import its main "
+                                   f"module: guard its work with `if __name__ == '__main__':`")
+        time.sleep(0.05)
+
+
+def _worker(rank: int, size: int, init_method: str, args: WorkerArgs, started) -> None:
+    started.set()
     from nanoflow.executor.model_runner import ModelRunner, settle_gc
     from nanoflow.models.loader import build_model, resolve
     from nanoflow.pipeline.measure import TimelineSpec, TimeSpec, run_timeline, run_timing

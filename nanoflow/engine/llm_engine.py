@@ -36,6 +36,9 @@ class LLMEngine:
             raise TypeError(f"unknown engine option {unknown[0]!r}; the options are tokenizer, load_format, dtype, "
                             f"device, generation_config and {', '.join(f.name for f in fields(EngineConfig))}")
         self.config = EngineConfig(**engine_args)
+        if self.config.mode == "non-overlap" and self.config.pipeline_spec != "auto":
+            log.warning("pipeline_spec %r is not used: it shapes the modes nanobatch-only and pipeline, and the mode "
+                        "is non-overlap", self.config.pipeline_spec)
         self.source = resolve(model, self.config.num_layers)
         check_load_format(self.source, load_format)
         cfg = self.source.config
