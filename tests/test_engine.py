@@ -447,7 +447,8 @@ def test_generation_config_sets_the_defaults_of_requests_without_params(llama_di
     gen = {"do_sample": True, "temperature": 0.0, "top_k": 7, "repetition_penalty": 1.0, "max_new_tokens": 5}
     path = _with_generation_config(llama_dir, tmp_path / "m", gen)
     llm = LLM(path)
-    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, top_k=7, max_tokens=5)
+    # (max_new_tokens a bound: max_tokens None, cut to it)
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, top_k=7, max_tokens=None)
     out = llm.generate([PROMPTS[0]], use_tqdm=False)[0].outputs[0]  # greedy, 5 tokens
     expect = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == expect.token_ids and len(out.token_ids) == 5
@@ -466,8 +467,12 @@ def test_the_models_default_max_tokens_is_cut_to_the_room_there_is(llama_dir, tm
     llm = LLM(path, max_model_len=64, num_kv_blocks=3, block_size=16)  # 48 tokens of cache
     out = llm.generate([PROMPTS[1]], use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 48 - len(PROMPTS[1]) or out.finish_reason == "stop"
+    again = llm.generate([PROMPTS[1]], llm.get_default_sampling_params(), use_tqdm=False)[0].outputs[0]
+    assert again.token_ids == out.token_ids  # (the defaults passed explicitly: the same bound, not a refusal)
     with pytest.raises(ValueError, match="max_tokens=60 need more than the whole KV cache"):
         llm.generate([PROMPTS[1]], SamplingParams(max_tokens=60), use_tqdm=False)
+    with pytest.raises(ValueError, match="min_tokens=50: the request can have at most 45 output tokens"):
+        llm.generate([PROMPTS[1]], SamplingParams(max_tokens=None, min_tokens=50), use_tqdm=False)
 
 
 def test_an_unreadable_generation_config_is_ignored_unless_asked_for(llama_dir, tmp_path, caplog):

@@ -550,6 +550,12 @@ def test_the_models_defaults_fill_what_a_request_leaves_unset():
     assert api.CompletionRequest(prompt="x").sampling_params({}).max_tokens == 16  # (OpenAI's default)
     assert api.CompletionRequest(prompt="x").sampling_params({"max_tokens": 100}).max_tokens == 16
     assert api.CompletionRequest(prompt="x", max_tokens=50).sampling_params(defaults).max_tokens == 7
+    with pytest.raises(ValueError, match="min_tokens=9: must be <= max_tokens, which the model's generation config"):
+        api.CompletionRequest(prompt="x", max_tokens=50, min_tokens=9).sampling_params(defaults)
+    # echo with logprobs asks for the prompt's, unless prompt_logprobs is given (as vLLM's)
+    assert api.CompletionRequest(prompt="x", echo=True, logprobs=3).sampling_params({}).prompt_logprobs == 3
+    assert api.CompletionRequest(prompt="x", echo=True, logprobs=3, prompt_logprobs=0).sampling_params(
+        {}).prompt_logprobs == 0
     chat = dict(messages=[{"role": "user", "content": "x"}])
     assert api.ChatCompletionRequest(**chat).sampling_params(defaults).max_tokens is None
     assert api.ChatCompletionRequest(**chat, max_completion_tokens=3).sampling_params(defaults).max_tokens == 3
@@ -569,4 +575,6 @@ def test_a_default_max_tokens_past_the_context_is_cut_to_it(llama_dir, tmp_path)
     assert r.json()["usage"]["total_tokens"] == 48 and r.json()["choices"][0]["finish_reason"] == "length"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16  # (OpenAI's default)
+    r = httpx.post(f"{url}/v1/chat/completions", json=body | {"min_tokens": 100}, timeout=60)  # (it was a 500)
+    assert r.status_code == 400 and "min_tokens=100" in r.json()["error"]["message"], r.text
     assert stop_server(proc) == 0

