@@ -73,3 +73,20 @@ def test_a_gguf_without_tokenizer_metadata_says_what_it_lacks(tmp_path, model, e
     w.close()
     with pytest.raises(error, match=message):
         Tokenizer.from_gguf(open_gguf(str(tmp_path / "t.gguf")))
+
+
+def test_a_gguf_without_a_tokenizer_takes_its_vocabulary_from_the_embedding(tmp_path):
+    """(len() of the missing token list raised a TypeError; such a file serves token ids.)"""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from nanoflow.models.gguf_file import config_from_gguf, open_gguf
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2),
+                   (w.add_feed_forward_length, 16), (w.add_context_length, 64)):
+        add(v)
+    w.add_tensor("token_embd.weight", np.zeros((37, 8), np.float32))  # 37 tokens of 8
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert config_from_gguf(open_gguf(str(tmp_path / "m.gguf"))).vocab_size == 37

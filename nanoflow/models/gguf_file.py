@@ -48,7 +48,7 @@ def config_from_gguf(reader) -> ModelConfig:
     return ModelConfig(
         # llama.cpp files Mixtral as "llama"
         architecture="mixtral" if experts and arch == "llama" else GGUF_ARCHS[arch],
-        vocab_size=g("vocab_size") or len(tokens),
+        vocab_size=g("vocab_size") or (len(tokens) if tokens is not None else _embedding_rows(reader)),
         hidden_size=hidden,
         intermediate_size=g("expert_feed_forward_length") if qwen_moe else g("feed_forward_length"),
         num_layers=g("block_count"),
@@ -74,6 +74,14 @@ def config_from_gguf(reader) -> ModelConfig:
 def unpermute_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's conversion, which interleaves each head's two rotary halves."""
     return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _embedding_rows(reader) -> int:
+    """The vocabulary of a file without a tokenizer or a vocab_size: the embedding's rows (its last GGML dim)."""
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ValueError("the GGUF file has no vocabulary size: no vocab_size, tokenizer or token_embd.weight")
+    return int(embd.shape[-1])
 
 
 def gguf_tensors(reader) -> Iterator[tuple[str, torch.Tensor]]:
