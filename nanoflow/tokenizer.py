@@ -10,6 +10,7 @@ import os
 from datetime import datetime
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
@@ -150,6 +151,8 @@ class Tokenizer:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         messages = [_template_message(m) for m in messages]
+        if continue_final_message:
+            messages[-1] = messages[-1] | {"content": messages[-1].get("content", "") + _CONTINUE_TAG}
         source = chat_template or self.chat_template
         if source is None:
             raise ValueError("this model has no chat template; pass chat_template=...")
@@ -159,7 +162,7 @@ class Tokenizer:
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         except (jinja2.TemplateError, TypeError) as e:  # e.g. a message without the 'content' the template reads
             raise ValueError(f"chat template error: {e}") from None
-        return _cut_after_final(text, messages[-1].get("content")) if continue_final_message else text
+        return _cut_at_continue_tag(text) if continue_final_message else text
 
     def _compiled(self) -> jinja2.Template:
         if self._template is None:
@@ -181,25 +184,44 @@ def _template_message(m) -> dict:
     return m
 
 
-def _cut_after_final(text: str, final) -> str:
-    """text up to the end of the final message's content (a template may strip the content's edges)."""
-    core = (final or "").strip()
-    if not core or core not in text:
-        raise ValueError("continue_final_message: the final message's text must appear in the rendered "
-                         "conversation (and not be empty)")
-    at = text.rindex(core)
-    kept = final.lstrip()  # its trailing spaces too, where the template kept them
-    return text[: at + (len(kept) if text.startswith(kept, at) else len(core))]
+# Appended to the final message for continue_final_message, to find where its content ends in the rendered text
+# (searching for the content itself may find it again in the template's text after it: 'end' in '<|im_end|>').
+# Its trailing space shows whether the template strips the content's end.
+_CONTINUE_TAG = "<|nanoflow_continue_here|> "
+
+
+def _cut_at_continue_tag(text: str) -> str:
+    """text up to the end of the final message's content, where the template put the tag (as HF's)."""
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the final message's text must appear in the rendered conversation")
+    return text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
 
 
 def _raise(message: str):
     raise ValueError(f"chat template error: {message}")
 
 
+class _Generation(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}, which marks the assistant's text for transformers' training masks:
+    its body as is (a scope of its own, as HF's)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """As HF's: JSON as is (jinja2's own escapes HTML), with json.dumps' options that templates use."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _compile(source: str) -> jinja2.Template:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+                                                       extensions=["jinja2.ext.loopcontrols", _Generation])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)

@@ -14,6 +14,8 @@ def detokenize(tokenizer: Tokenizer, seq: Sequence) -> str:
     """Append the text of newly generated tokens to seq.output_text and return it."""
     skip = seq.params.skip_special_tokens
     ids = seq.token_ids
+    if seq.read_offset == seq.num_prompt_tokens:  # nothing emitted yet: the window starts in the prompt
+        seq.prefix_offset = _window_start(tokenizer, ids, seq.read_offset, skip)
     prefix = tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=skip)
     full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
     if len(full) <= len(prefix) or full.endswith("\ufffd"):
@@ -24,18 +26,31 @@ def detokenize(tokenizer: Tokenizer, seq: Sequence) -> str:
     return delta
 
 
+def _window_start(tokenizer: Tokenizer, ids: list[int], n: int, skip: bool) -> int:
+    """Where the first window starts: 6 tokens back, or further back if that is inside a character (as vLLM's,
+    which looks for a start from which the prompt's end decodes without U+FFFD). Byte-fallback tokens decode to
+    U+FFFD all along a run of bytes that does not start on a character, so the output's own bytes would too.
+    n: the prompt's length."""
+    for start in range(max(n - 6, 0), max(n - 24, 0) - 1, -1):
+        if "\ufffd" not in tokenizer.decode(ids[start:n], skip_special_tokens=skip):
+            return start
+    return max(n - 6, 0)
+
+
 def find_stop(seq: Sequence, delta_len: int) -> str | None:
     """If a stop string now occurs in the output, cut the text there and return the stop string."""
     stops = seq.params.stop_strings
     if not stops or not delta_len:
         return None
     text = seq.output_text
-    # only a match that overlaps the new text can be new
-    begin = max(len(text) - delta_len - max(map(len, stops)) + 1, 0)
-    hits = [(i, s) for s in stops if (i := text.find(s, begin)) >= 0]
+    # only a match that reaches the new text can be new (each string's own reach: the older text may hold a match
+    # of a short one that was not looked for, under min_tokens)
+    hits = [(i + len(s), i, s) for s in stops if (i := text.find(s, max(len(text) - delta_len - len(s) + 1, 0))) >= 0]
     if not hits:
         return None
-    i, stop = min(hits)
+    # the one that completes first (of those, the longest), as if the text came a character at a time: where the
+    # tokens' boundaries fall does not change the outcome
+    _, i, stop = min(hits)
     seq.output_text = text[: i + len(stop)] if seq.params.include_stop_str_in_output else text[:i]
     return stop
 
