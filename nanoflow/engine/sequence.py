@@ -66,9 +66,8 @@ class Sequence:
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.output_text = ""
-        # incremental detokenization window (see detokenizer.py)
-        self.prefix_offset = max(self.num_prompt_tokens - 6, 0)
-        self.read_offset = self.num_prompt_tokens
+        # incremental detokenization window (see detokenizer.py; its first call picks where it starts)
+        self.prefix_offset = self.read_offset = self.num_prompt_tokens
         self.max_tokens = params.max_tokens
         # A seeded request draws from its own generator (made on the device by the sampler), so its
         # samples do not depend on what else is in the batch.
