@@ -236,11 +236,13 @@ class AsyncEngine(EngineClient):
         if cmd is _ABORT_ALL:
             self._abort_all()
             return
+        added = []
         try:
             for rid, prompt in zip(cmd.request_ids, cmd.prompts):
                 self.engine.add_request(rid, prompt, cmd.params)
-        except Exception as e:  # bad input (ValueError, TypeError): take none of them
-            for rid in cmd.request_ids:
+                added.append(rid)
+        except Exception as e:  # bad input (ValueError, TypeError): take none of them (only those it added: an id
+            for rid in added:   # already in use belongs to another request)
                 self.engine.abort_request(rid)
             cmd.sink.put(e)
             return
