@@ -14,7 +14,7 @@ def detokenize(tokenizer: Tokenizer, seq: Sequence) -> str:
     """Append the text of newly generated tokens to seq.output_text and return it."""
     skip = seq.params.skip_special_tokens
     ids = seq.token_ids
-    if seq.read_offset == seq.num_prompt_tokens:  # nothing emitted yet: the window starts in the prompt
+    if seq.prefix_offset == seq.read_offset:  # the first call (the window is empty only then): start it in the prompt
         seq.prefix_offset = _window_start(tokenizer, ids, seq.read_offset, skip)
     prefix = tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=skip)
     full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)

@@ -241,8 +241,8 @@ class AsyncEngine(EngineClient):
             for rid, prompt in zip(cmd.request_ids, cmd.prompts):
                 self.engine.add_request(rid, prompt, cmd.params)
                 added.append(rid)
-        except Exception as e:  # bad input (ValueError, TypeError): take none of them (only those it added: an id
-            for rid in added:   # already in use belongs to another request)
+        except Exception as e:  # bad input (ValueError, TypeError): take none of them
+            for rid in added:  # only those added here: an id already in use belongs to another request
                 self.engine.abort_request(rid)
             cmd.sink.put(e)
             return
