@@ -267,7 +267,9 @@ class EngineConfig:
     block_size: int | None = None
     num_kv_blocks: int | None = None  # else sized from memory
     gpu_memory_utilization: float = 0.9
-    kv_cache_gb: float = 1.0  # CPU KV cache size when num_kv_blocks is not given
+    # the KV cache's size in GiB when num_kv_blocks is not given; set, it ignores gpu_memory_utilization (as vLLM's
+    # kv_cache_memory_bytes); None: on a GPU what gpu_memory_utilization leaves, on the CPU 1
+    kv_cache_gb: float | None = None
     # "auto": the model's dtype; "fp8": float8 e4m3, unscaled (vLLM's fp8 without calibration): half the bytes of
     # bf16, so twice the tokens and half the reads of decode attention, at 3 bits of mantissa
     kv_cache_dtype: str = "auto"
@@ -325,7 +327,7 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
-        if not self.kv_cache_gb > 0:
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

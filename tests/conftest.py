@@ -10,6 +10,25 @@ if not torch.cuda.is_available():
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_sized_kv_cache():
+    """On a GPU, an engine that a test builds without sizing its KV cache gets the CPU's 1 GiB, not 90 % of the card:
+    fixtures keep engines alive across tests, and two of 90 % do not fit."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from nanoflow.config import EngineConfig
+    init = EngineConfig.__init__
+
+    def sized(self, *args, **kw):
+        if not {"num_kv_blocks", "kv_cache_gb", "gpu_memory_utilization"} & kw.keys():
+            kw["kv_cache_gb"] = 1
+        init(self, *args, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EngineConfig, "__init__", sized)
+        yield
+
 # Small random models of each supported family, saved as HF directories with a real tokenizer.
 ARCH_CONFIGS = {
     # Llama 3.1-style: GQA and llama3 rope scaling (a short original context makes the scaling bite)

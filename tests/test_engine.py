@@ -232,15 +232,20 @@ def test_stop_token_ids_and_min_tokens(llama_dir, reference):
     assert len(late.token_ids) >= 3 and ref[0] not in late.token_ids[:3]
 
 
-def test_abort_frees_blocks(llama_dir):
-    llm = LLM(llama_dir, num_kv_blocks=64)
+@pytest.mark.parametrize("async_", [False, True])
+def test_abort_frees_blocks(llama_dir, async_):
+    """An abort frees the request's blocks at once and leaves no unfinished request (as vLLM's), even with an
+    iteration of it in flight: the next step reads that back and drops it."""
+    llm = LLM(llama_dir, num_kv_blocks=64, async_scheduling=async_)
     eng = llm.engine
     eng.add_request("a", PROMPTS[2], SamplingParams(max_tokens=50))
     eng.step()
-    assert eng.scheduler.blocks.num_free < 64
+    eng.step()
+    assert eng.scheduler.blocks.num_free < 64 and (eng.inflight is not None) == async_
     out = eng.abort_request("a")
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert eng.scheduler.blocks.num_free == 64 and not eng.has_unfinished_requests()
+    assert eng.step() == [] and eng.inflight is None
 
 
 def test_buckets_cover_every_size():
@@ -416,8 +421,8 @@ def test_fp8_kv_cache():
     blocks of 32), and the model reads it back close to the full-precision cache."""
     p = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
     prompt = ["The capital of France is"]
-    full = LLM(None, max_num_batched_tokens=64)
-    fp8 = LLM(None, max_num_batched_tokens=64, kv_cache_dtype="fp8")
+    full = LLM(None, max_num_batched_tokens=64, kv_cache_gb=1)
+    fp8 = LLM(None, max_num_batched_tokens=64, kv_cache_dtype="fp8", kv_cache_gb=1)
     assert fp8.engine.runner.model.kv_cache.dtype == torch.float8_e4m3fn
     assert (full.engine.runner.block_size, fp8.engine.runner.block_size) == (16, 32)
     assert 2 * full.engine.runner.num_blocks <= fp8.engine.runner.num_blocks < 2 * (full.engine.runner.num_blocks + 1)

@@ -340,6 +340,22 @@ def test_fp8_kv_cache_on_the_gpu(model_dir):
     assert max(drift) < 0.5
 
 
+def test_kv_cache_size_on_the_gpu(model_dir):
+    """kv_cache_gb sizes the cache on a GPU too (ignoring gpu_memory_utilization), and one that cannot fit, or a
+    utilization that leaves nothing, is refused with the numbers; an engine's memory comes back once it is dropped."""
+    runner = LLM(model_dir, device="cuda", kv_cache_gb=0.5, cuda_graph=False).engine.runner
+    assert runner.num_blocks == int(0.5 * 2**30) // runner._block_bytes()
+    del runner
+    free, total = torch.cuda.mem_get_info()
+    with pytest.raises(ValueError, match=r"kv_cache_gb=\d+ does not fit: .* GiB of the GPU are free"):
+        LLM(model_dir, device="cuda", kv_cache_gb=int(total / 2**30) + 1)
+    with pytest.raises(ValueError, match=r"not enough memory for the KV cache: gpu_memory_utilization=0.001 allows"):
+        LLM(model_dir, device="cuda", gpu_memory_utilization=0.001)
+    # the card's share (gpu_memory_utilization, named: tests default to 1 GiB): the first engine gave its memory back
+    big = LLM(model_dir, device="cuda", cuda_graph=False, gpu_memory_utilization=0.9)
+    assert big.engine.runner.num_blocks * big.engine.runner._block_bytes() > 0.5 * free
+
+
 @two_gpus
 def test_tensor_parallel_timeline_and_phases(model_dir, tmp_path):
     """`bench throughput -tp 2 --timeline`: every rank replays the timed iteration (its collectives need them all),

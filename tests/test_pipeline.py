@@ -106,12 +106,12 @@ def test_non_overlap_spec_is_the_plain_forward():
 def _batch_and_plain(llama_dir, budget):
     """A mixed batch from a real engine (decode rows and chunked prefills), and its plain-forward output."""
     from nanoflow.engine.llm_engine import LLMEngine
-    eng = LLMEngine(llama_dir, max_num_batched_tokens=budget)
+    eng = LLMEngine(llama_dir, max_num_batched_tokens=budget, async_scheduling=False)
     for i, p in enumerate(PROMPTS):
         eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     eng.step()  # into a state with decodes and partial prefills
     out = eng.scheduler.schedule()
-    batch, _ = eng.runner.prepare(out)
+    batch = eng.runner.prepare(out)[0].to(eng.device)  # (prepared on the host)
     assert out.num_decode > 0 and len(out.chunks) > out.num_decode
     model = eng.runner.model
     ws = eng.runner.ws.rows(batch.num_tokens)

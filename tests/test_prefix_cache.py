@@ -3,6 +3,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import gpu, make_hf_model
 from nanoflow import LLM, SamplingParams
@@ -20,10 +21,11 @@ OFF = dict(enable_prefix_caching=False)
 DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
 
 
-def host_gb(blocks, block_size=4, device="cpu"):
+def host_gb(blocks, block_size=4, device=None):
     """A host tier of this many blocks of the test model (2 layers, 2 KV heads of 16: 512 bytes a token in fp32
-    on the CPU, 256 in bf16 on the GPU)."""
-    return blocks * block_size * (512 if device == "cpu" else 256) / 2**30
+    on the CPU, 256 in bf16 on the GPU) on device, by default the engine's (the GPU when there is one)."""
+    on_cpu = device == "cpu" or device is None and not torch.cuda.is_available()
+    return blocks * block_size * (512 if on_cpu else 256) / 2**30
 
 
 def tokens(outs):
@@ -185,7 +187,8 @@ def test_host_budget(llama_dir):
     llm = LLM(llama_dir, num_kv_blocks=16, block_size=4, kv_offload_gb=0.001)
     per_block = llm.engine.model_config.kv_bytes_per_token(llm.engine.dtype) * 4
     assert llm.engine.runner.num_host_blocks == int(0.001 * 2**30) // per_block
-    assert llm.engine.runner.offload.host.numel() * 4 <= 0.001 * 2**30
+    host = llm.engine.runner.offload.host
+    assert host.numel() * host.element_size() <= 0.001 * 2**30
     with pytest.raises(ValueError, match="prefix caching"):
         LLM(llama_dir, enable_prefix_caching=False, kv_offload_gb=1)
 

@@ -537,6 +537,35 @@ def test_stream_interval(interval, due):
         AsyncEngine(engine, Metrics(), 8, 0)
 
 
+def test_a_refused_submission_takes_back_only_what_it_added():
+    """All or none: a submission refused part-way aborts the requests it added, and only those (an id already in use
+    is another request's, which runs on)."""
+    from types import SimpleNamespace
+
+    from nanoflow.entrypoints.async_engine import ACCEPTED, AsyncEngine, Submission
+    from nanoflow.entrypoints.metrics import Metrics
+
+    class Engine(SimpleNamespace):
+        def add_request(self, rid, prompt, params):
+            if rid in self.requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            self.requests.add(rid)
+
+        def abort_request(self, rid):
+            self.requests.discard(rid)
+    engine = Engine(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"), sampling_defaults={},
+                    requests={"a-1"})
+    eng, got = AsyncEngine(engine, Metrics(), 8, 1), []
+    sink = SimpleNamespace(put=got.append)
+    for ids, prompts in ((["a-0", "a-1", "a-2"], [[1], [2], [3]]), (["b-0", "b-1"], [[1], []])):
+        eng._handle(Submission(ids, prompts, SamplingParams(), sink))
+        assert isinstance(got.pop(), ValueError) and engine.requests == {"a-1"} and not eng._sinks
+    eng._handle(Submission(["c-0"], [[1]], SamplingParams(), sink))
+    assert got == [ACCEPTED] and engine.requests == {"a-1", "c-0"} and eng._sinks == {"c-0": sink}
+
+
 def test_the_models_defaults_fill_what_a_request_leaves_unset():
     """The generation config's defaults (vLLM's --generation-config auto) apply to fields a request does not set;
     its max_tokens bounds the request's (16 for a completion that sets none, as OpenAI's), as vLLM's get_max_tokens;

@@ -179,7 +179,9 @@ class LLMEngine:
         return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self.inflight is not None
+        """Whether requests remain (as vLLM's). An in-flight iteration of finished sequences alone does not count:
+        the next step reads it back and drops its tokens."""
+        return bool(self.requests)
 
     # -- the iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

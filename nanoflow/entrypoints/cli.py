@@ -26,7 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="tokens a KV block (default: 16; 32 with an fp8 cache)")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size on the CPU")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="the KV cache's size in GiB (ignores --gpu-memory-utilization); default: on a GPU what "
+                        "--gpu-memory-utilization leaves, on the CPU 1")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="auto: the model's dtype; fp8: float8 e4m3, unscaled (half the bytes: twice the KV tokens)")
     p.add_argument("--admission", choices=["kv", "predicted"], default="kv")

@@ -28,6 +28,7 @@ from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.cache import gpu_name, resolve_pipeline_spec
 
 CPU_BATCH_TOKENS = 512
+CPU_KV_CACHE_GB = 1.0  # the KV cache's size on the CPU when neither num_kv_blocks nor kv_cache_gb is given
 GPU_BATCH_TOKENS = 2048
 
 
@@ -104,8 +105,7 @@ class ModelRunner:
         if self.tp.size > 1:  # the scheduler's block ids index every rank's cache
             self.num_blocks = agree_min(self.tp, self.num_blocks)
         if self.num_blocks <= 0:
-            raise ValueError("not enough memory for the KV cache; lower max_num_batched_tokens or raise "
-                             "gpu_memory_utilization / kv_cache_gb")
+            raise ValueError("the KV cache holds no block of this model; raise num_kv_blocks or kv_cache_gb")
         c = self.cfg
         # one spare block past the last: padding rows write their KV there
         model.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks + 1, self.block_size, c.num_kv_heads,
@@ -150,16 +150,28 @@ class ModelRunner:
         return self.cfg.kv_bytes_per_token(self.kv_dtype) * self.block_size
 
     def _blocks_from_memory(self) -> int:
-        per_block = self._block_bytes()
+        per_block, gb = self._block_bytes(), self.config.kv_cache_gb
         if self.device.type != "cuda":
-            return int(self.config.kv_cache_gb * 2**30) // per_block
+            return int((gb or CPU_KV_CACHE_GB) * 2**30) // per_block
         torch.cuda.empty_cache()  # what loading freed (init_dummy's whole tensors) would otherwise count as used
         free, total = torch.cuda.mem_get_info(self.device)
         c = self.cfg
         # activations of one full iteration, plus logits rows in float32 (with headroom for sampling)
         act = Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size)
         logits = 4 * c.vocab_size * max(self.max_num_tokens, self.config.max_num_seqs) * 3
+        if gb is not None:
+            if gb * 2**30 + act + logits > free:
+                raise ValueError(f"kv_cache_gb={gb} does not fit: {free / 2**30:.2f} GiB of the GPU are free, and "
+                                 f"an iteration's activations and logits take {(act + logits) / 2**30:.2f} GiB")
+            return int(gb * 2**30) // per_block
         usable = total * self.config.gpu_memory_utilization - (total - free) - act - logits
+        if usable < per_block:
+            raise ValueError(
+                f"not enough memory for the KV cache: gpu_memory_utilization={self.config.gpu_memory_utilization} "
+                f"allows {total * self.config.gpu_memory_utilization / 2**30:.2f} GiB of {total / 2**30:.2f}, "
+                f"{(total - free) / 2**30:.2f} GiB are in use (this model's weights, other processes), and an "
+                f"iteration's activations and logits take {(act + logits) / 2**30:.2f} GiB; raise "
+                f"gpu_memory_utilization, lower max_num_batched_tokens, or free the GPU")
         return int(usable // per_block)
 
     # -- one iteration ---------------------------------------------------------------------------
