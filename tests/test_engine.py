@@ -417,15 +417,18 @@ def test_block_size_defaults_to_16_and_to_32_over_an_fp8_cache():
 
 
 def test_fp8_kv_cache():
-    """--kv-cache-dtype fp8: the cache holds float8 e4m3 (on the CPU, 4x the tokens of float32 in the same memory, in
-    blocks of 32), and the model reads it back close to the full-precision cache."""
+    """--kv-cache-dtype fp8: the cache holds float8 e4m3 (in the same memory, the model dtype's bytes times the tokens:
+    4x float32's on the CPU, 2x bf16's on a GPU; in blocks of 32), and the model reads it back close to the
+    full-precision cache."""
     p = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
     prompt = ["The capital of France is"]
     full = LLM(None, max_num_batched_tokens=64, kv_cache_gb=1)
     fp8 = LLM(None, max_num_batched_tokens=64, kv_cache_dtype="fp8", kv_cache_gb=1)
     assert fp8.engine.runner.model.kv_cache.dtype == torch.float8_e4m3fn
     assert (full.engine.runner.block_size, fp8.engine.runner.block_size) == (16, 32)
-    assert 2 * full.engine.runner.num_blocks <= fp8.engine.runner.num_blocks < 2 * (full.engine.runner.num_blocks + 1)
+    f, g = fp8.engine.runner, full.engine.runner
+    ratio, tokens = g.model.kv_cache.element_size(), f.num_blocks * f.block_size  # (an fp8 element is 1 byte)
+    assert ratio * g.num_blocks * g.block_size <= tokens < ratio * (g.num_blocks + 1) * g.block_size
     a, b = (llm.generate(prompt, p, use_tqdm=False)[0] for llm in (full, fp8))
     drift = [abs(next(iter(x.values())).logprob - next(iter(y.values())).logprob)
              for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
