@@ -22,6 +22,9 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
 ROPE_TYPES = ("default", "linear", "llama3")
+# the parameters each rope scaling type needs (transformers refuses a config without them)
+ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "high_freq_factor", "low_freq_factor",
+                                               "original_max_position_embeddings")}
 
 
 @dataclass(slots=True)
@@ -69,6 +72,8 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: {ROPE_TYPES})")
+        if missing := [k for k in ROPE_KEYS.get(rope_type, ()) if self.rope_scaling.get(k) is None]:
+            raise ValueError(f"rope scaling {rope_type!r} lacks {', '.join(missing)}")
 
     @property
     def q_size(self) -> int:
@@ -124,6 +129,10 @@ class ModelConfig:
         if arch is None:
             raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                              f"supported: {sorted(ARCHITECTURES)}")
+        if quant := cfg.get("quantization_config"):
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ValueError(f"quantized checkpoints are not supported (quant_method {method!r}): load the model's "
+                             f"unquantized weights, or a GGUF file of it")
         try:
             heads = cfg["num_attention_heads"]
             hidden = cfg["hidden_size"]
@@ -132,10 +141,15 @@ class ModelConfig:
             theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
             if "type" in rope and "rope_type" not in rope:
                 rope["rope_type"] = rope.pop("type")
+            if rope.get("rope_type") == "llama3":  # (transformers' default for it)
+                rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
+            # every supported architecture's MLP is SwiGLU: another activation would run as silu, silently
+            if (act := cfg.get("hidden_act", "silu")) not in ("silu", "swish"):
+                raise ValueError(f"unsupported hidden_act {act!r}; supported: 'silu'")
             eos = cfg.get("eos_token_id")
             window = cfg.get("sliding_window")
             qwen = arch in ("qwen2", "qwen2_moe")
-            if qwen and not cfg.get("use_sliding_window", False):
+            if qwen and not cfg.get("use_sliding_window", False) or arch == "llama":  # (Llama's has no window)
                 window = None
             layers = cfg["num_hidden_layers"]
             if types := cfg.get("layer_types"):  # (transformers >= 5 writes each layer's kind)
@@ -323,9 +337,9 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
-        for name in ("max_model_len", "num_kv_blocks", "predicted_output_len"):
+        for name in ("max_model_len", "num_kv_blocks", "predicted_output_len", "num_layers"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):  # (True is an int)
                 raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")

@@ -15,6 +15,17 @@ def test_missing_model_path():
         LLM("/no/such/model")
 
 
+def test_a_model_file_is_read_by_its_content(tmp_path, default_model_path):
+    """A GGUF file is one by its magic, whatever its name (as vLLM's check_gguf_file); another file is named as
+    what it is ("model not found" was said of files that exist)."""
+    from nanoflow.models.loader import resolve
+    (tmp_path / "model.bin").symlink_to(default_model_path)
+    assert resolve(str(tmp_path / "model.bin")).kind == "gguf"
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ValueError, match="is a file but not a GGUF file: pass a GGUF file, an HF model directory"):
+        LLM(str(tmp_path / "model.safetensors"))
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         LLM(str(tmp_path))
@@ -49,6 +60,20 @@ def test_unsupported_architecture(tmp_path, llama_dir):
         LLM(str(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("changes, message", [
+    (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "rope scaling 'linear' lacks factor"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
+     "rope scaling 'llama3' lacks high_freq_factor, low_freq_factor"),
+])
+def test_config_the_model_cannot_follow(tmp_path, llama_dir, changes, message):
+    """Refused by name, as transformers refuses them: gelu ran as silu (other outputs than transformers'); a rope
+    scaling without its parameters failed with a KeyError deep in the rope tables."""
+    _copy(llama_dir, tmp_path / "m", **changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(str(tmp_path / "m"))
+
+
 def test_corrupt_weights_files(tmp_path, llama_dir):
     """A truncated safetensors file, and a GGUF without the metadata a config needs, are named."""
     import gguf
@@ -68,6 +93,42 @@ def test_corrupt_weights_files(tmp_path, llama_dir):
     w.close()
     with pytest.raises(ValueError, match="lacks the metadata llama.attention.head_count"):
         LLM(str(tmp_path / "nohead.gguf"))
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", "model.safetensors.index.json: Expecting property name"),
+    ('{"metadata": {}}', "model.safetensors.index.json has no weight_map"),
+    ('{"weight_map": []}', "model.safetensors.index.json has no weight_map"),
+    (None, "model.safetensors.index.json names model-00002-of-00002.safetensors, which is not in"),
+])
+def test_bad_sharded_checkpoint_index(tmp_path, index, message):
+    """A JSONDecodeError, KeyError or AttributeError (a traceback from the CLI) before; a missing shard was found
+    only after the shards before it had loaded."""
+    from conftest import make_hf_model
+    make_hf_model(str(tmp_path), "llama", None, max_shard_size="20MB")
+    if index is None:
+        os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    else:
+        (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(str(tmp_path))
+
+
+def test_quantized_checkpoints_are_refused(tmp_path, llama_dir):
+    """A quantized checkpoint failed on its first scale tensor as an "unexpected weight" (or, for one whose weights
+    are integers, loaded them cast to floats: garbage)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    _copy(llama_dir, tmp_path / "q", quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    with pytest.raises(ValueError, match="quantized checkpoints are not supported .quant_method 'fp8'"):
+        LLM(str(tmp_path / "q"))
+    _copy(llama_dir, tmp_path / "i")
+    file = str(tmp_path / "i" / "model.safetensors")
+    weights = load_file(file)
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
+    save_file(weights, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="weight 'model.norm.weight' has dtype I8, not a float type"):
+        LLM(str(tmp_path / "i"))
 
 
 def test_load_format_that_contradicts_the_model(llama_dir):
@@ -183,7 +244,8 @@ def test_a_predicted_output_len_past_the_cache_is_admitted(llama_dir):
     (dict(max_model_len=0), "max_model_len"), (dict(max_model_len=-5), "max_model_len"),
     (dict(num_kv_blocks=0), "num_kv_blocks"), (dict(num_kv_blocks=-4), "num_kv_blocks"),
     (dict(kv_cache_gb=-1), "kv_cache_gb"), (dict(predicted_output_len=-5), "predicted_output_len"),
-    (dict(seed="x"), "seed"),
+    (dict(seed="x"), "seed"), (dict(num_layers=0), "num_layers"), (dict(num_layers=1.0), "num_layers"),
+    (dict(num_layers=True), "num_layers"), (dict(max_model_len=True), "max_model_len"),
 ])
 def test_bad_engine_config(kw, name):
     """Refused by name before anything loads (0 was taken as unset; negatives failed deep inside)."""

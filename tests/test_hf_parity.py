@@ -97,3 +97,19 @@ def test_windowed_layers_follow_transformers_without_layer_types(arch, max_windo
     c = ModelConfig.from_hf(cfg | {"architectures": [hf.architectures[0]] if hf.architectures else []} |
                             {"model_type": arch})
     assert [i for i in range(5) if c.window(i) is not None] == windowed
+
+
+def test_config_fields_read_as_transformers_reads_them():
+    """Llama ignores a sliding_window in its config (transformers' LlamaAttention has none: it was applied, and the
+    outputs differed from transformers'); llama3 rope without original_max_position_embeddings takes
+    max_position_embeddings, as transformers does (a KeyError); hidden_act swish is silu."""
+    from nanoflow.config import ModelConfig
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024)
+    assert ModelConfig.from_hf(base | {"sliding_window": 4}).sliding_window is None
+    mistral = base | {"sliding_window": 4, "architectures": ["MistralForCausalLM"]}
+    assert ModelConfig.from_hf(mistral).sliding_window == 4
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    c = ModelConfig.from_hf(base | {"rope_scaling": rope})
+    assert c.rope_scaling["original_max_position_embeddings"] == 1024 and "original_max_position_embeddings" not in rope
+    assert ModelConfig.from_hf(base | {"hidden_act": "swish"}).hidden_size == 32

@@ -1,6 +1,7 @@
 """Pipeline specs, their dependency rules, and nano-batched execution == the plain forward (CPU)."""
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -73,6 +74,47 @@ def test_malformed_spec_files(tmp_path):
         PipelineSpec.from_json('{"name": "x"}')
     with pytest.raises(FileNotFoundError, match="neither a file nor a shipped spec"):
         load_spec("no-such-spec")
+
+
+def _edited(change):
+    d = json.loads(four_way().to_json())
+    change(d)
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(tokens="64"), "tokens must be an integer, got '64'"),
+    (lambda d: d.update(tokens=64.5), "tokens must be an integer, got 64.5"),
+    (lambda d: d.update(tokens=True), "tokens must be an integer, got True"),
+    (lambda d: d.update(tokens=0), "tokens must be positive, got 0"),
+    (lambda d: d.update(tokens=-64), "tokens must be positive, got -64"),
+    (lambda d: d["nano_ops"][0].update(start="0"), "nano_ops[0]: start must be an integer, got '0'"),
+    (lambda d: d["nano_ops"][0].update(end=8.5), "nano_ops[0]: end must be an integer, got 8.5"),
+    (lambda d: d["units"][1].update(sms="32"), "units[1]: sms must be an integer, got '32'"),
+    (lambda d: d["units"][0].update(name=None), "units[0]: name must be a string, got None"),
+    (lambda d: d.update(nano_op=d.pop("nano_ops")), "unknown field 'nano_op'"),
+    (lambda d: d.update(units={"gemm": "compute"}), "units must be a list, got"),
+    (lambda d: d["nano_ops"].__setitem__(0, ["attn_norm", 0, 8, "gemm"]), "nano_ops[0] must be a JSON object"),
+    (lambda d: d["units"][0].update(knd=d["units"][0].pop("kind")), "units[0]: unknown field 'knd'"),
+    (lambda d: d["nano_ops"][0].pop("unit"), "nano_ops[0]: missing field 'unit'"),
+])
+def test_hand_edited_spec_fields_are_named(change, message):
+    """Each wrong field named with its place: strings for numbers failed as "'<' not supported between instances of
+    'int' and 'str'", fractional rows and a float or boolean token count were taken, a typo in a top-level key was
+    "malformed pipeline spec: 'nano_ops'", zero tokens a coverage error of rows [0, 0)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PipelineSpec.from_json(_edited(change))
+
+
+def test_spec_files_that_cannot_be_read(tmp_path, llama_dir):
+    """A directory raised IsADirectoryError (a traceback from the CLI); the errors of a file name it."""
+    with pytest.raises(ValueError, match=f"cannot read pipeline spec {re.escape(str(tmp_path))}: Is a directory"):
+        load_spec(str(tmp_path))
+    for text, message in (("", "Expecting value"), ("[]", "must be a JSON object")):
+        (tmp_path / "s.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"malformed pipeline spec {tmp_path / 's.json'}: ") +
+                           f".*{message}"):
+            LLM(llama_dir, mode="nanobatch-only", pipeline_spec=str(tmp_path / "s.json"))
 
 
 PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],

@@ -60,6 +60,9 @@ GGUF_LAYER = {
     "ffn_down_shexp.weight": ("shared_down", None), "ffn_gate_inp_shexp.weight": ("shared_gate", None),
 }
 GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
+# the dtypes of a checkpoint's weights (safetensors' names, or torch's for tensors): others (integers, fp8) are
+# quantized data that a cast would turn into garbage
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # Tensor parallelism: the dimension of a whole (checkpoint) tensor that is split over the ranks, by our parameter.
 # Column-parallel weights and their biases by output rows, row-parallel weights by input columns, the vocabulary by
 # rows (an expert's gate, up and down as the dense MLP's, the shared expert's too); the rest (norms, row-parallel
@@ -103,7 +106,10 @@ def _resolve(model: str | None) -> ModelSource:
     path = default_model_path() if model is None else model
     if path in PRESETS:
         return ModelSource("preset", path, preset(path))
-    if os.path.isfile(path) and path.endswith(".gguf"):
+    if os.path.isfile(path):
+        if not (path.endswith(".gguf") or _gguf_magic(path)):  # (vLLM too takes a GGUF file by its magic)
+            raise ValueError(f"model {path!r} is a file but not a GGUF file: pass a GGUF file, an HF model directory "
+                             f"(config.json, *.safetensors) or a preset")
         reader = open_gguf(path)
         return ModelSource("gguf", path, config_from_gguf(reader), reader)
     if os.path.isdir(path):
@@ -113,6 +119,11 @@ def _resolve(model: str | None) -> ModelSource:
         return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
     raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file or a preset "
                             f"({', '.join(sorted(PRESETS))})")
+
+
+def _gguf_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 # generation_config.json's fields that become default sampling parameters (the ones vLLM takes)
@@ -293,6 +304,8 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, expert: re.Pattern
         shape = _whole_shape(model, target, _piece(model, params[target], shard))
         if _shape(tensor) != shape:
             raise ValueError(f"weight {name!r} has shape {_shape(tensor)}, config expects {shape}")
+        if (dtype := tensor.dtype if isinstance(tensor, torch.Tensor) else tensor.get_dtype()) not in FLOAT_DTYPES:
+            raise ValueError(f"weight {name!r} has dtype {dtype}, not a float type (F16, BF16, F32)")
         _copy_whole(model, params[target], target, shard, tensor)
         loaded.add((target, shard))
     missing = sorted(f"{t}{'.' + s if s else ''}" for t, s in expected - loaded)
@@ -315,8 +328,16 @@ def _safetensors_weights(path: str):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, f) for f in files]
+            try:
+                weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as e:  # (not JSON; JSON but not an object)
+                raise ValueError(f"malformed {index}: {e}") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map (a JSON object: tensor name -> file)")
+        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+        # all shards checked before any loads (a large checkpoint's missing last shard would waste the others)
+        if missing := next((f for f in files if not os.path.isfile(f)), None):
+            raise ValueError(f"{index} names {os.path.relpath(missing, path)}, which is not in {path}")
     else:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:

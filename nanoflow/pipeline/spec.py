@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import os
 from importlib import resources
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, layer_ops
 
 UNIT_KINDS = ("compute", "memory", "network", "other")
 ALIGN = 8
+# the JSON type of each field of a spec file (a hand-edited "64", 8.5 or true is refused, not coerced)
+FIELD_TYPES = {"name": str, "tokens": int, "notes": str, "units": list, "nano_ops": list, "kind": str, "sms": int,
+               "op": str, "start": int, "end": int, "unit": str}
 
 
 @dataclass(slots=True)
@@ -76,6 +79,8 @@ class PipelineSpec:
 
     def validate(self) -> "PipelineSpec":
         from nanoflow.pipeline.graph import dependencies
+        if self.tokens <= 0:
+            raise ValueError(f"pipeline spec {self.name!r}: tokens must be positive, got {self.tokens}")
         names = [u.name for u in self.units]
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline spec {self.name!r}: duplicate unit names {names}")
@@ -138,13 +143,17 @@ class PipelineSpec:
         return f"{head},\n \"units\": [\n{rows(self.units)}\n ],\n \"nano_ops\": [\n{rows(self.nano_ops)}\n ]\n}}\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "PipelineSpec":
+    def from_json(cls, text: str, source: str = "") -> "PipelineSpec":
+        """source: the file, named in the errors."""
+        where = f"malformed pipeline spec{' ' + source if source else ''}: "
         try:
             d = json.loads(text)
-            return cls(d["name"], int(d["tokens"]), [Unit(**u) for u in d["units"]],
-                       [NanoOp(**n) for n in d["nano_ops"]], d.get("notes", "")).validate()
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"malformed pipeline spec: {e}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}{e}") from None
+        d = _checked(cls, d, "", where)
+        units = [Unit(**_checked(Unit, u, f"units[{i}]", where)) for i, u in enumerate(d["units"])]
+        nano_ops = [NanoOp(**_checked(NanoOp, n, f"nano_ops[{i}]", where)) for i, n in enumerate(d["nano_ops"])]
+        return cls(d["name"], d["tokens"], units, nano_ops, d.get("notes", "")).validate()
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -152,8 +161,31 @@ class PipelineSpec:
 
     @classmethod
     def load(cls, path: str) -> "PipelineSpec":
-        with open(path) as f:
-            return cls.from_json(f.read())
+        try:
+            with open(path) as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:  # (a directory, no permission, not text)
+            raise ValueError(f"cannot read pipeline spec {path}: {getattr(e, 'strerror', None) or e}") from None
+        return cls.from_json(text, path)
+
+
+def _checked(cls, d, what: str, where: str) -> dict:
+    """d, a JSON object of cls's fields of their JSON types (FIELD_TYPES), else a ValueError naming the field and
+    where it is (what: e.g. 'units[0]'; '' for the spec itself)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}{what or 'the spec'} must be a JSON object, got {d!r}")
+    prefix = where + (f"{what}: " if what else "")
+    names = [f.name for f in fields(cls)]
+    if unknown := [k for k in d if k not in names]:
+        raise ValueError(f"{prefix}unknown field {unknown[0]!r} (fields: {', '.join(names)})")
+    if missing := [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]:
+        raise ValueError(f"{prefix}missing field {missing[0]!r}")
+    for k, v in d.items():
+        kind = FIELD_TYPES[k]
+        if not isinstance(v, kind) or isinstance(v, bool):  # (JSON's true is a Python int)
+            article = "an integer" if kind is int else f"a {'string' if kind is str else kind.__name__}"
+            raise ValueError(f"{prefix}{k} must be {article}, got {v!r}")
+    return d
 
 
 def load_spec(name_or_path: str) -> PipelineSpec:
@@ -165,7 +197,7 @@ def load_spec(name_or_path: str) -> PipelineSpec:
         names = sorted(p.name.removesuffix(".json") for p in resources.files("nanoflow.pipeline").joinpath(
             "specs").iterdir() if p.name.endswith(".json"))
         raise FileNotFoundError(f"pipeline spec {name_or_path!r} is neither a file nor a shipped spec ({names})")
-    return PipelineSpec.from_json(shipped.read_text())
+    return PipelineSpec.from_json(shipped.read_text(), f"{name_or_path!r} (shipped)")
 
 
 def non_overlap(tokens: int, tp_size: int = 1, moe: bool = False) -> PipelineSpec:
