@@ -7,6 +7,7 @@ or from a named shape preset (for benchmarks with dummy weights).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,17 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # the parameters each rope scaling type needs (transformers refuses a config without them)
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "high_freq_factor", "low_freq_factor",
                                                "original_max_position_embeddings")}
+
+# the shape's fields, by the name a config.json gives them
+SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                "max_position_embeddings": "max_position_embeddings"}
+
+
+def _positive(v) -> bool:
+    """v is a positive integer (numpy's too; not a bool)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
 
 
 @dataclass(slots=True)
@@ -63,6 +75,9 @@ class ModelConfig:
         return None if layer in self.full_attention_layers else self.sliding_window
 
     def __post_init__(self):
+        for name in SHAPE_FIELDS:  # (a hand-edited config's "4096" or 4096.0 would fail far from here)
+            if not _positive(v := getattr(self, name)):
+                raise ValueError(f"model config: {SHAPE_FIELDS[name]} must be a positive integer, got {v!r}")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts "
                              f"({self.num_experts})]")
@@ -174,7 +189,8 @@ class ModelConfig:
                 num_layers=cfg["num_hidden_layers"],
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or hidden // heads,
+                # (a bad hidden_size or head count is named by __post_init__, which checks them before head_dim)
+                head_dim=cfg.get("head_dim") or (hidden // heads if _positive(hidden) and _positive(heads) else None),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=float(theta),
                 rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
@@ -254,8 +270,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
     """'auto' means fp32 on the CPU and the checkpoint's half type (else bf16) on the GPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32

@@ -65,6 +65,11 @@ def test_unsupported_architecture(tmp_path, llama_dir):
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "rope scaling 'linear' lacks factor"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
      "rope scaling 'llama3' lacks high_freq_factor, low_freq_factor"),
+    # (a TypeError deep in the model's build, or a string's // before)
+    (dict(hidden_size="64"), "model config: hidden_size must be a positive integer, got '64'"),
+    (dict(num_attention_heads=0), "model config: num_attention_heads must be a positive integer, got 0"),
+    (dict(num_hidden_layers=2.0), "model config: num_hidden_layers must be a positive integer, got 2.0"),
+    (dict(num_key_value_heads=True), "model config: num_key_value_heads must be a positive integer, got True"),
 ])
 def test_config_the_model_cannot_follow(tmp_path, llama_dir, changes, message):
     """Refused by name, as transformers refuses them: gelu ran as silu (other outputs than transformers'); a rope
@@ -276,16 +281,38 @@ def test_bench_help(capsys):
 
 def test_vllm_constructor_options(llama_dir):
     """An unknown option names itself and the options there are; enforce_eager is vLLM's cuda_graph=False;
-    trust_remote_code is accepted (no checkpoint code ever runs)."""
+    trust_remote_code is accepted (no checkpoint code ever runs); dtype 'float' is float32."""
     with pytest.raises(TypeError, match="unknown engine option 'swap_space'; the options are tokenizer, "):
         LLM(llama_dir, swap_space=4)
     llm = LLM(llama_dir, enforce_eager=True, trust_remote_code=True)
     assert llm.engine.config.cuda_graph is False and LLM(llama_dir).engine.config.cuda_graph is None
+    assert str(LLM(llama_dir, dtype="float").engine.dtype) == "torch.float32"  # (vLLM's name for it)
 
 
 def test_a_pipeline_spec_without_its_mode_is_warned_of(llama_dir, caplog):
     LLM(llama_dir, pipeline_spec="/no/such/spec.json")
     assert "pipeline_spec '/no/such/spec.json' is not used" in caplog.text
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{}", "malformed pipeline spec"),
+    (None, "has the ops"),  # a Mixtral's spec for a dense model
+])
+def test_a_bad_pipeline_spec_is_named_before_the_weights_load(tmp_path, llama_dir, monkeypatch, spec, message):
+    """It was resolved by the runner, after the weights had loaded (minutes for a large model)."""
+    from nanoflow.engine import llm_engine
+    from nanoflow.pipeline.spec import non_overlap
+    path = tmp_path / "spec.json"
+    if spec is None:
+        non_overlap(64, moe=True).save(str(path))
+    else:
+        path.write_text(spec)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights load before the spec is checked")
+    monkeypatch.setattr(llm_engine, "build_model", no_load)
+    with pytest.raises(ValueError, match=message):
+        LLM(llama_dir, mode="pipeline", pipeline_spec=str(path))
 
 
 def test_bad_engine_options(llama_dir):

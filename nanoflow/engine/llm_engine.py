@@ -17,7 +17,7 @@ from nanoflow.distributed.worker import WorkerArgs, Workers, check_size
 from nanoflow.engine.detokenizer import detokenize, find_stop, visible_text
 from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
 from nanoflow.engine.sequence import Request, Sequence, Status
-from nanoflow.executor.model_runner import ModelOutput, ModelRunner
+from nanoflow.executor.model_runner import ModelOutput, ModelRunner, pipeline_spec
 from nanoflow.layers.sampler import LogprobRows
 from nanoflow.models.loader import build_model, check_load_format, read_generation_config, resolve
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -60,8 +60,11 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context length {limit}")
         self.max_model_len = self.config.max_model_len or limit
         self.workers, tp = None, SINGLE
-        if (tp_size := self.config.tensor_parallel_size) > 1:
-            cfg.shard(tp_size)  # a bad size fails here, before any process starts
+        tp_size = self.config.tensor_parallel_size
+        shard = cfg.shard(tp_size)  # a bad size fails here, before any process starts
+        if self.config.mode != "non-overlap":  # a bad spec too, before the weights load
+            pipeline_spec(self.config, shard, self.device, self.dtype, tp_size)
+        if tp_size > 1:
             check_size(tp_size, self.device.type)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", 0)

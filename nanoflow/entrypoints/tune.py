@@ -52,7 +52,7 @@ def main(a: argparse.Namespace) -> int:
 
     from nanoflow.config import resolve_dtype
     from nanoflow.entrypoints.cli import engine_kwargs
-    from nanoflow.executor.model_runner import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+    from nanoflow.executor.model_runner import batch_budget
     from nanoflow.models.loader import check_load_format, resolve
     from nanoflow.pipeline.cache import (
         HAND,
@@ -88,7 +88,7 @@ def main(a: argparse.Namespace) -> int:
     check_outputs({"--output": a.output}, {})
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
-    budget = a.max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
+    budget = batch_budget(a.max_num_batched_tokens, device)
     decode = budget // 3 if a.decode_rows is None else a.decode_rows
     t = time.perf_counter()
     prof = load_or_measure(cfg, dtype, device, budget, decode, a.context, tp_size=tp)

@@ -23,13 +23,30 @@ from nanoflow.executor.kv_offload import KVOffload
 from nanoflow.executor.profiling import IterationClock
 from nanoflow.layers.sampler import LogprobRows, SamplingMetadata, logprob_rows, sample
 from nanoflow.models.batch import ForwardBatch
-from nanoflow.models.llama import LlamaModel, Workspace
+from nanoflow.models.llama import LlamaModel, Workspace, layer_ops
 from nanoflow.pipeline.executor import Pipeline, run_sequential
 from nanoflow.pipeline.cache import gpu_name, resolve_pipeline_spec
+from nanoflow.pipeline.spec import PipelineSpec
 
 CPU_BATCH_TOKENS = 512
 CPU_KV_CACHE_GB = 1.0  # the KV cache's size on the CPU when neither num_kv_blocks nor kv_cache_gb is given
 GPU_BATCH_TOKENS = 2048
+
+
+def batch_budget(max_num_batched_tokens: int | None, device: torch.device) -> int:
+    """The most tokens an iteration runs."""
+    return max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
+
+
+def pipeline_spec(config: EngineConfig, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                  tp_size: int) -> PipelineSpec:
+    """The spec that cuts and places a nano-batching mode's layers, checked against the layer's ops (cfg: one
+    rank's shape)."""
+    spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(device), cfg, dtype,
+                                 batch_budget(config.max_num_batched_tokens, device)).for_tensor_parallel(tp_size)
+    if spec.ops != (ops := layer_ops(tp_size, cfg.is_moe)):
+        raise ValueError(f"pipeline spec {spec.name!r} has the ops {spec.ops}; this model's layer has {ops}")
+    return spec
 
 
 def settle_gc() -> None:
@@ -90,15 +107,11 @@ class ModelRunner:
         self.kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or self.dtype
         self.eos_token_ids = sorted(eos_token_ids)
         on_gpu = self.device.type == "cuda"
-        self.max_num_tokens = config.max_num_batched_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
+        self.max_num_tokens = batch_budget(config.max_num_batched_tokens, self.device)
         self.block_size = config.block_size
         self.tp = model.tp
         if config.mode != "non-overlap":
-            self.spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(self.device), self.cfg, self.dtype,
-                                              self.max_num_tokens).for_tensor_parallel(self.tp.size)
-            if self.spec.ops != model.ops:
-                raise ValueError(f"pipeline spec {self.spec.name!r} has the ops {self.spec.ops}; this model's layer "
-                                 f"has {model.ops}")
+            self.spec = pipeline_spec(config, self.cfg, self.device, self.dtype, self.tp.size)
             if self.spec.gathers:  # (before the KV cache takes the memory)
                 model.prepare_o_allgather()
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
