@@ -58,7 +58,8 @@ def test_cost_model():
 def test_bench_throughput_cli(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "throughput", "--workload", "const:24:6", "--num-requests", "6", "--warmup-requests", "1",
-                 "--workload", "trace:lmsys:3", "--workload", "const:48:2:3", "--output", str(out)]) == 0
+                 "--workload", "trace:lmsys:3", "--workload", "const:48:2:3", "--output", str(out),
+                 "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     r, t, longer = report["results"]
     assert longer["prefix_cache_hit_rate"] == 0  # its prompts did start with the first workload's: a cache hit
@@ -74,7 +75,7 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert len(report["gemm_tflops_measured"]) == 2 and report["gemm_tflops"] == max(report["gemm_tflops_measured"])
     # the GPU-only views are refused on the CPU by name, not skipped silently
     for flag in (["--breakdown"], ["--timeline", str(tmp_path / "t.png")]):
-        assert main(["bench", "throughput", "--workload", "const:24:6", *flag]) == 2
+        assert main(["bench", "throughput", "--workload", "const:24:6", "--device", "cpu", *flag]) == 2
         assert "need a GPU and CUDA graphs" in capsys.readouterr().err
 
 

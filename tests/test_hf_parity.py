@@ -1,4 +1,5 @@
-"""The plain model equals HF transformers on the same weights (fp32, CPU)."""
+"""The plain model equals HF transformers on the same weights (fp32, on the CPU even where a GPU is: the GPU's
+bf16 models are held to the CPU's in test_gpu.py)."""
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ def hf_greedy(model, prompt, n):
 
 def test_greedy_generation_matches_hf(hf_model):
     path, model = hf_model
-    llm = LLM(path)
+    llm = LLM(path, device="cpu")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
         assert out.outputs[0].token_ids == hf_greedy(model, prompt, 12)
@@ -27,7 +28,7 @@ def test_greedy_generation_matches_hf(hf_model):
 def test_logprobs_match_hf(hf_model):
     """Prompt logprobs cover every position's full distribution; tolerance 1e-4 (fp32)."""
     path, model = hf_model
-    llm = LLM(path)
+    llm = LLM(path, device="cpu")
     prompt = PROMPTS[0] + PROMPTS[3]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5, logprobs=3),
                        use_tqdm=False)[0]
@@ -54,8 +55,8 @@ def test_sharded_safetensors(tmp_path, tokenizer_dir):
     from conftest import make_hf_model
     model = make_hf_model(str(tmp_path), "llama", tokenizer_dir, seed=3, max_shard_size="2MB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    out = LLM(str(tmp_path)).generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                                      use_tqdm=False)
+    out = LLM(str(tmp_path), device="cpu").generate(
+        [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(model, PROMPTS[1], 8)
 
 
@@ -66,7 +67,7 @@ def test_qwen2_windows_only_the_layers_from_max_window_layers(tmp_path, max_wind
     from conftest import make_hf_model
     model = make_hf_model(str(tmp_path), "qwen2", None, seed=4, use_sliding_window=True, sliding_window=6,
                           max_window_layers=max_window_layers)
-    llm = LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), device="cpu")
     c = llm.engine.model_config
     assert (c.sliding_window, c.full_attention_layers) == ((None, ()) if max_window_layers == 2 else
                                                             (6, tuple(range(max_window_layers))))

@@ -256,7 +256,7 @@ def test_tune_cli_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
     """End to end: profile (measured on the CPU), search, the measuring hook, the cache, --output."""
     from nanoflow.entrypoints import tune
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
-    args = ["tune", "--model", llama_dir, "--max-num-batched-tokens", "256", "--context", "32"]
+    args = ["tune", "--model", llama_dir, "--max-num-batched-tokens", "256", "--context", "32", "--device", "cpu"]
     monkeypatch.setattr(tune, "_measure_hook", lambda: None)  # no GPU executor: ranked by prediction
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -395,7 +395,7 @@ def test_tune_cli_on_cpu_for_mixtral(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "mixtral")
     make_hf_model(path, "mixtral", None)
     monkeypatch.setattr(tune, "_measure_hook", lambda: None)
-    assert main(["tune", "--model", path, "--max-num-batched-tokens", "128", "--context", "32"]) == 0
+    assert main(["tune", "--model", path, "--max-num-batched-tokens", "128", "--context", "32", "--device", "cpu"]) == 0
     assert "<- chosen" in capsys.readouterr().out
     cfg = ModelConfig.from_file(os.path.join(path, "config.json"))
     assert find_tuned("cpu", cfg, torch.float32, 128).ops == MOE_LAYER_OPS
@@ -422,7 +422,7 @@ def test_tp_candidates_timed_on_every_rank(llama_dir):
            for i, (s, e) in enumerate(((0, 64), (64, 128))) for op in TP_LAYER_OPS
            for n in ((O_ALLGATHER if op == "o_proj" else ()) if i == 0 and op in O_ALLREDUCE else (op,))]
     spec = PipelineSpec("ag", 128, [Unit("compute", "compute"), Unit("net", "network")], ops).validate()
-    kw = dict(max_num_batched_tokens=128, num_kv_blocks=64, block_size=4)
+    kw = dict(max_num_batched_tokens=128, num_kv_blocks=64, block_size=4, device="cpu")
     try:
         assert measure.time_iteration(dict(kw, tensor_parallel_size=2), llama_dir, spec, 20, 16, 128, reps=2) > 0
         with pytest.raises(ValueError, match="does not fit"):  # every rank refuses it; the worker stays

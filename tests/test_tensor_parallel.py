@@ -102,7 +102,7 @@ def test_network_ops_in_a_spec():
 
 # -- TP = 2 in processes (gloo) vs TP = 1 ------------------------------------------------------------------------
 # A small token budget: prompts are prefilled in chunks, alongside the decodes of others.
-ENGINE = dict(max_num_batched_tokens=16, max_num_seqs=8, num_kv_blocks=64, block_size=4)
+ENGINE = dict(max_num_batched_tokens=16, max_num_seqs=8, num_kv_blocks=64, block_size=4, device="cpu")  # (gloo, fp32)
 PROMPTS = [[5, 17, 923, 4410, 88, 2011, 7, 301, 12, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
            [1000, 2000, 3000], [77] * 30, list(range(100, 125))]
 PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
@@ -203,28 +203,28 @@ def test_a_rank_that_dies_at_start_is_an_error_at_once(llama_dir, tmp_path):
     import subprocess
     import sys
     script = tmp_path / "noguard.py"
-    script.write_text(f"from nanoflow import LLM\nLLM({llama_dir!r}, tensor_parallel_size=2)\n")
+    script.write_text(f"from nanoflow import LLM\nLLM({llama_dir!r}, tensor_parallel_size=2, device='cpu')\n")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "guard its work with `if __name__ == '__main__':`" in run.stderr
 
 
 def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
     with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide the model's num_attention_heads"):
-        LLM(llama_dir, tensor_parallel_size=3)
+        LLM(llama_dir, device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
-        LLM(llama_dir, tensor_parallel_size=0)
+        LLM(llama_dir, device="cpu", tensor_parallel_size=0)
     monkeypatch.setattr("nanoflow.distributed.worker.os.cpu_count", lambda: 1)
     with pytest.raises(ValueError, match="tensor_parallel_size 2 is more than the 1 CPU cores available"):
-        LLM(llama_dir, tensor_parallel_size=2)
+        LLM(llama_dir, device="cpu", tensor_parallel_size=2)
     monkeypatch.undo()
     monkeypatch.setenv("NANOFLOW_ALL_REDUCE", "ncl")
     with pytest.raises(ValueError, match="NANOFLOW_ALL_REDUCE='ncl': expected one of auto, nccl, symm-mem"):
-        LLM(llama_dir, tensor_parallel_size=2)
+        LLM(llama_dir, device="cpu", tensor_parallel_size=2)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("nanoflow-tp")]
     monkeypatch.undo()
     # a failure on rank 0 after the workers started (here every rank finds no room for the KV cache) leaves none behind
     with pytest.raises(ValueError, match="the KV cache holds no block"):
-        LLM(llama_dir, tensor_parallel_size=2, kv_cache_gb=1e-9)
+        LLM(llama_dir, device="cpu", tensor_parallel_size=2, kv_cache_gb=1e-9)
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("nanoflow-tp")]
     assert not torch.distributed.is_initialized()
 
