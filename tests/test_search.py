@@ -373,7 +373,7 @@ def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsy
     from nanoflow.models.llama import TP_LAYER_OPS
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     assert main(["tune", "--model", llama_dir, "-tp", "2", "--max-num-batched-tokens", "128", "--context",
-                 "16"]) == 0
+                 "16", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     table = out[out.index("measured ms/iteration"):].split("\n\n")[0].splitlines()[1:]
     measured = {line.split()[0]: float(line.split()[2]) for line in table}  # every candidate ran, on both ranks
