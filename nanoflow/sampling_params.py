@@ -28,6 +28,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per output token (the sampled one always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties, as vLLM)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -62,7 +64,13 @@ class SamplingParams:
         check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
               "must be a list of token ids")
         ids = self.stop_token_ids or []
-        check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids", "must be token ids >= 0")
+        check(all(_token(t) for t in ids), "stop_token_ids", "must be token ids >= 0")
+        check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
+            _token(t) and _num(b) for t, b in self.logit_bias.items()), "logit_bias",
+            "must map token ids >= 0 to finite numbers")
+        check(self.allowed_token_ids is None or isinstance(self.allowed_token_ids, (list, tuple)) and
+              self.allowed_token_ids and all(_token(t) for t in self.allowed_token_ids), "allowed_token_ids",
+              "must be a non-empty list of token ids >= 0")
         if self.top_k == -1:
             self.top_k = 0
         if self.temperature < GREEDY_BELOW:
@@ -77,10 +85,19 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
+    def biased(self) -> bool:
+        """The logits are changed before sampling (logit_bias, allowed_token_ids)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    @property
     def plain(self) -> bool:
-        """Sampled from softmax(logits / temperature) alone: no penalty, filter, seed or logprobs."""
-        return (not self.penalized and self.top_k == 0 and self.top_p == 1 and self.min_p == 0 and self.seed is None
-                and self.logprobs is None)
+        """Sampled from softmax(logits / temperature) alone: no bias, penalty, filter, seed or logprobs."""
+        return (not self.penalized and not self.biased and self.top_k == 0 and self.top_p == 1 and self.min_p == 0
+                and self.seed is None and self.logprobs is None)
+
+
+def _token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 def _num(x) -> bool:

@@ -171,7 +171,10 @@ def test_unknown_preset_and_format(capsys):
     (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
     (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(temperature=float("inf")), "temperature"), (dict(repetition_penalty=float("inf")), "repetition_penalty"),
-    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_p=float("nan")), "top_p"), (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"), (dict(logit_bias={5: float("nan")}), "logit_bias"),
+    (dict(logit_bias=[5]), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[-1]), "allowed_token_ids"),
 ])
 def test_invalid_sampling_params(kw, name):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):
@@ -187,6 +190,9 @@ def test_bad_prompts_leave_the_engine_usable(llama_dir):
         llm.generate([""], ok)
     with pytest.raises(ValueError, match="token id 999999 is out of range"):
         llm.generate([[1, 999999]], ok)
+    for name, bad in (("logit_bias", {999999: 1.0}), ("allowed_token_ids", [5, 999999])):
+        with pytest.raises(ValueError, match=f"invalid sampling parameter {name}=.*token ids must be < "):
+            llm.generate([[1, 2]], SamplingParams(**{name: bad}))
     with pytest.raises(TypeError, match="prompt must be"):
         llm.generate([3.5], ok)
     for bad, shown in (([True, 5], "True (bool)"), ([1.0, 5], "1.0 (float)")):

@@ -232,6 +232,22 @@ def test_stop_token_ids_and_min_tokens(llama_dir, reference):
     assert len(late.token_ids) >= 3 and ref[0] not in late.token_ids[:3]
 
 
+def test_logit_bias_and_allowed_token_ids(llama_dir, reference):
+    """Greedy rows: a +100 bias picks its token every time, and the logprobs stay the model's raw ones (vLLM's
+    default), i.e. the prompt logprob of that token after the same context. allowed_token_ids restricts sampled rows
+    to the set. In one batch with them, a plain row is as alone."""
+    llm = LLM(llama_dir)
+    forced, allowed, plain = llm.generate([PROMPTS[0]] * 3, [
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=0, logit_bias={42: 100.0, 7: -5.0}),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, allowed_token_ids=[7, 8, 300]),
+        GREEDY], use_tqdm=False)
+    assert forced.outputs[0].token_ids == [42] * 5
+    raw = llm.generate([PROMPTS[0] + [42]], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    assert forced.outputs[0].logprobs[0][42].logprob == pytest.approx(raw.prompt_logprobs[-1][42].logprob, abs=1e-5)
+    assert set(allowed.outputs[0].token_ids) <= {7, 8, 300} and len(allowed.outputs[0].token_ids) == 12
+    assert tokens([plain]) == tokens(reference[:1])
+
+
 @pytest.mark.parametrize("async_", [False, True])
 def test_abort_frees_blocks(llama_dir, async_):
     """An abort frees the request's blocks at once and leaves no unfinished request (as vLLM's), even with an

@@ -144,6 +144,29 @@ def test_penalties_as_specified():
     assert out[0].tolist() == pytest.approx([1.0, -4.75, -0.75, 0.5])
 
 
+def test_logit_bias_comes_before_the_penalties():
+    """vLLM's order: the bias is added to the raw logits, then a repetition penalty divides the biased logit.
+    Biased first, token 2 is (0.5 + 3) / 2 = 1.75 < 2 and token 0 wins; penalized first it would be 3.25."""
+    m = md(1, temperature=0)
+    m.logit_bias = torch.tensor([[0.0, 0.0, 3.0, 0.0]])
+    m.repetition_penalty, m.presence_penalty, m.frequency_penalty = (torch.tensor([v]) for v in (2.0, 0.0, 0.0))
+    m.prompt_mask = torch.tensor([[False, False, True, False]])
+    m.output_counts = torch.zeros(1, 4)
+    assert sample(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), m).item() == 0
+    m.repetition_penalty = torch.tensor([1.0])
+    assert sample(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), m).item() == 2
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5)])
+def test_allowed_tokens_alone_are_drawn(logits, kw):
+    """allowed_token_ids: the others' logits are -inf (unfiltered, through the race; filtered, through the probs)."""
+    m = md(1, **kw)
+    m.logit_bias = torch.full((1, V), float("-inf"))
+    m.logit_bias[0, [3, 7, 40]] = 0.0
+    drawn = set(draws(logits, m, 600))
+    assert drawn <= {3, 7, 40} and len(drawn) >= 2
+
+
 def test_seeded_rows_are_reproducible(logits):
     m = md(3)
     m.generators = [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(5)]

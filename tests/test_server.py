@@ -99,6 +99,24 @@ def test_models_and_health(server, client, model):
         client.models.retrieve("no-such/model")
 
 
+def test_logit_bias_and_allowed_token_ids(server, default_llm):
+    """OpenAI's logit_bias (token ids as the keys; a bias past [-100, 100] is clamped, as vLLM's) and vLLM's
+    allowed_token_ids, on both endpoints."""
+    tk = default_llm.tokenizer
+    t = tk.encode(" Paris", add_special_tokens=False)[0]
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "logit_bias": {str(t): 1000}}
+    r = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == tk.decode([t] * 3)
+    allowed = [t, tk.encode(" London", add_special_tokens=False)[0]]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1, "allowed_token_ids": allowed,
+            "logprobs": True}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    drawn = [e["token"] for e in r.json()["choices"][0]["logprobs"]["content"]]
+    assert len(drawn) == 4 and set(drawn) <= {tk.decode([i]) for i in allowed}
+
+
 def test_tokenize_and_detokenize(server, default_llm):
     """As vLLM's: the ids the completion or chat endpoint would send for the same input, and back."""
     tk = default_llm.tokenizer
@@ -308,7 +326,9 @@ BAD = [  # (route, body, status, what the error names)
      "tools"),
     ("chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
     ("chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ("completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"x": 10}}, 400, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"99999999": 10}}, 400, "logit_bias"),
+    ("chat/completions", {"messages": USER, "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ("chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
     ("chat/completions", {"messages": USER, "model": "gpt-4o"}, 404, "gpt-4o"),
 ]

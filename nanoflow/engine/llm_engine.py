@@ -148,14 +148,16 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         # the request's own copy (its lists too), validated again: fields set after construction count
-        params = replace(params, **{f: list(v) for f in ("stop", "stop_token_ids")
-                                    if isinstance(v := getattr(params, f), (list, tuple))})
+        params = replace(params, **{f: list(v) for f in ("stop", "stop_token_ids", "allowed_token_ids")
+                                    if isinstance(v := getattr(params, f), (list, tuple))},
+                         **({"logit_bias": dict(params.logit_bias)} if params.logit_bias else {}))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids or ()):  # they index the logits (min_tokens bans)
-            raise ValueError(f"invalid sampling parameter stop_token_ids={params.stop_token_ids!r}: "
-                             f"token ids must be < {vocab}")
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):  # they index the logits
+            if any(t >= vocab for t in getattr(params, name) or ()):
+                raise ValueError(f"invalid sampling parameter {name}={getattr(params, name)!r}: token ids must be "
+                                 f"< {vocab}")
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")

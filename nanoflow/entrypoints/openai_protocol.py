@@ -98,7 +98,18 @@ class _SamplingRequest(_Request):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id; accepted and not used
-    logit_bias: only_default({}) = None
+    # token id (a JSON object's key, so a string) -> bias, clamped to OpenAI's [-100, 100] as vLLM does
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[Int64] | None = None  # (vLLM's)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, v):
+        if v is None:
+            return v
+        if bad := next((k for k in v if not k.strip().isdigit()), None):
+            raise PydanticCustomError("token_key", "keys must be token ids, got {key!r}", {"key": bad})
+        return {int(k): min(100.0, max(-100.0, b)) for k, b in v.items()}
 
     @field_validator("stream_options")
     @classmethod
@@ -113,7 +124,7 @@ class _SamplingRequest(_Request):
         naming the parameter (see SamplingParams)."""
         names = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output",
-                 "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens")
+                 "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens", "logit_bias", "allowed_token_ids")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
         if max_tokens is not None and (bound := defaults.get("max_tokens")) is not None and bound < max_tokens:

@@ -369,6 +369,15 @@ class ModelRunner:
                 r, src = zip(*inflight)
                 md.output_counts.index_put_((self._device(list(r)), self.last_tokens[self._device(list(src))]),
                                             torch.ones(len(r), device=dev), accumulate=True)
+        if any(p.biased for p in params):
+            md.logit_bias = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=dev)
+            for i, p in enumerate(params):
+                if p.allowed_token_ids is not None:
+                    md.logit_bias[i] = float("-inf")
+                    md.logit_bias[i, self._device(p.allowed_token_ids)] = 0.0
+                if p.logit_bias:
+                    md.logit_bias[i, self._device(list(p.logit_bias))] += self._device(list(p.logit_bias.values()),
+                                                                                       torch.float32)
         banned = [(i, s) for i, s in enumerate(seqs) if s.num_generated < s.params.min_tokens]
         if banned:
             md.banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)

@@ -1,10 +1,11 @@
 """Sampling in torch ops, batched over rows with per-row parameters.
 
-Order (as vLLM): penalties, min_tokens bans, temperature, min_p, top_k / top_p, then an exponential
-race (argmax of p / q, q ~ Exp(1)), which samples from p without normalizing it; with no filter it runs on
-the scaled logits in log space and never computes p (the backend's `exponential_race`: one fused pass on the
-GPU). A seeded row draws its q from its own generator, so its result does not depend on the rest of the batch.
-Logprobs are of the model's raw distribution (before penalties and temperature).
+Order (as vLLM): allowed_token_ids and logit_bias, penalties, min_tokens bans, temperature, min_p, top_k /
+top_p, then an exponential race (argmax of p / q, q ~ Exp(1)), which samples from p without normalizing it; with
+no filter it runs on the scaled logits in log space and never computes p (the backend's `exponential_race`: one
+fused pass on the GPU). A seeded row draws its q from its own generator, so its result does not depend on the
+rest of the batch. Logprobs are of the model's raw distribution (before bias, penalties and temperature), as
+vLLM's by default.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class SamplingMetadata:
     top_p: torch.Tensor  # [R] float32
     min_p: torch.Tensor  # [R] float32
     generators: list[torch.Generator | None]
+    logit_bias: torch.Tensor | None = None  # [R, V] float: added to the logits (-inf outside allowed_token_ids)
     repetition_penalty: torch.Tensor | None = None  # [R]; None when no row uses penalties
     presence_penalty: torch.Tensor | None = None
     frequency_penalty: torch.Tensor | None = None
@@ -85,6 +87,8 @@ def filter_probs(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """logits [R, V] float32 -> token ids [R]."""
+    if md.logit_bias is not None:
+        logits = logits + md.logit_bias
     logits = apply_penalties(logits, md)
     if md.banned is not None:
         logits = logits.masked_fill(md.banned, float("-inf"))
