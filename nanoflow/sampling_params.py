@@ -5,7 +5,32 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GRAMMAR_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM's (logits / 1e-38 overflow float32)
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """Exactly one of: json (a JSON schema, as a dict or its text), regex, choice (the output is one of these
+    strings), grammar (EBNF, as xgrammar and vLLM take it) or json_object=True (any JSON object)."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        given = [k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"invalid sampling parameter structured_outputs: give exactly one of "
+                             f"{', '.join(GRAMMAR_KINDS)} (got {', '.join(given) or 'none'})")
+        kinds = {"json": ((str, dict), "a JSON schema (a dict or its text)"), "regex": (str, "a string"),
+                 "grammar": (str, "a string"), "json_object": (bool, "true"),
+                 "choice": ((list, tuple), "a non-empty list of strings")}
+        kind, (types, what) = given[0], kinds[given[0]]
+        v = getattr(self, kind)
+        if not isinstance(v, types) or kind == "choice" and not (v and all(isinstance(c, str) for c in v)):
+            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}={v!r}: must be {what}")
 
 
 @dataclass(slots=True)
@@ -30,6 +55,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties, as vLLM)
     allowed_token_ids: list[int] | None = None  # only these may be sampled
+    structured_outputs: StructuredOutputsParams | None = None  # (a dict of its fields is taken too)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -71,6 +97,13 @@ class SamplingParams:
         check(self.allowed_token_ids is None or isinstance(self.allowed_token_ids, (list, tuple)) and
               self.allowed_token_ids and all(_token(t) for t in self.allowed_token_ids), "allowed_token_ids",
               "must be a non-empty list of token ids >= 0")
+        if isinstance(self.structured_outputs, dict):
+            if unknown := sorted(set(self.structured_outputs) - set(GRAMMAR_KINDS)):
+                raise ValueError(f"invalid sampling parameter structured_outputs: unknown field {unknown[0]!r} (the "
+                                 f"fields: {', '.join(GRAMMAR_KINDS)})")
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs", "must be StructuredOutputsParams")
         if self.top_k == -1:
             self.top_k = 0
         if self.temperature < GREEDY_BELOW:
@@ -86,8 +119,8 @@ class SamplingParams:
 
     @property
     def biased(self) -> bool:
-        """The logits are changed before sampling (logit_bias, allowed_token_ids)."""
-        return bool(self.logit_bias) or self.allowed_token_ids is not None
+        """The logits are changed before sampling (logit_bias, allowed_token_ids, structured_outputs)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or self.structured_outputs is not None
 
     @property
     def plain(self) -> bool:

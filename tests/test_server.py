@@ -117,6 +117,23 @@ def test_logit_bias_and_allowed_token_ids(server, default_llm):
     assert len(drawn) == 4 and set(drawn) <= {tk.decode([i]) for i in allowed}
 
 
+def test_structured_outputs(server, client, model):
+    """OpenAI's response_format (a JSON schema; any JSON object) through the official client, and vLLM's
+    structured_outputs on completions."""
+    schema = {"type": "string", "enum": ["red", "green", "blue"]}
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "A colour?"}], max_tokens=8,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "colour", "schema": schema}})
+    assert json.loads(r.choices[0].message.content) in schema["enum"]
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "JSON?"}], max_tokens=4,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+    r = httpx.post(f"{server}/v1/completions", headers=AUTH, json={
+        "prompt": PROMPT, "max_tokens": 5, "n": 2, "structured_outputs": {"choice": ["Paris", "Lyon"]}})
+    assert r.status_code == 200, r.text
+    assert {c["text"] for c in r.json()["choices"]} <= {"Paris", "Lyon"}
+
+
 def test_tokenize_and_detokenize(server, default_llm):
     """As vLLM's: the ids the completion or chat endpoint would send for the same input, and back."""
     tk = default_llm.tokenizer
@@ -325,7 +342,12 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools"),
     ("chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
-    ("chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat/completions", {"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "json_schema"),
+    ("completions", {"prompt": "x", "structured_outputs": {"regex": "[0-9"}}, 400, "structured_outputs"),
+    ("completions", {"prompt": "x", "structured_outputs": {"regx": "a"}}, 400, "structured_outputs"),
+    ("completions", {"prompt": "x", "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+     400, "structured_outputs"),
     ("completions", {"prompt": "x", "logit_bias": {"x": 10}}, 400, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": {"99999999": 10}}, 400, "logit_bias"),
     ("chat/completions", {"messages": USER, "allowed_token_ids": []}, 400, "allowed_token_ids"),

@@ -17,6 +17,7 @@ from nanoflow.distributed.worker import WorkerArgs, Workers, check_size
 from nanoflow.engine.detokenizer import detokenize, find_stop, visible_text
 from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
 from nanoflow.engine.sequence import Request, Sequence, Status
+from nanoflow.engine.structured_output import Grammars
 from nanoflow.executor.model_runner import ModelOutput, ModelRunner, pipeline_spec
 from nanoflow.layers.sampler import LogprobRows
 from nanoflow.models.loader import build_model, check_load_format, read_generation_config, resolve
@@ -89,6 +90,7 @@ class LLMEngine:
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
+        self.grammars: Grammars | None = None  # made at the first request with structured outputs
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done at exit)."""
@@ -166,12 +168,24 @@ class LLMEngine:
         if params.min_tokens > most:
             raise ValueError(f"invalid sampling parameter min_tokens={params.min_tokens}: the request can have at "
                              f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
+        matchers = self._matchers(params)
         req = Request(request_id, text, ids, params)
         for seq in req.seqs:
             seq.max_tokens = most
+            seq.grammar = matchers.pop() if matchers else None
             self.scheduler.add(seq)
         self.requests[request_id] = req
         return req
+
+    def _matchers(self, params: SamplingParams) -> list:
+        """A grammar matcher for each of the request's sequences, if it asks for structured outputs."""
+        if params.structured_outputs is None:
+            return []
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need the model's tokenizer (pass tokenizer=PATH)")
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return [self.grammars.matcher(params.structured_outputs) for _ in range(params.n)]
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -193,6 +207,11 @@ class LLMEngine:
         """One iteration. With asynchronous scheduling, iteration i + 1 is scheduled and launched before
         the results of iteration i are read back, so the GPU never waits for the CPU's bookkeeping;
         a sequence that hit EOS in i was already given a token in i + 1, which is dropped."""
+        outputs = []
+        if self.inflight and any(c.seq.grammar is not None for c in self.inflight[0].chunks if c.samples):
+            # a grammar's next mask needs the token in flight: read that iteration back before scheduling
+            previous, self.inflight = self.inflight, None
+            outputs = self.postprocess(previous[0], self.runner.collect(previous[1]))
         out = self.scheduler.schedule()
         launch = None
         if not out.empty:
@@ -201,7 +220,7 @@ class LLMEngine:
         if not self.async_scheduling:
             return self.postprocess(out, self.runner.collect(launch)) if launch else []
         previous, self.inflight = self.inflight, (out, launch) if launch else None
-        return self.postprocess(previous[0], self.runner.collect(previous[1])) if previous else []
+        return outputs + (self.postprocess(previous[0], self.runner.collect(previous[1])) if previous else [])
 
     def postprocess(self, out: SchedulerOutput, result: ModelOutput) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
@@ -222,6 +241,9 @@ class LLMEngine:
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
             seq.token_ids.append(token)
+            if seq.grammar is not None and not seq.grammar.accept_token(token):  # (its mask allowed only these)
+                log.warning("request %s: token %d does not follow its structured output's grammar", req.request_id,
+                            token)
             if seq.logprobs is not None:
                 seq.logprobs.append(self._position(result.logprobs, j, token, seq.params.logprobs))
                 seq.cumulative_logprob += result.logprobs.logprob[j]

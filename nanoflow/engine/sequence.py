@@ -46,7 +46,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
                  "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
                  "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight", "block_hashes",
-                 "num_cached_blocks")
+                 "num_cached_blocks", "grammar")
 
     def __init__(self, request: Request, index: int):
         params = request.params
@@ -72,6 +72,7 @@ class Sequence:
         # A seeded request draws from its own generator (made on the device by the sampler), so its
         # samples do not depend on what else is in the batch.
         self.generator: torch.Generator | None = None
+        self.grammar = None  # structured outputs: the xgrammar matcher its tokens advance (structured_output.py)
 
     @property
     def num_tokens(self) -> int:

@@ -76,6 +76,25 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # (vLLM's) usage so far in every chunk, with include_usage
 
 
+class JsonSchema(_Request):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")  # ("schema" would shadow BaseModel's)
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's: plain text, any JSON object, or JSON of a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("json_schema", "json_schema goes with type json_schema, and only there")
+        return self
+
+
 class _SamplingRequest(_Request):
     """The fields common to both endpoints; null means the default, as OpenAI clients send it."""
     model: str | None = None
@@ -101,6 +120,8 @@ class _SamplingRequest(_Request):
     # token id (a JSON object's key, so a string) -> bias, clamped to OpenAI's [-100, 100] as vLLM does
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[Int64] | None = None  # (vLLM's)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # (vLLM's) StructuredOutputsParams' fields
 
     @field_validator("logit_bias")
     @classmethod
@@ -124,9 +145,16 @@ class _SamplingRequest(_Request):
         naming the parameter (see SamplingParams)."""
         names = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output",
-                 "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens", "logit_bias", "allowed_token_ids")
+                 "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens", "logit_bias", "allowed_token_ids",
+                 "structured_outputs")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.structured_outputs is not None:
+                raise ValueError("invalid sampling parameter structured_outputs: give it or response_format, not both")
+            f = self.response_format
+            given["structured_outputs"] = ({"json_object": True} if f.type == "json_object" else
+                                           {"json": f.json_schema.json_schema})
         if max_tokens is not None and (bound := defaults.get("max_tokens")) is not None and bound < max_tokens:
             if self.min_tokens is not None and self.min_tokens > bound:
                 raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be <= max_tokens, "
@@ -190,7 +218,6 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # (vLLM's) the text ends inside the last message, for the model to go on
     chat_template_kwargs: dict[str, Any] | None = None  # (vLLM's) the template's own variables
-    response_format: only_default({"type": "text"}) = None
     tools: only_default([]) = None
     tool_choice: only_default("none", "auto") = None  # (with no tools)
     parallel_tool_calls: only_default(True, False) = None

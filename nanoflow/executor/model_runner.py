@@ -18,6 +18,7 @@ from nanoflow.config import KV_CACHE_DTYPES, EngineConfig, ModelConfig
 from nanoflow.distributed.parallel_state import agree_min, broadcast_object, broadcast_tensor
 from nanoflow.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow.engine.sequence import Sequence
+from nanoflow.engine.structured_output import mask_logits
 from nanoflow.executor.cuda_graphs import GraphRunner
 from nanoflow.executor.kv_offload import KVOffload
 from nanoflow.executor.profiling import IterationClock
@@ -378,6 +379,8 @@ class ModelRunner:
                 if p.logit_bias:
                     md.logit_bias[i, self._device(list(p.logit_bias))] += self._device(list(p.logit_bias.values()),
                                                                                        torch.float32)
+            if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]:
+                mask_logits(md.logit_bias, *map(list, zip(*constrained)))
         banned = [(i, s) for i, s in enumerate(seqs) if s.num_generated < s.params.min_tokens]
         if banned:
             md.banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)

@@ -1,0 +1,66 @@
+"""Structured outputs (vLLM's): a request's output held to a JSON schema, any JSON object, a regex, a choice of
+strings or an EBNF grammar, by xgrammar (the optional extra `structured`).
+
+The engine compiles the request's grammar for its tokenizer and gives each sequence a matcher; before each of the
+sequence's samples the runner turns the matcher's next-token bitmask into -inf logits (`mask_logits`), and the
+engine feeds the matcher each sampled token. A mask needs the last token on the host, so the engine does not
+schedule ahead while a constrained request runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from nanoflow.sampling_params import GRAMMAR_KINDS, StructuredOutputsParams
+
+
+class Grammars:
+    """Compiles requests' grammars for one tokenizer (xgrammar caches what it compiled)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
+        try:
+            import xgrammar
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:
+            raise ValueError("structured outputs need xgrammar: pip install 'nanoflow[structured]'") from None
+        self.xgr = xgrammar
+        # the model's vocabulary may be padded past the tokenizer's: those rows are never allowed
+        info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.tk),
+                                                       vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        self.compiler = xgrammar.GrammarCompiler(info)
+
+    def matcher(self, p: StructuredOutputsParams):
+        """A fresh matcher of p's grammar (one per sequence). Raises ValueError naming what does not compile."""
+        c = self.compiler
+        try:
+            if p.json is not None:
+                compiled = c.compile_json_schema(p.json if isinstance(p.json, str) else json.dumps(p.json))
+            elif p.json_object:  # (an object, as vLLM's: xgrammar's built-in JSON grammar takes any value)
+                compiled = c.compile_json_schema('{"type": "object"}')
+            elif p.regex is not None:
+                compiled = c.compile_regex(p.regex)
+            elif p.choice is not None:  # (EBNF's strings take JSON's escapes)
+                compiled = c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in p.choice))
+            else:
+                compiled = c.compile_grammar(p.grammar)
+        except (RuntimeError, ValueError, TypeError) as e:  # (xgrammar's errors on a bad schema, regex or grammar)
+            kind = next(k for k in GRAMMAR_KINDS if getattr(p, k) not in (None, False))
+            why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())  # (the C++ source's place)
+            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: {why}") from None
+        return self.xgr.GrammarMatcher(compiled)
+
+
+def mask_logits(bias: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """Set bias[row] to -inf on every token its matcher does not allow next (bias: [R, V] on any device)."""
+    import xgrammar
+    vocab = bias.shape[1]
+    bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab)  # int32 [n, ceil(V / 32)], bit i of word w: 32w + i
+    for i, m in enumerate(matchers):
+        m.fill_next_token_bitmask(bitmask, i)
+    bits = bitmask.to(bias.device, non_blocking=True)
+    shifts = torch.arange(32, device=bias.device, dtype=torch.int32)
+    allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    index = torch.tensor(rows, device=bias.device)
+    bias[index] = bias[index].masked_fill(~allowed, float("-inf"))
