@@ -56,6 +56,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties, as vLLM)
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     structured_outputs: StructuredOutputsParams | None = None  # (a dict of its fields is taken too)
+    bad_words: list[str] | None = None  # words never completed: a word's last token is banned after the rest
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -97,6 +98,8 @@ class SamplingParams:
         check(self.allowed_token_ids is None or isinstance(self.allowed_token_ids, (list, tuple)) and
               self.allowed_token_ids and all(_token(t) for t in self.allowed_token_ids), "allowed_token_ids",
               "must be a non-empty list of token ids >= 0")
+        check(self.bad_words is None or isinstance(self.bad_words, (list, tuple)) and all(
+            isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", "must be a list of words")
         if isinstance(self.structured_outputs, dict):
             if unknown := sorted(set(self.structured_outputs) - set(GRAMMAR_KINDS)):
                 raise ValueError(f"invalid sampling parameter structured_outputs: unknown field {unknown[0]!r} (the "
@@ -119,8 +122,9 @@ class SamplingParams:
 
     @property
     def biased(self) -> bool:
-        """The logits are changed before sampling (logit_bias, allowed_token_ids, structured_outputs)."""
-        return bool(self.logit_bias) or self.allowed_token_ids is not None or self.structured_outputs is not None
+        """The logits are changed before sampling (logit_bias, allowed_token_ids, structured_outputs, bad_words)."""
+        return (bool(self.logit_bias) or self.allowed_token_ids is not None or self.structured_outputs is not None
+                or bool(self.bad_words))
 
     @property
     def plain(self) -> bool:

@@ -174,7 +174,8 @@ def test_unknown_preset_and_format(capsys):
     (dict(top_p=float("nan")), "top_p"), (dict(stop_token_ids=[True]), "stop_token_ids"),
     (dict(logit_bias={"5": 1.0}), "logit_bias"), (dict(logit_bias={5: float("nan")}), "logit_bias"),
     (dict(logit_bias=[5]), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
-    (dict(allowed_token_ids=[-1]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[-1]), "allowed_token_ids"), (dict(bad_words=["ok", " "]), "bad_words"),
+    (dict(bad_words="x"), "bad_words"),
 ])
 def test_invalid_sampling_params(kw, name):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):

@@ -249,6 +249,45 @@ def test_logit_bias_and_allowed_token_ids(llama_dir, reference):
 
 
 @pytest.mark.parametrize("async_", [False, True])
+def test_bad_words(llama_dir, reference, async_):
+    """vLLM's rule: a word's last token is banned where the output ends with its other tokens (a one-token word
+    everywhere). With asynchronous scheduling the engine reads the iteration back first, or the ban would look at
+    an output one token short. A word is tokenized bare and after a space."""
+    ref = reference[0].outputs[0].token_ids
+    llm = LLM(llama_dir, async_scheduling=async_)
+    eng = llm.engine
+    req = eng.add_request("w", PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                          bad_words=["x"]))
+    req.bad_words_ids = [[ref[3], ref[4]]]  # (a word of the reference's tokens 3 and 4, in place of "x"'s)
+    while eng.has_unfinished_requests():
+        eng.step()
+    out = req.seqs[0].output_token_ids
+    assert out[:4] == ref[:4] and out[4] != ref[4]
+    # "Paris" and " Paris" are one token each: a bias toward both, and the ban wins
+    tk = llm.get_tokenizer()
+    (bare,), (spaced,) = (tk.encode(w, add_special_tokens=False) for w in ("Paris", " Paris"))
+    assert eng._bad_words_ids([" Paris", "hello world"]) == [
+        [bare], [spaced], *(tk.encode(w, add_special_tokens=False) for w in ("hello world", " hello world"))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={bare: 50.0, spaced: 60.0})
+    forced = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    params.bad_words = ["Paris"]
+    got = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert forced == [spaced] * 6 and not {bare, spaced} & set(got)
+
+
+def test_banned_words_follow_the_output():
+    from nanoflow.engine.sequence import Request
+    req = Request("r", None, [1, 2], SamplingParams())
+    req.bad_words_ids = [[5], [7, 8], [1, 2, 3]]
+    seq = req.seqs[0]
+    assert seq.banned_words() == [5]  # (the prompt's 1, 2 do not count: the output's tokens only)
+    seq.token_ids += [7]
+    assert seq.banned_words() == [5, 8]
+    seq.token_ids += [1, 2]
+    assert seq.banned_words() == [5, 3]
+
+
+@pytest.mark.parametrize("async_", [False, True])
 def test_abort_frees_blocks(llama_dir, async_):
     """An abort frees the request's blocks at once and leaves no unfinished request (as vLLM's), even with an
     iteration of it in flight: the next step reads that back and drops it."""

@@ -108,6 +108,8 @@ def test_logit_bias_and_allowed_token_ids(server, default_llm):
     r = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == tk.decode([t] * 3)
+    r = httpx.post(f"{server}/v1/completions", json=body | {"bad_words": ["Paris"]}, headers=AUTH)  # (vLLM's)
+    assert r.status_code == 200 and "Paris" not in r.json()["choices"][0]["text"], r.text
     allowed = [t, tk.encode(" London", add_special_tokens=False)[0]]
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1, "allowed_token_ids": allowed,
             "logprobs": True}

@@ -1,9 +1,10 @@
 """GPU check of structured outputs, logit_bias and allowed_token_ids (no default model on the device: the tiny
 random Llama of the tests gets SmolLM2's tokenizer from .dev/tok)."""
-import json, sys, time
+import sys
+import time
 sys.path.insert(0, "tests")
 import torch
-from conftest import make_gpu_model, make_hf_model
+from conftest import make_hf_model
 from nanoflow import LLM, SamplingParams
 from test_structured_output import CASES, PROMPT
 

@@ -169,7 +169,9 @@ class LLMEngine:
             raise ValueError(f"invalid sampling parameter min_tokens={params.min_tokens}: the request can have at "
                              f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
         matchers = self._matchers(params)
+        bad_words = self._bad_words_ids(params.bad_words)
         req = Request(request_id, text, ids, params)
+        req.bad_words_ids = bad_words
         for seq in req.seqs:
             seq.max_tokens = most
             seq.grammar = matchers.pop() if matchers else None
@@ -186,6 +188,20 @@ class LLMEngine:
         if self.grammars is None:
             self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         return [self.grammars.matcher(params.structured_outputs) for _ in range(params.n)]
+
+    def _bad_words_ids(self, words: list[str] | None) -> list[list[int]]:
+        """Each word's tokens at the start of a text, and (where they differ, in as many tokens) after a space, as
+        vLLM tokenizes them: a word is banned at the start and inside the text."""
+        if not words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError("bad_words need the model's tokenizer (pass tokenizer=PATH)")
+        ids = []
+        for word in words:
+            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            ids += [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
+        return ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -208,8 +224,8 @@ class LLMEngine:
         the results of iteration i are read back, so the GPU never waits for the CPU's bookkeeping;
         a sequence that hit EOS in i was already given a token in i + 1, which is dropped."""
         outputs = []
-        if self.inflight and any(c.seq.grammar is not None for c in self.inflight[0].chunks if c.samples):
-            # a grammar's next mask needs the token in flight: read that iteration back before scheduling
+        if self.inflight and any(c.seq.needs_last_token for c in self.inflight[0].chunks if c.samples):
+            # a grammar's or bad words' next mask needs the token in flight: read that iteration back first
             previous, self.inflight = self.inflight, None
             outputs = self.postprocess(previous[0], self.runner.collect(previous[1]))
         out = self.scheduler.schedule()

@@ -21,7 +21,7 @@ class Status(Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "arrival_time",
-                 "prompt_logprobs", "prompt_logprobs_planned", "first_token_time")
+                 "prompt_logprobs", "prompt_logprobs_planned", "first_token_time", "bad_words_ids")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
         self.request_id = request_id
@@ -35,6 +35,7 @@ class Request:
         # positions whose prompt logprobs an iteration computes (ahead of prompt_logprobs, which fills in one
         # iteration late under asynchronous scheduling)
         self.prompt_logprobs_planned = 1
+        self.bad_words_ids: list[list[int]] = []  # each bad word's tokens (the engine tokenizes them)
         self.seqs = [Sequence(self, i) for i in range(params.n)]
 
     @property
@@ -95,6 +96,17 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_last_token(self) -> bool:
+        """Its next sample's mask depends on its last token (a grammar, bad words): the host must have it."""
+        return self.grammar is not None or bool(self.request.bad_words_ids)
+
+    def banned_words(self) -> list[int]:
+        """The last token of each bad word whose other tokens end the output (vLLM's rule)."""
+        out = self.token_ids[self.num_prompt_tokens:]
+        return [w[-1] for w in self.request.bad_words_ids
+                if len(w) - 1 <= len(out) and (len(w) == 1 or out[len(out) - len(w) + 1:] == w[:-1])]
 
     @property
     def params(self) -> SamplingParams:

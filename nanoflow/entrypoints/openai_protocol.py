@@ -120,6 +120,7 @@ class _SamplingRequest(_Request):
     # token id (a JSON object's key, so a string) -> bias, clamped to OpenAI's [-100, 100] as vLLM does
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[Int64] | None = None  # (vLLM's)
+    bad_words: list[str] | None = None  # (vLLM's)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # (vLLM's) StructuredOutputsParams' fields
 
@@ -146,7 +147,7 @@ class _SamplingRequest(_Request):
         names = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output",
                  "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens", "logit_bias", "allowed_token_ids",
-                 "structured_outputs")
+                 "structured_outputs", "bad_words")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
         if self.response_format is not None and self.response_format.type != "text":

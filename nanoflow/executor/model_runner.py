@@ -379,6 +379,9 @@ class ModelRunner:
                 if p.logit_bias:
                     md.logit_bias[i, self._device(list(p.logit_bias))] += self._device(list(p.logit_bias.values()),
                                                                                        torch.float32)
+            if words := [(i, t) for i, s in enumerate(seqs) for t in s.banned_words()]:
+                rows, ids = zip(*words)
+                md.logit_bias[self._device(list(rows)), self._device(list(ids))] = float("-inf")
             if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]:
                 mask_logits(md.logit_bias, *map(list, zip(*constrained)))
         banned = [(i, s) for i, s in enumerate(seqs) if s.num_generated < s.params.min_tokens]
