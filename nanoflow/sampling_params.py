@@ -122,15 +122,14 @@ class SamplingParams:
 
     @property
     def biased(self) -> bool:
-        """The logits are changed before sampling (logit_bias, allowed_token_ids, structured_outputs, bad_words)."""
-        return (bool(self.logit_bias) or self.allowed_token_ids is not None or self.structured_outputs is not None
-                or bool(self.bad_words))
+        """A bias is added to the logits before sampling (logit_bias, allowed_token_ids, bad_words)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words)
 
     @property
     def plain(self) -> bool:
-        """Sampled from softmax(logits / temperature) alone: no bias, penalty, filter, seed or logprobs."""
-        return (not self.penalized and not self.biased and self.top_k == 0 and self.top_p == 1 and self.min_p == 0
-                and self.seed is None and self.logprobs is None)
+        """Sampled from softmax(logits / temperature) alone: no bias, grammar, penalty, filter, seed or logprobs."""
+        return (not self.penalized and not self.biased and self.structured_outputs is None and self.top_k == 0
+                and self.top_p == 1 and self.min_p == 0 and self.seed is None and self.logprobs is None)
 
 
 def _token(t) -> bool:

@@ -136,6 +136,23 @@ def test_structured_outputs(server, client, model):
     assert {c["text"] for c in r.json()["choices"]} <= {"Paris", "Lyon"}
 
 
+def test_structured_output_logprobs(server):
+    """A grammar's logprobs are of the logits it masks (vLLM's): the tokens it bans have -inf, which JSON cannot
+    hold; they are sent as -9999.0, as vLLM's (they were sent as null)."""
+    bodies = [("completions", {"prompt": PROMPT, "logprobs": 3}),
+              ("chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 3})]
+    for (route, body), stream in [(b, s) for b in bodies for s in (False, True)]:
+        body = body | {"max_tokens": 8, "temperature": 0, "structured_outputs": {"choice": ["Paris"]}, "stream": stream}
+        r = httpx.post(f"{server}/v1/{route}", json=body, headers=AUTH)
+        assert r.status_code == 200, r.text
+        text = r.text.replace("data: [DONE]", "")
+        found = [json.loads(x) for x in text.split("data: ")[1:]] if stream else [r.json()]
+        tops = [v for f in found for c in f["choices"] for v in (
+            [lp for top in c["logprobs"]["top_logprobs"] for lp in top.values()] if route == "completions" else
+            [t["logprob"] for e in c["logprobs"]["content"] for t in e["top_logprobs"]])]
+        assert -9999.0 in tops and all(isinstance(v, float) and v >= -9999.0 for v in tops), (route, stream, tops)
+
+
 def test_tokenize_and_detokenize(server, default_llm):
     """As vLLM's: the ids the completion or chat endpoint would send for the same input, and back."""
     tk = default_llm.tokenizer
@@ -347,6 +364,9 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "json_schema"),
     ("completions", {"prompt": "x", "structured_outputs": {"regex": "[0-9"}}, 400, "structured_outputs"),
+    # (a schema xgrammar refuses, sent as OpenAI's response_format: named so, not as the structured_outputs it became)
+    ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}}, 400, "response_format"),
     ("completions", {"prompt": "x", "structured_outputs": {"regx": "a"}}, 400, "structured_outputs"),
     ("completions", {"prompt": "x", "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
      400, "structured_outputs"),

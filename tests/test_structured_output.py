@@ -73,3 +73,48 @@ def test_structured_outputs_need_a_tokenizer(tmp_path):
     make_hf_model(str(tmp_path), "llama", None)
     with pytest.raises(ValueError, match="structured outputs need the model's tokenizer"):
         LLM(str(tmp_path)).generate([PROMPT], SamplingParams(structured_outputs={"regex": "a"}), use_tqdm=False)
+
+
+def test_ignore_eos_goes_on_past_the_grammar(llm, caplog):
+    """As vLLM's: with ignore_eos the EOS that completes the grammar does not end the output, and past it nothing is
+    masked (the matcher has terminated). The step asked the terminated matcher for a mask, which raised."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                            structured_outputs=Structured(regex="[0-9]{3}"))
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    ids, (eos,) = out.token_ids, llm.engine.eos_token_ids
+    assert out.finish_reason == "length" and len(ids) == 10 and eos in ids
+    end = ids.index(eos) + 1
+    assert re.fullmatch("[0-9]{3}", llm.get_tokenizer().decode(ids[:end], skip_special_tokens=True))
+    free = SamplingParams(temperature=0, max_tokens=10 - end, ignore_eos=True)
+    assert llm.generate([PROMPT + ids[:end]], free, use_tqdm=False)[0].outputs[0].token_ids == ids[end:]
+    assert "does not follow" not in caplog.text
+
+
+def test_a_choice_outside_the_basic_plane(llm):
+    """A choice's characters past U+FFFF: JSON's escapes write them as surrogate pairs, which the EBNF took as two
+    characters (the output was bytes of neither)."""
+    params = SamplingParams(temperature=0, max_tokens=10, structured_outputs=Structured(choice=["😀 hi"]))
+    assert llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].text == "😀 hi"
+
+
+def test_logprobs_are_of_the_masked_logits(llm):
+    """As vLLM's: the grammar's bitmask goes on the logits before the sampler, so its logprobs (raw, vLLM's default)
+    are of what the grammar allows. Where it allows one token, that token's logprob is 0 and the rest are -inf."""
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=2, structured_outputs=Structured(choice=["yes"]))
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == "yes"
+    (eos,), last = llm.engine.eos_token_ids, out.logprobs[-1]  # the grammar complete, EOS alone is allowed
+    assert out.token_ids[-1] == eos and last[eos].logprob == 0.0 and last[eos].rank == 1
+    assert len(last) == 2 and all(e.logprob == float("-inf") for t, e in last.items() if t != eos)
+
+
+def test_the_grammar_cache_is_bounded(llama_dir, monkeypatch):
+    """xgrammar's compiler caches every grammar it compiled, unbounded unless told (a server's unique schemas, ~40 kB
+    each here, grew it for ever); bounded as vLLM's (VLLM_XGRAMMAR_CACHE_MB, 512 MiB)."""
+    from nanoflow.engine import structured_output
+    monkeypatch.setattr(structured_output, "CACHE_BYTES", 100_000)
+    eng = LLM(llama_dir).engine
+    for i in range(8):
+        schema = {"properties": {f"k{i}": {"type": "integer"}}}
+        eng._matchers(SamplingParams(structured_outputs=Structured(json=schema)))
+    assert 0 < eng.grammars.compiler.get_cache_size_bytes() <= 100_000

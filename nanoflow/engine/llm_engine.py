@@ -257,7 +257,8 @@ class LLMEngine:
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
             seq.token_ids.append(token)
-            if seq.grammar is not None and not seq.grammar.accept_token(token):  # (its mask allowed only these)
+            # (its mask allowed only these; past its EOS, with ignore_eos, the matcher has ended and takes none)
+            if seq.grammar is not None and not seq.grammar.is_terminated() and not seq.grammar.accept_token(token):
                 log.warning("request %s: token %d does not follow its structured output's grammar", req.request_id,
                             token)
             if seq.logprobs is not None:

@@ -99,8 +99,9 @@ class Sequence:
 
     @property
     def needs_last_token(self) -> bool:
-        """Its next sample's mask depends on its last token (a grammar, bad words): the host must have it."""
-        return self.grammar is not None or bool(self.request.bad_words_ids)
+        """Its next sample's mask depends on its last token (a grammar, bad words of several tokens): the host must
+        have it."""
+        return self.grammar is not None or any(len(w) > 1 for w in self.request.bad_words_ids)
 
     def banned_words(self) -> list[int]:
         """The last token of each bad word whose other tokens end the output (vLLM's rule)."""

@@ -2,9 +2,10 @@
 strings or an EBNF grammar, by xgrammar (the optional extra `structured`).
 
 The engine compiles the request's grammar for its tokenizer and gives each sequence a matcher; before each of the
-sequence's samples the runner turns the matcher's next-token bitmask into -inf logits (`mask_logits`), and the
-engine feeds the matcher each sampled token. A mask needs the last token on the host, so the engine does not
-schedule ahead while a constrained request runs.
+sequence's samples the runner sets the logits of the tokens its matcher does not allow to -inf (`mask_logits`:
+before the logprobs too, as vLLM's runner masks the logits before its sampler), and the engine feeds the matcher
+each sampled token. A mask needs the last token on the host, so the engine does not schedule ahead while a
+constrained request runs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import re
 import torch
 
 from nanoflow.sampling_params import GRAMMAR_KINDS, StructuredOutputsParams
+
+CACHE_BYTES = 512 * 2**20  # compiled grammars kept (xgrammar's cache is unbounded by default); vLLM's default
 
 
 class Grammars:
@@ -29,7 +32,7 @@ class Grammars:
         # the model's vocabulary may be padded past the tokenizer's: those rows are never allowed
         info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.tk),
                                                        vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
-        self.compiler = xgrammar.GrammarCompiler(info)
+        self.compiler = xgrammar.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
 
     def matcher(self, p: StructuredOutputsParams):
         """A fresh matcher of p's grammar (one per sequence). Raises ValueError naming what does not compile."""
@@ -41,8 +44,9 @@ class Grammars:
                 compiled = c.compile_json_schema('{"type": "object"}')
             elif p.regex is not None:
                 compiled = c.compile_regex(p.regex)
-            elif p.choice is not None:  # (EBNF's strings take JSON's escapes)
-                compiled = c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in p.choice))
+            elif p.choice is not None:  # (EBNF's strings take JSON's escapes, but not its surrogate pairs)
+                compiled = c.compile_grammar("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False)
+                                                                      for s in p.choice))
             else:
                 compiled = c.compile_grammar(p.grammar)
         except (RuntimeError, ValueError, TypeError) as e:  # (xgrammar's errors on a bad schema, regex or grammar)
@@ -52,15 +56,17 @@ class Grammars:
         return self.xgr.GrammarMatcher(compiled)
 
 
-def mask_logits(bias: torch.Tensor, rows: list[int], matchers: list) -> None:
-    """Set bias[row] to -inf on every token its matcher does not allow next (bias: [R, V] on any device)."""
+def mask_logits(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """Set logits[row] to -inf on every token its matcher does not allow next ([R, V] on any device). A matcher
+    that has terminated (its EOS taken, with ignore_eos) masks nothing, as vLLM's."""
     import xgrammar
-    vocab = bias.shape[1]
+    vocab = logits.shape[1]
     bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab)  # int32 [n, ceil(V / 32)], bit i of word w: 32w + i
     for i, m in enumerate(matchers):
-        m.fill_next_token_bitmask(bitmask, i)
-    bits = bitmask.to(bias.device, non_blocking=True)
-    shifts = torch.arange(32, device=bias.device, dtype=torch.int32)
+        if not m.is_terminated():  # (a terminated one raises; its row stays all ones)
+            m.fill_next_token_bitmask(bitmask, i)
+    bits = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]
-    index = torch.tensor(rows, device=bias.device)
-    bias[index] = bias[index].masked_fill(~allowed, float("-inf"))
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

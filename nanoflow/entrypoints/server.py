@@ -111,6 +111,11 @@ class _Progress:
         self.started = self.done = False
 
 
+def _logprob(entry: Logprob) -> float:
+    """As vLLM's: at least -9999.0, for JSON (a grammar's masked tokens have -inf)."""
+    return max(entry.logprob, -9999.0)
+
+
 def _token_str(entry: Logprob, token_id: int) -> str:
     return entry.decoded_token if entry.decoded_token is not None else f"token_id:{token_id}"
 
@@ -123,9 +128,9 @@ def _completion_logprobs(token_ids: list[int], positions: list, k: int, p: _Prog
     for tid, pos in zip(token_ids, positions):
         tok = _token_str(pos[tid], tid) if pos else tokenizer.id_to_token(tid)
         lp.tokens.append(tok)
-        lp.token_logprobs.append(pos[tid].logprob if pos else None)
+        lp.token_logprobs.append(_logprob(pos[tid]) if pos else None)
         ranked = sorted(pos.items(), key=lambda item: item[1].rank)[:k] if pos else []
-        lp.top_logprobs.append({tok: pos[tid].logprob} | {_token_str(e, t): e.logprob for t, e in ranked}
+        lp.top_logprobs.append({tok: _logprob(pos[tid])} | {_token_str(e, t): _logprob(e) for t, e in ranked}
                                if pos else None)
         lp.text_offset.append(p.offset)
         p.offset += len(tok)
@@ -135,7 +140,7 @@ def _completion_logprobs(token_ids: list[int], positions: list, k: int, p: _Prog
 def _chat_logprobs(c: CompletionOutput, start: int, k: int) -> api.ChatLogprobs:
     def top(entry: Logprob, t: int) -> api.TopLogprob:
         s = _token_str(entry, t)
-        return api.TopLogprob(token=s, logprob=entry.logprob, bytes=list(s.encode()))
+        return api.TopLogprob(token=s, logprob=_logprob(entry), bytes=list(s.encode()))
 
     content = []
     for tid, pos in zip(c.token_ids[start:], c.logprobs[start:]):
@@ -257,7 +262,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         except (ValueError, TypeError) as e:
             raise _bad_input(e) from None
 
-    async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str) -> RequestStream:
+    async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str,
+                     req: api.CompletionRequest | api.ChatCompletionRequest) -> RequestStream:
         longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
         if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
             raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
@@ -266,6 +272,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         try:
             return await engine.submit(prompts, params, lambda: _disconnected(raw))
         except (ValueError, TypeError) as e:
+            if req.structured_outputs is None:  # a grammar refused: the request's was its response_format
+                e = ValueError(re.sub(r"structured_outputs(\.\w+)?", "response_format", str(e), count=1))
             raise _bad_input(e, param) from None
 
     @app.get("/health")
@@ -340,7 +348,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             if tokenizer is None:
                 raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-        stream = await submit(prompts, params, raw, "prompt")
+        stream = await submit(prompts, params, raw, "prompt", req)
         head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
         k = params.logprobs
@@ -390,7 +398,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         check_model(req.model)
         params = sampling_params(req)
         prompt = chat_prompt(req)
-        stream = await submit([prompt], params, raw, "messages")
+        stream = await submit([prompt], params, raw, "messages", req)
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(params.n)]
 

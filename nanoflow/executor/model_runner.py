@@ -313,6 +313,9 @@ class ModelRunner:
         if seqs:
             every_row = plan.sample_rows == list(range(len(logits)))  # no prompt logprobs: skip the copy
             sample_logits = logits if every_row else logits.index_select(0, self._device(plan.sample_rows))
+            if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]:
+                # on the logits, not the bias: the logprobs are of what the grammar allows, as vLLM's
+                mask_logits(sample_logits, *map(list, zip(*constrained)))
             tokens = sample(sample_logits, self.sampling_metadata(seqs))
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=-1)
             if k >= 0:
@@ -382,8 +385,6 @@ class ModelRunner:
             if words := [(i, t) for i, s in enumerate(seqs) for t in s.banned_words()]:
                 rows, ids = zip(*words)
                 md.logit_bias[self._device(list(rows)), self._device(list(ids))] = float("-inf")
-            if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]:
-                mask_logits(md.logit_bias, *map(list, zip(*constrained)))
         banned = [(i, s) for i, s in enumerate(seqs) if s.num_generated < s.params.min_tokens]
         if banned:
             md.banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
