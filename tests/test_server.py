@@ -4,6 +4,7 @@ its OpenAPI schema; `bench serve` against it; and SIGTERM (on a small model of i
 import asyncio
 import json
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -134,6 +135,10 @@ def test_structured_outputs(server, client, model):
         "prompt": PROMPT, "max_tokens": 5, "n": 2, "structured_outputs": {"choice": ["Paris", "Lyon"]}})
     assert r.status_code == 200, r.text
     assert {c["text"] for c in r.json()["choices"]} <= {"Paris", "Lyon"}
+    # vLLM's older fields, which clients still send (they were ignored: the output was not held to them)
+    r = httpx.post(f"{server}/v1/completions", headers=AUTH, json={
+        "prompt": PROMPT, "max_tokens": 5, "guided_regex": "[0-9]{2}"})
+    assert r.status_code == 200 and re.fullmatch("[0-9]{2}", r.json()["choices"][0]["text"]), r.text
 
 
 def test_structured_output_logprobs(server):
@@ -368,6 +373,9 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "nope"}}}}, 400, "response_format"),
     ("completions", {"prompt": "x", "structured_outputs": {"regx": "a"}}, 400, "structured_outputs"),
+    ("completions", {"prompt": "x", "guided_regex": "[0-9"}, 400, "guided_regex"),
+    ("completions", {"prompt": "x", "guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, 400,
+     "guided_choice"),
     ("completions", {"prompt": "x", "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
      400, "structured_outputs"),
     ("completions", {"prompt": "x", "logit_bias": {"x": 10}}, 400, "logit_bias"),

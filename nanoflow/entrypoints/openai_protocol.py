@@ -76,6 +76,9 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # (vLLM's) usage so far in every chunk, with include_usage
 
 
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
 class JsonSchema(_Request):
     name: str | None = None
     description: str | None = None
@@ -123,6 +126,11 @@ class _SamplingRequest(_Request):
     bad_words: list[str] | None = None  # (vLLM's)
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # (vLLM's) StructuredOutputsParams' fields
+    # (vLLM's before 0.12, which clients still send: each one of structured_outputs' fields)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -150,9 +158,12 @@ class _SamplingRequest(_Request):
                  "structured_outputs", "bad_words")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
-        if self.response_format is not None and self.response_format.type != "text":
-            if self.structured_outputs is not None:
-                raise ValueError("invalid sampling parameter structured_outputs: give it or response_format, not both")
+        sources = self.grammar_sources
+        if len(sources) > 1:
+            raise ValueError(f"invalid sampling parameter {sources[1]}: give one of {' and '.join(sources)}, not both")
+        if sources and sources[0] in GUIDED:
+            given["structured_outputs"] = {GUIDED[sources[0]]: getattr(self, sources[0])}
+        elif sources == ["response_format"]:
             f = self.response_format
             given["structured_outputs"] = ({"json_object": True} if f.type == "json_object" else
                                            {"json": f.json_schema.json_schema})
@@ -162,6 +173,12 @@ class _SamplingRequest(_Request):
                                  f"which the model's generation config bounds at {bound}")
             max_tokens = bound
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
+
+    @property
+    def grammar_sources(self) -> list[str]:
+        """The fields that ask for a grammar (one at most is taken; its errors are named by it)."""
+        sources = [k for k in ("structured_outputs", *GUIDED) if getattr(self, k) is not None]
+        return sources + (["response_format"] if self.response_format and self.response_format.type != "text" else [])
 
     @property
     def include_usage(self) -> bool:

@@ -272,8 +272,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         try:
             return await engine.submit(prompts, params, lambda: _disconnected(raw))
         except (ValueError, TypeError) as e:
-            if req.structured_outputs is None:  # a grammar refused: the request's was its response_format
-                e = ValueError(re.sub(r"structured_outputs(\.\w+)?", "response_format", str(e), count=1))
+            if req.grammar_sources[:1] not in ([], ["structured_outputs"]):  # a grammar refused: named as sent
+                e = ValueError(re.sub(r"structured_outputs(\.\w+)?", req.grammar_sources[0], str(e), count=1))
             raise _bad_input(e, param) from None
 
     @app.get("/health")
