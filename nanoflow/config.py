@@ -138,6 +138,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         archs = cfg.get("architectures") or []
+        if isinstance(archs, str):  # (a hand-written config's one name; iterated, it was read as its letters)
+            archs = [archs]
         arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if arch is None and not archs:
             arch = MODEL_TYPES.get(cfg.get("model_type", ""))

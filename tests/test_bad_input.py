@@ -58,6 +58,8 @@ def test_unsupported_architecture(tmp_path, llama_dir):
     _copy(llama_dir, tmp_path / "m", architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
         LLM(str(tmp_path / "m"))
+    _copy(llama_dir, tmp_path / "one", architectures="LlamaForCausalLM")  # one name, not in a list
+    assert LLM(str(tmp_path / "one")).engine.model_config.architecture == "llama"
 
 
 @pytest.mark.parametrize("changes, message", [
