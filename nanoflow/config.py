@@ -357,7 +357,7 @@ class EngineConfig:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
         for name in ("max_model_len", "num_kv_blocks", "predicted_output_len", "num_layers"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):  # (True is an int)
+            if v is not None and not _positive(v):
                 raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")

@@ -27,10 +27,16 @@ class StructuredOutputsParams:
         kinds = {"json": ((str, dict), "a JSON schema (a dict or its text)"), "regex": (str, "a string"),
                  "grammar": (str, "a string"), "json_object": (bool, "true"),
                  "choice": ((list, tuple), "a non-empty list of strings")}
-        kind, (types, what) = given[0], kinds[given[0]]
+        kind = given[0]
+        types, what = kinds[kind]
         v = getattr(self, kind)
         if not isinstance(v, types) or kind == "choice" and not (v and all(isinstance(c, str) for c in v)):
             raise ValueError(f"invalid sampling parameter structured_outputs.{kind}={v!r}: must be {what}")
+
+    @property
+    def kind(self) -> str:
+        """The one of GRAMMAR_KINDS given."""
+        return next(k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False))
 
 
 @dataclass(slots=True)

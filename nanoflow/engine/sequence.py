@@ -101,11 +101,12 @@ class Sequence:
     def needs_last_token(self) -> bool:
         """Its next sample's mask depends on its last token (a grammar, bad words of several tokens): the host must
         have it."""
-        return self.grammar is not None or any(len(w) > 1 for w in self.request.bad_words_ids)
+        words = self.request.bad_words_ids  # (in the engine's loop: no generator for the common empty list)
+        return self.grammar is not None or bool(words) and any(len(w) > 1 for w in words)
 
     def banned_words(self) -> list[int]:
         """The last token of each bad word whose other tokens end the output (vLLM's rule)."""
-        out = self.token_ids[self.num_prompt_tokens:]
+        out = self.output_token_ids
         return [w[-1] for w in self.request.bad_words_ids
                 if len(w) - 1 <= len(out) and (len(w) == 1 or out[len(out) - len(w) + 1:] == w[:-1])]
 

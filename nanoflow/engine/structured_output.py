@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from nanoflow.sampling_params import GRAMMAR_KINDS, StructuredOutputsParams
+from nanoflow.sampling_params import StructuredOutputsParams
 
 CACHE_BYTES = 512 * 2**20  # compiled grammars kept (xgrammar's cache is unbounded by default); vLLM's default
 
@@ -50,9 +50,8 @@ class Grammars:
             else:
                 compiled = c.compile_grammar(p.grammar)
         except (RuntimeError, ValueError, TypeError) as e:  # (xgrammar's errors on a bad schema, regex or grammar)
-            kind = next(k for k in GRAMMAR_KINDS if getattr(p, k) not in (None, False))
             why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())  # (the C++ source's place)
-            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: {why}") from None
+            raise ValueError(f"invalid sampling parameter structured_outputs.{p.kind}: {why}") from None
         return self.xgr.GrammarMatcher(compiled)
 
 
