@@ -5,6 +5,7 @@ file's byte-level BPE vocabulary.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -57,7 +58,6 @@ class Tokenizer:
         self.eos_token = eos_token
         self.eos_token_ids = eos_token_ids
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-        self._template: jinja2.Template | None = None
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -156,7 +156,7 @@ class Tokenizer:
         source = chat_template or self.chat_template
         if source is None:
             raise ValueError("this model has no chat template; pass chat_template=...")
-        template = _compile(source) if chat_template else self._compiled()
+        template = compile_template(source)
         try:
             text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
@@ -164,24 +164,31 @@ class Tokenizer:
             raise ValueError(f"chat template error: {e}") from None
         return _cut_at_continue_tag(text) if continue_final_message else text
 
-    def _compiled(self) -> jinja2.Template:
-        if self._template is None:
-            self._template = _compile(self.chat_template)
-        return self._template
-
 
 def _template_message(m) -> dict:
     if not isinstance(m, dict) or "role" not in m:
         raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
     content = m.get("content", "")
     if content is None:
-        return m | {"content": ""}
-    if isinstance(content, list):
+        m = m | {"content": ""}
+    elif isinstance(content, list):
         if bad := [p for p in content if not isinstance(p, dict) or p.get("type") != "text" or "text" not in p]:
             raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}), got "
                              f"{bad[0]!r}")
-        return m | {"content": "\n".join(p["text"] for p in content)}
+        m = m | {"content": "\n".join(p["text"] for p in content)}
+    if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
+        m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
     return m
+
+
+def _decoded_arguments(call):
+    f = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("arguments"), str):
+        return call
+    try:
+        return call | {"function": f | {"arguments": json.loads(f["arguments"])}}
+    except ValueError:
+        raise ValueError(f"a tool call's arguments must be JSON text, got {f['arguments']!r}") from None
 
 
 # Appended to the final message for continue_final_message, to find where its content ends in the rendered text
@@ -218,7 +225,8 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _compile(source: str) -> jinja2.Template:
+@functools.lru_cache(maxsize=16)  # (a template given with each call, as the server's --chat-template, compiles once)
+def compile_template(source: str) -> jinja2.Template:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=["jinja2.ext.loopcontrols", _Generation])
     env.filters["tojson"] = _tojson

@@ -9,6 +9,7 @@ import traceback
 from nanoflow.config import MODES, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
+from nanoflow.entrypoints.tool_calls import PARSERS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"),
                    help="required as 'Authorization: Bearer KEY' on /v1 routes (default: $NANOFLOW_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    s.add_argument("--chat-template", default=None,
+                   help="a chat template (a file, or the template itself) in place of the model's, e.g. one that "
+                        "renders tools")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto" (the default with tools): the model calls tools as it sees fit, read back '
+                        'from its text by --tool-call-parser')
+    s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="the model's format of tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5), "
+                        "llama3_json (JSON objects: Llama 3.1 / 3.2)")
     s.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests without a first token beyond which new ones get 503")
     s.add_argument("--stream-interval", type=int, default=1,

@@ -83,23 +83,27 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.chat_prompt(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message,
-                                    chat_template_kwargs=chat_template_kwargs) for c in conversations]
+                                    chat_template_kwargs=chat_template_kwargs, tools=tools) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def chat_prompt(self, messages: list[dict], *, chat_template: str | None = None, add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> dict:
+                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+                    tools: list[dict] | None = None) -> dict:
         """Token ids of a conversation rendered by the chat template (special tokens come from the template).
         continue_final_message: end inside the last message, for the model to continue it (with
-        add_generation_prompt=False); chat_template_kwargs: the template's own variables."""
+        add_generation_prompt=False); chat_template_kwargs: the template's own variables; tools: OpenAI's tool
+        objects, for a template that renders them (the calls the model then writes are its text)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
+        kwargs = ({"tools": tools} if tools else {}) | (chat_template_kwargs or {})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
-                                                  continue_final_message, chat_template_kwargs)
+                                                  continue_final_message, kwargs)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
 

@@ -8,6 +8,7 @@ seeds).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from nanoflow.entrypoints.tool_calls import ToolChoice, parameters_schema, required_schema
 from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # as OpenAI
@@ -216,15 +218,61 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Request):
+    """A call an earlier assistant message made."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | list[TextPart] | None, one_of("a string or a list of text parts")] = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # (an assistant's)
+    tool_call_id: str | None = None  # (a tool's result: the call it answers)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _json_arguments(cls, v):
+        for call in v or ():
+            try:
+                json.loads(call.function.arguments)
+            except ValueError:
+                raise PydanticCustomError("json_arguments", "a call's arguments must be JSON text, got {arguments}",
+                                          {"arguments": repr(call.function.arguments)}) from None
+        return v
 
     def for_template(self) -> dict:
-        """(The tokenizer joins text parts; extra fields stay out.)"""
-        content = [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content
-        return {"role": self.role, "content": content} | ({"name": self.name} if self.name else {})
+        """(The tokenizer joins text parts and decodes the calls' arguments; extra fields stay out.)"""
+        m = self.model_dump(include={"role", "content", "name", "tool_calls", "tool_call_id"}, exclude_none=True)
+        return {"content": None} | m
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -236,13 +284,45 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # (vLLM's) the text ends inside the last message, for the model to go on
     chat_template_kwargs: dict[str, Any] | None = None  # (vLLM's) the template's own variables
-    tools: only_default([]) = None
-    tool_choice: only_default("none", "auto") = None  # (with no tools)
-    parallel_tool_calls: only_default(True, False) = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None, one_of(
+        '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')] = None
+    parallel_tool_calls: bool | None = None
     functions: only_default([]) = None
     function_call: only_default("none", "auto") = None
 
-    def sampling_params(self, defaults: dict) -> SamplingParams:
+    @field_validator("tool_choice")
+    @classmethod
+    def _among_the_tools(cls, v, info):
+        tools = info.data.get("tools")
+        if v == "required" and tools is None:  # (an empty list: none, as vLLM's)
+            raise PydanticCustomError("tool_choice", '"required" needs tools')
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools or ()}:
+            raise PydanticCustomError("tool_choice", "names the function {name}, which is not among the tools",
+                                      {"name": repr(v.function.name)})
+        return v
+
+    def tool_choice_for(self, parser: str | None) -> ToolChoice:
+        """The request's tool choice (OpenAI's default: "auto" with tools, else "none"; with no tools, "auto" and
+        "required" ask for nothing, as vLLM's). "auto" needs the server's parser; "named" and "required" hold the
+        output to a schema, so they take no grammar of the request's own."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if not self.tools or choice == "none":
+            return ToolChoice(None)
+        if choice == "auto" and parser is None:
+            raise ValueError('invalid sampling parameter tool_choice: "auto" (the default with tools) needs the '
+                             'server started with --enable-auto-tool-choice and --tool-call-parser; or ask for '
+                             '"required", "none" or a named function')
+        if choice != "auto" and self.grammar_sources:
+            raise ValueError(f"invalid sampling parameter {self.grammar_sources[0]}: tool_choice {choice!r} holds the "
+                             f"output to the tools' schemas, and takes no other grammar")
+        parallel = self.parallel_tool_calls is not False
+        if isinstance(choice, NamedToolChoice):
+            return ToolChoice("named", name=choice.function.name)
+        return ToolChoice(choice, parser=parser if choice == "auto" else None, parallel=parallel)
+
+    def sampling_params(self, defaults: dict, tools: ToolChoice | None = None) -> SamplingParams:
+        """tools: the request's tool choice (tool_choice_for), whose grammar this takes."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("invalid sampling parameter top_logprobs: needs logprobs=true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
@@ -250,7 +330,19 @@ class ChatCompletionRequest(_SamplingRequest):
                              f"[0, {MAX_LOGPROBS}]")
         k = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(defaults, max_tokens, k)
+        params = self._sampling_params(defaults, max_tokens, k)
+        if tools is not None and tools.mode == "named":
+            function = next(t.function for t in self.tools if t.function.name == tools.name)
+            params = replace(params, structured_outputs={"json": parameters_schema(function)})
+        elif tools is not None and tools.mode == "required":
+            params = replace(params, structured_outputs={"json": required_schema(self.tools, tools.parallel)})
+        elif tools is not None and tools.parser == "hermes" and self.skip_special_tokens is None:
+            params = replace(params, skip_special_tokens=False)  # (its tags may be special tokens: vLLM's too)
+        return params
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template gets them (HF's: OpenAI's objects), under every tool_choice (vLLM's)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class TokenizeRequest(_Request):
@@ -262,7 +354,11 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
     return_token_strs: bool = False
+
+    def template_tools(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -341,14 +437,44 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] | None = "assistant"
+    role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Choice):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None  # (in a call's first delta)
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None  # (in a call's first delta, with its type)
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None  # (in a choice's first delta)
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -359,7 +485,7 @@ class ChatCompletionResponse(_Response):
 
 
 class ChatStreamChoice(_Choice):
-    delta: ChatMessageOut
+    delta: ChatDelta
     logprobs: ChatLogprobs | None = None
 
 

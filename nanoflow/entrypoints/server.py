@@ -33,9 +33,12 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
+from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
+from nanoflow.tokenizer import compile_template
 
 log = logging.getLogger("nanoflow.server")
 RETRY_AFTER_S = 1
@@ -195,7 +198,10 @@ async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> Async
     yield "data: [DONE]\n\n"
 
 
-def build_app(engine: EngineClient, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: EngineClient, model_name: str, api_key: str | None = None, tool_parser: str | None = None,
+              chat_template: str | None = None) -> FastAPI:
+    """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
+    refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's."""
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
@@ -256,14 +262,21 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
         return tokenizer.encode(text, add_special_tokens)
 
-    def sampling_params(req: api.CompletionRequest | api.ChatCompletionRequest) -> SamplingParams:
+    def sampling_params(req: api.CompletionRequest | api.ChatCompletionRequest, *tools) -> SamplingParams:
         try:
-            return req.sampling_params(engine.sampling_defaults)
+            return req.sampling_params(engine.sampling_defaults, *tools)
         except (ValueError, TypeError) as e:
             raise _bad_input(e) from None
 
+    def tool_choice(req: api.ChatCompletionRequest) -> ToolChoice:
+        try:
+            return req.tool_choice_for(tool_parser)
+        except ValueError as e:
+            raise _bad_input(e) from None
+
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str,
-                     req: api.CompletionRequest | api.ChatCompletionRequest) -> RequestStream:
+                     grammar_source: str | None) -> RequestStream:
+        """grammar_source: the request's field its grammar came from, which names the grammar's errors."""
         longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
         if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
             raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
@@ -272,8 +285,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         try:
             return await engine.submit(prompts, params, lambda: _disconnected(raw))
         except (ValueError, TypeError) as e:
-            if req.grammar_sources[:1] not in ([], ["structured_outputs"]):  # a grammar refused: named as sent
-                e = ValueError(re.sub(r"structured_outputs(\.\w+)?", req.grammar_sources[0], str(e), count=1))
+            if grammar_source not in (None, "structured_outputs"):  # a grammar refused: named as sent
+                e = ValueError(re.sub(r"structured_outputs(\.\w+)?", grammar_source, str(e), count=1))
             raise _bad_input(e, param) from None
 
     @app.get("/health")
@@ -294,10 +307,11 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
+        tools = req.template_tools()
         try:
             text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
-                                                 continue_final_message=req.continue_final_message,
-                                                 template_kwargs=req.chat_template_kwargs)
+                                                 chat_template, req.continue_final_message,
+                                                 ({"tools": tools} if tools else {}) | (req.chat_template_kwargs or {}))
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
         return tokenizer.encode(text, add_special_tokens)
@@ -348,7 +362,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
             if tokenizer is None:
                 raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-        stream = await submit(prompts, params, raw, "prompt", req)
+        stream = await submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None))
         head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
         k = params.logprobs
@@ -396,9 +410,11 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
     @app.post("/v1/chat/completions", response_model=api.ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
         check_model(req.model)
-        params = sampling_params(req)
+        tools = tool_choice(req)
+        params = sampling_params(req, tools)
         prompt = chat_prompt(req)
-        stream = await submit([prompt], params, raw, "messages", req)
+        grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
+        stream = await submit([prompt], params, raw, "messages", grammar_source)
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(params.n)]
 
@@ -408,14 +424,24 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         if req.stream:
             async def chunks():
                 sent_prompt = False
+                streams = [tools.stream() for _ in range(params.n)]
                 async for _, out in stream:
                     for c in out.outputs:  # one choice a chunk, as OpenAI's and vLLM's
                         if (piece := _advance(c, progress[c.index])) is None:
                             continue
-                        text, start, first = piece
-                        delta = api.ChatMessageOut(role="assistant" if first else None, content=text)
-                        choice = api.ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs(c, start),
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                        _, start, first = piece
+                        content, calls = streams[c.index].step(c.text, c.finished)
+                        lp = logprobs(c, start)
+                        if not (first or content or calls or lp or c.finished):
+                            continue  # (text held back while it may be a tool call)
+                        delta = api.ChatDelta(role="assistant" if first else None, content=content,
+                                              tool_calls=[api.DeltaToolCall(
+                                                  index=i, id=cid, type="function" if cid else None,
+                                                  function=api.DeltaFunctionCall(name=name, arguments=args))
+                                                  for i, cid, name, args in calls] or None)
+                        reason = tools.finish_reason(c.finish_reason, calls)
+                        choice = api.ChatStreamChoice(index=c.index, delta=delta, logprobs=lp,
+                                                      finish_reason=reason, stop_reason=c.stop_reason)
                         usage = _usage(len(prompt), [progress[c.index]]) if req.continuous_usage else None
                         yield api.ChatCompletionChunk(**head, choices=[choice], usage=usage,
                                                       prompt_logprobs=None if sent_prompt else _prompt_logprobs(out))
@@ -432,9 +458,13 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None)
         choices = []
         for c in out.outputs:
             _advance(c, progress[c.index])
-            choices.append(api.ChatChoice(
-                index=c.index, message=api.ChatMessageOut(content=c.text), logprobs=logprobs(c, 0),
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            content, calls = tools.read(c.text)
+            message = api.ChatMessageOut(content=content, tool_calls=[api.ToolCall(
+                id=new_tool_call_id(), function=api.FunctionCall(name=call.name, arguments=call.arguments))
+                for call in calls] or None)
+            choices.append(api.ChatChoice(index=c.index, message=message, logprobs=logprobs(c, 0),
+                                          finish_reason=tools.finish_reason(c.finish_reason, calls),
+                                          stop_reason=c.stop_reason))
         return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress),
                                           prompt_logprobs=_prompt_logprobs(out))
 
@@ -463,6 +493,9 @@ def serve(args) -> int:
         raise ValueError("--ray-address is for --data-parallel-size")
     if args.data_parallel_size is not None and args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
+    args.chat_template = read_chat_template(args.chat_template)
     # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
     sock = listen_socket(args.host, args.port)
     if args.api_server_count > 1:
@@ -480,6 +513,22 @@ def serve(args) -> int:
                                    args.max_waiting_requests, args.stream_interval)
         run_http(engine, args, sock)
     return 0
+
+
+def read_chat_template(given: str | None) -> str | None:
+    """--chat-template: a file's text, or the template itself (as vLLM's), checked before the model loads."""
+    if given is None:
+        return None
+    if os.path.isfile(given):
+        with open(given) as f:
+            given = f.read()
+    elif not any(tag in given for tag in ("{{", "{%")):
+        raise ValueError(f"--chat-template {given!r}: no such file, nor a template (it has no {{{{ or {{% tags)")
+    try:
+        compile_template(given)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"--chat-template: not a valid template: {e}") from None
+    return given
 
 
 def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -515,7 +564,8 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
             super().handle_exit(sig, frame)
 
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
-    app = build_app(engine, name, args.api_key)
+    app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
+                    args.chat_template)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)

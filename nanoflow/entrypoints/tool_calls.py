@@ -1,0 +1,185 @@
+"""Tool calling in chat completions (OpenAI's tools / tool_choice, as vLLM's): what a request's tool choice holds
+the output to, and the calls read back from the generated text.
+
+- named (`{"type": "function", "function": {"name": F}}`): the output is F's arguments, held by a grammar to F's
+  parameters (a JSON schema); one call. Its finish_reason is the generation's (OpenAI's "stop").
+- required: the output is a JSON array of `{"name", "parameters"}` objects, held to the tools' schemas (one item at
+  most when parallel_tool_calls is false); a call each.
+- auto (the server's --enable-auto-tool-choice with a --tool-call-parser): the model writes calls in its own format,
+  which the parser reads back; the text before them is the content. hermes (Hermes, Qwen2.5):
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several allowed; llama3_json (Llama 3.1 / 3.2):
+  `{"name": ..., "parameters": {...}}` objects separated by ';' making up the whole output, optionally after
+  `<|python_tag|>`. Text the parser cannot read is the content, as vLLM's: nothing is lost.
+- none: the tools reach the chat template only.
+
+Where calls are read back (required, auto), finish_reason is "tool_calls" when there are some. A stream sends the
+content that cannot be part of a call as it comes, and the calls whole when the choice ends (a named call's
+arguments stream as they come); the stream adds up to the response the same request gets unstreamed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+PARSERS = ("hermes", "llama3_json")
+_HERMES_START = "<tool_call>"
+_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)  # (the last may be unclosed)
+_PYTHON_TAG = "<|python_tag|>"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    name: str
+    arguments: str  # JSON text, as OpenAI's tool calls carry it
+
+
+def new_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def _call(obj, *keys: str) -> Call:
+    """A call from the model's JSON object: its name and, under the first of keys it has, its arguments."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ValueError(f"a tool call must be an object with a string 'name', got {obj!r}")
+    args = next((obj[k] for k in keys if k in obj), {})
+    return Call(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
+    at = text.find(_HERMES_START)
+    if at < 0:
+        return None
+    calls = [_call(json.loads(closed or open_), "arguments") for closed, open_ in _HERMES_CALL.findall(text)]
+    return text[:at] or None, calls
+
+
+def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
+    body = text.removeprefix(_PYTHON_TAG)
+    if body == text and not text.startswith("{"):
+        return None
+    decoder, calls, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(body) and (body[i].isspace() or body[i] == ";"):
+            i += 1
+        if i == len(body):
+            return (None, calls) if calls else None
+        obj, i = decoder.raw_decode(body, i)
+        calls.append(_call(obj, "parameters", "arguments"))
+
+
+def _required(text: str) -> tuple[str | None, list[Call]] | None:
+    items = json.loads(text)
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"required tool calls must be a non-empty JSON array, got {text!r}")
+    return None, [_call(item, "parameters") for item in items]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of text's longest end that begins marker (it may be its start, still arriving)."""
+    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
+
+
+def _hermes_content_end(text: str) -> int:
+    at = text.find(_HERMES_START)
+    return at if at >= 0 else len(text) - _partial_suffix(text, _HERMES_START)
+
+
+def _llama3_content_end(text: str) -> int:
+    calls_ahead = text.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(text)
+    return 0 if calls_ahead else len(text)
+
+
+_READ = {"hermes": (_hermes, _hermes_content_end), "llama3_json": (_llama3_json, _llama3_content_end),
+         "required": (_required, lambda text: 0)}
+
+
+def parameters_schema(function) -> dict:
+    """A function's parameters; one without takes none: its arguments are {} (as vLLM's)."""
+    return function.parameters or {"type": "object", "properties": {}}
+
+
+def required_schema(tools, parallel: bool = True) -> dict:
+    """The JSON schema of tool_choice "required": an array of {name, parameters} objects, each of one tool. The
+    tools' $defs move to the root, where their references ("#/$defs/...") point from inside the array."""
+    items = [{"properties": {"name": {"type": "string", "enum": [t.function.name]},
+                             "parameters": parameters_schema(t.function)},
+              "required": ["name", "parameters"]} for t in tools]
+    schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    defs = {}
+    for t in tools:
+        given = parameters_schema(t.function).get("$defs")
+        for name, d in given.items() if isinstance(given, dict) else ():  # (a malformed one: the grammar's to refuse)
+            if defs.setdefault(name, d) != d:
+                raise ValueError(f"invalid sampling parameter tools: two tools define $defs {name!r} differently, "
+                                 f"which tool_choice 'required' cannot tell apart")
+    return schema | ({"$defs": defs} if defs else {})
+
+
+class ToolChoice:
+    """A request's tool choice, resolved: `mode` is "named", "required", "auto" or None (no calls are read), and for
+    "auto" the parser. Makes each choice's message (and its stream)."""
+    __slots__ = ("mode", "name", "parallel", "parser")
+
+    def __init__(self, mode: str | None, name: str | None = None, parser: str | None = None, parallel: bool = True):
+        self.mode, self.name, self.parser, self.parallel = mode, name, parser, parallel
+
+    @property
+    def reads_calls(self) -> bool:
+        return self.mode in ("required", "auto")
+
+    def read(self, text: str) -> tuple[str | None, list[Call]]:
+        """(content, calls) of a choice's whole text; text no call can be read from is all content."""
+        if self.mode == "named":
+            return None, [Call(self.name, text)]
+        if not self.reads_calls:
+            return text, []
+        try:
+            found = _READ[self.parser if self.mode == "auto" else "required"][0](text)
+        except ValueError as e:  # (json's errors are ValueErrors)
+            log.warning("tool calls not read (the text is the content): %s", e)
+            found = None
+        if found is None:
+            return text, []
+        content, calls = found
+        return content, calls if self.parallel or self.mode == "required" else calls[:1]
+
+    def finish_reason(self, reason: str | None, calls: list[Call]) -> str | None:
+        return "tool_calls" if reason is not None and calls and self.reads_calls else reason
+
+    def stream(self) -> "ToolStream":
+        return ToolStream(self)
+
+
+class ToolStream:
+    """One choice's stream. step(text, finished) takes the choice's whole text so far and returns what to send now:
+    (content, [(index, id, name, arguments)]): content that no call can start in; the calls when the choice ends
+    (a named call: its arguments piece by piece, id and name with the first)."""
+    __slots__ = ("choice", "id", "sent")
+
+    def __init__(self, choice: ToolChoice):
+        self.choice, self.sent, self.id = choice, 0, None
+
+    def step(self, text: str, finished: bool) -> tuple[str | None, list[tuple]]:
+        c = self.choice
+        if c.mode == "named":
+            piece, self.sent = text[self.sent:], len(text)
+            first, self.id = self.id is None, self.id or new_id()
+            return None, [(0, self.id if first else None, c.name if first else None, piece)] if piece or first else []
+        if not c.reads_calls:
+            piece, self.sent = text[self.sent:], len(text)
+            return piece, []
+        if not finished:
+            end = max(_READ[c.parser if c.mode == "auto" else "required"][1](text), self.sent)
+            piece, self.sent = text[self.sent:end], end
+            return piece or None, []
+        content, calls = c.read(text)
+        rest = (content or "")[self.sent:] if calls else text[self.sent:]
+        self.sent = len(text)
+        return rest or None, [(i, new_id(), call.name, call.arguments) for i, call in enumerate(calls)]

@@ -1,0 +1,289 @@
+"""Tool calling in chat completions: the parsers (hermes, llama3_json, required's array), their streams (which add up
+to the unstreamed response), the request's checks, the tools and earlier calls in the chat template; then a real
+server with --enable-auto-tool-choice driven by the openai client: named, required and auto calls, streamed and not."""
+import json
+
+import httpx
+import openai
+import pytest
+
+from nanoflow.entrypoints import openai_protocol as api
+from nanoflow.entrypoints.tool_calls import Call, ToolChoice, required_schema
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]},
+                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}  # (no parameters: it takes none)
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+HERMES_TWO = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
+              '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+READS = [  # (mode, parser, text, content, calls)
+    ("auto", "hermes", HERMES_TWO, "Let me check. ",
+     [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
+    ("auto", "hermes", '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}', None,  # (the last one unclosed)
+     [Call("get_time", '{"tz": "UTC"}')]),
+    ("auto", "hermes", "No tools needed: <tool_ is not a tag.", "No tools needed: <tool_ is not a tag.", []),
+    ("auto", "hermes", '<tool_call>{"name": "get_time", "arguments": {</tool_call>',  # unreadable: all content
+     '<tool_call>{"name": "get_time", "arguments": {</tool_call>', []),
+    ("auto", "llama3_json", '{"name": "get_weather", "parameters": {"city": "Lyon", "unit": "F"}}; '
+     '{"name": "get_time", "arguments": {}}', None,
+     [Call("get_weather", '{"city": "Lyon", "unit": "F"}'), Call("get_time", "{}")]),
+    ("auto", "llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {}}', None, [Call("get_time", "{}")]),
+    ("auto", "llama3_json", 'The answer is {"name": "x"}', 'The answer is {"name": "x"}', []),
+    ("auto", "llama3_json", '{"name": "get_time", "parameters": {}} and more', '{"name": "get_time", "parameters": {}} '
+     'and more', []),
+    ("required", None, '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}, '
+     '{"name": "get_time", "parameters": {}}]', None,
+     [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
+    ("required", None, '[{"name": "get_weather", "param', '[{"name": "get_weather", "param', []),  # (cut by length)
+    (None, None, HERMES_TWO, HERMES_TWO, []),  # (tool_choice none: nothing is read)
+]
+
+
+@pytest.mark.parametrize("mode, parser, text, content, calls", READS, ids=[f"{m}-{p}-{i}" for i, (m, p, *_) in
+                                                                            enumerate(READS)])
+def test_calls_are_read_back_and_unreadable_text_is_content(mode, parser, text, content, calls):
+    choice = ToolChoice(mode, parser=parser)
+    assert choice.read(text) == (content, calls)
+    assert choice.finish_reason("stop", calls) == ("tool_calls" if calls else "stop")
+    assert choice.finish_reason(None, calls) is None  # (not finished)
+
+
+def test_a_named_call_and_parallel_calls_turned_off():
+    named = ToolChoice("named", name="get_time")
+    assert named.read('{"tz": "UTC"}') == (None, [Call("get_time", '{"tz": "UTC"}')])
+    assert named.finish_reason("stop", named.read("{}")[1]) == "stop"  # (OpenAI's: a forced call is no choice)
+    one = ToolChoice("auto", parser="hermes", parallel=False)
+    assert one.read(HERMES_TWO)[1] == [Call("get_weather", '{"city": "Paris", "unit": "C"}')]
+
+
+def _streamed(choice: ToolChoice, text: str, cut: int):
+    """What a stream sends for text arriving cut characters at a time: the content joined, and the calls' deltas
+    merged by index (as a client adds them up)."""
+    s, content, calls = choice.stream(), "", {}
+    for end in range(cut, len(text) + cut, cut):
+        piece, deltas = s.step(text[:end], end >= len(text))
+        content += piece or ""
+        for i, cid, name, args in deltas:
+            entry = calls.setdefault(i, {"id": cid, "name": name, "arguments": ""})
+            assert cid is None or entry["id"] == cid
+            entry["arguments"] += args or ""
+    return content or None, [Call(c["name"], c["arguments"]) for _, c in sorted(calls.items())], calls
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 1000])
+@pytest.mark.parametrize("mode, parser, text, content, calls", READS + [("named", None, '{"tz": "UTC"}', None, [
+    Call("get_time", '{"tz": "UTC"}')])], ids=[f"{m}-{p}-{i}" for i, (m, p, *_) in enumerate(READS + [("named", 0)])])
+def test_a_stream_adds_up_to_the_response(mode, parser, text, content, calls, cut):
+    choice = ToolChoice(mode, name="get_time", parser=parser)
+    got_content, got_calls, raw = _streamed(choice, text, cut)
+    assert (got_content, got_calls) == (content, calls)
+    assert all(c["id"].startswith("chatcmpl-tool-") for c in raw.values())
+
+
+def test_a_stream_holds_back_only_what_may_be_a_call():
+    s = ToolChoice("auto", parser="hermes").stream()
+    assert s.step("Let me <tool_", False) == ("Let me ", [])
+    assert s.step("Let me <tool_x", False) == ("<tool_x", [])  # (it was not the tag)
+    assert s.step('Let me <tool_x <tool_call>{"name": "f"', False) == (" ", [])
+    s = ToolChoice("auto", parser="llama3_json").stream()
+    assert s.step("<|python", False) == (None, [])  # (the tag, still arriving)
+    assert s.step("<|pythonic", False) == ("<|pythonic", [])
+    assert ToolChoice("required").stream().step('[{"name": ', False) == (None, [])
+
+
+def test_the_required_schema():
+    tools = [api.ChatTool(**WEATHER), api.ChatTool(**TIME)]
+    schema = required_schema(tools)
+    assert schema["minItems"] == 1 and "maxItems" not in schema
+    assert [i["properties"]["name"]["enum"] for i in schema["items"]["anyOf"]] == [["get_weather"], ["get_time"]]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object", "properties": {}}
+    assert required_schema(tools, parallel=False)["maxItems"] == 1
+    # a tool's $defs move to the root, where its references point from inside the array
+    unit = {"type": "string", "enum": ["C", "F"]}
+    ref = {"type": "object", "properties": {"u": {"$ref": "#/$defs/unit"}}, "$defs": {"unit": unit}}
+    with_defs = api.ChatTool(type="function", function={"name": "f", "parameters": ref})
+    assert required_schema([with_defs])["$defs"] == {"unit": unit}
+    other = api.ChatTool(type="function", function={"name": "g", "parameters": ref | {"$defs": {"unit": {}}}})
+    with pytest.raises(ValueError, match="tools: two tools define \\$defs 'unit' differently"):
+        required_schema([with_defs, other])
+
+
+def _request(**kw):
+    return api.ChatCompletionRequest(messages=USER, **kw)
+
+
+def test_the_requests_tool_choice():
+    tools = [WEATHER, TIME]
+    assert _request(tools=tools).tool_choice_for("hermes").mode == "auto"  # (OpenAI's default with tools)
+    assert _request().tool_choice_for(None).mode is None
+    assert _request(tools=tools, tool_choice="none").tool_choice_for(None).mode is None
+    assert _request(tools=[], tool_choice="required").tool_choice_for(None).mode is None  # (vLLM's: no tools, none)
+    named = _request(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    params = named.sampling_params({}, named.tool_choice_for(None))
+    assert params.structured_outputs.json == WEATHER["function"]["parameters"]
+    required = _request(tools=tools, tool_choice="required", parallel_tool_calls=False)
+    params = required.sampling_params({}, required.tool_choice_for(None))
+    assert params.structured_outputs.json == required_schema([api.ChatTool(**t) for t in tools], parallel=False)
+    auto = _request(tools=tools)
+    assert auto.sampling_params({}, auto.tool_choice_for("hermes")).skip_special_tokens is False  # (its tags)
+    assert auto.sampling_params({}, auto.tool_choice_for("llama3_json")).skip_special_tokens is True
+    with pytest.raises(ValueError, match='tool_choice: "auto" .* needs the server started with --enable-auto-tool'):
+        auto.tool_choice_for(None)
+    with pytest.raises(ValueError, match="invalid sampling parameter response_format: tool_choice 'required'"):
+        _request(tools=tools, tool_choice="required", response_format={"type": "json_object"}).tool_choice_for(None)
+    assert _request(tools=tools, response_format={"type": "json_object"}).tool_choice_for("hermes").mode == "auto"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "names the function 'nope', which is not among the tools"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "not among the tools"),
+    ({"tool_choice": "required"}, '"required" needs tools'),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, 'must be "none", "auto", "required" or {"type": "function"'),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "at least 1 character"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {
+        "name": "f", "arguments": "{oops"}}]}]}, "a call's arguments must be JSON text, got '{oops'"),
+])
+def test_bad_tool_requests_are_refused_by_name(kw, message):
+    with pytest.raises(ValueError) as e:
+        api.ChatCompletionRequest(**({"messages": USER} | kw))
+    assert message in str(e.value)
+
+
+TOOL_TEMPLATE = (  # a hermes-style template (as Qwen2.5's) that renders tools, earlier calls and their results
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function | tojson }}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
+    " | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+HISTORY = USER + [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+    "name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18 degrees"}]
+
+
+def test_tools_and_earlier_calls_reach_the_template(default_llm):
+    """As HF's apply_chat_template: the tools as OpenAI's objects, and an earlier call's arguments as the object they
+    encode (vLLM's), so that the template writes them once, not as a JSON string inside JSON."""
+    rendered = default_llm.chat_prompt(HISTORY, chat_template=TOOL_TEMPLATE, tools=[WEATHER])["prompt"]
+    assert '"name": "get_weather", "description": "The weather in a city"' in rendered
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>' in rendered
+    assert "<|im_start|>tool\n18 degrees<|im_end|>" in rendered
+    with pytest.raises(ValueError, match="a tool call's arguments must be JSON text, got '{oops'"):
+        bad = [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]
+        default_llm.chat_prompt(bad, chat_template=TOOL_TEMPLATE)
+
+
+# -- a server with --enable-auto-tool-choice ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("xgrammar")
+    from test_server import start_server, stop_server
+    d = tmp_path_factory.mktemp("tools")
+    (d / "template.jinja").write_text(TOOL_TEMPLATE)
+    proc, url = start_server(["--max-model-len", "1024", "--kv-cache-gb", "0.25", "--enable-auto-tool-choice",
+                              "--tool-call-parser", "hermes", "--chat-template", str(d / "template.jinja")], d / "log")
+    yield url
+    assert stop_server(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+
+
+def _create(client, stream=False, **kw):
+    """The response, or (streamed) the message its chunks add up to, as a client merges them."""
+    kw = {"model": client.models.list().data[0].id, "messages": USER, "max_tokens": 60, "temperature": 0} | kw
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        m = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+        return m.content, calls, r.choices[0].finish_reason
+    content, calls, reason, roles = "", {}, None, []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            roles.append(ch.delta.role)
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or ():
+                entry = calls.setdefault(d.index, [None, ""])
+                entry[0] = entry[0] or d.function.name
+                entry[1] += d.function.arguments or ""
+            reason = ch.finish_reason or reason
+    assert roles[0] == "assistant" and set(roles[1:]) <= {None}
+    return content or None, [tuple(c) for _, c in sorted(calls.items())], reason
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_call_follows_the_functions_schema(client, stream):
+    content, calls, reason = _create(client, stream, tools=[WEATHER, TIME],
+                                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert content is None and reason == "stop" and [name for name, _ in calls] == ["get_weather"]
+    args = json.loads(calls[0][1])
+    assert args["city"] in ("Paris", "Lyon") and args["unit"] in ("C", "F") and set(args) == {"city", "unit"}
+    assert (content, calls, reason) == _create(client, not stream, tools=[WEATHER, TIME],
+                                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_calls_one_of_the_tools(client, stream):
+    content, calls, reason = _create(client, stream, tools=[WEATHER, TIME], tool_choice="required",
+                                     parallel_tool_calls=False)
+    assert content is None and reason == "tool_calls" and len(calls) == 1, (content, calls, reason)
+    assert calls[0][0] in ("get_weather", "get_time") and isinstance(json.loads(calls[0][1]), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_reads_the_models_calls_back(client, stream):
+    """The model's own text (here held to a call by a regex: this small model does not call tools) is read back by
+    the hermes parser: the text before the call is the content."""
+    said = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "F"}}</tool_call>'
+    regex = said.replace(".", "\\.").replace("{", "\\{").replace("}", "\\}")
+    held = {"structured_outputs": {"regex": regex}}  # (the model may take the text in many small tokens)
+    content, calls, reason = _create(client, stream, tools=[WEATHER], extra_body=held, max_tokens=200)
+    assert (content, calls, reason) == ("Checking. ", [("get_weather", '{"city": "Lyon", "unit": "F"}')], "tool_calls")
+    # without tools nothing is read
+    content, calls, reason = _create(client, stream, extra_body=held, max_tokens=200)
+    assert (content, calls, reason) == (said, [], "stop")
+
+
+def test_a_conversation_with_earlier_calls(server, client):
+    r = httpx.post(f"{server}/tokenize", json={"messages": HISTORY, "tools": [WEATHER]})
+    assert r.status_code == 200, r.text
+    text = httpx.post(f"{server}/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>' in text
+    assert '"name": "get_weather", "description"' in text and "18 degrees" in text
+    assert _create(client, messages=HISTORY, tools=[WEATHER], tool_choice="none", max_tokens=4)[1] == []
+
+
+@pytest.mark.parametrize("body, names", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "guided_json": {"type": "object"}}, "guided_json"),
+    # (a schema the grammar compiler refuses: named as the tools it came in)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$defs": {"u": {"type": "string"}}}}},
+               {"type": "function", "function": {"name": "g", "parameters": {"$defs": {"u": {}}}}}],
+        "tool_choice": "required"}, "tools"),
+])
+def test_bad_tool_requests_are_a_400_naming_the_field(server, body, names):
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": USER} | body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == names, error
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_serve_checks_its_tool_flags_before_loading(capsys, tmp_path):
+    from nanoflow.entrypoints.cli import main
+    assert main(["serve", "--enable-auto-tool-choice", "--port", "0"]) == 2
+    assert "--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json)" in capsys.readouterr().err
+    assert main(["serve", "--chat-template", str(tmp_path / "missing.jinja"), "--port", "0"]) == 2
+    assert "no such file, nor a template" in capsys.readouterr().err
+    (tmp_path / "bad.jinja").write_text("{% for %}")
+    assert main(["serve", "--chat-template", str(tmp_path / "bad.jinja"), "--port", "0"]) == 2
+    assert "--chat-template: not a valid template" in capsys.readouterr().err
