@@ -12,10 +12,9 @@ import torch
 import triton.testing
 
 sys.path.insert(0, "benchmarks")
-from decode_sweep import paged_cache  # noqa: E402
+from prefill_sweep import case  # noqa: E402
 
 from nanoflow.kernels import gpu  # noqa: E402
-from nanoflow.models.batch import PREFILL, ForwardBatch  # noqa: E402
 
 print("torch", torch.__version__)
 try:
@@ -35,17 +34,9 @@ def bench(fn):
 
 def engine_ms(prompts, kv_dtype):
     """The engine's kernel over these (Q rows, positions) sequences, their pages scattered over a cache."""
-    g = torch.Generator().manual_seed(0)
-    kc, vc, tables = paged_cache([s for _, s in prompts], HKV, D, PAGE, kv_dtype, g)
-    rows = sum(q for q, _ in prompts)
-    starts = [0, *itertools.accumulate(q for q, _ in prompts)]
-    batch = ForwardBatch(torch.zeros(rows), torch.zeros(rows), torch.zeros(rows), starts, [s for _, s in prompts],
-                         tables, 0, torch.zeros(1))
-    m = batch.build_attention(PREFILL, 0, rows)
-    m = type(m)(*(t.cuda() for t in (m.q_start, m.q_len, m.seq_lens, m.block_tables)))
-    q = torch.randn(rows, HQ, D, device="cuda", dtype=torch.bfloat16)
+    q, kc, vc, meta, _ = case(prompts, HQ, HKV, D, PAGE, kv_dtype)
     o = torch.empty_like(q)
-    return bench(lambda: gpu.prefill_attention(q, kc, vc, m, D ** -0.5, o))
+    return bench(lambda: gpu.prefill_attention(q, kc, vc, meta, D ** -0.5, o))
 
 
 def varlen_cases(fresh, r):
