@@ -116,5 +116,40 @@ def test_the_grammar_cache_is_bounded(llama_dir, monkeypatch):
     eng = LLM(llama_dir).engine
     for i in range(8):
         schema = {"properties": {f"k{i}": {"type": "integer"}}}
-        eng._matchers(SamplingParams(structured_outputs=Structured(json=schema)))
+        eng._compile(SamplingParams(structured_outputs=Structured(json=schema))).result()
     assert 0 < eng.grammars.compiler.get_cache_size_bytes() <= 100_000
+
+
+def test_a_grammar_compiles_off_the_engines_thread(llm, monkeypatch):
+    """As vLLM's: a request waits outside the scheduler while its grammar compiles (on a thread of its own), and the
+    requests already running go on meanwhile; one aborted meanwhile never runs; one whose compile fails ends with
+    finish_reason "abort", and the engine goes on."""
+    from concurrent.futures import Future
+
+    from nanoflow.engine.structured_output import Grammars
+    eng, held = llm.engine, []
+    choice = SamplingParams(temperature=0, max_tokens=6, structured_outputs=Structured(choice=["yes"]))
+    compiled = eng._compile(choice).result()
+
+    def compile_later(self, p):  # (its future, finished by hand below)
+        held.append(Future())
+        return held[-1]
+    monkeypatch.setattr(Grammars, "compile", compile_later)
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eng.add_request("plain", PROMPT, plain)
+    eng.add_request("held", PROMPT, choice)
+    eng.add_request("dropped", PROMPT, choice)
+    eng.add_request("broken", PROMPT, choice)
+    done = {}
+    while eng.requests.keys() & {"plain"}:
+        done |= {o.request_id: o for o in eng.step() if o.finished}
+    assert set(done) == {"plain"} and [r.request_id for _, r in eng.compiling] == ["held", "dropped", "broken"]
+    assert not eng.scheduler.has_work  # (the waiting ones are outside it)
+    eng.abort_request("dropped")
+    held[0].set_result(compiled)
+    held[1].set_result(compiled)
+    held[2].set_exception(RuntimeError("xgrammar failed"))
+    while eng.has_unfinished_requests():
+        done |= {o.request_id: o for o in eng.step() if o.finished}
+    assert done["held"].outputs[0].text == "yes" and done["broken"].outputs[0].finish_reason == "abort"
+    assert "dropped" not in done and not eng.compiling

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import numbers
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import fields, replace
 
 import torch
@@ -91,6 +92,7 @@ class LLMEngine:
                                  else self.device.type == "cuda")
         self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
         self.grammars: Grammars | None = None  # made at the first request with structured outputs
+        self.compiling: list[tuple[Future, Request]] = []  # requests whose grammars compile, outside the scheduler
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done at exit)."""
@@ -168,26 +170,50 @@ class LLMEngine:
         if params.min_tokens > most:
             raise ValueError(f"invalid sampling parameter min_tokens={params.min_tokens}: the request can have at "
                              f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
-        matchers = self._matchers(params)
+        grammar = self._compile(params)
         bad_words = self._bad_words_ids(params.bad_words)
         req = Request(request_id, text, ids, params)
         req.bad_words_ids = bad_words
         for seq in req.seqs:
             seq.max_tokens = most
-            seq.grammar = matchers.pop() if matchers else None
-            self.scheduler.add(seq)
         self.requests[request_id] = req
+        if grammar is None:
+            self.scheduler.add_request(req)
+        else:
+            self.compiling.append((grammar, req))
         return req
 
-    def _matchers(self, params: SamplingParams) -> list:
-        """A grammar matcher for each of the request's sequences, if it asks for structured outputs."""
+    def _compile(self, params: SamplingParams) -> Future | None:
+        """The request's grammar compiling, if it asks for structured outputs (a bad one raises ValueError now)."""
         if params.structured_outputs is None:
-            return []
+            return None
         if self.tokenizer is None:
             raise ValueError("structured outputs need the model's tokenizer (pass tokenizer=PATH)")
         if self.grammars is None:
             self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        return [self.grammars.matcher(params.structured_outputs) for _ in range(params.n)]
+        return self.grammars.compile(params.structured_outputs)
+
+    def _schedule_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammars have compiled join the scheduler, a matcher for each sequence (those aborted
+        meanwhile are gone). With nothing else to run, waits a little for one. Returns the outputs of requests whose
+        compile failed (they end with finish_reason "abort")."""
+        if not (self.scheduler.has_work or self.inflight):
+            wait([f for f, _ in self.compiling], timeout=0.05, return_when=FIRST_COMPLETED)
+        outputs, compiling = [], []
+        for future, req in self.compiling:
+            if not future.done():
+                compiling.append((future, req))
+            elif req.request_id in self.requests:
+                try:
+                    for seq in req.seqs:
+                        seq.grammar = self.grammars.matcher(future.result())
+                except Exception:  # (it parsed, so this is xgrammar's failure, not the request's)
+                    log.exception("request %s: its grammar did not compile", req.request_id)
+                    outputs.append(self.abort_request(req.request_id))
+                    continue
+                self.scheduler.add_request(req)
+        self.compiling = compiling
+        return outputs
 
     def _bad_words_ids(self, words: list[str] | None) -> list[list[int]]:
         """Each word's tokens at the start of a text, and (where they differ, in as many tokens) after a space, as
@@ -223,18 +249,18 @@ class LLMEngine:
         """One iteration. With asynchronous scheduling, iteration i + 1 is scheduled and launched before
         the results of iteration i are read back, so the GPU never waits for the CPU's bookkeeping;
         a sequence that hit EOS in i was already given a token in i + 1, which is dropped."""
-        outputs = []
+        outputs = self._schedule_compiled() if self.compiling else []
         if self.inflight and any(c.seq.needs_last_token for c in self.inflight[0].chunks if c.samples):
             # a grammar's or bad words' next mask needs the token in flight: read that iteration back first
             previous, self.inflight = self.inflight, None
-            outputs = self.postprocess(previous[0], self.runner.collect(previous[1]))
+            outputs += self.postprocess(previous[0], self.runner.collect(previous[1]))
         out = self.scheduler.schedule()
         launch = None
         if not out.empty:
             launch = self.runner.launch(out)
             self.scheduler.update(out)
         if not self.async_scheduling:
-            return self.postprocess(out, self.runner.collect(launch)) if launch else []
+            return outputs + (self.postprocess(out, self.runner.collect(launch)) if launch else [])
         previous, self.inflight = self.inflight, (out, launch) if launch else None
         return outputs + (self.postprocess(previous[0], self.runner.collect(previous[1])) if previous else [])
 

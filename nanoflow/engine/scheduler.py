@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.block_manager import BlockManager
-from nanoflow.engine.sequence import Sequence, Status
+from nanoflow.engine.sequence import Request, Sequence, Status
 
 
 @dataclass(slots=True)
@@ -103,6 +103,11 @@ class Scheduler:
         self.waiting.append(seq)
         self._count_waiting(seq, 1)
         self.order_holds = (math.inf, -math.inf)
+
+    def add_request(self, req: Request) -> None:
+        """Its sequences (n of them) join the waiting queue."""
+        for seq in req.seqs:
+            self.add(seq)
 
     @property
     def has_work(self) -> bool:

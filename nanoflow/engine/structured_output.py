@@ -1,16 +1,19 @@
 """Structured outputs (vLLM's): a request's output held to a JSON schema, any JSON object, a regex, a choice of
 strings or an EBNF grammar, by xgrammar (the optional extra `structured`).
 
-The engine compiles the request's grammar for its tokenizer and gives each sequence a matcher; before each of the
-sequence's samples the runner sets the logits of the tokens its matcher does not allow to -inf (`mask_logits`:
-before the logprobs too, as vLLM's runner masks the logits before its sampler), and the engine feeds the matcher
-each sampled token. A mask needs the last token on the host, so the engine does not schedule ahead while a
-constrained request runs.
+The engine parses a request's grammar when it comes (a bad one is refused at once), compiles it for the tokenizer
+on a thread of its own (as vLLM's: tens of milliseconds for a large schema and vocabulary, which would stall every
+running request on the engine's thread), and gives each sequence a matcher when that is done; until then the request
+waits outside the scheduler. Before each of the sequence's samples the runner sets the logits of the tokens its
+matcher does not allow to -inf (`mask_logits`: before the logprobs too, as vLLM's runner masks the logits before its
+sampler), and the engine feeds the matcher each sampled token. A mask needs the last token on the host, so the
+engine does not schedule ahead while a constrained request runs.
 """
 from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -20,7 +23,7 @@ CACHE_BYTES = 512 * 2**20  # compiled grammars kept (xgrammar's cache is unbound
 
 
 class Grammars:
-    """Compiles requests' grammars for one tokenizer (xgrammar caches what it compiled)."""
+    """Parses requests' grammars and compiles them for one tokenizer (xgrammar caches what it compiled)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
         try:
@@ -33,25 +36,30 @@ class Grammars:
         info = xgrammar.TokenizerInfo.from_huggingface(PreTrainedTokenizerFast(tokenizer_object=tokenizer.tk),
                                                        vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgrammar.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nanoflow-grammars")  # (xgrammar threads its own work)
 
-    def matcher(self, p: StructuredOutputsParams):
-        """A fresh matcher of p's grammar (one per sequence). Raises ValueError naming what does not compile."""
-        c = self.compiler
+    def compile(self, p: StructuredOutputsParams) -> Future:
+        """p's grammar, parsed now (a ValueError naming what does not parse) and compiled on the pool's thread: the
+        future's result makes matchers (`matcher`)."""
+        g = self.xgr.Grammar
         try:
             if p.json is not None:
-                compiled = c.compile_json_schema(p.json if isinstance(p.json, str) else json.dumps(p.json))
+                grammar = g.from_json_schema(p.json if isinstance(p.json, str) else json.dumps(p.json))
             elif p.json_object:  # (an object, as vLLM's: xgrammar's built-in JSON grammar takes any value)
-                compiled = c.compile_json_schema('{"type": "object"}')
+                grammar = g.from_json_schema('{"type": "object"}')
             elif p.regex is not None:
-                compiled = c.compile_regex(p.regex)
+                grammar = g.from_regex(p.regex)
             elif p.choice is not None:  # (EBNF's strings take JSON's escapes, but not its surrogate pairs)
-                compiled = c.compile_grammar("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False)
-                                                                      for s in p.choice))
+                grammar = g.from_ebnf("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False) for s in p.choice))
             else:
-                compiled = c.compile_grammar(p.grammar)
+                grammar = g.from_ebnf(p.grammar)
         except (RuntimeError, ValueError, TypeError) as e:  # (xgrammar's errors on a bad schema, regex or grammar)
             why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())  # (the C++ source's place)
             raise ValueError(f"invalid sampling parameter structured_outputs.{p.kind}: {why}") from None
+        return self.pool.submit(self.compiler.compile_grammar, grammar)
+
+    def matcher(self, compiled):
+        """A fresh matcher of a compiled grammar (one per sequence)."""
         return self.xgr.GrammarMatcher(compiled)
 
 
