@@ -20,8 +20,11 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",  # the Mistral decoder with a mixture-of-experts MLP
     "Qwen2MoeForCausalLM": "qwen2_moe",  # Qwen2's with experts and a gated shared expert
+    "Qwen3ForCausalLM": "qwen3",  # Qwen2's without the qkv bias, each head's q and k RMS-normalized
+    "Qwen3MoeForCausalLM": "qwen3_moe",  # Qwen3's with experts (no shared one)
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+MODEL_TYPES = {name: name for name in ARCHITECTURES.values()}
+QWEN = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")  # (their configs' window fields)
 ROPE_TYPES = ("default", "linear", "llama3")
 # the parameters each rope scaling type needs (transformers refuses a config without them)
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "high_freq_factor", "low_freq_factor",
@@ -69,6 +72,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Qwen2-MoE: plus a shared expert every token uses (a SwiGLU MLP of this width), scaled by sigmoid(x · gate)
     shared_expert_intermediate_size: int = 0
+    qk_norm: bool = False  # Qwen3: each head of q and of k RMS-normalized (weights of head_dim) before the rotation
 
     def window(self, layer: int) -> int | None:
         """The layer's sliding attention window (None: it attends to the whole context)."""
@@ -109,6 +113,7 @@ class ModelConfig:
         mlps = 1 if not self.is_moe else self.num_experts if experts is None else experts
         layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlps * 3 * h * i + self.num_experts * h + 2 * h
         layer += 3 * h * s + (h if s else 0)  # the shared expert and its gate
+        layer += 2 * self.head_dim if self.qk_norm else 0
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + h
 
@@ -165,13 +170,13 @@ class ModelConfig:
                 raise ValueError(f"unsupported hidden_act {act!r}; supported: 'silu'")
             eos = cfg.get("eos_token_id")
             window = cfg.get("sliding_window")
-            qwen = arch in ("qwen2", "qwen2_moe")
-            if qwen and not cfg.get("use_sliding_window", False) or arch == "llama":  # (Llama's has no window)
+            qwen = arch in ("qwen2", "qwen2_moe")  # (their qkv bias)
+            if arch in QWEN and not cfg.get("use_sliding_window", False) or arch == "llama":  # (Llama's: no window)
                 window = None
             layers = cfg["num_hidden_layers"]
             if types := cfg.get("layer_types"):  # (transformers >= 5 writes each layer's kind)
                 full = tuple(i for i, t in enumerate(types[:layers]) if t != "sliding_attention")
-            elif arch == "qwen2":  # windowed from max_window_layers on (HF's default for it: 28)
+            elif arch in ("qwen2", "qwen3"):  # windowed from max_window_layers on (HF's default: 28)
                 full = tuple(range(min(cfg.get("max_window_layers", 28), layers)))
             elif arch == "qwen2_moe":  # transformers' rule for it: even layers below max_window_layers
                 full = tuple(i for i in range(layers) if i % 2 or i >= cfg.get("max_window_layers", 28))
@@ -179,15 +184,16 @@ class ModelConfig:
                 full = ()
             if window is None or len(full) == layers:
                 window, full = None, ()
-            if arch == "qwen2_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
-                raise ValueError("Qwen2-MoE with dense MLP layers among the expert layers (mlp_only_layers, "
+            qwen_moe = arch in ("qwen2_moe", "qwen3_moe")
+            if qwen_moe and (cfg.get("mlp_only_layers") or (cfg.get("decoder_sparse_step") or 1) != 1):
+                raise ValueError("Qwen-MoE with dense MLP layers among the expert layers (mlp_only_layers, "
                                  "decoder_sparse_step > 1) is not supported")
             return cls(
                 architecture=arch,
                 vocab_size=cfg["vocab_size"],
                 hidden_size=hidden,
-                # (Qwen2-MoE: every layer's MLP is experts, of moe_intermediate_size)
-                intermediate_size=cfg["moe_intermediate_size" if arch == "qwen2_moe" else "intermediate_size"],
+                # (Qwen-MoE: every layer's MLP is experts, of moe_intermediate_size)
+                intermediate_size=cfg["moe_intermediate_size" if qwen_moe else "intermediate_size"],
                 num_layers=cfg["num_hidden_layers"],
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
@@ -208,8 +214,9 @@ class ModelConfig:
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
                 num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
                 num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
-                norm_topk_prob=cfg.get("norm_topk_prob", arch != "qwen2_moe"),  # (HF's defaults)
+                norm_topk_prob=cfg.get("norm_topk_prob", not qwen_moe),  # (HF's defaults)
                 shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+                qk_norm=arch in ("qwen3", "qwen3_moe"),
             )
         except KeyError as e:
             raise ValueError(f"malformed model config: missing field {e.args[0]!r}") from None
@@ -227,9 +234,10 @@ class ModelConfig:
 
 
 def _preset(arch, vocab, hidden, inter, layers, heads, kv, theta, max_pos, eps, **kw) -> ModelConfig:
+    kw.setdefault("head_dim", hidden // heads)
     return ModelConfig(architecture=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                       num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
-                       rope_theta=theta, max_position_embeddings=max_pos, rms_norm_eps=eps, **kw)
+                       num_layers=layers, num_heads=heads, num_kv_heads=kv, rope_theta=theta,
+                       max_position_embeddings=max_pos, rms_norm_eps=eps, **kw)
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -259,6 +267,10 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen1.5-moe-a2.7b": _preset("qwen2_moe", 151936, 2048, 1408, 24, 16, 16, 1e6, 8192, 1e-6, qkv_bias=True,
                                  eos_token_ids=[151643], num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
                                  shared_expert_intermediate_size=5632),
+    "qwen3-8b": _preset("qwen3", 151936, 4096, 12288, 36, 32, 8, 1e6, 40960, 1e-6, head_dim=128, qk_norm=True,
+                        bos_token_id=151643, eos_token_ids=[151645]),
+    "qwen3-30b-a3b": _preset("qwen3_moe", 151936, 2048, 768, 48, 32, 4, 1e6, 40960, 1e-6, head_dim=128, qk_norm=True,
+                             bos_token_id=151643, eos_token_ids=[151645], num_experts=128, num_experts_per_tok=8),
 }
 
 

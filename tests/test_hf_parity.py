@@ -80,11 +80,11 @@ def test_qwen2_windows_only_the_layers_from_max_window_layers(tmp_path, max_wind
                                                                                 abs=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("max_window_layers", [0, 2, 3, 5])
 def test_windowed_layers_follow_transformers_without_layer_types(arch, max_window_layers):
     """A config without layer_types (older files) windows the layers transformers would (its rule differs between
-    Qwen2 and Qwen2-MoE)."""
+    Qwen2 and Qwen2-MoE; Qwen3-MoE's config has no layer_types: transformers windows all its layers)."""
     import transformers
     from conftest import ARCH_CONFIGS
     from nanoflow.config import ModelConfig
@@ -94,7 +94,7 @@ def test_windowed_layers_follow_transformers_without_layer_types(arch, max_windo
                                            use_sliding_window=True, sliding_window=8,
                                            max_window_layers=max_window_layers, **kw)
     cfg = hf.to_dict()
-    windowed = [i for i, t in enumerate(cfg.pop("layer_types")) if t == "sliding_attention"]
+    windowed = [i for i, t in enumerate(cfg.pop("layer_types", ["sliding_attention"] * 5)) if t == "sliding_attention"]
     c = ModelConfig.from_hf(cfg | {"architectures": [hf.architectures[0]] if hf.architectures else []} |
                             {"model_type": arch})
     assert [i for i in range(5) if c.window(i) is not None] == windowed

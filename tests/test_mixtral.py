@@ -156,7 +156,7 @@ def test_specs_follow_the_model_ops(tmp_path):
         ModelRunner(model, EngineConfig(mode="nanobatch-only", pipeline_spec=str(path), num_kv_blocks=16), {2}, 64)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 @pytest.mark.parametrize("budget", [16, 48])  # decode-only and mixed iterations
 def test_nanobatched_forward_equals_plain(tmp_path, budget, arch):
     path = str(tmp_path / "m")
@@ -208,12 +208,15 @@ def test_graph_padding_rows_go_to_no_expert(tmp_path, monkeypatch):
 def write_gguf(path, model):
     """The model as llama.cpp's converter writes it, with a made-up byte-level BPE vocabulary: a Mixtral as arch
     "llama" (q and k rows permuted), a Qwen2-MoE as "qwen2moe" (qkv biases, the expert and shared expert widths,
-    the shared expert in ffn_{gate,up,down}_shexp, its gate a vector ffn_gate_inp_shexp); both with expert_count
-    and expert_used_count, each layer's experts stacked in ffn_{gate,up,down}_exps, the router ffn_gate_inp."""
+    the shared expert in ffn_{gate,up,down}_shexp, its gate a vector ffn_gate_inp_shexp), a Qwen3-MoE as
+    "qwen3moe" (attn_{q,k}_norm); all with expert_count and expert_used_count, each layer's experts stacked in
+    ffn_{gate,up,down}_exps, the router ffn_gate_inp."""
     gguf = pytest.importorskip("gguf")
     c = model.cfg
-    qwen = c.architecture == "qwen2_moe"
-    w = gguf.GGUFWriter(path, "qwen2moe" if qwen else "llama")
+    qwen = c.architecture in ("qwen2_moe", "qwen3_moe")
+    w = gguf.GGUFWriter(path, {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}.get(c.architecture, "llama"))
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
     for add, value in ((w.add_block_count, c.num_layers), (w.add_context_length, c.max_position_embeddings),
                        (w.add_embedding_length, c.hidden_size), (w.add_head_count, c.num_heads),
                        (w.add_head_count_kv, c.num_kv_heads), (w.add_layer_norm_rms_eps, c.rms_norm_eps),
@@ -224,6 +227,7 @@ def write_gguf(path, model):
     if qwen:
         w.add_expert_feed_forward_length(c.intermediate_size)
         w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+        w.add_expert_weights_norm(c.norm_topk_prob)
     else:
         w.add_feed_forward_length(c.intermediate_size)
     w.add_tokenizer_model("gpt2")
@@ -244,9 +248,12 @@ def write_gguf(path, model):
             ("ffn_norm.weight", layer.mlp_norm), ("ffn_gate_inp.weight", layer.router),
             ("ffn_gate_exps.weight", layer.experts_gate_up[:, :i]),
             ("ffn_up_exps.weight", layer.experts_gate_up[:, i:]), ("ffn_down_exps.weight", layer.experts_down))}
-        if qwen:
+        if c.qk_norm:
+            tensors |= {f"blk.{l}.attn_q_norm.weight": layer.q_norm, f"blk.{l}.attn_k_norm.weight": layer.k_norm}
+        if c.qkv_bias:
             tensors |= {f"blk.{l}.{name}": t for name, t in zip(("attn_q.bias", "attn_k.bias", "attn_v.bias"),
                                                                 layer.qkv_bias.split([c.q_size, c.kv_size, c.kv_size]))}
+        if s:
             tensors |= {f"blk.{l}.{name}": t for name, t in (
                 ("ffn_gate_shexp.weight", layer.shared_gate_up[:s]), ("ffn_up_shexp.weight", layer.shared_gate_up[s:]),
                 ("ffn_down_shexp.weight", layer.shared_down), ("ffn_gate_inp_shexp.weight", layer.shared_gate[0]))}
@@ -258,7 +265,7 @@ def write_gguf(path, model):
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path, arch):
     """A GGUF in llama.cpp's layout gives the parameters and the greedy tokens of the safetensors it came from."""
     path = str(tmp_path / "hf")
@@ -267,8 +274,8 @@ def test_gguf_with_stacked_experts_loads_as_safetensors(tmp_path, arch):
     write_gguf(str(tmp_path / "m.gguf"), hf)
     source = resolve(str(tmp_path / "m.gguf"))
     c = source.config
-    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.intermediate_size) == \
-        (arch, 4, 2, 48 if arch == "qwen2_moe" else 128)
+    assert (c.architecture, c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.qk_norm) == \
+        (arch, 4, 2, 128 if arch == "mixtral" else 48, arch == "qwen3_moe")
     assert (c.shared_expert_intermediate_size, c.norm_topk_prob) == ((80, False) if arch == "qwen2_moe" else (0, True))
     gguf_model = build_model(source, "auto", torch.float32, torch.device("cpu"), 64)
     for (name, a), b in zip(gguf_model.named_parameters(), hf.parameters()):
@@ -351,7 +358,7 @@ def test_grouped_experts_match_the_loop(device):
         assert rel(y, expect(offsets(moved))) < 1e-2
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
 def gpu_mixtral_dir(tmp_path_factory, request):
     return make_gpu_model(tmp_path_factory, request.param)
 

@@ -170,7 +170,7 @@ def assert_expert_shards(whole, source, load_format="auto"):
                 assert torch.equal(p.shared_gate, w.shared_gate)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_tp2_moe_matches_tp1(tmp_path, arch):
     """Experts (and Qwen2-MoE's shared expert) split over two ranks (safetensors slices, and dummy weights drawn
     whole): the partial outputs summed by down_allreduce give TP = 1's outputs."""

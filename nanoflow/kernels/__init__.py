@@ -1,5 +1,5 @@
 """Kernel backends. Every backend exposes the functions of `reference` with the same signatures:
-rms_norm, add_rms_norm, silu_mul, rope_append_kv, decode_attention, prefill_attention, experts_mlp,
+rms_norm, qk_norm, add_rms_norm, silu_mul, rope_append_kv, decode_attention, prefill_attention, experts_mlp,
 experts_capturable, experts_interleaved, moe_route, moe_combine, exponential_race."""
 from __future__ import annotations
 

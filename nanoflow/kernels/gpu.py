@@ -35,6 +35,7 @@ def _compile(fn):
 
 
 rms_norm = _compile(reference.rms_norm)
+qk_norm = _compile(reference.qk_norm)
 add_rms_norm = _compile(reference.add_rms_norm)
 silu_mul = _compile(reference.silu_mul)
 exponential_race = _compile(reference.exponential_race)

@@ -8,7 +8,7 @@ import torch
 
 from nanoflow.config import ModelConfig
 
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 
 
 def open_gguf(path: str):
@@ -44,7 +44,7 @@ def config_from_gguf(reader) -> ModelConfig:
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     tokens = field(reader, "tokenizer.ggml.tokens")
     experts = g("expert_count", 0)
-    qwen_moe = arch == "qwen2moe"
+    qwen_moe = arch in ("qwen2moe", "qwen3moe")
     return ModelConfig(
         # llama.cpp files Mixtral as "llama"
         architecture="mixtral" if experts and arch == "llama" else GGUF_ARCHS[arch],
@@ -66,8 +66,10 @@ def config_from_gguf(reader) -> ModelConfig:
         eos_token_ids=[] if eos is None else [eos],
         num_experts=experts,
         num_experts_per_tok=g("expert_used_count", 0),
-        norm_topk_prob=g("expert_weights_norm", not qwen_moe),  # (llama.cpp's qwen2moe does not renormalize)
+        # (llama.cpp's qwen2moe does not renormalize, its qwen3moe does)
+        norm_topk_prob=g("expert_weights_norm", arch != "qwen2moe"),
         shared_expert_intermediate_size=g("expert_shared_feed_forward_length", 0),
+        qk_norm="blk.0.attn_q_norm.weight" in names,
     )
 
 

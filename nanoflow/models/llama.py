@@ -1,10 +1,12 @@
-"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2, Mixtral, Qwen2-MoE), written as per-layer operations.
+"""The Llama family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE), written as per-layer
+operations.
 
 Each operation reads and writes rows [a, b) of a `Workspace` (one row per token), so the same
 model runs plainly (every op over all rows) or cut into nano-batches by the pipeline. Weights are
 fused where that makes fewer, larger GEMMs: q|k|v in one matrix, gate|up in another.
 
-A mixture-of-experts model (Mixtral, Qwen2-MoE) replaces the MLP's gate_up, act and down by two ops: `router` (the
+Qwen3 RMS-normalizes each head of q and k before the rotation (in `rope_kv`). A mixture-of-experts model (Mixtral,
+Qwen2-MoE, Qwen3-MoE) replaces the MLP's gate_up, act and down by two ops: `router` (the
 gate's logits) and `experts` (top-k routing, each expert's SwiGLU MLP over the rows routed to it, the weighted sum;
 Qwen2-MoE's shared expert, gated per row, is added there too).
 
@@ -129,6 +131,8 @@ class DecoderLayer(nn.Module):
         self.attn_norm = _param(h, **p)
         self.qkv = _param(qkv, h, **p)
         self.qkv_bias = _param(qkv, **p) if cfg.qkv_bias else None
+        self.q_norm = _param(cfg.head_dim, **p) if cfg.qk_norm else None
+        self.k_norm = _param(cfg.head_dim, **p) if cfg.qk_norm else None
         self.o = _param(h, cfg.q_size, **p)
         self.o_bias = _param(h, **p) if cfg.o_bias else None
         self.o_rows = self.o_rows_bias = None  # o split by output rows, for o_gathered (prepare_o_allgather)
@@ -213,6 +217,8 @@ class LlamaModel(nn.Module):
 
     def rope_kv(self, l: int, ws: Workspace, batch: ForwardBatch, a: int, b: int) -> None:
         q, k, v = self._split_qkv(ws, a, b)
+        if (layer := self.layers[l]).q_norm is not None:
+            self.k.qk_norm(q, k, layer.q_norm, layer.k_norm, self.cfg.rms_norm_eps)
         self.k.rope_append_kv(q, k, v, batch.positions[a:b], self.cos_sin, self.kv_cache[l, 0], self.kv_cache[l, 1],
                               batch.slot_mapping[a:b])
 
