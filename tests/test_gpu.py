@@ -60,16 +60,20 @@ def test_fused_elementwise_ops_match_reference():
     expect = torch.empty(200, 384, device="cuda")
     ref.silu_mul(gu[100:300].float(), out=expect)
     assert rel(act[100:300], expect) < 1e-2 and not act[:100].any() and not act[300:].any()
-    # Qwen3's q / k norm, in place on a nano-batch's views of the qkv rows (8 query and 2 KV heads of 128)
-    qkv = torch.randn(400, 12 * 128, device="cuda", dtype=torch.bfloat16)
-    before, (qw, kw) = qkv.clone(), torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
-    q, kk = qkv[100:300, :1024].view(200, 8, 128), qkv[100:300, 1024:1280].view(200, 2, 128)
-    k.qk_norm(q, kk, qw, kw, 1e-6)
-    expect = before[100:300].float()
-    ref.qk_norm(expect[:, :1024].view(200, 8, 128), expect[:, 1024:1280].view(200, 2, 128), qw.float(), kw.float(),
-                1e-6)
-    assert rel(qkv[100:300], expect) < 1e-2
-    assert torch.equal(qkv[:100], before[:100]) and torch.equal(qkv[100:300, 1280:], before[100:300, 1280:])
+    # Qwen3's q / k norm, in place on a nano-batch's views of the qkv rows (8 query and 2 KV heads of 128), then on
+    # another (smaller) buffer's (compiled as one function of both views, the second failed: the buffer's size was
+    # fixed at the first call)
+    qw, kw = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
+    for rows, a, b in ((400, 100, 300), (64, 0, 32), (64, 16, 64)):
+        qkv = torch.randn(rows, 12 * 128, device="cuda", dtype=torch.bfloat16)
+        before = qkv.clone()
+        k.qk_norm(qkv[a:b, :1024].view(b - a, 8, 128), qkv[a:b, 1024:1280].view(b - a, 2, 128), qw, kw, 1e-6)
+        expect = before[a:b].float()
+        ref.qk_norm(expect[:, :1024].view(b - a, 8, 128), expect[:, 1024:1280].view(b - a, 2, 128), qw.float(),
+                    kw.float(), 1e-6)
+        assert rel(qkv[a:b], expect) < 1e-2
+        assert torch.equal(qkv[:a], before[:a]) and torch.equal(qkv[b:], before[b:])
+        assert torch.equal(qkv[a:b, 1280:], before[a:b, 1280:])
     # the sampler's race, compiled for any row count: the token it picks scores the row's maximum
     # (bf16 logits, as the ranks race on theirs; rows of temperature 0 take the maximum)
     for rows in (683, 5, 1024):

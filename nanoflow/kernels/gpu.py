@@ -35,11 +35,18 @@ def _compile(fn):
 
 
 rms_norm = _compile(reference.rms_norm)
-qk_norm = _compile(reference.qk_norm)
 add_rms_norm = _compile(reference.add_rms_norm)
 silu_mul = _compile(reference.silu_mul)
 exponential_race = _compile(reference.exponential_race)
 moe_combine = _compile(reference.moe_combine)
+
+
+def qk_norm(q, k, q_weight, k_weight, eps) -> None:
+    """The reference's, a compiled norm each: q and k, views of one buffer, compiled as one function's two inputs
+    became a "synthetic base" of the whole buffer, its size fixed at the first call (another buffer's views then
+    failed an assertion, and on the CPU views at an offset came out wrong)."""
+    rms_norm(q, q_weight, eps, q)
+    rms_norm(k, k_weight, eps, k)
 
 
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:
