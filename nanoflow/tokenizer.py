@@ -124,7 +124,15 @@ class Tokenizer:
 
     # -- use -------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # ("TextInputSequence must be str": a str with a lone surrogate, which JSON's escapes allow)
+            at = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None) \
+                if isinstance(text, str) else None
+            if at is None:
+                raise
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
+                             f"{at}") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -168,14 +176,15 @@ class Tokenizer:
 def _template_message(m) -> dict:
     if not isinstance(m, dict) or "role" not in m:
         raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
+    m = dict(m)  # (the caller's stays as it was)
     content = m.get("content", "")
     if content is None:
-        m = m | {"content": ""}
+        m["content"] = ""
     elif isinstance(content, list):
         if bad := [p for p in content if not isinstance(p, dict) or p.get("type") != "text" or "text" not in p]:
             raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}), got "
                              f"{bad[0]!r}")
-        m = m | {"content": "\n".join(p["text"] for p in content)}
+        m["content"] = "\n".join(p["text"] for p in content)
     if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
         m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
     return m
@@ -187,7 +196,7 @@ def _decoded_arguments(call):
         return call
     try:
         return call | {"function": f | {"arguments": json.loads(f["arguments"])}}
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError(f"a tool call's arguments must be JSON text, got {f['arguments']!r}") from None
 
 

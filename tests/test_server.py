@@ -366,6 +366,9 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "--enable-auto-tool-choice"),  # (tool_choice "auto", the default with tools, needs the server's parser)
     ("chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    # text with a lone surrogate (JSON's escapes allow one): not valid Unicode (it was a 500 from the tokenizer)
+    ("completions", '{"prompt": "a\\ud800"}', 400, "prompt"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400, "messages"),
     ("chat/completions", {"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "json_schema"),
     ("completions", {"prompt": "x", "structured_outputs": {"regex": "[0-9"}}, 400, "structured_outputs"),

@@ -20,6 +20,7 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 HERMES_TWO = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
               '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+DEEP = "[" * 5000
 READS = [  # (mode, parser, text, content, calls)
     ("auto", "hermes", HERMES_TWO, "Let me check. ",
      [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
@@ -40,6 +41,20 @@ READS = [  # (mode, parser, text, content, calls)
      [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
     ("required", None, '[{"name": "get_weather", "param', '[{"name": "get_weather", "param', []),  # (cut by length)
     (None, None, HERMES_TWO, HERMES_TWO, []),  # (tool_choice none: nothing is read)
+    # a closing tag inside a string is the string's; text after the calls is not the content (as vLLM's)
+    ("auto", "hermes", '<tool_call>{"name": "f", "arguments": {"s": "</tool_call> }{"}}</tool_call> Done.', None,
+     [Call("f", '{"s": "</tool_call> }{"}')]),
+    ("auto", "hermes", '<tool_call>{"name": "f", "arguments": {}} junk</tool_call>',  # (not the call's JSON alone)
+     '<tool_call>{"name": "f", "arguments": {}} junk</tool_call>', []),
+    # arguments must be JSON text: a string is one, unless it is an object's text (as some models write them)
+    ("auto", "hermes", '<tool_call>{"name": "f", "arguments": "Zürich"}</tool_call>', None, [Call("f", '"Zürich"')]),
+    ("auto", "hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', None,
+     [Call("f", '{"a": 1}')]),
+    ("auto", "llama3_json", '{"name": "f", "parameters": "1"}', None, [Call("f", '"1"')]),
+    # JSON nested deeper than Python's stack is unreadable, not an error
+    ("auto", "hermes", "<tool_call>" + DEEP, "<tool_call>" + DEEP, []),
+    ("auto", "llama3_json", '{"name": "f", "parameters": ' + DEEP, '{"name": "f", "parameters": ' + DEEP, []),
+    ("required", None, DEEP, DEEP, []),
 ]
 
 
@@ -135,6 +150,9 @@ def test_the_requests_tool_choice():
         auto.tool_choice_for(None)
     with pytest.raises(ValueError, match="invalid sampling parameter response_format: tool_choice 'required'"):
         _request(tools=tools, tool_choice="required", response_format={"type": "json_object"}).tool_choice_for(None)
+    with pytest.raises(ValueError, match="guided_regex: tool_choice of the function 'get_time' holds the output"):
+        _request(tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                 guided_regex="a").tool_choice_for(None)
     assert _request(tools=tools, response_format={"type": "json_object"}).tool_choice_for("hermes").mode == "auto"
 
 
@@ -148,11 +166,23 @@ def test_the_requests_tool_choice():
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {
         "name": "f", "arguments": "{oops"}}]}]}, "a call's arguments must be JSON text, got '{oops'"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {
+        "name": "f", "arguments": DEEP + "]" * 5000}}]}]}, "a call's arguments must be JSON text"),
+    ({"tools": [WEATHER, TIME, WEATHER | {"function": {"name": "get_weather"}}]},
+     "two tools are named 'get_weather': a call could not tell them apart"),
 ])
 def test_bad_tool_requests_are_refused_by_name(kw, message):
     with pytest.raises(ValueError) as e:
         api.ChatCompletionRequest(**({"messages": USER} | kw))
     assert message in str(e.value)
+
+
+def test_refused_tools_are_the_only_error():
+    """(tool_choice was checked against the tools left after their error: "not among the tools", "needs tools")"""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(ValueError) as e:
+            api.ChatCompletionRequest(messages=USER, tools=[WEATHER, WEATHER], tool_choice=choice)
+        assert e.value.error_count() == 1 and e.value.errors()[0]["loc"] == ("tools",)
 
 
 TOOL_TEMPLATE = (  # a hermes-style template (as Qwen2.5's) that renders tools, earlier calls and their results
@@ -161,7 +191,7 @@ TOOL_TEMPLATE = (  # a hermes-style template (as Qwen2.5's) that renders tools, 
     "{% for c in m.tool_calls or [] %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments}"
     " | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-HISTORY = USER + [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+HISTORY = USER + [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
     "name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
     {"role": "tool", "tool_call_id": "c1", "content": "18 degrees"}]
 
@@ -169,7 +199,9 @@ HISTORY = USER + [{"role": "assistant", "content": None, "tool_calls": [{"id": "
 def test_tools_and_earlier_calls_reach_the_template(default_llm):
     """As HF's apply_chat_template: the tools as OpenAI's objects, and an earlier call's arguments as the object they
     encode (vLLM's), so that the template writes them once, not as a JSON string inside JSON."""
+    before = json.dumps(HISTORY)
     rendered = default_llm.chat_prompt(HISTORY, chat_template=TOOL_TEMPLATE, tools=[WEATHER])["prompt"]
+    assert json.dumps(HISTORY) == before  # (the caller's messages as they were: their arguments were decoded in place)
     assert '"name": "get_weather", "description": "The weather in a city"' in rendered
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>' in rendered
     assert "<|im_start|>tool\n18 degrees<|im_end|>" in rendered
@@ -269,6 +301,9 @@ def test_a_conversation_with_earlier_calls(server, client):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$defs": {"u": {"type": "string"}}}}},
                {"type": "function", "function": {"name": "g", "parameters": {"$defs": {"u": {}}}}}],
         "tool_choice": "required"}, "tools"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {
+        "name": "f", "arguments": DEEP + "]" * 5000}}]}]}, "messages"),  # (it was a RecursionError: 500)
 ])
 def test_bad_tool_requests_are_a_400_naming_the_field(server, body, names):
     r = httpx.post(f"{server}/v1/chat/completions", json={"messages": USER} | body)

@@ -243,7 +243,7 @@ class ChatMessage(_Request):
         for call in v or ():
             try:
                 json.loads(call.function.arguments)
-            except ValueError:
+            except (ValueError, RecursionError):  # (nesting deeper than Python's stack is refused too)
                 raise PydanticCustomError("json_arguments", "a call's arguments must be JSON text, got {arguments}",
                                           {"arguments": repr(call.function.arguments)}) from None
         return v
@@ -291,10 +291,23 @@ class ChatCompletionRequest(_SamplingRequest):
     functions: only_default([]) = None
     function_call: only_default("none", "auto") = None
 
+    @field_validator("tools")
+    @classmethod
+    def _named_once(cls, v):
+        seen = set()
+        for name in (t.function.name for t in v or ()):
+            if name in seen:
+                raise PydanticCustomError("tool_names", "two tools are named {name}: a call could not tell them apart",
+                                          {"name": repr(name)})
+            seen.add(name)
+        return v
+
     @field_validator("tool_choice")
     @classmethod
     def _among_the_tools(cls, v, info):
-        tools = info.data.get("tools")
+        if "tools" not in info.data:  # (the tools were refused: that error is the one to read)
+            return v
+        tools = info.data["tools"]
         if v == "required" and tools is None:  # (an empty list: none, as vLLM's)
             raise PydanticCustomError("tool_choice", '"required" needs tools')
         if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools or ()}:
@@ -314,7 +327,8 @@ class ChatCompletionRequest(_SamplingRequest):
                              'server started with --enable-auto-tool-choice and --tool-call-parser; or ask for '
                              '"required", "none" or a named function')
         if choice != "auto" and self.grammar_sources:
-            raise ValueError(f"invalid sampling parameter {self.grammar_sources[0]}: tool_choice {choice!r} holds the "
+            what = repr(choice) if isinstance(choice, str) else f"of the function {choice.function.name!r}"
+            raise ValueError(f"invalid sampling parameter {self.grammar_sources[0]}: tool_choice {what} holds the "
                              f"output to the tools' schemas, and takes no other grammar")
         parallel = self.parallel_tool_calls is not False
         if isinstance(choice, NamedToolChoice):

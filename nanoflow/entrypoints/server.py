@@ -257,10 +257,13 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         if tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-        return tokenizer.encode(text, add_special_tokens)
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
+        try:
+            return tokenizer.encode(text, add_special_tokens)
+        except ValueError as e:  # (text that is not valid Unicode)
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     def sampling_params(req: api.CompletionRequest | api.ChatCompletionRequest, *tools) -> SamplingParams:
         try:
@@ -314,7 +317,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                                                  ({"tools": tools} if tools else {}) | (req.chat_template_kwargs or {}))
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
-        return tokenizer.encode(text, add_special_tokens)
+        return encode(text, add_special_tokens, "messages")
 
     def card() -> api.ModelCard:
         return api.ModelCard(id=model_name, created=started, root=engine.model_path, max_model_len=engine.max_model_len)

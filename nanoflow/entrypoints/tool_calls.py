@@ -27,8 +27,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 PARSERS = ("hermes", "llama3_json")
-_HERMES_START = "<tool_call>"
-_HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)  # (the last may be unclosed)
+_HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _PYTHON_TAG = "<|python_tag|>"
 
 
@@ -47,14 +47,30 @@ def _call(obj, *keys: str) -> Call:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ValueError(f"a tool call must be an object with a string 'name', got {obj!r}")
     args = next((obj[k] for k in keys if k in obj), {})
-    return Call(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return Call(obj["name"], args if _object_text(args) else json.dumps(args, ensure_ascii=False))
+
+
+def _object_text(args) -> bool:
+    """Whether args is a JSON object's text (some models write their arguments encoded): taken as is. Any other
+    string is a string value, and is encoded, as the arguments must be JSON text (a client sends them back)."""
+    try:
+        return isinstance(args, str) and isinstance(json.loads(args), dict)
+    except ValueError:
+        return False
 
 
 def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
     at = text.find(_HERMES_START)
     if at < 0:
         return None
-    calls = [_call(json.loads(closed or open_), "arguments") for closed, open_ in _HERMES_CALL.findall(text)]
+    calls, i = [], at
+    while i >= 0:  # (each call's JSON decoded whole: a "</tool_call>" inside one of its strings does not end it)
+        obj, i = json.JSONDecoder().raw_decode(text, _JSON_SPACE.match(text, i + len(_HERMES_START)).end())
+        calls.append(_call(obj, "arguments"))
+        j = _JSON_SPACE.match(text, i).end()
+        if j < len(text) and not text.startswith(_HERMES_END, j):  # (the last call may be unclosed)
+            raise ValueError(f"a tool call's JSON must end at {_HERMES_END}, got {text[j:j + 20]!r} after it")
+        i = text.find(_HERMES_START, i)
     return text[:at] or None, calls
 
 
@@ -142,7 +158,7 @@ class ToolChoice:
             return text, []
         try:
             found = _READ[self.parser if self.mode == "auto" else "required"][0](text)
-        except ValueError as e:  # (json's errors are ValueErrors)
+        except (ValueError, RecursionError) as e:  # (json's errors are ValueErrors; deep nesting recurses)
             log.warning("tool calls not read (the text is the content): %s", e)
             found = None
         if found is None:
