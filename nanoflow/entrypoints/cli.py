@@ -9,6 +9,7 @@ import traceback
 from nanoflow.config import MODES, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
+from nanoflow.entrypoints.reasoning import PARSERS as REASONING_PARSERS
 from nanoflow.entrypoints.tool_calls import PARSERS
 
 
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the model's format of tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5), "
                         "llama3_json (JSON objects: Llama 3.1 / 3.2)")
+    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="a thinking model's format: its text up to </think> is the message's reasoning, the rest its "
+                        "content: deepseek_r1 (the output may start inside the reasoning), qwen3 (reasoning only "
+                        "when the output opens with <think>)")
     s.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests without a first token beyond which new ones get 503")
     s.add_argument("--stream-interval", type=int, default=1,

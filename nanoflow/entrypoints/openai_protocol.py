@@ -288,6 +288,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None, one_of(
         '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')] = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # (vLLM's) with the server's --reasoning-parser: false drops the reasoning
     functions: only_default([]) = None
     function_call: only_default("none", "auto") = None
 
@@ -466,6 +467,8 @@ class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None  # (with --reasoning-parser; also as vLLM's older name, reasoning_content)
+    reasoning_content: str | None = None
 
 
 class ChatChoice(_Choice):
@@ -489,6 +492,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None  # (in a choice's first delta)
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionResponse(_Response):

@@ -33,6 +33,8 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints.reasoning import ReasoningStream
+from nanoflow.entrypoints.reasoning import split as split_reasoning
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
@@ -199,9 +201,10 @@ async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> Async
 
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None, tool_parser: str | None = None,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
-    refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's."""
+    refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
+    reasoning_parser: how a thinking model's reasoning is told from its content (reasoning.PARSERS)."""
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
@@ -424,20 +427,26 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
             return _chat_logprobs(c, start, params.logprobs) if c.logprobs is not None else None
 
+        # (a grammar holds the whole output, from its first token: nothing in it is reasoning)
+        thinks = reasoning_parser if params.structured_outputs is None else None
+
         if req.stream:
             async def chunks():
                 sent_prompt = False
-                streams = [tools.stream() for _ in range(params.n)]
+                streams = [(ReasoningStream(thinks) if thinks else None, tools.stream()) for _ in range(params.n)]
                 async for _, out in stream:
                     for c in out.outputs:  # one choice a chunk, as OpenAI's and vLLM's
                         if (piece := _advance(c, progress[c.index])) is None:
                             continue
                         _, start, first = piece
-                        content, calls = streams[c.index].step(c.text, c.finished)
+                        thought, said = streams[c.index][0].step(c.text, c.finished) if thinks else (None, c.text)
+                        thought = thought if req.include_reasoning else None
+                        content, calls = streams[c.index][1].step(said, c.finished) if said is not None else (None, [])
                         lp = logprobs(c, start)
-                        if not (first or content or calls or lp or c.finished):
-                            continue  # (text held back while it may be a tool call)
+                        if not (first or thought or content or calls or lp or c.finished):
+                            continue  # (text held back while it may be a tool call or the end of the reasoning)
                         delta = api.ChatDelta(role="assistant" if first else None, content=content,
+                                              reasoning=thought, reasoning_content=thought,
                                               tool_calls=[api.DeltaToolCall(
                                                   index=i, id=cid, type="function" if cid else None,
                                                   function=api.DeltaFunctionCall(name=name, arguments=args))
@@ -461,10 +470,12 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         choices = []
         for c in out.outputs:
             _advance(c, progress[c.index])
-            content, calls = tools.read(c.text)
-            message = api.ChatMessageOut(content=content, tool_calls=[api.ToolCall(
+            thought, said, _ = split_reasoning(thinks, c.text) if thinks else (None, c.text, 0)
+            content, calls = tools.read(said)
+            thought = (thought or None) if req.include_reasoning else None
+            message = api.ChatMessageOut(content=content or None if thinks else content, tool_calls=[api.ToolCall(
                 id=new_tool_call_id(), function=api.FunctionCall(name=call.name, arguments=call.arguments))
-                for call in calls] or None)
+                for call in calls] or None, reasoning=thought, reasoning_content=thought)
             choices.append(api.ChatChoice(index=c.index, message=message, logprobs=logprobs(c, 0),
                                           finish_reason=tools.finish_reason(c.finish_reason, calls),
                                           stop_reason=c.stop_reason))
@@ -568,7 +579,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
 
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
     app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    args.chat_template)
+                    args.chat_template, args.reasoning_parser)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)

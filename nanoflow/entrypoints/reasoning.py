@@ -1,0 +1,50 @@
+"""Reasoning outputs (vLLM's --reasoning-parser): a thinking model's text up to </think> is the message's
+`reasoning` (also sent as vLLM's older `reasoning_content`), the rest its content, from which tool calls are read.
+
+- deepseek_r1 (DeepSeek-R1 and its distills, whose template opens <think> in the prompt): everything before
+  </think>, after a <think> the output may begin with, is reasoning; an output without </think> is all reasoning.
+- qwen3 (Qwen3, whose output opens with <think> when it thinks): reasoning only when the output begins with <think>
+  (with enable_thinking false, or from an instruct model, it is all content); an output cut inside it is all
+  reasoning. (A model whose template opens <think> in the prompt wants deepseek_r1, as vLLM's docs say.)
+
+A stream sends the reasoning as it comes, holding back only what may begin </think>, then the content; it adds up to
+the unstreamed response.
+"""
+from __future__ import annotations
+
+PARSERS = ("deepseek_r1", "qwen3")
+START, END = "<think>", "</think>"
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of text's longest end that begins marker (it may be its start, still arriving)."""
+    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
+
+
+def split(parser: str, text: str, finished: bool = True) -> tuple[str | None, str | None, int]:
+    """(reasoning, content text, how much of the reasoning is surely final) of the output so far: content None while
+    it may still be reasoning; reasoning None where the output does not reason."""
+    if parser == "qwen3" and not text.startswith(START):
+        return (None, None, 0) if START.startswith(text) and not finished else (None, text, 0)
+    if not finished and START.startswith(text):  # (the tag, still arriving: nothing is known)
+        return None, None, 0
+    body = text.removeprefix(START)
+    reasoning, end, content = body.partition(END)
+    if end:
+        return reasoning, content, len(reasoning)
+    return body, ("" if finished else None), len(body) - (0 if finished else _partial_suffix(body, END))
+
+
+class ReasoningStream:
+    """One choice's stream: step(text, finished) -> (reasoning to send now, the content text so far, or None while
+    the output still reasons)."""
+    __slots__ = ("parser", "sent")
+
+    def __init__(self, parser: str):
+        self.parser, self.sent = parser, 0
+
+    def step(self, text: str, finished: bool) -> tuple[str | None, str | None]:
+        reasoning, content, final = split(self.parser, text, finished)
+        piece = reasoning[self.sent:final] if reasoning is not None else ""
+        self.sent = max(self.sent, final)
+        return piece or None, content

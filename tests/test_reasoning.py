@@ -1,0 +1,145 @@
+"""Reasoning outputs (--reasoning-parser): the parsers, their streams (which add up to the unstreamed message), and the
+server's chat completions over a scripted engine (a given text, a few characters an output), with tool calls read
+from the content after the reasoning."""
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nanoflow.entrypoints.async_engine import ACCEPTED, EngineClient
+from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints.reasoning import ReasoningStream, split
+from nanoflow.entrypoints.server import build_app
+from nanoflow.outputs import CompletionOutput, RequestOutput
+
+SPLITS = [  # (parser, whole output, reasoning, content)
+    ("deepseek_r1", "Let me think.</think>The answer is 4.", "Let me think.", "The answer is 4."),
+    ("deepseek_r1", "<think>Hmm.</think>\n\n4", "Hmm.", "\n\n4"),
+    ("deepseek_r1", "Still thinking when cut off", "Still thinking when cut off", ""),  # (no </think>: all reasoning)
+    ("deepseek_r1", "a </thin b</think>c", "a </thin b", "c"),  # (a partial tag inside is the reasoning's)
+    ("qwen3", "<think>\nhmm\n</think>\n\nHi", "\nhmm\n", "\n\nHi"),
+    ("qwen3", "Hi there</think>", None, "Hi there</think>"),  # (reasoning only when the output opens with <think>)
+    ("qwen3", "<think>cut inside", "cut inside", ""),
+    ("qwen3", "<th", None, "<th"),
+    ("qwen3", "", None, ""),
+]
+
+
+@pytest.mark.parametrize("parser, text, reasoning, content", SPLITS)
+@pytest.mark.parametrize("cut", [1, 2, 5, 1000])
+def test_reasoning_is_told_from_content_and_streams_add_up(parser, text, reasoning, content, cut):
+    assert split(parser, text)[:2] == (reasoning, content)
+    s, thought, said = ReasoningStream(parser), "", None
+    for end in [*range(cut, len(text), cut), len(text)]:
+        piece, said = s.step(text[:end], end >= len(text))
+        thought += piece or ""
+        assert end >= len(text) or said is None or content.startswith(said)  # (content once known stays so)
+        assert thought == (reasoning or "")[:len(thought)]  # (nothing sent that is not the reasoning's)
+    assert (thought, said) == (reasoning or "", content)
+
+
+def test_a_stream_holds_back_only_what_may_end_the_reasoning():
+    s = ReasoningStream("deepseek_r1")
+    assert s.step("Hmm </th", False) == ("Hmm ", None)
+    assert s.step("Hmm </thx", False) == ("</thx", None)
+    assert s.step("Hmm </thx</think>ok", False) == (None, "ok")
+    s = ReasoningStream("qwen3")
+    assert s.step("<thi", False) == (None, None)
+    assert s.step("<think>a", False) == ("a", None)
+
+
+class Scripted(EngineClient):
+    """Answers every request with `text`, a few characters an output (each choice the same)."""
+    tokenizer = None
+    max_model_len, model_path, sampling_defaults = 1024, "scripted", {}
+
+    def __init__(self, tokenizer, text: str, cut: int = 3):
+        super().__init__(Metrics(), 8)
+        self.tokenizer, self.text, self.cut = tokenizer, text, cut
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def abort_all(self):
+        pass
+
+    @property
+    def alive(self):
+        return True
+
+    def _abort(self, request_id):
+        pass
+
+    def _add(self, add):
+        add.sink.put(ACCEPTED)
+
+        async def play():
+            text = self.text
+            for end in range(self.cut, len(text) + self.cut, self.cut):
+                done = end >= len(text)
+                outs = [CompletionOutput(i, text[:end], list(range(min(end, len(text)))),
+                                         finish_reason="stop" if done else None) for i in range(add.params.n)]
+                for rid in add.request_ids:
+                    add.sink.put(RequestOutput(rid, None, [1], outs, finished=done))
+                await asyncio.sleep(0.001)  # (the reader takes them one at a time, mostly)
+        asyncio.ensure_future(play())
+
+
+def _chat(default_llm, text, body, reasoning_parser="deepseek_r1", tool_parser=None):
+    """(the unstreamed message and finish_reason, the streamed one added up as a client does)"""
+    app = build_app(Scripted(default_llm.tokenizer, text), "m", tool_parser=tool_parser,
+                    reasoning_parser=reasoning_parser)
+    body = {"messages": [{"role": "user", "content": "2 + 2?"}]} | body
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        whole = {k: v for k, v in choice["message"].items() if v is not None}, choice["finish_reason"]
+        r = client.post("/v1/chat/completions", json=body | {"stream": True})
+        merged, reason, calls = {}, None, {}
+        for event in r.text.split("data: ")[1:-1]:
+            for c in json.loads(event)["choices"]:
+                for key, value in c["delta"].items():
+                    if key == "tool_calls" and value:
+                        for d in value:
+                            entry = calls.setdefault(d["index"], {"id": d["id"], "type": "function", "function": {
+                                "name": d["function"]["name"], "arguments": ""}})
+                            entry["function"]["arguments"] += d["function"]["arguments"] or ""
+                    elif value is not None:
+                        merged[key] = merged.get(key, "") + value
+                reason = c["finish_reason"] or reason
+        if calls:
+            merged["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return whole, (merged, reason)
+
+
+def test_the_server_sends_reasoning_apart(default_llm):
+    (message, reason), streamed = _chat(default_llm, "Two and two.</think>4", {})
+    assert message == {"role": "assistant", "content": "4", "reasoning": "Two and two.",
+                       "reasoning_content": "Two and two."} and reason == "stop"
+    assert streamed == (message, reason)
+    # include_reasoning false drops it (vLLM's)
+    (message, _), (merged, _) = _chat(default_llm, "Two and two.</think>4", {"include_reasoning": False})
+    assert message == merged == {"role": "assistant", "content": "4"}
+    # qwen3: an output that does not open with <think> is all content
+    (message, _), (merged, _) = _chat(default_llm, "Just 4.", {}, "qwen3")
+    assert message == merged == {"role": "assistant", "content": "Just 4."}
+    # no parser: the tags are text
+    (message, _), _ = _chat(default_llm, "a</think>b", {}, None)
+    assert message == {"role": "assistant", "content": "a</think>b"}
+
+
+def test_tool_calls_are_read_from_the_content_after_the_reasoning(default_llm):
+    text = '<think>I need the weather.</think>\n<tool_call>{"name": "w", "arguments": {"city": "Paris"}}</tool_call>'
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]
+    (message, reason), (merged, streamed_reason) = _chat(default_llm, text, {"tools": tools}, "qwen3", "hermes")
+    assert message["reasoning"] == "I need the weather." and message["content"] == "\n" and reason == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == \
+        [("w", {"city": "Paris"})]
+    assert streamed_reason == reason and merged["reasoning"] == message["reasoning"]
+    assert merged["content"] == message["content"] and [c["function"] for c in merged["tool_calls"]] == \
+        [c["function"] for c in message["tool_calls"]]
