@@ -62,3 +62,9 @@ def visible_text(seq: Sequence, finished: bool) -> str:
         return seq.output_text
     hold = max(map(len, stops)) - 1
     return seq.output_text[: max(len(seq.output_text) - hold, 0)]  # (not a negative index: that counts from the end)
+
+
+def marker_tail(text: str, marker: str) -> int:
+    """The length of text's longest end that begins marker: what a stream holds back while marker may be arriving
+    (a tool call's or the reasoning's tag)."""
+    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)

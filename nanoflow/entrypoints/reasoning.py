@@ -12,13 +12,10 @@ the unstreamed response.
 """
 from __future__ import annotations
 
+from nanoflow.engine.detokenizer import marker_tail
+
 PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of text's longest end that begins marker (it may be its start, still arriving)."""
-    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
 
 
 def split(parser: str, text: str, finished: bool = True) -> tuple[str | None, str | None, int]:
@@ -32,7 +29,7 @@ def split(parser: str, text: str, finished: bool = True) -> tuple[str | None, st
     reasoning, end, content = body.partition(END)
     if end:
         return reasoning, content, len(reasoning)
-    return body, ("" if finished else None), len(body) - (0 if finished else _partial_suffix(body, END))
+    return body, ("" if finished else None), len(body) - (0 if finished else marker_tail(body, END))
 
 
 class ReasoningStream:

@@ -24,6 +24,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from nanoflow.engine.detokenizer import marker_tail
+
 log = logging.getLogger(__name__)
 
 PARSERS = ("hermes", "llama3_json")
@@ -95,14 +97,9 @@ def _required(text: str) -> tuple[str | None, list[Call]] | None:
     return None, [_call(item, "parameters") for item in items]
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """The length of text's longest end that begins marker (it may be its start, still arriving)."""
-    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
-
-
 def _hermes_content_end(text: str) -> int:
     at = text.find(_HERMES_START)
-    return at if at >= 0 else len(text) - _partial_suffix(text, _HERMES_START)
+    return at if at >= 0 else len(text) - marker_tail(text, _HERMES_START)
 
 
 def _llama3_content_end(text: str) -> int:
