@@ -39,3 +39,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     finished: bool = False
     metrics: dict = field(default_factory=dict)
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first scheduled

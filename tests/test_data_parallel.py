@@ -32,14 +32,15 @@ def test_deltas_rebuild_the_cumulative_outputs():
     sent = rebuilt = None
     for texts, ids, reason in steps:
         outs = [CompletionOutput(i, texts[0], ids[0], -0.6, lp, reason) for i in range(2)]  # lp: all three, always
-        out = RequestOutput("s-0", "p", [1, 2], outs, [None, {2: Logprob(-1.0, 1)}], reason is not None)
+        out = RequestOutput("s-0", "p", [1, 2], outs, [None, {2: Logprob(-1.0, 1)}], reason is not None,
+                            num_cached_tokens=32)
         rebuilt = patch(rebuilt, diff(out, sent), [1, 2])
         sent = [(len(c.text), len(c.token_ids)) for c in outs]
         for c, r in zip(outs, rebuilt.outputs):
             assert (r.index, r.text, r.token_ids, r.logprobs, r.finish_reason) == (
                 c.index, c.text, c.token_ids, lp[:len(c.token_ids)], c.finish_reason)
-        assert (rebuilt.prompt, rebuilt.prompt_token_ids, rebuilt.prompt_logprobs, rebuilt.finished) == (
-            out.prompt, out.prompt_token_ids, out.prompt_logprobs, out.finished)
+        assert (rebuilt.prompt, rebuilt.prompt_token_ids, rebuilt.prompt_logprobs, rebuilt.finished,
+                rebuilt.num_cached_tokens) == (out.prompt, out.prompt_token_ids, out.prompt_logprobs, out.finished, 32)
 
 
 def test_routing_by_load_with_bounded_prefix_affinity():

@@ -127,6 +127,17 @@ def test_n_siblings_share_prompt_blocks(llama_dir):
     assert eng.scheduler.num_prefill_tokens == len(prompt) + 2 * (len(prompt) % 16)
 
 
+def test_outputs_tell_the_prompt_tokens_the_cache_held(llama_dir):
+    """RequestOutput.num_cached_tokens (vLLM's): the prompt's tokens found in the prefix cache at its first
+    admission: none the first time, its full blocks the second (n > 1: the request's, taken by its first sequence)."""
+    llm = LLM(llama_dir, block_size=16)
+    prompt = SYSTEM + [5, 6]
+    first, = llm.generate([prompt], GREEDY, use_tqdm=False)
+    again, twins = llm.generate([prompt, prompt + [7]], [GREEDY, SamplingParams(n=2, max_tokens=2)], use_tqdm=False)
+    full = len(prompt) // 16 * 16
+    assert (first.num_cached_tokens, again.num_cached_tokens, twins.num_cached_tokens) == (0, full, full) and full
+
+
 def test_prompt_logprobs_bypass_the_cache(llama_dir):
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
     ref = LLM(llama_dir, **OFF).generate([PROMPTS[0]], params, use_tqdm=False)[0].prompt_logprobs

@@ -194,6 +194,7 @@ def test_completion_and_chat_match_the_offline_api(client, model, default_llm):
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == default_llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
     assert chat.usage.completion_tokens == 8 and chat.usage.prompt_tokens > 8
+    assert chat.usage.prompt_tokens_details is None  # (only with --enable-prompt-tokens-details, as vLLM's)
     # several prompts in one call (choices in prompt order), as text or token ids
     batch = client.completions.create(model=model, prompt=[PROMPT, "Hello"], max_tokens=8, temperature=0)
     assert [ch.index for ch in batch.choices] == [0, 1] and batch.choices[0].text == c.text

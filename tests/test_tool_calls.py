@@ -218,7 +218,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("tools")
     (d / "template.jinja").write_text(TOOL_TEMPLATE)
     proc, url = start_server(["--max-model-len", "1024", "--kv-cache-gb", "0.25", "--enable-auto-tool-choice",
-                              "--tool-call-parser", "hermes", "--chat-template", str(d / "template.jinja")], d / "log")
+                              "--tool-call-parser", "hermes", "--chat-template", str(d / "template.jinja"),
+                              "--enable-prompt-tokens-details"], d / "log")
     yield url
     assert stop_server(proc) == 0
 
@@ -322,3 +323,22 @@ def test_serve_checks_its_tool_flags_before_loading(capsys, tmp_path):
     (tmp_path / "bad.jinja").write_text("{% for %}")
     assert main(["serve", "--chat-template", str(tmp_path / "bad.jinja"), "--port", "0"]) == 2
     assert "--chat-template: not a valid template" in capsys.readouterr().err
+
+
+def test_usage_tells_the_prompt_tokens_the_cache_held(server, client):
+    """--enable-prompt-tokens-details (vLLM's): usage.prompt_tokens_details.cached_tokens, the prompt's tokens found in
+    the prefix cache (its full blocks of 16 once the same prompt ran), unstreamed and in a stream's usage chunk;
+    completions add up their prompts'. (This file's server; test_server.py's, without the flag, sends none.)"""
+    kw = dict(model=client.models.list().data[0].id, max_tokens=2,
+              messages=[{"role": "user", "content": "Tell me about the prefix cache. " * 8}])
+    first = client.chat.completions.create(**kw).usage
+    second = client.chat.completions.create(**kw).usage
+    full = first.prompt_tokens // 16 * 16
+    assert first.prompt_tokens_details.cached_tokens < full == second.prompt_tokens_details.cached_tokens
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == full
+    body = {"prompt": ["Tell me about the prefix cache. " * 8] * 2, "max_tokens": 1}
+    httpx.post(f"{server}/v1/completions", json=body)  # (its two prompts run at once: neither finds the other's)
+    usage = httpx.post(f"{server}/v1/completions", json=body).json()["usage"]
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": body["prompt"][0]}).json()["count"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 2 * (ids // 16 * 16) > 0

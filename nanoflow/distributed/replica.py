@@ -137,7 +137,7 @@ def diff(out: RequestOutput, sent: list[tuple[int, int]] | None) -> RequestOutpu
                                      c.finish_reason, c.stop_reason))
     first = sent is None
     return RequestOutput(out.request_id, out.prompt if first else None, [], outs,
-                         out.prompt_logprobs if first else None, out.finished)
+                         out.prompt_logprobs if first else None, out.finished, num_cached_tokens=out.num_cached_tokens)
 
 
 def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: list[int]) -> RequestOutput:
@@ -151,7 +151,7 @@ def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: li
                                      logprobs, c.finish_reason, c.stop_reason))
     first = prev or delta
     return RequestOutput(delta.request_id, first.prompt, prompt_token_ids, outs, first.prompt_logprobs,
-                         delta.finished)
+                         delta.finished, num_cached_tokens=delta.num_cached_tokens)
 
 
 def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,

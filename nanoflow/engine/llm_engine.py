@@ -336,7 +336,7 @@ class LLMEngine:
                 logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
-                             req.finished, metrics)
+                             req.finished, metrics, req.num_cached_tokens)
 
 
 def is_token_id(t) -> bool:

@@ -228,7 +228,11 @@ class Scheduler:
         use_cache = seq.request.params.prompt_logprobs is None
         if use_cache and self._sibling_prefilling(seq):
             return False
-        return self.blocks.admit(seq, use_cache)
+        if not self.blocks.admit(seq, use_cache):
+            return False
+        if seq.request.num_cached_tokens is None:  # (as vLLM's: at the first admission, not a preempted one's)
+            seq.request.num_cached_tokens = seq.num_computed
+        return True
 
     def _sibling_prefilling(self, seq: Sequence) -> bool:
         """n > 1: the first sequence's prompt is still being computed; the others wait for it so that they share

@@ -21,7 +21,8 @@ class Status(Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "arrival_time",
-                 "prompt_logprobs", "prompt_logprobs_planned", "first_token_time", "bad_words_ids")
+                 "prompt_logprobs", "prompt_logprobs_planned", "first_token_time", "bad_words_ids",
+                 "num_cached_tokens")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
         self.request_id = request_id
@@ -36,6 +37,7 @@ class Request:
         # iteration late under asynchronous scheduling)
         self.prompt_logprobs_planned = 1
         self.bad_words_ids: list[list[int]] = []  # each bad word's tokens (the engine tokenizes them)
+        self.num_cached_tokens: int | None = None  # its prompt's tokens the prefix cache held at its first admission
         self.seqs = [Sequence(self, i) for i in range(params.n)]
 
     @property

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a thinking model's format: its text up to </think> is the message's reasoning, the rest its "
                         "content: deepseek_r1 (the output may start inside the reasoning), qwen3 (reasoning only "
                         "when the output opens with <think>)")
+    s.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="each response's usage tells prompt_tokens_details.cached_tokens: its prompt's tokens found in "
+                        "the prefix cache")
     s.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="requests without a first token beyond which new ones get 503")
     s.add_argument("--stream-interval", type=int, default=1,

@@ -388,10 +388,15 @@ class DetokenizeRequest(_Request):
 
 
 # -- responses -----------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # the prompt's tokens found in the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # (with --enable-prompt-tokens-details, as vLLM's)
 
 
 class PromptLogprob(BaseModel):

@@ -176,11 +176,12 @@ def _event(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
-def _usage(prompt_tokens: int, progress: list[_Progress]) -> api.Usage:
-    """The request's, or with one choice's progress that choice's (vLLM's continuous usage)."""
+def _usage(prompt_tokens: int, progress: list[_Progress], cached: int | None = None) -> api.Usage:
+    """The request's, or with one choice's progress that choice's (vLLM's continuous usage). cached: the prompt
+    tokens the prefix cache held, for prompt_tokens_details (None: not sent)."""
     completion = sum(p.tokens for p in progress)
-    return api.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                     total_tokens=prompt_tokens + completion)
+    return api.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
+                     prompt_tokens_details=None if cached is None else api.PromptTokensDetails(cached_tokens=cached))
 
 
 async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
@@ -201,10 +202,12 @@ async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> Async
 
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None, tool_parser: str | None = None,
-              chat_template: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
+              chat_template: str | None = None, reasoning_parser: str | None = None,
+              prompt_tokens_details: bool = False) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
-    reasoning_parser: how a thinking model's reasoning is told from its content (reasoning.PARSERS)."""
+    reasoning_parser: how a thinking model's reasoning is told from its content (reasoning.PARSERS);
+    prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache."""
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
@@ -267,6 +270,10 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             return tokenizer.encode(text, add_special_tokens)
         except ValueError as e:  # (text that is not valid Unicode)
             raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def cached_tokens(outs) -> int | None:
+        """The prompts' tokens found in the prefix cache, if usage is to tell them."""
+        return sum(out.num_cached_tokens or 0 for out in outs) if prompt_tokens_details else None
 
     def sampling_params(req: api.CompletionRequest | api.ChatCompletionRequest, *tools) -> SamplingParams:
         try:
@@ -396,12 +403,15 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
         if req.stream:
             async def chunks():
+                last = {}
                 async for i, out in stream:
+                    last[i] = out
                     for choice in choices(i, out):  # one a chunk, as OpenAI's and vLLM's
-                        usage = _usage(len(prompts[i]), [progress[choice.index]]) if req.continuous_usage else None
+                        usage = (_usage(len(prompts[i]), [progress[choice.index]], cached_tokens([out]))
+                                 if req.continuous_usage else None)
                         yield api.CompletionResponse(**head, choices=[choice], usage=usage)
                 if req.include_usage:
-                    usage = _usage(sum(map(len, prompts)), progress)
+                    usage = _usage(sum(map(len, prompts)), progress, cached_tokens(last.values()))
                     yield api.CompletionResponse(**head, choices=[], usage=usage)
             return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
         final = {}
@@ -411,7 +421,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         finally:
             stream.close()
         merged = sorted((c for i, out in final.items() for c in choices(i, out)), key=lambda c: c.index)
-        return api.CompletionResponse(**head, choices=merged, usage=_usage(sum(map(len, prompts)), progress))
+        return api.CompletionResponse(**head, choices=merged, usage=_usage(sum(map(len, prompts)), progress,
+                                                                          cached_tokens(final.values())))
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
@@ -432,7 +443,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
         if req.stream:
             async def chunks():
-                sent_prompt = False
+                sent_prompt, out = False, None
                 streams = [(ReasoningStream(thinks) if thinks else None, tools.stream()) for _ in range(params.n)]
                 async for _, out in stream:
                     for c in out.outputs:  # one choice a chunk, as OpenAI's and vLLM's
@@ -454,12 +465,14 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                         reason = tools.finish_reason(c.finish_reason, calls)
                         choice = api.ChatStreamChoice(index=c.index, delta=delta, logprobs=lp,
                                                       finish_reason=reason, stop_reason=c.stop_reason)
-                        usage = _usage(len(prompt), [progress[c.index]]) if req.continuous_usage else None
+                        usage = (_usage(len(prompt), [progress[c.index]], cached_tokens([out]))
+                                 if req.continuous_usage else None)
                         yield api.ChatCompletionChunk(**head, choices=[choice], usage=usage,
                                                       prompt_logprobs=None if sent_prompt else _prompt_logprobs(out))
                         sent_prompt = True
                 if req.include_usage:
-                    yield api.ChatCompletionChunk(**head, choices=[], usage=_usage(len(prompt), progress))
+                    usage = _usage(len(prompt), progress, cached_tokens([out] if out else []))
+                    yield api.ChatCompletionChunk(**head, choices=[], usage=usage)
             return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
         out = None
         try:
@@ -479,7 +492,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             choices.append(api.ChatChoice(index=c.index, message=message, logprobs=logprobs(c, 0),
                                           finish_reason=tools.finish_reason(c.finish_reason, calls),
                                           stop_reason=c.stop_reason))
-        return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress),
+        return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress,
+                                                                                cached_tokens([out])),
                                           prompt_logprobs=_prompt_logprobs(out))
 
     return app
@@ -579,7 +593,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
 
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
     app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    args.chat_template, args.reasoning_parser)
+                    args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
