@@ -170,7 +170,7 @@ class ModelConfig:
                 raise ValueError(f"unsupported hidden_act {act!r}; supported: 'silu'")
             eos = cfg.get("eos_token_id")
             window = cfg.get("sliding_window")
-            qwen = arch in ("qwen2", "qwen2_moe")  # (their qkv bias)
+            qkv_biased = arch in ("qwen2", "qwen2_moe")
             if arch in QWEN and not cfg.get("use_sliding_window", False) or arch == "llama":  # (Llama's: no window)
                 window = None
             layers = cfg["num_hidden_layers"]
@@ -204,8 +204,8 @@ class ModelConfig:
                 rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
                 max_position_embeddings=cfg.get("max_position_embeddings", 4096),
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                qkv_bias=qwen or cfg.get("attention_bias", False),
-                o_bias=not qwen and cfg.get("attention_bias", False),
+                qkv_bias=qkv_biased or cfg.get("attention_bias", False),
+                o_bias=not qkv_biased and cfg.get("attention_bias", False),
                 mlp_bias=cfg.get("mlp_bias", False),
                 sliding_window=window,
                 full_attention_layers=full,

@@ -146,12 +146,13 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, continue_final_message: bool = False,
-                            template_kwargs: dict | None = None) -> str:
+                            template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
         """The conversation as the template renders it. Content given as OpenAI's text parts is joined by newlines
         (as vLLM's), a null content is empty. continue_final_message: the text ends inside the last message (no end
         of turn), for the model to go on with it (as HF's and vLLM's). template_kwargs: the template's own
-        variables, which may also set the two options (vLLM's chat_template_kwargs)."""
-        kwargs = dict(template_kwargs or {})
+        variables, which may also set the two options (vLLM's chat_template_kwargs); tools: OpenAI's tool objects,
+        the template's `tools` (as HF's)."""
+        kwargs = ({"tools": tools} if tools else {}) | dict(template_kwargs or {})
         add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
         continue_final_message = kwargs.pop("continue_final_message", continue_final_message)
         if not messages:

@@ -146,10 +146,11 @@ def test_a_grammar_compiles_off_the_engines_thread(llm, monkeypatch):
     assert set(done) == {"plain"} and [r.request_id for _, r in eng.compiling] == ["held", "dropped", "broken"]
     assert not eng.scheduler.has_work  # (the waiting ones are outside it)
     eng.abort_request("dropped")
+    assert held[1].cancelled() and [r.request_id for _, r in eng.compiling] == ["held", "broken"]
+    eng.add_request("dropped", PROMPT, plain)  # (an id given again: the aborted request must not come back under it)
     held[0].set_result(compiled)
-    held[1].set_result(compiled)
     held[2].set_exception(RuntimeError("xgrammar failed"))
     while eng.has_unfinished_requests():
         done |= {o.request_id: o for o in eng.step() if o.finished}
     assert done["held"].outputs[0].text == "yes" and done["broken"].outputs[0].finish_reason == "abort"
-    assert "dropped" not in done and not eng.compiling
+    assert done["dropped"].outputs[0].token_ids == done["plain"].outputs[0].token_ids and not eng.compiling

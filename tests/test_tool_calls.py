@@ -51,6 +51,13 @@ READS = [  # (mode, parser, text, content, calls)
     ("auto", "hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', None,
      [Call("f", '{"a": 1}')]),
     ("auto", "llama3_json", '{"name": "f", "parameters": "1"}', None, [Call("f", '"1"')]),
+    # a lone surrogate (JSON's escapes allow one) stays escaped in the arguments (unescaped, UTF-8 cannot carry it: a
+    # 500), and in a name makes the call unreadable; NaN is not JSON (Python's json takes it)
+    ("auto", "hermes", '<tool_call>{"name": "f", "arguments": {"s": "a\\ud800"}}</tool_call>', None,
+     [Call("f", '{"s": "a\\ud800"}')]),
+    ("auto", "hermes", '<tool_call>{"name": "f\\ud800", "arguments": {}}</tool_call>',
+     '<tool_call>{"name": "f\\ud800", "arguments": {}}</tool_call>', []),
+    ("auto", "llama3_json", '{"name": "f", "parameters": {"x": NaN}}', '{"name": "f", "parameters": {"x": NaN}}', []),
     # JSON nested deeper than Python's stack is unreadable, not an error
     ("auto", "hermes", "<tool_call>" + DEEP, "<tool_call>" + DEEP, []),
     ("auto", "llama3_json", '{"name": "f", "parameters": ' + DEEP, '{"name": "f", "parameters": ' + DEEP, []),

@@ -95,9 +95,11 @@ class LLMEngine:
         self.compiling: list[tuple[Future, Request]] = []  # requests whose grammars compile, outside the scheduler
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (also done at exit)."""
+        """Stop the tensor-parallel workers (also done at exit) and the grammars' compile thread."""
         if self.workers is not None:
             self.workers.shutdown()
+        if self.grammars is not None:
+            self.grammars.pool.shutdown(cancel_futures=True)
 
     def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
         if path is not None:
@@ -170,8 +172,8 @@ class LLMEngine:
         if params.min_tokens > most:
             raise ValueError(f"invalid sampling parameter min_tokens={params.min_tokens}: the request can have at "
                              f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
-        grammar = self._compile(params)
         bad_words = self._bad_words_ids(params.bad_words)
+        grammar = self._compile(params)  # (last: a request refused after it would leave a compile running)
         req = Request(request_id, text, ids, params)
         req.bad_words_ids = bad_words
         for seq in req.seqs:
@@ -203,7 +205,7 @@ class LLMEngine:
         for future, req in self.compiling:
             if not future.done():
                 compiling.append((future, req))
-            elif req.request_id in self.requests:
+            elif self.requests.get(req.request_id) is req:  # (not aborted meanwhile: its id may be a new one's now)
                 try:
                     for seq in req.seqs:
                         seq.grammar = self.grammars.matcher(future.result())
@@ -233,6 +235,10 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        for future, compiling in self.compiling:
+            if compiling is req:  # (its grammar is not needed now; a compile under way runs to its end)
+                future.cancel()
+        self.compiling = [(f, r) for f, r in self.compiling if r is not req]
         for seq in req.seqs:
             if seq.status is not Status.FINISHED:
                 seq.finish_reason = "abort"

@@ -101,9 +101,8 @@ class LLM:
         objects, for a template that renders them (the calls the model then writes are its text)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
-        kwargs = ({"tools": tools} if tools else {}) | (chat_template_kwargs or {})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
-                                                  continue_final_message, kwargs)
+                                                  continue_final_message, chat_template_kwargs, tools)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
 

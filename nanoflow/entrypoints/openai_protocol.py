@@ -266,6 +266,11 @@ class ChatTool(_Request):
     function: FunctionDefinition
 
 
+def template_tools(tools: list[ChatTool] | None) -> list[dict] | None:
+    """The tools as the chat template gets them (HF's: OpenAI's objects), under every tool_choice (vLLM's)."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
 class FunctionName(_Request):
     name: str
 
@@ -355,10 +360,6 @@ class ChatCompletionRequest(_SamplingRequest):
             params = replace(params, skip_special_tokens=False)  # (its tags may be special tokens: vLLM's too)
         return params
 
-    def template_tools(self) -> list[dict] | None:
-        """The tools as the chat template gets them (HF's: OpenAI's objects), under every tool_choice (vLLM's)."""
-        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
-
 
 class TokenizeRequest(_Request):
     """vLLM's /tokenize: a prompt as /v1/completions would encode it, or messages as /v1/chat/completions would."""
@@ -371,9 +372,6 @@ class TokenizeRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[ChatTool] | None = None
     return_token_strs: bool = False
-
-    def template_tools(self) -> list[dict] | None:
-        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -320,11 +320,10 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
-        tools = req.template_tools()
         try:
             text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
-                                                 chat_template, req.continue_final_message,
-                                                 ({"tools": tools} if tools else {}) | (req.chat_template_kwargs or {}))
+                                                 chat_template, req.continue_final_message, req.chat_template_kwargs,
+                                                 api.template_tools(req.tools))
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
         return encode(text, add_special_tokens, "messages")

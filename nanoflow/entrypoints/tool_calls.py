@@ -9,7 +9,8 @@ the output to, and the calls read back from the generated text.
   which the parser reads back; the text before them is the content. hermes (Hermes, Qwen2.5):
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several allowed; llama3_json (Llama 3.1 / 3.2):
   `{"name": ..., "parameters": {...}}` objects separated by ';' making up the whole output, optionally after
-  `<|python_tag|>`. Text the parser cannot read is the content, as vLLM's: nothing is lost.
+  `<|python_tag|>`. Text the parser cannot read is the content, as vLLM's; hermes drops text after the calls, as
+  vLLM's.
 - none: the tools reach the chat template only.
 
 Where calls are read back (required, auto), finish_reason is "tool_calls" when there are some. A stream sends the
@@ -44,21 +45,38 @@ def new_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)  # (Python's json takes NaN and Infinity, which clients do not)
+
+
 def _call(obj, *keys: str) -> Call:
-    """A call from the model's JSON object: its name and, under the first of keys it has, its arguments."""
+    """A call from the model's JSON object: its name and, under the first of keys it has, its arguments. Arguments the
+    model wrote encoded (an object's text, as some do) are that object; any other string is a string value."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise ValueError(f"a tool call must be an object with a string 'name', got {obj!r}")
+    obj["name"].encode()  # (a lone surrogate, which JSON's escapes allow, is no UTF-8: a UnicodeEncodeError)
     args = next((obj[k] for k in keys if k in obj), {})
-    return Call(obj["name"], args if _object_text(args) else json.dumps(args, ensure_ascii=False))
+    if isinstance(args, str):
+        try:
+            decoded = _DECODER.decode(args)
+            args = decoded if isinstance(decoded, dict) else args
+        except ValueError:
+            pass
+    return Call(obj["name"], _json_text(args))
 
 
-def _object_text(args) -> bool:
-    """Whether args is a JSON object's text (some models write their arguments encoded): taken as is. Any other
-    string is a string value, and is encoded, as the arguments must be JSON text (a client sends them back)."""
+def _json_text(value) -> str:
+    """value as JSON text, its characters as they are unless one is a lone surrogate (escaped then, as UTF-8 cannot
+    carry it)."""
+    text = json.dumps(value, ensure_ascii=False)
     try:
-        return isinstance(args, str) and isinstance(json.loads(args), dict)
-    except ValueError:
-        return False
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
@@ -67,7 +85,7 @@ def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
         return None
     calls, i = [], at
     while i >= 0:  # (each call's JSON decoded whole: a "</tool_call>" inside one of its strings does not end it)
-        obj, i = json.JSONDecoder().raw_decode(text, _JSON_SPACE.match(text, i + len(_HERMES_START)).end())
+        obj, i = _DECODER.raw_decode(text, _JSON_SPACE.match(text, i + len(_HERMES_START)).end())
         calls.append(_call(obj, "arguments"))
         j = _JSON_SPACE.match(text, i).end()
         if j < len(text) and not text.startswith(_HERMES_END, j):  # (the last call may be unclosed)
@@ -80,18 +98,18 @@ def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
     body = text.removeprefix(_PYTHON_TAG)
     if body == text and not text.startswith("{"):
         return None
-    decoder, calls, i = json.JSONDecoder(), [], 0
+    calls, i = [], 0
     while True:
         while i < len(body) and (body[i].isspace() or body[i] == ";"):
             i += 1
         if i == len(body):
             return (None, calls) if calls else None
-        obj, i = decoder.raw_decode(body, i)
+        obj, i = _DECODER.raw_decode(body, i)
         calls.append(_call(obj, "parameters", "arguments"))
 
 
 def _required(text: str) -> tuple[str | None, list[Call]] | None:
-    items = json.loads(text)
+    items = _DECODER.decode(text)
     if not isinstance(items, list) or not items:
         raise ValueError(f"required tool calls must be a non-empty JSON array, got {text!r}")
     return None, [_call(item, "parameters") for item in items]

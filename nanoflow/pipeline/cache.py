@@ -33,6 +33,8 @@ def shape_key(cfg: ModelConfig) -> str:
         key += f"-e{c.num_experts}k{c.num_experts_per_tok}"
     if c.qkv_bias or c.o_bias or c.mlp_bias:
         key += f"-bias{int(c.qkv_bias)}{int(c.o_bias)}{int(c.mlp_bias)}"
+    if c.qk_norm:
+        key += "-qknorm"
     return key + (f"-w{c.sliding_window}" if c.sliding_window else "")
 
 
