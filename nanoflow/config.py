@@ -297,6 +297,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
 
 MODES = ("non-overlap", "nanobatch-only", "pipeline")
 SCHEDULE_POLICIES = ("fcfs", "lof", "slack")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # (reasoning.py)
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the model's dtype
 
 
@@ -345,6 +346,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     num_layers: int | None = None  # only the model's first this many decoder layers (benchmarks)
     seed: int = 0
+    # a thinking model's format (reasoning.py): a request's grammar then holds only what follows its reasoning
+    reasoning_parser: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -355,6 +358,8 @@ class EngineConfig:
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.block_size is None:
             self.block_size = 32 if self.kv_cache_dtype == "fp8" else 16
         if self.block_size <= 0 or self.max_num_seqs <= 0:

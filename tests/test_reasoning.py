@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from nanoflow.entrypoints.async_engine import ACCEPTED, EngineClient
 from nanoflow.entrypoints.metrics import Metrics
-from nanoflow.entrypoints.reasoning import ReasoningStream, split
+from nanoflow.reasoning import ReasoningStream, ended, split
 from nanoflow.entrypoints.server import build_app
 from nanoflow.outputs import CompletionOutput, RequestOutput
 
@@ -37,6 +37,15 @@ def test_reasoning_is_told_from_content_and_streams_add_up(parser, text, reasoni
         assert end >= len(text) or said is None or content.startswith(said)  # (content once known stays so)
         assert thought == (reasoning or "")[:len(thought)]  # (nothing sent that is not the reasoning's)
     assert (thought, said) == (reasoning or "", content)
+
+
+def test_a_prompt_has_ended_its_reasoning_when_an_end_tag_follows_the_last_start():
+    start, end = [7, 8], [9]
+    assert not ended([1, 2, 7, 8], start, end)  # (DeepSeek-R1's template opens <think> in the prompt)
+    assert ended([1, 7, 8, 3, 9, 4], start, end)  # (Qwen3's with thinking off: <think></think>)
+    assert not ended([1, 2], start, end)  # (Qwen3's thinking: nothing in the prompt, the output opens it)
+    assert not ended([7, 8, 9, 5, 7, 8], start, end)  # (an earlier turn's reasoning, then this one's opened)
+    assert ended([9, 7], start, end)  # (an end without a start: ended, as vLLM's)
 
 
 def test_a_stream_holds_back_only_what_may_end_the_reasoning():

@@ -154,3 +154,34 @@ def test_a_grammar_compiles_off_the_engines_thread(llm, monkeypatch):
         done |= {o.request_id: o for o in eng.step() if o.finished}
     assert done["held"].outputs[0].text == "yes" and done["broken"].outputs[0].finish_reason == "abort"
     assert done["dropped"].outputs[0].token_ids == done["plain"].outputs[0].token_ids and not eng.compiling
+
+
+@pytest.mark.parametrize("async_", [False, True], ids=["sync", "async"])
+def test_a_grammar_holds_only_what_follows_the_reasoning(tmp_path, tokenizer_dir, async_):
+    """With a reasoning_parser the grammar starts after the reasoning's end tag (as vLLM's), which it never sees: a
+    model pushed to write </think> first writes it, then the grammar's text. Without the parser the grammar holds from
+    the first token (the tag is masked). A prompt whose reasoning already ended (Qwen3's empty <think></think>, with
+    thinking off) is held from its first token. (The test tokenizer gets the tags as special tokens, as Qwen3's.)"""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from conftest import make_hf_model
+    path = tmp_path / "m"
+    make_hf_model(str(path), "llama", None, seed=1, vocab_size=49154)
+    tk = HFTokenizer.from_file(f"{tokenizer_dir}/tokenizer.json")
+    assert tk.add_special_tokens(["<think>", "</think>"]) == 2
+    tk.save(str(path / "tokenizer.json"))
+    shutil.copy(f"{tokenizer_dir}/tokenizer_config.json", path)
+    think, end = tk.token_to_id("<think>"), tk.token_to_id("</think>")
+    params = SamplingParams(temperature=0, max_tokens=8, logit_bias={end: 100.0}, skip_special_tokens=False,
+                            structured_outputs=Structured(choice=["yes"]))
+    thinking = LLM(str(path), reasoning_parser="deepseek_r1", async_scheduling=async_)
+    out = thinking.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids[0], out.text, out.finish_reason) == (end, "</think>yes", "stop")
+    out = LLM(str(path), async_scheduling=async_).generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == "yes" and end not in out.token_ids
+    out = thinking.generate([PROMPT + [think, end]], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == "yes" and end not in out.token_ids
+    with pytest.raises(ValueError, match="reasoning_parser must be one of"):
+        LLM(str(path), reasoning_parser="o1")

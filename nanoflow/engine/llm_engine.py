@@ -23,6 +23,9 @@ from nanoflow.executor.model_runner import ModelOutput, ModelRunner, pipeline_sp
 from nanoflow.layers.sampler import LogprobRows
 from nanoflow.models.loader import build_model, check_load_format, read_generation_config, resolve
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from nanoflow.reasoning import END as END_THINK
+from nanoflow.reasoning import START as THINK
+from nanoflow.reasoning import ended as reasoning_ended
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import Tokenizer
 
@@ -93,6 +96,10 @@ class LLMEngine:
         self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
         self.grammars: Grammars | None = None  # made at the first request with structured outputs
         self.compiling: list[tuple[Future, Request]] = []  # requests whose grammars compile, outside the scheduler
+        # the reasoning's tags as token ids: a grammar holds only what follows the reasoning (reasoning.py)
+        self.think_ids = None
+        if self.config.reasoning_parser is not None and self.tokenizer is not None:
+            self.think_ids = tuple(self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK, END_THINK))
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done at exit) and the grammars' compile thread."""
@@ -206,9 +213,10 @@ class LLMEngine:
             if not future.done():
                 compiling.append((future, req))
             elif self.requests.get(req.request_id) is req:  # (not aborted meanwhile: its id may be a new one's now)
+                thinks = self.think_ids is not None and not reasoning_ended(req.prompt_token_ids, *self.think_ids)
                 try:
                     for seq in req.seqs:
-                        seq.grammar = self.grammars.matcher(future.result())
+                        seq.grammar, seq.reasoning = self.grammars.matcher(future.result()), thinks
                 except Exception:  # (it parsed, so this is xgrammar's failure, not the request's)
                     log.exception("request %s: its grammar did not compile", req.request_id)
                     outputs.append(self.abort_request(req.request_id))
@@ -289,8 +297,11 @@ class LLMEngine:
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
             seq.token_ids.append(token)
+            if seq.reasoning:  # (its grammar starts after the reasoning's end tag, which the grammar never sees)
+                end = self.think_ids[1]
+                seq.reasoning = seq.token_ids[-len(end):] != end or seq.num_output_tokens < len(end)
             # (its mask allowed only these; past its EOS, with ignore_eos, the matcher has ended and takes none)
-            if seq.grammar is not None and not seq.grammar.is_terminated() and not seq.grammar.accept_token(token):
+            elif seq.grammar is not None and not seq.grammar.is_terminated() and not seq.grammar.accept_token(token):
                 log.warning("request %s: token %d does not follow its structured output's grammar", req.request_id,
                             token)
             if seq.logprobs is not None:

@@ -49,7 +49,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
                  "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
                  "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight", "block_hashes",
-                 "num_cached_blocks", "grammar")
+                 "num_cached_blocks", "grammar", "reasoning")
 
     def __init__(self, request: Request, index: int):
         params = request.params
@@ -76,6 +76,7 @@ class Sequence:
         # samples do not depend on what else is in the batch.
         self.generator: torch.Generator | None = None
         self.grammar = None  # structured outputs: the xgrammar matcher its tokens advance (structured_output.py)
+        self.reasoning = False  # its grammar waits for the end of its reasoning (the engine's reasoning_parser)
 
     @property
     def num_tokens(self) -> int:

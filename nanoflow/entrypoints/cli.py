@@ -6,10 +6,9 @@ import os
 import sys
 import traceback
 
-from nanoflow.config import MODES, SCHEDULE_POLICIES
+from nanoflow.config import MODES, REASONING_PARSERS, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
-from nanoflow.entrypoints.reasoning import PARSERS as REASONING_PARSERS
 from nanoflow.entrypoints.tool_calls import PARSERS
 
 
@@ -56,6 +55,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, default=None,
                    help="only the model's first N decoder layers: to benchmark a large shape on fewer GPUs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="a thinking model's format: a request's grammar holds only what follows its reasoning (up to "
+                        "</think>), which the server sends apart: deepseek_r1 (the output may start inside the "
+                        "reasoning), qwen3 (reasoning only when the output opens with <think>)")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -68,7 +71,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 seed=a.seed, cuda_graph=False if a.enforce_eager else None,
                 async_scheduling=a.async_scheduling, mode=a.mode, pipeline_spec=a.pipeline_spec,
                 enable_prefix_caching=a.enable_prefix_caching, kv_offload_gb=a.kv_offload_gb,
-                tensor_parallel_size=a.tensor_parallel_size, num_layers=a.num_layers)
+                tensor_parallel_size=a.tensor_parallel_size, num_layers=a.num_layers,
+                reasoning_parser=a.reasoning_parser)
 
 
 def generate(a: argparse.Namespace) -> int:
@@ -158,10 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the model's format of tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5), "
                         "llama3_json (JSON objects: Llama 3.1 / 3.2)")
-    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                   help="a thinking model's format: its text up to </think> is the message's reasoning, the rest its "
-                        "content: deepseek_r1 (the output may start inside the reasoning), qwen3 (reasoning only "
-                        "when the output opens with <think>)")
     s.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="each response's usage tells prompt_tokens_details.cached_tokens: its prompt's tokens found in "
                         "the prefix cache")

@@ -33,12 +33,12 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
-from nanoflow.entrypoints.reasoning import ReasoningStream
-from nanoflow.entrypoints.reasoning import split as split_reasoning
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoflow.reasoning import ReasoningStream
+from nanoflow.reasoning import split as split_reasoning
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import compile_template
 
@@ -437,8 +437,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
             return _chat_logprobs(c, start, params.logprobs) if c.logprobs is not None else None
 
-        # (a grammar holds the whole output, from its first token: nothing in it is reasoning)
-        thinks = reasoning_parser if params.structured_outputs is None else None
+        thinks = reasoning_parser  # (a grammar holds what follows the reasoning: the engine has the same parser)
 
         if req.stream:
             async def chunks():

@@ -313,7 +313,7 @@ class ModelRunner:
         if seqs:
             every_row = plan.sample_rows == list(range(len(logits)))  # no prompt logprobs: skip the copy
             sample_logits = logits if every_row else logits.index_select(0, self._device(plan.sample_rows))
-            if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]:
+            if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None and not s.reasoning]:
                 # on the logits, not the bias: the logprobs are of what the grammar allows, as vLLM's
                 mask_logits(sample_logits, *map(list, zip(*constrained)))
             tokens = sample(sample_logits, self.sampling_metadata(seqs))

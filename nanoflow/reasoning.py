@@ -1,5 +1,6 @@
 """Reasoning outputs (vLLM's --reasoning-parser): a thinking model's text up to </think> is the message's
-`reasoning` (also sent as vLLM's older `reasoning_content`), the rest its content, from which tool calls are read.
+`reasoning` (also sent as vLLM's older `reasoning_content`), the rest its content, from which tool calls are read;
+a request's grammar (structured outputs, a named or required tool choice) holds only what follows the reasoning.
 
 - deepseek_r1 (DeepSeek-R1 and its distills, whose template opens <think> in the prompt): everything before
   </think>, after a <think> the output may begin with, is reasoning; an output without </think> is all reasoning.
@@ -8,13 +9,14 @@
   reasoning. (A model whose template opens <think> in the prompt wants deepseek_r1, as vLLM's docs say.)
 
 A stream sends the reasoning as it comes, holding back only what may begin </think>, then the content; it adds up to
-the unstreamed response.
+the unstreamed response. (vLLM's qwen3 differs in two cases: an output cut inside its reasoning is content there,
+and text before a </think> without <think> is reasoning there.)
 """
 from __future__ import annotations
 
+from nanoflow.config import REASONING_PARSERS as PARSERS  # noqa: F401  (the engine's option checks them there)
 from nanoflow.engine.detokenizer import marker_tail
 
-PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
 
 
@@ -45,3 +47,11 @@ class ReasoningStream:
         piece = reasoning[self.sent:final] if reasoning is not None else ""
         self.sent = max(self.sent, final)
         return piece or None, content
+
+
+def ended(ids: list[int], start: list[int], end: list[int]) -> bool:
+    """Whether the reasoning has ended in ids (a prompt's token ids; start and end: the tags'): an end after the last
+    start, as a template that turns thinking off writes (Qwen3's empty <think></think>)."""
+    def last(tag):
+        return next((i for i in range(len(ids) - len(tag), -1, -1) if ids[i:i + len(tag)] == tag), -1)
+    return last(end) > last(start)
