@@ -1,5 +1,10 @@
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -116,3 +121,38 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
 def default_llm():
     from nanoflow import LLM
     return LLM()
+
+
+# -- a real `nanoflow serve` for the server tests (a subprocess on a free loopback port) --------------------------
+def start_server(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", *args, "--port", str(port)],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the server did not come up:\n{open(log_path).read()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def metrics(url: str) -> dict[str, float]:
+    import httpx
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return {k: float(v) for line in lines if line and not line.startswith("#") for k, v in [line.rsplit(" ", 1)]}

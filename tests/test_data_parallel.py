@@ -14,7 +14,7 @@ from nanoflow import SamplingParams
 from nanoflow.entrypoints.cli import main
 from nanoflow.entrypoints.metrics import EngineStats, Metrics
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
-from test_server import metrics, start_server, stop_server
+from conftest import metrics, start_server, stop_server
 
 ray = pytest.importorskip("ray")
 from nanoflow.distributed.replica import ReplicaInfo, diff, patch  # noqa: E402  (after ray)

@@ -208,7 +208,7 @@ def test_bench_serve_multiround(tmp_path):
     """Turn 2 goes out after turn 1 with its answer's ids (a model without a tokenizer names them in the logprobs),
     so the server's prefix cache serves turn 1's prompt and answer."""
     from conftest import make_hf_model
-    from test_server import metrics, start_server, stop_server
+    from conftest import metrics, start_server, stop_server
     path = str(tmp_path / "model")
     make_hf_model(path, "llama", None, seed=1, max_position_embeddings=4096)
     proc, url = start_server([path], tmp_path / "log")

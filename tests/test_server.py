@@ -6,9 +6,6 @@ import json
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -19,6 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 import nanoflow
 from nanoflow import SamplingParams
+from conftest import metrics, start_server, stop_server
 from nanoflow.entrypoints.cli import main
 
 API_KEY = "test-key"
@@ -27,33 +25,6 @@ MAX_WAITING = 8
 MAX_MODEL_LEN = 1024
 PROMPT = "The capital of France is"
 ABORTED = 'nanoflow_requests_finished_total{finish_reason="abort"}'
-
-
-def start_server(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", *args, "--port", str(port)],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"the server did not come up:\n{open(log_path).read()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +43,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def model(client):
     return client.models.list().data[0].id
-
-
-def metrics(url: str) -> dict[str, float]:
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return {k: float(v) for line in lines if line and not line.startswith("#") for k, v in [line.rsplit(" ", 1)]}
 
 
 def wait_until_idle(url: str, timeout: float = 10) -> dict[str, float]:
