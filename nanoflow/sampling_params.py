@@ -63,6 +63,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     structured_outputs: StructuredOutputsParams | None = None  # (a dict of its fields is taken too)
     bad_words: list[str] | None = None  # words never completed: a word's last token is banned after the rest
+    truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: as many as the model takes)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -104,6 +105,8 @@ class SamplingParams:
         check(self.allowed_token_ids is None or isinstance(self.allowed_token_ids, (list, tuple)) and
               self.allowed_token_ids and all(_token(t) for t in self.allowed_token_ids), "allowed_token_ids",
               "must be a non-empty list of token ids >= 0")
+        k = self.truncate_prompt_tokens
+        check(k is None or _token(k) and k >= 1 or k == -1, "truncate_prompt_tokens", "must be -1 or an integer >= 1")
         check(self.bad_words is None or isinstance(self.bad_words, (list, tuple)) and all(
             isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", "must be a list of words")
         if isinstance(self.structured_outputs, dict):

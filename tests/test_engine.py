@@ -566,3 +566,21 @@ def test_bad_generation_configs_are_refused(llama_dir, tmp_path, gen, choice, me
     path = _with_generation_config(llama_dir, tmp_path / "m", gen)
     with pytest.raises(ValueError, match=message):
         LLM(path, generation_config=choice)
+
+
+def test_truncate_prompt_tokens(llama_dir):
+    """vLLM's truncate_prompt_tokens: only the prompt's last k tokens are the prompt (-1: as many as the context
+    takes); more than the context, or not -1 nor >= 1, is refused by name."""
+    from dataclasses import replace
+    llm = LLM(llama_dir, max_model_len=64)
+    long = list(range(100, 140))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cut, = llm.generate([long], replace(greedy, truncate_prompt_tokens=10), use_tqdm=False)
+    alone, = llm.generate([long[-10:]], greedy, use_tqdm=False)
+    assert cut.prompt_token_ids == long[-10:] and cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert llm.generate([long], replace(greedy, truncate_prompt_tokens=-1), use_tqdm=False)[0].prompt_token_ids == long
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=65: more than the model's context length, 64"):
+        llm.generate([long], replace(greedy, truncate_prompt_tokens=65), use_tqdm=False)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"truncate_prompt_tokens={bad!r}: must be -1 or an integer >= 1"):
+            SamplingParams(truncate_prompt_tokens=bad)

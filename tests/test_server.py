@@ -224,7 +224,7 @@ def test_echo(client, model, default_llm):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=0)
 
 
-def test_vllm_compatible_extras(server, client, model):
+def test_vllm_compatible_extras(server, client, model, default_llm):
     """Unknown fields ignored (as vLLM: OpenAI's newer fields, a response's message sent back with its null extras),
     continuous usage, chat's prompt_logprobs on the response, continue_final_message, /version, the model card."""
     reply = client.chat.completions.create(model=model, messages=USER, max_tokens=3, temperature=0)
@@ -253,6 +253,15 @@ def test_vllm_compatible_extras(server, client, model):
     assert httpx.get(f"{server}/version").json() == {"version": nanoflow.__version__}
     card = client.models.list().data[0]
     assert card.model_extra["root"].endswith(".gguf") and card.model_extra["parent"] is None
+    # truncate_prompt_tokens: the prompt's last k tokens (usage counts them; an echo shows them)
+    long = "The capital of France is Paris. " * 100 + PROMPT
+    cut = client.completions.create(model=model, prompt=long, max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 5})
+    tk = default_llm.tokenizer
+    assert cut.usage.prompt_tokens == 5 and cut.choices[0].text.startswith(tk.decode(tk.encode(long)[-5:]))
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": long}], max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 7})
+    assert chat.usage.prompt_tokens == 7
 
 
 def test_stop(client, model):
@@ -333,6 +342,9 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "--enable-auto-tool-choice"),  # (tool_choice "auto", the default with tools, needs the server's parser)
     ("chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
+    ("completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ("chat/completions", {"messages": USER, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, 400,
+     "truncate_prompt_tokens"),
     # text with a lone surrogate (JSON's escapes allow one): not valid Unicode (it was a 500 from the tokenizer)
     ("completions", '{"prompt": "a\\ud800"}', 400, "prompt"),
     ("chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400, "messages"),

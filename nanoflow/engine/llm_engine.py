@@ -174,6 +174,7 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
+        ids = truncate(ids, params.truncate_prompt_tokens, self.max_model_len)
         room = self.scheduler.check_prompt(len(ids), params.max_tokens)
         most = min(params.max_tokens or self.sampling_defaults.get("max_tokens") or room, room)
         if params.min_tokens > most:
@@ -354,6 +355,16 @@ class LLMEngine:
         metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
                              req.finished, metrics, req.num_cached_tokens)
+
+
+def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """A prompt's last k tokens (vLLM's truncate_prompt_tokens; -1: max_model_len of them)."""
+    if k is None:
+        return ids
+    if k > max_model_len:
+        raise ValueError(f"invalid sampling parameter truncate_prompt_tokens={k}: more than the model's context "
+                         f"length, {max_model_len}")
+    return ids[-(max_model_len if k == -1 else k):]
 
 
 def is_token_id(t) -> bool:

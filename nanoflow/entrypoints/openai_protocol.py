@@ -126,6 +126,7 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[Int64] | None = None  # (vLLM's)
     bad_words: list[str] | None = None  # (vLLM's)
+    truncate_prompt_tokens: Int64 | None = None  # (vLLM's) only the prompt's last k tokens; -1: as many as fit
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # (vLLM's) StructuredOutputsParams' fields
     # (vLLM's before 0.12, which clients still send: each one of structured_outputs' fields)
@@ -157,7 +158,7 @@ class _SamplingRequest(_Request):
         names = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens", "stop", "stop_token_ids", "include_stop_str_in_output",
                  "ignore_eos", "seed", "prompt_logprobs", "skip_special_tokens", "logit_bias", "allowed_token_ids",
-                 "structured_outputs", "bad_words")
+                 "structured_outputs", "bad_words", "truncate_prompt_tokens")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
         sources = self.grammar_sources

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanoflow
-from nanoflow.engine.llm_engine import LLMEngine
+from nanoflow.engine.llm_engine import LLMEngine, truncate
 from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
@@ -281,6 +281,14 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         except (ValueError, TypeError) as e:
             raise _bad_input(e) from None
 
+    def truncated(prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """The prompts as the engine takes them (truncate_prompt_tokens: their last k tokens), for the usage and the
+        context's check."""
+        try:
+            return [truncate(p, params.truncate_prompt_tokens, engine.max_model_len) for p in prompts]
+        except ValueError as e:
+            raise _bad_input(e) from None
+
     def tool_choice(req: api.ChatCompletionRequest) -> ToolChoice:
         try:
             return req.tool_choice_for(tool_parser)
@@ -369,8 +377,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt")
         texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
-        prompts = [encode(x) for x in texts] if texts else [p] if isinstance(p[0], int) else p
-        if req.echo and texts is None:  # token ids echo as their text
+        prompts = truncated([encode(x) for x in texts] if texts else [p] if isinstance(p[0], int) else p, params)
+        if req.echo and (texts is None or params.truncate_prompt_tokens is not None):  # ids echo as their text
             if tokenizer is None:
                 raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
@@ -428,7 +436,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         check_model(req.model)
         tools = tool_choice(req)
         params = sampling_params(req, tools)
-        prompt = chat_prompt(req)
+        prompt, = truncated([chat_prompt(req)], params)
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
         stream = await submit([prompt], params, raw, "messages", grammar_source)
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
