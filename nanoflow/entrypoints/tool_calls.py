@@ -165,6 +165,11 @@ class ToolChoice:
     def reads_calls(self) -> bool:
         return self.mode in ("required", "auto")
 
+    @property
+    def _format(self) -> tuple:
+        """(the parse of a whole text, where content surely ends in a partial one) of the calls' format."""
+        return _READ[self.parser if self.mode == "auto" else "required"]
+
     def read(self, text: str) -> tuple[str | None, list[Call]]:
         """(content, calls) of a choice's whole text; text no call can be read from is all content."""
         if self.mode == "named":
@@ -172,7 +177,7 @@ class ToolChoice:
         if not self.reads_calls:
             return text, []
         try:
-            found = _READ[self.parser if self.mode == "auto" else "required"][0](text)
+            found = self._format[0](text)
         except (ValueError, RecursionError) as e:  # (json's errors are ValueErrors; deep nesting recurses)
             log.warning("tool calls not read (the text is the content): %s", e)
             found = None
@@ -207,7 +212,7 @@ class ToolStream:
             piece, self.sent = text[self.sent:], len(text)
             return piece, []
         if not finished:
-            end = max(_READ[c.parser if c.mode == "auto" else "required"][1](text), self.sent)
+            end = max(c._format[1](text), self.sent)
             piece, self.sent = text[self.sent:end], end
             return piece or None, []
         content, calls = c.read(text)
