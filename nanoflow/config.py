@@ -296,7 +296,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: s
 
 
 MODES = ("non-overlap", "nanobatch-only", "pipeline")
-SCHEDULE_POLICIES = ("fcfs", "lof", "slack")
+SCHEDULE_POLICIES = ("fcfs", "lof", "slack", "priority")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # (reasoning.py)
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the model's dtype
 
@@ -324,7 +324,8 @@ class EngineConfig:
     # as SGLang's: in an offline batch the long ones start early, so the run does not end on a few long decodes;
     # "slack": arrival order, but a request whose max_tokens outlasts the work in hand (the fewest iterations the
     # budget allows the waiting queue, and the KV cache the waiting and running requests) goes first, longest first:
-    # no long drain, the others' ends stay staggered
+    # no long drain, the others' ends stay staggered; "priority": by each request's priority (lower first), then in
+    # arrival order, and the lowest-priority running sequence is the one preempted (vLLM's)
     schedule_policy: str = "fcfs"
     # None: CUDA graphs on the GPU, plain eager on the CPU. True on the CPU runs the graph path's static
     # buffers and padding eagerly (how the CPU tests cover it); False: eager everywhere (--enforce-eager).

@@ -155,12 +155,61 @@ def test_slack_starts_what_would_outlast_the_queue():
     assert tokens == 743 and sched._cut() == pytest.approx(max(tokens / 128, held / 16000))
 
 
-@pytest.mark.parametrize("policy", ["lof", "slack"])
+def test_priority_first_and_the_lowest_preempted():
+    """schedule_policy "priority" (vLLM's): the waiting sequences by priority (lower first), ties in arrival order, a
+    preempted one ahead of all; when a decode finds no free block the lowest-priority running sequence is preempted,
+    not the newest."""
+    from nanoflow.config import EngineConfig
+    from nanoflow.engine.scheduler import Scheduler, SchedulerOutput
+    from nanoflow.engine.sequence import Request
+
+    def step(sched):
+        out = sched.schedule()
+        sched.update(out)
+        for c in out.chunks:
+            if c.samples:  # its token lands
+                c.seq.num_inflight -= 1
+                c.seq.token_ids.append(7)
+        return out
+    sched = Scheduler(EngineConfig(schedule_policy="priority", block_size=4), 64, 64, 256)
+    seqs = [Request(str(i), None, [3] * 3, SamplingParams(max_tokens=8), priority=p).seqs[0]
+            for i, p in enumerate([5, 0, 2, 0])]
+    for seq in seqs:
+        sched.add(seq)
+    assert [c.seq for c in step(sched).chunks] == [seqs[1], seqs[3], seqs[2], seqs[0]]
+    sched._preempt(seqs[1], SchedulerOutput())
+    later = Request("4", None, [3] * 3, SamplingParams(max_tokens=8), priority=-1).seqs[0]
+    sched.add(later)
+    assert [c.seq for c in sched.schedule().chunks if c.start == 0] == [seqs[1], later]  # (the preempted first)
+    for policy, victim in (("fcfs", 1), ("priority", 0)):
+        sched = Scheduler(EngineConfig(schedule_policy=policy, block_size=4), 2, 64, 256)
+        low, high = [Request(str(i), None, [3] * 3, SamplingParams(max_tokens=8), priority=p).seqs[0]
+                     for i, p in enumerate([9, 0] if policy == "priority" else [0, 0])]
+        sched.add(low)
+        step(sched)  # the low-priority one runs alone first
+        sched.add(high)
+        step(sched)  # the high-priority one's prefill; the low one's decode still fits its first block
+        assert step(sched).preempted == [(low, high)[victim]], policy  # the low one's next block: none is free
+
+
+def test_priority_needs_its_policy(llama_dir):
+    llm = LLM(llama_dir)
+    with pytest.raises(ValueError, match="priority=1: needs schedule_policy 'priority'"):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False, priority=[1])
+    with pytest.raises(ValueError, match="priority=True: must be an integer"):
+        llm.engine.add_request("x", [5, 6], None, True)
+    with pytest.raises(ValueError, match="2 priorities for 1 prompts"):
+        llm.generate([[5, 6]], use_tqdm=False, priority=[0, 0])
+    assert not llm.engine.requests
+
+
+@pytest.mark.parametrize("policy", ["lof", "slack", "priority"])
 def test_schedule_policies_keep_the_outputs(llama_dir, short_reference, policy):
     """Another admission order, through preemptions, gives the same greedy outputs as first-come first-served."""
     llm = LLM(llama_dir, num_kv_blocks=10, block_size=4, schedule_policy=policy)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 10, 8, 10, 9)]
-    outs = llm.generate(SHORT, params, use_tqdm=False)
+    ranks = {"priority": [3, 1, 4, 1, 5]} if policy == "priority" else {}
+    outs = llm.generate(SHORT, params, use_tqdm=False, **ranks)
     assert llm.engine.scheduler.num_preemptions > 0
     assert tokens(outs) == [t[:m] for t, m in zip(tokens(short_reference), (6, 10, 8, 10, 9))]
 

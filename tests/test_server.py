@@ -343,6 +343,7 @@ BAD = [  # (route, body, status, what the error names)
      "--enable-auto-tool-choice"),  # (tool_choice "auto", the default with tools, needs the server's parser)
     ("chat/completions", {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
     ("completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ("completions", {"prompt": "x", "priority": 1}, 400, "priority"),  # (this server's policy is fcfs)
     ("chat/completions", {"messages": USER, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, 400,
      "truncate_prompt_tokens"),
     # text with a lone surrogate (JSON's escapes allow one): not valid Unicode (it was a 500 from the tokenizer)

@@ -226,7 +226,7 @@ def server(tmp_path_factory):
     (d / "template.jinja").write_text(TOOL_TEMPLATE)
     proc, url = start_server(["--max-model-len", "1024", "--kv-cache-gb", "0.25", "--enable-auto-tool-choice",
                               "--tool-call-parser", "hermes", "--chat-template", str(d / "template.jinja"),
-                              "--enable-prompt-tokens-details"], d / "log")
+                              "--enable-prompt-tokens-details", "--schedule-policy", "priority"], d / "log")
     yield url
     assert stop_server(proc) == 0
 
@@ -289,6 +289,12 @@ def test_auto_reads_the_models_calls_back(client, stream):
     # without tools nothing is read
     content, calls, reason = _create(client, stream, extra_body=held, max_tokens=200)
     assert (content, calls, reason) == (said, [], "stop")
+
+
+def test_a_request_priority_on_a_priority_server(server):
+    """(vLLM's priority field: taken where the engine schedules by it; test_server.py's fcfs server refuses it)"""
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "priority": -3})
+    assert r.status_code == 200, r.text
 
 
 def test_a_conversation_with_earlier_calls(server, client):

@@ -69,12 +69,13 @@ class Replica:
     def _put(self, front: int, item) -> None:
         self.outboxes.setdefault(front, asyncio.Queue()).put_nowait(item)
 
-    async def add(self, front: int, base_id: str, prompts: list[list[int]], params: SamplingParams) -> None:
+    async def add(self, front: int, base_id: str, prompts: list[list[int]], params: SamplingParams,
+                  priority: int = 0) -> None:
         """Submit; the answer goes on front end `front`'s stream (None: accepted, or the exception that refused
         it), then the outputs."""
         aborted = self.aborts[base_id] = asyncio.Event()  # before any await: an abort sent after this call finds it
         try:
-            stream = await self.engine.submit(prompts, params, aborted.wait, base_id)
+            stream = await self.engine.submit(prompts, params, aborted.wait, base_id, priority)
         except (Overloaded, ValueError, TypeError) as e:
             del self.aborts[base_id]
             self._put(front, (base_id, e))

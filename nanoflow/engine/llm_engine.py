@@ -154,9 +154,16 @@ class LLMEngine:
         return SamplingParams(**defaults, max_tokens=None) if defaults.pop("max_tokens", None) else \
             SamplingParams(**defaults)
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    priority: int = 0) -> Request:
         """params None: default_params(). A max_tokens of None runs to the context (or the KV cache), or to the
-        model's max_new_tokens where its generation config sets one."""
+        model's max_new_tokens where its generation config sets one. priority: with schedule_policy "priority",
+        lower first (vLLM's); else it must be 0."""
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+            raise ValueError(f"invalid sampling parameter priority={priority!r}: must be an integer")
+        if priority and self.config.schedule_policy != "priority":
+            raise ValueError(f"invalid sampling parameter priority={priority}: needs schedule_policy 'priority' "
+                             f"(this engine's is {self.config.schedule_policy!r})")
         params = self.default_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -182,7 +189,7 @@ class LLMEngine:
                              f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
         bad_words = self._bad_words_ids(params.bad_words)
         grammar = self._compile(params)  # (last: a request refused after it would leave a compile running)
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, priority)
         req.bad_words_ids = bad_words
         for seq in req.seqs:
             seq.max_tokens = most

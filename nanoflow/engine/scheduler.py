@@ -146,8 +146,9 @@ class Scheduler:
                 out.chunks.append(Chunk(seq, seq.num_computed, n, n == seq.num_pending))
                 budget -= n
         # 3. admit waiting sequences in order while the budget and the KV cache allow
-        if self.config.schedule_policy != "fcfs" and self.waiting:  # (the cut sums the running: only when needed)
-            cut = self._cut()
+        policy = self.config.schedule_policy
+        if policy != "fcfs" and self.waiting:  # (the cut sums the running: only when needed)
+            cut = self._cut() if policy != "priority" else 0
             if not self.order_holds[0] < cut <= self.order_holds[1]:
                 self._order_waiting(cut)
         predicted = None  # admission="predicted": the running sequences' peak, computed once one is tried
@@ -210,7 +211,13 @@ class Scheduler:
         """The preempted first (in their order), then those with max_tokens >= cut, longest first (max_tokens,
         which the engine bounds by the context's room), then the rest; ties, and the rest, in arrival order (a
         request's n sequences among them). Records the cuts between which this order holds, so that it is sorted
-        again only after additions or once the cut passes a sequence's max_tokens."""
+        again only after additions or once the cut passes a sequence's max_tokens. With "priority": the preempted
+        first, then by priority and arrival; it holds until the next addition."""
+        if self.config.schedule_policy == "priority":
+            self.waiting = deque(sorted(self.waiting, key=lambda s: (0, 0, 0) if s in self.resuming else
+                                        (1, s.request.priority, s.seq_id)))
+            self.order_holds = (-math.inf, math.inf)
+            return
         self.waiting = deque(sorted(self.waiting, key=lambda s: (0, 0, 0) if s in self.resuming else
                                     (1, -s.max_tokens, s.seq_id) if s.max_tokens >= cut else (2, 0, s.seq_id)))
         lengths = [s.max_tokens for s in self.waiting if s not in self.resuming]
@@ -278,9 +285,11 @@ class Scheduler:
         return fixed + most
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Allocate blocks for seq, preempting the newest running sequences if needed."""
+        """Allocate blocks for seq, preempting the newest running sequences (with "priority": the lowest-priority ones)
+        if needed."""
         while not self.blocks.can_allocate(seq, num_tokens):
-            victim = self.running[-1]
+            victim = (max(self.running, key=lambda s: (s.request.priority, s.seq_id))
+                      if self.config.schedule_policy == "priority" else self.running[-1])
             self._preempt(victim, out)
             if victim is seq:
                 return False

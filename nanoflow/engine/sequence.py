@@ -22,10 +22,12 @@ class Status(Enum):
 class Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "arrival_time",
                  "prompt_logprobs", "prompt_logprobs_planned", "first_token_time", "bad_words_ids",
-                 "num_cached_tokens")
+                 "num_cached_tokens", "priority")
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 priority: int = 0):
         self.request_id = request_id
+        self.priority = priority  # (schedule_policy "priority": lower first)
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

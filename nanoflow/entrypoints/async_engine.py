@@ -70,6 +70,7 @@ class Submission:
     prompts: list[list[int]]
     params: SamplingParams
     sink: _Sink
+    priority: int = 0
 
 
 class EngineClient(abc.ABC):
@@ -114,7 +115,7 @@ class EngineClient(abc.ABC):
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams,
                      until_disconnected: Callable[[], Awaitable] | None = None,
-                     base_id: str | None = None) -> RequestStream:
+                     base_id: str | None = None, priority: int = 0) -> RequestStream:
         """Queue one engine request per prompt, all or none. Returns once the engine accepted them; raises
         Overloaded when the waiting queue is full, or the engine's error (ValueError, TypeError) for bad input.
         until_disconnected(): resolves when the client goes away; the requests are then aborted.
@@ -130,7 +131,7 @@ class EngineClient(abc.ABC):
         sink = _Sink(asyncio.get_running_loop())
         stream = RequestStream(self, base_id or uuid.uuid4().hex, len(prompts), sink)
         self.num_waiting += len(prompts)
-        self._add(Submission(stream.request_ids, prompts, params, sink))
+        self._add(Submission(stream.request_ids, prompts, params, sink, priority))
         try:
             answer = await sink.queue.get()
         except BaseException:  # cancelled: the engine may still take the requests, so abort them
@@ -239,7 +240,7 @@ class AsyncEngine(EngineClient):
         added = []
         try:
             for rid, prompt in zip(cmd.request_ids, cmd.prompts):
-                self.engine.add_request(rid, prompt, cmd.params)
+                self.engine.add_request(rid, prompt, cmd.params, cmd.priority)
                 added.append(rid)
         except Exception as e:  # bad input (ValueError, TypeError): take none of them
             for rid in added:  # only those added here: an id already in use belongs to another request

@@ -191,7 +191,8 @@ class Router(EngineClient):
         self.sent.labels(str(r.index)).inc()
         if self.affinity:
             self.affinity.record(route.keys, r.index)
-        r.actor.add.remote(self.front, base, route.add.prompts, route.add.params)  # answered on the stream
+        r.actor.add.remote(self.front, base, route.add.prompts, route.add.params,  # answered on the stream
+                           route.add.priority)
         return True
 
     def _end(self, base: str, route: _Route) -> None:

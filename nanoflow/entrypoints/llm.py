@@ -39,17 +39,19 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """priority: each prompt's (with schedule_policy "priority", lower first), as vLLM's."""
         prompts = _as_list(prompts)
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params] * len(prompts))
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if len(params) != len(prompts) or priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params and {len(priority or prompts)} priorities for "
+                             f"{len(prompts)} prompts")
         ids, done = [], {}
         try:
-            for prompt, p in zip(prompts, params):  # a bad prompt rejects the whole call
+            for prompt, p, rank in zip(prompts, params, priority or [0] * len(prompts)):  # a bad one rejects all
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], prompt, p)
+                self.engine.add_request(ids[-1], prompt, p, rank)
             mine = set(ids)
             with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
                 while len(done) < len(ids):

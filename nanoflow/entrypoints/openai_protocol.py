@@ -127,6 +127,7 @@ class _SamplingRequest(_Request):
     allowed_token_ids: list[Int64] | None = None  # (vLLM's)
     bad_words: list[str] | None = None  # (vLLM's)
     truncate_prompt_tokens: Int64 | None = None  # (vLLM's) only the prompt's last k tokens; -1: as many as fit
+    priority: Int64 = 0  # (vLLM's) with the engine's schedule_policy "priority": lower first
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # (vLLM's) StructuredOutputsParams' fields
     # (vLLM's before 0.12, which clients still send: each one of structured_outputs' fields)

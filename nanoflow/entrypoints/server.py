@@ -296,7 +296,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             raise _bad_input(e) from None
 
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str,
-                     grammar_source: str | None) -> RequestStream:
+                     grammar_source: str | None, priority: int) -> RequestStream:
         """grammar_source: the request's field its grammar came from, which names the grammar's errors."""
         longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
         if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
@@ -304,7 +304,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                            f"for {longest + params.max_tokens}: {longest} in the prompt and {params.max_tokens} to "
                            f"generate; shorten the prompt or lower max_tokens", param="max_tokens")
         try:
-            return await engine.submit(prompts, params, lambda: _disconnected(raw))
+            return await engine.submit(prompts, params, lambda: _disconnected(raw), priority=priority)
         except (ValueError, TypeError) as e:
             if grammar_source not in (None, "structured_outputs"):  # a grammar refused: named as sent
                 e = ValueError(re.sub(r"structured_outputs(\.\w+)?", grammar_source, str(e), count=1))
@@ -382,7 +382,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             if tokenizer is None:
                 raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-        stream = await submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None))
+        stream = await submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None), req.priority)
         head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
         k = params.logprobs
@@ -438,7 +438,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         params = sampling_params(req, tools)
         prompt, = truncated([chat_prompt(req)], params)
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
-        stream = await submit([prompt], params, raw, "messages", grammar_source)
+        stream = await submit([prompt], params, raw, "messages", grammar_source, req.priority)
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(params.n)]
 
