@@ -601,7 +601,7 @@ def test_a_refused_submission_takes_back_only_what_it_added():
     from nanoflow.entrypoints.metrics import Metrics
 
     class Engine(SimpleNamespace):
-        def add_request(self, rid, prompt, params):
+        def add_request(self, rid, prompt, params, priority=0):
             if rid in self.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
             if not prompt:
