@@ -445,18 +445,19 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
             return _chat_logprobs(c, start, params.logprobs) if c.logprobs is not None else None
 
-        thinks = reasoning_parser  # (a grammar holds what follows the reasoning: the engine has the same parser)
 
         if req.stream:
             async def chunks():
                 sent_prompt, out = False, None
-                streams = [(ReasoningStream(thinks) if thinks else None, tools.stream()) for _ in range(params.n)]
+                streams = [(ReasoningStream(reasoning_parser) if reasoning_parser else None, tools.stream())
+                           for _ in range(params.n)]
                 async for _, out in stream:
                     for c in out.outputs:  # one choice a chunk, as OpenAI's and vLLM's
                         if (piece := _advance(c, progress[c.index])) is None:
                             continue
                         _, start, first = piece
-                        thought, said = streams[c.index][0].step(c.text, c.finished) if thinks else (None, c.text)
+                        thought, said = (streams[c.index][0].step(c.text, c.finished) if reasoning_parser
+                                         else (None, c.text))
                         thought = thought if req.include_reasoning else None
                         content, calls = streams[c.index][1].step(said, c.finished) if said is not None else (None, [])
                         lp = logprobs(c, start)
@@ -489,12 +490,14 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         choices = []
         for c in out.outputs:
             _advance(c, progress[c.index])
-            thought, said, _ = split_reasoning(thinks, c.text) if thinks else (None, c.text, 0)
+            thought, said, _ = split_reasoning(reasoning_parser, c.text) if reasoning_parser else (None, c.text, 0)
             content, calls = tools.read(said)
             thought = (thought or None) if req.include_reasoning else None
-            message = api.ChatMessageOut(content=content or None if thinks else content, tool_calls=[api.ToolCall(
-                id=new_tool_call_id(), function=api.FunctionCall(name=call.name, arguments=call.arguments))
-                for call in calls] or None, reasoning=thought, reasoning_content=thought)
+            made = [api.ToolCall(id=new_tool_call_id(),
+                                 function=api.FunctionCall(name=call.name, arguments=call.arguments))
+                    for call in calls]
+            message = api.ChatMessageOut(content=content or None if reasoning_parser else content,
+                                         tool_calls=made or None, reasoning=thought, reasoning_content=thought)
             choices.append(api.ChatChoice(index=c.index, message=message, logprobs=logprobs(c, 0),
                                           finish_reason=tools.finish_reason(c.finish_reason, calls),
                                           stop_reason=c.stop_reason))
