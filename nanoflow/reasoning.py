@@ -14,7 +14,6 @@ and text before a </think> without <think> is reasoning there.)
 """
 from __future__ import annotations
 
-from nanoflow.config import REASONING_PARSERS as PARSERS  # noqa: F401  (the engine's option checks them there)
 from nanoflow.engine.detokenizer import marker_tail
 
 START, END = "<think>", "</think>"

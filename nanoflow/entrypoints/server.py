@@ -206,7 +206,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
               prompt_tokens_details: bool = False) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
-    reasoning_parser: how a thinking model's reasoning is told from its content (reasoning.PARSERS);
+    reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
     prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache."""
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.

@@ -41,12 +41,10 @@ exponential_race = _compile(reference.exponential_race)
 moe_combine = _compile(reference.moe_combine)
 
 
-def qk_norm(q, k, q_weight, k_weight, eps) -> None:
-    """The reference's, a compiled norm each: q and k, views of one buffer, compiled as one function's two inputs
-    became a "synthetic base" of the whole buffer, its size fixed at the first call (another buffer's views then
-    failed an assertion, and on the CPU views at an offset came out wrong)."""
-    rms_norm(q, q_weight, eps, q)
-    rms_norm(k, k_weight, eps, k)
+# The reference's with the compiled norm, once for q and once for k: q and k, views of one buffer, compiled as one
+# function's two inputs became a "synthetic base" of the whole buffer, its size fixed at the first call (another
+# buffer's views then failed an assertion, and on the CPU views at an offset came out wrong).
+qk_norm = functools.partial(reference.qk_norm, norm=rms_norm)
 
 
 def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None) -> None:

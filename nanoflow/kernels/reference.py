@@ -23,10 +23,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     return y if out is None else out.copy_(y)
 
 
-def qk_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float) -> None:
-    """Qwen3's: each head of q [n, Hq, D] and of k [n, Hkv, D] RMS-normalized over D, in place."""
-    rms_norm(q, q_weight, eps, q)
-    rms_norm(k, k_weight, eps, k)
+def qk_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+            norm=rms_norm) -> None:
+    """Qwen3's: each head of q [n, Hq, D] and of k [n, Hkv, D] RMS-normalized over D, in place (norm: a backend's
+    rms_norm)."""
+    norm(q, q_weight, eps, q)
+    norm(k, k_weight, eps, k)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
