@@ -166,7 +166,8 @@ def run(args) -> list[dict]:
         eager = {"experts op, eager": lambda: model.experts(0, ws, batch, 0, M)}
         grouped = model.k
         loop_k = types.SimpleNamespace(**{n: getattr(grouped, n) for n in dir(grouped) if not n.startswith("_")})
-        loop_k.experts_mlp = lambda x, _, down, offs: reference.experts_mlp(x, plain_gu, down, offs, gpu.silu_mul)
+        loop_k.experts_mlp = lambda x, _, down, offs, pad: reference.experts_mlp(x, plain_gu, down, offs, pad,
+                                                                               gpu.silu_mul)
 
         def synced_loop():
             model.k = loop_k

@@ -186,8 +186,8 @@ def test_graph_padding_rows_go_to_no_expert(tmp_path, monkeypatch):
     seen = []
     route = reference.moe_route
 
-    def spy(logits, k, normalize, live=None, first=0):
-        out = route(logits, k, normalize, live, first)
+    def spy(logits, k, normalize, live=None, first=0, pad=1):
+        out = route(logits, k, normalize, live, first, pad)
         a = logits.storage_offset() // logits.stride(0)  # the op's first row: logits is ws.router[a:b]
         seen.append((logits.shape[0], min(max(int(live) - a, 0), logits.shape[0]) * k, int(out[3][-1])))
         return out
@@ -199,6 +199,38 @@ def test_graph_padding_rows_go_to_no_expert(tmp_path, monkeypatch):
         assert any(pairs < rows * 2 for rows, pairs, _ in seen)  # some ops really had padding rows
         assert all(placed == pairs for _, pairs, placed in seen)
         for a, b in zip(outs, eager):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                (t, lp), = x.items()
+                assert lp.logprob == pytest.approx(y[t].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_padded_expert_slots_give_the_same_tokens(tmp_path, monkeypatch, arch):
+    """The GPU's layout on the CPU: each expert's pairs from a multiple of 8 slots on, the gaps zero rows (the
+    reference's MOE_PAD set to 8). Tokens and logprobs are the packed layout's, eager and through the CUDA-graph
+    path's buckets (padding rows), plain and nano-batched."""
+    from nanoflow.kernels import reference
+    path = str(tmp_path / "m")
+    make_hf_model(path, arch, None, seed=8)
+    moe_spec().save(str(tmp_path / "spec.json"))
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    packed = LLM(path, device="cpu", max_num_batched_tokens=64).generate(PROMPTS, p, use_tqdm=False)
+    monkeypatch.setattr(reference, "MOE_PAD", 8)
+    seen = []
+    route = reference.moe_route
+
+    def spy(logits, k, *args):
+        out = route(logits, k, *args)
+        seen.append((logits.shape[0] * k, len(out[0])))
+        return out
+    monkeypatch.setattr(reference, "moe_route", spy)
+    for kw in ({}, dict(cuda_graph=True), dict(cuda_graph=True, mode="nanobatch-only",
+                                                  pipeline_spec=str(tmp_path / "spec.json"))):
+        seen.clear()
+        outs = LLM(path, device="cpu", max_num_batched_tokens=64, **kw).generate(PROMPTS, p, use_tqdm=False)
+        assert seen and all(slots > pairs for pairs, slots in seen)  # the padded layout ran
+        for a, b in zip(outs, packed):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
                 (t, lp), = x.items()

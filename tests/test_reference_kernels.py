@@ -93,3 +93,39 @@ def test_compiled_fusions_keep_widths_static():
             got = silu_mul(x, out=torch.empty(rows, width))
             torch.testing.assert_close(got, ref.silu_mul(x, torch.empty(rows, width)))
     assert counters["stats"]["unique_graphs"] - before == 3
+
+
+@pytest.mark.parametrize("pad", [1, 4, 128])
+def test_moe_route_pads_each_experts_pairs(pad):
+    """moe_route's slots with pad: each expert's pairs start at a multiple of pad, in the packed order (pad 1),
+    the gaps hold -1 and moe_gather makes them zero rows; experts_mlp over them and the combine give the packed
+    layout's output. Expert 2 is never picked, expert 0 by one row only."""
+    g = torch.Generator().manual_seed(pad)
+    m, e, k, h, i = 37, 5, 2, 8, 12
+    logits = torch.randn(m, e, generator=g)
+    logits[:, 2] = float("-inf")
+    logits[:, 0] = -30.0
+    logits[7, 0] = 30.0
+    rows, where, weights, offs = ref.moe_route(logits, k, True, pad=pad)
+    p_rows, p_where, p_weights, p_offs = ref.moe_route(logits, k, True)
+    assert len(rows) == ref.moe_slots(m, k, e, pad) and torch.equal(weights, p_weights)
+    counts = torch.diff(p_offs, prepend=p_offs.new_zeros(1)).tolist()
+    assert counts[0] == 1 and counts[2] == 0
+    held = torch.zeros(len(rows), dtype=torch.bool)
+    start = p_start = 0
+    for x, c in enumerate(counts):
+        start = -(-start // pad) * pad
+        assert offs[x] == start + c
+        assert torch.equal(rows[start:start + c], p_rows[p_start:p_start + c]), f"expert {x}"
+        held[start:start + c] = True
+        start, p_start = start + c, p_start + c
+    assert (rows[~held] == -1).all()
+    assert torch.equal(rows[where], torch.arange(m)[:, None].expand(m, k))
+    x = torch.randn(m, h, generator=g)
+    xs = ref.moe_gather(x, rows)
+    assert not xs[~held].any() and torch.equal(xs[held], x[p_rows])
+    gate_up, down = torch.randn(e, 2 * i, h, generator=g), torch.randn(e, h, i, generator=g)
+    y = ref.experts_mlp(xs, gate_up, down, offs, pad)
+    p_y = ref.experts_mlp(x[p_rows], gate_up, down, p_offs)
+    out, p_out = torch.empty(m, h), torch.empty(m, h)
+    torch.testing.assert_close(ref.moe_combine(y, where, weights, out), ref.moe_combine(p_y, p_where, p_weights, p_out))

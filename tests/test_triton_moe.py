@@ -109,6 +109,43 @@ def test_grouped_mm_gated_matches_reference(case, blocks, tma):
     assert grouped_mm(x, interleave(w), offs, tma=tma, gated=True).shape == (x.shape[0], 48)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("tma", TMA)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bm, pad", [(16, 16), (16, 32), (32, 32)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grouped_mm_padded_layout(case, bm, pad, gated, tma):
+    """pad > 1, moe_route's padded slots: each expert's rows start at a multiple of pad, the gap after them zero
+    rows. Each expert's rows equal the reference; its last m-tile is stored whole, so the gap's rows in it come out
+    zero (zero rows times w; silu(0) * 0 when gated: down then multiplies zeros too); rows that no tile covers (the
+    rest of a gap wider than a tile, the trailing rows) are left untouched."""
+    from nanoflow.kernels.triton_moe import grouped_mm, interleave
+    counts, trailing = CASES[case]
+    n, k = 64, 48
+    g = torch.Generator().manual_seed(hash((case, bm, pad)) % 1000)
+    padded = [-(-c // pad) * pad for c in counts]
+    firsts = [sum(padded[:e]) for e in range(len(counts))]
+    x = torch.zeros(sum(padded) + trailing, k)
+    for f, c in zip(firsts, counts):
+        x[f:f + c] = torch.randn(c, k, generator=g)
+    w = torch.randn(len(counts), n, k, generator=g) * torch.arange(1, len(counts) + 1)[:, None, None]
+    x, w = x.to(DTYPE).to(DEVICE), w.to(DTYPE).to(DEVICE)
+    offs = torch.tensor([f + c for f, c in zip(firsts, counts)], dtype=torch.int32, device=DEVICE)
+    width = n // 2 if gated else n
+    out = torch.full((x.shape[0], width), float("nan"), dtype=DTYPE, device=DEVICE)
+    grouped_mm(x, interleave(w) if gated else w, offs, out, block_m=bm, block_n=32, block_k=32, group_m=2,
+               num_warps=4, num_stages=2, tma=tma, gated=gated, pad=pad)
+    covered = torch.zeros(x.shape[0], dtype=torch.bool)
+    for e, (f, c) in enumerate(zip(firsts, counts)):
+        if c:
+            expect = torch.mm(x[f:f + c].float(), w[e].float().T)
+            assert rel_err(out[f:f + c], swiglu(expect) if gated else expect) < TOL, f"expert {e}"
+        end = f + -(-c // bm) * bm
+        assert (out[f + c:end] == 0).all(), f"expert {e}: its last tile's gap rows"
+        covered[f:end] = True
+    assert out[~covered.to(DEVICE)].isnan().all(), "rows no tile covers must be left untouched"
+
+
 @pytest.mark.parametrize("tma", TMA)
 def test_grouped_mm_allocates_out_and_takes_strided_rows(tma):
     """Without out it allocates [M, N] in x's dtype; x may be a view with a row stride wider than K."""
@@ -236,13 +273,15 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path, monkeypatch):
         check(out, x, w, moved, activation)
 
 
+@pytest.mark.parametrize("pad", [1, 16])
 @pytest.mark.parametrize("m, e, k, normalize", [(1, 8, 2, True), (37, 8, 2, True), (600, 8, 2, True),
                                                 (150, 60, 4, False), (1100, 60, 4, False), (0, 8, 2, True),
                                                 (9, 4, 4, True)])
-def test_route_matches_reference(m, e, k, normalize):
+def test_route_matches_reference(m, e, k, normalize, pad):
     """The Triton routing against reference.moe_route: Mixtral's 8 experts top-2 renormalized, in one and in ten
     blocks of rows (64 at 8 experts); Qwen2-MoE's 60 top-4 not renormalized, in ten blocks of 16 rows and in 35 of
-    32 (at most 64 blocks: larger blocks as the rows grow); no rows; k = E.
+    32 (at most 64 blocks: larger blocks as the rows grow); no rows; k = E; each expert's pairs packed or from a
+    multiple of 16 slots on.
     Logits in the router's dtype, each row a random order of distinct values (bf16 logits tie often, and
     torch.topk's tie-break is its own: the next test)."""
     from nanoflow.kernels import reference
@@ -250,7 +289,7 @@ def test_route_matches_reference(m, e, k, normalize):
     g = torch.Generator().manual_seed(m * 100 + e)
     ranks = torch.rand(m, e, generator=g).argsort(-1)
     logits = ((ranks - e / 2) * 0.125 + torch.randint(-4, 4, (m, 1), generator=g)).to(torch.bfloat16).to(DEVICE)
-    got, expect = route(logits, k, normalize), reference.moe_route(logits, k, normalize)
+    got, expect = route(logits, k, normalize, pad=pad), reference.moe_route(logits, k, normalize, pad=pad)
     for name, a, b in zip(("rows", "where", "weights", "offs"), got, expect):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if name == "weights":
@@ -259,12 +298,13 @@ def test_route_matches_reference(m, e, k, normalize):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("pad", [1, 16])
 @pytest.mark.parametrize("m, live, first", [(600, 517, 0), (600, 300, 100), (600, 900, 100), (64, 10, 32),
                                              (37, 0, 0)])
-def test_route_skips_padding_rows(m, live, first):
+def test_route_skips_padding_rows(m, live, first, pad):
     """A CUDA graph's bucket: the rows from `live` (counted from the op's first row) are padding and go to no
     expert. Triton and the reference agree on every output; the real rows route as if the padding were not
-    there; the padding's places are 0 with weight 0, and the pair slots past the placed pairs hold row 0."""
+    there; the padding's places are 0 with weight 0, and the slots past the placed pairs hold -1 (no row)."""
     from nanoflow.kernels import reference
     from nanoflow.kernels.triton_moe import route
     e, k = 8, 2
@@ -274,15 +314,15 @@ def test_route_skips_padding_rows(m, live, first):
     n = min(max(live - first, 0), m)
     logits[:n] = (torch.rand(n, e, generator=g).argsort(-1) * 0.125).to(torch.bfloat16).to(DEVICE)
     count = torch.tensor([live], dtype=torch.int32, device=DEVICE)
-    got = route(logits, k, True, count, first)
-    expect = reference.moe_route(logits, k, True, count, first)
+    got = route(logits, k, True, count, first, pad)
+    expect = reference.moe_route(logits, k, True, count, first, pad)
     for name, a, b in zip(("rows", "where", "weights", "offs"), got, expect):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     rows, where, weights, offs = got
-    real = reference.moe_route(logits[:n], k, True)
-    assert torch.equal(offs, real[3]) and offs[-1].item() == n * k
-    assert torch.equal(rows[:n * k], real[0]) and not rows[n * k:].any()
+    real = reference.moe_route(logits[:n], k, True, pad=pad)
+    assert torch.equal(offs, real[3]) and (rows >= 0).sum().item() == n * k
+    assert torch.equal(rows[:len(real[0])], real[0]) and (rows[len(real[0]):] == -1).all()
     assert torch.equal(where[:n], real[1]) and not where[n:].any()
     torch.testing.assert_close(weights[:n], real[2])
     assert not weights[n:].any()

@@ -63,11 +63,16 @@ def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None)
 # Triton's grouped GEMMs in 16-bit floats: they read the offsets on the device, and take gate and up interleaved
 experts_capturable = experts_interleaved = triton_moe.supported
 moe_route = triton_moe.route
+moe_gather = _compile(reference.moe_gather)
+# Each expert's rows start at a multiple of the grouped GEMM's tile rows (block_m), the gap zero rows: its last
+# tile then multiplies zeros, not the next expert's rows. Under the power cap that ran the experts' GEMMs 1.02-1.04x
+# faster on an H200, the clock 45-60 MHz higher (BENCHMARKS.md, #10 session 32).
+MOE_PAD = 128
 
 
-def experts_mlp(x, gate_up, down, offs):
+def experts_mlp(x, gate_up, down, offs, pad=1):
     """Triton's grouped GEMMs in 16-bit floats (triton_moe.supported), else the reference's loop over the experts
     (which a CUDA graph cannot capture: the runner then runs eagerly)."""
     if triton_moe.supported(x.dtype):
-        return triton_moe.experts_mlp(x, gate_up, down, offs)
-    return reference.experts_mlp(x, gate_up, down, offs, silu_mul)
+        return triton_moe.experts_mlp(x, gate_up, down, offs, pad)
+    return reference.experts_mlp(x, gate_up, down, offs, pad, silu_mul)

@@ -109,35 +109,60 @@ decode_attention = paged_attention
 prefill_attention = paged_attention
 
 
-def moe_route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | None = None,
-              first: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# The sorted pairs' layout: each expert's pairs start at a multiple of MOE_PAD slots (1 here: packed). The GPU pads to
+# its grouped GEMM's tile rows, so that a tile's rows past its expert's end are zero rows, not the next expert's.
+MOE_PAD = 1
+
+
+def moe_slots(rows: int, k: int, experts: int, pad: int) -> int:
+    """The pair slots a routing of `rows` rows takes: every pair, and with pad > 1 each expert's gap up to the next
+    multiple of pad (pad - 1 slots at most, and only experts that have pairs have one)."""
+    return rows * k + min(experts, rows * k) * (pad - 1)
+
+
+def moe_route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | None = None, first: int = 0,
+              pad: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing as HF Mixtral: softmax of the router's logits [R, E] in float32, top-k (torch.topk's tie-break),
     the k weights renormalized to sum to 1 if `normalize`; each row's k experts in increasing order (the order its
-    outputs are summed in). Then the R * k (row, expert) pairs sorted by expert, stably. Returns the source row of
-    each sorted pair [R * k], each pair's place in that order [R, k], the weights [R, k] (float32) and where each
-    expert's pairs end (int32 [E], counted on the device: torch.bincount on CUDA syncs for its size).
+    outputs are summed in). Then the R * k (row, expert) pairs sorted by expert, stably, each expert's pairs from a
+    slot that is a multiple of `pad` on (moe_slots slots in all). Returns the source row of each slot (-1 for
+    slots no pair holds: moe_gather makes them zero rows) [slots], each pair's slot [R, k], the weights [R, k]
+    (float32) and where each expert's pairs end (int32 [E], counted on the device: torch.bincount on CUDA syncs for
+    its size); expert e's pairs start at offs[e - 1] rounded up to a multiple of pad.
 
     live: the batch's real row count (a one-element tensor: a CUDA graph reads it at replay), these rows counted
     from `first`; the rows past it are a graph's padding and go to no expert, so the experts' GEMMs skip them.
-    Their places are 0 with weight 0, and the pair slots past the placed pairs take row 0."""
+    Their slots are 0 with weight 0."""
+    m, e = logits.shape
     weights, ids = logits.float().softmax(-1).topk(k, dim=-1)
     if normalize:
         weights /= weights.sum(-1, keepdim=True)
     padding = None
     if live is not None:
-        padding = torch.arange(logits.shape[0], device=logits.device) >= live - first
-        ids = ids.masked_fill(padding[:, None], logits.shape[1])  # past every expert: sorted after their pairs
+        padding = torch.arange(m, device=logits.device) >= live - first
+        ids = ids.masked_fill(padding[:, None], e)  # past every expert: sorted after their pairs, and not placed
     ids, order = ids.sort(-1)
     weights = weights.gather(-1, order)
     sorted_ids, pairs = ids.flatten().sort(stable=True)
-    offs = torch.searchsorted(sorted_ids, torch.arange(logits.shape[1], device=ids.device), right=True,
-                              out_int32=True)
-    where = torch.empty_like(pairs).scatter_(0, pairs, torch.arange(len(pairs), device=pairs.device)).view(-1, k)
-    rows = pairs // k
+    ends = torch.searchsorted(sorted_ids, torch.arange(e, device=ids.device), right=True)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (counts + pad - 1) // pad * pad
+    starts = padded.cumsum(0) - padded  # each expert's first slot
+    # sorted pair i of expert x: its rank among x's pairs (i - (ends - counts)[x]) after x's first slot
+    place = torch.arange(len(pairs), device=ids.device) + (starts + counts - ends)[sorted_ids.clamp(max=e - 1)]
+    placed = sorted_ids < e
+    slots = moe_slots(m, k, e, pad)
+    rows = torch.full((slots + 1,), -1, dtype=torch.int64, device=ids.device)  # (slot `slots`: the unplaced pairs')
+    rows.scatter_(0, torch.where(placed, place, slots), torch.where(placed, pairs // k, -1))
+    where = torch.empty_like(pairs).scatter_(0, pairs, place).view(-1, k)
     if padding is not None:
-        rows = rows.masked_fill(torch.arange(len(rows), device=rows.device) >= offs[-1], 0)
         where, weights = where.masked_fill(padding[:, None], 0), weights.masked_fill(padding[:, None], 0.0)
-    return rows, where, weights, offs
+    return rows[:slots], where, weights, (starts + counts).to(torch.int32)
+
+
+def moe_gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The experts' input in moe_route's slot order: x's row rows[i] in slot i, zeros where rows[i] is -1."""
+    return torch.where(rows[:, None] >= 0, x.index_select(0, rows.clamp(min=0)), 0)
 
 
 def moe_combine(y: torch.Tensor, where: torch.Tensor, weights: torch.Tensor, out: torch.Tensor,
@@ -162,14 +187,16 @@ def experts_interleaved(dtype: torch.dtype) -> bool:
     return False
 
 
-def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, pad: int = 1,
                 activation=silu_mul) -> torch.Tensor:
-    """Each expert's SwiGLU MLP over its rows of x (sorted by expert: expert e's rows end at offs[e], int32):
-    gate_up [experts, 2 I, H] (gate rows, then up rows), down [experts, H, I]. One GEMM pair per expert that has
-    rows, after one host sync for the offsets. activation: silu_mul's signature (a backend's own)."""
+    """Each expert's SwiGLU MLP over its rows of x (in moe_route's slots: expert e's rows end at offs[e], int32, and
+    start at offs[e - 1] rounded up to a multiple of pad): gate_up [experts, 2 I, H] (gate rows, then up rows), down
+    [experts, H, I]. One GEMM pair per expert that has rows, after one host sync for the offsets. activation:
+    silu_mul's signature (a backend's own). The rows no expert holds are left as they were."""
     y = x.new_empty(x.shape[0], down.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
+        start = -(-start // pad) * pad
         if end > start:
             h = torch.mm(x[start:end], gate_up[e].t())
             act = h.new_empty(end - start, down.shape[2])

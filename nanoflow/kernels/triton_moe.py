@@ -23,7 +23,10 @@ Two kernels share that bookkeeping (_expert_tiles, _tile_coords) and the masked 
 - the pointer kernel, the fallback (older GPUs, x or w not TMA-aligned): one program per tile there could be,
   the spare ones returning at once.
 The store is a masked pointer store in both: a tile's rows past its expert's end are the next expert's, written
-by another program, so a TMA store (whole boxes) would clobber them.
+by another program, so a TMA store (whole boxes) would clobber them. The engine lays the rows out padded instead
+(route's and grouped_mm's `pad`): each expert from a multiple of the tile rows on, the gap after it zero rows, so
+that its last tile multiplies zeros rather than the next expert's rows. Under the card's power cap that drew less
+power and ran the two GEMMs 1.02-1.04x faster on an H200 (BENCHMARKS.md, #10 session 32).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from nanoflow.kernels import sm_share
+from nanoflow.kernels import reference, sm_share
 from nanoflow.kernels import tma as tma_engine  # (grouped_mm's `tma` argument picks the kernel)
 
 INTERPRETER_PROGRAMS = 3  # the TMA kernel's programs off a GPU (Triton's interpreter)
@@ -43,13 +46,18 @@ SPLIT_MIN_K_ITERS = 48
 
 
 @triton.jit
-def _expert_tiles(OFFS, N, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _expert_tiles(OFFS, N, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PAD: tl.constexpr):
     """Per expert (vectors over BLOCK_E): row starts and ends, m-tile counts and their running sum; then the
-    number of m-tiles in all and of n-tiles. All E at once as vectors, rather than a loop of scalar loads."""
+    number of m-tiles in all and of n-tiles. All E at once as vectors, rather than a loop of scalar loads.
+    With PAD > 1 (a multiple of BLOCK_M) each expert starts at a multiple of PAD rows and the gap after its rows is
+    its own (zero rows): its end is then its last tile's, so that the store writes whole tiles."""
     e = tl.arange(0, BLOCK_E)
     ends = tl.load(OFFS + e, mask=e < E, other=0)
-    starts = tl.load(OFFS + e - 1, mask=(e > 0) & (e < E), other=0)
+    starts = tl.cdiv(tl.load(OFFS + e - 1, mask=(e > 0) & (e < E), other=0), PAD) * PAD
     tiles = tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M)
+    if PAD > 1:
+        ends = starts + tiles * BLOCK_M
     return starts, ends, tiles, tl.cumsum(tiles, 0), tl.sum(tiles), tl.cdiv(N, BLOCK_N)
 
 
@@ -96,8 +104,8 @@ def _store_result(OUT, acc, row_begin, row_end, col_begin, N, stride_om, BLOCK_M
 @triton.jit
 def _grouped_mm_kernel(X, W, OUT, OFFS, N, K, stride_xm, stride_we, stride_wn, stride_om,
                        E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr):
-    starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GATED: tl.constexpr, PAD: tl.constexpr):
+    starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N, PAD)
     pid = tl.program_id(0)
     if pid >= num_pid_m * num_pid_n:
         return  # a spare program: the experts' rows needed fewer tiles
@@ -185,11 +193,12 @@ def _split_round(x_desc, w_desc, OUT, PARTS, LOCKS, N, K, stride_om, first_tile,
 def _grouped_mm_tma_kernel(x_desc, w_desc, OUT, PARTS, LOCKS, OFFS, N, K, stride_om,
                            E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
-                           GATED: tl.constexpr, MAX_SPLIT: tl.constexpr, SUM_ROWS: tl.constexpr):
+                           GATED: tl.constexpr, MAX_SPLIT: tl.constexpr, SUM_ROWS: tl.constexpr,
+                           PAD: tl.constexpr):
     # x_desc: x as [M, K], boxes [BLOCK_M, BLOCK_K]; w_desc: w as [E * N, K], boxes [BLOCK_N, BLOCK_K]. TMA
-    # zero-fills past M and K; x rows past the expert's end and w rows past N (the next expert's) are read but
-    # only feed outputs that the store masks off.
-    starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N)
+    # zero-fills past M and K; x rows past the expert's end (unpadded: the next expert's) and w rows past N (the
+    # next expert's) are read but only feed outputs that the store masks off.
+    starts, ends, tiles, tiles_end, num_pid_m, num_pid_n = _expert_tiles(OFFS, N, E, BLOCK_E, BLOCK_M, BLOCK_N, PAD)
     num_tiles = num_pid_m * num_pid_n  # the real count, read from offs: the loop skips the spare tiles
     step = tl.num_programs(0)  # a runtime value: a new grid size (it follows M when M is small) doesn't recompile
     # Whole tiles, one a program at a time; then, if MAX_SPLIT > 1, a part round (fewer tiles than programs) is
@@ -235,19 +244,24 @@ def interleave(gate_up: torch.Tensor) -> torch.Tensor:
     return gate_up.view(e, 2, n // 2, h).transpose(1, 2).reshape(e, n, h)
 
 
-def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
+                pad: int = 1) -> torch.Tensor:
     """reference.experts_mlp as two grouped GEMMs, over gate_up's rows interleaved (interleave): the first applies
     the activation to its fp32 sums before storing, so the [rows, 2 I] product is never written (measured 3-4 %
-    faster than a separate silu_mul pass on an H100, BENCHMARKS.md #10)."""
-    return grouped_mm(grouped_mm(x, gate_up, offs, gated=True), down, offs)
+    faster than a separate silu_mul pass on an H100, BENCHMARKS.md #10). With pad > 1 its zero gap rows give zero
+    activations, so down multiplies zeros there too."""
+    return grouped_mm(grouped_mm(x, gate_up, offs, gated=True, pad=pad), down, offs, pad=pad)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
                block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
                num_stages: int | None = None, tma: bool | None = None, flatten: bool = True,
-               gated: bool = False, split_k: int = 8) -> torch.Tensor:
-    """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e]; rows from
-    offs[-1] on are left untouched): out [M, N] in x's dtype, expert e's rows x[rows] @ w[e].T (fp32 sums).
+               gated: bool = False, split_k: int = 8, pad: int = 1) -> torch.Tensor:
+    """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e] and start at offs[e - 1]
+    rounded up to a multiple of pad; rows no expert holds are left untouched): out [M, N] in x's dtype, expert e's
+    rows x[rows] @ w[e].T (fp32 sums). With pad > 1 (a multiple of block_m) the gap after an expert's rows is taken
+    for its own (moe_route's zero rows): its last m-tile is stored whole, where unpadded the rows past the expert's
+    end are the next one's, computed and masked off. Zero rows there draw less power than the next expert's data.
     The defaults measured best on an H100 at 512-2,048 tokens of Mixtral's shard; num_stages: 4 with TMA, else 3
     (the pointer kernel's tiles must also fit older GPUs' shared memory).
 
@@ -265,6 +279,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     assert wk == k and offs.shape == (e,) and offs.dtype == torch.int32
     assert x.stride(1) == 1 and w.stride(2) == 1, "rows of x and of w must be contiguous"
     assert not gated or n % 2 == 0, "gated: gate and up rows in pairs"
+    assert pad == 1 or pad % block_m == 0, "pad: a multiple of block_m"
     n_out = n // 2 if gated else n
     if out is None:
         out = x.new_empty(m, n_out)
@@ -281,7 +296,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.
     if triton.cdiv(k, block_k) < SPLIT_MIN_K_ITERS:
         split_k = 1
     meta = dict(E=e, BLOCK_E=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                GROUP_M=group_m, GATED=gated, num_warps=num_warps, num_stages=num_stages)
+                GROUP_M=group_m, GATED=gated, PAD=pad, num_warps=num_warps, num_stages=num_stages)
     tiles = (triton.cdiv(m, block_m) + e) * triton.cdiv(n, block_n)  # every tile there could be, by shapes alone
     if not tma:
         _grouped_mm_kernel[(tiles,)](x, w, out, offs, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
@@ -356,21 +371,21 @@ def _route_count_kernel(LOGITS, COUNTS, M, LIVE, FIRST, stride_l, E: tl.constexp
 @triton.jit
 def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, LIVE, FIRST, stride_l, E: tl.constexpr,
                         K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
-    """Each block of rows places its pairs: an expert's pairs begin where the earlier experts' end, and within
-    it after the pairs of earlier blocks and of earlier rows in this block. With LIVE, the padding rows place
-    none; each program also fills its share of what they leave: their places (0, weight 0) and the pair slots
-    past the placed pairs (row 0), so that the gather before the GEMMs and the combine after stay in bounds."""
+                        BLOCK_B: tl.constexpr, PAD: tl.constexpr):
+    """Each block of rows places its pairs: an expert's pairs begin where the earlier experts' end, rounded up to
+    a multiple of PAD, and within it after the pairs of earlier blocks and of earlier rows in this block. With LIVE,
+    the padding rows place none, and their places are 0 with weight 0, so that the combine stays in bounds."""
     pid = tl.program_id(0)
     live = _live_rows(M, LIVE, FIRST)
     b = tl.arange(0, BLOCK_B)
     e = tl.arange(0, BLOCK_E)
     counts = tl.load(COUNTS + b[:, None] * BLOCK_E + e[None, :], mask=(b < tl.num_programs(0))[:, None], other=0)
     totals = tl.sum(counts, 0)
-    ends = tl.cumsum(totals, 0)
+    padded = tl.cdiv(totals, PAD) * PAD
+    firsts = tl.cumsum(padded, 0) - padded  # each expert's first slot
     if pid == 0:
-        tl.store(OFFS + e, ends, mask=e < E)
-    start = ends - totals + tl.sum(tl.where((b < pid)[:, None], counts, 0), 0)
+        tl.store(OFFS + e, firsts + totals, mask=e < E)
+    start = firsts + tl.sum(tl.where((b < pid)[:, None], counts, 0), 0)
     rows, chosen, w = _route_rows(LOGITS, pid * BLOCK_R, live, stride_l, E, K, NORMALIZE, BLOCK_R, BLOCK_E)
     c = chosen.to(tl.int32)
     place = start[None, :] + tl.cumsum(c, 0) - c
@@ -381,21 +396,18 @@ def _route_place_kernel(LOGITS, COUNTS, ROWS, WHERE, WEIGHTS, OFFS, M, LIVE, FIR
     tl.store(WEIGHTS + row_2d * K + j, w, mask=chosen)
     if LIVE is not None:
         padding = (rows >= live) & (rows < M)
-        placed = tl.sum(totals)
         for i in tl.static_range(K):
             tl.store(WHERE + rows * K + i, tl.zeros([BLOCK_R], dtype=tl.int64), mask=padding)
             tl.store(WEIGHTS + rows * K + i, tl.zeros([BLOCK_R], dtype=tl.float32), mask=padding)
-            slot = pid * BLOCK_R * K + i * BLOCK_R + tl.arange(0, BLOCK_R)
-            tl.store(ROWS + slot, tl.zeros([BLOCK_R], dtype=tl.int64), mask=(slot >= placed) & (slot < M * K))
 
 
-def route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | None = None,
-          first: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | None = None, first: int = 0,
+          pad: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference.moe_route in two Triton kernels over blocks of rows (no host sync: a CUDA graph captures them).
     Ties in the top-k go to the lower expert (torch.topk leaves them unspecified)."""
     m, e = logits.shape
     assert logits.stride(1) == 1 and 0 < k <= e
-    rows = torch.empty(m * k, dtype=torch.int64, device=logits.device)
+    rows = torch.full((reference.moe_slots(m, k, e, pad),), -1, dtype=torch.int64, device=logits.device)
     where = torch.empty(m, k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(m, k, dtype=torch.float32, device=logits.device)
     offs = torch.zeros(e, dtype=torch.int32, device=logits.device)
@@ -409,5 +421,5 @@ def route(logits: torch.Tensor, k: int, normalize: bool, live: torch.Tensor | No
     meta = dict(E=e, K=k, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=4)
     _route_count_kernel[(blocks,)](logits, counts, m, live, first, logits.stride(0), **meta)
     _route_place_kernel[(blocks,)](logits, counts, rows, where, weights, offs, m, live, first, logits.stride(0),
-                                   NORMALIZE=normalize, BLOCK_B=triton.next_power_of_2(blocks), **meta)
+                                   NORMALIZE=normalize, BLOCK_B=triton.next_power_of_2(blocks), PAD=pad, **meta)
     return rows, where, weights, offs

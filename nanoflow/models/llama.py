@@ -88,14 +88,18 @@ class Workspace:
         return cls(*map(buf, cls.__slots__, cls._widths(cfg, tp_size)))
 
     @classmethod
-    def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1) -> int:
-        """The buffers' bytes, and with experts the scratch of their op (per pair of a row and an expert: its
-        input, gate|up, activation and output rows; per row the float32 sum, and the shared expert's rows)."""
+    def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1,
+                  moe_pad: int = 1) -> int:
+        """The buffers' bytes, and with experts the scratch of their op (per pair slot of a row and an expert: its
+        input, gate|up, activation and output rows, with each expert's gap up to a multiple of moe_pad; per row the
+        float32 sum, and the shared expert's rows)."""
+        size = torch.empty((), dtype=dtype).element_size()
         width = sum(cls._widths(cfg, tp_size))
-        if cfg.is_moe:
-            width += cfg.num_experts_per_tok * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) + 2 * cfg.hidden_size
-            width += 3 * cfg.shared_expert_intermediate_size + cfg.hidden_size  # its gate|up, activation, output
-        return num_tokens * width * torch.empty((), dtype=dtype).element_size()
+        if not cfg.is_moe:
+            return num_tokens * width * size
+        width += 2 * cfg.hidden_size + 3 * cfg.shared_expert_intermediate_size + cfg.hidden_size  # (shared expert)
+        slots = reference.moe_slots(num_tokens, cfg.num_experts_per_tok, cfg.num_experts, moe_pad)
+        return (num_tokens * width + slots * (2 * cfg.hidden_size + 3 * cfg.intermediate_size)) * size
 
     @staticmethod
     def _widths(cfg: ModelConfig, tp_size: int) -> list[int]:
@@ -297,12 +301,14 @@ class LlamaModel(nn.Module):
         (the backend's moe_route): softmax in float32, top-k, weights renormalized over the k; each row's sum in
         increasing expert order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's
         output times sigmoid(x · its gate)). Nothing here waits for the host. A CUDA graph's padding rows
-        (batch.live_rows) go to no expert."""
+        (batch.live_rows) go to no expert. Each expert's rows start at a multiple of the backend's MOE_PAD, the gap
+        zero rows (the GPU's grouped GEMM then computes its tiles' spare rows from zeros)."""
         layer, c = self.layers[l], self.cfg
+        pad = self.k.MOE_PAD
         rows, where, weights, offs = self.k.moe_route(ws.router[a:b], c.num_experts_per_tok, c.norm_topk_prob,
-                                                      batch.live_rows, a)
+                                                      batch.live_rows, a, pad)
         x = ws.normed[a:b]
-        y = self.k.experts_mlp(x.index_select(0, rows), layer.experts_gate_up, layer.experts_down, offs)
+        y = self.k.experts_mlp(self.k.moe_gather(x, rows), layer.experts_gate_up, layer.experts_down, offs, pad)
         shared = None
         if c.shared_expert_intermediate_size:
             act = torch.empty(b - a, c.shared_expert_intermediate_size, dtype=x.dtype, device=x.device)
