@@ -406,6 +406,47 @@ def test_api_key(server, client, model):
     assert client.completions.create(model=model, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_cors_by_default_lets_any_origin_in_without_a_key_for_the_preflight(server):
+    """As vLLM's default (--allowed-origins '["*"]'): a browser's preflight needs no API key, and the answers carry
+    the CORS headers, a 401 too (so that the page can read why)."""
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{server}/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*", r.text
+    r = httpx.get(f"{server}/v1/models", headers={"Origin": "https://ui.example"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_root_path_origins_and_log_level(llama_dir, tmp_path):
+    """--root-path (a proxy's prefix: the docs name it, and the API key still guards /v1 under it, where uvicorn
+    puts the prefix in the request's path), --allowed-origins (others' preflights refused), --uvicorn-log-level."""
+    proc, url = start_server([llama_dir, "--api-key", API_KEY, "--root-path", "/nf", "--uvicorn-log-level",
+                              "warning", "--allowed-origins", '["https://ui.example"]'], tmp_path / "log")
+    try:
+        assert httpx.get(f"{url}/openapi.json").json()["servers"] == [{"url": "/nf"}]
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+        assert httpx.get(f"{url}/nf/v1/models", headers=AUTH).status_code == 404  # the proxy strips the prefix
+        ask = {"Access-Control-Request-Method": "POST"}
+        r = httpx.options(f"{url}/v1/completions", headers=ask | {"Origin": "https://ui.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+        r = httpx.options(f"{url}/v1/completions", headers=ask | {"Origin": "https://other.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    finally:
+        assert stop_server(proc) == 0
+    assert "Uvicorn running" not in open(tmp_path / "log").read()  # an info line, below "warning"
+
+
+@pytest.mark.parametrize("value, names", [("*", "not JSON"), ('{"a": 1}', "not a JSON list of strings"),
+                                          ("[1]", "not a JSON list of strings")])
+def test_cors_flags_take_a_json_list_of_strings(value, names, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--allowed-origins", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--allowed-origins" in err and names in err
+
+
 # -- resources -------------------------------------------------------------------------------------
 def test_disconnect_aborts_and_frees_the_kv_cache(server):
     aborted = wait_until_idle(server).get(ABORTED, 0)

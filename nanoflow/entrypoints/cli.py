@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -10,6 +11,17 @@ from nanoflow.config import MODES, REASONING_PARSERS, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
 from nanoflow.entrypoints.tool_calls import PARSERS
+
+
+def _json_list(text: str) -> list[str]:
+    """A flag's JSON list of strings (as vLLM's --allowed-origins takes it)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); a JSON list of strings, e.g. '[\"*\"]'") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings, e.g. '[\"*\"]'")
+    return value
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"),
                    help="required as 'Authorization: Bearer KEY' on /v1 routes (default: $NANOFLOW_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    s.add_argument("--allowed-origins", type=_json_list, default=["*"],
+                   help="CORS: the origins a browser may call the API from, a JSON list (default: any, as vLLM's)")
+    s.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS: the methods, a JSON list")
+    s.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS: the request headers, a JSON list")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: browsers may send credentials")
+    s.add_argument("--root-path", default="",
+                   help="the path prefix under which a proxy serves the API (for its docs' links: FastAPI's root_path)")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--chat-template", default=None,
                    help="a chat template (a file, or the template itself) in place of the model's, e.g. one that "
                         "renders tools")

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,7 +80,11 @@ class _Gate:
         self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        # the route's path: under --root-path, uvicorn passes the root path's prefix in scope["path"] too
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if scope["type"] != "http" or not path.startswith("/v1"):
             return await self.app(scope, receive, send)
         if self.expected is not None:
             given = dict(scope["headers"]).get(b"authorization", b"")
@@ -203,11 +208,13 @@ async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> Async
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None, tool_parser: str | None = None,
               chat_template: str | None = None, reasoning_parser: str | None = None,
-              prompt_tokens_details: bool = False) -> FastAPI:
+              prompt_tokens_details: bool = False, cors: dict | None = None) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
-    prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache."""
+    prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache; cors: Starlette
+    CORSMiddleware's arguments (None: no CORS headers), outside the API key's check, so that a browser's
+    preflight needs no key."""
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
@@ -221,6 +228,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    if cors is not None:  # (added last: the outermost)
+        app.add_middleware(CORSMiddleware, **cors)
     app.state.engine = engine
 
     @app.exception_handler(APIError)
@@ -602,10 +611,12 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
 
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
     app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details)
+                    args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details,
+                    dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
+                         allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials))
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
-                            timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level=args.uvicorn_log_level,
+                            root_path=args.root_path, timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
     # After its graceful shutdown, uvicorn re-raises the signal it caught to the handler that was there
     # before; an ignoring one lets the process exit 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
