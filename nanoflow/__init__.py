@@ -1,7 +1,9 @@
 """nanoflow: a throughput-oriented LLM serving engine (NanoFlow's nano-batched pipeline)."""
+from nanoflow.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "BeamSearchParams",
+           "BeamSearchOutput", "BeamSearchSequence"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
+from nanoflow.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from nanoflow.engine.llm_engine import LLMEngine, Prompt, is_token_id
 from nanoflow.outputs import RequestOutput
 from nanoflow.sampling_params import SamplingParams
@@ -81,6 +82,14 @@ class LLM:
                                        f"another stream stepped the engine); consume a stream before other calls")
         finally:
             self.engine.abort_request(rid)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Each prompt's params.beam_width likeliest continuations, best first (nanoflow.beam_search), as vLLM's."""
+        ids = [self.engine.tokenize(p)[1] for p in _as_list(prompts)]
+        return beam_search(lambda ps, sp: self.generate(ps, sp, use_tqdm=False), ids, params,
+                           self.engine.eos_token_ids, self.engine.max_model_len,
+                           self.tokenizer.decode if self.tokenizer else None, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,

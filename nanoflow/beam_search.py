@@ -1,0 +1,100 @@
+"""Beam search, as vLLM's `LLM.beam_search`: each prompt's `beam_width` likeliest continuations, grown one token a
+step through the engine. Every live beam is a one-token request for its 2 * beam_width likeliest next tokens (so
+that beam_width of them remain after those that end at an end-of-sequence token); of all the beams' candidates the
+beam_width highest-scoring go on. The prefix cache serves what the beams share (the prompt, earlier tokens), so a
+step mostly computes each beam's newest tokens. A beam's score is its summed logprob over its length (the prompt's
+tokens counted, a final end-of-sequence token not) to the power length_penalty, as vLLM's and HF's."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from nanoflow.outputs import PositionLogprobs, RequestOutput
+from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False  # an end-of-sequence token is then a token like any other
+    length_penalty: float = 1.0  # > 1 favours longer beams, < 1 shorter ones (with ends before max_tokens)
+
+    def __post_init__(self):
+        def check(ok, name, rule):
+            if not ok:
+                raise ValueError(f"invalid beam search parameter {name}={getattr(self, name)!r}: {rule}")
+        width = MAX_LOGPROBS // 2  # each beam asks for 2 * beam_width logprobs
+        check(_int(self.beam_width) and 1 <= self.beam_width <= width, "beam_width", f"must be an integer in [1, "
+                                                                                     f"{width}]")
+        check(_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
+        check(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool)
+              and math.isfinite(self.length_penalty), "length_penalty", "must be a finite number")
+
+
+@dataclass(slots=True)
+class BeamSearchSequence:
+    tokens: list[int]  # the prompt's, then the beam's
+    logprobs: list[PositionLogprobs] = field(default_factory=list)  # per beam token: the candidates it was among
+    cum_logprob: float = 0.0  # the beam's tokens' logprobs, summed
+    text: str | None = None  # the beam's tokens decoded (not the prompt's, nor a final end-of-sequence token)
+    finish_reason: str | None = None  # "stop": an end-of-sequence token; "length": max_tokens or the context
+    stop_reason: int | None = None  # the end-of-sequence token that ended it
+
+
+@dataclass(slots=True)
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # the beam_width best (fewer if the vocabulary allows fewer), best first
+
+
+def score(seq: BeamSearchSequence, length_penalty: float) -> float:
+    return seq.cum_logprob / (len(seq.tokens) - (seq.finish_reason == "stop")) ** length_penalty
+
+
+def beam_search(generate: Callable[[list[dict], SamplingParams], list[RequestOutput]], prompts: list[list[int]],
+                params: BeamSearchParams, eos_token_ids: set[int], max_model_len: int,
+                decode: Callable[[list[int]], str] | None = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """prompts: token ids; generate(prompts, params): one output per prompt dict (LLM.generate); decode: token
+    ids to text (None: no text)."""
+    step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * params.beam_width, ignore_eos=True)
+    beams = [[BeamSearchSequence(list(p))] for p in prompts]
+    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    for n in tqdm(range(params.max_tokens), desc="beam search", disable=not use_tqdm):
+        live = [(i, b) for i, bs in enumerate(beams) for b in bs]
+        if not live:
+            break
+        outs = generate([{"prompt_token_ids": b.tokens} for _, b in live], step)
+        grown: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        for (i, beam), out in zip(live, outs):
+            for token, lp in out.outputs[0].logprobs[0].items():
+                seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.outputs[0].logprobs[0]],
+                                         beam.cum_logprob + lp.logprob)
+                if token in eos_token_ids and not params.ignore_eos:
+                    seq.finish_reason, seq.stop_reason = "stop", token
+                    done[i].append(seq)
+                else:
+                    grown[i].append(seq)
+        for i, seqs in enumerate(grown):
+            seqs.sort(key=lambda s: score(s, params.length_penalty), reverse=True)
+            beams[i] = seqs[:params.beam_width]
+            for s in beams[i]:
+                if n + 1 == params.max_tokens or len(s.tokens) >= max_model_len:
+                    s.finish_reason = "length"
+            done[i] += [s for s in beams[i] if s.finish_reason]
+            beams[i] = [s for s in beams[i] if not s.finish_reason]
+    results = []
+    for prompt, seqs in zip(prompts, done):
+        best = sorted(seqs, key=lambda s: score(s, params.length_penalty), reverse=True)[:params.beam_width]
+        for s in best:
+            if decode is not None:
+                s.text = decode(s.tokens[len(prompt):len(s.tokens) - (s.finish_reason == "stop")])
+        results.append(BeamSearchOutput(best))
+    return results
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
