@@ -66,7 +66,7 @@ moe_route = triton_moe.route
 moe_gather = _compile(reference.moe_gather)
 # Each expert's rows start at a multiple of the grouped GEMM's tile rows (block_m), the gap zero rows: its last
 # tile then multiplies zeros, not the next expert's rows. Under the power cap that ran the experts' GEMMs 1.02-1.04x
-# faster on an H200, the clock 45-60 MHz higher (BENCHMARKS.md, #10 session 32).
+# faster on an H200 (the clock up to 60 MHz higher), and Mixtral's splitwise run 1.012-1.018x (BENCHMARKS.md, #10).
 MOE_PAD = 128
 
 
