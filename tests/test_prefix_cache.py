@@ -138,6 +138,28 @@ def test_outputs_tell_the_prompt_tokens_the_cache_held(llama_dir):
     assert (first.num_cached_tokens, again.num_cached_tokens, twins.num_cached_tokens) == (0, full, full) and full
 
 
+def test_reset_forgets_every_prefix_unless_blocks_are_held(llama_dir):
+    """LLM.reset_prefix_cache (vLLM's): after it, a repeated prompt hits nothing, on the GPU or in the host tier;
+    while a request holds blocks it refuses (False) and the cache still serves the prefix."""
+    llm = LLM(llama_dir, num_kv_blocks=64, block_size=4, kv_offload_gb=host_gb(40))
+    blocks = llm.engine.scheduler.blocks
+    prompt = SYSTEM + [5, 6]
+    full = len(prompt) // 4 * 4
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+    assert blocks.cached and blocks.host
+    stream = llm.stream(prompt, GREEDY)
+    assert next(stream).num_cached_tokens == full
+    assert llm.reset_prefix_cache() is False and blocks.cached and blocks.host  # the stream holds its blocks
+    stream.close()
+    assert llm.reset_prefix_cache() is True
+    check(blocks)
+    assert not blocks.cached and not blocks.host and blocks.num_free == blocks.num_blocks
+    assert len(blocks.host_free) == blocks.num_host_blocks
+    again, = llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert again.num_cached_tokens == 0 and blocks.stats.host_hits == 0
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == full  # cached anew
+
+
 def test_prompt_logprobs_bypass_the_cache(llama_dir):
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
     ref = LLM(llama_dir, **OFF).generate([PROMPTS[0]], params, use_tqdm=False)[0].prompt_logprobs

@@ -143,6 +143,20 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = seq.num_cached_blocks = 0
 
+    def reset_cache(self) -> bool:
+        """Forget every cached prefix, on the GPU and in the host tier (as vLLM's reset_prefix_cache); only while
+        no sequence holds a block (else False, and nothing changes). A save still in flight writes a slot that no
+        hash names any more."""
+        if any(self.ref):
+            return False
+        self.free_blocks.extend(self.evictable)
+        self.evictable.clear()
+        self.cached.clear()
+        self.hash_of = [None] * self.num_blocks
+        self.host_free.extend(self.host.values())
+        self.host.clear()
+        return True
+
     def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool]:
         """The saves, loads and fence that the next iteration issues before it runs."""
         copies = self.saves, self.loads, self.fence

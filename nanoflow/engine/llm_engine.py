@@ -247,6 +247,11 @@ class LLMEngine:
             ids += [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
         return ids
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (GPU and host tier), as vLLM's: False, and nothing forgotten, while a
+        request holds KV blocks."""
+        return self.scheduler.blocks.reset_cache()
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None:

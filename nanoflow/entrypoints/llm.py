@@ -34,6 +34,11 @@ class LLM:
         top_k, min_p, repetition_penalty, max_new_tokens), else SamplingParams()'s; as vLLM's."""
         return self.engine.default_params()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, e.g. between benchmark runs (as vLLM's); False while requests hold KV
+        blocks (a stream not yet consumed)."""
+        return self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (also done at exit)."""
         self.engine.shutdown()
