@@ -55,45 +55,75 @@ def score(seq: BeamSearchSequence, length_penalty: float) -> float:
     return seq.cum_logprob / (len(seq.tokens) - (seq.finish_reason == "stop")) ** length_penalty
 
 
+class Beams:
+    """A search's state over a batch of prompts (token ids): each prompt's live beams and those that ended. A step
+    runs requests() (one one-token request each, with step_params) and hands their outputs to advance()."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: set[int],
+                 max_model_len: int):
+        self.params, self.eos_token_ids, self.max_model_len = params, eos_token_ids, max_model_len
+        self.prompts = [list(p) for p in prompts]
+        self.live = [[BeamSearchSequence(list(p))] for p in prompts]
+        self.ended: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self.steps = 0
+        self.step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * params.beam_width,
+                                          ignore_eos=True)
+
+    @property
+    def done(self) -> bool:
+        return not any(self.live)
+
+    def requests(self) -> list[list[int]]:
+        """The live beams' tokens, one request each."""
+        return [b.tokens for beams in self.live for b in beams]
+
+    def advance(self, outputs: list[RequestOutput]) -> None:
+        """Each live beam's one-token output, in requests()' order: every candidate grows a beam; those at an
+        end-of-sequence token end, the beam_width best of the others go on (or end at max_tokens or the context)."""
+        p = self.params
+        outputs = iter(outputs)
+        self.steps += 1
+        for i, beams in enumerate(self.live):
+            grown = []
+            for beam in beams:
+                candidates = next(outputs).outputs[0].logprobs[0]
+                for token, lp in candidates.items():
+                    seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [candidates],
+                                             beam.cum_logprob + lp.logprob)
+                    if token in self.eos_token_ids and not p.ignore_eos:
+                        seq.finish_reason, seq.stop_reason = "stop", token
+                        self.ended[i].append(seq)
+                    else:
+                        grown.append(seq)
+            grown = sorted(grown, key=lambda s: score(s, p.length_penalty), reverse=True)[:p.beam_width]
+            for seq in grown:
+                if self.steps == p.max_tokens or len(seq.tokens) >= self.max_model_len:
+                    seq.finish_reason = "length"
+            self.ended[i] += [s for s in grown if s.finish_reason]
+            self.live[i] = [s for s in grown if not s.finish_reason]
+
+    def results(self, decode: Callable[[list[int]], str] | None = None) -> list[BeamSearchOutput]:
+        """Each prompt's beam_width best ended beams, best first; decode: token ids to text (None: no text)."""
+        results = []
+        for prompt, ended in zip(self.prompts, self.ended):
+            best = sorted(ended, key=lambda s: score(s, self.params.length_penalty), reverse=True)
+            for s in best[:self.params.beam_width]:
+                if decode is not None:
+                    s.text = decode(s.tokens[len(prompt):len(s.tokens) - (s.finish_reason == "stop")])
+            results.append(BeamSearchOutput(best[:self.params.beam_width]))
+        return results
+
+
 def beam_search(generate: Callable[[list[dict], SamplingParams], list[RequestOutput]], prompts: list[list[int]],
                 params: BeamSearchParams, eos_token_ids: set[int], max_model_len: int,
                 decode: Callable[[list[int]], str] | None = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
-    """prompts: token ids; generate(prompts, params): one output per prompt dict (LLM.generate); decode: token
-    ids to text (None: no text)."""
-    step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * params.beam_width, ignore_eos=True)
-    beams = [[BeamSearchSequence(list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for n in tqdm(range(params.max_tokens), desc="beam search", disable=not use_tqdm):
-        live = [(i, b) for i, bs in enumerate(beams) for b in bs]
-        if not live:
-            break
-        outs = generate([{"prompt_token_ids": b.tokens} for _, b in live], step)
-        grown: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        for (i, beam), out in zip(live, outs):
-            for token, lp in out.outputs[0].logprobs[0].items():
-                seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.outputs[0].logprobs[0]],
-                                         beam.cum_logprob + lp.logprob)
-                if token in eos_token_ids and not params.ignore_eos:
-                    seq.finish_reason, seq.stop_reason = "stop", token
-                    done[i].append(seq)
-                else:
-                    grown[i].append(seq)
-        for i, seqs in enumerate(grown):
-            seqs.sort(key=lambda s: score(s, params.length_penalty), reverse=True)
-            beams[i] = seqs[:params.beam_width]
-            for s in beams[i]:
-                if n + 1 == params.max_tokens or len(s.tokens) >= max_model_len:
-                    s.finish_reason = "length"
-            done[i] += [s for s in beams[i] if s.finish_reason]
-            beams[i] = [s for s in beams[i] if not s.finish_reason]
-    results = []
-    for prompt, seqs in zip(prompts, done):
-        best = sorted(seqs, key=lambda s: score(s, params.length_penalty), reverse=True)[:params.beam_width]
-        for s in best:
-            if decode is not None:
-                s.text = decode(s.tokens[len(prompt):len(s.tokens) - (s.finish_reason == "stop")])
-        results.append(BeamSearchOutput(best))
-    return results
+    """The search run to its end through generate(prompts, params): one output per prompt dict (LLM.generate)."""
+    beams = Beams(prompts, params, eos_token_ids, max_model_len)
+    with tqdm(total=params.max_tokens, desc="beam search", disable=not use_tqdm) as bar:
+        while not beams.done:
+            beams.advance(generate([{"prompt_token_ids": t} for t in beams.requests()], beams.step_params))
+            bar.update(1)
+    return beams.results(decode)
 
 
 def _int(v) -> bool:

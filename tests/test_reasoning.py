@@ -61,7 +61,7 @@ def test_a_stream_holds_back_only_what_may_end_the_reasoning():
 class Scripted(EngineClient):
     """Answers every request with `text`, a few characters an output (each choice the same)."""
     tokenizer = None
-    max_model_len, model_path, sampling_defaults = 1024, "scripted", {}
+    max_model_len, model_path, sampling_defaults, eos_token_ids = 1024, "scripted", {}, set()
 
     def __init__(self, tokenizer, text: str, cut: int = 3):
         super().__init__(Metrics(), 8)

@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 import nanoflow
-from nanoflow import SamplingParams
+from nanoflow import BeamSearchParams, SamplingParams
 from conftest import metrics, start_server, stop_server
 from nanoflow.entrypoints.cli import main
 
@@ -166,6 +166,30 @@ def test_completion_and_chat_match_the_offline_api(client, model, default_llm):
     assert [ch.index for ch in batch.choices] == [0, 1] and batch.choices[0].text == c.text
     ids = default_llm.tokenizer.encode(PROMPT)
     assert client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0).choices[0].text == c.text
+
+
+def test_beam_search_matches_the_offline_api(client, model, default_llm):
+    """use_beam_search (vLLM's): n beams, the choices best first as LLM.beam_search gives them, on both endpoints,
+    streamed (each choice whole) and not; logprobs of the beams' tokens."""
+    want = default_llm.beam_search([PROMPT], BeamSearchParams(3, 8))[0].sequences
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, logprobs=1,
+                                    extra_body={"use_beam_search": True})
+    assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [
+        (j, s.text, s.finish_reason) for j, s in enumerate(want)]
+    for c, s in zip(out.choices, want):
+        assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-4)
+    assert out.usage.completion_tokens == sum(len(s.tokens) for s in want) - 3 * len(default_llm.tokenizer.encode(
+        PROMPT))
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, stream=True,
+                                            extra_body={"use_beam_search": True}))
+    assert sorted((ch.choices[0].index, ch.choices[0].text) for ch in chunks) == [
+        (j, s.text) for j, s in enumerate(want)]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = default_llm.chat_prompt(messages)["prompt_token_ids"]
+    want = default_llm.beam_search([prompt], BeamSearchParams(2, 6, length_penalty=0.5))[0].sequences
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, n=2,
+                                          extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert [c.message.content for c in chat.choices] == [s.text for s in want]
 
 
 def test_streaming(client, model):
@@ -366,6 +390,12 @@ BAD = [  # (route, body, status, what the error names)
     ("chat/completions", {"messages": USER, "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ("chat/completions", {"messages": USER, "temperature": -1}, 400, "temperature"),
     ("chat/completions", {"messages": USER, "model": "gpt-4o"}, 404, "gpt-4o"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "stop": ["."]}, 400, "stop"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "echo": True}, 400, "echo"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "n": 11}, 400, "n"),
+    ("chat/completions", {"messages": USER, "use_beam_search": True, "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("chat/completions", {"messages": USER, "use_beam_search": True, "length_penalty": "x"}, 400, "length_penalty"),
 ]
 
 

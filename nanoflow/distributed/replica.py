@@ -45,6 +45,7 @@ class ReplicaInfo:
     kv_tokens: int  # the KV cache's capacity
     block_size: int
     prefix_caching: bool
+    eos_token_ids: set[int] = frozenset()
 
 
 class Replica:
@@ -55,7 +56,8 @@ class Replica:
         engine = LLMEngine(model, **engine_kwargs)
         blocks = engine.scheduler.blocks
         self._info = ReplicaInfo(engine.tokenizer, engine.max_model_len, engine.source.path, engine.sampling_defaults,
-                                 blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching)
+                                 blocks.num_blocks * blocks.block_size, blocks.block_size, blocks.caching,
+                                 engine.eos_token_ids)
         self.engine = AsyncEngine(engine, Metrics(), max_waiting_requests, stream_interval)
         settle_gc()
         self.engine.start()

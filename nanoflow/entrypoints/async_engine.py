@@ -81,6 +81,7 @@ class EngineClient(abc.ABC):
     max_model_len: int
     model_path: str  # where the model came from (the served name's default)
     sampling_defaults: dict  # from the model's generation config: what a request leaves unset
+    eos_token_ids: set[int]  # the tokens that end a sequence (beam search ends beams at them)
 
     def __init__(self, metrics: Metrics, max_waiting_requests: int):
         self.metrics = metrics
@@ -159,7 +160,7 @@ class AsyncEngine(EngineClient):
         self.stream_interval = stream_interval
         self._sent: dict[str, int] = {}  # engine thread only: tokens of each request already sent
         self.tokenizer, self.max_model_len, self.model_path = engine.tokenizer, engine.max_model_len, engine.source.path
-        self.sampling_defaults = engine.sampling_defaults
+        self.sampling_defaults, self.eos_token_ids = engine.sampling_defaults, engine.eos_token_ids
         self.stats = EngineStats()  # after the last iteration (written by the engine thread only)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
         self._sinks: dict[str, _Sink] = {}  # engine thread only

@@ -103,7 +103,7 @@ class Router(EngineClient):
         self.front = front  # which API-server process this router serves (its stream from each replica)
         info = replicas[0][1]
         self.tokenizer, self.max_model_len, self.model_path = info.tokenizer, info.max_model_len, info.model_path
-        self.sampling_defaults = info.sampling_defaults
+        self.sampling_defaults, self.eos_token_ids = info.sampling_defaults, info.eos_token_ids
         self.replicas = [_Replica(i, actor, about) for i, (actor, about) in enumerate(replicas)]
         self.affinity = _PrefixAffinity(info.block_size) if info.prefix_caching else None
         self.routes: dict[str, _Route] = {}  # by submission id

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from nanoflow.beam_search import BeamSearchParams
 from nanoflow.entrypoints.tool_calls import ToolChoice, parameters_schema, required_schema
 from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -79,6 +80,11 @@ class StreamOptions(_Request):
 
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# what beam search cannot honor: refused by name (the sampling knobs, meaningless to a deterministic search, are
+# ignored, as vLLM's)
+BEAM_SEARCH_REFUSES = ("stop", "stop_token_ids", "min_tokens", "repetition_penalty", "presence_penalty",
+                       "frequency_penalty", "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs", "echo",
+                       "tools")
 
 
 class JsonSchema(_Request):
@@ -128,6 +134,8 @@ class _SamplingRequest(_Request):
     bad_words: list[str] | None = None  # (vLLM's)
     truncate_prompt_tokens: Int64 | None = None  # (vLLM's) only the prompt's last k tokens; -1: as many as fit
     priority: Int64 = 0  # (vLLM's) with the engine's schedule_policy "priority": lower first
+    use_beam_search: bool = False  # (vLLM's) n beams: the n likeliest continuations (nanoflow.beam_search)
+    length_penalty: float = 1.0  # (vLLM's) with use_beam_search: a beam's score is its logprob / length ** this
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # (vLLM's) StructuredOutputsParams' fields
     # (vLLM's before 0.12, which clients still send: each one of structured_outputs' fields)
@@ -177,6 +185,18 @@ class _SamplingRequest(_Request):
                                  f"which the model's generation config bounds at {bound}")
             max_tokens = bound
         return SamplingParams(**given, max_tokens=max_tokens, logprobs=logprobs)
+
+    def beam_search_params(self, max_tokens: int, ignore_eos: bool) -> BeamSearchParams:
+        """use_beam_search's: n beams of up to max_tokens tokens. Raises ValueError naming a field it cannot
+        honor."""
+        if refused := [k for k in BEAM_SEARCH_REFUSES if getattr(self, k, None) not in (None, False, [], {})]:
+            raise ValueError(f"invalid sampling parameter {refused[0]}: beam search (use_beam_search) does not take it")
+        if self.grammar_sources:
+            raise ValueError(f"invalid sampling parameter {self.grammar_sources[0]}: beam search (use_beam_search) "
+                             f"does not take a grammar")
+        if (n := self.n or 1) > MAX_LOGPROBS // 2:
+            raise ValueError(f"invalid sampling parameter n={n}: beam search takes at most {MAX_LOGPROBS // 2} beams")
+        return BeamSearchParams(n, max_tokens, ignore_eos, self.length_penalty)
 
     @property
     def grammar_sources(self) -> list[str]:

@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanoflow
+from nanoflow.beam_search import Beams
 from nanoflow.engine.llm_engine import LLMEngine, truncate
 from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
@@ -61,7 +63,7 @@ class APIError(Exception):
 
 def _bad_input(e: Exception, param: str | None = None) -> APIError:
     """A ValueError / TypeError of SamplingParams or the engine: a 400 naming the parameter it is about."""
-    m = re.match(r"invalid sampling parameter (\w+)", str(e))
+    m = re.match(r"invalid (?:sampling|beam search) parameter (\w+)", str(e))
     return APIError(400, str(e), param=m.group(1) if m else param)
 
 
@@ -189,7 +191,21 @@ def _usage(prompt_tokens: int, progress: list[_Progress], cached: int | None = N
                      prompt_tokens_details=None if cached is None else api.PromptTokensDetails(cached_tokens=cached))
 
 
-async def _sse(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+class _Finished:
+    """Outputs already complete (a beam search's), read as a RequestStream's: (prompt index, output)."""
+
+    def __init__(self, outputs: list[RequestOutput]):
+        self.id, self.outputs = uuid.uuid4().hex, outputs
+
+    async def __aiter__(self):
+        for i, out in enumerate(self.outputs):
+            yield i, out
+
+    def close(self) -> None:
+        pass
+
+
+async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event."""
     try:
         async for chunk in chunks:
@@ -319,6 +335,35 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                 e = ValueError(re.sub(r"structured_outputs(\.\w+)?", grammar_source, str(e), count=1))
             raise _bad_input(e, param) from None
 
+    async def search(prompts: list[list[int]], params: SamplingParams, req: api.CompletionRequest |
+                     api.ChatCompletionRequest, raw: Request, param: str) -> _Finished:
+        """use_beam_search: the search's steps through the engine (each live beam a one-token request), then
+        every prompt's beams as the outputs of one finished request (params: the request's, for max_tokens,
+        ignore_eos, logprobs and skip_special_tokens)."""
+        try:
+            beam = req.beam_search_params(params.max_tokens or engine.max_model_len - max(map(len, prompts)),
+                                          params.ignore_eos)
+        except ValueError as e:
+            raise _bad_input(e) from None
+        beams = Beams(prompts, beam, engine.eos_token_ids, engine.max_model_len)
+        while not beams.done:
+            step = beams.requests()
+            stream = await submit(step, beams.step_params, raw, param, None, req.priority)
+            outs = {}
+            try:
+                async for i, out in stream:
+                    outs[i] = out
+            finally:
+                stream.close()
+            beams.advance([outs[i] for i in range(len(step))])
+        decode = (lambda ids: tokenizer.decode(ids, params.skip_special_tokens)) if tokenizer else None
+        return _Finished([RequestOutput(
+            f"beam-{i}", None, prompt, [CompletionOutput(j, s.text or "", s.tokens[len(prompt):], s.cum_logprob,
+                                                         s.logprobs if params.logprobs is not None else None,
+                                                         s.finish_reason, s.stop_reason)
+                                        for j, s in enumerate(result.sequences)], finished=True)
+            for i, (prompt, result) in enumerate(zip(prompts, beams.results(decode)))])
+
     @app.get("/health")
     async def health():
         if not engine.alive:
@@ -391,7 +436,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             if tokenizer is None:
                 raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
-        stream = await submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None), req.priority)
+        stream = await (search(prompts, params, req, raw, "prompt") if req.use_beam_search else
+                        submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None), req.priority))
         head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
         k = params.logprobs
@@ -447,7 +493,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         params = sampling_params(req, tools)
         prompt, = truncated([chat_prompt(req)], params)
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
-        stream = await submit([prompt], params, raw, "messages", grammar_source, req.priority)
+        stream = await (search([prompt], params, req, raw, "messages") if req.use_beam_search else
+                        submit([prompt], params, raw, "messages", grammar_source, req.priority))
         head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
         progress = [_Progress() for _ in range(params.n)]
 
