@@ -205,6 +205,17 @@ class _Finished:
         pass
 
 
+async def _finals(stream: RequestStream | _Finished) -> dict[int, RequestOutput]:
+    """The stream read to its end (then closed): each prompt's last, finished output."""
+    final = {}
+    try:
+        async for i, out in stream:
+            final[i] = out
+    finally:
+        stream.close()
+    return final
+
+
 async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event."""
     try:
@@ -348,13 +359,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         beams = Beams(prompts, beam, engine.eos_token_ids, engine.max_model_len)
         while not beams.done:
             step = beams.requests()
-            stream = await submit(step, beams.step_params, raw, param, None, req.priority)
-            outs = {}
-            try:
-                async for i, out in stream:
-                    outs[i] = out
-            finally:
-                stream.close()
+            outs = await _finals(await submit(step, beams.step_params, raw, param, None, req.priority))
             beams.advance([outs[i] for i in range(len(step))])
         decode = (lambda ids: tokenizer.decode(ids, params.skip_special_tokens)) if tokenizer else None
         return _Finished([RequestOutput(
@@ -476,12 +481,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                     usage = _usage(sum(map(len, prompts)), progress, cached_tokens(last.values()))
                     yield api.CompletionResponse(**head, choices=[], usage=usage)
             return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
-        final = {}
-        try:
-            async for i, out in stream:
-                final[i] = out
-        finally:
-            stream.close()
+        final = await _finals(stream)
         merged = sorted((c for i, out in final.items() for c in choices(i, out)), key=lambda c: c.index)
         return api.CompletionResponse(**head, choices=merged, usage=_usage(sum(map(len, prompts)), progress,
                                                                           cached_tokens(final.values())))
@@ -537,12 +537,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                     usage = _usage(len(prompt), progress, cached_tokens([out] if out else []))
                     yield api.ChatCompletionChunk(**head, choices=[], usage=usage)
             return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
-        out = None
-        try:
-            async for _, out in stream:
-                pass
-        finally:
-            stream.close()
+        out = (await _finals(stream))[0]
         choices = []
         for c in out.outputs:
             _advance(c, progress[c.index])
