@@ -42,7 +42,8 @@ class BeamSearchSequence:
     logprobs: list[PositionLogprobs] = field(default_factory=list)  # per beam token: the candidates it was among
     cum_logprob: float = 0.0  # the beam's tokens' logprobs, summed
     text: str | None = None  # the beam's tokens decoded (not the prompt's, nor a final end-of-sequence token)
-    finish_reason: str | None = None  # "stop": an end-of-sequence token; "length": max_tokens or the context
+    finish_reason: str | None = None  # "stop": an end-of-sequence token; "length": max_tokens or the context;
+    # "abort": its step was aborted (the server's shutdown)
     stop_reason: int | None = None  # the end-of-sequence token that ended it
 
 
@@ -52,7 +53,11 @@ class BeamSearchOutput:
 
 
 def score(seq: BeamSearchSequence, length_penalty: float) -> float:
-    return seq.cum_logprob / (len(seq.tokens) - (seq.finish_reason == "stop")) ** length_penalty
+    """A key that orders beams as cum_logprob / length ** length_penalty does, without computing the power (which
+    overflows a float at large penalties): logprobs are <= 0, so the larger score has the smaller log magnitude."""
+    if seq.cum_logprob == 0:
+        return math.inf
+    return length_penalty * math.log(len(seq.tokens) - (seq.finish_reason == "stop")) - math.log(-seq.cum_logprob)
 
 
 class Beams:
@@ -60,13 +65,15 @@ class Beams:
     runs requests() (one one-token request each, with step_params) and hands their outputs to advance()."""
 
     def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: set[int],
-                 max_model_len: int):
+                 max_model_len: int, logprobs: int = 0):
+        """logprobs: how many top logprobs each beam token should carry (the candidates are the top 2 * beam_width
+        whatever it is)."""
         self.params, self.eos_token_ids, self.max_model_len = params, eos_token_ids, max_model_len
         self.prompts = [list(p) for p in prompts]
         self.live = [[BeamSearchSequence(list(p))] for p in prompts]
         self.ended: list[list[BeamSearchSequence]] = [[] for _ in prompts]
         self.steps = 0
-        self.step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * params.beam_width,
+        self.step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=max(2 * params.beam_width, logprobs),
                                           ignore_eos=True)
 
     @property
@@ -86,8 +93,15 @@ class Beams:
         for i, beams in enumerate(self.live):
             grown = []
             for beam in beams:
-                candidates = next(outputs).outputs[0].logprobs[0]
+                out = next(outputs).outputs[0]
+                if out.finish_reason == "abort":  # (no token, no logprobs)
+                    beam.finish_reason = "abort"
+                    self.ended[i].append(beam)
+                    continue
+                candidates = out.logprobs[0]
                 for token, lp in candidates.items():
+                    if lp.rank > 2 * p.beam_width:  # (carried for the logprobs asked, not a candidate)
+                        continue
                     seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [candidates],
                                              beam.cum_logprob + lp.logprob)
                     if token in self.eos_token_ids and not p.ignore_eos:

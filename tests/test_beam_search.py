@@ -71,6 +71,23 @@ def test_ends_and_length_penalty_on_a_scripted_tree():
     # divided by length ** 3, the longest win: -1.7 / 64 and -1.8 / 64 against -0.1 / 1 and -0.75 / 8
     assert run(length_penalty=3.0) == [([0, 1, 4, 8], -1.7, "length", "1,4,8"),
                                        ([0, 1, 4, 4], -1.8, "length", "1,4,4")]
+    # penalties whose power of the length overflows a float order the same way, by length first
+    assert run(length_penalty=1000.0) == run(length_penalty=3.0)
+    assert run(length_penalty=-1000.0) == run()
+
+
+def test_an_aborted_step_ends_its_beams():
+    """A step's output aborted (the server's shutdown: no token, no logprobs) ends that beam as "abort", with the
+    tokens it had; the search then has nothing live."""
+    def aborting(prompts, params):
+        outs = scripted(prompts, params)
+        if len(prompts[0]["prompt_token_ids"]) > 1:  # the second step
+            for o in outs:
+                o.outputs = [CompletionOutput(0, "", [], finish_reason="abort")]
+        return outs
+    out, = beam_search(aborting, [[0]], BeamSearchParams(2, 5), {EOS}, 100, decode=lambda ids: ",".join(map(str, ids)))
+    assert [(s.tokens, s.finish_reason, s.text) for s in out.sequences] == [([0, EOS], "stop", ""),
+                                                                             ([0, 1], "abort", "1")]
 
 
 def test_ignore_eos_keeps_the_end_token_as_a_token():
@@ -81,12 +98,12 @@ def test_ignore_eos_keeps_the_end_token_as_a_token():
 
 
 def test_beams_end_at_the_context_length(tiny):
-    """A beam that fills the context ends there ("length"), short of max_tokens."""
+    """A beam that fills the context ends there ("length"), short of max_tokens: each prompt's at its own count."""
     path, _ = tiny
-    out, = LLM(path, device="cpu", max_model_len=16).beam_search([PROMPTS[0]], BeamSearchParams(2, 50,
-                                                                                                 ignore_eos=True))
-    assert [len(s.tokens) for s in out.sequences] == [16, 16]
-    assert all(s.finish_reason == "length" and s.text is None for s in out.sequences)  # (no tokenizer: no text)
+    outs = LLM(path, device="cpu", max_model_len=16).beam_search(PROMPTS, BeamSearchParams(2, 50, ignore_eos=True))
+    for out in outs:
+        assert [len(s.tokens) for s in out.sequences] == [16, 16]
+        assert all(s.finish_reason == "length" and s.text is None for s in out.sequences)  # (no tokenizer: no text)
 
 
 @pytest.mark.parametrize("kw, name", [(dict(beam_width=0, max_tokens=4), "beam_width"),

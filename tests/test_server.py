@@ -180,6 +180,9 @@ def test_beam_search_matches_the_offline_api(client, model, default_llm):
         assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-4)
     assert out.usage.completion_tokens == sum(len(s.tokens) for s in want) - 3 * len(default_llm.tokenizer.encode(
         PROMPT))
+    one = client.completions.create(model=model, prompt=PROMPT, max_tokens=2, n=1, logprobs=5, extra_body={
+        "use_beam_search": True, "repetition_penalty": 1.0, "min_tokens": 0, "echo": False, "stop": []})  # no-ops
+    assert [len(top) for top in one.choices[0].logprobs.top_logprobs] == [5, 5]  # (more than the 2 candidates)
     chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, stream=True,
                                             extra_body={"use_beam_search": True}))
     assert sorted((ch.choices[0].index, ch.choices[0].text) for ch in chunks) == [
@@ -393,6 +396,9 @@ BAD = [  # (route, body, status, what the error names)
     ("completions", {"prompt": "x", "use_beam_search": True, "stop": ["."]}, 400, "stop"),
     ("completions", {"prompt": "x", "use_beam_search": True, "echo": True}, 400, "echo"),
     ("completions", {"prompt": "x", "use_beam_search": True, "n": 11}, 400, "n"),
+    ("completions", {"prompt": ["a", "b"], "use_beam_search": True, "n": MAX_WAITING // 2 + 1}, 400, "n"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "prompt_logprobs": 0}, 400, "prompt_logprobs"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     ("chat/completions", {"messages": USER, "use_beam_search": True, "response_format": {"type": "json_object"}},
      400, "response_format"),
     ("chat/completions", {"messages": USER, "use_beam_search": True, "length_penalty": "x"}, 400, "length_penalty"),

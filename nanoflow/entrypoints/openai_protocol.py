@@ -80,11 +80,12 @@ class StreamOptions(_Request):
 
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-# what beam search cannot honor: refused by name (the sampling knobs, meaningless to a deterministic search, are
-# ignored, as vLLM's)
-BEAM_SEARCH_REFUSES = ("stop", "stop_token_ids", "min_tokens", "repetition_penalty", "presence_penalty",
-                       "frequency_penalty", "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs", "echo",
-                       "tools")
+# what beam search cannot honor, each with the values that ask for nothing: refused by name at any other (the
+# sampling knobs, meaningless to a deterministic search, are ignored, as vLLM's)
+BEAM_SEARCH_REFUSES = {"stop": ("", []), "stop_token_ids": ([],), "min_tokens": (0,), "repetition_penalty": (1,),
+                       "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+                       "allowed_token_ids": (), "bad_words": ([],), "prompt_logprobs": (), "echo": (False,),
+                       "tools": ([],)}
 
 
 class JsonSchema(_Request):
@@ -189,7 +190,8 @@ class _SamplingRequest(_Request):
     def beam_search_params(self, max_tokens: int, ignore_eos: bool) -> BeamSearchParams:
         """use_beam_search's: n beams of up to max_tokens tokens. Raises ValueError naming a field it cannot
         honor."""
-        if refused := [k for k in BEAM_SEARCH_REFUSES if getattr(self, k, None) not in (None, False, [], {})]:
+        if refused := [k for k, neutral in BEAM_SEARCH_REFUSES.items()
+                       if (v := getattr(self, k, None)) is not None and v not in neutral]:
             raise ValueError(f"invalid sampling parameter {refused[0]}: beam search (use_beam_search) does not take it")
         if self.grammar_sources:
             raise ValueError(f"invalid sampling parameter {self.grammar_sources[0]}: beam search (use_beam_search) "

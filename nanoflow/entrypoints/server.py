@@ -331,14 +331,17 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         except ValueError as e:
             raise _bad_input(e) from None
 
+    def check_room(prompts: list[list[int]], max_tokens: int | None) -> None:
+        longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
+        if max_tokens is not None and longest + max_tokens > engine.max_model_len > longest:
+            raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
+                           f"for {longest + max_tokens}: {longest} in the prompt and {max_tokens} to generate; "
+                           f"shorten the prompt or lower max_tokens", param="max_tokens")
+
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str,
                      grammar_source: str | None, priority: int) -> RequestStream:
         """grammar_source: the request's field its grammar came from, which names the grammar's errors."""
-        longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
-        if params.max_tokens is not None and longest + params.max_tokens > engine.max_model_len > longest:
-            raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
-                           f"for {longest + params.max_tokens}: {longest} in the prompt and {params.max_tokens} to "
-                           f"generate; shorten the prompt or lower max_tokens", param="max_tokens")
+        check_room(prompts, params.max_tokens)
         try:
             return await engine.submit(prompts, params, lambda: _disconnected(raw), priority=priority)
         except (ValueError, TypeError) as e:
@@ -350,13 +353,19 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                      api.ChatCompletionRequest, raw: Request, param: str) -> _Finished:
         """use_beam_search: the search's steps through the engine (each live beam a one-token request), then
         every prompt's beams as the outputs of one finished request (params: the request's, for max_tokens,
-        ignore_eos, logprobs and skip_special_tokens)."""
-        try:
-            beam = req.beam_search_params(params.max_tokens or engine.max_model_len - max(map(len, prompts)),
+        ignore_eos, logprobs and skip_special_tokens). Without max_tokens each beam may run to the context's end.
+        Each step's requests count against --max-waiting-requests: a busy server may answer a later step with 503."""
+        check_room(prompts, params.max_tokens)
+        try:  # (a prompt with no room left: the engine refuses it, by name, at the first step)
+            beam = req.beam_search_params(params.max_tokens or max(engine.max_model_len - min(map(len, prompts)), 1),
                                           params.ignore_eos)
         except ValueError as e:
             raise _bad_input(e) from None
-        beams = Beams(prompts, beam, engine.eos_token_ids, engine.max_model_len)
+        if len(prompts) * beam.beam_width > engine.max_waiting:
+            raise APIError(400, f"{len(prompts)} prompts of {beam.beam_width} beams are more requests than the server "
+                           f"queues (--max-waiting-requests {engine.max_waiting}): each step runs every beam as a "
+                           f"request", param="n")
+        beams = Beams(prompts, beam, engine.eos_token_ids, engine.max_model_len, params.logprobs or 0)
         while not beams.done:
             step = beams.requests()
             outs = await _finals(await submit(step, beams.step_params, raw, param, None, req.priority))
