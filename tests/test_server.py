@@ -453,6 +453,46 @@ def test_cors_by_default_lets_any_origin_in_without_a_key_for_the_preflight(serv
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
 
 
+def test_stats_line():
+    """vLLM's periodic log line, from the metrics: throughput since the last line, requests, KV use, the prefix
+    cache's hits over the interval's lookups; nothing when nothing ran or waits."""
+    from nanoflow.entrypoints.metrics import Metrics
+    m, since = Metrics(), {}
+    assert m.stats_line(since, 10.0) is None
+    m.prompt_tokens.inc(100)
+    m.generation_tokens.inc(50)
+    m.cache["queries"].inc(40)
+    m.cache["hits"].inc(10)
+    m.running.set(2)
+    m.kv_usage.set(0.125)
+    assert m.stats_line(since, 10.0) == ("Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 5.0 "
+                                         "tokens/s, Running: 2 reqs, Waiting: 0 reqs, KV cache usage: 12.5%, Prefix "
+                                         "cache hit rate: 25.0%")
+    m.running.set(0)
+    assert m.stats_line(since, 10.0) is None  # (the counters' totals are not counted again)
+    m.generation_tokens.inc(8)
+    assert m.stats_line(since, 2.0).startswith("Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 4.0")
+
+
+def test_server_logs_stats_unless_disabled(llama_dir, tmp_path, monkeypatch, capsys):
+    """Every $NANOFLOW_LOG_STATS_INTERVAL seconds (10 by default) while requests ran, a stats line in the log;
+    none with --disable-log-stats; a bad interval is refused before the model loads."""
+    monkeypatch.setenv("NANOFLOW_LOG_STATS_INTERVAL", "0.2")
+    for flags, expect in (([], True), (["--disable-log-stats"], False)):
+        log = tmp_path / f"log{len(flags)}"
+        proc, url = start_server([llama_dir, *flags], log)
+        try:
+            body = {"prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True}
+            assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+            time.sleep(1.0)
+        finally:
+            assert stop_server(proc) == 0
+        assert ("nanoflow.server: Avg prompt throughput:" in open(log).read()) == expect, open(log).read()[-2000:]
+    monkeypatch.setenv("NANOFLOW_LOG_STATS_INTERVAL", "often")
+    assert main(["serve", llama_dir, "--port", "0"]) != 0
+    assert "NANOFLOW_LOG_STATS_INTERVAL='often': must be a number of seconds > 0" in capsys.readouterr().err
+
+
 def test_root_path_origins_and_log_level(llama_dir, tmp_path):
     """--root-path (a proxy's prefix: the docs name it, and the API key still guards /v1 under it, where uvicorn
     puts the prefix in the request's path), --allowed-origins (others' preflights refused), --uvicorn-log-level."""

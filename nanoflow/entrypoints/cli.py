@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-credentials", action="store_true", help="CORS: browsers may send credentials")
     s.add_argument("--root-path", default="",
                    help="the path prefix under which a proxy serves the API (for its docs' links: FastAPI's root_path)")
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="no stats line in the log every 10 s (throughput, requests, KV cache and prefix cache use)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.add_argument("--chat-template", default=None,

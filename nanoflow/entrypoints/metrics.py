@@ -91,6 +91,27 @@ class Metrics:
         if first_token is not None and longest > 1:
             self.tpot.observe((now - first_token) / (longest - 1))
 
+    def stats_line(self, since: dict[str, float], seconds: float) -> str | None:
+        """vLLM's periodic log line: prompt and generation throughput since the last line (since: the counters
+        then, updated here), the requests running and waiting, the KV cache in use, and the prefix cache's hit
+        rate over the interval's lookups. None when nothing ran and nothing waits."""
+        def value(name: str) -> float:
+            return self.registry.get_sample_value(f"nanoflow_{name}") or 0.0
+        names = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits",
+                 "prefix_cache_host_hits")
+        now = {n: value(f"{n}_total") for n in names}
+        delta = {n: now[n] - since.get(n, 0.0) for n in names}
+        since.update(now)
+        running, waiting = value("num_requests_running"), value("num_requests_waiting")
+        if not (delta["prompt_tokens"] or delta["generation_tokens"] or running or waiting):
+            return None
+        queries = delta["prefix_cache_queries"]
+        hits = delta["prefix_cache_hits"] + delta["prefix_cache_host_hits"]
+        return (f"Avg prompt throughput: {delta['prompt_tokens'] / seconds:.1f} tokens/s, Avg generation throughput: "
+                f"{delta['generation_tokens'] / seconds:.1f} tokens/s, Running: {running:.0f} reqs, Waiting: "
+                f"{waiting:.0f} reqs, KV cache usage: {100 * value('kv_cache_usage_ratio'):.1f}%, Prefix cache hit "
+                f"rate: {100 * hits / queries if queries else 0:.1f}%")
+
     def render(self) -> bytes:
         own = generate_latest(self.registry)
         if not self.peers:

@@ -46,6 +46,7 @@ from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import compile_template
 
 log = logging.getLogger("nanoflow.server")
+LOG_STATS_INTERVAL_S = 10.0  # as vLLM's
 RETRY_AFTER_S = 1
 ERRORS = {s: {"model": api.ErrorResponse} for s in (400, 401, 404, 503)}
 
@@ -235,13 +236,14 @@ async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator[BaseMode
 
 def build_app(engine: EngineClient, model_name: str, api_key: str | None = None, tool_parser: str | None = None,
               chat_template: str | None = None, reasoning_parser: str | None = None,
-              prompt_tokens_details: bool = False, cors: dict | None = None) -> FastAPI:
+              prompt_tokens_details: bool = False, cors: dict | None = None,
+              log_stats_interval: float | None = None) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
     prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache; cors: Starlette
     CORSMiddleware's arguments (None: no CORS headers), outside the API key's check, so that a browser's
-    preflight needs no key."""
+    preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none)."""
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
@@ -250,8 +252,18 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         engine.start()
+        stats = asyncio.ensure_future(log_stats(log_stats_interval)) if log_stats_interval else None
         yield
+        if stats is not None:
+            stats.cancel()
         engine.stop()
+
+    async def log_stats(interval: float) -> None:
+        since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(interval)
+            if line := metrics.stats_line(since, interval):
+                log.info(line)
 
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
@@ -593,6 +605,8 @@ def serve(args) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
     args.chat_template = read_chat_template(args.chat_template)
+    if not args.disable_log_stats:
+        _log_stats_interval()  # (a bad $NANOFLOW_LOG_STATS_INTERVAL refused before the model loads)
     # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
     sock = listen_socket(args.host, args.port)
     if args.api_server_count > 1:
@@ -649,6 +663,17 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
     return sock
 
 
+def _log_stats_interval() -> float:
+    """Seconds between the stats lines: $NANOFLOW_LOG_STATS_INTERVAL (as vLLM's VLLM_LOG_STATS_INTERVAL), or 10."""
+    text = os.environ.get("NANOFLOW_LOG_STATS_INTERVAL", str(LOG_STATS_INTERVAL_S))
+    try:
+        if (interval := float(text)) > 0:
+            return interval
+    except ValueError:
+        pass
+    raise ValueError(f"NANOFLOW_LOG_STATS_INTERVAL={text!r}: must be a number of seconds > 0")
+
+
 def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
     """The API over engine, on a socket bound to args.host:args.port, until SIGTERM / SIGINT (see serve)."""
     import uvicorn
@@ -664,7 +689,13 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
     app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
                     args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details,
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
-                         allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials))
+                         allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
+                    None if args.disable_log_stats else _log_stats_interval())
+    # the server's own log (warnings, errors, the stats lines) on stderr beside uvicorn's, at info
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%m-%d %H:%M:%S"))
+    logging.getLogger("nanoflow").addHandler(handler)
+    logging.getLogger("nanoflow").setLevel(logging.INFO)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level=args.uvicorn_log_level,
                             root_path=args.root_path, timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
