@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from nanoflow.outputs import PositionLogprobs, RequestOutput
-from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams, finite_number, natural
 
 
 @dataclass(slots=True)
@@ -28,12 +28,11 @@ class BeamSearchParams:
             if not ok:
                 raise ValueError(f"invalid beam search parameter {name}={getattr(self, name)!r}: {rule}")
         width = MAX_LOGPROBS // 2  # each beam asks for 2 * beam_width logprobs
-        check(_int(self.beam_width) and 1 <= self.beam_width <= width, "beam_width", f"must be an integer in [1, "
-                                                                                     f"{width}]")
-        check(_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(natural(self.beam_width) and 1 <= self.beam_width <= width, "beam_width",
+              f"must be an integer in [1, {width}]")
+        check(natural(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
-        check(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool)
-              and math.isfinite(self.length_penalty), "length_penalty", "must be a finite number")
+        check(finite_number(self.length_penalty), "length_penalty", "must be a finite number")
 
 
 @dataclass(slots=True)
@@ -52,7 +51,7 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]  # the beam_width best (fewer if the vocabulary allows fewer), best first
 
 
-def score(seq: BeamSearchSequence, length_penalty: float) -> float:
+def rank_key(seq: BeamSearchSequence, length_penalty: float) -> float:
     """A key that orders beams as cum_logprob / length ** length_penalty does, without computing the power (which
     overflows a float at large penalties): logprobs are <= 0, so the larger score has the smaller log magnitude."""
     if seq.cum_logprob == 0:
@@ -109,7 +108,7 @@ class Beams:
                         self.ended[i].append(seq)
                     else:
                         grown.append(seq)
-            grown = sorted(grown, key=lambda s: score(s, p.length_penalty), reverse=True)[:p.beam_width]
+            grown = sorted(grown, key=lambda s: rank_key(s, p.length_penalty), reverse=True)[:p.beam_width]
             for seq in grown:
                 if self.steps == p.max_tokens or len(seq.tokens) >= self.max_model_len:
                     seq.finish_reason = "length"
@@ -120,11 +119,12 @@ class Beams:
         """Each prompt's beam_width best ended beams, best first; decode: token ids to text (None: no text)."""
         results = []
         for prompt, ended in zip(self.prompts, self.ended):
-            best = sorted(ended, key=lambda s: score(s, self.params.length_penalty), reverse=True)
-            for s in best[:self.params.beam_width]:
+            best = sorted(ended, key=lambda s: rank_key(s, self.params.length_penalty),
+                          reverse=True)[:self.params.beam_width]
+            for s in best:
                 if decode is not None:
                     s.text = decode(s.tokens[len(prompt):len(s.tokens) - (s.finish_reason == "stop")])
-            results.append(BeamSearchOutput(best[:self.params.beam_width]))
+            results.append(BeamSearchOutput(best))
         return results
 
 
@@ -138,7 +138,3 @@ def beam_search(generate: Callable[[list[dict], SamplingParams], list[RequestOut
             beams.advance(generate([{"prompt_token_ids": t} for t in beams.requests()], beams.step_params))
             bar.update(1)
     return beams.results(decode)
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

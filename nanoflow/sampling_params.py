@@ -72,14 +72,15 @@ class SamplingParams:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
         check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
-        check(_num(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
-        check(_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(finite_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
+        check(finite_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1")
-        check(_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
-        check(_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+        check(finite_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(finite_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+              "must be > 0")
+        check(finite_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
               "must be in [-2, 2]")
-        check(_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+        check(finite_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "must be in [-2, 2]")
         check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
               "max_tokens", "must be an integer >= 1")
@@ -98,15 +99,15 @@ class SamplingParams:
         check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
               "must be a list of token ids")
         ids = self.stop_token_ids or []
-        check(all(_token(t) for t in ids), "stop_token_ids", "must be token ids >= 0")
+        check(all(natural(t) for t in ids), "stop_token_ids", "must be token ids >= 0")
         check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
-            _token(t) and _num(b) for t, b in self.logit_bias.items()), "logit_bias",
+            natural(t) and finite_number(b) for t, b in self.logit_bias.items()), "logit_bias",
             "must map token ids >= 0 to finite numbers")
         check(self.allowed_token_ids is None or isinstance(self.allowed_token_ids, (list, tuple)) and
-              self.allowed_token_ids and all(_token(t) for t in self.allowed_token_ids), "allowed_token_ids",
+              self.allowed_token_ids and all(natural(t) for t in self.allowed_token_ids), "allowed_token_ids",
               "must be a non-empty list of token ids >= 0")
         k = self.truncate_prompt_tokens
-        check(k is None or _token(k) and k >= 1 or k == -1, "truncate_prompt_tokens", "must be -1 or an integer >= 1")
+        check(k is None or natural(k) and k >= 1 or k == -1, "truncate_prompt_tokens", "must be -1 or an integer >= 1")
         check(self.bad_words is None or isinstance(self.bad_words, (list, tuple)) and all(
             isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", "must be a list of words")
         if isinstance(self.structured_outputs, dict):
@@ -141,10 +142,11 @@ class SamplingParams:
                 and self.top_p == 1 and self.min_p == 0 and self.seed is None and self.logprobs is None)
 
 
-def _token(t) -> bool:
+def natural(t) -> bool:
+    """An integer >= 0 (not a bool)."""
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
-def _num(x) -> bool:
+def finite_number(x) -> bool:
     """A finite number (not a bool): NaN and infinities would turn every logit into NaN."""
     return not isinstance(x, bool) and (isinstance(x, int) or isinstance(x, float) and math.isfinite(x))

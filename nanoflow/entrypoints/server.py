@@ -522,7 +522,6 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
             return _chat_logprobs(c, start, params.logprobs) if c.logprobs is not None else None
 
-
         if req.stream:
             async def chunks():
                 sent_prompt, out = False, None
