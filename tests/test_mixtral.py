@@ -2,6 +2,7 @@
 experts that get no tokens; the plain parity is in test_hf_parity.py), nano-batched == plain, loading; the grouped
 GEMMs against the reference's loop over experts, and on the GPU the model against the CPU reference, with and
 without CUDA graphs."""
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -207,29 +208,34 @@ def test_graph_padding_rows_go_to_no_expert(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_padded_expert_slots_give_the_same_tokens(tmp_path, monkeypatch, arch):
-    """The GPU's layout on the CPU: each expert's pairs from a multiple of 8 slots on, the gaps zero rows (the
-    reference's MOE_PAD set to 8). Tokens and logprobs are the packed layout's, eager and through the CUDA-graph
-    path's buckets (padding rows), plain and nano-batched."""
+    """The GPU's layout on the CPU: each expert's pairs from a multiple of 4 slots on where the experts average two
+    tiles of 4 pairs (the reference's moe_pad with the tile 4), the gaps zero rows; smaller batches packed. Tokens
+    and logprobs are the packed layout's, eager and through the CUDA-graph path's buckets (padding rows), plain and
+    nano-batched."""
     from nanoflow.kernels import reference
     path = str(tmp_path / "m")
     make_hf_model(path, arch, None, seed=8)
     moe_spec().save(str(tmp_path / "spec.json"))
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
     packed = LLM(path, device="cpu", max_num_batched_tokens=64).generate(PROMPTS, p, use_tqdm=False)
-    monkeypatch.setattr(reference, "MOE_PAD", 8)
+    monkeypatch.setattr(reference, "moe_pad", functools.partial(reference.moe_pad, tile=4))
     seen = []
     route = reference.moe_route
 
     def spy(logits, k, *args):
         out = route(logits, k, *args)
-        seen.append((logits.shape[0] * k, len(out[0])))
+        rows, e = logits.shape
+        padded = rows * k >= 8 * e
+        seen.append((padded, len(out[0]), reference.moe_slots(rows, k, e, 4 if padded else 1)))
         return out
     monkeypatch.setattr(reference, "moe_route", spy)
     for kw in ({}, dict(cuda_graph=True), dict(cuda_graph=True, mode="nanobatch-only",
                                                   pipeline_spec=str(tmp_path / "spec.json"))):
         seen.clear()
         outs = LLM(path, device="cpu", max_num_batched_tokens=64, **kw).generate(PROMPTS, p, use_tqdm=False)
-        assert seen and all(slots > pairs for pairs, slots in seen)  # the padded layout ran
+        # the padded layout where the experts average 8 pairs (two tiles of 4), the packed one elsewhere: both ran
+        assert all(slots == expected for _, slots, expected in seen)
+        assert {padded for padded, _, _ in seen} == {True, False}
         for a, b in zip(outs, packed):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):

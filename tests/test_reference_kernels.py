@@ -129,3 +129,23 @@ def test_moe_route_pads_each_experts_pairs(pad):
     p_y = ref.experts_mlp(x[p_rows], gate_up, down, p_offs)
     out, p_out = torch.empty(m, h), torch.empty(m, h)
     torch.testing.assert_close(ref.moe_combine(y, where, weights, out), ref.moe_combine(p_y, p_where, p_weights, p_out))
+
+
+def test_moe_pad_only_where_experts_average_two_tiles():
+    """The CPU packs the pairs; the GPU pads to its 128 tile rows where the experts average two tiles of pairs or
+    more (Mixtral's large batches), not below (Qwen3-30B-A3B's 2,048 rows: 128 pairs an expert). The scratch that
+    Workspace.bytes_for counts at the token budget holds every smaller batch's slots."""
+    from nanoflow.config import ModelConfig
+    from nanoflow.kernels import gpu
+    from nanoflow.models.llama import Workspace
+    assert {ref.moe_pad(r, 2, 8) for r in (1, 1024, 4096)} == {1}
+    assert [gpu.moe_pad(r, 2, 8) for r in (1023, 1024, 2710)] == [1, 128, 128]
+    assert [gpu.moe_pad(r, 8, 128) for r in (2048, 4095, 4096)] == [1, 1, 128]
+    for k, e, budget in ((2, 8, 4096), (8, 128, 8192), (2, 8, 1000)):
+        most = ref.moe_slots(budget, k, e, gpu.moe_pad(budget, k, e))
+        assert all(ref.moe_slots(r, k, e, gpu.moe_pad(r, k, e)) <= most for r in range(1, budget + 1))
+    cfg = ModelConfig("mixtral", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=8, num_experts=8, num_experts_per_tok=2)
+    extra = [Workspace.bytes_for(cfg, rows, torch.bfloat16, moe_pad=gpu.moe_pad) - Workspace.bytes_for(
+        cfg, rows, torch.bfloat16) for rows in (1000, 1024)]
+    assert extra == [0, 8 * 127 * (2 * 16 + 3 * 24) * 2]  # each expert's gap of up to 127 slots of its 4 rows

@@ -64,10 +64,12 @@ def decode_attention(q, k_cache, v_cache, meta, scale, out, sliding_window=None)
 experts_capturable = experts_interleaved = triton_moe.supported
 moe_route = triton_moe.route
 moe_gather = _compile(reference.moe_gather)
-# Each expert's rows start at a multiple of the grouped GEMM's tile rows (block_m), the gap zero rows: its last
-# tile then multiplies zeros, not the next expert's rows. Under the power cap that ran the experts' GEMMs 1.02-1.04x
-# faster on an H200 (the clock up to 60 MHz higher), and Mixtral's splitwise run 1.012-1.018x (BENCHMARKS.md, #10).
-MOE_PAD = 128
+# Where the experts average two tiles of pairs or more, each expert's rows start at a multiple of the grouped GEMM's
+# tile rows (block_m), the gap zero rows: its last tile then multiplies zeros, not the next expert's rows. Under the
+# power cap that ran Mixtral's experts' GEMMs 1.02-1.04x faster on an H200 (the clock up to 60 MHz higher) and its
+# splitwise run 1.012-1.018x (~680 pairs an expert). Qwen3-30B-A3B at ~128 pairs an expert, padded, ran 0.985x:
+# half its slots were gaps, and its GEMMs there are bound by reading their weights (BENCHMARKS.md, #10).
+moe_pad = functools.partial(reference.moe_pad, tile=128)
 
 
 def experts_mlp(x, gate_up, down, offs, pad=1):

@@ -109,9 +109,13 @@ decode_attention = paged_attention
 prefill_attention = paged_attention
 
 
-# The sorted pairs' layout: each expert's pairs start at a multiple of MOE_PAD slots (1 here: packed). The GPU pads to
-# its grouped GEMM's tile rows, so that a tile's rows past its expert's end are zero rows, not the next expert's.
-MOE_PAD = 1
+def moe_pad(rows: int, k: int, experts: int, tile: int = 1) -> int:
+    """The sorted pairs' layout for a batch of `rows` rows: each expert's pairs start at a multiple of the returned
+    number of slots. `tile` (the GPU's grouped GEMM's tile rows: a tile's rows past its expert's end are then zero
+    rows, not the next expert's) where the experts average at least two tiles of pairs, else 1 (packed; always 1
+    here, on the CPU). With fewer pairs an expert the gaps are a large share of the slots, and their bytes (the
+    gather, the whole-tile stores) cost more than zero rows save (BENCHMARKS.md, #10)."""
+    return tile if rows * k >= 2 * tile * experts else 1
 
 
 def moe_slots(rows: int, k: int, experts: int, pad: int) -> int:

@@ -89,16 +89,18 @@ class Workspace:
 
     @classmethod
     def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1,
-                  moe_pad: int = 1) -> int:
+                  moe_pad=reference.moe_pad) -> int:
         """The buffers' bytes, and with experts the scratch of their op (per pair slot of a row and an expert: its
-        input, gate|up, activation and output rows, with each expert's gap up to a multiple of moe_pad; per row the
-        float32 sum, and the shared expert's rows)."""
+        input, gate|up, activation and output rows, with each expert's gap up to a multiple of the backend's
+        moe_pad at these rows, which fewer rows never exceed; per row the float32 sum, and the shared expert's
+        rows)."""
         size = torch.empty((), dtype=dtype).element_size()
         width = sum(cls._widths(cfg, tp_size))
         if not cfg.is_moe:
             return num_tokens * width * size
         width += 2 * cfg.hidden_size + 3 * cfg.shared_expert_intermediate_size + cfg.hidden_size  # (shared expert)
-        slots = reference.moe_slots(num_tokens, cfg.num_experts_per_tok, cfg.num_experts, moe_pad)
+        k, e = cfg.num_experts_per_tok, cfg.num_experts
+        slots = reference.moe_slots(num_tokens, k, e, moe_pad(num_tokens, k, e))
         return (num_tokens * width + slots * (2 * cfg.hidden_size + 3 * cfg.intermediate_size)) * size
 
     @staticmethod
@@ -301,10 +303,10 @@ class LlamaModel(nn.Module):
         (the backend's moe_route): softmax in float32, top-k, weights renormalized over the k; each row's sum in
         increasing expert order, as HF adds them (Qwen2-MoE: weights not renormalized, then the shared expert's
         output times sigmoid(x · its gate)). Nothing here waits for the host. A CUDA graph's padding rows
-        (batch.live_rows) go to no expert. Each expert's rows start at a multiple of the backend's MOE_PAD, the gap
-        zero rows (the GPU's grouped GEMM then computes its tiles' spare rows from zeros)."""
+        (batch.live_rows) go to no expert. Each expert's rows start at a multiple of the backend's moe_pad for these
+        rows, the gap zero rows (the GPU's grouped GEMM then computes its tiles' spare rows from zeros)."""
         layer, c = self.layers[l], self.cfg
-        pad = self.k.MOE_PAD
+        pad = self.k.moe_pad(b - a, c.num_experts_per_tok, c.num_experts)
         rows, where, weights, offs = self.k.moe_route(ws.router[a:b], c.num_experts_per_tok, c.norm_topk_prob,
                                                       batch.live_rows, a, pad)
         x = ws.normed[a:b]

@@ -185,8 +185,8 @@ def new_profile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, budg
 # tiles and longest-first launch; 7: the same unmasked tiles with a sliding window; 8: the page kernel's dots
 # transposed under 16 query rows; 9: the experts' last round of tiles cut by k-chunks; 10: not for tiles of fewer than
 # 48 k-iterations; 11: the experts' GEMMs run one program an SM of their unit's share, not of the device; 12: each
-# expert's rows from a multiple of the tile rows on, the gaps zero rows).
-KERNELS = 12
+# expert's rows from a multiple of the tile rows on, the gaps zero rows; 13: only where experts average two tiles).
+KERNELS = 13
 
 
 def profile_path(gpu: str, cfg: ModelConfig, dtype: torch.dtype, budget: int, decode_rows: int, context: int,
