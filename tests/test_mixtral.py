@@ -402,13 +402,19 @@ def gpu_mixtral_dir(tmp_path_factory, request):
 
 
 @gpu
-def test_gpu_mixtral_matches_cpu_with_and_without_graphs(gpu_mixtral_dir):
+@pytest.mark.parametrize("pad", ["by rows", "always"])
+def test_gpu_mixtral_matches_cpu_with_and_without_graphs(gpu_mixtral_dir, monkeypatch, pad):
     """CUDA graphs on (the default in bf16 on CUDA: nothing in a layer waits for the host) and off: the same
     greedy tokens; the prompt logprobs of both within bf16 tolerance of the CPU's float32 (test_gpu.py's), at all but
     a few positions: the router's logits are bf16, as HF's, and a near-tie between a row's 2nd and 3rd expert may
     round the other way, which moves that row's output by more than rounding (the CPU in bf16: 5 of this model's
-    273 routings flip, 2 of 87 positions fall outside). The op breakdown covers the MoE ops."""
+    273 routings flip, 2 of 87 positions fall outside). The op breakdown covers the MoE ops. pad "always": every
+    batch's pairs padded to the grouped GEMM's tile rows (the backend pads only batches of two tiles an expert, more
+    rows than these)."""
     from nanoflow.executor.profiling import op_times
+    from nanoflow.kernels import gpu as gpu_kernels
+    if pad == "always":
+        monkeypatch.setattr(gpu_kernels, "moe_pad", lambda rows, k, experts: 128)
     p = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     cpu = LLM(gpu_mixtral_dir, device="cpu").generate(PROMPTS, p, use_tqdm=False)
     greedy = {}
