@@ -67,8 +67,9 @@ moe_gather = _compile(reference.moe_gather)
 # Where the experts average two tiles of pairs or more, each expert's rows start at a multiple of the grouped GEMM's
 # tile rows (block_m), the gap zero rows: its last tile then multiplies zeros, not the next expert's rows. Under the
 # power cap that ran Mixtral's experts' GEMMs 1.02-1.04x faster on an H200 (the clock up to 60 MHz higher) and its
-# splitwise run 1.012-1.018x (~680 pairs an expert). Qwen3-30B-A3B at ~128 pairs an expert, padded, ran 0.985x:
-# half its slots were gaps, and its GEMMs there are bound by reading their weights (BENCHMARKS.md, #10).
+# splitwise run 1.012-1.018x (~680 pairs an expert). Qwen3-30B-A3B (128 experts), padded, ran 0.96x: at ~128 pairs
+# an expert half its slots were gaps, more in small batches, and its GEMMs there are bound by reading their weights
+# (BENCHMARKS.md, #10).
 moe_pad = functools.partial(reference.moe_pad, tile=128)
 
 
