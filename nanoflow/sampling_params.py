@@ -63,7 +63,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     structured_outputs: StructuredOutputsParams | None = None  # (a dict of its fields is taken too)
     bad_words: list[str] | None = None  # words never completed: a word's last token is banned after the rest
-    truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: as many as the model takes)
+    truncate_prompt_tokens: int | None = None  # only the prompt's last k tokens (-1: max_model_len - 1)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -71,10 +71,10 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
-        check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        check(integer(self.n) and self.n >= 1, "n", "must be an integer >= 1")
         check(finite_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
         check(finite_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1")
+        check(integer(self.top_k) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1")
         check(finite_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(finite_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
               "must be > 0")
@@ -82,15 +82,17 @@ class SamplingParams:
               "must be in [-2, 2]")
         check(finite_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
               "must be in [-2, 2]")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        check(self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1),
               "max_tokens", "must be an integer >= 1")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        check(natural(self.min_tokens), "min_tokens", "must be an integer >= 0")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must be <= max_tokens")
-        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        check(self.seed is None or integer(self.seed), "seed", "must be an integer")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            check(v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS), name,
+            check(v is None or (natural(v) and v <= MAX_LOGPROBS), name,
                   f"must be an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            check(isinstance(getattr(self, name), bool), name, "must be true or false")
         check(self.stop is None or isinstance(self.stop, (str, list, tuple)), "stop",
               "must be a string or a list of strings")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -142,9 +144,14 @@ class SamplingParams:
                 and self.top_p == 1 and self.min_p == 0 and self.seed is None and self.logprobs is None)
 
 
+def integer(t) -> bool:
+    """An int, not a bool (True would pass for 1: logprobs=True, as OpenAI's chat API spells it, is not a count)."""
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
 def natural(t) -> bool:
     """An integer >= 0 (not a bool)."""
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+    return integer(t) and t >= 0
 
 
 def finite_number(x) -> bool:

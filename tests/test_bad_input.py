@@ -178,6 +178,12 @@ def test_unknown_preset_and_format(capsys):
     (dict(logit_bias=[5]), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
     (dict(allowed_token_ids=[-1]), "allowed_token_ids"), (dict(bad_words=["ok", " "]), "bad_words"),
     (dict(bad_words="x"), "bad_words"),
+    # True is no count: logprobs=True (as OpenAI's chat API spells it) would otherwise fail inside the step
+    (dict(logprobs=True), "logprobs"), (dict(prompt_logprobs=True), "prompt_logprobs"), (dict(n=True), "n"),
+    (dict(top_k=True), "top_k"), (dict(max_tokens=True), "max_tokens"), (dict(min_tokens=True), "min_tokens"),
+    (dict(seed=False), "seed"), (dict(skip_special_tokens=None), "skip_special_tokens"),
+    (dict(skip_special_tokens=0), "skip_special_tokens"), (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ])
 def test_invalid_sampling_params(kw, name):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):
@@ -198,6 +204,10 @@ def test_bad_prompts_leave_the_engine_usable(llama_dir):
             llm.generate([[1, 2]], SamplingParams(**{name: bad}))
     with pytest.raises(TypeError, match="prompt must be"):
         llm.generate([3.5], ok)
+    with pytest.raises(TypeError, match="prompts must be a string, a list of token ids, a dict .* got NoneType"):
+        llm.generate(None, ok)
+    with pytest.raises(TypeError, match="'prompt_token_ids' must be a list of token ids, got int"):
+        llm.generate({"prompt_token_ids": 5}, ok)
     for bad, shown in (([True, 5], "True (bool)"), ([1.0, 5], "1.0 (float)")):
         with pytest.raises(ValueError, match=re.escape(f"token ids must be integers, got {shown}")):
             llm.generate([bad], ok)
@@ -395,3 +405,7 @@ def test_text_without_a_tokenizer_says_how_to_give_one(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer: pass token ids, or a tokenizer .*--tokenizer PATH"):
         llm.generate("hi")
     assert len(llm.generate([[1, 2]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+    # stop strings need the text, as bad_words and grammars do: refused, not ignored; stop token ids need none
+    with pytest.raises(ValueError, match="stop strings need the model's tokenizer"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=2, stop=["a"]))
+    assert llm.generate([[1, 2]], SamplingParams(max_tokens=2, stop_token_ids=[7]), use_tqdm=False)[0].finished

@@ -500,6 +500,11 @@ def test_a_stream_whose_end_another_call_took_raises(llama_dir):
         list(g)
 
 
+def test_completion_output_finished_is_a_method_as_vllms(llama_dir):
+    parts = list(LLM(llama_dir).stream([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
+    assert [p.outputs[0].finished() for p in parts] == [False] * (len(parts) - 1) + [True] and len(parts) > 1
+
+
 def test_cut_model_keeps_the_first_layers(llama_dir):
     """num_layers (benchmarks of a large shape on fewer GPUs): the checkpoint's first layers, the rest skipped."""
     import torch
@@ -619,7 +624,8 @@ def test_bad_generation_configs_are_refused(llama_dir, tmp_path, gen, choice, me
 
 def test_truncate_prompt_tokens(llama_dir):
     """vLLM's truncate_prompt_tokens: only the prompt's last k tokens are the prompt (-1: as many as the context
-    takes); more than the context, or not -1 nor >= 1, is refused by name."""
+    takes with room for an output token, so a prompt longer than the context runs); more than the context, or not
+    -1 nor >= 1, is refused by name."""
     from dataclasses import replace
     llm = LLM(llama_dir, max_model_len=64)
     long = list(range(100, 140))
@@ -628,6 +634,10 @@ def test_truncate_prompt_tokens(llama_dir):
     alone, = llm.generate([long[-10:]], greedy, use_tqdm=False)
     assert cut.prompt_token_ids == long[-10:] and cut.outputs[0].token_ids == alone.outputs[0].token_ids
     assert llm.generate([long], replace(greedy, truncate_prompt_tokens=-1), use_tqdm=False)[0].prompt_token_ids == long
+    longer = list(range(100, 200))
+    out, = llm.generate([longer], replace(greedy, truncate_prompt_tokens=-1), use_tqdm=False)
+    assert out.prompt_token_ids == longer[-63:] and len(out.outputs[0].token_ids) == 1
+    assert out.outputs[0].finish_reason == "length"
     with pytest.raises(ValueError, match="truncate_prompt_tokens=65: more than the model's context length, 64"):
         llm.generate([long], replace(greedy, truncate_prompt_tokens=65), use_tqdm=False)
     for bad in (0, -2, 1.5, True):

@@ -129,8 +129,11 @@ class LLMEngine:
                 raise ValueError(f"a prompt dict takes 'prompt' and / or 'prompt_token_ids', not {sorted(extra)} "
                                  f"(nanoflow serves text-only models)")
             if "prompt_token_ids" in prompt:
-                text = prompt.get("prompt")
-                return (text if isinstance(text, str) else None), self.tokenize(list(prompt["prompt_token_ids"]))[1]
+                text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise TypeError(f"a prompt dict's 'prompt_token_ids' must be a list of token ids, got "
+                                    f"{type(ids).__name__}")
+                return (text if isinstance(text, str) else None), self.tokenize(list(ids))[1]
             if "prompt" not in prompt:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
@@ -187,6 +190,8 @@ class LLMEngine:
         if params.min_tokens > most:
             raise ValueError(f"invalid sampling parameter min_tokens={params.min_tokens}: the request can have at "
                              f"most {most} output tokens (the context, the KV cache or the model's max_new_tokens)")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer (pass tokenizer=PATH; stop_token_ids need none)")
         bad_words = self._bad_words_ids(params.bad_words)
         grammar = self._compile(params)  # (last: a request refused after it would leave a compile running)
         req = Request(request_id, text, ids, params, priority)
@@ -370,13 +375,14 @@ class LLMEngine:
 
 
 def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
-    """A prompt's last k tokens (vLLM's truncate_prompt_tokens; -1: max_model_len of them)."""
+    """A prompt's last k tokens (vLLM's truncate_prompt_tokens; -1: as many as leave room in the context for one
+    output token, max_model_len - 1)."""
     if k is None:
         return ids
     if k > max_model_len:
         raise ValueError(f"invalid sampling parameter truncate_prompt_tokens={k}: more than the model's context "
                          f"length, {max_model_len}")
-    return ids[-(max_model_len if k == -1 else k):]
+    return ids[-(max_model_len - 1 if k == -1 else k):]
 
 
 def is_token_id(t) -> bool:

@@ -127,4 +127,8 @@ def _as_list(prompts) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)) and prompts and all(is_token_id(t) for t in prompts):
         return [list(prompts)]  # one prompt of token ids
-    return list(prompts)
+    try:
+        return list(prompts)
+    except TypeError:
+        raise TypeError(f"prompts must be a string, a list of token ids, a dict or a list of these, got "
+                        f"{type(prompts).__name__}") from None

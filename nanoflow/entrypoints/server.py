@@ -173,10 +173,10 @@ def _prompt_logprobs(out: RequestOutput) -> list | None:
 
 def _advance(c: CompletionOutput, p: _Progress) -> tuple[str, int, bool] | None:
     """(new text, index of the first new token, first piece of the choice), or None if nothing is new."""
-    if p.done or (len(c.text) == p.chars and len(c.token_ids) == p.tokens and not c.finished):
+    if p.done or (len(c.text) == p.chars and len(c.token_ids) == p.tokens and not c.finished()):
         return None
     text, start, first = c.text[p.chars:], p.tokens, not p.started
-    p.chars, p.tokens, p.started, p.done = len(c.text), len(c.token_ids), True, c.finished
+    p.chars, p.tokens, p.started, p.done = len(c.text), len(c.token_ids), True, c.finished()
     return text, start, first
 
 
@@ -532,12 +532,13 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                         if (piece := _advance(c, progress[c.index])) is None:
                             continue
                         _, start, first = piece
-                        thought, said = (streams[c.index][0].step(c.text, c.finished) if reasoning_parser
+                        done = c.finished()
+                        thought, said = (streams[c.index][0].step(c.text, done) if reasoning_parser
                                          else (None, c.text))
                         thought = thought if req.include_reasoning else None
-                        content, calls = streams[c.index][1].step(said, c.finished) if said is not None else (None, [])
+                        content, calls = streams[c.index][1].step(said, done) if said is not None else (None, [])
                         lp = logprobs(c, start)
-                        if not (first or thought or content or calls or lp or c.finished):
+                        if not (first or thought or content or calls or lp or done):
                             continue  # (text held back while it may be a tool call or the end of the reasoning)
                         delta = api.ChatDelta(role="assistant" if first else None, content=content,
                                               reasoning=thought, reasoning_content=thought,
