@@ -64,6 +64,9 @@ def test_models_and_health(server, client, model):
     assert client.models.retrieve(model) == card
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.models.retrieve("no-such/model")
+    # an empty model name is the served model, as vLLM's (some clients send "")
+    r = httpx.post(f"{server}/v1/completions", json={"model": "", "prompt": PROMPT, "max_tokens": 1}, headers=AUTH)
+    assert r.status_code == 200, r.text
 
 
 def test_logit_bias_and_allowed_token_ids(server, default_llm):
@@ -77,6 +80,9 @@ def test_logit_bias_and_allowed_token_ids(server, default_llm):
     assert r.json()["choices"][0]["text"] == tk.decode([t] * 3)
     r = httpx.post(f"{server}/v1/completions", json=body | {"bad_words": ["Paris"]}, headers=AUTH)  # (vLLM's)
     assert r.status_code == 200 and "Paris" not in r.json()["choices"][0]["text"], r.text
+    r = httpx.post(f"{server}/v1/completions", content=json.dumps(body | {"bad_words": ["\ud800"]}),  # (escaped)
+                   headers=AUTH | {"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words" and "Unicode" in r.text, r.text
     allowed = [t, tk.encode(" London", add_special_tokens=False)[0]]
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 1, "allowed_token_ids": allowed,
             "logprobs": True}
@@ -140,11 +146,16 @@ def test_tokenize_and_detokenize(server, default_llm):
     assert usage["prompt_tokens"] == chat["count"]
     back = httpx.post(f"{server}/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
     assert back == tk.apply_chat_template(messages, True)
-    for body, names in [({}, "exactly one of prompt and messages"),
-                        ({"prompt": "x", "messages": messages}, "exactly one of prompt and messages"),
-                        ({"prompt": "x", "model": "other"}, "other")]:
+    for body, names, param in [({}, "exactly one of prompt and messages", "prompt"),
+                               ({"prompt": "x", "messages": messages}, "exactly one of prompt and messages",
+                                "messages"),
+                               ({"prompt": "x", "model": "other"}, "other", "model")]:
         r = httpx.post(f"{server}/tokenize", json=body)
-        assert r.status_code in (400, 404) and names in r.json()["error"]["message"], r.text
+        error = r.json()["error"]
+        assert r.status_code in (400, 404) and names in error["message"] and error["param"] == param, r.text
+        assert "JSON object" not in error["message"]
+    r = httpx.post(f"{server}/tokenize", json=[1])
+    assert r.status_code == 400 and "the body must be a JSON object" in r.text
     r = httpx.post(f"{server}/detokenize", json={"tokens": [1, 10**6]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens" and "1000000" in r.text
 
@@ -275,8 +286,9 @@ def test_vllm_compatible_extras(server, client, model, default_llm):
     cont = client.chat.completions.create(**body, extra_body={"add_generation_prompt": False,
                                                               "continue_final_message": True})
     assert cont.choices[0].message.content.startswith(" Paris")
-    with pytest.raises(openai.BadRequestError, match="continue_final_message and add_generation_prompt"):
+    with pytest.raises(openai.BadRequestError, match="continue_final_message and add_generation_prompt") as e:
         client.chat.completions.create(**body, extra_body={"continue_final_message": True})
+    assert e.value.param == "continue_final_message"
     assert httpx.get(f"{server}/version").json() == {"version": nanoflow.__version__}
     card = client.models.list().data[0]
     assert card.model_extra["root"].endswith(".gguf") and card.model_extra["parent"] is None

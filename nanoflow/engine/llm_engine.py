@@ -247,8 +247,11 @@ class LLMEngine:
             raise ValueError("bad_words need the model's tokenizer (pass tokenizer=PATH)")
         ids = []
         for word in words:
-            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
-            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            try:
+                bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+                spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            except ValueError as e:  # (text that is not valid Unicode)
+                raise ValueError(f"invalid sampling parameter bad_words={word!r}: {e}") from None
             ids += [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
         return ids
 

@@ -400,7 +400,8 @@ class TokenizeRequest(_Request):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.messages is None) == (self.prompt is None):
-            raise PydanticCustomError("one_input", "give exactly one of prompt and messages")
+            raise PydanticCustomError("one_input", "give exactly one of prompt and messages",
+                                      {"param": "messages" if self.messages is not None else "prompt"})
         return self
 
 

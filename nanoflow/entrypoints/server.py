@@ -284,9 +284,13 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             if err["type"] == "json_invalid":
                 messages.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}")
                 continue
-            param = param or (loc[0] if loc else None)
-            messages.append(f"{'.'.join(loc)}: {err['msg']}" if loc else
-                            f"the body must be a JSON object sent as application/json ({err['msg']})")
+            param = param or (loc[0] if loc else err.get("ctx", {}).get("param"))
+            if loc:
+                messages.append(f"{'.'.join(loc)}: {err['msg']}")
+            elif param:  # a check of the whole body, naming its field
+                messages.append(err["msg"])
+            else:
+                messages.append(f"the body must be a JSON object sent as application/json ({err['msg']})")
         return APIError(400, "; ".join(messages), param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -307,7 +311,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         return APIError(500, f"internal error: {e}", type="internal_error").response()
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
+        if name and name != model_name:  # (an empty name is the served model, as vLLM's)
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
@@ -408,6 +412,9 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
+                           "(add_generation_prompt is true unless set false)", param="continue_final_message")
         try:
             text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
                                                  chat_template, req.continue_final_message, req.chat_template_kwargs,
