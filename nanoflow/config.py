@@ -95,6 +95,14 @@ class ModelConfig:
             raise ValueError(f"rope scaling {rope_type!r} lacks {', '.join(missing)}")
 
     @property
+    def context_length(self) -> int:
+        """The longest sequence the model takes: max_position_embeddings, times the factor of linear rope scaling
+        (as vLLM derives it: a linear-scaled checkpoint keeps its original max_position_embeddings)."""
+        linear = (self.rope_scaling or {}).get("rope_type") == "linear"
+        return int(self.max_position_embeddings * self.rope_scaling["factor"]) if linear else \
+            self.max_position_embeddings
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

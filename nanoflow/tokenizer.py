@@ -50,8 +50,9 @@ def _token_text(tok) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, tk: HFTokenizer, chat_template: str | None, bos_token: str | None,
+    def __init__(self, tk: HFTokenizer, chat_template: str | dict[str, str] | None, bos_token: str | None,
                  eos_token: str | None, eos_token_ids: set[int]):
+        """chat_template: the template's text, or named templates ({name: text}, as HF's lists of them)."""
         self.tk = tk
         self.chat_template = chat_template
         self.bos_token = bos_token
@@ -68,12 +69,17 @@ class Tokenizer:
         tk = HFTokenizer.from_file(file)
         cfg = read_json(os.path.join(path, "tokenizer_config.json"))
         template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-        jinja_file = os.path.join(path, "chat_template.jinja")
-        if template is None and os.path.exists(jinja_file):
-            with open(jinja_file) as f:
-                template = f.read()
+        if isinstance(template, list):  # named templates ({"name", "template"} each)
+            template = {t["name"]: t["template"] for t in template}
+        # files of their own win over tokenizer_config.json's, as HF's: chat_template.jinja (the default) and
+        # transformers v5's additional_chat_templates/NAME.jinja
+        jinja_file, named_dir = (os.path.join(path, n) for n in ("chat_template.jinja", "additional_chat_templates"))
+        if os.path.exists(jinja_file):
+            template = _read(jinja_file)
+        if os.path.isdir(named_dir):
+            template = ({"default": template} if isinstance(template, str) else template or {}) | {
+                n[:-len(".jinja")]: _read(os.path.join(named_dir, n)) for n in os.listdir(named_dir)
+                if n.endswith(".jinja")}
         bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
         return cls(tk, template, bos, eos, cls._end_ids(tk, eos))
 
@@ -93,8 +99,12 @@ class Tokenizer:
                              f"instead (tokenizer=PATH; on the command line, --tokenizer PATH)")
         merges = [tuple(m.split(" ", 1)) for m in merges]
         vocab = {t: i for i, t in enumerate(tokens)}
-        tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-        tk.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre") or "default")
+        pre = field(reader, "tokenizer.ggml.pre") or "default"
+        # Llama-3's BPE takes a word that is a whole vocabulary entry as that token, whatever its merges would give
+        # (its tokenizer.json's ignore_merges; llama.cpp's too for these pre-tokenizers)
+        tk = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False,
+                                    ignore_merges=pre in ("llama-bpe", "llama3")))
+        tk.pre_tokenizer = _pre_tokenizer(pre)
         tk.decoder = decoders.ByteLevel()
         # token types: 3 = control (special), 4 = user defined
         tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
@@ -107,7 +117,11 @@ class Tokenizer:
                                                               special_tokens=[(bos, bos_id)])
         eos_ids = cls._end_ids(tk, eos) | {i for i, (t, k) in enumerate(zip(tokens, types))
                                            if k == 3 and t in END_OF_GENERATION}
-        return cls(tk, field(reader, "tokenizer.chat_template"), bos, eos, eos_ids)
+        template = field(reader, "tokenizer.chat_template")
+        if names := field(reader, "tokenizer.chat_templates"):  # named ones, as gguf-py writes them
+            template = ({"default": template} if template else {}) | {
+                n: field(reader, f"tokenizer.chat_template.{n}") for n in names}
+        return cls(tk, template, bos, eos, eos_ids)
 
     @staticmethod
     def _end_ids(tk: HFTokenizer, eos: str | None) -> set[int]:
@@ -119,7 +133,10 @@ class Tokenizer:
         os.makedirs(path, exist_ok=True)
         self.tk.save(os.path.join(path, "tokenizer.json"))
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template,
+            template = self.chat_template
+            if isinstance(template, dict):
+                template = [{"name": n, "template": t} for n, t in template.items()]
+            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": template,
                        "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
 
     # -- use -------------------------------------------------------------------------------------
@@ -162,16 +179,36 @@ class Tokenizer:
         messages = [_template_message(m) for m in messages]
         if continue_final_message:
             messages[-1] = messages[-1] | {"content": messages[-1].get("content", "") + _CONTINUE_TAG}
-        source = chat_template or self.chat_template
-        if source is None:
-            raise ValueError("this model has no chat template; pass chat_template=...")
-        template = compile_template(source)
+        template = compile_template(self._template(chat_template, tools))
         try:
             text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         except (jinja2.TemplateError, TypeError) as e:  # e.g. a message without the 'content' the template reads
             raise ValueError(f"chat template error: {e}") from None
         return _cut_at_continue_tag(text) if continue_final_message else text
+
+
+    def _template(self, given: str | None, tools) -> str:
+        """The template's text: the one given (or, among named templates, the one it names), else the model's:
+        with named templates, 'tool_use' where tools are given and there is one, else 'default' (as HF's)."""
+        named = self.chat_template if isinstance(self.chat_template, dict) else {}
+        if given is not None:
+            return named.get(given, given)
+        if not named:
+            if self.chat_template is None:
+                raise ValueError("this model has no chat template; pass chat_template=...")
+            return self.chat_template
+        if tools and "tool_use" in named:
+            return named["tool_use"]
+        if "default" not in named:
+            raise ValueError(f"this model has named chat templates ({', '.join(sorted(named))}) and none is "
+                             f"'default'; pass chat_template=NAME")
+        return named["default"]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _template_message(m) -> dict:

@@ -378,6 +378,8 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--output", "/no/such/s.json"],
      "--output /no/such/s.json: its directory does not exist"),
     (["bench", "throughput", "--warmup-requests", "-1", "--model", "/no/such/model"], "--warmup-requests must be"),
+    (["bench", "throughput", "--model", "qwen3-8b", "--load-format", "dummy", "--workload", "const:8:4:2",
+      "--baseline", "hf"], "--baseline hf builds llama, mistral, qwen2 models, not 'qwen3'"),
     (["tune", "--context", "-5"], "--context must be >= 1, not -5"),
     (["tune", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
     (["tune", "--top", "0"], "--top must be >= 1"),
@@ -396,6 +398,45 @@ def test_tune_refuses_an_fp8_kv_cache(capsys):
     from nanoflow.entrypoints.cli import main
     assert main(["tune", "--kv-cache-dtype", "fp8"]) == 2
     assert "--kv-cache-dtype fp8" in capsys.readouterr().err
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_by_id(tmp_path, tokenizer_dir):
+    """Text whose ids the model has no rows for (a tokenizer of another model): the token-id prompts' error, not an
+    IndexError inside the step that fails the whole batch."""
+    from conftest import make_hf_model
+    make_hf_model(str(tmp_path), "llama", tokenizer_dir, vocab_size=64)
+    llm = LLM(str(tmp_path))
+    with pytest.raises(ValueError, match=r"prompt token id \d+ is out of range \[0, 64\)"):
+        llm.generate("The capital of France is", SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_rope_scaling_the_context_must_follow(tmp_path):
+    """Linear rope scaling stretches the context by its factor (as vLLM derives max_model_len); a GGUF file's yarn
+    is refused, as config.json's is (plain rope would be wrong past the original length)."""
+    import numpy as np
+    from conftest import make_hf_model
+    from nanoflow.models.gguf_file import config_from_gguf, open_gguf
+    make_hf_model(str(tmp_path / "linear"), "llama", None, max_position_embeddings=64,
+                  rope_scaling={"rope_type": "linear", "factor": 4.0})
+    llm = LLM(str(tmp_path / "linear"))
+    assert llm.engine.max_model_len == 256
+    assert len(llm.generate([list(range(1, 200))], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+               .outputs[0].token_ids) == 2
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "yarn.gguf"), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2),
+                   (w.add_feed_forward_length, 16), (w.add_context_length, 64)):
+        add(v)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_tensor("token_embd.weight", np.zeros((37, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn' in the GGUF file"):
+        config_from_gguf(open_gguf(str(tmp_path / "yarn.gguf")))
 
 
 def test_text_without_a_tokenizer_says_how_to_give_one(tmp_path):

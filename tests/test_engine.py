@@ -577,6 +577,18 @@ def test_generation_config_sets_the_defaults_of_requests_without_params(llama_di
     assert llm.get_default_sampling_params() == SamplingParams(top_p=0.5) and 77 in llm.engine.eos_token_ids
 
 
+def test_cli_generate_takes_the_generation_configs_defaults(llama_dir, tmp_path, monkeypatch):
+    """nanoflow generate: each flag given, else the model's generation config (its max_new_tokens a bound, as for
+    requests without params), else greedy and 64 tokens (the flags' defaults overrode the file before)."""
+    from nanoflow.entrypoints.cli import main
+    seen = []
+    monkeypatch.setattr(LLM, "stream", lambda self, prompt, params: seen.append(params) or iter(()))
+    path = _with_generation_config(llama_dir, tmp_path / "m", {"temperature": 0.9, "top_k": 5, "max_new_tokens": 3})
+    for model, flags in ((path, []), (path, ["--max-tokens", "7", "--temperature", "0"]), (llama_dir, [])):
+        assert main(["generate", "hi", "--model", model, "--device", "cpu", *flags]) == 0
+    assert [(p.temperature, p.top_k, p.max_tokens) for p in seen] == [(0.9, 5, None), (0.0, 5, 7), (0.0, 0, 64)]
+
+
 def test_the_models_default_max_tokens_is_cut_to_the_room_there_is(llama_dir, tmp_path):
     """A generation config's max_new_tokens past the context or the KV cache bounds a request without params; it
     does not refuse it (a request's own max_tokens past the cache is refused)."""

@@ -90,3 +90,68 @@ def test_a_gguf_without_a_tokenizer_takes_its_vocabulary_from_the_embedding(tmp_
     w.write_tensors_to_file()
     w.close()
     assert config_from_gguf(open_gguf(str(tmp_path / "m.gguf"))).vocab_size == 37
+
+
+def test_template_files_and_named_templates_as_transformers_picks_them(tokenizer_dir, tmp_path):
+    """chat_template.jinja wins over tokenizer_config.json's template, and additional_chat_templates/NAME.jinja
+    adds named ones; a list of named templates gives 'tool_use' when tools are passed, else 'default' (as HF's);
+    without a 'default' the error says so; chat_template=NAME picks one; save() writes them back as a list."""
+    import json
+    import shutil
+    transformers = pytest.importorskip("transformers")
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+    def variant(name, template=None, jinja=None, extra=None):
+        d = tmp_path / name
+        shutil.copytree(tokenizer_dir, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = template
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        if jinja is not None:
+            (d / "chat_template.jinja").write_text(jinja)
+        for n, t in (extra or {}).items():
+            (d / "additional_chat_templates").mkdir(exist_ok=True)
+            (d / "additional_chat_templates" / f"{n}.jinja").write_text(t)
+        return str(d)
+
+    named = [{"name": "default", "template": "DEFAULT:" + body},
+             {"name": "tool_use", "template": "TOOLS={{ tools | map(attribute='function.name') | join(',') }}:" + body}]
+    for d in (variant("file", "OLD:" + body, jinja="NEW:" + body), variant("named", named),
+              variant("v5", None, jinja="DEFAULT:" + body, extra={"tool_use": named[1]["template"]})):
+        hf = transformers.AutoTokenizer.from_pretrained(d)
+        ours = Tokenizer.from_dir(d)
+        for kw in ({}, {"tools": tools}):
+            assert ours.apply_chat_template(msgs, **kw) == hf.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=True, **kw), (d, kw)
+    ours = Tokenizer.from_dir(variant("named2", named))
+    assert ours.apply_chat_template(msgs, chat_template="tool_use", tools=tools).startswith("TOOLS=get_weather:")
+    ours.save(str(tmp_path / "saved"))
+    assert Tokenizer.from_dir(str(tmp_path / "saved")).chat_template == ours.chat_template
+    with pytest.raises(ValueError, match=r"named chat templates \(a, b\) and none is 'default'"):
+        Tokenizer.from_dir(variant("nodefault", [{"name": "a", "template": body}, {"name": "b", "template": body}])
+                           ).apply_chat_template(msgs)
+
+
+def test_a_gguf_llama3_vocabulary_takes_whole_words_over_merges(tmp_path):
+    """Llama-3's byte-level BPE (GGUF pre-tokenizer llama-bpe) ignores merges for a word that is a vocabulary entry,
+    as its tokenizer.json says and llama.cpp does: "abc" is one token here though no merge builds it."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from nanoflow.models.gguf_file import open_gguf
+    tokens = ["a", "b", "c", "Ġ", "Ġa", "bc", "Ġabc"]
+    for pre, expect in (("llama-bpe", [6]), ("gpt2", [4, 5])):
+        w = gguf.GGUFWriter(str(tmp_path / f"{pre}.gguf"), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([1] * len(tokens))
+        w.add_token_merges(["Ġ a", "b c"])
+        w.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tk = Tokenizer.from_gguf(open_gguf(str(tmp_path / f"{pre}.gguf")))
+        assert tk.encode(" abc", add_special_tokens=False) == expect, pre

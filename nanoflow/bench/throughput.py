@@ -244,6 +244,9 @@ def _hf_baseline(args, workloads: list[Workload]) -> tuple[dict, dict]:
     if any(not w.name.startswith("const:") for w in workloads):
         raise ValueError("--baseline hf takes const:IN:OUT workloads (generate_batch has one max_new_tokens)")
     cfg = resolve(args.model, args.num_layers).config
+    if cfg.architecture not in hf_baseline.HF_CLASSES:
+        raise ValueError(f"--baseline hf builds {', '.join(hf_baseline.HF_CLASSES)} models, not "
+                         f"{cfg.architecture!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hf = hf_baseline.build(cfg, resolve_dtype(args.dtype, device, cfg.torch_dtype), device, args.seed)
     results = {w.name: hf_baseline.run(hf, w.prompts(cfg.vocab_size, args.seed, k), w.lengths[0][1], args.temperature)

@@ -60,7 +60,7 @@ class LLMEngine:
         if self.sampling_defaults:  # (as vLLM says it)
             log.info("default sampling parameters from the model's generation config: %s (generation_config="
                      "'nanoflow', --generation-config nanoflow: nanoflow's defaults)", self.sampling_defaults)
-        limit = cfg.max_position_embeddings
+        limit = cfg.context_length
         if self.config.max_model_len is not None and self.config.max_model_len > limit:
             raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context length {limit}")
         self.max_model_len = self.config.max_model_len or limit
@@ -141,7 +141,7 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids, or a tokenizer (tokenizer=PATH; on the "
                                  "command line, --tokenizer PATH)")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenize(self.tokenizer.encode(prompt))[1]  # (its ids checked as given ones)
         if isinstance(prompt, (list, tuple)):
             if bad := [t for t in prompt if not is_token_id(t)]:
                 raise ValueError(f"a prompt's token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")

@@ -90,8 +90,13 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
 def generate(a: argparse.Namespace) -> int:
     from nanoflow import LLM, SamplingParams
     llm = LLM(a.model, **engine_kwargs(a))
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.sample_seed,
+    # each flag given, else the model's generation config (its max_new_tokens a bound, as the engine takes it for
+    # max_tokens None), else greedy and 64 tokens
+    given = {k: v for k, v in dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                   min_p=a.min_p, repetition_penalty=a.repetition_penalty).items() if v is not None}
+    model = dict(llm.engine.sampling_defaults)
+    model.update({"max_tokens": None} if "max_tokens" in model else {})
+    params = SamplingParams(**dict(max_tokens=64, temperature=0.0) | model | given, seed=a.sample_seed,
                             stop=a.stop or None, ignore_eos=a.ignore_eos)
     prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
     shown = 0
@@ -145,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     g.add_argument("prompt")
     add_engine_args(g)
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    # (unset: the model's generation config, else greedy and 64 tokens)
+    g.add_argument("--max-tokens", type=int, help="default: the generation config's max_new_tokens, else 64")
+    g.add_argument("--temperature", type=float, help="default: the generation config's, else 0 (greedy)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")

@@ -83,7 +83,7 @@ def main(a: argparse.Namespace) -> int:
                         ("--top", a.top), ("--max-nano-batches", a.max_nano_batches)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, not {value}")
-    if a.context >= (limit := a.max_model_len or cfg.max_position_embeddings):
+    if a.context >= (limit := a.max_model_len or cfg.context_length):
         raise ValueError(f"--context {a.context} leaves no room in the model's context length ({limit})")
     check_outputs({"--output": a.output}, {})
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,9 +38,11 @@ def config_from_gguf(reader) -> ModelConfig:
         raise ValueError(f"the GGUF file lacks the metadata {', '.join(missing)}")
     names = {t.name for t in reader.tensors}
     heads, hidden = g("attention.head_count"), g("embedding_length")
-    rope = None
-    if g("rope.scaling.type") == "linear":
+    rope, scaling = None, g("rope.scaling.type", "none")
+    if scaling == "linear":
         rope = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
+    elif scaling != "none":  # (yarn: llama.cpp applies it; plain rope would be wrong past the original length)
+        raise ValueError(f"unsupported rope scaling type {scaling!r} in the GGUF file (supported: none, linear)")
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     tokens = field(reader, "tokenizer.ggml.tokens")
     experts = g("expert_count", 0)
