@@ -374,6 +374,8 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     (["bench", "serve", "--output", "/no/such/dir/r.json"], "--output /no/such/dir/r.json: its directory"),
     (["bench", "serve", "--plot", "p.txt"], "--plot p.txt: not a format matplotlib writes"),
     (["bench", "serve", "--workload", "trace:sharegpt:1:2"], "expected trace:NAME"),
+    (["bench", "serve", "--workload", "multiround:splitwise:10:100000"],
+     "10 conversations of 100000 turns need 1000000 rows; the trace has"),
     (["bench", "serve", "--url", "http://127.0.0.1:9"], "cannot reach the server at http://127.0.0.1:9"),
     (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--output", "/no/such/s.json"],
      "--output /no/such/s.json: its directory does not exist"),
@@ -385,7 +387,8 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     (["tune", "--top", "0"], "--top must be >= 1"),
     (["tune", "--max-nano-batches", "0"], "--max-nano-batches must be >= 1"),
     (["tune", "--context", "100000"], "--context 100000 leaves no room in the model's context length"),
-    (["tune", "--output", "/no/such/dir/spec.json"], "--output /no/such/dir/spec.json: its directory")])
+    (["tune", "--output", "/no/such/dir/spec.json"], "--output /no/such/dir/spec.json: its directory"),
+    (["tune", "--save-candidates", "/dev/null"], "--save-candidates /dev/null: a file, not a folder")])
 def test_bench_and_tune_refuse_bad_flags_before_any_work(capsys, argv, message):
     """Each a one-line error naming the flag, before a model loads, a replay runs or a server is asked (a bad path
     found after the run lost it; a rate of 0 divided by zero; an unreachable server printed a traceback)."""

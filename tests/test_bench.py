@@ -73,10 +73,24 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["steady_iterations"] == 0 and r["steady_tokens_per_second"] is None  # all 6 fit at once
     assert len(r["gc_collections"]) == 3 and "host GC pauses" in printed
     assert len(report["gemm_tflops_measured"]) == 2 and report["gemm_tflops"] == max(report["gemm_tflops_measured"])
+    assert (report["mode"], report["pipeline_spec"]) == ("non-overlap", None)
+    # a workload run twice in one report is two bars, not one; a folder is no report
+    from nanoflow.bench.plots import _run_names
+    assert _run_names([{"workload": "a"}, {"workload": "b"}, {"workload": "a"}]) == ["a", "b", "a (2)"]
+    assert main(["bench", "plot", str(tmp_path), "-o", str(tmp_path / "p.png")]) == 2
+    assert "cannot be read (Is a directory)" in capsys.readouterr().err
     # the GPU-only views are refused on the CPU by name, not skipped silently
     for flag in (["--breakdown"], ["--timeline", str(tmp_path / "t.png")]):
         assert main(["bench", "throughput", "--workload", "const:24:6", "--device", "cpu", *flag]) == 2
         assert "need a GPU and CUDA graphs" in capsys.readouterr().err
+
+
+def test_peak_running_counts_requests_as_scheduled(tmp_path):
+    """One-token outputs end in the step that schedules them: the peak read after the step was 0 (synchronous
+    scheduling, the CPU's default); it is the scheduler's, as bench schedule's replay reports it."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "throughput", "--workload", "const:16:1:10", "--device", "cpu", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["peak_running_requests"] == 10
 
 
 def test_gc_pauses_counts_the_collections_inside():
@@ -182,6 +196,7 @@ def test_bench_schedule_replays_the_engines_iterations(tmp_path, capsys):
     ran = json.loads(engine.read_text())["results"][0]
     lof, fcfs = json.loads(replayed.read_text())["results"]
     assert lof["schedule_policy"] == "lof" and lof["iterations"] == ran["iterations"] > 30
+    assert lof["peak_running"] == ran["peak_running_requests"] > 1
     assert lof["preemptions"] == ran["preemptions"] == 0
     assert lof["tokens"] == fcfs["tokens"] == 30 * (40 + 19)  # every prompt token, and each output but the last
     # the fewest iterations any schedule could take: here what the sequences hold over the 960 tokens of cache,

@@ -43,6 +43,15 @@ def test_scaling_keeps_coverage():
             assert all(x % 8 == 0 for r in ranges for x in r if x != rows)
 
 
+def test_a_spec_runs_its_own_boundaries_at_its_token_count():
+    """A tuned spec cuts at the decode/prefill boundary (682 of 2,048 rows by default), which is what it runs at
+    its own size (it ran 680, its decode attention then also over the prefill nano-batch); other sizes round."""
+    spec = PipelineSpec("cut", 2048, [Unit("gemm", "compute", 0)],
+                        [NanoOp(op, a, b, "gemm") for a, b in ((0, 682), (682, 2048)) for op in LAYER_OPS]).validate()
+    assert spec.scaled(2048) == spec.nano_ops
+    assert {(n.start, n.end) for n in spec.scaled(1024)} == {(0, 344), (344, 1024)}
+
+
 def test_dependencies():
     spec = four_way()
     layer = spec.nano_ops

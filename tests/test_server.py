@@ -631,6 +631,10 @@ def test_bench_serve(server, tmp_path, capsys):
     assert [r["request_rate"] for r in json.loads(out.read_text())["results"]] == [20.0, "inf"]
     assert metrics(server)["nanoflow_prefix_cache_hits_total"] == hits  # each rate's own prompts: no cached prefix
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # no arrival gap after the last request: one request at 0.05/s (the seed's first gap 37 s) ends with its reply
+    assert main(args + ["--num-requests", "1", "--request-rate", "0.05", "--output", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["completed"] == 1 and r["duration_s"] < 2 * r["mean_e2e_ms"] / 1000 + 1
 
 
 # -- shutdown --------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ def _throughput_report(path: str) -> dict:
             rep = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
+    except OSError as e:  # (a directory, no permission, no such file)
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(rep, dict) or not all(isinstance(r, dict) and "tokens_per_second" in r
                                             for r in rep.get("results") or [None]):
         replayed = isinstance(rep, dict) and any(isinstance(r, dict) and "schedule_policy" in r
@@ -45,18 +47,28 @@ def report_labels(reports: list[dict], files: list[str]) -> list[str]:
     return labels
 
 
+def _run_names(results: list[dict]) -> list[str]:
+    """Each result's workload; a workload run again in one report as "NAME (2)", "NAME (3)", ... (a bar each)."""
+    seen: dict[str, int] = {}
+    names = []
+    for r in results:
+        seen[r["workload"]] = seen.get(r["workload"], 0) + 1
+        names.append(r["workload"] + (f" ({seen[r['workload']]})" if seen[r["workload"]] > 1 else ""))
+    return names
+
+
 def throughput_bars(report_files: list[str], out: str) -> None:
     """Total tok/s per workload (one bar group per report), the cost model's optimum as a line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     reports = [_throughput_report(f) for f in report_files]
-    workloads = list(dict.fromkeys(r["workload"] for rep in reports for r in rep["results"]))
+    runs = [dict(zip(_run_names(rep["results"]), rep["results"])) for rep in reports]
+    workloads = list(dict.fromkeys(w for by_name in runs for w in by_name))
     labels = report_labels(reports, report_files)
     width = 0.8 / len(reports)
     fig, ax = plt.subplots(figsize=(1.6 * len(workloads) + 2, 4.5))
-    for i, rep in enumerate(reports):
-        by_name = {r["workload"]: r for r in rep["results"]}
+    for i, (rep, by_name) in enumerate(zip(reports, runs)):
         xs = [j + i * width for j, w in enumerate(workloads) if w in by_name]
         ys = [by_name[w]["tokens_per_second"] for w in workloads if w in by_name]
         bars = ax.bar(xs, ys, width, label=labels[i])

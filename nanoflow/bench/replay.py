@@ -80,13 +80,10 @@ def lower_bound(lengths: list[tuple[int, int]], config: EngineConfig, num_blocks
 
 def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len: int) -> Replayed:
     sched = Scheduler(config, num_blocks, config.max_num_batched_tokens, max_model_len)
-    sizes, peak = [], 0
-    for out in replay(sched, workload.lengths):
-        sizes.append(out.num_tokens)
-        peak = max(peak, len(sched.running))
+    sizes = [out.num_tokens for out in replay(sched, workload.lengths)]
     budget = config.max_num_batched_tokens
     return Replayed(workload.name, budget, config.schedule_policy, len(sizes), sum(sizes), sum(sizes) / len(sizes),
-                    sum(n < budget / 4 for n in sizes), peak, sched.num_preemptions,
+                    sum(n < budget / 4 for n in sizes), sched.peak_running, sched.num_preemptions,
                     lower_bound(workload.lengths, config, num_blocks, max_model_len))
 
 

@@ -128,10 +128,10 @@ async def run(url: str, model: str, workload: Workload, rate: float, max_concurr
                                      connector=aiohttp.TCPConnector(limit=0), read_bufsize=2**20) as session:
         start, cpu = time.perf_counter(), time.process_time()
         tasks = []
-        for turns in convs:
-            tasks.append(asyncio.create_task(converse(turns)))
-            if math.isfinite(rate):
+        for i, turns in enumerate(convs):
+            if i and math.isfinite(rate):  # (a gap between arrivals: none after the last, which would idle the run)
                 await asyncio.sleep(gaps.expovariate(rate))
+            tasks.append(asyncio.create_task(converse(turns)))
         results = [r for rs in await asyncio.gather(*tasks) for r in rs]
         duration, cpu = time.perf_counter() - start, time.process_time() - cpu
     return summarize(results, duration) | {"client_cpu_s": cpu}

@@ -149,8 +149,9 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
     on_gpu = eng.device.type == "cuda"
     eng.runner.clock = IterationClock() if on_gpu else None
     profile = breakdown or timeline
-    peak_running, steps, prompt_tokens, out_tokens = 0, 0, 0, 0
+    steps, prompt_tokens, out_tokens = 0, 0, 0
     sched, stats = eng.scheduler, eng.scheduler.blocks.stats
+    sched.peak_running = 0  # (this workload's)
     before = sched.num_prefill_tokens, dataclasses.replace(stats)
     num_requests = len(workload.lengths)
     bar = tqdm(total=num_requests, desc=workload.name, disable=not progress)
@@ -174,7 +175,6 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
                     prompt_tokens += len(prompt)
                     if k + 1 < len(convs[c]):
                         add(c, k + 1, prompt + out.outputs[0].token_ids)
-            peak_running = max(peak_running, len(eng.scheduler.running))
             steps += sched.num_scheduled_tokens > tokens  # (not the last step, which only reads back)
             if in_steady:
                 steady[0] += 1
@@ -191,7 +191,7 @@ def run_workload(llm: LLM, workload: Workload, seed: int = 0, temperature: float
         "tokens_per_second": (prompt_tokens + out_tokens) / elapsed,
         "output_tokens_per_second": out_tokens / elapsed,
         "mean_tokens_per_iteration": (prompt_tokens + out_tokens) / steps,
-        "peak_running_requests": peak_running,
+        "peak_running_requests": sched.peak_running,
         "steady_iterations": steady[0],
         "steady_tokens_per_second": steady[1] / steady[2] if steady[0] else None,
         "steady_mean_tokens_per_iteration": steady[1] / steady[0] if steady[0] else None,
@@ -236,8 +236,9 @@ def pipeline_timeline(runner, batch) -> dict:
             **spans}
 
 
-def _hf_baseline(args, workloads: list[Workload]) -> tuple[dict, dict]:
-    """Run HF transformers on every const workload; return its results and its weights (on the CPU)."""
+def _hf_baseline(args, workloads: list[Workload]) -> tuple[list[dict], dict]:
+    """Run HF transformers on every const workload; return its results (one a workload) and its weights (on the
+    CPU)."""
     from nanoflow.bench import hf_baseline
     from nanoflow.config import resolve_dtype
     from nanoflow.models.loader import resolve
@@ -249,8 +250,8 @@ def _hf_baseline(args, workloads: list[Workload]) -> tuple[dict, dict]:
                          f"{cfg.architecture!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     hf = hf_baseline.build(cfg, resolve_dtype(args.dtype, device, cfg.torch_dtype), device, args.seed)
-    results = {w.name: hf_baseline.run(hf, w.prompts(cfg.vocab_size, args.seed, k), w.lengths[0][1], args.temperature)
-               for k, w in enumerate(workloads)}
+    results = [hf_baseline.run(hf, w.prompts(cfg.vocab_size, args.seed, k), w.lengths[0][1], args.temperature)
+               for k, w in enumerate(workloads)]
     weights = {k: v.to("cpu") for k, v in hf.state_dict().items()}
     del hf
     if device.type == "cuda":
@@ -268,7 +269,7 @@ def throughput(args) -> dict:
                          "--tensor-parallel-size > 1 (--timeline runs on every rank)")
     report = {"command": args.command_line, "date": datetime.date.today().isoformat(), "commit": _commit(),
               "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
-    hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ({}, None)
+    hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ([], None)
     llm = LLM(args.model, **engine_kwargs(args))
     settle_gc()
     eng = llm.engine
@@ -295,6 +296,7 @@ def throughput(args) -> dict:
         "schedule_policy": eng.config.schedule_policy,
         "kv_blocks": eng.runner.num_blocks, "block_size": eng.runner.block_size,
         "kv_capacity_tokens": eng.runner.num_blocks * eng.runner.block_size,
+        "mode": eng.config.mode, "pipeline_spec": eng.runner.spec.name if eng.config.mode != "non-overlap" else None,
         "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,
         "prefix_caching": eng.config.enable_prefix_caching, "kv_offload_gb": eng.config.kv_offload_gb,
         "kv_offload_blocks": eng.runner.num_host_blocks,
@@ -312,14 +314,14 @@ def throughput(args) -> dict:
         if w.name.startswith("const:"):
             p, o = w.lengths[0]
             r["max_concurrent_requests"] = min(report["kv_capacity_tokens"] // (p + o), eng.config.max_num_seqs)
-        if w.name in hf:
-            r["hf"] = hf[w.name]
-            r["speedup_vs_hf"] = r["tokens_per_second"] / hf[w.name]["total_tok_s"]
+        if hf:
+            r["hf"] = hf[k]
+            r["speedup_vs_hf"] = r["tokens_per_second"] / hf[k]["total_tok_s"]
         report["results"].append(r)
         if "timeline" in r:
             from nanoflow.bench.plots import timeline_chart
-            path = args.timeline if len(workloads) == 1 else \
-                args.timeline.replace(".png", f"-{len(report['results'])}.png")
+            stem, ext = os.path.splitext(args.timeline)
+            path = args.timeline if len(workloads) == 1 else f"{stem}-{len(report['results'])}{ext}"
             timeline_chart(r["timeline"], path, f"{r['workload']}, {report['device']}, mode {eng.config.mode}")
     if eng.device.type == "cuda":  # (rank 0's) what gpu_memory_utilization left unused, to tune it by
         free, total = torch.cuda.mem_get_info(eng.device)

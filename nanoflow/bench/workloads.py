@@ -55,7 +55,10 @@ def load_trace(name: str) -> list[tuple[int, int]]:
 
 def multiround(name: str, spec: str, conversations: int, rounds: int, seed: int) -> Workload:
     rows = load_trace(name)
-    picked = random.Random(seed).sample(rows, min(conversations * rounds, len(rows)))
+    if conversations * rounds > len(rows):  # (rows are drawn without replacement, as trace:NAME:N's)
+        raise ValueError(f"bad workload {spec!r}: {conversations} conversations of {rounds} turns need "
+                         f"{conversations * rounds} rows; the trace has {len(rows)}")
+    picked = random.Random(seed).sample(rows, conversations * rounds)
     lengths, counts = [], []
     for c in range(len(picked) // rounds):
         context = 0  # the prompt so far, answers included

@@ -80,6 +80,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefill_tokens = 0  # prompt (and recomputed) tokens computed (the prefix cache cuts them)
         self.num_scheduled_tokens = 0  # every token computed, prefill and decode
+        self.peak_running = 0  # the most sequences running in one iteration (as scheduled: before any ends)
 
     def check_prompt(self, num_tokens: int, max_tokens: int | None = None) -> int:
         """The room a prompt of num_tokens leaves for output tokens: to the context length, or to the whole KV cache
@@ -172,6 +173,7 @@ class Scheduler:
             budget -= n
         if out.chunks:
             out.kv_saves, out.kv_loads, out.kv_fence = self.blocks.take_copies()
+        self.peak_running = max(self.peak_running, len(self.running))
         return out
 
     def update(self, out: SchedulerOutput) -> None:

@@ -3,6 +3,7 @@ few as real pipelined iterations → keep the fastest in the cache, where `--pip
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -35,7 +36,6 @@ def _measure_hook():
 
 def save_candidates(picks, best, folder: str) -> None:
     import json
-    import os
     os.makedirs(folder, exist_ok=True)
     ranked = sorted(picks, key=lambda c: (c.measured_s is None, c.measured_s or 0.0, c.period_us))
     for c in ranked:
@@ -85,7 +85,9 @@ def main(a: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, not {value}")
     if a.context >= (limit := a.max_model_len or cfg.context_length):
         raise ValueError(f"--context {a.context} leaves no room in the model's context length ({limit})")
-    check_outputs({"--output": a.output}, {})
+    check_outputs({"--output": a.output, "--save-candidates": a.save_candidates}, {})
+    if a.save_candidates and os.path.exists(a.save_candidates) and not os.path.isdir(a.save_candidates):
+        raise ValueError(f"--save-candidates {a.save_candidates}: a file, not a folder (checked before the run)")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
     budget = batch_budget(a.max_num_batched_tokens, device)

@@ -129,7 +129,12 @@ class PipelineSpec:
         return self
 
     def scaled(self, rows: int) -> list[NanoOp]:
-        """The nano-ops for a batch of `rows` rows: boundaries scaled, rounded to multiples of 8."""
+        """The nano-ops for a batch of `rows` rows: at the spec's own token count its boundaries as written (the
+        search cuts at the decode/prefill boundary, which need not be a multiple of 8); else scaled, rounded to
+        multiples of 8."""
+        if rows == self.tokens:
+            return list(self.nano_ops)
+
         def at(x):
             return rows if x == self.tokens else min(round(x * rows / self.tokens / ALIGN) * ALIGN, rows)
         return [NanoOp(n.op, at(n.start), at(n.end), n.unit) for n in self.nano_ops]
