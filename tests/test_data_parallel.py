@@ -43,6 +43,24 @@ def test_deltas_rebuild_the_cumulative_outputs():
                 rebuilt.num_cached_tokens) == (out.prompt, out.prompt_token_ids, out.prompt_logprobs, out.finished, 32)
 
 
+def test_an_abort_that_overtakes_its_add_drops_the_submission(llama_dir):
+    """Ray runs an async actor's calls out of order: the router's abort of a submission it cancelled may reach the
+    replica before the add (an add whose arguments wait in the object store). The replica remembers it, and the
+    add then submits nothing (the requests ran to their end, for nobody); an abort of nothing stays harmless."""
+    from nanoflow.distributed.replica import Replica
+    replica = Replica(llama_dir, dict(device="cpu"), 64)
+
+    async def run():
+        await replica.abort("s1")
+        await replica.add(0, "s1", [[1, 2, 3]], SamplingParams(max_tokens=50, ignore_eos=True))
+        assert not replica.engine.engine.has_unfinished_requests() and not replica.early_aborts
+        assert "s1" not in replica.aborts and 0 not in replica.outboxes  # (no answer: the router forgot it)
+        await replica.add(0, "s2", [[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert (await replica.outboxes[0].get()) == ("s2", None)  # accepted
+    asyncio.run(run())
+    replica.engine.stop()
+
+
 def test_routing_by_load_with_bounded_prefix_affinity():
     info = ReplicaInfo(None, 4096, "m", {}, kv_tokens=1000, block_size=4, prefix_caching=True)
     router = Router([(None, info), (None, info)], Metrics(), 8)

@@ -229,6 +229,35 @@ def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
+    """A tensor-parallel worker killed under a serving engine: the next iteration fails its requests and the engine
+    stops (alive false: /health and new requests 503), rather than failing every request while reported healthy
+    (a data-parallel replica then exits, for Ray to restart it)."""
+    import asyncio
+    import os
+    import signal
+    from nanoflow.entrypoints.async_engine import AsyncEngine, Overloaded
+    from nanoflow.entrypoints.metrics import Metrics
+    llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
+    served = AsyncEngine(llm.engine, Metrics(), 64)
+    served.start()
+    p = SamplingParams(max_tokens=3, ignore_eos=True)
+
+    async def run():
+        assert [o async for _, o in await served.submit([[1, 2, 3]], p)][-1].finished
+        worker = llm.engine.workers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+        with pytest.raises(RuntimeError):  # (gloo's: the peer is gone)
+            [o async for _, o in await served.submit([[1, 2, 3]], p)]
+        served._thread.join(10)
+        assert not served.alive and served.lost == "tensor-parallel workers nanoflow-tp1 exited"
+        with pytest.raises(Overloaded, match="the engine is not running"):
+            await served.submit([[1, 2, 3]], p)
+    asyncio.run(run())
+    llm.shutdown()
+
+
 # (after the tests above: one tensor-parallel engine per process at a time)
 @pytest.fixture(scope="module")
 def llama_tp(llama_dir):

@@ -11,8 +11,10 @@ output with `patch`): sending whole outputs would cost time quadratic in the out
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import ray
@@ -29,7 +31,11 @@ from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import Tokenizer
 
+log = logging.getLogger("nanoflow.replica")
 POLL_S = 0.5  # a replica sends its stats at least this often, outputs or not: its load, and that it lives
+# Ray runs an async actor's calls out of order: an abort may overtake its submission's add (one whose arguments
+# wait in the object store); the replica remembers such an abort this long, so that the add it names is dropped
+EARLY_ABORT_S = 60.0
 PLACEMENT_TIMEOUT_S = 120
 # the directory that holds the nanoflow package: on the workers' PYTHONPATH, so that they import this nanoflow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nanoflow.__file__)))
@@ -63,6 +69,7 @@ class Replica:
         self.engine.start()
         self.outboxes: dict[int, asyncio.Queue] = {}  # by front end: (submission id, item) for its current stream
         self.aborts: dict[str, asyncio.Event] = {}  # by submission id: set when the router aborts it
+        self.early_aborts: dict[str, float] = {}  # aborts of submissions not (yet) here: id -> when (EARLY_ABORT_S)
         self.forwarders: set[asyncio.Task] = set()
 
     async def info(self) -> ReplicaInfo:
@@ -75,7 +82,9 @@ class Replica:
                   priority: int = 0) -> None:
         """Submit; the answer goes on front end `front`'s stream (None: accepted, or the exception that refused
         it), then the outputs."""
-        aborted = self.aborts[base_id] = asyncio.Event()  # before any await: an abort sent after this call finds it
+        if self.early_aborts.pop(base_id, None) is not None:  # its abort came first: the router has forgotten it
+            return
+        aborted = self.aborts[base_id] = asyncio.Event()  # before any await: an abort run after this call finds it
         try:
             stream = await self.engine.submit(prompts, params, aborted.wait, base_id, priority)
         except (Overloaded, ValueError, TypeError) as e:
@@ -103,6 +112,9 @@ class Replica:
     async def abort(self, base_id: str) -> None:
         if (aborted := self.aborts.get(base_id)) is not None:
             aborted.set()
+            return
+        now = time.monotonic()  # (ended already, or its add not run yet: remembered a while, for the add)
+        self.early_aborts = {b: t for b, t in self.early_aborts.items() if now - t < EARLY_ABORT_S} | {base_id: now}
 
     async def abort_all(self) -> None:
         self.engine.abort_all()
@@ -118,6 +130,9 @@ class Replica:
             outbox.put_nowait(old.get_nowait())
         self.outboxes[front] = outbox
         while self.outboxes[front] is outbox:
+            if self.engine.lost:  # the engine stopped for good: exit as a crash, so that Ray restarts the replica
+                log.error("replica exits: %s", self.engine.lost)
+                os._exit(1)
             try:
                 items = [await asyncio.wait_for(outbox.get(), POLL_S)]
             except TimeoutError:

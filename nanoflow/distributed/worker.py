@@ -77,6 +77,10 @@ class Workers:
         atexit.register(self.shutdown)
         _running.append(self)
 
+    def lost(self) -> list[str]:
+        """The workers that have exited (killed, or crashed): with any, no collective can complete again."""
+        return [p.name for p in self.procs if not p.is_alive()]
+
     def shutdown(self, clean: bool = True) -> None:
         """clean: tell the workers to exit (if all are still there to hear it) and wait for them; else (rank 0
         failed, the workers may be waiting in a collective) kill them. Then leave the group."""

@@ -165,6 +165,7 @@ class AsyncEngine(EngineClient):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="nanoflow-engine", daemon=True)
+        self.lost: str | None = None  # why the engine stopped on its own (a tensor-parallel worker exited)
 
     # -- the event loop's side -------------------------------------------------------------------
     def start(self) -> None:
@@ -206,6 +207,11 @@ class AsyncEngine(EngineClient):
             except Exception as e:  # a bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(e)
+                if lost := engine.lost_workers():  # no iteration can run again: stop, so that health says so
+                    self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
+                    log.error("the engine stops: %s", self.lost)
+                    self._refuse_queued(EngineLost(f"the engine stopped: {self.lost}"))
+                    return
                 continue
             by_loop = defaultdict(list)
             for out in outputs:
@@ -250,6 +256,16 @@ class AsyncEngine(EngineClient):
             return
         self._sinks.update(dict.fromkeys(cmd.request_ids, cmd.sink))
         cmd.sink.put(ACCEPTED)
+
+    def _refuse_queued(self, error: Exception) -> None:
+        """Answer the submissions still queued for the engine thread, which will not take them."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, Submission):
+                cmd.sink.put(error)
 
     def _fail_all(self, error: Exception) -> None:
         for rid, sink in self._sinks.items():
