@@ -72,7 +72,7 @@ class Tokenizer:
         if isinstance(template, list):  # named templates ({"name", "template"} each)
             template = {t["name"]: t["template"] for t in template}
         # files of their own win over tokenizer_config.json's, as HF's: chat_template.jinja (the default) and
-        # transformers v5's additional_chat_templates/NAME.jinja
+        # transformers v5's additional_chat_templates/NAME.jinja (beside the config's template, where HF's drops it)
         jinja_file, named_dir = (os.path.join(path, n) for n in ("chat_template.jinja", "additional_chat_templates"))
         if os.path.exists(jinja_file):
             template = _read(jinja_file)

@@ -289,6 +289,9 @@ def test_vllm_compatible_extras(server, client, model, default_llm):
     with pytest.raises(openai.BadRequestError, match="continue_final_message and add_generation_prompt") as e:
         client.chat.completions.create(**body, extra_body={"continue_final_message": True})
     assert e.value.param == "continue_final_message"
+    cont2 = client.chat.completions.create(**body, extra_body={"continue_final_message": True, "chat_template_kwargs": {
+        "add_generation_prompt": False}})  # (the template's variables may set it, as vLLM's)
+    assert cont2.choices[0].message.content == cont.choices[0].message.content
     assert httpx.get(f"{server}/version").json() == {"version": nanoflow.__version__}
     card = client.models.list().data[0]
     assert card.model_extra["root"].endswith(".gguf") and card.model_extra["parent"] is None

@@ -236,7 +236,7 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
     import asyncio
     import os
     import signal
-    from nanoflow.entrypoints.async_engine import AsyncEngine, Overloaded
+    from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded, Submission, _Sink
     from nanoflow.entrypoints.metrics import Metrics
     llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
     served = AsyncEngine(llm.engine, Metrics(), 64)
@@ -254,6 +254,11 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
         assert not served.alive and served.lost == "tensor-parallel workers nanoflow-tp1 exited"
         with pytest.raises(Overloaded, match="the engine is not running"):
             await served.submit([[1, 2, 3]], p)
+        # a submission that came while the engine thread stopped (after its last look at the queue) is answered
+        sink = _Sink(asyncio.get_running_loop())
+        served._add(Submission(["late-0"], [[1, 2, 3]], p, sink))
+        with pytest.raises(EngineLost, match="the engine stopped: tensor-parallel workers nanoflow-tp1 exited"):
+            raise await asyncio.wait_for(sink.queue.get(), 5)
     asyncio.run(run())
     llm.shutdown()
 

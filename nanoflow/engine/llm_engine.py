@@ -389,7 +389,8 @@ def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
     if k > max_model_len:
         raise ValueError(f"invalid sampling parameter truncate_prompt_tokens={k}: more than the model's context "
                          f"length, {max_model_len}")
-    return ids[-(max_model_len - 1 if k == -1 else k):]
+    n = max(max_model_len - 1, 0) if k == -1 else k
+    return ids[len(ids) - n:] if n < len(ids) else ids
 
 
 def is_token_id(t) -> bool:

@@ -181,10 +181,12 @@ class AsyncEngine(EngineClient):
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.lost is None and self._thread.is_alive()
 
     def _add(self, add: Submission) -> None:
         self._inbox.put(add)
+        if self.lost is not None:  # the engine stopped as this came: answer it (draining twice is harmless)
+            self._refuse_queued(EngineLost(f"the engine stopped: {self.lost}"))
 
     def _abort(self, request_id: str) -> None:
         self._inbox.put(request_id)

@@ -412,7 +412,9 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
-        if req.continue_final_message and req.add_generation_prompt:
+        given = req.chat_template_kwargs or {}  # (which may set the two, as the template's variables)
+        if given.get("continue_final_message", req.continue_final_message) and \
+                given.get("add_generation_prompt", req.add_generation_prompt):
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
                            "(add_generation_prompt is true unless set false)", param="continue_final_message")
         try:

@@ -85,7 +85,7 @@ def main(a: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, not {value}")
     if a.context >= (limit := a.max_model_len or cfg.context_length):
         raise ValueError(f"--context {a.context} leaves no room in the model's context length ({limit})")
-    check_outputs({"--output": a.output, "--save-candidates": a.save_candidates}, {})
+    check_outputs({"--output": a.output}, {})
     if a.save_candidates and os.path.exists(a.save_candidates) and not os.path.isdir(a.save_candidates):
         raise ValueError(f"--save-candidates {a.save_candidates}: a file, not a folder (checked before the run)")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
