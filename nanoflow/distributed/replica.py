@@ -132,6 +132,7 @@ class Replica:
         while self.outboxes[front] is outbox:
             if self.engine.lost:  # the engine stopped for good: exit as a crash, so that Ray restarts the replica
                 log.error("replica exits: %s", self.engine.lost)
+                self.engine.engine.shutdown()  # (the other workers, which os._exit would leave behind)
                 os._exit(1)
             try:
                 items = [await asyncio.wait_for(outbox.get(), POLL_S)]
