@@ -152,3 +152,17 @@ def test_tool_calls_are_read_from_the_content_after_the_reasoning(default_llm):
     assert streamed_reason == reason and merged["reasoning"] == message["reasoning"]
     assert merged["content"] == message["content"] and [c["function"] for c in merged["tool_calls"]] == \
         [c["function"] for c in message["tool_calls"]]
+
+
+def test_an_assistants_earlier_reasoning_reaches_the_template(tokenizer_dir):
+    """As vLLM's: an assistant message's reasoning, sent as `reasoning` or `reasoning_content`, is the template's under
+    both names (Qwen3's template keeps it in tool-call loops); it was dropped as an unknown field."""
+    from nanoflow.entrypoints import openai_protocol as api
+    from nanoflow.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    template = "{% for m in messages %}[{{ m.reasoning_content }}|{{ m.reasoning }}]{% endfor %}"
+    for field in ("reasoning", "reasoning_content"):
+        m = api.ChatMessage.model_validate({"role": "assistant", "content": "4", field: "2+2"})
+        assert tok.apply_chat_template([m.for_template()], False, template) == "[2+2|2+2]"
+    plain = api.ChatMessage.model_validate({"role": "user", "content": "hi"}).for_template()
+    assert "reasoning" not in plain and "reasoning_content" not in plain

@@ -1,5 +1,6 @@
 """Structured outputs (xgrammar): every output follows its request's grammar, sampled or greedy, with asynchronous
 scheduling too; a plain request beside them is as alone; bad grammars are refused by name."""
+import dataclasses
 import json
 import re
 
@@ -49,6 +50,14 @@ def test_a_json_object_and_a_plain_request_beside_it(llm):
     (dict(regex="[0-9"), "structured_outputs.regex: Regex parsing error"),
     (dict(json='{"type": "nope"}'), "structured_outputs.json: Unsupported type"),
     (dict(grammar="root ::= "), "structured_outputs.grammar: EBNF parser error"),
+    # keywords xgrammar parses but does not enforce (an output broke them): refused, as vLLM refuses those it knows
+    (dict(json={"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True}),
+     "structured_outputs.json: uniqueItems at $ is not supported (it would not be enforced)"),
+    (dict(json={"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}}}),
+     "maxLength beside pattern at $.properties.a is not supported"),
+    (dict(json={"type": "array", "items": [{"type": "integer", "not": {"const": 3}}]}),
+     "not at $.items[0] is not supported"),
+    (dict(json={"allOf": [{"type": "integer"}, {"minimum": 3}]}), "allOf of several schemas at $ is not supported"),
 ])
 def test_a_bad_grammar_is_refused_by_name(llama_dir, kw, message):
     llm = LLM(llama_dir)
@@ -183,5 +192,14 @@ def test_a_grammar_holds_only_what_follows_the_reasoning(tmp_path, tokenizer_dir
     assert out.text == "yes" and end not in out.token_ids
     out = thinking.generate([PROMPT + [think, end]], params, use_tqdm=False)[0].outputs[0]
     assert out.text == "yes" and end not in out.token_ids
+    # qwen3: the output reasons only if it opens with <think> (else it is all content, which the grammar then holds
+    # from its first token: it held nothing before); pushed to open it, the grammar starts after </think>
+    qwen3 = LLM(str(path), reasoning_parser="qwen3", async_scheduling=async_)
+    out = qwen3.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == "yes" and end not in out.token_ids
+    # (</think> outweighs <think>, but the first token's mask allows only the grammar's and <think>)
+    opened = dataclasses.replace(params, logit_bias={think: 100.0, end: 200.0})
+    out = qwen3.generate([PROMPT], opened, use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids[:2], out.text, out.finish_reason) == ([think, end], "<think></think>yes", "stop")
     with pytest.raises(ValueError, match="reasoning_parser must be one of"):
         LLM(str(path), reasoning_parser="o1")

@@ -231,9 +231,12 @@ class LLMEngine:
                 compiling.append((future, req))
             elif self.requests.get(req.request_id) is req:  # (not aborted meanwhile: its id may be a new one's now)
                 thinks = self.think_ids is not None and not reasoning_ended(req.prompt_token_ids, *self.think_ids)
+                # qwen3's output reasons only if it opens with <think>: its first token decides (Sequence.opening)
+                opens = thinks and self.config.reasoning_parser == "qwen3"
                 try:
                     for seq in req.seqs:
-                        seq.grammar, seq.reasoning = self.grammars.matcher(future.result()), thinks
+                        seq.grammar = self.grammars.matcher(future.result())
+                        seq.reasoning, seq.opening = (False, self.think_ids[0][0]) if opens else (thinks, None)
                 except Exception:  # (it parsed, so this is xgrammar's failure, not the request's)
                     log.exception("request %s: its grammar did not compile", req.request_id)
                     outputs.append(self.abort_request(req.request_id))
@@ -322,6 +325,8 @@ class LLMEngine:
             touched[req.request_id] = req
             req.first_token_time = req.first_token_time or now
             seq.token_ids.append(token)
+            if seq.opening is not None:  # (qwen3's first token: the opening tag, or the grammar's first token)
+                seq.reasoning, seq.opening = token == seq.opening, None
             if seq.reasoning:  # (its grammar starts after the reasoning's end tag, which the grammar never sees)
                 end = self.think_ids[1]
                 seq.reasoning = seq.token_ids[-len(end):] != end or seq.num_output_tokens < len(end)

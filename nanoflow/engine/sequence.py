@@ -51,7 +51,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed", "block_table",
                  "status", "finish_reason", "stop_reason", "logprobs", "cumulative_logprob", "output_text",
                  "prefix_offset", "read_offset", "generator", "max_tokens", "num_inflight", "block_hashes",
-                 "num_cached_blocks", "grammar", "reasoning")
+                 "num_cached_blocks", "grammar", "reasoning", "opening")
 
     def __init__(self, request: Request, index: int):
         params = request.params
@@ -79,6 +79,9 @@ class Sequence:
         self.generator: torch.Generator | None = None
         self.grammar = None  # structured outputs: the xgrammar matcher its tokens advance (structured_output.py)
         self.reasoning = False  # its grammar waits for the end of its reasoning (the engine's reasoning_parser)
+        # qwen3's first output token: the reasoning's opening tag (this token id), which the mask also allows, or
+        # the grammar's first token (then no reasoning: its output is all content)
+        self.opening: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,11 @@ import torch
 from nanoflow.sampling_params import StructuredOutputsParams
 
 CACHE_BYTES = 512 * 2**20  # compiled grammars kept (xgrammar's cache is unbounded by default); vLLM's default
+# JSON-schema keywords that xgrammar parses and then does not enforce (measured on xgrammar 0.2): refused by name,
+# as vLLM refuses those it knows of, rather than an output that breaks the schema. (An unknown `format` is an
+# annotation, as JSON Schema has it by default: not refused.)
+UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
+              "dependentRequired", "dependentSchemas")
 
 
 class Grammars:
@@ -44,7 +49,10 @@ class Grammars:
         g = self.xgr.Grammar
         try:
             if p.json is not None:
-                grammar = g.from_json_schema(p.json if isinstance(p.json, str) else json.dumps(p.json))
+                text = p.json if isinstance(p.json, str) else json.dumps(p.json)
+                if (why := unenforced(json.loads(text))) is not None:
+                    raise ValueError(f"{why} is not supported (it would not be enforced)")
+                grammar = g.from_json_schema(text)
             elif p.json_object:  # (an object, as vLLM's: xgrammar's built-in JSON grammar takes any value)
                 grammar = g.from_json_schema('{"type": "object"}')
             elif p.regex is not None:
@@ -61,6 +69,31 @@ class Grammars:
     def matcher(self, compiled):
         """A fresh matcher of a compiled grammar (one per sequence)."""
         return self.xgr.GrammarMatcher(compiled)
+
+
+def unenforced(schema, path: str = "$") -> str | None:
+    """The first keyword of the schema (and where) that xgrammar would leave unenforced, or None."""
+    if isinstance(schema, list):
+        return next((w for i, x in enumerate(schema) if (w := unenforced(x, f"{path}[{i}]")) is not None), None)
+    if not isinstance(schema, dict):
+        return None
+    if bad := [k for k in UNENFORCED if k in schema and not (k == "uniqueItems" and schema[k] is False)]:
+        return f"{bad[0]} at {path}"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:  # (one schema it takes as that schema)
+        return f"allOf of several schemas at {path}"
+    if ("pattern" in schema or "format" in schema) and (length := [k for k in ("minLength", "maxLength")
+                                                                   if k in schema]):
+        return f"{length[0]} beside {'pattern' if 'pattern' in schema else 'format'} at {path}"
+    for k, v in schema.items():
+        if k in ("enum", "const", "default", "examples"):  # (values, not schemas)
+            continue
+        if k in ("properties", "patternProperties", "$defs", "definitions") and isinstance(v, dict):  # names: schemas
+            w = next((w for name, x in v.items() if (w := unenforced(x, f"{path}.{k}.{name}")) is not None), None)
+        else:
+            w = unenforced(v, f"{path}.{k}")
+        if w is not None:
+            return w
+    return None
 
 
 def mask_logits(logits: torch.Tensor, rows: list[int], matchers: list) -> None:

@@ -260,6 +260,10 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # (an assistant's)
     tool_call_id: str | None = None  # (a tool's result: the call it answers)
+    # (an assistant's earlier reasoning, which templates such as Qwen3's keep in tool-call loops: under either name,
+    # given to the template under both, as vLLM's)
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("tool_calls")
     @classmethod
@@ -275,6 +279,8 @@ class ChatMessage(_Request):
     def for_template(self) -> dict:
         """(The tokenizer joins text parts and decodes the calls' arguments; extra fields stay out.)"""
         m = self.model_dump(include={"role", "content", "name", "tool_calls", "tool_call_id"}, exclude_none=True)
+        if (thought := self.reasoning if self.reasoning is not None else self.reasoning_content) is not None:
+            m |= {"reasoning": thought, "reasoning_content": thought}
         return {"content": None} | m
 
 

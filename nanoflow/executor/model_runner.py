@@ -314,8 +314,14 @@ class ModelRunner:
             every_row = plan.sample_rows == list(range(len(logits)))  # no prompt logprobs: skip the copy
             sample_logits = logits if every_row else logits.index_select(0, self._device(plan.sample_rows))
             if constrained := [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None and not s.reasoning]:
-                # on the logits, not the bias: the logprobs are of what the grammar allows, as vLLM's
+                # on the logits, not the bias: the logprobs are of what the grammar allows, as vLLM's; a token that
+                # may open the reasoning instead (Sequence.opening) keeps its logit
+                if opening := [(i, s.opening) for i, s in enumerate(seqs) if s.opening is not None]:
+                    rows, ids = (self._device(list(x)) for x in zip(*opening))
+                    kept = sample_logits[rows, ids]
                 mask_logits(sample_logits, *map(list, zip(*constrained)))
+                if opening:
+                    sample_logits[rows, ids] = kept
             tokens = sample(sample_logits, self.sampling_metadata(seqs))
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=-1)
             if k >= 0:
