@@ -245,11 +245,14 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
 
     async def run():
         assert [o async for _, o in await served.submit([[1, 2, 3]], p)][-1].finished
+        stream = await served.submit([[1, 2, 3]], SamplingParams(max_tokens=200, ignore_eos=True))
+        await anext(aiter(stream))  # (running)
         worker = llm.engine.workers.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.join()
-        with pytest.raises(RuntimeError):  # (gloo's: the peer is gone)
-            [o async for _, o in await served.submit([[1, 2, 3]], p)]
+        assert not served.alive  # at once: a collective may hang a while before the step fails (NCCL's)
+        with pytest.raises(RuntimeError):  # the failed step's (gloo's: the peer is gone)
+            [o async for _, o in stream]
         served._thread.join(10)
         assert not served.alive and served.lost == "tensor-parallel workers nanoflow-tp1 exited"
         with pytest.raises(Overloaded, match="the engine is not running"):

@@ -181,7 +181,8 @@ class AsyncEngine(EngineClient):
 
     @property
     def alive(self) -> bool:
-        return self.lost is None and self._thread.is_alive()
+        # (a worker that exited counts at once: with NCCL the step's collective may hang a while before it fails)
+        return self.lost is None and self._thread.is_alive() and not self.engine.lost_workers()
 
     def _add(self, add: Submission) -> None:
         self._inbox.put(add)
