@@ -77,8 +77,13 @@ class Workers:
         atexit.register(self.shutdown)
         _running.append(self)
 
-    def lost(self) -> list[str]:
-        """The workers that have exited (killed, or crashed): with any, no collective can complete again."""
+    def lost(self, wait_s: float = 0.0) -> list[str]:
+        """The workers that have exited (killed, or crashed): with any, no collective can complete again. wait_s:
+        give them that long to finish exiting (a peer's closed socket fails a collective before its process is
+        gone)."""
+        deadline = time.monotonic() + wait_s
+        for p in self.procs if wait_s else ():
+            p.join(max(deadline - time.monotonic(), 0))
         return [p.name for p in self.procs if not p.is_alive()]
 
     def shutdown(self, clean: bool = True) -> None:

@@ -101,9 +101,10 @@ class LLMEngine:
         if self.config.reasoning_parser is not None and self.tokenizer is not None:
             self.think_ids = tuple(self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK, END_THINK))
 
-    def lost_workers(self) -> list[str]:
-        """The tensor-parallel workers that have exited: the engine can run no iteration again."""
-        return self.workers.lost() if self.workers is not None else []
+    def lost_workers(self, wait_s: float = 0.0) -> list[str]:
+        """The tensor-parallel workers that have exited (given wait_s to finish exiting): the engine can run no
+        iteration again."""
+        return self.workers.lost(wait_s) if self.workers is not None else []
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (also done at exit) and the grammars' compile thread."""

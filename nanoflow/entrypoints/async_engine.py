@@ -210,7 +210,7 @@ class AsyncEngine(EngineClient):
             except Exception as e:  # a bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(e)
-                if lost := engine.lost_workers():  # no iteration can run again: stop, so that health says so
+                if lost := engine.lost_workers(wait_s=1.0):  # no iteration can run again: stop, so health says so
                     self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
                     log.error("the engine stops: %s", self.lost)
                     self._refuse_queued(EngineLost(f"the engine stopped: {self.lost}"))
