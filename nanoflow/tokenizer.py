@@ -9,6 +9,7 @@ import functools
 import json
 import os
 from datetime import datetime
+from pathlib import Path
 
 import jinja2
 import jinja2.ext
@@ -75,11 +76,10 @@ class Tokenizer:
         # transformers v5's additional_chat_templates/NAME.jinja (beside the config's template, where HF's drops it)
         jinja_file, named_dir = (os.path.join(path, n) for n in ("chat_template.jinja", "additional_chat_templates"))
         if os.path.exists(jinja_file):
-            template = _read(jinja_file)
+            template = Path(jinja_file).read_text()
         if os.path.isdir(named_dir):
             template = ({"default": template} if isinstance(template, str) else template or {}) | {
-                n[:-len(".jinja")]: _read(os.path.join(named_dir, n)) for n in os.listdir(named_dir)
-                if n.endswith(".jinja")}
+                f.stem: f.read_text() for f in Path(named_dir).glob("*.jinja")}
         bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
         return cls(tk, template, bos, eos, cls._end_ids(tk, eos))
 
@@ -175,7 +175,8 @@ class Tokenizer:
         if not messages:
             raise ValueError("messages must not be empty")
         if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
+                             "(add_generation_prompt is true unless set false)")
         messages = [_template_message(m) for m in messages]
         if continue_final_message:
             messages[-1] = messages[-1] | {"content": messages[-1].get("content", "") + _CONTINUE_TAG}
@@ -186,7 +187,6 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as e:  # e.g. a message without the 'content' the template reads
             raise ValueError(f"chat template error: {e}") from None
         return _cut_at_continue_tag(text) if continue_final_message else text
-
 
     def _template(self, given: str | None, tools) -> str:
         """The template's text: the one given (or, among named templates, the one it names), else the model's:
@@ -204,11 +204,6 @@ class Tokenizer:
             raise ValueError(f"this model has named chat templates ({', '.join(sorted(named))}) and none is "
                              f"'default'; pass chat_template=NAME")
         return named["default"]
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
 
 
 def _template_message(m) -> dict:

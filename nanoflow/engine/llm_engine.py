@@ -395,8 +395,7 @@ def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
     if k > max_model_len:
         raise ValueError(f"invalid sampling parameter truncate_prompt_tokens={k}: more than the model's context "
                          f"length, {max_model_len}")
-    n = max(max_model_len - 1, 0) if k == -1 else k
-    return ids[len(ids) - n:] if n < len(ids) else ids
+    return ids[max(len(ids) - (max_model_len - 1 if k == -1 else k), 0):]
 
 
 def is_token_id(t) -> bool:

@@ -49,10 +49,10 @@ class Grammars:
         g = self.xgr.Grammar
         try:
             if p.json is not None:
-                text = p.json if isinstance(p.json, str) else json.dumps(p.json)
-                if (why := unenforced(json.loads(text))) is not None:
+                schema = json.loads(p.json) if isinstance(p.json, str) else p.json
+                if (why := unenforced(schema)) is not None:
                     raise ValueError(f"{why} is not supported (it would not be enforced)")
-                grammar = g.from_json_schema(text)
+                grammar = g.from_json_schema(p.json if isinstance(p.json, str) else json.dumps(p.json))
             elif p.json_object:  # (an object, as vLLM's: xgrammar's built-in JSON grammar takes any value)
                 grammar = g.from_json_schema('{"type": "object"}')
             elif p.regex is not None:

@@ -187,7 +187,7 @@ class AsyncEngine(EngineClient):
     def _add(self, add: Submission) -> None:
         self._inbox.put(add)
         if self.lost is not None:  # the engine stopped as this came: answer it (draining twice is harmless)
-            self._refuse_queued(EngineLost(f"the engine stopped: {self.lost}"))
+            self._refuse_queued()
 
     def _abort(self, request_id: str) -> None:
         self._inbox.put(request_id)
@@ -213,7 +213,7 @@ class AsyncEngine(EngineClient):
                 if lost := engine.lost_workers(wait_s=1.0):  # no iteration can run again: stop, so health says so
                     self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
                     log.error("the engine stops: %s", self.lost)
-                    self._refuse_queued(EngineLost(f"the engine stopped: {self.lost}"))
+                    self._refuse_queued()
                     return
                 continue
             by_loop = defaultdict(list)
@@ -260,8 +260,9 @@ class AsyncEngine(EngineClient):
         self._sinks.update(dict.fromkeys(cmd.request_ids, cmd.sink))
         cmd.sink.put(ACCEPTED)
 
-    def _refuse_queued(self, error: Exception) -> None:
-        """Answer the submissions still queued for the engine thread, which will not take them."""
+    def _refuse_queued(self) -> None:
+        """Answer the submissions still queued for the engine thread, which stopped and will not take them."""
+        error = EngineLost(f"the engine stopped: {self.lost}")
         while True:
             try:
                 cmd = self._inbox.get_nowait()

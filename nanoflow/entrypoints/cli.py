@@ -95,7 +95,8 @@ def generate(a: argparse.Namespace) -> int:
     given = {k: v for k, v in dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                    min_p=a.min_p, repetition_penalty=a.repetition_penalty).items() if v is not None}
     model = dict(llm.engine.sampling_defaults)
-    model.update({"max_tokens": None} if "max_tokens" in model else {})
+    if "max_tokens" in model:
+        model["max_tokens"] = None
     params = SamplingParams(**dict(max_tokens=64, temperature=0.0) | model | given, seed=a.sample_seed,
                             stop=a.stop or None, ignore_eos=a.ignore_eos)
     prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt

@@ -412,16 +412,13 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
-        given = req.chat_template_kwargs or {}  # (which may set the two, as the template's variables)
-        if given.get("continue_final_message", req.continue_final_message) and \
-                given.get("add_generation_prompt", req.add_generation_prompt):
-            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
-                           "(add_generation_prompt is true unless set false)", param="continue_final_message")
         try:
             text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
                                                  chat_template, req.continue_final_message, req.chat_template_kwargs,
                                                  api.template_tools(req.tools))
         except (ValueError, TypeError, jinja2.TemplateError) as e:
+            if str(e).startswith("continue_final_message"):  # (the two options, given or as template variables)
+                raise APIError(400, str(e), param="continue_final_message") from None
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
         return encode(text, add_special_tokens, "messages")
 
