@@ -718,7 +718,7 @@ def test_stream_interval(interval, due):
         return RequestOutput(rid, None, [1], [CompletionOutput(i, "x" * n, list(range(n))) for i in range(choices)],
                              finished=done)
     engine = SimpleNamespace(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"), sampling_defaults={},
-                             eos_token_ids=set())
+                             eos_token_ids=set(), workers=None)
     eng = AsyncEngine(engine, Metrics(), 8, interval)
     for choices in (1, 3):  # N new tokens of each choice (n > 1 once counted them all together)
         eng._sinks.update({"a": "sink-a", "b": "sink-b"})
@@ -748,7 +748,7 @@ def test_a_refused_submission_takes_back_only_what_it_added():
         def abort_request(self, rid):
             self.requests.discard(rid)
     engine = Engine(tokenizer=None, max_model_len=64, source=SimpleNamespace(path="m"), sampling_defaults={},
-                    eos_token_ids=set(), requests={"a-1"})
+                    eos_token_ids=set(), requests={"a-1"}, workers=None)
     eng, got = AsyncEngine(engine, Metrics(), 8, 1), []
     sink = SimpleNamespace(put=got.append)
     for ids, prompts in ((["a-0", "a-1", "a-2"], [[1], [2], [3]]), (["b-0", "b-1"], [[1], []])):

@@ -271,6 +271,56 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
         llm.shutdown()
 
 
+def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_dir, monkeypatch):
+    """NCCL's collectives wait for a peer that exited (the watchdog's abort is off), and the engine thread with them:
+    the requests in flight then fail from the watcher, the engine stops, and stop() does not wait for that thread.
+    Here the step is held (as a hung collective would hold it) and gloo's error comes only once it is released."""
+    import asyncio
+    import os
+    import signal
+    import threading
+    from nanoflow.entrypoints import async_engine
+    from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded
+    from nanoflow.entrypoints.metrics import Metrics
+    monkeypatch.setattr(async_engine, "STUCK_S", 0.5)
+    llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
+    served = AsyncEngine(llm.engine, Metrics(), 64)
+    served.start()
+    step, held, release = llm.engine.step, threading.Event(), threading.Event()
+
+    def stuck_step():
+        held.set()
+        release.wait()
+        return step()
+
+    async def drain(stream):
+        return [o async for _, o in stream]
+
+    async def run():
+        streams = [await served.submit([[1, 2, 3 + i]], SamplingParams(max_tokens=100, ignore_eos=True))
+                   for i in range(2)]
+        await anext(aiter(streams[0]))  # (running)
+        llm.engine.step = stuck_step
+        await asyncio.to_thread(held.wait, 10)
+        os.kill(llm.engine.workers.procs[0].pid, signal.SIGKILL)
+        for stream in streams:  # (after the outputs they had)
+            with pytest.raises(EngineLost, match="tensor-parallel workers nanoflow-tp1 exited"):
+                await asyncio.wait_for(drain(stream), 10)
+        assert served._thread.is_alive() and not served.alive  # (the engine thread still in its step)
+        with pytest.raises(Overloaded, match="the engine is not running"):
+            await served.submit([[1, 2, 3]], SamplingParams(max_tokens=3))
+    try:
+        asyncio.run(run())
+        served.stop()  # (bounded: the thread is stuck)
+        assert served._thread.is_alive()
+        release.set()  # the step goes on, fails on the peer's closed socket, and the thread ends
+        served._thread.join(10)
+        assert not served._thread.is_alive() and served.lost == "tensor-parallel workers nanoflow-tp1 exited"
+    finally:
+        release.set()
+        llm.shutdown()
+
+
 # (after the tests above: one tensor-parallel engine per process at a time)
 @pytest.fixture(scope="module")
 def llama_tp(llama_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import multiprocessing.connection
 import queue
 import threading
 import time
@@ -28,6 +29,9 @@ from nanoflow.tokenizer import Tokenizer
 log = logging.getLogger("nanoflow.server")
 
 ACCEPTED, _GONE, _ABORT_ALL, _STOP = object(), object(), object(), object()  # ACCEPTED: a sink's first answer
+# A step that a worker's exit fails (gloo's exchange of the batch) stops the engine thread within this; one
+# stuck in the iteration's NCCL collectives (no timeout: the watchdog's abort is off) is failed around it.
+STUCK_S = 5.0
 
 
 class Overloaded(Exception):
@@ -163,17 +167,24 @@ class AsyncEngine(EngineClient):
         self.sampling_defaults, self.eos_token_ids = engine.sampling_defaults, engine.eos_token_ids
         self.stats = EngineStats()  # after the last iteration (written by the engine thread only)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the engine thread
-        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._sinks: dict[str, _Sink] = {}  # under _lock: the engine thread's, the watcher's if that thread is stuck
         self._thread = threading.Thread(target=self._run, name="nanoflow-engine", daemon=True)
+        self._lock = threading.RLock()
+        self._watcher = None if engine.workers is None else threading.Thread(
+            target=self._watch, args=([p.sentinel for p in engine.workers.procs],), name="nanoflow-watch", daemon=True)
+        self._stopping = False
         self.lost: str | None = None  # why the engine stopped on its own (a tensor-parallel worker exited)
 
     # -- the event loop's side -------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self._watcher is not None:
+            self._watcher.start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._inbox.put(_STOP)
-        self._thread.join()
+        self._thread.join(None if self.lost is None else STUCK_S)  # (one stuck in a collective stays behind)
 
     def abort_all(self) -> None:
         """Thread-safe."""
@@ -199,7 +210,8 @@ class AsyncEngine(EngineClient):
             try:  # idle: sleep until a command comes; busy: take what is queued and go on
                 cmd = self._inbox.get(block=not engine.has_unfinished_requests())
                 while cmd is not _STOP:
-                    self._handle(cmd)
+                    with self._lock:
+                        self._handle(cmd)
                     cmd = self._inbox.get_nowait()
                 self._abort_all()
                 return
@@ -211,15 +223,14 @@ class AsyncEngine(EngineClient):
                 log.exception("engine step failed")
                 self._fail_all(e)
                 if lost := engine.lost_workers(wait_s=1.0):  # no iteration can run again: stop, so health says so
-                    self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
-                    log.error("the engine stops: %s", self.lost)
-                    self._refuse_queued()
+                    self._lose(lost)
                     return
                 continue
             by_loop = defaultdict(list)
-            for out in outputs:
-                if (sink := self._due(out)) is not None:
-                    by_loop[sink.loop].append((sink.queue, out))
+            with self._lock:
+                for out in outputs:
+                    if (sink := self._due(out)) is not None:
+                        by_loop[sink.loop].append((sink.queue, out))
             for loop, items in by_loop.items():
                 _deliver(loop, items)
             self._on_step()
@@ -237,6 +248,28 @@ class AsyncEngine(EngineClient):
                 return None
             self._sent[rid] = tokens
         return self._sinks.get(rid)
+
+    def _watch(self, sentinels: list) -> None:
+        """(Its own thread, under tensor parallelism.) A worker that exits while the engine thread waits in a
+        collective may leave it waiting for good (NCCL's): the requests in flight then fail from here."""
+        multiprocessing.connection.wait(sentinels)
+        self._thread.join(STUCK_S)  # (a failed step stops it: it said why)
+        if self._thread.is_alive() and not self._stopping and (lost := self.engine.lost_workers()):
+            self._lose(lost)
+
+    def _lose(self, lost: list[str]) -> None:
+        """Stop for good: the workers named exited, so no iteration can run again. Fails what is in flight and
+        what is queued."""
+        if self.lost is not None:  # (the watcher was first: the stuck step came back)
+            return
+        self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
+        log.error("the engine stops: %s", self.lost)
+        error = EngineLost(f"the engine stopped: {self.lost}")
+        with self._lock:
+            for sink in self._sinks.values():
+                sink.put(error)
+            self._sinks.clear()
+        self._refuse_queued()
 
     def _handle(self, cmd) -> None:
         if isinstance(cmd, str):  # an abort
@@ -272,19 +305,21 @@ class AsyncEngine(EngineClient):
                 cmd.sink.put(error)
 
     def _fail_all(self, error: Exception) -> None:
-        for rid, sink in self._sinks.items():
-            sink.put(error)
-            try:
-                self.engine.abort_request(rid)
-            except Exception:
-                log.exception("abort after a failed step")
-        self._sinks.clear()
+        with self._lock:
+            for rid, sink in self._sinks.items():
+                sink.put(error)
+                try:
+                    self.engine.abort_request(rid)
+                except Exception:
+                    log.exception("abort after a failed step")
+            self._sinks.clear()
 
     def _abort_all(self) -> None:
-        for rid in list(self.engine.requests):
-            out = self.engine.abort_request(rid)
-            if (sink := self._sinks.pop(rid, None)) is not None:
-                sink.put(out)
+        with self._lock:
+            for rid in list(self.engine.requests):
+                out = self.engine.abort_request(rid)
+                if (sink := self._sinks.pop(rid, None)) is not None:
+                    sink.put(out)
         self._on_step()
 
     def _on_step(self) -> None:
