@@ -2,6 +2,9 @@
 the outputs of TP = 1."""
 import argparse
 import multiprocessing
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import preset
 from nanoflow.distributed.parallel_state import TPGroup
+from nanoflow.entrypoints.cli import main
 from nanoflow.models.llama import NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, TP_LAYER_OPS, LlamaModel, layer_ops
 from nanoflow.models.loader import ModelSource, build_model, resolve
 from nanoflow.pipeline.graph import dependencies, previous_layer_dependencies
@@ -234,8 +238,6 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
     stops (alive false: /health and new requests 503), rather than failing every request while reported healthy
     (a data-parallel replica then exits, for Ray to restart it)."""
     import asyncio
-    import os
-    import signal
     from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded, Submission, _Sink
     from nanoflow.entrypoints.metrics import Metrics
     llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
@@ -276,8 +278,6 @@ def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_
     the requests in flight then fail from the watcher, the engine stops, and stop() does not wait for that thread.
     Here the step is held (as a hung collective would hold it) and gloo's error comes only once it is released."""
     import asyncio
-    import os
-    import signal
     import threading
     from nanoflow.entrypoints import async_engine
     from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded
@@ -319,6 +319,51 @@ def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_
     finally:
         release.set()
         llm.shutdown()
+
+
+def _tp_worker_pids(pid: int) -> list[int]:
+    """The tensor-parallel workers among a process's children (spawned: their command line runs spawn_main)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(k) for k in f.read().split()]
+    return [k for k in kids if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads a process's children from /proc (Linux)")
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["exits", "kept-alive"])
+def test_serve_exits_when_its_engine_stops_for_good(llama_dir, tmp_path, monkeypatch, keep_alive):
+    """A tensor-parallel worker killed under `nanoflow serve`: the server exits 1, as vLLM's does when its engine
+    dies, for a supervisor to restart it; with $NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH=1 it stays up, health 503."""
+    import httpx
+    from conftest import start_server, stop_server
+    if keep_alive:
+        monkeypatch.setenv("NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH", "1")
+    proc, url = start_server([llama_dir, "--device", "cpu", "-tp", "2", "--max-model-len", "64", "--num-kv-blocks",
+                              "64", "--block-size", "4"], tmp_path / "log")
+    try:
+        assert httpx.get(f"{url}/health").status_code == 200
+        (worker,) = _tp_worker_pids(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        if keep_alive:
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # (past the server's next look at its engine)
+            assert httpx.get(f"{url}/health").status_code == 503 and proc.poll() is None
+            assert stop_server(proc) == 0
+        else:
+            assert proc.wait(60) == 1
+        log = (tmp_path / "log").read_text()
+        assert ("the server exits: the engine stopped for good (tensor-parallel workers nanoflow-tp1 exited)" in log) \
+            != keep_alive, log[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_keep_alive_on_engine_death_is_checked(llama_dir, monkeypatch, capsys):
+    monkeypatch.setenv("NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH", "yes")
+    assert main(["serve", llama_dir, "--device", "cpu", "--port", "0"]) == 2
+    assert "NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH='yes': must be 0, 1, false or true" in capsys.readouterr().err
 
 
 # (after the tests above: one tensor-parallel engine per process at a time)

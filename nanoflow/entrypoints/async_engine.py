@@ -86,6 +86,7 @@ class EngineClient(abc.ABC):
     model_path: str  # where the model came from (the served name's default)
     sampling_defaults: dict  # from the model's generation config: what a request leaves unset
     eos_token_ids: set[int]  # the tokens that end a sequence (beam search ends beams at them)
+    lost: str | None = None  # why the engine stopped for good, if it did (the server then exits)
 
     def __init__(self, metrics: Metrics, max_waiting_requests: int):
         self.metrics = metrics
@@ -173,7 +174,7 @@ class AsyncEngine(EngineClient):
         self._watcher = None if engine.workers is None else threading.Thread(
             target=self._watch, args=([p.sentinel for p in engine.workers.procs],), name="nanoflow-watch", daemon=True)
         self._stopping = False
-        self.lost: str | None = None  # why the engine stopped on its own (a tensor-parallel worker exited)
+        self.lost = None  # (a tensor-parallel worker exited)
 
     # -- the event loop's side -------------------------------------------------------------------
     def start(self) -> None:

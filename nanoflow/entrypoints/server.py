@@ -589,7 +589,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 def serve(args) -> int:
     """Load the model (with --data-parallel-size: start its replicas on Ray), then serve until SIGTERM / SIGINT:
     stop accepting connections, let the requests in flight finish for up to --graceful-shutdown-timeout seconds,
-    abort the rest (they end with finish_reason "abort"), exit 0."""
+    abort the rest (they end with finish_reason "abort"), exit 0. If the engine stops for good (a tensor-parallel
+    worker exited), exit 1, as vLLM's server does when its engine dies."""
     from nanoflow.entrypoints.cli import engine_kwargs
 
     try:  # a socket per connection: lift the soft limit on open files (often 1024) to the hard one
@@ -613,6 +614,7 @@ def serve(args) -> int:
     args.chat_template = read_chat_template(args.chat_template)
     if not args.disable_log_stats:
         _log_stats_interval()  # (a bad $NANOFLOW_LOG_STATS_INTERVAL refused before the model loads)
+    _keep_alive_on_engine_death()
     # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
     sock = listen_socket(args.host, args.port)
     if args.api_server_count > 1:
@@ -628,8 +630,7 @@ def serve(args) -> int:
             from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
             engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
                                    args.max_waiting_requests, args.stream_interval)
-        run_http(engine, args, sock)
-    return 0
+        return run_http(engine, args, sock)
 
 
 def read_chat_template(given: str | None) -> str | None:
@@ -680,9 +681,20 @@ def _log_stats_interval() -> float:
     raise ValueError(f"NANOFLOW_LOG_STATS_INTERVAL={text!r}: must be a number of seconds > 0")
 
 
-def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
-    """The API over engine, on a socket bound to args.host:args.port, until SIGTERM / SIGINT (see serve)."""
+def _keep_alive_on_engine_death() -> bool:
+    """$NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH (as vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH): keep serving (health and
+    every request 503) after the engine stopped for good, rather than exit for a supervisor to restart it."""
+    text = os.environ.get("NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH", "0")
+    if text.lower() not in ("0", "1", "false", "true"):
+        raise ValueError(f"NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH={text!r}: must be 0, 1, false or true")
+    return text.lower() in ("1", "true")
+
+
+def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
+    """The API over engine, on a socket bound to args.host:args.port, until SIGTERM / SIGINT (see serve), or until
+    the engine stops for good (a tensor-parallel worker exited): then 1, unless kept alive."""
     import uvicorn
+    keep_alive = _keep_alive_on_engine_death()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -690,6 +702,12 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
                 loop = asyncio.get_event_loop()  # a signal handler runs between the loop's callbacks
                 loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, engine.abort_all)
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:  # (uvicorn's main loop, every 0.1 s)
+            if engine.lost is not None and not keep_alive and not self.should_exit:
+                log.error("the server exits: the engine stopped for good (%s)", engine.lost)
+                self.should_exit = True  # (its requests have failed: nothing waits)
+            return await super().on_tick(counter)
 
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
     app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
@@ -710,3 +728,4 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     Server(config).run(sockets=[sock])
+    return 1 if engine.lost is not None and not keep_alive else 0
