@@ -273,16 +273,19 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
         llm.shutdown()
 
 
-def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_dir, monkeypatch):
+@pytest.mark.parametrize("stop_first", [False, True], ids=["watcher-first", "stop-first"])
+def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_dir, monkeypatch, stop_first):
     """NCCL's collectives wait for a peer that exited (the watchdog's abort is off), and the engine thread with them:
-    the requests in flight then fail from the watcher, the engine stops, and stop() does not wait for that thread.
-    Here the step is held (as a hung collective would hold it) and gloo's error comes only once it is released."""
+    the requests in flight then fail from the watcher, the engine stops, and stop() does not wait for that thread,
+    also when it comes before the watcher acts (stop_first: a SIGTERM as the workers die). Here the step is held
+    (as a hung collective would hold it) and gloo's error comes only once it is released."""
     import asyncio
     import threading
     from nanoflow.entrypoints import async_engine
     from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded
     from nanoflow.entrypoints.metrics import Metrics
-    monkeypatch.setattr(async_engine, "STUCK_S", 0.5)
+    stuck_s = 2.0 if stop_first else 0.5
+    monkeypatch.setattr(async_engine, "STUCK_S", stuck_s)
     llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
     served = AsyncEngine(llm.engine, Metrics(), 64)
     served.start()
@@ -303,6 +306,12 @@ def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_
         llm.engine.step = stuck_step
         await asyncio.to_thread(held.wait, 10)
         os.kill(llm.engine.workers.procs[0].pid, signal.SIGKILL)
+        if stop_first:
+            while not llm.engine.lost_workers():
+                await asyncio.sleep(0.01)
+            t = time.monotonic()
+            await asyncio.to_thread(served.stop)
+            assert time.monotonic() - t < stuck_s + 1
         for stream in streams:  # (after the outputs they had)
             with pytest.raises(EngineLost, match="tensor-parallel workers nanoflow-tp1 exited"):
                 await asyncio.wait_for(drain(stream), 10)
@@ -311,7 +320,8 @@ def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_
             await served.submit([[1, 2, 3]], SamplingParams(max_tokens=3))
     try:
         asyncio.run(run())
-        served.stop()  # (bounded: the thread is stuck)
+        if not stop_first:
+            served.stop()  # (bounded: the thread is stuck)
         assert served._thread.is_alive()
         release.set()  # the step goes on, fails on the peer's closed socket, and the thread ends
         served._thread.join(10)
@@ -344,10 +354,10 @@ def test_serve_exits_when_its_engine_stops_for_good(llama_dir, tmp_path, monkeyp
         (worker,) = _tp_worker_pids(proc.pid)
         os.kill(worker, signal.SIGKILL)
         if keep_alive:
-            deadline = time.monotonic() + 30
-            while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
+            deadline = time.monotonic() + 30  # (health says 503 at once; the engine stops within STUCK_S)
+            while "the engine stops:" not in (tmp_path / "log").read_text() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            time.sleep(1.0)  # (past the server's next look at its engine)
+            time.sleep(1.0)  # (past the server's next looks at its engine, every 0.1 s)
             assert httpx.get(f"{url}/health").status_code == 503 and proc.poll() is None
             assert stop_server(proc) == 0
         else:
@@ -360,9 +370,9 @@ def test_serve_exits_when_its_engine_stops_for_good(llama_dir, tmp_path, monkeyp
             proc.kill()
 
 
-def test_keep_alive_on_engine_death_is_checked(llama_dir, monkeypatch, capsys):
-    monkeypatch.setenv("NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH", "yes")
-    assert main(["serve", llama_dir, "--device", "cpu", "--port", "0"]) == 2
+def test_keep_alive_on_engine_death_is_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH", "yes")  # (refused before the model loads: none here)
+    assert main(["serve", str(tmp_path / "no-model"), "--device", "cpu", "--port", "0"]) == 2
     assert "NANOFLOW_KEEP_ALIVE_ON_ENGINE_DEATH='yes': must be 0, 1, false or true" in capsys.readouterr().err
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 # Loading a large checkpoint on one rank can keep the others waiting at their first collective that long.
 TIMEOUT = datetime.timedelta(minutes=10)
 TEARDOWN_TIMEOUT_S = 20.0
+ABORT_TIMEOUT_S = 5.0  # an abort's bound: the peers are gone, nothing to wait for (a supervisor waits on the exit)
 _abandoned = False  # a teardown that hung: this process's group is left behind
 # How the ranks' partial rows are summed on CUDA: "nccl", or "symm-mem": torch's two-shot all-reduce, each rank
 # reading and writing its peers' buffers over NVLink directly, in place in buffers allocated by row_buffer (1.25x
@@ -68,13 +69,16 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     return TPGroup(rank, size, dist.new_group(backend="gloo", timeout=TIMEOUT))
 
 
-def close_group(abort: bool = False, timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
+def close_group(abort: bool = False, timeout_s: float | None = None) -> bool:
     """Leave the group; whether it was left. abort: the other ranks are gone. NCCL's communicators are aborted, not
     destroyed, since an abort waits for no peer; but after CUDA graphs captured its collectives, torch's NCCL
     teardown can hang on its own (pytorch#115388; seen on 2 x H200 with torch 2.11, in destroy_process_group and in
-    the abort alike). So it runs on a daemon thread that is given timeout_s; past that the group is left behind,
-    and this process cannot start another tensor-parallel engine."""
+    the abort alike). So it runs on a daemon thread that is given timeout_s (default: TEARDOWN_TIMEOUT_S, or
+    ABORT_TIMEOUT_S for an abort); past that the group is left behind, and this process cannot start another
+    tensor-parallel engine."""
     global _abandoned
+    if timeout_s is None:
+        timeout_s = ABORT_TIMEOUT_S if abort else TEARDOWN_TIMEOUT_S
     if not dist.is_initialized():
         return True
     _symmetric.clear()

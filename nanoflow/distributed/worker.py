@@ -64,6 +64,7 @@ class Workers:
             os.environ["NCCL_NVLS_ENABLE"] = "0"  # inherited by the workers, set before NCCL starts anywhere
         ctx = mp.get_context("spawn")  # (fork would copy rank 0's CUDA context and threads)
         started = [ctx.Event() for _ in range(1, size)]
+        self._closing = False  # shutdown began: the workers' exits are not losses
         self.procs = [ctx.Process(target=_worker, args=(r, size, init_method, args, started[r - 1]),
                                   name=f"nanoflow-tp{r}") for r in range(1, size)]
         for p in self.procs:
@@ -81,6 +82,8 @@ class Workers:
         """The workers that have exited (killed, or crashed): with any, no collective can complete again. wait_s:
         give them that long to finish exiting (a peer's closed socket fails a collective before its process is
         gone)."""
+        if self._closing:  # (exits asked for)
+            return []
         deadline = time.monotonic() + wait_s
         for p in self.procs if wait_s else ():
             p.join(max(deadline - time.monotonic(), 0))
@@ -91,6 +94,7 @@ class Workers:
         failed, the workers may be waiting in a collective) kill them. Then leave the group."""
         if not self.procs:
             return
+        self._closing = True
         atexit.unregister(self.shutdown)
         _running.remove(self)
         if clean and all(p.is_alive() for p in self.procs):

@@ -173,7 +173,6 @@ class AsyncEngine(EngineClient):
         self._lock = threading.RLock()
         self._watcher = None if engine.workers is None else threading.Thread(
             target=self._watch, args=([p.sentinel for p in engine.workers.procs],), name="nanoflow-watch", daemon=True)
-        self._stopping = False
         self.lost = None  # (a tensor-parallel worker exited)
 
     # -- the event loop's side -------------------------------------------------------------------
@@ -183,9 +182,12 @@ class AsyncEngine(EngineClient):
             self._watcher.start()
 
     def stop(self) -> None:
-        self._stopping = True
         self._inbox.put(_STOP)
-        self._thread.join(None if self.lost is None else STUCK_S)  # (one stuck in a collective stays behind)
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+            if self.engine.lost_workers():  # (a thread stuck in a collective on the dead peer stays behind)
+                self._thread.join(STUCK_S)
+                return
 
     def abort_all(self) -> None:
         """Thread-safe."""
@@ -225,15 +227,16 @@ class AsyncEngine(EngineClient):
                 self._fail_all(e)
                 if lost := engine.lost_workers(wait_s=1.0):  # no iteration can run again: stop, so health says so
                     self._lose(lost)
+                if self.lost is not None:  # (or the watcher stopped it while this step hung)
                     return
                 continue
             by_loop = defaultdict(list)
-            with self._lock:
+            with self._lock:  # (delivered under it too: nothing after the watcher's EngineLost)
                 for out in outputs:
                     if (sink := self._due(out)) is not None:
                         by_loop[sink.loop].append((sink.queue, out))
-            for loop, items in by_loop.items():
-                _deliver(loop, items)
+                for loop, items in by_loop.items():
+                    _deliver(loop, items)
             self._on_step()
 
     def _due(self, out: RequestOutput) -> _Sink | None:
@@ -255,24 +258,27 @@ class AsyncEngine(EngineClient):
         collective may leave it waiting for good (NCCL's): the requests in flight then fail from here."""
         multiprocessing.connection.wait(sentinels)
         self._thread.join(STUCK_S)  # (a failed step stops it: it said why)
-        if self._thread.is_alive() and not self._stopping and (lost := self.engine.lost_workers()):
+        if self._thread.is_alive() and (lost := self.engine.lost_workers()):  # (none at a shutdown)
             self._lose(lost)
 
     def _lose(self, lost: list[str]) -> None:
         """Stop for good: the workers named exited, so no iteration can run again. Fails what is in flight and
         what is queued."""
-        if self.lost is not None:  # (the watcher was first: the stuck step came back)
-            return
-        self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
-        log.error("the engine stops: %s", self.lost)
-        error = EngineLost(f"the engine stopped: {self.lost}")
         with self._lock:
+            if self.lost is not None:  # (the watcher was first: the stuck step came back)
+                return
+            self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
+            log.error("the engine stops: %s", self.lost)
+            error = EngineLost(f"the engine stopped: {self.lost}")
             for sink in self._sinks.values():
                 sink.put(error)
             self._sinks.clear()
         self._refuse_queued()
 
     def _handle(self, cmd) -> None:
+        if isinstance(cmd, Submission) and self.lost is not None:  # (taken while the watcher stopped the engine)
+            cmd.sink.put(EngineLost(f"the engine stopped: {self.lost}"))
+            return
         if isinstance(cmd, str):  # an abort
             self._sinks.pop(cmd, None)
             self._sent.pop(cmd, None)

@@ -16,6 +16,7 @@ import resource
 import secrets
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -630,7 +631,15 @@ def serve(args) -> int:
             from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
             engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
                                    args.max_waiting_requests, args.stream_interval)
-        return run_http(engine, args, sock)
+        code = run_http(engine, args, sock)
+    if code:  # the engine stopped for good: its thread may still sit in a CUDA sync on the dead peer, which the
+        from nanoflow.distributed.worker import shutdown_all  # interpreter's finalizing could wait on
+        shutdown_all()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return 0
 
 
 def read_chat_template(given: str | None) -> str | None:
@@ -703,10 +712,12 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                 loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, engine.abort_all)
             super().handle_exit(sig, frame)
 
+        engine_died = False  # (the exit is the engine's, not a signal's)
+
         async def on_tick(self, counter: int) -> bool:  # (uvicorn's main loop, every 0.1 s)
             if engine.lost is not None and not keep_alive and not self.should_exit:
                 log.error("the server exits: the engine stopped for good (%s)", engine.lost)
-                self.should_exit = True  # (its requests have failed: nothing waits)
+                self.should_exit = self.engine_died = True  # (its requests have failed: nothing waits)
             return await super().on_tick(counter)
 
     name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
@@ -727,5 +738,6 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
     # before; an ignoring one lets the process exit 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    Server(config).run(sockets=[sock])
-    return 1 if engine.lost is not None and not keep_alive else 0
+    server = Server(config)
+    server.run(sockets=[sock])
+    return 1 if server.engine_died else 0
