@@ -183,9 +183,11 @@ class AsyncEngine(EngineClient):
 
     def stop(self) -> None:
         self._inbox.put(_STOP)
-        while self._thread.is_alive():
+        while self._thread.is_alive():  # (a thread stuck in a collective on a dead peer stays behind)
             self._thread.join(0.1)
-            if self.engine.lost_workers():  # (a thread stuck in a collective on the dead peer stays behind)
+            if self.lost is not None:  # (the watcher gave it STUCK_S already)
+                return
+            if self.engine.lost_workers():
                 self._thread.join(STUCK_S)
                 return
 
