@@ -58,7 +58,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_id = tk.token_to_id(eos_token) if eos_token is not None else None  # (the one EOS)
+        self.eos_token_ids = eos_token_ids  # every end-of-generation token it names (GGUF: llama.cpp's EOG set)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
 
     # -- loading ---------------------------------------------------------------------------------

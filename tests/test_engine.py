@@ -577,6 +577,21 @@ def test_generation_config_sets_the_defaults_of_requests_without_params(llama_di
     assert llm.get_default_sampling_params() == SamplingParams(top_p=0.5) and 77 in llm.engine.eos_token_ids
 
 
+def test_eos_tokens_beside_the_tokenizers_are_stop_tokens_by_id(llama_dir, tmp_path):
+    """As vLLM's: the tokenizer's EOS ends a sequence with stop_reason None; the generation config's other EOS ids
+    are its stop tokens, reported by id (as vLLM adds them to stop_token_ids); ignore_eos passes both."""
+    path = _with_generation_config(llama_dir, tmp_path / "m", {"eos_token_id": [2, 77]})
+    llm = LLM(path)
+    assert llm.get_tokenizer().eos_token_id == 2 and {2, 77} <= llm.engine.eos_token_ids
+    for token, reason in ((77, 77), (2, None)):
+        c = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=5, logit_bias={token: 100.0}),
+                         use_tqdm=False)[0].outputs[0]
+        assert (c.token_ids, c.finish_reason, c.stop_reason) == ([token], "stop", reason)
+        c = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, logit_bias={token: 100.0}, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+        assert (c.token_ids, c.finish_reason, c.stop_reason) == ([token] * 3, "length", None)
+
+
 def test_cli_generate_takes_the_generation_configs_defaults(llama_dir, tmp_path, monkeypatch):
     """nanoflow generate: each flag given, else the model's generation config (its max_new_tokens a bound, as for
     requests without params), else greedy and 64 tokens (the flags' defaults overrode the file before)."""

@@ -77,6 +77,9 @@ class LLMEngine:
                                                        self.config, self.max_model_len))
             tp = self.workers.group
         self.eos_token_ids = set(cfg.eos_token_ids) | eos | (self.tokenizer.eos_token_ids if self.tokenizer else set())
+        # as vLLM's: the tokenizer's EOS ends a sequence with no stop_reason; the others (the generation config's,
+        # the model config's) are stop tokens, reported by id
+        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else None
         try:
             model_ = build_model(self.source, load_format, self.dtype, self.device, self.max_model_len,
                                  self.config.seed, tp)
@@ -351,7 +354,7 @@ class LLMEngine:
         reason = stop = None
         if n >= params.min_tokens:  # (the sampler bans them before)
             if token in self.eos_token_ids and not params.ignore_eos:
-                reason = "stop"
+                reason, stop = "stop", None if token == self.eos_token_id else token
             elif params.stop_token_ids and token in params.stop_token_ids:
                 reason, stop = "stop", token
         # As vLLM's: a stop token's text is left out unless include_stop_str_in_output, and a stop string must
