@@ -214,11 +214,12 @@ def _template_message(m) -> dict:
     content = m.get("content", "")
     if content is None:
         m["content"] = ""
-    elif isinstance(content, list):
-        if bad := [p for p in content if not isinstance(p, dict) or p.get("type") != "text" or "text" not in p]:
-            raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}), got "
-                             f"{bad[0]!r}")
-        m["content"] = "\n".join(p["text"] for p in content)
+    elif isinstance(content, list):  # text parts, and an assistant's refusal parts (their text, as vLLM's)
+        if bad := [p for p in content if not isinstance(p, dict) or p.get("type") not in ("text", "refusal")
+                   or not isinstance(p.get(p["type"]), str)]:
+            raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}) or "
+                             f"refusals ({{'type': 'refusal', 'refusal': ...}}), got {bad[0]!r}")
+        m["content"] = "\n".join(p[p["type"]] for p in content)
     if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
         m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
     return m

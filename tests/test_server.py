@@ -124,7 +124,7 @@ def test_structured_output_logprobs(server):
         assert r.status_code == 200, r.text
         text = r.text.replace("data: [DONE]", "")
         found = [json.loads(x) for x in text.split("data: ")[1:]] if stream else [r.json()]
-        tops = [v for f in found for c in f["choices"] for v in (
+        tops = [v for f in found for c in f["choices"] if c["logprobs"] for v in (  # (a choice's role chunk: none)
             [lp for top in c["logprobs"]["top_logprobs"] for lp in top.values()] if route == "completions" else
             [t["logprob"] for e in c["logprobs"]["content"] for t in e["top_logprobs"]])]
         assert -9999.0 in tops and all(isinstance(v, float) and v >= -9999.0 for v in tops), (route, stream, tops)
@@ -262,6 +262,20 @@ def test_echo(client, model, default_llm):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=0)
 
 
+def test_replayed_refusals_and_top_logprobs_0(server, client, model):
+    """As vLLM's: an assistant's refusal part in the history is its text to the template (a 400 before), and
+    top_logprobs 0 without logprobs asks for nothing (a 400 before)."""
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+                {"role": "user", "content": "Why?"}]
+    ids = httpx.post(f"{server}/tokenize", json={"model": model, "messages": messages}, headers=AUTH).json()["tokens"]
+    as_text = [m | {"content": "I can't help with that."} if m["role"] == "assistant" else m for m in messages]
+    assert ids == httpx.post(f"{server}/tokenize", json={"model": model, "messages": as_text},
+                             headers=AUTH).json()["tokens"]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, top_logprobs=0)
+    assert r.choices[0].logprobs is None and r.usage.prompt_tokens == len(ids)
+
+
 def test_vllm_compatible_extras(server, client, model, default_llm):
     """Unknown fields ignored (as vLLM: OpenAI's newer fields, a response's message sent back with its null extras),
     continuous usage, chat's prompt_logprobs on the response, continue_final_message, /version, the model card."""
@@ -278,8 +292,8 @@ def test_vllm_compatible_extras(server, client, model, default_llm):
     every = {"include_usage": True, "continuous_usage_stats": True}
     chunks = list(client.chat.completions.create(model=model, messages=USER, max_tokens=3, n=2, seed=1, stream=True,
                                                  stream_options=every))
-    for j in (0, 1):  # each choice's own count, the prompt's own tokens (as vLLM's); the last chunk the totals
-        assert [ch.usage.completion_tokens for ch in chunks[:-1] if ch.choices[0].index == j] == [1, 2, 3]
+    for j in (0, 1):  # each choice's own count (its role chunk's 0), the prompt's own tokens (as vLLM's); the last
+        assert [ch.usage.completion_tokens for ch in chunks[:-1] if ch.choices[0].index == j] == [0, 1, 2, 3]
     assert chunks[-1].usage.completion_tokens == 6 and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The capital of France is"}]
     body = dict(model=model, messages=messages, max_tokens=3, temperature=0)

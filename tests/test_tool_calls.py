@@ -269,6 +269,24 @@ def test_a_named_call_follows_the_functions_schema(client, stream):
                                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
 
 
+def test_the_openai_clients_stream_helper_takes_the_calls_and_logprobs(client):
+    """openai's chat.completions.stream() adds the deltas up: a later delta's "type": null overwrote the call's type
+    (an AssertionError in the helper; the deltas now leave their null fields out, as OpenAI's), and a choice's first
+    chunk was taken whole and its logprobs added again (each choice now opens with its role alone, as vLLM's)."""
+    kw = {"model": client.models.list().data[0].id, "messages": USER, "max_tokens": 60, "temperature": 0}
+    with client.chat.completions.stream(**kw, tools=[WEATHER], tool_choice={
+            "type": "function", "function": {"name": "get_weather"}}) as s:
+        (call,) = s.get_final_completion().choices[0].message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather") and json.loads(call.function.arguments)
+    with client.chat.completions.stream(**kw | {"max_tokens": 6, "temperature": 1.0}, n=2, seed=1, logprobs=True) as s:
+        try:
+            choices = s.get_final_completion().choices
+        except openai.LengthFinishReasonError as e:
+            choices = e.completion.choices
+    for c in choices:
+        assert "".join(t.token for t in c.logprobs.content) == c.message.content, c
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_calls_one_of_the_tools(client, stream):
     content, calls, reason = _create(client, stream, tools=[WEATHER, TIME], tool_choice="required",

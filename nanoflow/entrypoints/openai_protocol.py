@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     WrapValidator,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -242,6 +243,12 @@ class TextPart(_Request):
     text: str
 
 
+class RefusalPart(_Request):
+    """(An assistant's refusal in a replayed conversation: its text, as vLLM reads it.)"""
+    type: Literal["refusal"]
+    refusal: str
+
+
 class FunctionCallIn(_Request):
     name: str
     arguments: str  # JSON text
@@ -256,7 +263,7 @@ class ToolCallIn(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str | list[TextPart] | None, one_of("a string or a list of text parts")] = None
+    content: Annotated[str | list[TextPart | RefusalPart] | None, one_of("a string or a list of text parts")] = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # (an assistant's)
     tool_call_id: str | None = None  # (a tool's result: the call it answers)
@@ -373,7 +380,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def sampling_params(self, defaults: dict, tools: ToolChoice | None = None) -> SamplingParams:
         """tools: the request's tool choice (tool_choice_for), whose grammar this takes."""
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # (0 asks for nothing: taken, as vLLM's)
             raise ValueError("invalid sampling parameter top_logprobs: needs logprobs=true")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"invalid sampling parameter top_logprobs={self.top_logprobs}: must be an integer in "
@@ -510,12 +517,21 @@ class ChatChoice(_Choice):
     logprobs: ChatLogprobs | None = None
 
 
-class DeltaFunctionCall(BaseModel):
+class _Sparse(BaseModel):
+    """Sent without its null fields, as OpenAI's deltas are: a later delta's "type": null would overwrite the
+    call's type in clients that accumulate deltas (the openai client's stream helper asserts on it)."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_Sparse):
     name: str | None = None  # (in a call's first delta)
     arguments: str | None = None
 
 
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_Sparse):
     index: int
     id: str | None = None  # (in a call's first delta, with its type)
     type: Literal["function"] | None = None

@@ -545,10 +545,18 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
                         thought = thought if req.include_reasoning else None
                         content, calls = streams[c.index][1].step(said, done) if said is not None else (None, [])
                         lp = logprobs(c, start)
-                        if not (first or thought or content or calls or lp or done):
+                        if first:  # a choice opens with its role alone, as vLLM's (a client's stream helper takes
+                            # a choice's first chunk whole, then adds its logprobs again)
+                            usage = (_usage(len(prompt), [_Progress()], cached_tokens([out]))
+                                     if req.continuous_usage else None)
+                            yield api.ChatCompletionChunk(
+                                **head, choices=[api.ChatStreamChoice(index=c.index, delta=api.ChatDelta(
+                                    role="assistant", content=""))], usage=usage,
+                                prompt_logprobs=None if sent_prompt else _prompt_logprobs(out))
+                            sent_prompt = True
+                        if not (thought or content or calls or lp or done):
                             continue  # (text held back while it may be a tool call or the end of the reasoning)
-                        delta = api.ChatDelta(role="assistant" if first else None, content=content,
-                                              reasoning=thought, reasoning_content=thought,
+                        delta = api.ChatDelta(content=content, reasoning=thought, reasoning_content=thought,
                                               tool_calls=[api.DeltaToolCall(
                                                   index=i, id=cid, type="function" if cid else None,
                                                   function=api.DeltaFunctionCall(name=name, arguments=args))
