@@ -1,6 +1,7 @@
 """Per-request sampling parameters (the vLLM / OpenAI set), validated on construction."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -97,11 +98,11 @@ class SamplingParams:
               "must be a string or a list of strings")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings")
-        self.stop_strings = tuple(stop)
+        self.stop, self.stop_strings = stop, tuple(stop)  # (a list, as vLLM's reads back)
         check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
               "must be a list of token ids")
-        ids = self.stop_token_ids or []
-        check(all(natural(t) for t in ids), "stop_token_ids", "must be token ids >= 0")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        check(all(natural(t) for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
         check(self.logit_bias is None or isinstance(self.logit_bias, dict) and all(
             natural(t) and finite_number(b) for t, b in self.logit_bias.items()), "logit_bias",
             "must map token ids >= 0 to finite numbers")
@@ -123,6 +124,10 @@ class SamplingParams:
             self.top_k = 0
         if self.temperature < GREEDY_BELOW:
             self.temperature = 0.0
+
+    def clone(self) -> SamplingParams:
+        """A deep copy, as vLLM's."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:

@@ -152,8 +152,37 @@ class Tokenizer:
             raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
                              f"{at}") from None
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # (what scripts call on vLLM's get_tokenizer(), an HF tokenizer: the same names, defaults and results)
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+        ids = ([self.encode(t, add_special_tokens) for t in text] if isinstance(text, list)
+               else self.encode(text, add_special_tokens))
+        mask = [[1] * len(i) for i in ids] if isinstance(text, list) else [1] * len(ids)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return self.tk.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self.piece(i) for i in self.encode(text, add_special_tokens=False)]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        return self.piece(ids) if isinstance(ids, int) else [self.piece(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        return self.tk.token_to_id(tokens) if isinstance(tokens, str) else [self.tk.token_to_id(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.tk.get_vocab(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tk.token_to_id(self.bos_token) if self.bos_token is not None else None
 
     def id_to_token(self, token_id: int) -> str:
         return self.tk.decode([token_id], skip_special_tokens=False)
@@ -162,9 +191,31 @@ class Tokenizer:
         """The vocabulary's own string for a token (e.g. 'Ġthe' in byte-level BPE), as HF's convert_ids_to_tokens."""
         return self.tk.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, continue_final_message: bool = False,
-                            template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
+    def apply_chat_template(self, conversation: list[dict] | list[list[dict]], tools: list[dict] | None = None, *,
+                            chat_template: str | None = None, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, tokenize: bool = True, return_dict: bool = True,
+                            **template_kwargs):
+        """As HF's (transformers 5; what vLLM's get_tokenizer() has): the rendered text (tokenize=False), else its
+        ids (the template writes the special tokens) as {'input_ids', 'attention_mask'}, or a list of them with
+        return_dict=False; a list of conversations gives a list. template_kwargs: the template's own variables.
+        See render_chat."""
+        if template_kwargs.get("return_tensors") is not None:
+            raise ValueError("apply_chat_template: return_tensors is not supported (lists of ids only)")
+        if conversation and isinstance(conversation[0], list):
+            return [self.apply_chat_template(c, tools, chat_template=chat_template, tokenize=tokenize,
+                                             add_generation_prompt=add_generation_prompt, return_dict=return_dict,
+                                             continue_final_message=continue_final_message, **template_kwargs)
+                    for c in conversation]
+        text = self.render_chat(conversation, add_generation_prompt, chat_template, continue_final_message,
+                                template_kwargs, tools)
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)} if return_dict else ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    chat_template: str | None = None, continue_final_message: bool = False,
+                    template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
         """The conversation as the template renders it. Content given as OpenAI's text parts is joined by newlines
         (as vLLM's), a null content is empty. continue_final_message: the text ends inside the last message (no end
         of turn), for the model to go on with it (as HF's and vLLM's). template_kwargs: the template's own

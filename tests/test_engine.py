@@ -670,3 +670,39 @@ def test_truncate_prompt_tokens(llama_dir):
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=f"truncate_prompt_tokens={bad!r}: must be -1 or an integer >= 1"):
             SamplingParams(truncate_prompt_tokens=bad)
+
+
+def test_scripts_written_for_vllms_llm_run(llama_dir):
+    """vLLM's call forms: lora_request=None in generate, chat and beam_search (positionally too; an adapter is
+    refused), chat_template_content_format "string", beam_search's concurrency_limit, scheduling_policy, the
+    arguments that ask for what nanoflow does anyway (other values refused by name), SamplingParams.clone, and stop /
+    stop_token_ids read back as lists."""
+    from nanoflow import BeamSearchParams
+    llm = LLM(llama_dir, scheduling_policy="priority", quantization=None, revision=None, tokenizer_mode="auto",
+              enable_chunked_prefill=True, disable_log_stats=True)
+    assert llm.engine.config.schedule_policy == "priority"
+    p = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate(PROMPTS[:2], p, False, None, [1, 0])  # (use_tqdm, lora_request, priority)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in
+                                                      llm.generate(PROMPTS[:2], p, use_tqdm=False)]
+    with pytest.raises(ValueError, match="lora_request: nanoflow serves no LoRA adapters"):
+        llm.generate(PROMPTS[0], p, lora_request=object())
+    msgs = [{"role": "user", "content": "Hi"}]
+    said = llm.chat(msgs, p, False, None, None, "string")[0].outputs[0].token_ids
+    assert said == llm.chat(msgs, p, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="chat_template_content_format 'openai'"):
+        llm.chat(msgs, p, chat_template_content_format="openai")
+    beam = BeamSearchParams(beam_width=2, max_tokens=3)
+    whole = llm.beam_search(PROMPTS[:3], beam)
+    limited = llm.beam_search(PROMPTS[:3], beam, None, False, 2)  # (lora_request, use_tqdm, concurrency_limit)
+    assert [[s.tokens for s in o.sequences] for o in limited] == [[s.tokens for s in o.sequences] for o in whole]
+    with pytest.raises(ValueError, match="concurrency_limit must be an integer >= 1"):
+        llm.beam_search(PROMPTS[:1], beam, concurrency_limit=0)
+    with pytest.raises(ValueError, match="quantization: nanoflow takes only None"):
+        LLM(llama_dir, quantization="awq")
+    with pytest.raises(ValueError, match="not both"):
+        LLM(llama_dir, scheduling_policy="fcfs", schedule_policy="fcfs")
+    s = SamplingParams(stop="x", stop_token_ids=None)
+    assert (s.stop, s.stop_token_ids, s.stop_strings) == (["x"], [], ("x",))
+    c = s.clone()
+    assert c == s and c is not s and c.stop is not s.stop

@@ -163,6 +163,6 @@ def test_an_assistants_earlier_reasoning_reaches_the_template(tokenizer_dir):
     template = "{% for m in messages %}[{{ m.reasoning_content }}|{{ m.reasoning }}]{% endfor %}"
     for field in ("reasoning", "reasoning_content"):
         m = api.ChatMessage.model_validate({"role": "assistant", "content": "4", field: "2+2"})
-        assert tok.apply_chat_template([m.for_template()], False, template) == "[2+2|2+2]"
+        assert tok.render_chat([m.for_template()], False, template) == "[2+2|2+2]"
     plain = api.ChatMessage.model_validate({"role": "user", "content": "hi"}).for_template()
     assert "reasoning" not in plain and "reasoning_content" not in plain

@@ -140,12 +140,12 @@ def test_tokenize_and_detokenize(server, default_llm):
     assert plain["tokens"] == tk.encode(PROMPT, add_special_tokens=False) and plain["token_strs"] is None
     messages = [{"role": "user", "content": "Hi"}]
     chat = httpx.post(f"{server}/tokenize", json={"messages": messages}).json()
-    assert chat["tokens"] == tk.encode(tk.apply_chat_template(messages, True), add_special_tokens=False)
+    assert chat["tokens"] == tk.encode(tk.render_chat(messages, True), add_special_tokens=False)
     usage = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "max_tokens": 1},
                        headers=AUTH).json()["usage"]
     assert usage["prompt_tokens"] == chat["count"]
     back = httpx.post(f"{server}/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
-    assert back == tk.apply_chat_template(messages, True)
+    assert back == tk.render_chat(messages, True)
     for body, names, param in [({}, "exactly one of prompt and messages", "prompt"),
                                ({"prompt": "x", "messages": messages}, "exactly one of prompt and messages",
                                 "messages"),

@@ -163,7 +163,7 @@ def test_chat_template_renders_as_transformers(tok, tokenizer_dir):
         if mode == "continue" and not msgs[-1]["content"].strip():
             mode = "end"
         kw = dict(add_generation_prompt=mode == "generate", continue_final_message=mode == "continue")
-        assert tok.apply_chat_template(msgs, **kw) == hf.apply_chat_template(msgs, tokenize=False, **kw), (msgs, kw)
+        assert tok.render_chat(msgs, **kw) == hf.apply_chat_template(msgs, tokenize=False, **kw), (msgs, kw)
 
 
 @pytest.mark.parametrize("content", ["end", "<|im_end|>", "|>", " spaced  ", "a\n"])
@@ -174,9 +174,9 @@ def test_continue_final_message_ends_inside_it(tok, tokenizer_dir, content):
     hf = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     msgs = [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": content}]
     kw = dict(add_generation_prompt=False, continue_final_message=True)
-    assert tok.apply_chat_template(msgs, **kw) == hf.apply_chat_template(msgs, tokenize=False, **kw)
+    assert tok.render_chat(msgs, **kw) == hf.apply_chat_template(msgs, tokenize=False, **kw)
     # (a final message without content continues as an empty one, as a null content does)
-    assert tok.apply_chat_template(msgs[:1] + [{"role": "assistant"}], **kw).endswith("<|im_start|>assistant\n")
+    assert tok.render_chat(msgs[:1] + [{"role": "assistant"}], **kw).endswith("<|im_start|>assistant\n")
 
 
 def test_template_tojson_takes_transformers_options(tok, tokenizer_dir):
@@ -188,7 +188,7 @@ def test_template_tojson_takes_transformers_options(tok, tokenizer_dir):
                 "{{ x | tojson(separators=(',', ':')) }}|{{ x | tojson(sort_keys=true) }}|"
                 "{{ x | tojson(ensure_ascii=true) }}{{ messages[0]['content'] }}")
     msgs = [{"role": "user", "content": "<b>&"}]
-    assert tok.apply_chat_template(msgs, chat_template=template) == hf.apply_chat_template(
+    assert tok.render_chat(msgs, chat_template=template) == hf.apply_chat_template(
         msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
@@ -200,7 +200,7 @@ def test_template_generation_blocks_render_their_body(tok, tokenizer_dir):
     template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
                 "{{ m['content'] }}.{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    assert tok.apply_chat_template(msgs, chat_template=template) == hf.apply_chat_template(
+    assert tok.render_chat(msgs, chat_template=template) == hf.apply_chat_template(
         msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 

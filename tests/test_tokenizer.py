@@ -37,19 +37,50 @@ def test_chat_template_matches_transformers(tok, tokenizer_dir):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
     for gen in (True, False):
-        assert tok.apply_chat_template(msgs, gen) == hf.apply_chat_template(msgs, add_generation_prompt=gen,
-                                                                            tokenize=False)
+        assert tok.render_chat(msgs, gen) == hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+
+
+def test_the_hf_tokenizer_calls_scripts_make(tok, tokenizer_dir):
+    """vLLM's get_tokenizer() is an HF tokenizer, and scripts call its methods: ours answer as HF's do, with HF's
+    defaults (apply_chat_template tokenizes and adds no generation prompt; decode keeps special tokens)."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    msgs = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]
+    def plain(x):  # (HF's BatchEncoding as a dict)
+        return x if isinstance(x, (str, list)) else dict(x)
+    for kw in ({}, {"tokenize": False, "add_generation_prompt": True}, {"tokenize": False},
+               {"add_generation_prompt": True, "return_dict": False},
+               {"continue_final_message": True, "tokenize": False}):
+        assert tok.apply_chat_template(msgs, **kw) == plain(hf.apply_chat_template(msgs, **kw)), kw
+    for kw in ({"tokenize": False}, {"return_dict": False}):
+        assert tok.apply_chat_template([msgs, msgs[:1]], **kw) == hf.apply_chat_template([msgs, msgs[:1]], **kw)
+    ids = hf.apply_chat_template(msgs, return_dict=False)
+    text = "Hello, wörld! <|im_end|>"
+    assert tok.decode(ids) == hf.decode(ids) and tok.batch_decode([ids, ids[:3]]) == hf.batch_decode([ids, ids[:3]])
+    assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert tok(text) == dict(hf(text)) and tok([text, "x"]) == dict(hf([text, "x"]))
+    assert tok(text, add_special_tokens=False) == dict(hf(text, add_special_tokens=False))
+    assert tok.tokenize(text) == hf.tokenize(text)
+    assert tok.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)
+    assert tok.convert_ids_to_tokens(ids[0]) == hf.convert_ids_to_tokens(ids[0])
+    pieces = hf.convert_ids_to_tokens(ids)
+    assert tok.convert_tokens_to_ids(pieces) == hf.convert_tokens_to_ids(pieces) == ids
+    assert tok.convert_tokens_to_ids(pieces[0]) == hf.convert_tokens_to_ids(pieces[0])
+    assert len(tok) == len(hf) and tok.get_vocab() == hf.get_vocab()
+    assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    with pytest.raises(ValueError, match="return_tensors is not supported"):
+        tok.apply_chat_template(msgs, return_tensors="pt")
 
 
 def test_chat_template_errors(tok):
     with pytest.raises(ValueError, match="empty"):
-        tok.apply_chat_template([])
+        tok.render_chat([])
     with pytest.raises(ValueError, match="role"):
-        tok.apply_chat_template([{"content": "x"}])
+        tok.render_chat([{"content": "x"}])
     with pytest.raises(ValueError, match="chat template error: nope"):
-        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ raise_exception('nope') }}")
+        tok.render_chat([{"role": "user", "content": "x"}], chat_template="{{ raise_exception('nope') }}")
     with pytest.raises(ValueError, match="chat template error: .*content"):  # (was jinja2's UndefinedError)
-        tok.apply_chat_template([{"role": "user"}], chat_template="{{ messages[0]['content'].strip() }}")
+        tok.render_chat([{"role": "user"}], chat_template="{{ messages[0]['content'].strip() }}")
 
 
 @pytest.mark.parametrize("model, error, message", [
@@ -123,15 +154,15 @@ def test_template_files_and_named_templates_as_transformers_picks_them(tokenizer
         hf = transformers.AutoTokenizer.from_pretrained(d)
         ours = Tokenizer.from_dir(d)
         for kw in ({}, {"tools": tools}):
-            assert ours.apply_chat_template(msgs, **kw) == hf.apply_chat_template(
+            assert ours.render_chat(msgs, **kw) == hf.apply_chat_template(
                 msgs, tokenize=False, add_generation_prompt=True, **kw), (d, kw)
     ours = Tokenizer.from_dir(variant("named2", named))
-    assert ours.apply_chat_template(msgs, chat_template="tool_use", tools=tools).startswith("TOOLS=get_weather:")
+    assert ours.render_chat(msgs, chat_template="tool_use", tools=tools).startswith("TOOLS=get_weather:")
     ours.save(str(tmp_path / "saved"))
     assert Tokenizer.from_dir(str(tmp_path / "saved")).chat_template == ours.chat_template
     with pytest.raises(ValueError, match=r"named chat templates \(a, b\) and none is 'default'"):
         Tokenizer.from_dir(variant("nodefault", [{"name": "a", "template": body}, {"name": "b", "template": body}])
-                           ).apply_chat_template(msgs)
+                           ).render_chat(msgs)
 
 
 def test_a_gguf_llama3_vocabulary_takes_whole_words_over_merges(tmp_path):

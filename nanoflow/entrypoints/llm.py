@@ -12,15 +12,29 @@ from nanoflow.outputs import RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 
+# vLLM's LLM arguments at the values that ask for what nanoflow does anyway (nothing is downloaded, prefills are
+# always chunked, offline runs log no stats); other values are refused by name
+_AS_VLLMS = {"quantization": None, "revision": None, "tokenizer_revision": None, "download_dir": None,
+             "tokenizer_mode": "auto", "enable_chunked_prefill": True, "disable_log_stats": True}
+
+
 class LLM:
     def __init__(self, model: str | None = None, *, enforce_eager: bool = False, trust_remote_code: bool = False,
                  **kwargs):
         """model: an HF directory, a .gguf file, a shape preset (with load_format='dummy'), or None for the
         embedded default (SmolLM2-135M-Instruct). kwargs: see LLMEngine and EngineConfig. As vLLM's:
-        enforce_eager, no CUDA graphs (cuda_graph=False); trust_remote_code is accepted and has no effect (only
-        the built-in architectures load; a checkpoint's own code never runs)."""
+        enforce_eager, no CUDA graphs (cuda_graph=False); scheduling_policy, schedule_policy's vLLM name;
+        trust_remote_code is accepted and has no effect (only the built-in architectures load; a checkpoint's own
+        code never runs), as are the arguments of _AS_VLLMS at their values there."""
         if enforce_eager:
             kwargs["cuda_graph"] = False
+        if "scheduling_policy" in kwargs:
+            if "schedule_policy" in kwargs:
+                raise ValueError("give schedule_policy or its vLLM name scheduling_policy, not both")
+            kwargs["schedule_policy"] = kwargs.pop("scheduling_policy")
+        for name, value in _AS_VLLMS.items():
+            if name in kwargs and kwargs.pop(name) != value:
+                raise ValueError(f"{name}: nanoflow takes only {value!r} (as it does anyway)")
         self.engine = LLMEngine(model, **kwargs)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -45,8 +59,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """priority: each prompt's (with schedule_policy "priority", lower first), as vLLM's."""
+                 use_tqdm: bool = True, lora_request=None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """priority: each prompt's (with schedule_policy "priority", lower first), as vLLM's; lora_request: None
+        (vLLM's argument; no adapters here)."""
+        _no_lora(lora_request)
         prompts = _as_list(prompts)
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params] * len(prompts))
@@ -88,20 +105,32 @@ class LLM:
         finally:
             self.engine.abort_request(rid)
 
-    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
-        """Each prompt's params.beam_width likeliest continuations, best first (nanoflow.beam_search), as vLLM's."""
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, lora_request=None,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """Each prompt's params.beam_width likeliest continuations, best first (nanoflow.beam_search), as vLLM's;
+        concurrency_limit: search that many prompts at a time (all: None)."""
+        _no_lora(lora_request)
         ids = [self.engine.tokenize(p)[1] for p in _as_list(prompts)]
-        return beam_search(lambda ps, sp: self.generate(ps, sp, use_tqdm=False), ids, params,
-                           self.engine.eos_token_ids, self.engine.max_model_len,
-                           self.tokenizer.decode if self.tokenizer else None, use_tqdm)
+        if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or
+                                              not isinstance(concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be an integer >= 1 or None, not {concurrency_limit!r}")
+        step = concurrency_limit or max(len(ids), 1)
+        decode = (lambda t: self.tokenizer.decode(t, skip_special_tokens=True)) if self.tokenizer else None
+        return [out for i in range(0, len(ids), step)
+                for out in beam_search(lambda ps, sp: self.generate(ps, sp, use_tqdm=False), ids[i:i + step], params,
+                                       self.engine.eos_token_ids, self.engine.max_model_len, decode, use_tqdm)]
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
-        """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt)."""
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             lora_request=None, chat_template: str | None = None, chat_template_content_format: str = "auto", *,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt). chat_template_content_format:
+        "auto" or "string", which are the same here (the template gets each message's content as a string)."""
+        _no_lora(lora_request)
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format {chat_template_content_format!r}: nanoflow gives the "
+                             f"template each message's content as a string ('string'; 'auto' is the same)")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.chat_prompt(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message,
@@ -117,9 +146,14 @@ class LLM:
         objects, for a template that renders them (the calls the model then writes are its text)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template,
-                                                  continue_final_message, chat_template_kwargs, tools)
+        text = self.tokenizer.render_chat(messages, add_generation_prompt, chat_template, continue_final_message,
+                                          chat_template_kwargs, tools)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+
+def _no_lora(lora_request) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request: nanoflow serves no LoRA adapters (pass None)")
 
 
 def _as_list(prompts) -> list:

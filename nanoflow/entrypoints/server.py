@@ -414,9 +414,9 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
         try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in req.messages], req.add_generation_prompt,
-                                                 chat_template, req.continue_final_message, req.chat_template_kwargs,
-                                                 api.template_tools(req.tools))
+            text = tokenizer.render_chat([m.for_template() for m in req.messages], req.add_generation_prompt,
+                                         chat_template, req.continue_final_message, req.chat_template_kwargs,
+                                         api.template_tools(req.tools))
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             if str(e).startswith("continue_final_message"):  # (the two options, given or as template variables)
                 raise APIError(400, str(e), param="continue_final_message") from None
