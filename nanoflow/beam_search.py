@@ -21,7 +21,10 @@ class BeamSearchParams:
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False  # an end-of-sequence token is then a token like any other
+    # vLLM's: its beams are ranked by the model's raw logprobs, which a temperature does not change (nor here)
+    temperature: float = 0.0
     length_penalty: float = 1.0  # > 1 favours longer beams, < 1 shorter ones (with ends before max_tokens)
+    include_stop_str_in_output: bool = False  # a beam's final end-of-sequence token in its text too
 
     def __post_init__(self):
         def check(ok, name, rule):
@@ -32,7 +35,9 @@ class BeamSearchParams:
               f"must be an integer in [1, {width}]")
         check(natural(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
+        check(finite_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
         check(finite_number(self.length_penalty), "length_penalty", "must be a finite number")
+        check(isinstance(self.include_stop_str_in_output, bool), "include_stop_str_in_output", "must be true or false")
 
 
 @dataclass(slots=True)
@@ -40,7 +45,9 @@ class BeamSearchSequence:
     tokens: list[int]  # the prompt's, then the beam's
     logprobs: list[PositionLogprobs] = field(default_factory=list)  # per beam token: the candidates it was among
     cum_logprob: float = 0.0  # the beam's tokens' logprobs, summed
-    text: str | None = None  # the beam's tokens decoded (not the prompt's, nor a final end-of-sequence token)
+    # the beam's tokens decoded (not the prompt's, nor a final end-of-sequence token unless
+    # include_stop_str_in_output); LLM.beam_search's, as vLLM's: every token's, the prompt's too
+    text: str | None = None
     finish_reason: str | None = None  # "stop": an end-of-sequence token; "length": max_tokens or the context;
     # "abort": its step was aborted (the server's shutdown)
     stop_reason: int | None = None  # the end-of-sequence token that ended it
@@ -123,7 +130,8 @@ class Beams:
                           reverse=True)[:self.params.beam_width]
             for s in best:
                 if decode is not None:
-                    s.text = decode(s.tokens[len(prompt):len(s.tokens) - (s.finish_reason == "stop")])
+                    end = s.finish_reason == "stop" and not self.params.include_stop_str_in_output
+                    s.text = decode(s.tokens[len(prompt):len(s.tokens) - end])
             results.append(BeamSearchOutput(best))
         return results
 

@@ -68,6 +68,9 @@ def test_ends_and_length_penalty_on_a_scripted_tree():
     [2] go on. Step 2: [1, 4] (-0.7 / 3) and [2, 4] (-1.0 / 3) go on; [2, EOS] ends (-0.75 / 2), as does [1, EOS].
     Step 3, the last: [1, 4] grows by DEFAULT's 8 and 4 (-1.7 / 4, -1.8 / 4). Best of all: the two ends."""
     assert run() == [([0, EOS], -0.1, "stop", ""), ([0, 2, EOS], -0.75, "stop", "2")]
+    # (vLLM's fields: a temperature does not change the raw logprobs' ranking; the final EOS's text kept on request)
+    assert run(temperature=0.7, include_stop_str_in_output=True) == [([0, EOS], -0.1, "stop", "9"),
+                                                                     ([0, 2, EOS], -0.75, "stop", "2,9")]
     # divided by length ** 3, the longest win: -1.7 / 64 and -1.8 / 64 against -0.1 / 1 and -0.75 / 8
     assert run(length_penalty=3.0) == [([0, 1, 4, 8], -1.7, "length", "1,4,8"),
                                        ([0, 1, 4, 4], -1.8, "length", "1,4,4")]

@@ -696,6 +696,7 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
     whole = llm.beam_search(PROMPTS[:3], beam)
     limited = llm.beam_search(PROMPTS[:3], beam, None, False, 2)  # (lora_request, use_tqdm, concurrency_limit)
     assert [[s.tokens for s in o.sequences] for o in limited] == [[s.tokens for s in o.sequences] for o in whole]
+    assert all(s.text == llm.get_tokenizer().decode(s.tokens) for o in whole for s in o.sequences)  # (as vLLM's)
     with pytest.raises(ValueError, match="concurrency_limit must be an integer >= 1"):
         llm.beam_search(PROMPTS[:1], beam, concurrency_limit=0)
     with pytest.raises(ValueError, match="quantization: nanoflow takes only None"):

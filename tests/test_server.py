@@ -182,11 +182,15 @@ def test_completion_and_chat_match_the_offline_api(client, model, default_llm):
 def test_beam_search_matches_the_offline_api(client, model, default_llm):
     """use_beam_search (vLLM's): n beams, the choices best first as LLM.beam_search gives them, on both endpoints,
     streamed (each choice whole) and not; logprobs of the beams' tokens."""
+    def texts(seqs, prompt_ids):  # (the offline texts are all the tokens', the prompt's too, as vLLM's)
+        return [default_llm.tokenizer.decode(s.tokens[len(prompt_ids):], skip_special_tokens=True) for s in seqs]
     want = default_llm.beam_search([PROMPT], BeamSearchParams(3, 8))[0].sequences
+    want_texts = texts(want, default_llm.tokenizer.encode(PROMPT))
+    assert [s.text for s in want] == [default_llm.tokenizer.decode(s.tokens) for s in want]
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, logprobs=1,
                                     extra_body={"use_beam_search": True})
     assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [
-        (j, s.text, s.finish_reason) for j, s in enumerate(want)]
+        (j, t, s.finish_reason) for j, (s, t) in enumerate(zip(want, want_texts))]
     for c, s in zip(out.choices, want):
         assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-4)
     assert out.usage.completion_tokens == sum(len(s.tokens) for s in want) - 3 * len(default_llm.tokenizer.encode(
@@ -196,14 +200,13 @@ def test_beam_search_matches_the_offline_api(client, model, default_llm):
     assert [len(top) for top in one.choices[0].logprobs.top_logprobs] == [5, 5]  # (more than the 2 candidates)
     chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, stream=True,
                                             extra_body={"use_beam_search": True}))
-    assert sorted((ch.choices[0].index, ch.choices[0].text) for ch in chunks) == [
-        (j, s.text) for j, s in enumerate(want)]
+    assert sorted((ch.choices[0].index, ch.choices[0].text) for ch in chunks) == list(enumerate(want_texts))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = default_llm.chat_prompt(messages)["prompt_token_ids"]
     want = default_llm.beam_search([prompt], BeamSearchParams(2, 6, length_penalty=0.5))[0].sequences
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, n=2,
                                           extra_body={"use_beam_search": True, "length_penalty": 0.5})
-    assert [c.message.content for c in chat.choices] == [s.text for s in want]
+    assert [c.message.content for c in chat.choices] == texts(want, prompt)
 
 
 def test_streaming(client, model):

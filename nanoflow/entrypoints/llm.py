@@ -107,18 +107,21 @@ class LLM:
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, lora_request=None,
                     use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
-        """Each prompt's params.beam_width likeliest continuations, best first (nanoflow.beam_search), as vLLM's;
-        concurrency_limit: search that many prompts at a time (all: None)."""
+        """Each prompt's params.beam_width likeliest continuations, best first (nanoflow.beam_search), as vLLM's:
+        a sequence's text is all its tokens' (the prompt's too, special tokens kept); concurrency_limit: search that
+        many prompts at a time (all: None)."""
         _no_lora(lora_request)
         ids = [self.engine.tokenize(p)[1] for p in _as_list(prompts)]
         if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or
                                               not isinstance(concurrency_limit, int) or concurrency_limit < 1):
             raise ValueError(f"concurrency_limit must be an integer >= 1 or None, not {concurrency_limit!r}")
         step = concurrency_limit or max(len(ids), 1)
-        decode = (lambda t: self.tokenizer.decode(t, skip_special_tokens=True)) if self.tokenizer else None
-        return [out for i in range(0, len(ids), step)
+        outs = [out for i in range(0, len(ids), step)
                 for out in beam_search(lambda ps, sp: self.generate(ps, sp, use_tqdm=False), ids[i:i + step], params,
-                                       self.engine.eos_token_ids, self.engine.max_model_len, decode, use_tqdm)]
+                                       self.engine.eos_token_ids, self.engine.max_model_len, None, use_tqdm)]
+        for s in (s for out in outs for s in out.sequences) if self.tokenizer else ():
+            s.text = self.tokenizer.decode(s.tokens)
+        return outs
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
