@@ -60,6 +60,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per output token (the sampled one always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # (vLLM's; a fast tokenizer's decode has no such option: no effect)
+    detokenize: bool = True  # False: token ids only, no text (and no stop strings), as vLLM's
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (before penalties, as vLLM)
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     structured_outputs: StructuredOutputsParams | None = None  # (a dict of its fields is taken too)
@@ -92,13 +94,15 @@ class SamplingParams:
             v = getattr(self, name)
             check(v is None or (natural(v) and v <= MAX_LOGPROBS), name,
                   f"must be an integer in [0, {MAX_LOGPROBS}]")
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "detokenize"):
             check(isinstance(getattr(self, name), bool), name, "must be true or false")
         check(self.stop is None or isinstance(self.stop, (str, list, tuple)), "stop",
               "must be a string or a list of strings")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stop), "stop", "must be non-empty strings")
         self.stop, self.stop_strings = stop, tuple(stop)  # (a list, as vLLM's reads back)
+        check(self.detokenize or not stop, "stop", "stop strings need detokenize=True (their text is matched)")
         check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
               "must be a list of token ids")
         self.stop_token_ids = list(self.stop_token_ids or [])

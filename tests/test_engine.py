@@ -675,8 +675,8 @@ def test_truncate_prompt_tokens(llama_dir):
 def test_scripts_written_for_vllms_llm_run(llama_dir):
     """vLLM's call forms: lora_request=None in generate, chat and beam_search (positionally too; an adapter is
     refused), chat_template_content_format "string", beam_search's concurrency_limit, scheduling_policy, the
-    arguments that ask for what nanoflow does anyway (other values refused by name), SamplingParams.clone, and stop /
-    stop_token_ids read back as lists."""
+    arguments that ask for what nanoflow does anyway (other values refused by name), SamplingParams' detokenize and
+    clone, and stop / stop_token_ids read back as lists."""
     from nanoflow import BeamSearchParams
     llm = LLM(llama_dir, scheduling_policy="priority", quantization=None, revision=None, tokenizer_mode="auto",
               enable_chunked_prefill=True, disable_log_stats=True)
@@ -703,6 +703,15 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
         LLM(llama_dir, quantization="awq")
     with pytest.raises(ValueError, match="not both"):
         LLM(llama_dir, scheduling_policy="fcfs", schedule_policy="fcfs")
+    # detokenize=False: the same tokens, no text (nor decoded logprob tokens); spaces_between_special_tokens taken
+    kw = dict(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1)
+    plain = llm.generate(PROMPTS[:1], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+    bare = llm.generate(PROMPTS[:1], SamplingParams(**kw, detokenize=False, spaces_between_special_tokens=False),
+                        use_tqdm=False)[0].outputs[0]
+    assert bare.token_ids == plain.token_ids and bare.text == "" and plain.text
+    assert all(lp.decoded_token is None for pos in bare.logprobs for lp in pos.values())
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False)
     s = SamplingParams(stop="x", stop_token_ids=None)
     assert (s.stop, s.stop_token_ids, s.stop_strings) == (["x"], [], ("x",))
     c = s.clone()

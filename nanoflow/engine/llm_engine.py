@@ -316,7 +316,7 @@ class LLMEngine:
             c = out.chunks[i]
             done = c.seq.request.prompt_logprobs  # entry p: the logprobs of prompt token p; rows continue it
             targets = c.seq.token_ids[len(done):]
-            done += [self._position(rows, r, targets[r], c.seq.params.prompt_logprobs)
+            done += [self._position(rows, r, targets[r], c.seq.params.prompt_logprobs, c.seq.params.detokenize)
                      for r in range(len(rows.logprob))]
         sampled = [c for c in out.chunks if c.samples]
         now = time.monotonic()
@@ -339,7 +339,8 @@ class LLMEngine:
                 log.warning("request %s: token %d does not follow its structured output's grammar", req.request_id,
                             token)
             if seq.logprobs is not None:
-                seq.logprobs.append(self._position(result.logprobs, j, token, seq.params.logprobs))
+                seq.logprobs.append(self._position(result.logprobs, j, token, seq.params.logprobs,
+                                                   seq.params.detokenize))
                 seq.cumulative_logprob += result.logprobs.logprob[j]
             self._check_stop(seq, token)
         outputs = []
@@ -359,7 +360,7 @@ class LLMEngine:
                 reason, stop = "stop", token
         # As vLLM's: a stop token's text is left out unless include_stop_str_in_output, and a stop string must
         # reach past the first min_tokens tokens' text (find_stop looks only at matches that reach the new text).
-        if self.tokenizer and (reason is None or params.include_stop_str_in_output):
+        if self.tokenizer and params.detokenize and (reason is None or params.include_stop_str_in_output):
             delta = detokenize(self.tokenizer, seq)
             if reason is None and n > params.min_tokens and (s := find_stop(seq, len(delta))) is not None:
                 reason, stop = "stop", s
@@ -369,9 +370,9 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.finish(seq)
 
-    def _position(self, rows: LogprobRows, j: int, target: int, k: int) -> PositionLogprobs:
-        """Row j as {token id: Logprob}: its top-k tokens and the target token."""
-        decode = self.tokenizer.id_to_token if self.tokenizer else (lambda _: None)
+    def _position(self, rows: LogprobRows, j: int, target: int, k: int, text: bool) -> PositionLogprobs:
+        """Row j as {token id: Logprob}: its top-k tokens and the target token (text: with their decoded strings)."""
+        decode = self.tokenizer.id_to_token if self.tokenizer and text else (lambda _: None)
         entry = {target: Logprob(rows.logprob[j], rows.rank[j], decode(target))}  # first, as vLLM's
         entry |= {t: Logprob(v, r + 1, decode(t))
                   for r, (t, v) in enumerate(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k])) if t != target}
