@@ -714,5 +714,10 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
         SamplingParams(stop=["x"], detokenize=False)
     s = SamplingParams(stop="x", stop_token_ids=None)
     assert (s.stop, s.stop_token_ids, s.stop_strings) == (["x"], [], ("x",))
+    from nanoflow import TokensPrompt
+    from nanoflow.inputs import TextPrompt
+    text = llm.get_tokenizer().decode(PROMPTS[0])
+    got = llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0]), TextPrompt(prompt=text)], p, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids and got[1].prompt == text
     c = s.clone()
     assert c == s and c is not s and c.stop is not s.stop
