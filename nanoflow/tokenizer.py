@@ -152,8 +152,10 @@ class Tokenizer:
             raise ValueError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[at]):04X} at character "
                              f"{at}") from None
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: int | list[int], skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
+        """(clean_up_tokenization_spaces: taken and, as transformers 5 does for BPE vocabularies, ignored)"""
+        return self.tk.decode([ids] if isinstance(ids, int) else ids, skip_special_tokens=skip_special_tokens)
 
     # (what scripts call on vLLM's get_tokenizer(), an HF tokenizer: the same names, defaults and results)
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
@@ -199,13 +201,14 @@ class Tokenizer:
         ids (the template writes the special tokens) as {'input_ids', 'attention_mask'}, or a list of them with
         return_dict=False; a list of conversations gives a list. template_kwargs: the template's own variables.
         See render_chat."""
-        if template_kwargs.get("return_tensors") is not None:
-            raise ValueError("apply_chat_template: return_tensors is not supported (lists of ids only)")
+        if given := [k for k in _HF_ONLY if template_kwargs.get(k)]:
+            raise ValueError(f"apply_chat_template: {given[0]} is not supported (lists of ids only)")
         if conversation and isinstance(conversation[0], list):
-            return [self.apply_chat_template(c, tools, chat_template=chat_template, tokenize=tokenize,
+            outs = [self.apply_chat_template(c, tools, chat_template=chat_template, tokenize=tokenize,
                                              add_generation_prompt=add_generation_prompt, return_dict=return_dict,
                                              continue_final_message=continue_final_message, **template_kwargs)
                     for c in conversation]
+            return {k: [o[k] for o in outs] for k in outs[0]} if tokenize and return_dict else outs
         text = self.render_chat(conversation, add_generation_prompt, chat_template, continue_final_message,
                                 template_kwargs, tools)
         if not tokenize:
@@ -256,6 +259,11 @@ class Tokenizer:
             raise ValueError(f"this model has named chat templates ({', '.join(sorted(named))}) and none is "
                              f"'default'; pass chat_template=NAME")
         return named["default"]
+
+
+# HF apply_chat_template's options for tensors and padding, which a list of ids has no use for
+_HF_ONLY = ("return_tensors", "padding", "truncation", "max_length", "documents", "return_assistant_tokens_mask",
+            "tokenizer_kwargs")
 
 
 def _template_message(m) -> dict:

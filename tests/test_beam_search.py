@@ -118,3 +118,11 @@ def test_beams_end_at_the_context_length(tiny):
 def test_bad_params_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=f"invalid beam search parameter {name}="):
         BeamSearchParams(**kw)
+
+
+def test_the_servers_beam_search_takes_include_stop_str_in_output():
+    """use_beam_search passes the request's include_stop_str_in_output on, as vLLM's server does."""
+    from nanoflow.entrypoints import openai_protocol as api
+    for given in (None, True):
+        req = api.CompletionRequest(model="m", prompt="x", n=2, use_beam_search=True, include_stop_str_in_output=given)
+        assert req.beam_search_params(4, False).include_stop_str_in_output is bool(given)

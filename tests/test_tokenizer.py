@@ -52,12 +52,17 @@ def test_the_hf_tokenizer_calls_scripts_make(tok, tokenizer_dir):
                {"add_generation_prompt": True, "return_dict": False},
                {"continue_final_message": True, "tokenize": False}):
         assert tok.apply_chat_template(msgs, **kw) == plain(hf.apply_chat_template(msgs, **kw)), kw
-    for kw in ({"tokenize": False}, {"return_dict": False}):
-        assert tok.apply_chat_template([msgs, msgs[:1]], **kw) == hf.apply_chat_template([msgs, msgs[:1]], **kw)
+    for kw in ({}, {"tokenize": False}, {"return_dict": False}):
+        assert tok.apply_chat_template([msgs, msgs[:1]], **kw) == plain(hf.apply_chat_template([msgs, msgs[:1]], **kw))
     ids = hf.apply_chat_template(msgs, return_dict=False)
     text = "Hello, wörld! <|im_end|>"
     assert tok.decode(ids) == hf.decode(ids) and tok.batch_decode([ids, ids[:3]]) == hf.batch_decode([ids, ids[:3]])
     assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids[0]) == hf.decode(ids[0])
+    spaced = tok.encode("Hi , you 're here !", add_special_tokens=False)
+    for clean in (True, False):
+        assert tok.decode(spaced, clean_up_tokenization_spaces=clean) == hf.decode(
+            spaced, clean_up_tokenization_spaces=clean)
     assert tok(text) == dict(hf(text)) and tok([text, "x"]) == dict(hf([text, "x"]))
     assert tok(text, add_special_tokens=False) == dict(hf(text, add_special_tokens=False))
     assert tok.tokenize(text) == hf.tokenize(text)
@@ -68,8 +73,9 @@ def test_the_hf_tokenizer_calls_scripts_make(tok, tokenizer_dir):
     assert tok.convert_tokens_to_ids(pieces[0]) == hf.convert_tokens_to_ids(pieces[0])
     assert len(tok) == len(hf) and tok.get_vocab() == hf.get_vocab()
     assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
-    with pytest.raises(ValueError, match="return_tensors is not supported"):
-        tok.apply_chat_template(msgs, return_tensors="pt")
+    for option in (dict(return_tensors="pt"), dict(padding=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} is not supported"):
+            tok.apply_chat_template(msgs, **option)
 
 
 def test_chat_template_errors(tok):

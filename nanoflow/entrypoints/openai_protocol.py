@@ -199,7 +199,8 @@ class _SamplingRequest(_Request):
                              f"does not take a grammar")
         if (n := self.n or 1) > MAX_LOGPROBS // 2:
             raise ValueError(f"invalid sampling parameter n={n}: beam search takes at most {MAX_LOGPROBS // 2} beams")
-        return BeamSearchParams(n, max_tokens, ignore_eos, length_penalty=self.length_penalty)
+        return BeamSearchParams(n, max_tokens, ignore_eos, length_penalty=self.length_penalty,
+                                include_stop_str_in_output=bool(self.include_stop_str_in_output))
 
     @property
     def grammar_sources(self) -> list[str]:
