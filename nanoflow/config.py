@@ -361,8 +361,11 @@ class EngineConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.kv_cache_dtype == "fp8_e4m3":  # (vLLM's name of the same format)
+            self.kv_cache_dtype = "fp8"
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)} (or fp8_e4m3, fp8's vLLM "
+                             f"name), got {self.kv_cache_dtype!r}")
         if self.admission not in ("kv", "predicted"):
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
         if self.schedule_policy not in SCHEDULE_POLICIES:

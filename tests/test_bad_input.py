@@ -301,8 +301,8 @@ def test_bench_help(capsys):
 def test_vllm_constructor_options(llama_dir):
     """An unknown option names itself and the options there are; enforce_eager is vLLM's cuda_graph=False;
     trust_remote_code is accepted (no checkpoint code ever runs); dtype 'float' is float32."""
-    with pytest.raises(TypeError, match="unknown engine option 'swap_space'; the options are tokenizer, "):
-        LLM(llama_dir, swap_space=4)
+    with pytest.raises(TypeError, match="unknown engine option 'swap_spaces'; the options are tokenizer, "):
+        LLM(llama_dir, swap_spaces=4)
     llm = LLM(llama_dir, enforce_eager=True, trust_remote_code=True)
     assert llm.engine.config.cuda_graph is False and LLM(llama_dir).engine.config.cuda_graph is None
     assert str(LLM(llama_dir, dtype="float").engine.dtype) == "torch.float32"  # (vLLM's name for it)

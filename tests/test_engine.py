@@ -690,7 +690,7 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
     msgs = [{"role": "user", "content": "Hi"}]
     said = llm.chat(msgs, p, False, None, None, "string")[0].outputs[0].token_ids
     assert said == llm.chat(msgs, p, use_tqdm=False)[0].outputs[0].token_ids
-    with pytest.raises(ValueError, match="chat_template_content_format 'openai'"):
+    with pytest.raises(ValueError, match="chat_template_content_format='openai': nanoflow takes only 'auto' or 'str"):
         llm.chat(msgs, p, chat_template_content_format="openai")
     beam = BeamSearchParams(beam_width=2, max_tokens=3)
     whole = llm.beam_search(PROMPTS[:3], beam)
@@ -699,7 +699,7 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
     assert all(s.text == llm.get_tokenizer().decode(s.tokens) for o in whole for s in o.sequences)  # (as vLLM's)
     with pytest.raises(ValueError, match="concurrency_limit must be an integer >= 1"):
         llm.beam_search(PROMPTS[:1], beam, concurrency_limit=0)
-    with pytest.raises(ValueError, match="quantization: nanoflow takes only None"):
+    with pytest.raises(ValueError, match=r"quantization='awq': nanoflow takes only None \(it loads unquantized"):
         LLM(llama_dir, quantization="awq")
     with pytest.raises(ValueError, match="not both"):
         LLM(llama_dir, scheduling_policy="fcfs", schedule_policy="fcfs")
@@ -721,3 +721,28 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
     assert got[0].outputs[0].token_ids == outs[0].outputs[0].token_ids and got[1].prompt == text
     c = s.clone()
     assert c == s and c is not s and c.stop is not s.stop
+
+
+def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
+    """vllm serve's flags that ask for what nanoflow does anyway are taken (others refused by name, before the model
+    loads); --scheduling-policy, --kv-cache-dtype fp8_e4m3, --generation-config vllm and 32k token counts as vLLM
+    spells them; no abbreviated flags (--disable-log was taken as --disable-log-stats)."""
+    from nanoflow.entrypoints import cli
+    seen = []
+    monkeypatch.setattr(cli, "_serve", lambda a: seen.append(a) or 0)
+    ok = ["--trust-remote-code", "--enable-chunked-prefill", "--swap-space", "4", "--max-logprobs", "20",
+          "--disable-log-requests", "--pipeline-parallel-size", "1", "--distributed-executor-backend", "mp",
+          "--response-role", "assistant", "--chat-template-content-format", "string", "--tokenizer-mode", "auto",
+          "--scheduling-policy", "lof", "--kv-cache-dtype", "fp8_e4m3", "--max-model-len", "32k"]
+    assert cli.main(["serve", llama_dir, *ok]) == 0
+    assert (seen[0].schedule_policy, seen[0].kv_cache_dtype, seen[0].max_model_len) == ("lof", "fp8_e4m3", 32000)
+    assert cli.main(["serve", llama_dir, "--max-model-len", "2K"]) == 0 and seen[1].max_model_len == 2048
+    for flags, message in ((["--quantization", "awq"], "quantization='awq': nanoflow takes only None"),
+                           (["--no-enable-chunked-prefill"], "enable_chunked_prefill=False: nanoflow takes only True"),
+                           (["-tp", "1", "--pipeline-parallel-size", "2"], "pipeline_parallel_size=2"),
+                           (["--chat-template-content-format", "openai"], "takes only 'auto' or 'string'")):
+        assert cli.main(["serve", llama_dir, *flags]) == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", llama_dir, "--disable-log"])
+    assert "unrecognized arguments: --disable-log" in capsys.readouterr().err
+    assert LLM(llama_dir, generation_config="vllm", kv_cache_dtype="fp8_e4m3").engine.config.kv_cache_dtype == "fp8"

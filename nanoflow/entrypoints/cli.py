@@ -10,6 +10,7 @@ import traceback
 from nanoflow.config import MODES, REASONING_PARSERS, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
+from nanoflow.entrypoints import vllm_args
 from nanoflow.entrypoints.tool_calls import PARSERS
 
 
@@ -24,6 +25,22 @@ def _json_list(text: str) -> list[str]:
     return value
 
 
+def _tokens(text: str) -> int:
+    """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6) or M (2**20)."""
+    units = {"k": 1000, "K": 1024, "m": 10**6, "M": 2**20}
+    try:
+        return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 32K)") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (--disable-log would be taken as --disable-log-stats); subcommands' parsers too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory, .gguf file or shape preset (default: SmolLM2-135M)")
     p.add_argument("--tokenizer", default=None, help="HF directory with tokenizer.json (default: the model's)")
@@ -33,7 +50,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "generation_config.json; nanoflow, nanoflow's own; or a directory holding one")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=_tokens, default=None, help="tokens; as vLLM's, 32k is 32,000, 32K 32,768")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="dense token budget per iteration")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=None, help="tokens a KV block (default: 16; 32 with an fp8 cache)")
@@ -42,10 +59,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="the KV cache's size in GiB (ignores --gpu-memory-utilization); default: on a GPU what "
                         "--gpu-memory-utilization leaves, on the CPU 1")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
-                   help="auto: the model's dtype; fp8: float8 e4m3, unscaled (half the bytes: twice the KV tokens)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
+                   help="auto: the model's dtype; fp8 (fp8_e4m3): float8 e4m3, unscaled (half the bytes: twice the "
+                        "KV tokens)")
     p.add_argument("--admission", choices=["kv", "predicted"], default="kv")
-    p.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, default="fcfs",
+    p.add_argument("--schedule-policy", "--scheduling-policy", choices=SCHEDULE_POLICIES, default="fcfs",
                    help="the waiting request admitted next: fcfs, in arrival order; lof, the longest output "
                         "(max_tokens) first (offline batches: the run does not end on a few long decodes); slack, "
                         "arrival order but for outputs that would outlast the work in hand, which go first")
@@ -67,6 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, default=None,
                    help="only the model's first N decoder layers: to benchmark a large shape on fewer GPUs")
     p.add_argument("--seed", type=int, default=0)
+    vllm_args.add_args(p, vllm_args.ENGINE)
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="a thinking model's format: a request's grammar holds only what follows its reasoning (up to "
                         "</think>), which the server sends apart: deepseek_r1 (the output may start inside the "
@@ -146,7 +165,7 @@ def _rates(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
+    parser = _Parser(prog="nanoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     g.add_argument("prompt")
@@ -212,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ray-address", default=None,
                    help="the Ray cluster for the replicas: HOST:PORT of its head, or auto: the one `ray start` "
                         "began on this machine (default: that one if there is one, else a new local one)")
+    vllm_args.add_args(s, vllm_args.SERVER)
     s.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -277,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     a.command_line = "nanoflow " + " ".join(sys.argv[1:] if argv is None else argv)
     code = 1
     try:
+        vllm_args.take_args(a, vllm_args.ENGINE | vllm_args.SERVER)
         code = a.func(a)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)

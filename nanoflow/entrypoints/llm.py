@@ -8,33 +8,25 @@ from tqdm import tqdm
 
 from nanoflow.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from nanoflow.engine.llm_engine import LLMEngine, Prompt, is_token_id
+from nanoflow.entrypoints import vllm_args
 from nanoflow.outputs import RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 
-# vLLM's LLM arguments at the values that ask for what nanoflow does anyway (nothing is downloaded, prefills are
-# always chunked, offline runs log no stats); other values are refused by name
-_AS_VLLMS = {"quantization": None, "revision": None, "tokenizer_revision": None, "download_dir": None,
-             "tokenizer_mode": "auto", "enable_chunked_prefill": True, "disable_log_stats": True}
-
-
 class LLM:
-    def __init__(self, model: str | None = None, *, enforce_eager: bool = False, trust_remote_code: bool = False,
-                 **kwargs):
+    def __init__(self, model: str | None = None, *, enforce_eager: bool = False, **kwargs):
         """model: an HF directory, a .gguf file, a shape preset (with load_format='dummy'), or None for the
         embedded default (SmolLM2-135M-Instruct). kwargs: see LLMEngine and EngineConfig. As vLLM's:
-        enforce_eager, no CUDA graphs (cuda_graph=False); scheduling_policy, schedule_policy's vLLM name;
-        trust_remote_code is accepted and has no effect (only the built-in architectures load; a checkpoint's own
-        code never runs), as are the arguments of _AS_VLLMS at their values there."""
+        enforce_eager, no CUDA graphs (cuda_graph=False); scheduling_policy, schedule_policy's vLLM name; and
+        vLLM's arguments that ask for what nanoflow does anyway (vllm_args: trust_remote_code, quantization=None,
+        ...; other values refused by name)."""
         if enforce_eager:
             kwargs["cuda_graph"] = False
         if "scheduling_policy" in kwargs:
             if "schedule_policy" in kwargs:
                 raise ValueError("give schedule_policy or its vLLM name scheduling_policy, not both")
             kwargs["schedule_policy"] = kwargs.pop("scheduling_policy")
-        for name, value in _AS_VLLMS.items():
-            if name in kwargs and kwargs.pop(name) != value:
-                raise ValueError(f"{name}: nanoflow takes only {value!r} (as it does anyway)")
+        kwargs = vllm_args.take(kwargs, vllm_args.ENGINE | vllm_args.LLM_ONLY)
         self.engine = LLMEngine(model, **kwargs)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -131,9 +123,7 @@ class LLM:
         """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt). chat_template_content_format:
         "auto" or "string", which are the same here (the template gets each message's content as a string)."""
         _no_lora(lora_request)
-        if chat_template_content_format not in ("auto", "string"):
-            raise ValueError(f"chat_template_content_format {chat_template_content_format!r}: nanoflow gives the "
-                             f"template each message's content as a string ('string'; 'auto' is the same)")
+        vllm_args.take({"chat_template_content_format": chat_template_content_format}, vllm_args.SERVER)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.chat_prompt(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message,

@@ -136,15 +136,15 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
 def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[set[int], dict]:
     """From generation_config.json: the model's EOS ids (always, with or without a tokenizer), and the sampling
     defaults of requests that do not set them. choice, as vLLM's --generation-config: 'auto', the model's file; a
-    directory, the one in it; 'nanoflow', none (nanoflow's own defaults). The defaults are raw: the engine checks
-    them."""
+    directory, the one in it; 'nanoflow' (or vLLM's name, 'vllm'), none (nanoflow's own defaults). The defaults are
+    raw: the engine checks them."""
     model_file = _generation_file(source.path) if source.kind == "hf" else {}
-    if choice in ("auto", "nanoflow"):
+    if choice in ("auto", "nanoflow", "vllm"):
         chosen = model_file if choice == "auto" else {}
     elif os.path.isfile(os.path.join(choice, "generation_config.json")):
         chosen = _generation_file(choice, strict=True)
     else:
-        raise ValueError(f"generation_config must be 'auto', 'nanoflow' or a directory holding "
+        raise ValueError(f"generation_config must be 'auto', 'nanoflow' ('vllm') or a directory holding "
                          f"generation_config.json, not {choice!r}")
     defaults = {ours: chosen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if chosen.get(theirs) is not None}
     eos = {i for f in (model_file, chosen) for i in _ids(f.get("eos_token_id"))}
