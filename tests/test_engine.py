@@ -725,8 +725,8 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
 
 def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
     """vllm serve's flags that ask for what nanoflow does anyway are taken (others refused by name, before the model
-    loads); --scheduling-policy, --kv-cache-dtype fp8_e4m3, --generation-config vllm and 32k token counts as vLLM
-    spells them; no abbreviated flags (--disable-log was taken as --disable-log-stats)."""
+    loads); --scheduling-policy, --kv-cache-dtype fp8_e4m3, --generation-config vllm, 32k token counts and flags
+    with underscores as vLLM spells them; no abbreviated flags (--disable-log was taken as --disable-log-stats)."""
     from nanoflow.entrypoints import cli
     seen = []
     monkeypatch.setattr(cli, "_serve", lambda a: seen.append(a) or 0)
@@ -737,6 +737,8 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
     assert cli.main(["serve", llama_dir, *ok]) == 0
     assert (seen[0].schedule_policy, seen[0].kv_cache_dtype, seen[0].max_model_len) == ("lof", "fp8_e4m3", 32000)
     assert cli.main(["serve", llama_dir, "--max-model-len", "2K"]) == 0 and seen[1].max_model_len == 2048
+    assert cli.main(["serve", llama_dir, "--max_num_seqs", "7", "--max_model_len=64"]) == 0  # (vLLM's underscores)
+    assert (seen[2].max_num_seqs, seen[2].max_model_len) == (7, 64)
     for flags, message in ((["--quantization", "awq"], "quantization='awq': nanoflow takes only None"),
                            (["--no-enable-chunked-prefill"], "enable_chunked_prefill=False: nanoflow takes only True"),
                            (["-tp", "1", "--pipeline-parallel-size", "2"], "pipeline_parallel_size=2"),

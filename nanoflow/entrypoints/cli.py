@@ -35,10 +35,19 @@ def _tokens(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """No abbreviated flags (--disable-log would be taken as --disable-log-stats); subcommands' parsers too."""
+    """No abbreviated flags (--disable-log would be taken as --disable-log-stats); subcommands' parsers too. As
+    vLLM's, a flag may be spelled with underscores (--max_num_seqs)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args([_dashed(a) for a in (sys.argv[1:] if args is None else args)], namespace)
+
+
+def _dashed(arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value if arg.startswith("--") else arg
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
