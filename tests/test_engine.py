@@ -642,7 +642,7 @@ def test_generation_config_eos_ids_stop_without_a_tokenizer(llama_dir, tmp_path)
 
 @pytest.mark.parametrize("gen, choice, message", [
     ({"temperature": -1.0}, "auto", "generation config's default invalid sampling parameter temperature"),
-    ({}, "/no/such/dir", "generation_config must be 'auto', 'nanoflow' or a directory")])
+    ({}, "/no/such/dir", r"generation_config must be 'auto', 'nanoflow' \('vllm'\) or a directory")])
 def test_bad_generation_configs_are_refused(llama_dir, tmp_path, gen, choice, message):
     path = _with_generation_config(llama_dir, tmp_path / "m", gen)
     with pytest.raises(ValueError, match=message):
