@@ -816,3 +816,30 @@ def test_a_default_max_tokens_past_the_context_is_cut_to_it(llama_dir, tmp_path)
     r = httpx.post(f"{url}/v1/chat/completions", json=body | {"min_tokens": 100}, timeout=60)  # (it was a 500)
     assert r.status_code == 400 and "min_tokens=100" in r.json()["error"]["message"], r.text
     assert stop_server(proc) == 0
+
+
+def test_several_served_model_names(default_llm, monkeypatch):
+    """As vLLM's --served-model-name a b: /v1/models lists both, a request may name either and its response names
+    the one it gave (the first when it gives none); another name is a 404 naming them."""
+    from fastapi.testclient import TestClient
+    from test_reasoning import Scripted
+
+    from nanoflow.entrypoints.server import build_app
+    app = build_app(Scripted(default_llm.tokenizer, "Paris."), ["a", "b"])
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["a", "b"]
+        assert client.get("/v1/models/b").json()["id"] == "b"
+        body = {"messages": [{"role": "user", "content": "Hi"}]}
+        for given, named in ((None, "a"), ("a", "a"), ("b", "b")):
+            r = client.post("/v1/chat/completions", json=body | ({"model": given} if given else {}))
+            assert r.status_code == 200 and r.json()["model"] == named, r.text
+            r = client.post("/v1/completions",
+                            json={"prompt": "Hi", "stream": True} | ({"model": given} if given else {}))
+            assert {json.loads(e)["model"] for e in r.text.split("data: ")[1:-1]} == {named}
+        r = client.post("/v1/chat/completions", json=body | {"model": "c"})
+        assert r.status_code == 404 and "this server serves 'a' or 'b'" in r.json()["error"]["message"]
+    from nanoflow.entrypoints import cli
+    seen = []
+    monkeypatch.setattr(cli, "_serve", lambda a: seen.append(a) or 0)
+    assert main(["serve", "--served-model-name", "a", "b"]) == 0
+    assert (seen[0].served_model_name, seen[0].model_arg) == (["a", "b"], None)  # (b was taken as the MODEL)

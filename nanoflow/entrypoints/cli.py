@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"),
                    help="required as 'Authorization: Bearer KEY' on /v1 routes (default: $NANOFLOW_API_KEY)")
-    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model's name in the API, or several (a request may give any; its response names it; "
+                        "default: MODEL)")
     s.add_argument("--allowed-origins", type=_json_list, default=["*"],
                    help="CORS: the origins a browser may call the API from, a JSON list (default: any, as vLLM's)")
     s.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS: the methods, a JSON list")

@@ -235,7 +235,8 @@ async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator[BaseMode
     yield "data: [DONE]\n\n"
 
 
-def build_app(engine: EngineClient, model_name: str, api_key: str | None = None, tool_parser: str | None = None,
+def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | None = None,
+              tool_parser: str | None = None,
               chat_template: str | None = None, reasoning_parser: str | None = None,
               prompt_tokens_details: bool = False, cors: dict | None = None,
               log_stats_interval: float | None = None) -> FastAPI:
@@ -244,7 +245,10 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
     prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache; cors: Starlette
     CORSMiddleware's arguments (None: no CORS headers), outside the API key's check, so that a browser's
-    preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none)."""
+    preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none).
+    model_name: the model's name in the API, or several (as vLLM's --served-model-name): a request may name any, and
+    its response names the one it named (the first, if none)."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
@@ -311,10 +315,12 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
         log.exception("internal error")
         return APIError(500, f"internal error: {e}", type="internal_error").response()
 
-    def check_model(name: str | None) -> None:
-        if name and name != model_name:  # (an empty name is the served model, as vLLM's)
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(name: str | None) -> str:
+        """The served name a request gives (an empty one is the first, as vLLM's)."""
+        if name and name not in names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{' or '.join(map(repr, names))}", param="model", code="model_not_found")
+        return name or names[0]
 
     def encode(text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         if tokenizer is None:
@@ -423,17 +429,16 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
         return encode(text, add_special_tokens, "messages")
 
-    def card() -> api.ModelCard:
-        return api.ModelCard(id=model_name, created=started, root=engine.model_path, max_model_len=engine.max_model_len)
+    def card(name: str) -> api.ModelCard:
+        return api.ModelCard(id=name, created=started, root=engine.model_path, max_model_len=engine.max_model_len)
 
     @app.get("/v1/models", response_model=api.ModelList, responses=ERRORS)
     async def models():
-        return api.ModelList(data=[card()])
+        return api.ModelList(data=[card(n) for n in names])
 
     @app.get("/v1/models/{model:path}", response_model=api.ModelCard, responses=ERRORS)
     async def model(model: str):
-        check_model(model)
-        return card()
+        return card(check_model(model))
 
     @app.post("/tokenize", response_model=api.TokenizeResponse, responses=ERRORS)
     async def tokenize(req: api.TokenizeRequest):
@@ -458,7 +463,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions", response_model=api.CompletionResponse, responses=ERRORS)
     async def completions(req: api.CompletionRequest, raw: Request):
-        check_model(req.model)
+        served = check_model(req.model)
         params = sampling_params(req)
         p = req.prompt
         if not p:
@@ -471,7 +476,7 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
         stream = await (search(prompts, params, req, raw, "prompt") if req.use_beam_search else
                         submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None), req.priority))
-        head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=model_name)
+        head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
         k = params.logprobs
 
@@ -516,14 +521,14 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
-        check_model(req.model)
+        served = check_model(req.model)
         tools = tool_choice(req)
         params = sampling_params(req, tools)
         prompt, = truncated([chat_prompt(req)], params)
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
         stream = await (search([prompt], params, req, raw, "messages") if req.use_beam_search else
                         submit([prompt], params, raw, "messages", grammar_source, req.priority))
-        head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=model_name)
+        head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(params.n)]
 
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
@@ -728,8 +733,8 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                 self.should_exit = self.engine_died = True  # (its requests have failed: nothing waits)
             return await super().on_tick(counter)
 
-    name = args.served_model_name or args.model or os.path.basename(engine.model_path).removesuffix(".gguf")
-    app = build_app(engine, name, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
+    names = args.served_model_name or [args.model or os.path.basename(engine.model_path).removesuffix(".gguf")]
+    app = build_app(engine, names, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
                     args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details,
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                          allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
