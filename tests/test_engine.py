@@ -592,6 +592,24 @@ def test_eos_tokens_beside_the_tokenizers_are_stop_tokens_by_id(llama_dir, tmp_p
         assert (c.token_ids, c.finish_reason, c.stop_reason) == ([token] * 3, "length", None)
 
 
+def test_override_generation_config(llama_dir, tmp_path, monkeypatch):
+    """As vLLM's --override-generation-config: fields set over the chosen generation config's (the model's, or
+    none with 'vllm'); a field it does not take is refused by name; the CLI takes it as JSON."""
+    from nanoflow.entrypoints.cli import main
+    path = _with_generation_config(llama_dir, tmp_path / "m", {"temperature": 0.9, "top_k": 7})
+    llm = LLM(path, override_generation_config={"temperature": 0.5, "max_new_tokens": 9})
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.5, top_k=7, max_tokens=None)
+    assert llm.engine.sampling_defaults["max_tokens"] == 9
+    assert LLM(path, generation_config="vllm", override_generation_config={"top_p": 0.5}
+               ).get_default_sampling_params() == SamplingParams(top_p=0.5)
+    with pytest.raises(ValueError, match="override_generation_config must be a JSON object of temperature, top_p"):
+        LLM(path, override_generation_config={"do_sample": True})
+    seen = []
+    monkeypatch.setattr(LLM, "stream", lambda self, prompt, params: seen.append(params) or iter(()))
+    assert main(["generate", "hi", "--model", path, "--override-generation-config", '{"top_k": 3}']) == 0
+    assert (seen[0].temperature, seen[0].top_k) == (0.9, 3)
+
+
 def test_cli_generate_takes_the_generation_configs_defaults(llama_dir, tmp_path, monkeypatch):
     """nanoflow generate: each flag given, else the model's generation config (its max_new_tokens a bound, as for
     requests without params), else greedy and 64 tokens (the flags' defaults overrode the file before)."""

@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, load_format: str = "auto",
                  dtype: str | torch.dtype = "auto", device: str | None = None, generation_config: str = "auto",
-                 **engine_args):
+                 override_generation_config: dict | None = None, **engine_args):
         if unknown := sorted(set(engine_args) - {f.name for f in fields(EngineConfig)}):
             raise TypeError(f"unknown engine option {unknown[0]!r}; the options are tokenizer, load_format, dtype, "
-                            f"device, generation_config and {', '.join(f.name for f in fields(EngineConfig))}")
+                            f"device, generation_config, override_generation_config and "
+                            f"{', '.join(f.name for f in fields(EngineConfig))}")
         self.config = EngineConfig(**engine_args)
         if self.config.mode == "non-overlap" and self.config.pipeline_spec != "auto":
             log.warning("pipeline_spec %r is not used: it shapes the modes nanobatch-only and pipeline, and the mode "
@@ -51,7 +52,7 @@ class LLMEngine:
         self.device = _device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
         self.tokenizer = self._load_tokenizer(tokenizer)
-        eos, self.sampling_defaults = read_generation_config(self.source, generation_config)
+        eos, self.sampling_defaults = read_generation_config(self.source, generation_config, override_generation_config)
         try:
             self.default_params()
         except (ValueError, TypeError) as e:

@@ -25,6 +25,17 @@ def _json_list(text: str) -> list[str]:
     return value
 
 
+def _json_object(text: str) -> dict:
+    """A flag's JSON object (as vLLM's --override-generation-config takes it)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); a JSON object, e.g. '{{\"temperature\": 0.6}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object, e.g. '{{\"temperature\": 0.6}}'")
+    return value
+
+
 def _tokens(text: str) -> int:
     """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6) or M (2**20)."""
     units = {"k": 1000, "K": 1024, "m": 10**6, "M": 2**20}
@@ -57,6 +68,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that leave them unset: auto, the model's "
                         "generation_config.json; nanoflow, nanoflow's own; or a directory holding one")
+    p.add_argument("--override-generation-config", type=_json_object, default=None,
+                   help="a JSON object of generation-config fields set over the chosen one's (temperature, top_p, "
+                        "top_k, min_p, repetition_penalty, max_new_tokens), as vLLM's")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--max-model-len", type=_tokens, default=None, help="tokens; as vLLM's, 32k is 32,000, 32K 32,768")
@@ -103,6 +117,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(tokenizer=a.tokenizer, load_format=a.load_format, generation_config=a.generation_config,
+                override_generation_config=a.override_generation_config,
                 dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
                 max_num_seqs=a.max_num_seqs, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,

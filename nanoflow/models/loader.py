@@ -133,11 +133,16 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[set[int], dict]:
+def read_generation_config(source: ModelSource, choice: str = "auto",
+                           override: dict | None = None) -> tuple[set[int], dict]:
     """From generation_config.json: the model's EOS ids (always, with or without a tokenizer), and the sampling
     defaults of requests that do not set them. choice, as vLLM's --generation-config: 'auto', the model's file; a
-    directory, the one in it; 'nanoflow' (or vLLM's name, 'vllm'), none (nanoflow's own defaults). The defaults are
-    raw: the engine checks them."""
+    directory, the one in it; 'nanoflow' (or vLLM's name, 'vllm'), none (nanoflow's own defaults). override, as
+    vLLM's --override-generation-config: fields set over the chosen one's. The defaults are raw: the engine checks
+    them."""
+    if override is not None and (not isinstance(override, dict) or set(override) - set(GENERATION_DEFAULTS)):
+        raise ValueError(f"override_generation_config must be a JSON object of {', '.join(GENERATION_DEFAULTS)}, "
+                         f"got {override!r}")
     model_file = _generation_file(source.path) if source.kind == "hf" else {}
     if choice in ("auto", "nanoflow", "vllm"):
         chosen = model_file if choice == "auto" else {}
@@ -146,6 +151,7 @@ def read_generation_config(source: ModelSource, choice: str = "auto") -> tuple[s
     else:
         raise ValueError(f"generation_config must be 'auto', 'nanoflow' ('vllm') or a directory holding "
                          f"generation_config.json, not {choice!r}")
+    chosen = chosen | (override or {})
     defaults = {ours: chosen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if chosen.get(theirs) is not None}
     eos = {i for f in (model_file, chosen) for i in _ids(f.get("eos_token_id"))}
     return eos, defaults

@@ -58,7 +58,8 @@ def close() -> None:
 def time_iteration(engine_kwargs: dict, model: str, spec: PipelineSpec, decode_rows: int, context: int,
                    budget: int, reps: int = 10) -> float:
     """Seconds per iteration (on the GPU the layers' CUDA graph replayed) of `spec` on the steady-state batch."""
-    kwargs = {k: v for k, v in engine_kwargs.items() if k not in ("mode", "pipeline_spec", "cuda_graph")}
+    kwargs = {k: v for k, v in engine_kwargs.items()
+              if k not in ("mode", "pipeline_spec", "cuda_graph", "override_generation_config")}  # (no timing's)
     kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs", 1), budget)  # room for the steady batch's sequences
     runner = _engine(model, tuple(sorted(kwargs.items()))).runner
     t = TimeSpec(spec.for_tensor_parallel(runner.tp.size), decode_rows, context, budget, reps)
