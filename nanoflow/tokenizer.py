@@ -58,7 +58,6 @@ class Tokenizer:
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self.eos_token_id = tk.token_to_id(eos_token) if eos_token is not None else None  # (the one EOS)
         self.eos_token_ids = eos_token_ids  # every end-of-generation token it names (GGUF: llama.cpp's EOG set)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
 
@@ -186,8 +185,10 @@ class Tokenizer:
     def bos_token_id(self) -> int | None:
         return self.tk.token_to_id(self.bos_token) if self.bos_token is not None else None
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.tk.decode([token_id], skip_special_tokens=False)
+    @property
+    def eos_token_id(self) -> int | None:
+        """The one EOS (eos_token_ids: every end-of-generation token)."""
+        return self.tk.token_to_id(self.eos_token) if self.eos_token is not None else None
 
     def piece(self, token_id: int) -> str:
         """The vocabulary's own string for a token (e.g. 'Ġthe' in byte-level BPE), as HF's convert_ids_to_tokens."""

@@ -284,8 +284,10 @@ def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_
     from nanoflow.entrypoints import async_engine
     from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded
     from nanoflow.entrypoints.metrics import Metrics
+    from nanoflow.distributed import parallel_state
     stuck_s = 2.0 if stop_first else 0.5
     monkeypatch.setattr(async_engine, "STUCK_S", stuck_s)
+    monkeypatch.setattr(parallel_state, "_abandoned", False)  # (the watcher leaves the group behind: restored after)
     llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
     served = AsyncEngine(llm.engine, Metrics(), 64)
     served.start()
@@ -316,6 +318,7 @@ def test_a_dead_worker_fails_the_requests_of_a_step_stuck_in_a_collective(llama_
             with pytest.raises(EngineLost, match="tensor-parallel workers nanoflow-tp1 exited"):
                 await asyncio.wait_for(drain(stream), 10)
         assert served._thread.is_alive() and not served.alive  # (the engine thread still in its step)
+        assert parallel_state.group_abandoned()  # (so the CLI ends the process without finalizing)
         with pytest.raises(Overloaded, match="the engine is not running"):
             await served.submit([[1, 2, 3]], SamplingParams(max_tokens=3))
     try:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(minutes=10)
 TEARDOWN_TIMEOUT_S = 20.0
 ABORT_TIMEOUT_S = 5.0  # an abort's bound: the peers are gone, nothing to wait for (a supervisor waits on the exit)
-_abandoned = False  # a teardown that hung: this process's group is left behind
+_abandoned = False  # a teardown that hung, or a thread stuck in a collective: this process's group is left behind
 # How the ranks' partial rows are summed on CUDA: "nccl", or "symm-mem": torch's two-shot all-reduce, each rank
 # reading and writing its peers' buffers over NVLink directly, in place in buffers allocated by row_buffer (1.25x
 # NCCL's speed on 2 x H100 at 2,048 x 8,192 bf16, BENCHMARKS #9); "auto": symm-mem at TP = 2 between GPUs with
@@ -99,8 +99,14 @@ def close_group(abort: bool = False, timeout_s: float | None = None) -> bool:
     return True
 
 
+def abandon_group() -> None:
+    """A thread of this process waits in a collective for good (a peer died there): the group is left behind."""
+    global _abandoned
+    _abandoned = True
+
+
 def group_abandoned() -> bool:
-    """Whether this process left its group behind (close_group: NCCL's teardown hung)."""
+    """Whether this process left its group behind (close_group: NCCL's teardown hung; or abandon_group)."""
     return _abandoned
 
 

@@ -373,7 +373,7 @@ class LLMEngine:
 
     def _position(self, rows: LogprobRows, j: int, target: int, k: int, text: bool) -> PositionLogprobs:
         """Row j as {token id: Logprob}: its top-k tokens and the target token (text: with their decoded strings)."""
-        decode = self.tokenizer.id_to_token if self.tokenizer and text else (lambda _: None)
+        decode = self.tokenizer.decode if self.tokenizer and text else (lambda _: None)
         entry = {target: Logprob(rows.logprob[j], rows.rank[j], decode(target))}  # first, as vLLM's
         entry |= {t: Logprob(v, r + 1, decode(t))
                   for r, (t, v) in enumerate(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k])) if t != target}

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from nanoflow.distributed.parallel_state import abandon_group
 from nanoflow.engine.llm_engine import LLMEngine
 from nanoflow.entrypoints.metrics import EngineStats, Metrics
 from nanoflow.outputs import RequestOutput
@@ -173,7 +174,6 @@ class AsyncEngine(EngineClient):
         self._lock = threading.RLock()
         self._watcher = None if engine.workers is None else threading.Thread(
             target=self._watch, args=([p.sentinel for p in engine.workers.procs],), name="nanoflow-watch", daemon=True)
-        self.lost = None  # (a tensor-parallel worker exited)
 
     # -- the event loop's side -------------------------------------------------------------------
     def start(self) -> None:
@@ -261,6 +261,7 @@ class AsyncEngine(EngineClient):
         multiprocessing.connection.wait(sentinels)
         self._thread.join(STUCK_S)  # (a failed step stops it: it said why)
         if self._thread.is_alive() and (lost := self.engine.lost_workers()):  # (none at a shutdown)
+            abandon_group()  # (that thread waits in a collective: the process must end without finalizing)
             self._lose(lost)
 
     def _lose(self, lost: list[str]) -> None:
@@ -271,15 +272,14 @@ class AsyncEngine(EngineClient):
                 return
             self.lost = f"tensor-parallel workers {', '.join(lost)} exited"
             log.error("the engine stops: %s", self.lost)
-            error = EngineLost(f"the engine stopped: {self.lost}")
             for sink in self._sinks.values():
-                sink.put(error)
+                sink.put(self._stopped())
             self._sinks.clear()
         self._refuse_queued()
 
     def _handle(self, cmd) -> None:
         if isinstance(cmd, Submission) and self.lost is not None:  # (taken while the watcher stopped the engine)
-            cmd.sink.put(EngineLost(f"the engine stopped: {self.lost}"))
+            cmd.sink.put(self._stopped())
             return
         if isinstance(cmd, str):  # an abort
             self._sinks.pop(cmd, None)
@@ -304,14 +304,16 @@ class AsyncEngine(EngineClient):
 
     def _refuse_queued(self) -> None:
         """Answer the submissions still queued for the engine thread, which stopped and will not take them."""
-        error = EngineLost(f"the engine stopped: {self.lost}")
         while True:
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if isinstance(cmd, Submission):
-                cmd.sink.put(error)
+                cmd.sink.put(self._stopped())
+
+    def _stopped(self) -> EngineLost:
+        return EngineLost(f"the engine stopped: {self.lost}")
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:

@@ -14,26 +14,26 @@ from nanoflow.entrypoints import vllm_args
 from nanoflow.entrypoints.tool_calls import PARSERS
 
 
-def _json_list(text: str) -> list[str]:
-    """A flag's JSON list of strings (as vLLM's --allowed-origins takes it)."""
+def _json(text: str, ok, what: str):
+    """A flag's JSON value, of the kind ok() checks (what: its name and an example)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e}); a JSON list of strings, e.g. '[\"*\"]'") from None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings, e.g. '[\"*\"]'")
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _json_list(text: str) -> list[str]:
+    """A flag's JSON list of strings (as vLLM's --allowed-origins takes it)."""
+    return _json(text, lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                 'a JSON list of strings, e.g. \'["*"]\'')
 
 
 def _json_object(text: str) -> dict:
     """A flag's JSON object (as vLLM's --override-generation-config takes it)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e}); a JSON object, e.g. '{{\"temperature\": 0.6}}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object, e.g. '{{\"temperature\": 0.6}}'")
-    return value
+    return _json(text, lambda v: isinstance(v, dict), 'a JSON object, e.g. \'{"temperature": 0.6}\'')
 
 
 def _tokens(text: str) -> int:

@@ -16,7 +16,6 @@ import resource
 import secrets
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -140,7 +139,7 @@ def _completion_logprobs(token_ids: list[int], positions: list, k: int, p: _Prog
     without logprobs (an echoed prompt's first) has nulls, its token named by the tokenizer."""
     lp = lp or api.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for tid, pos in zip(token_ids, positions):
-        tok = _token_str(pos[tid], tid) if pos else tokenizer.id_to_token(tid)
+        tok = _token_str(pos[tid], tid) if pos else tokenizer.decode(tid)
         lp.tokens.append(tok)
         lp.token_logprobs.append(_logprob(pos[tid]) if pos else None)
         ranked = sorted(pos.items(), key=lambda item: item[1].rank)[:k] if pos else []
@@ -644,15 +643,8 @@ def serve(args) -> int:
             from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
             engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
                                    args.max_waiting_requests, args.stream_interval)
-        code = run_http(engine, args, sock)
-    if code:  # the engine stopped for good: its thread may still sit in a CUDA sync on the dead peer, which the
-        from nanoflow.distributed.worker import shutdown_all  # interpreter's finalizing could wait on
-        shutdown_all()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return 0
+        # (an engine thread stuck on a dead peer left the group behind: the CLI then ends the process by os._exit)
+        return run_http(engine, args, sock)
 
 
 def read_chat_template(given: str | None) -> str | None:
