@@ -1,5 +1,6 @@
 """The plain-torch kernels against independent formulations (dense attention, HF's rope and norm)."""
 import shutil
+import types
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_moe_route_pads_each_experts_pairs(pad):
     torch.testing.assert_close(ref.moe_combine(y, where, weights, out), ref.moe_combine(p_y, p_where, p_weights, p_out))
 
 
-def test_moe_pad_only_where_experts_average_two_tiles():
+def test_moe_pad_only_where_experts_average_two_tiles(monkeypatch):
     """The CPU packs the pairs; the GPU pads to its 128 tile rows where the experts average two tiles of pairs or
     more (Mixtral's large batches), not below (Qwen3-30B-A3B's 2,048 rows: 128 pairs an expert). The scratch that
     Workspace.bytes_for counts at the token budget holds every smaller batch's slots."""
@@ -146,6 +147,14 @@ def test_moe_pad_only_where_experts_average_two_tiles():
         assert all(ref.moe_slots(r, k, e, gpu.moe_pad(r, k, e)) <= most for r in range(1, budget + 1))
     cfg = ModelConfig("mixtral", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=8, num_experts=8, num_experts_per_tok=2)
-    extra = [Workspace.bytes_for(cfg, rows, torch.bfloat16, moe_pad=gpu.moe_pad) - Workspace.bytes_for(
+    padded = types.SimpleNamespace(moe_pad=gpu.moe_pad, experts_scratch=ref.experts_scratch)
+    extra = [Workspace.bytes_for(cfg, rows, torch.bfloat16, kernels=padded) - Workspace.bytes_for(
         cfg, rows, torch.bfloat16) for rows in (1000, 1024)]
-    assert extra == [0, 8 * 127 * (2 * 16 + 3 * 24) * 2]  # each expert's gap of up to 127 slots of its 4 rows
+    assert extra == [0, 8 * 127 * (2 * 16 + 5 * 24) * 2]  # each expert's gap of up to 127 slots of its 4 rows
+    # Triton's experts (16-bit) never write gate|up's [slots, 2 I] product nor temporaries; they take split-K pieces
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gpu.sm_share, "total_sms", lambda device: 132)
+    slots = ref.moe_slots(1024, 2, 8, 128)
+    for dtype, saved in ((torch.bfloat16, slots * 4 * 24 * 2 - 2 * 132 * (128 * 256 * 4 + 4)), (torch.float32, 0)):
+        assert Workspace.bytes_for(cfg, 1024, dtype, kernels=padded) - Workspace.bytes_for(
+            cfg, 1024, dtype, kernels=gpu) == saved

@@ -273,6 +273,54 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path, monkeypatch):
         check(out, x, w, moved, activation)
 
 
+def allocated_bytes(fn, *inputs):
+    """fn(*inputs) and the bytes of every storage its torch ops created (all its allocations: a bound on its peak).
+    Not the inputs' storages, which the interpreter takes views of."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen, total = {t.untyped_storage().data_ptr() for t in inputs}, [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    total[0] += t.untyped_storage().nbytes()
+            return out
+    with Count():
+        result = fn(*inputs)
+    return result, total[0]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.skipif(ON_GPU and not HOPPER, reason="TMA needs Hopper")
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_experts_mlp_allocates_what_its_scratch_counts(path, monkeypatch):
+    """The engine reserves experts_scratch's bytes for the experts' op (Workspace.bytes_for, before sizing the KV
+    cache): every allocation of experts_mlp fits in it. Triton's, with both GEMMs' split-K scratch, takes exactly
+    its count (no gate|up product: the reserve is not counting one)."""
+    from nanoflow.kernels import reference as ref
+    from nanoflow.kernels import sm_share, tma, triton_moe
+    counts, h, i = [40, 0, 3, 77], 64, 48
+    x, gate_up, offs = make(counts, 0, 2 * i, h, seed=5)
+    down = make(counts, 0, h, i, seed=6)[1]
+    if path == "reference":
+        y, used = allocated_bytes(ref.experts_mlp, x, gate_up, down, offs)
+        assert used <= ref.experts_scratch(len(x), h, i, DTYPE)
+    else:
+        monkeypatch.setattr(triton_moe, "SPLIT_MIN_K_ITERS", 1)
+        monkeypatch.setattr(tma, "available", lambda t: True)  # the TMA kernel in the interpreter too
+        monkeypatch.setattr(sm_share, "current", 2)  # two programs, on the GPU as in the interpreter
+        y, used = allocated_bytes(triton_moe.experts_mlp, x, triton_moe.interleave(gate_up), down, offs)
+        assert used == triton_moe.scratch_bytes(len(x), h, i, DTYPE, programs=2)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            act = swiglu(x[start:start + c].float() @ gate_up[e].float().T)
+            assert rel_err(y[start:start + c], act @ down[e].float().T) < TOL, f"expert {e}"
+        start += c
+
+
 @pytest.mark.parametrize("pad", [1, 16])
 @pytest.mark.parametrize("m, e, k, normalize", [(1, 8, 2, True), (37, 8, 2, True), (600, 8, 2, True),
                                                 (150, 60, 4, False), (1100, 60, 4, False), (0, 8, 2, True),

@@ -171,7 +171,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         c = self.cfg
         # activations of one full iteration, plus logits rows in float32 (with headroom for sampling)
-        act = Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size, self.model.k.moe_pad)
+        act = Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size, self.model.k)
         logits = 4 * c.vocab_size * max(self.max_num_tokens, self.config.max_num_seqs) * 3
         if gb is not None:
             if gb * 2**30 + act + logits > free:

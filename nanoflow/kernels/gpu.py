@@ -70,7 +70,16 @@ moe_gather = _compile(reference.moe_gather)
 # splitwise run 1.012-1.018x (~680 pairs an expert). Qwen3-30B-A3B (128 experts), padded, ran 0.96x: at ~128 pairs
 # an expert half its slots were gaps, more in small batches, and its GEMMs there are bound by reading their weights
 # (BENCHMARKS.md, #10).
-moe_pad = functools.partial(reference.moe_pad, tile=128)
+moe_pad = functools.partial(reference.moe_pad, tile=triton_moe.BLOCK_M)
+
+
+def experts_scratch(slots, hidden, intermediate, dtype):
+    """The bytes experts_mlp allocates: Triton's (gate|up never written; split-K pieces sized by the device's SMs),
+    else the reference loop's."""
+    if triton_moe.supported(dtype):
+        return triton_moe.scratch_bytes(slots, hidden, intermediate, dtype, sm_share.total_sms(
+            torch.cuda.current_device()))
+    return reference.experts_scratch(slots, hidden, intermediate, dtype)
 
 
 def experts_mlp(x, gate_up, down, offs, pad=1):

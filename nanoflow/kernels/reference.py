@@ -191,6 +191,12 @@ def experts_interleaved(dtype: torch.dtype) -> bool:
     return False
 
 
+def experts_scratch(slots: int, hidden: int, intermediate: int, dtype: torch.dtype) -> int:
+    """The bytes experts_mlp allocates over `slots` rows at most: its output, and one expert's gate|up and activation
+    rows and this silu_mul's two temporaries (an expert holds every slot at most)."""
+    return slots * (hidden + 5 * intermediate) * torch.empty((), dtype=dtype).element_size()
+
+
 def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor, pad: int = 1,
                 activation=silu_mul) -> torch.Tensor:
     """Each expert's SwiGLU MLP over its rows of x (in moe_route's slots: expert e's rows end at offs[e], int32, and

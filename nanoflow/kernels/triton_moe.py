@@ -43,6 +43,8 @@ INTERPRETER_PROGRAMS = 3  # the TMA kernel's programs off a GPU (Triton's interp
 # the cut's fixed costs (its sums, a second pipeline fill): Qwen1.5-MoE's 22 and 32, and Mixtral's 28 at TP = 8
 # tied; Mixtral's 56-224 gained 1-4 % (BENCHMARKS.md, #10 session 23).
 SPLIT_MIN_K_ITERS = 48
+# grouped_mm's tile rows and columns, measured best on an H100 at 512-2,048 tokens of Mixtral's shard
+BLOCK_M, BLOCK_N = 128, 256
 
 
 @triton.jit
@@ -253,8 +255,16 @@ def experts_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs
     return grouped_mm(grouped_mm(x, gate_up, offs, gated=True, pad=pad), down, offs, pad=pad)
 
 
+def scratch_bytes(slots: int, hidden: int, intermediate: int, dtype: torch.dtype, programs: int) -> int:
+    """What experts_mlp allocates over `slots` rows with the TMA kernel on `programs` SMs: the activation and output
+    rows (gate_up's product is never written), and each grouped GEMM's split-K pieces and counts (a tile of fp32
+    and an int32 a program; both GEMMs' at once at most)."""
+    return (slots * (hidden + intermediate) * torch.empty((), dtype=dtype).element_size()
+            + 2 * programs * (BLOCK_M * BLOCK_N * 4 + 4))
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, out: torch.Tensor | None = None, *,
-               block_m: int = 128, block_n: int = 256, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
+               block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = 64, group_m: int = 8, num_warps: int = 8,
                num_stages: int | None = None, tma: bool | None = None, flatten: bool = True,
                gated: bool = False, split_k: int = 8, pad: int = 1) -> torch.Tensor:
     """x [M, K] sorted by expert, w [E, N, K], offs int32 [E] (expert e's rows end at offs[e] and start at offs[e - 1]

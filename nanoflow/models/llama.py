@@ -89,19 +89,20 @@ class Workspace:
 
     @classmethod
     def bytes_for(cls, cfg: ModelConfig, num_tokens: int, dtype: torch.dtype, tp_size: int = 1,
-                  moe_pad=reference.moe_pad) -> int:
-        """The buffers' bytes, and with experts the scratch of their op (per pair slot of a row and an expert: its
-        input, gate|up, activation and output rows, with each expert's gap up to a multiple of the backend's
-        moe_pad at these rows, which fewer rows never exceed; per row the float32 sum, and the shared expert's
-        rows)."""
+                  kernels=reference) -> int:
+        """The buffers' bytes, and with experts the scratch of their op on the backend `kernels`: per pair slot
+        (each expert's gap up to a multiple of its moe_pad at these rows, which fewer rows never exceed) the input
+        row and what its experts_mlp allocates (experts_scratch); per row the float32 sum, and the shared expert's
+        rows."""
         size = torch.empty((), dtype=dtype).element_size()
         width = sum(cls._widths(cfg, tp_size))
         if not cfg.is_moe:
             return num_tokens * width * size
         width += 2 * cfg.hidden_size + 3 * cfg.shared_expert_intermediate_size + cfg.hidden_size  # (shared expert)
         k, e = cfg.num_experts_per_tok, cfg.num_experts
-        slots = reference.moe_slots(num_tokens, k, e, moe_pad(num_tokens, k, e))
-        return (num_tokens * width + slots * (2 * cfg.hidden_size + 3 * cfg.intermediate_size)) * size
+        slots = reference.moe_slots(num_tokens, k, e, kernels.moe_pad(num_tokens, k, e))
+        return ((num_tokens * width + slots * cfg.hidden_size) * size
+                + kernels.experts_scratch(slots, cfg.hidden_size, cfg.intermediate_size, dtype))
 
     @staticmethod
     def _widths(cfg: ModelConfig, tp_size: int) -> list[int]:
