@@ -274,18 +274,23 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path, monkeypatch):
 
 
 def allocated_bytes(fn, *inputs):
-    """fn(*inputs) and the bytes of every storage its torch ops created (all its allocations: a bound on its peak).
-    Not the inputs' storages, which the interpreter takes views of."""
+    """fn(*inputs) and the bytes of every storage its torch ops allocated: an op's outputs that alias none of its
+    arguments (not views, in-place results, or the interpreter's views of existing storages). All of fn's
+    allocations, so a bound on its peak; counted op by op, since an allocator reuses a freed block's address."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    seen, total = {t.untyped_storage().data_ptr() for t in inputs}, [0]
+    from torch.utils._pytree import tree_leaves
+    total = [0]
+
+    def ptr(a):
+        return a.untyped_storage().data_ptr() if isinstance(a, torch.Tensor) else a.data_ptr()
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    seen.add(t.untyped_storage().data_ptr())
-                    total[0] += t.untyped_storage().nbytes()
+            given = {ptr(a) for a in tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, torch.UntypedStorage,
+                                                                                   torch.TypedStorage))}
+            total[0] += sum(t.untyped_storage().nbytes() for t in tree_leaves(out)
+                            if isinstance(t, torch.Tensor) and ptr(t) not in given)
             return out
     with Count():
         result = fn(*inputs)
