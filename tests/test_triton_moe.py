@@ -274,9 +274,10 @@ def test_grouped_mm_in_a_cuda_graph_follows_new_offsets(path, monkeypatch):
 
 
 def allocated_bytes(fn, *inputs):
-    """fn(*inputs) and the bytes of every storage its torch ops allocated: an op's outputs that alias none of its
-    arguments (not views, in-place results, or the interpreter's views of existing storages). All of fn's
-    allocations, so a bound on its peak; counted op by op, since an allocator reuses a freed block's address."""
+    """fn(*inputs) and the bytes of every storage its torch ops allocated on the inputs' device: an op's outputs that
+    alias none of its arguments (not views, in-place results, or the interpreter's views of existing storages). All
+    of fn's allocations there, so a bound on its peak; counted op by op, since an allocator reuses a freed block's
+    address. (Not the host's copies, e.g. of the offsets read back.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     total = [0]
@@ -290,7 +291,7 @@ def allocated_bytes(fn, *inputs):
             given = {ptr(a) for a in tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, torch.UntypedStorage,
                                                                                    torch.TypedStorage))}
             total[0] += sum(t.untyped_storage().nbytes() for t in tree_leaves(out)
-                            if isinstance(t, torch.Tensor) and ptr(t) not in given)
+                            if isinstance(t, torch.Tensor) and t.device == inputs[0].device and ptr(t) not in given)
             return out
     with Count():
         result = fn(*inputs)
