@@ -234,9 +234,10 @@ def test_bad_tensor_parallel_size(llama_dir, monkeypatch):
 
 
 def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
-    """A tensor-parallel worker killed under a serving engine: the next iteration fails its requests and the engine
-    stops (alive false: /health and new requests 503), rather than failing every request while reported healthy
-    (a data-parallel replica then exits, for Ray to restart it)."""
+    """A tensor-parallel worker killed under a serving engine: the next iteration fails its requests as the engine's
+    loss (EngineLost: 503, retry, not gloo's socket error as a 500) and the engine stops (alive false: /health and
+    new requests 503), rather than failing every request while reported healthy (a data-parallel replica then
+    exits, for Ray to restart it)."""
     import asyncio
     from nanoflow.entrypoints.async_engine import AsyncEngine, EngineLost, Overloaded, Submission, _Sink
     from nanoflow.entrypoints.metrics import Metrics
@@ -256,8 +257,8 @@ def test_a_dead_worker_stops_the_engine_and_health_says_so(llama_dir):
                 break
             await asyncio.sleep(0.01)
         assert not served.alive
-        with pytest.raises(RuntimeError):  # the failed step's (gloo's: the peer is gone)
-            [o async for _, o in stream]
+        with pytest.raises(EngineLost, match="the engine stopped: tensor-parallel workers nanoflow-tp1 exited"):
+            [o async for _, o in stream]  # (the step failed on gloo's closed socket)
         served._thread.join(10)
         assert not served.alive and served.lost == "tensor-parallel workers nanoflow-tp1 exited"
         with pytest.raises(Overloaded, match="the engine is not running"):

@@ -224,13 +224,15 @@ class AsyncEngine(EngineClient):
                 pass
             try:
                 outputs = engine.step()
-            except Exception as e:  # a bug: fail what is in flight, keep serving
+            except Exception as e:
                 log.exception("engine step failed")
-                self._fail_all(e)
-                if lost := engine.lost_workers(wait_s=1.0):  # no iteration can run again: stop, so health says so
+                # A worker that exited failed it (gloo's closed socket): no iteration can run again, so stop (health
+                # says so) and fail what is in flight as the engine's loss (503), not as the socket's error (500).
+                if lost := engine.lost_workers(wait_s=1.0):
                     self._lose(lost)
                 if self.lost is not None:  # (or the watcher stopped it while this step hung)
                     return
+                self._fail_all(e)  # a bug: fail what is in flight, keep serving
                 continue
             by_loop = defaultdict(list)
             with self._lock:  # (delivered under it too: nothing after the watcher's EngineLost)
