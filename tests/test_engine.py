@@ -766,3 +766,22 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
         cli.main(["serve", llama_dir, "--disable-log"])
     assert "unrecognized arguments: --disable-log" in capsys.readouterr().err
     assert LLM(llama_dir, generation_config="vllm", kv_cache_dtype="fp8_e4m3").engine.config.kv_cache_dtype == "fp8"
+
+
+def test_a_hub_id_loads_from_the_local_cache(llama_dir, reference, tmp_path, monkeypatch):
+    """A Hugging Face hub id downloaded before loads from the local cache, as vLLM's (nanoflow downloads nothing):
+    the model, its tokenizer, and a --tokenizer given by id; an id not in the cache fails, saying where it looked."""
+    import shutil
+
+    import huggingface_hub.constants
+    repo = tmp_path / "models--org--tiny-llama"
+    shutil.copytree(llama_dir, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    llm = LLM("org/tiny-llama", tokenizer="org/tiny-llama", max_num_batched_tokens=256)
+    assert llm.engine.source.path == str((repo / "snapshots" / "0123abc").resolve())
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tokens(reference)
+    assert llm.get_tokenizer().encode("a hub id") == LLM(llama_dir).get_tokenizer().encode("a hub id")
+    with pytest.raises(FileNotFoundError, match="or a Hugging Face hub id in the local cache"):
+        LLM("org/not-cached")

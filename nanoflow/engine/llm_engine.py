@@ -21,7 +21,7 @@ from nanoflow.engine.sequence import Request, Sequence, Status
 from nanoflow.engine.structured_output import Grammars
 from nanoflow.executor.model_runner import ModelOutput, ModelRunner, pipeline_spec
 from nanoflow.layers.sampler import LogprobRows
-from nanoflow.models.loader import build_model, check_load_format, read_generation_config, resolve
+from nanoflow.models.loader import build_model, check_load_format, local_path, read_generation_config, resolve
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from nanoflow.reasoning import END as END_THINK
 from nanoflow.reasoning import START as THINK
@@ -119,7 +119,7 @@ class LLMEngine:
 
     def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
         if path is not None:
-            return Tokenizer.from_dir(path)
+            return Tokenizer.from_dir(local_path(path))
         try:
             if self.source.kind == "gguf":
                 return Tokenizer.from_gguf(self.source.gguf_reader)

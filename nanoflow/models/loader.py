@@ -104,8 +104,21 @@ def resolve(model: str | None, num_layers: int | None = None) -> ModelSource:
     return replace(source, config=replace(source.config, num_layers=num_layers), cut=True)
 
 
+def local_path(name: str) -> str:
+    """A model or tokenizer argument as a local path: itself where it exists (or names a preset), else a Hugging Face
+    hub id's snapshot in the local cache ($HF_HUB_CACHE, $HF_HOME/hub), as vLLM loads a model downloaded before;
+    nanoflow downloads nothing. Unresolved names come back as they are."""
+    if os.path.exists(name) or name in PRESETS:
+        return name
+    try:
+        from huggingface_hub import snapshot_download  # (tokenizers' dependency)
+        return snapshot_download(name, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # not cached (LocalEntryNotFoundError), not a hub id (ValueError)
+        return name
+
+
 def _resolve(model: str | None) -> ModelSource:
-    path = default_model_path() if model is None else model
+    path = default_model_path() if model is None else local_path(model)
     if path in PRESETS:
         return ModelSource("preset", path, preset(path))
     if os.path.isfile(path):
@@ -119,8 +132,9 @@ def _resolve(model: str | None) -> ModelSource:
         if not os.path.exists(cfg_file):
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
-    raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file or a preset "
-                            f"({', '.join(sorted(PRESETS))})")
+    raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file, a preset "
+                            f"({', '.join(sorted(PRESETS))}) or a Hugging Face hub id in the local cache (nanoflow "
+                            f"downloads nothing: fetch it first, e.g. `hf download {path}`)")
 
 
 def _gguf_magic(path: str) -> bool:
