@@ -131,11 +131,11 @@ def start_server(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", *args, "--port", str(port)],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if '--ssl-certfile' in args else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, verify=False).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)

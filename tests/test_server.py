@@ -5,7 +5,10 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import signal
+import ssl
+import subprocess
 import time
 
 import httpx
@@ -543,6 +546,75 @@ def test_root_path_origins_and_log_level(llama_dir, tmp_path):
     finally:
         assert stop_server(proc) == 0
     assert "Uvicorn running" not in open(tmp_path / "log").read()  # an info line, below "warning"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with the openssl command")
+def test_tls_and_no_fastapi_docs(llama_dir, tmp_path, capsys):
+    """vLLM's --ssl-keyfile / --ssl-certfile (HTTPS only) and --disable-fastapi-docs (no /docs, /redoc,
+    /openapi.json); a TLS setting that cannot serve is refused before the model loads, naming the flag."""
+    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days",
+                    "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    proc, url = start_server([llama_dir, "--ssl-keyfile", key, "--ssl-certfile", cert, "--disable-fastapi-docs"],
+                             tmp_path / "log")
+    try:
+        assert url.startswith("https://")
+        with httpx.Client(verify=ssl.create_default_context(cafile=cert)) as client:  # (its own CA: itself)
+            r = client.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+            assert {client.get(f"{url}{path}").status_code for path in ("/docs", "/redoc", "/openapi.json")} == {404}
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+            httpx.get(url.replace("https://", "http://") + "/health")
+    finally:
+        assert stop_server(proc) == 0
+    for flags, message in ((["--ssl-certfile", str(tmp_path / "none.pem")], "--ssl-certfile / --ssl-keyfile: "),
+                           (["--ssl-keyfile", key], "--ssl-keyfile needs --ssl-certfile"),
+                           (["--ssl-certfile", key, "--ssl-keyfile", key], "--ssl-certfile / --ssl-keyfile: "),
+                           (["--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-cert-reqs", "2"],
+                            "--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs"),
+                           (["--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-cert-reqs", "3"],
+                            "--ssl-cert-reqs must be 0")):
+        assert main(["serve", "/no/such/model", *flags]) == 2 and message in capsys.readouterr().err
+
+
+def test_serve_config_file(llama_dir, tmp_path, monkeypatch, capsys):
+    """vLLM's `serve --config FILE`: a YAML mapping of serve's long flags (dashes or underscores) to values, the
+    command line's flags winning over it (the positional MODEL too); a key that is no flag, or a bad value, refused
+    naming the file and the key. A real server from a file: its port, served names and switches."""
+    import nanoflow.entrypoints.server as server_module
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {llama_dir}\nmax_num_seqs: 7\nenable-prefix-caching: false\nserved-model-name: [a, b]\n"
+                      f"override-generation-config: {{temperature: 0.5}}\nmax-model-len: 2k\ntrust-remote-code: true\n"
+                      f"disable-fastapi-docs: true\n")
+    seen = []
+    monkeypatch.setattr(server_module, "serve", lambda a: seen.append(a) or 0)
+    assert main(["serve", "--config", str(config), "--max-num-seqs", "9"]) == 0
+    a = seen[-1]
+    assert (a.model, a.max_num_seqs, a.enable_prefix_caching, a.served_model_name, a.override_generation_config,
+            a.max_model_len, a.trust_remote_code, a.disable_fastapi_docs) == (
+        llama_dir, 9, False, ["a", "b"], {"temperature": 0.5}, 2000, True, True)
+    assert main(["serve", "other-model", "--config", str(config)]) == 0 and seen[-1].model == "other-model"
+    assert main(["serve", "--config", str(config), "--enable-prefix-caching"]) == 0 and seen[-1].enable_prefix_caching
+    for body, message in (("nosuch: 1", "'nosuch' is not a flag of `nanoflow serve`"),
+                          ("port: abc", "'port': 'abc' is not a valid value"),
+                          ("kv-cache-dtype: fp9", "'kv-cache-dtype' must be one of auto, fp8, fp8_e4m3, not 'fp9'"),
+                          ("enforce-eager: 3", "'enforce-eager' is a switch: true or false, not 3"),
+                          ("port:", "'port' has no value"), ("- port", "must map flags to values"),
+                          ("port: [", "is not YAML"), ("quantization: awq", "quantization='awq': nanoflow takes only")):
+        config.write_text(body)
+        assert main(["serve", "--config", str(config)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: No such file or directory" in capsys.readouterr().err
+    monkeypatch.undo()
+    config.write_text(f"model: {llama_dir}\nserved_model_name: [tiny]\nmax-model-len: 64\n")
+    proc, url = start_server(["--config", str(config)], tmp_path / "log")
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["tiny"]
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] == 64
+    finally:
+        assert stop_server(proc) == 0
 
 
 @pytest.mark.parametrize("value, names", [("*", "not JSON"), ('{"a": 1}', "not a JSON list of strings"),

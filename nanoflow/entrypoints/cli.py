@@ -175,7 +175,7 @@ def _serve(a: argparse.Namespace) -> int:
     from nanoflow.entrypoints.server import serve
     if a.model_arg is not None and a.model is not None and a.model_arg != a.model:
         raise ValueError(f"two models given: {a.model_arg!r} and --model {a.model!r}")
-    a.model = a.model or a.model_arg
+    a.model = a.model or a.model_arg or getattr(a, "config_model", None)
     return serve(a)
 
 
@@ -186,6 +186,62 @@ def _bench_serve(a: argparse.Namespace) -> int:
 
 def _rates(text: str) -> list[float]:
     return [float(r) for r in text.split(",")]
+
+
+def _config_defaults(serve: argparse.ArgumentParser, argv: list[str]) -> None:
+    """vLLM's `serve --config FILE`: a YAML mapping of serve's long flags (dashes or underscores, without the
+    leading --) to values, taken as the flags' defaults, so that the command line's win; `model` is MODEL's."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return
+    import yaml
+    try:
+        with open(path) as f:
+            given = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path} is not YAML: {e}") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"--config {path} must map flags to values (e.g. `port: 8000`), not hold "
+                         f"{type(given).__name__}")
+    defaults = {}
+    for key, value in given.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = serve._option_string_actions.get(flag)
+        if action is None or flag in ("--config", "--help"):
+            raise ValueError(f"--config {path}: {key!r} is not a flag of `nanoflow serve` (see nanoflow serve --help)")
+        if action.nargs == 0:  # a switch: true or false
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key!r} is a switch: true or false, not {value!r}")
+            on = action.const if not isinstance(action, argparse.BooleanOptionalAction) else True
+            defaults[action.dest] = on if value else (False if on is True else action.default)
+        elif value is None:
+            raise ValueError(f"--config {path}: {key!r} has no value")
+        else:
+            many = action.nargs in ("+", "*")
+            texts = [json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                     for v in (value if many and isinstance(value, list) else [value])]
+            taken = [_config_value(path, key, action, t) for t in texts]
+            defaults[action.dest] = taken if many else taken[0]
+    if "model" in defaults:  # (the positional MODEL of the command line wins over it too)
+        defaults["config_model"], defaults["model"] = defaults["model"], None
+    serve.set_defaults(**defaults)
+
+
+def _config_value(path: str, key, action: argparse.Action, text: str):
+    """A --config value as the flag's type and choices take it from the command line."""
+    try:
+        value = action.type(text) if action.type else text
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"--config {path}: {key!r}: {text!r} is not a valid value"
+                         f"{f' ({e})' if isinstance(e, argparse.ArgumentTypeError) else ''}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"--config {path}: {key!r} must be one of {', '.join(map(str, action.choices))}, "
+                         f"not {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="no stats line in the log every 10 s (throughput, requests, KV cache and prefix cache use)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--ssl-keyfile", default=None, help="TLS: the server's private key (PEM), with --ssl-certfile")
+    s.add_argument("--ssl-certfile", default=None, help="TLS: the server's certificate (PEM): serve HTTPS")
+    s.add_argument("--ssl-ca-certs", default=None, help="TLS: the CAs of the clients' certificates")
+    s.add_argument("--ssl-cert-reqs", type=int, default=0,
+                   help="TLS: whether a client certificate is asked for: 0 no, 1 optional, 2 required")
+    s.add_argument("--disable-fastapi-docs", action="store_true",
+                   help="no /docs, /redoc or /openapi.json (FastAPI's schema and its pages)")
+    s.add_argument("--config", default=None,
+                   help="a YAML file of these flags and their values (e.g. `port: 8000`, `max-num-seqs: 256`; "
+                        "`model: PATH`): flags given on the command line win over it, as vLLM's")
     s.add_argument("--chat-template", default=None,
                    help="a chat template (a file, or the template itself) in place of the model's, e.g. one that "
                         "renders tools")
@@ -317,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     bs.set_defaults(func=_bench_serve)
     from nanoflow.entrypoints import tune
     tune.add_parser(sub)
+    words = [_dashed(w) for w in (sys.argv[1:] if argv is None else argv)]
+    if words[:1] == ["serve"]:
+        try:
+            _config_defaults(s, words[1:])
+        except ValueError as e:
+            print(f"nanoflow: error: {e}", file=sys.stderr)
+            return 2
     a = parser.parse_args(argv)
     if getattr(a, "bench", None) == "throughput" and not a.workload:
         a.workload = ["const:512:128"]

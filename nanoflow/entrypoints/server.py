@@ -16,6 +16,7 @@ import resource
 import secrets
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -238,13 +239,14 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
               tool_parser: str | None = None,
               chat_template: str | None = None, reasoning_parser: str | None = None,
               prompt_tokens_details: bool = False, cors: dict | None = None,
-              log_stats_interval: float | None = None) -> FastAPI:
+              log_stats_interval: float | None = None, docs: bool = True) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
     prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache; cors: Starlette
     CORSMiddleware's arguments (None: no CORS headers), outside the API key's check, so that a browser's
-    preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none).
+    preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none);
+    docs: FastAPI's /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off).
     model_name: the model's name in the API, or several (as vLLM's --served-model-name): a request may name any, and
     its response names the one it named (the first, if none)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -269,7 +271,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             if line := metrics.stats_line(since, interval):
                 log.info(line)
 
-    app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan,
+                  **({} if docs else dict(docs_url=None, redoc_url=None, openapi_url=None)))
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
     if cors is not None:  # (added last: the outermost)
         app.add_middleware(CORSMiddleware, **cors)
@@ -628,6 +631,7 @@ def serve(args) -> int:
     if not args.disable_log_stats:
         _log_stats_interval()  # (a bad $NANOFLOW_LOG_STATS_INTERVAL refused before the model loads)
     _keep_alive_on_engine_death()
+    _check_ssl(args)
     # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
     sock = listen_socket(args.host, args.port)
     if args.api_server_count > 1:
@@ -704,6 +708,34 @@ def _keep_alive_on_engine_death() -> bool:
     return text.lower() in ("1", "true")
 
 
+def _ssl(args) -> dict:
+    """uvicorn's TLS settings from vLLM's --ssl-* flags (none: plain HTTP)."""
+    return dict(ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                ssl_cert_reqs=args.ssl_cert_reqs)
+
+
+def _check_ssl(args) -> None:
+    """A TLS setting that cannot serve refused before the model loads, naming the flag and why."""
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate of that key)")
+    if args.ssl_cert_reqs not in (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED):
+        raise ValueError(f"--ssl-cert-reqs must be 0 (no client certificate), 1 (optional) or 2 (required), "
+                         f"not {args.ssl_cert_reqs}")
+    if args.ssl_cert_reqs != ssl.CERT_NONE and not args.ssl_ca_certs:
+        raise ValueError("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs (the CAs that sign the clients' certificates)")
+    if not args.ssl_certfile:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for flag, load in (("--ssl-certfile / --ssl-keyfile", lambda: context.load_cert_chain(args.ssl_certfile,
+                                                                                         args.ssl_keyfile)),
+                       ("--ssl-ca-certs", lambda: args.ssl_ca_certs and context.load_verify_locations(
+                           args.ssl_ca_certs))):
+        try:
+            load()
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"{flag}: {e.strerror or e}") from None
+
+
 def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
     """The API over engine, on a socket bound to args.host:args.port, until SIGTERM / SIGINT (see serve), or until
     the engine stops for good (a tensor-parallel worker exited): then 1, unless kept alive."""
@@ -730,7 +762,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                     args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details,
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                          allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
-                    None if args.disable_log_stats else _log_stats_interval())
+                    None if args.disable_log_stats else _log_stats_interval(), not args.disable_fastapi_docs)
     # the server's own log (warnings, errors, the stats lines) on stderr beside uvicorn's, at info
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%m-%d %H:%M:%S"))
@@ -738,7 +770,8 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
     logging.getLogger("nanoflow").setLevel(logging.INFO)
     # uvicorn's own bound only backs ours up (a response stuck on a client that does not read)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level=args.uvicorn_log_level,
-                            root_path=args.root_path, timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5)
+                            root_path=args.root_path, timeout_graceful_shutdown=args.graceful_shutdown_timeout + 5,
+                            **_ssl(args))
     # After its graceful shutdown, uvicorn re-raises the signal it caught to the handler that was there
     # before; an ignoring one lets the process exit 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
