@@ -770,7 +770,8 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
 
 def test_a_hub_id_loads_from_the_local_cache(llama_dir, reference, tmp_path, monkeypatch):
     """A Hugging Face hub id downloaded before loads from the local cache, as vLLM's (nanoflow downloads nothing):
-    the model, its tokenizer, and a --tokenizer given by id; an id not in the cache fails, saying where it looked."""
+    the model, its tokenizer, and a --tokenizer given by id, at main or at a revision (a branch: refs/NAME); an id
+    or revision not in the cache fails, saying where it looked."""
     import shutil
 
     import huggingface_hub.constants
@@ -783,5 +784,11 @@ def test_a_hub_id_loads_from_the_local_cache(llama_dir, reference, tmp_path, mon
     assert llm.engine.source.path == str((repo / "snapshots" / "0123abc").resolve())
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tokens(reference)
     assert llm.get_tokenizer().encode("a hub id") == LLM(llama_dir).get_tokenizer().encode("a hub id")
+    shutil.copytree(llama_dir, repo / "snapshots" / "4567def")
+    (repo / "refs" / "v2").write_text("4567def")
+    llm = LLM("org/tiny-llama", revision="v2", tokenizer="org/tiny-llama", tokenizer_revision="v2")
+    assert llm.engine.source.path == str((repo / "snapshots" / "4567def").resolve())
     with pytest.raises(FileNotFoundError, match="or a Hugging Face hub id in the local cache"):
         LLM("org/not-cached")
+    with pytest.raises(FileNotFoundError, match="in the local cache at revision 'v3'"):
+        LLM("org/tiny-llama", revision="v3")

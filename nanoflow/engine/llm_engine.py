@@ -34,24 +34,26 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, load_format: str = "auto",
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, revision: str | None = None,
+                 tokenizer_revision: str | None = None, load_format: str = "auto",
                  dtype: str | torch.dtype = "auto", device: str | None = None, generation_config: str = "auto",
                  override_generation_config: dict | None = None, **engine_args):
         if unknown := sorted(set(engine_args) - {f.name for f in fields(EngineConfig)}):
-            raise TypeError(f"unknown engine option {unknown[0]!r}; the options are tokenizer, load_format, dtype, "
-                            f"device, generation_config, override_generation_config and "
+            raise TypeError(f"unknown engine option {unknown[0]!r}; the options are tokenizer, revision, "
+                            f"tokenizer_revision, load_format, dtype, device, generation_config, "
+                            f"override_generation_config and "
                             f"{', '.join(f.name for f in fields(EngineConfig))}")
         self.config = EngineConfig(**engine_args)
         if self.config.mode == "non-overlap" and self.config.pipeline_spec != "auto":
             log.warning("pipeline_spec %r is not used: it shapes the modes nanobatch-only and pipeline, and the mode "
                         "is non-overlap", self.config.pipeline_spec)
-        self.source = resolve(model, self.config.num_layers)
+        self.source = resolve(model, self.config.num_layers, revision)
         check_load_format(self.source, load_format)
         cfg = self.source.config
         self.model_config = cfg
         self.device = _device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
-        self.tokenizer = self._load_tokenizer(tokenizer)
+        self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_revision)
         eos, self.sampling_defaults = read_generation_config(self.source, generation_config, override_generation_config)
         try:
             self.default_params()
@@ -117,9 +119,9 @@ class LLMEngine:
         if self.grammars is not None:
             self.grammars.pool.shutdown(cancel_futures=True)
 
-    def _load_tokenizer(self, path: str | None) -> Tokenizer | None:
+    def _load_tokenizer(self, path: str | None, revision: str | None) -> Tokenizer | None:
         if path is not None:
-            return Tokenizer.from_dir(local_path(path))
+            return Tokenizer.from_dir(local_path(path, revision))
         try:
             if self.source.kind == "gguf":
                 return Tokenizer.from_gguf(self.source.gguf_reader)

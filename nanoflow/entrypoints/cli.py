@@ -64,6 +64,9 @@ def _dashed(arg: str) -> str:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory, .gguf file or shape preset (default: SmolLM2-135M)")
     p.add_argument("--tokenizer", default=None, help="HF directory with tokenizer.json (default: the model's)")
+    p.add_argument("--revision", default=None,
+                   help="a hub id's branch, tag or commit in the local cache (default: main)")
+    p.add_argument("--tokenizer-revision", default=None, help="--tokenizer's, as --revision")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"])
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that leave them unset: auto, the model's "
@@ -116,7 +119,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(tokenizer=a.tokenizer, load_format=a.load_format, generation_config=a.generation_config,
+    return dict(tokenizer=a.tokenizer, revision=a.revision, tokenizer_revision=a.tokenizer_revision,
+                load_format=a.load_format, generation_config=a.generation_config,
                 override_generation_config=a.override_generation_config,
                 dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,

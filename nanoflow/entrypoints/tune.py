@@ -76,7 +76,7 @@ def main(a: argparse.Namespace) -> int:
               f"--kv-cache-dtype {a.kv_cache_dtype} (the spec it finds also serves an fp8 cache)", file=sys.stderr)
         return 2
     tp = a.tensor_parallel_size
-    source = resolve(a.model, a.num_layers)
+    source = resolve(a.model, a.num_layers, a.revision)
     check_load_format(source, a.load_format)  # (its candidates' timing builds the model, after the profile)
     cfg = source.config
     for flag, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--context", a.context),

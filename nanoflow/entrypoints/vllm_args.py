@@ -18,8 +18,6 @@ ENGINE = {  # LLM() and the CLI's engine flags
     "trust_remote_code": AsIs((), "only the built-in architectures load: a checkpoint's own code never runs",
                               "switch"),
     "quantization": AsIs((None,), "it loads unquantized checkpoints"),
-    "revision": AsIs((None,), "it downloads nothing"),
-    "tokenizer_revision": AsIs((None,), "it downloads nothing"),
     "download_dir": AsIs((None,), "it downloads nothing"),
     "tokenizer_mode": AsIs(("auto",), "the tokenizers library's tokenizer"),
     "enable_chunked_prefill": AsIs((True,), "prefills are always chunked", "bool"),

@@ -92,10 +92,10 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
-def resolve(model: str | None, num_layers: int | None = None) -> ModelSource:
+def resolve(model: str | None, num_layers: int | None = None, revision: str | None = None) -> ModelSource:
     """num_layers: keep only the first this many decoder layers (benchmarks of a cut model, as NanoFlow's own
-    "fewer layers" variants)."""
-    source = _resolve(model)
+    "fewer layers" variants); revision: a hub id's branch, tag or commit in the local cache (local_path)."""
+    source = _resolve(model, revision)
     if num_layers is None:
         return source
     if not 0 < num_layers <= source.config.num_layers:
@@ -104,21 +104,22 @@ def resolve(model: str | None, num_layers: int | None = None) -> ModelSource:
     return replace(source, config=replace(source.config, num_layers=num_layers), cut=True)
 
 
-def local_path(name: str) -> str:
+def local_path(name: str, revision: str | None = None) -> str:
     """A model or tokenizer argument as a local path: itself where it exists (or names a preset), else a Hugging Face
-    hub id's snapshot in the local cache ($HF_HUB_CACHE, $HF_HOME/hub), as vLLM loads a model downloaded before;
-    nanoflow downloads nothing. Unresolved names come back as they are."""
+    hub id's snapshot in the local cache ($HF_HUB_CACHE, $HF_HOME/hub) at `revision` (a branch, tag or commit; None:
+    main), as vLLM loads a model downloaded before; nanoflow downloads nothing. Unresolved names come back as they
+    are."""
     if os.path.exists(name) or name in PRESETS:
         return name
     try:
         from huggingface_hub import snapshot_download  # (tokenizers' dependency)
-        return snapshot_download(name, local_files_only=True)
+        return snapshot_download(name, revision=revision, local_files_only=True)
     except (ImportError, OSError, ValueError):  # not cached (LocalEntryNotFoundError), not a hub id (ValueError)
         return name
 
 
-def _resolve(model: str | None) -> ModelSource:
-    path = default_model_path() if model is None else local_path(model)
+def _resolve(model: str | None, revision: str | None) -> ModelSource:
+    path = default_model_path() if model is None else local_path(model, revision)
     if path in PRESETS:
         return ModelSource("preset", path, preset(path))
     if os.path.isfile(path):
@@ -133,8 +134,9 @@ def _resolve(model: str | None) -> ModelSource:
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
     raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file, a preset "
-                            f"({', '.join(sorted(PRESETS))}) or a Hugging Face hub id in the local cache (nanoflow "
-                            f"downloads nothing: fetch it first, e.g. `hf download {path}`)")
+                            f"({', '.join(sorted(PRESETS))}) or a Hugging Face hub id in the local cache"
+                            f"{f' at revision {revision!r}' if revision else ''} (nanoflow downloads nothing: fetch "
+                            f"it first, e.g. `hf download {path}`)")
 
 
 def _gguf_magic(path: str) -> bool:
