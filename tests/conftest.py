@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import socket
@@ -153,6 +154,12 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 
 def metrics(url: str) -> dict[str, float]:
+    """The samples by name and labels, less vLLM's model_name label (one model a server: test_metrics checks it)."""
     import httpx
+    def unnamed(sample: str) -> str:
+        name, _, labels = sample.partition("{")
+        kept = [label for label in re.findall(r'\w+="[^"]*"', labels) if not label.startswith("model_name=")]
+        return name + ("{" + ",".join(kept) + "}" if kept else "")
     lines = httpx.get(f"{url}/metrics").text.splitlines()
-    return {k: float(v) for line in lines if line and not line.startswith("#") for k, v in [line.rsplit(" ", 1)]}
+    return {unnamed(k): float(v) for line in lines if line and not line.startswith("#")
+            for k, v in [line.rsplit(" ", 1)]}

@@ -136,14 +136,14 @@ def test_metrics_add_the_replicas_up(server):
     before = metrics(server)
     asyncio.run(_complete(server, PROMPTS, max_tokens=2))
     deadline = time.monotonic() + 10
-    while (m := metrics(server))["nanoflow_num_requests_running"] or m["nanoflow_kv_cache_usage_ratio"]:
+    while (m := metrics(server))["vllm:num_requests_running"] or m["vllm:kv_cache_usage_perc"]:
         assert time.monotonic() < deadline, m
         time.sleep(0.1)
     # every prompt token was looked up in one replica's prefix cache: the replicas' counters, added up
-    delta = {k: m[k] - before[k] for k in ("nanoflow_prompt_tokens_total", "nanoflow_prefix_cache_queries_total")}
-    assert delta["nanoflow_prompt_tokens_total"] == delta["nanoflow_prefix_cache_queries_total"] > 0, delta
+    delta = {k: m[k] - before[k] for k in ("vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total")}
+    assert delta["vllm:prompt_tokens_total"] == delta["vllm:prefix_cache_queries_total"] > 0, delta
     assert m['nanoflow_replica_up{replica="0"}'] == m['nanoflow_replica_up{replica="1"}'] == 1
-    assert m['nanoflow_requests_finished_total{finish_reason="length"}'] >= len(PROMPTS)
+    assert m['vllm:request_success_total{finished_reason="length"}'] >= len(PROMPTS)
 
 
 def test_bench_serve_against_the_router(server, tmp_path):
@@ -224,7 +224,7 @@ def test_api_servers_share_the_port_and_add_up_their_metrics(cluster, tmp_path, 
         for _ in range(4):  # whichever process answers
             m = metrics(url)
             assert m["nanoflow_api_servers"] == 2 and routed(m, 0) + routed(m, 1) == len(prompts)
-            assert m['nanoflow_requests_finished_total{finish_reason="length"}'] == len(prompts)
+            assert m['vllm:request_success_total{finished_reason="length"}'] == len(prompts)
             assert m['nanoflow_replica_up{replica="0"}'] == m['nanoflow_replica_up{replica="1"}'] == 1
     finally:
         assert stop_server(proc) == 0

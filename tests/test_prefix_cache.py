@@ -243,7 +243,7 @@ def test_bench_serve_multiround(tmp_path):
         assert r["completed"] == len(w.lengths) == 4 and w.rounds == [2, 2]
         first = w.lengths[::2]
         m = metrics(url)
-        assert m["nanoflow_prefix_cache_hits_total"] == sum(16 * ((p + o - 1) // 16) for p, o in first)
+        assert m["vllm:prefix_cache_hits_total"] == sum(16 * ((p + o - 1) // 16) for p, o in first)
     finally:
         assert stop_server(proc) == 0
 

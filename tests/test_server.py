@@ -27,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_WAITING = 8
 MAX_MODEL_LEN = 1024
 PROMPT = "The capital of France is"
-ABORTED = 'nanoflow_requests_finished_total{finish_reason="abort"}'
+ABORTED = 'vllm:request_success_total{finished_reason="abort"}'
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def wait_until_idle(url: str, timeout: float = 10) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(url)
-        if m["nanoflow_num_requests_running"] == m["nanoflow_kv_cache_usage_ratio"] == 0:
+        if m["vllm:num_requests_running"] == m["vllm:kv_cache_usage_perc"] == 0:
             return m
         assert time.monotonic() < deadline, m
         time.sleep(0.05)
@@ -637,7 +637,7 @@ def test_disconnect_aborts_and_frees_the_kv_cache(server):
             lines = r.iter_lines()
             assert sum(line.startswith("data: ") for line, _ in zip(lines, range(6))) >= 3
             m = metrics(server)
-            assert m["nanoflow_num_requests_running"] == 1 and m["nanoflow_kv_cache_usage_ratio"] > 0
+            assert m["vllm:num_requests_running"] == 1 and m["vllm:kv_cache_usage_perc"] > 0
     assert wait_until_idle(server)[ABORTED] == aborted + 1
     # a non-streaming request whose client gives up waiting
     with pytest.raises(httpx.ReadTimeout):
@@ -662,16 +662,20 @@ def test_overload_is_503_and_every_accepted_request_completes(server):
                for r in ok)
     assert all(int(r.headers["retry-after"]) > 0 and r.json()["error"]["type"] == "server_overloaded" for r in busy)
     m = wait_until_idle(server)
-    assert m["nanoflow_num_requests_waiting"] == 0 and m['nanoflow_http_responses_total{status="503"}'] >= len(busy)
+    assert m["vllm:num_requests_waiting"] == 0 and m['nanoflow_http_responses_total{status="503"}'] >= len(busy)
 
 
 def test_metrics(server):
     m = metrics(server)
-    assert m["nanoflow_prompt_tokens_total"] > 0 and m["nanoflow_generation_tokens_total"] > 0
-    assert m['nanoflow_requests_finished_total{finish_reason="length"}'] > 0
+    assert m["vllm:prompt_tokens_total"] > 0 and m["vllm:generation_tokens_total"] > 0
+    assert m['vllm:request_success_total{finished_reason="length"}'] > 0
     assert m['nanoflow_http_responses_total{status="200"}'] > 0 and m['nanoflow_http_responses_total{status="400"}'] > 0
-    for h in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
-        assert m[f"nanoflow_{h}_count"] > 0 and m[f"nanoflow_{h}_sum"] > 0
+    for h in ("time_to_first_token_seconds", "request_time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] > 0
+    # vLLM's names and its model_name label (the served name), so that its dashboards read them
+    name = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"]
+    text = httpx.get(f"{server}/metrics").text
+    assert f'vllm:num_requests_running{{model_name="{name}"}}' in text, text[:2000]
 
 
 # -- fuzzing the OpenAPI schema --------------------------------------------------------------------
@@ -718,10 +722,10 @@ def test_bench_serve(server, tmp_path, capsys):
             assert r[f"{stat}_{name}_ms"] > 0
     assert r["mean_normalized_latency_ms"] == pytest.approx(r["mean_e2e_ms"] / 4)
     assert "normalized latency" in capsys.readouterr().out
-    hits = metrics(server)["nanoflow_prefix_cache_hits_total"]
+    hits = metrics(server)["vllm:prefix_cache_hits_total"]
     assert main(args + ["--num-requests", "3", "--sweep", "20,inf", "--output", str(out), "--plot", str(png)]) == 0
     assert [r["request_rate"] for r in json.loads(out.read_text())["results"]] == [20.0, "inf"]
-    assert metrics(server)["nanoflow_prefix_cache_hits_total"] == hits  # each rate's own prompts: no cached prefix
+    assert metrics(server)["vllm:prefix_cache_hits_total"] == hits  # each rate's own prompts: no cached prefix
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # no arrival gap after the last request: one request at 0.05/s (the seed's first gap 37 s) ends with its reply
     assert main(args + ["--num-requests", "1", "--request-rate", "0.05", "--output", str(out)]) == 0
@@ -915,3 +919,42 @@ def test_several_served_model_names(default_llm, monkeypatch):
     monkeypatch.setattr(cli, "_serve", lambda a: seen.append(a) or 0)
     assert main(["serve", "--served-model-name", "a", "b"]) == 0
     assert (seen[0].served_model_name, seen[0].model_arg) == (["a", "b"], None)  # (b was taken as the MODEL)
+
+
+def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch):
+    """As vLLM's: several --api-key values (any one opens /v1), the Bearer scheme in any case, $VLLM_API_KEY when no
+    key is given; a response's id from the request's X-Request-Id header, else its body's request_id; with
+    --enable-request-id-headers each response carries X-Request-Id (the request's, else a new one); /health and
+    SageMaker's /ping (GET and POST) answer 200 with no body."""
+    from fastapi.testclient import TestClient
+    from test_reasoning import Scripted
+
+    from nanoflow.entrypoints.server import build_app
+    app = build_app(Scripted(default_llm.tokenizer, "Paris."), "m", api_key=["k1", "k2"], request_id_headers=True)
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    with TestClient(app) as client:
+        for auth, status in (("Bearer k1", 200), ("Bearer k2", 200), ("bearer k2", 200), ("Bearer k3", 401),
+                             ("k1", 401), ("Basic k1", 401), ("Bearer", 401)):
+            assert client.get("/v1/models", headers={"Authorization": auth}).status_code == status, auth
+        auth = {"Authorization": "Bearer k1"}
+        r = client.post("/v1/chat/completions", json=body, headers=auth | {"X-Request-Id": "mine-1"})
+        assert r.json()["id"] == "chatcmpl-mine-1" and r.headers["x-request-id"] == "mine-1"
+        r = client.post("/v1/completions", json={"prompt": "Hi", "request_id": "body-2"}, headers=auth)
+        assert r.json()["id"] == "cmpl-body-2" and len(r.headers["x-request-id"]) == 32  # (a new one)
+        r = client.post("/v1/completions", json={"prompt": "Hi", "request_id": "body-3", "stream": True},
+                        headers=auth | {"X-Request-Id": "head-3"})
+        assert {json.loads(e)["id"] for e in r.text.split("data: ")[1:-1]} == {"cmpl-head-3"}
+        for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):
+            r = client.request(method, path)
+            assert (r.status_code, r.content) == (200, b""), path
+    with TestClient(build_app(Scripted(default_llm.tokenizer, "Paris."), "m")) as client:
+        r = client.post("/v1/completions", json={"prompt": "Hi"})
+        assert r.json()["id"].startswith("cmpl-") and "x-request-id" not in r.headers
+    monkeypatch.delenv("NANOFLOW_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    proc, url = start_server(["--max-model-len", "64"], tmp_path / "log")
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    finally:
+        assert stop_server(proc) == 0

@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 from nanoflow.distributed.parallel_state import free_ports
 from nanoflow.distributed.replica import launch_replicas
 from nanoflow.entrypoints.dp_router import Router
-from nanoflow.entrypoints.server import listen_socket, run_http
+from nanoflow.entrypoints.server import listen_socket, run_http, served_names
 
 
 def serve_api_servers(args) -> int:
@@ -62,7 +62,8 @@ def serve_api_servers(args) -> int:
 
 
 def _api_server(args, front: int, address: str, namespace: str, ports: list[int]) -> None:
-    router = Router.attach(address, namespace, args.data_parallel_size, args.max_waiting_requests, front)
+    router = Router.attach(address, namespace, args.data_parallel_size, args.max_waiting_requests, front,
+                           served_names(args)[0])
     router.metrics.peers = [f"http://127.0.0.1:{p}/metrics" for k, p in enumerate(ports) if k != front]
     start_http_server(ports[front], addr="127.0.0.1", registry=router.metrics.registry)  # its own, for the others
     run_http(router, args, listen_socket(args.host, args.port, reuse_port=True))

@@ -272,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=os.environ.get("NANOFLOW_API_KEY"),
-                   help="required as 'Authorization: Bearer KEY' on /v1 routes (default: $NANOFLOW_API_KEY)")
+    s.add_argument("--api-key", nargs="+", default=None,
+                   help="required as 'Authorization: Bearer KEY' on /v1 routes; several: any one of them (default: "
+                        "$NANOFLOW_API_KEY, else vLLM's $VLLM_API_KEY)")
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="the model's name in the API, or several (a request may give any; its response names it; "
                         "default: MODEL)")
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ssl-ca-certs", default=None, help="TLS: the CAs of the clients' certificates")
     s.add_argument("--ssl-cert-reqs", type=int, default=0,
                    help="TLS: whether a client certificate is asked for: 0 no, 1 optional, 2 required")
+    s.add_argument("--enable-request-id-headers", action="store_true",
+                   help="each response carries an X-Request-Id header: the request's, else a new one")
     s.add_argument("--disable-fastapi-docs", action="store_true",
                    help="no /docs, /redoc or /openapi.json (FastAPI's schema and its pages)")
     s.add_argument("--config", default=None,

@@ -118,20 +118,21 @@ class Router(EngineClient):
 
     @classmethod
     def launch(cls, model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,
-               max_waiting_requests: int, stream_interval: int = 1) -> Router:
-        """Start the replicas (each queues up to max_waiting_requests, as does the router in all)."""
+               max_waiting_requests: int, stream_interval: int = 1, model_name: str = "") -> Router:
+        """Start the replicas (each queues up to max_waiting_requests, as does the router in all); model_name: the
+        metrics' label."""
         replicas = launch_replicas(model, engine_kwargs, num_replicas, ray_address, max_waiting_requests,
                                    stream_interval)
-        return cls(replicas, Metrics(), max_waiting_requests)
+        return cls(replicas, Metrics(model_name), max_waiting_requests)
 
     @classmethod
     def attach(cls, ray_address: str, namespace: str, num_replicas: int, max_waiting_requests: int,
-               front: int) -> Router:
+               front: int, model_name: str = "") -> Router:
         """A router over replicas that another process launched (by their names in its Ray namespace)."""
         ray.init(address=ray_address, namespace=namespace)
         actors = [ray.get_actor(f"replica-{i}") for i in range(num_replicas)]
-        return cls(list(zip(actors, ray.get([a.info.remote() for a in actors]))), Metrics(), max_waiting_requests,
-                   front)
+        return cls(list(zip(actors, ray.get([a.info.remote() for a in actors]))), Metrics(model_name),
+                   max_waiting_requests, front)
 
     # -- EngineClient ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -1,5 +1,8 @@
 """Prometheus metrics of the server (GET /metrics), in a registry of its own so that several servers
-can live in one process (tests). With several API-server processes, each renders the sum of all of theirs."""
+can live in one process (tests). With several API-server processes, each renders the sum of all of theirs.
+
+Those vLLM has are named as vLLM's (`vllm:` prefix, a `model_name` label: the first served name), so that its
+dashboards and autoscalers read them; nanoflow's own (the host tier, the HTTP statuses) keep a `nanoflow_` prefix."""
 from __future__ import annotations
 
 import dataclasses
@@ -42,32 +45,36 @@ class EngineStats:
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, model_name: str = ""):
         r = self.registry = CollectorRegistry()
+        name, self.labels = ["model_name"], {"model_name": model_name}
+
+        def model(metric, *args, **kw):  # vLLM's: one series of this model's
+            return metric(*args, name, registry=r, **kw).labels(model_name)
         self.responses = Counter("nanoflow_http_responses", "Responses to /v1 requests by status code", ["status"],
                                  registry=r)
-        self.finished = Counter("nanoflow_requests_finished", "Engine requests finished, by finish reason",
-                                ["finish_reason"], registry=r)
-        self.running = Gauge("nanoflow_num_requests_running", "Requests with a sequence in the running batch",
-                             registry=r)
-        self.waiting = Gauge("nanoflow_num_requests_waiting", "Unfinished requests not in the running batch",
-                             registry=r)
-        self.kv_usage = Gauge("nanoflow_kv_cache_usage_ratio", "Share of the KV cache blocks in use", registry=r)
-        self.prompt_tokens = Counter("nanoflow_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
-        self.generation_tokens = Counter("nanoflow_generation_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("nanoflow_time_to_first_token_seconds", "Arrival to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("nanoflow_time_per_output_token_seconds", "Mean time between output tokens of a request",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        finished = Counter("vllm:request_success", "Engine requests finished, by finish reason",
+                           name + ["finished_reason"], registry=r)
+        self.finished = lambda reason: finished.labels(model_name, reason)
+        self.running = model(Gauge, "vllm:num_requests_running", "Requests with a sequence in the running batch")
+        self.waiting = model(Gauge, "vllm:num_requests_waiting", "Unfinished requests not in the running batch")
+        self.kv_usage = model(Gauge, "vllm:kv_cache_usage_perc", "Share of the KV cache blocks in use (0 to 1)")
+        self.prompt_tokens = model(Counter, "vllm:prompt_tokens", "Prompt tokens of accepted requests")
+        self.generation_tokens = model(Counter, "vllm:generation_tokens", "Generated tokens")
+        self.ttft = model(Histogram, "vllm:time_to_first_token_seconds", "Arrival to first token",
+                          buckets=LATENCY_BUCKETS)
+        self.tpot = model(Histogram, "vllm:request_time_per_output_token_seconds",
+                          "Mean time between output tokens of a request", buckets=LATENCY_BUCKETS)
+        self.e2e = model(Histogram, "vllm:e2e_request_latency_seconds", "Arrival to last token",
+                         buckets=LATENCY_BUCKETS)
         # the prefix cache's counters, as cumulated by the block manager (on_stats adds what is new)
-        self.cache = {name: Counter(f"nanoflow_{metric}", doc, registry=r) for name, metric, doc in (
-            ("queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
-            ("hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache on the GPU"),
-            ("host_hits", "prefix_cache_host_hits", "Prompt tokens found in the host tier (KV offload), loaded"),
-            ("saved", "kv_offload_saved_blocks", "KV blocks copied to the host tier"))}
+        self.cache = dict(
+            queries=model(Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+            hits=model(Counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache on the GPU"),
+            host_hits=Counter("nanoflow_prefix_cache_host_hits", "Prompt tokens found in the host tier (KV offload), "
+                              "loaded", registry=r),
+            saved=Counter("nanoflow_kv_offload_saved_blocks", "KV blocks copied to the host tier", registry=r))
         self.cache_seen = CacheStats()
-        self.e2e = Histogram("nanoflow_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
-                             registry=r)
         self.peers: list[str] = []  # the other API-server processes' own metrics (URLs): render() adds them up
         Gauge("nanoflow_api_servers", "API-server processes whose metrics these are", registry=r).set(1)
 
@@ -83,7 +90,7 @@ class Metrics:
     def on_finished(self, reason: str, num_tokens: int, longest: int, arrival: float, first_token: float | None,
                     now: float) -> None:
         """num_tokens: generated by all n sequences; longest: by the longest one (its TPOT is the request's)."""
-        self.finished.labels(reason).inc()
+        self.finished(reason).inc()
         self.generation_tokens.inc(num_tokens)
         if reason == "abort":  # cut short: its latency says nothing about the server
             return
@@ -95,21 +102,23 @@ class Metrics:
         """vLLM's periodic log line: prompt and generation throughput since the last line (since: the counters
         then, updated here), the requests running and waiting, the KV cache in use, and the prefix cache's hit
         rate over the interval's lookups. None when nothing ran and nothing waits."""
-        def value(name: str) -> float:
-            return self.registry.get_sample_value(f"nanoflow_{name}") or 0.0
-        names = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits",
-                 "prefix_cache_host_hits")
-        now = {n: value(f"{n}_total") for n in names}
-        delta = {n: now[n] - since.get(n, 0.0) for n in names}
+        def value(name: str, labels=self.labels) -> float:
+            return self.registry.get_sample_value(name, labels) or 0.0
+        now = dict(prompt_tokens=value("vllm:prompt_tokens_total"),
+                   generation_tokens=value("vllm:generation_tokens_total"),
+                   prefix_cache_queries=value("vllm:prefix_cache_queries_total"),
+                   prefix_cache_hits=value("vllm:prefix_cache_hits_total"),
+                   prefix_cache_host_hits=value("nanoflow_prefix_cache_host_hits_total", {}))
+        delta = {n: now[n] - since.get(n, 0.0) for n in now}
         since.update(now)
-        running, waiting = value("num_requests_running"), value("num_requests_waiting")
+        running, waiting = value("vllm:num_requests_running"), value("vllm:num_requests_waiting")
         if not (delta["prompt_tokens"] or delta["generation_tokens"] or running or waiting):
             return None
         queries = delta["prefix_cache_queries"]
         hits = delta["prefix_cache_hits"] + delta["prefix_cache_host_hits"]
         return (f"Avg prompt throughput: {delta['prompt_tokens'] / seconds:.1f} tokens/s, Avg generation throughput: "
                 f"{delta['generation_tokens'] / seconds:.1f} tokens/s, Running: {running:.0f} reqs, Waiting: "
-                f"{waiting:.0f} reqs, KV cache usage: {100 * value('kv_cache_usage_ratio'):.1f}%, Prefix cache hit "
+                f"{waiting:.0f} reqs, KV cache usage: {100 * value('vllm:kv_cache_usage_perc'):.1f}%, Prefix cache hit "
                 f"rate: {100 * hits / queries if queries else 0:.1f}%")
 
     def render(self) -> bytes:

@@ -40,6 +40,7 @@ from nanoflow.entrypoints.metrics import Metrics
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
+from nanoflow.models.loader import default_model_path
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.reasoning import ReasoningStream
 from nanoflow.reasoning import split as split_reasoning
@@ -76,27 +77,37 @@ def _unavailable(e: Overloaded) -> APIError:
 
 
 class _Gate:
-    """Plain ASGI middleware (so streaming and disconnects pass untouched): the API key of /v1 routes, and
-    the count of their responses by status."""
+    """Plain ASGI middleware (so streaming and disconnects pass untouched): the API keys of /v1 routes (any one of
+    them, after a Bearer scheme in any case, as vLLM's), the count of their responses by status, and with
+    request_id_headers each response's X-Request-Id: the request's, else a new one (vLLM's
+    --enable-request-id-headers)."""
 
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+    def __init__(self, app, api_keys: list[str], metrics: Metrics, request_id_headers: bool = False):
+        self.app, self.metrics, self.request_id_headers = app, metrics, request_id_headers
+        self.keys = [k.encode() for k in api_keys]
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+        # (every key compared: the time taken says nothing of which one nearly matched)
+        return scheme.lower() == b"bearer" and sum(secrets.compare_digest(key, k) for k in self.keys) > 0
 
     async def __call__(self, scope, receive, send):
         # the route's path: under --root-path, uvicorn passes the root path's prefix in scope["path"] too
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):]
-        if scope["type"] != "http" or not path.startswith("/v1"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.expected is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                self.metrics.responses.labels("401").inc()
-                error = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                 type="authentication_error", code="invalid_api_key")
-                return await error.response()(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.request_id_headers:
+            send = self._with_request_id(send, headers.get(b"x-request-id") or uuid.uuid4().hex.encode())
+        if not path.startswith("/v1"):
+            return await self.app(scope, receive, send)
+        if self.keys and not self._authorized(headers):
+            self.metrics.responses.labels("401").inc()
+            error = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                             type="authentication_error", code="invalid_api_key")
+            return await error.response()(scope, receive, send)
 
         async def counted(message):
             if message["type"] == "http.response.start":
@@ -108,6 +119,20 @@ class _Gate:
         except Exception:  # answered with a 500 by the outermost middleware
             self.metrics.responses.labels("500").inc()
             raise
+
+    @staticmethod
+    def _with_request_id(send, request_id: bytes):
+        async def sent(message):
+            if message["type"] == "http.response.start":
+                message = message | {"headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
+            await send(message)
+        return sent
+
+
+def _request_id(raw: Request, req) -> str | None:
+    """The id a client gave its request, as vLLM takes it: an X-Request-Id header, else the body's request_id. It
+    names the response; the engine's requests keep ids of their own (two clients may give the same)."""
+    return raw.headers.get("x-request-id") or req.request_id
 
 
 async def _disconnected(raw: Request) -> None:
@@ -235,18 +260,20 @@ async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator[BaseMode
     yield "data: [DONE]\n\n"
 
 
-def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | None = None,
+def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | list[str] | None = None,
               tool_parser: str | None = None,
               chat_template: str | None = None, reasoning_parser: str | None = None,
               prompt_tokens_details: bool = False, cors: dict | None = None,
-              log_stats_interval: float | None = None, docs: bool = True) -> FastAPI:
+              log_stats_interval: float | None = None, docs: bool = True,
+              request_id_headers: bool = False) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
     prompt_tokens_details: each usage tells the prompt's tokens found in the prefix cache; cors: Starlette
     CORSMiddleware's arguments (None: no CORS headers), outside the API key's check, so that a browser's
     preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none);
-    docs: FastAPI's /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off).
+    docs: FastAPI's /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off);
+    api_key: one, or several (a request gives any one); request_id_headers: each response's X-Request-Id header.
     model_name: the model's name in the API, or several (as vLLM's --served-model-name): a request may name any, and
     its response names the one it named (the first, if none)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -273,7 +300,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
 
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan,
                   **({} if docs else dict(docs_url=None, redoc_url=None, openapi_url=None)))
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Gate, api_keys=[api_key] if isinstance(api_key, str) else list(api_key or []),
+                       metrics=metrics, request_id_headers=request_id_headers)
     if cors is not None:  # (added last: the outermost)
         app.add_middleware(CORSMiddleware, **cors)
     app.state.engine = engine
@@ -404,10 +432,11 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             for i, (prompt, result) in enumerate(zip(prompts, beams.results(decode)))])
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)  # (SageMaker's, as vLLM's)
     async def health():
         if not engine.alive:
             raise APIError(503, "the engine is not running", type="internal_error")
-        return {}
+        return Response(status_code=200)  # (no body, as vLLM's)
 
     @app.get("/version")
     async def version():
@@ -478,7 +507,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
         stream = await (search(prompts, params, req, raw, "prompt") if req.use_beam_search else
                         submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None), req.priority))
-        head = dict(id=f"cmpl-{stream.id}", created=int(time.time()), model=served)
+        head = dict(id=f"cmpl-{_request_id(raw, req) or stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
         k = params.logprobs
 
@@ -530,7 +559,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
         stream = await (search([prompt], params, req, raw, "messages") if req.use_beam_search else
                         submit([prompt], params, raw, "messages", grammar_source, req.priority))
-        head = dict(id=f"chatcmpl-{stream.id}", created=int(time.time()), model=served)
+        head = dict(id=f"chatcmpl-{_request_id(raw, req) or stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(params.n)]
 
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
@@ -640,13 +669,13 @@ def serve(args) -> int:
         return serve_api_servers(args)
     with sock:
         if args.data_parallel_size is None:
-            engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(), args.max_waiting_requests,
-                                 args.stream_interval)
+            engine = AsyncEngine(LLMEngine(args.model, **engine_kwargs(args)), Metrics(served_names(args)[0]),
+                                 args.max_waiting_requests, args.stream_interval)
             settle_gc()
         else:
             from nanoflow.entrypoints.dp_router import Router  # Ray is imported only here
             engine = Router.launch(args.model, engine_kwargs(args), args.data_parallel_size, args.ray_address,
-                                   args.max_waiting_requests, args.stream_interval)
+                                   args.max_waiting_requests, args.stream_interval, served_names(args)[0])
         # (an engine thread stuck on a dead peer left the group behind: the CLI then ends the process by os._exit)
         return run_http(engine, args, sock)
 
@@ -736,6 +765,11 @@ def _check_ssl(args) -> None:
             raise ValueError(f"{flag}: {e.strerror or e}") from None
 
 
+def served_names(args) -> list[str]:
+    """The model's names in the API: --served-model-name's, else MODEL as given (the default model: its file's)."""
+    return args.served_model_name or [args.model or os.path.basename(default_model_path()).removesuffix(".gguf")]
+
+
 def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
     """The API over engine, on a socket bound to args.host:args.port, until SIGTERM / SIGINT (see serve), or until
     the engine stops for good (a tensor-parallel worker exited): then 1, unless kept alive."""
@@ -757,12 +791,14 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                 self.should_exit = self.engine_died = True  # (its requests have failed: nothing waits)
             return await super().on_tick(counter)
 
-    names = args.served_model_name or [args.model or os.path.basename(engine.model_path).removesuffix(".gguf")]
-    app = build_app(engine, names, args.api_key, args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    args.chat_template, args.reasoning_parser, args.enable_prompt_tokens_details,
+    env_key = os.environ.get("NANOFLOW_API_KEY") or os.environ.get("VLLM_API_KEY")  # (vLLM's, for its launch files)
+    app = build_app(engine, served_names(args), args.api_key or env_key,
+                    args.tool_call_parser if args.enable_auto_tool_choice else None, args.chat_template,
+                    args.reasoning_parser, args.enable_prompt_tokens_details,
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                          allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
-                    None if args.disable_log_stats else _log_stats_interval(), not args.disable_fastapi_docs)
+                    None if args.disable_log_stats else _log_stats_interval(), not args.disable_fastapi_docs,
+                    args.enable_request_id_headers)
     # the server's own log (warnings, errors, the stats lines) on stderr beside uvicorn's, at info
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%m-%d %H:%M:%S"))
