@@ -958,3 +958,32 @@ def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch):
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
     finally:
         assert stop_server(proc) == 0
+
+
+def test_return_tokens_as_token_ids(server, tmp_path):
+    """vLLM's return_tokens_as_token_ids (a request's, else --return-tokens-as-token-ids): logprobs name each token
+    and its alternatives "token_id:ID", in completions (also an echoed prompt's) and chat."""
+    ids = re.compile(r"token_id:\d+")
+    body = {"prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "echo": True, "return_tokens_as_token_ids": True}
+    lp = httpx.post(f"{server}/v1/completions", json=body, headers=AUTH).json()["choices"][0]["logprobs"]
+    assert all(map(ids.fullmatch, lp["tokens"])) and all(ids.fullmatch(t) for top in lp["top_logprobs"][1:]
+                                                          for t in top)
+    plain = httpx.post(f"{server}/v1/completions", json=body | {"return_tokens_as_token_ids": False},
+                       headers=AUTH).json()["choices"][0]["logprobs"]["tokens"]
+    assert "".join(plain).startswith(PROMPT) and not any(map(ids.fullmatch, plain))
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
+            "return_tokens_as_token_ids": True}
+    content = httpx.post(f"{server}/v1/chat/completions", json=chat, headers=AUTH).json()["choices"][0]["logprobs"][
+        "content"]
+    assert len(content) == 3 and all(ids.fullmatch(c["token"]) and c["bytes"] == list(c["token"].encode()) and
+                                     all(ids.fullmatch(t["token"]) for t in c["top_logprobs"]) for c in content)
+    proc, url = start_server(["--max-model-len", "64", "--return-tokens-as-token-ids"], tmp_path / "log")
+    try:
+        body = {"prompt": [1, 2, 3], "max_tokens": 2, "logprobs": 0}
+        assert all(map(ids.fullmatch, httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0][
+            "logprobs"]["tokens"]))
+        tokens = httpx.post(f"{url}/v1/completions", json=body | {"return_tokens_as_token_ids": False}).json()[
+            "choices"][0]["logprobs"]["tokens"]
+        assert not any(map(ids.fullmatch, tokens))
+    finally:
+        assert stop_server(proc) == 0

@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ssl-ca-certs", default=None, help="TLS: the CAs of the clients' certificates")
     s.add_argument("--ssl-cert-reqs", type=int, default=0,
                    help="TLS: whether a client certificate is asked for: 0 no, 1 optional, 2 required")
+    s.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='logprobs name tokens "token_id:ID" (their text may not be valid alone, e.g. part of a '
+                        'character); a request\'s return_tokens_as_token_ids overrides it')
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="each response carries an X-Request-Id header: the request's, else a new one")
     s.add_argument("--disable-fastapi-docs", action="store_true",

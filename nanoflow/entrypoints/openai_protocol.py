@@ -131,6 +131,7 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id; accepted and not used
     request_id: str | None = None  # (vLLM's) the response's id is cmpl-ID / chatcmpl-ID (an X-Request-Id header wins)
+    return_tokens_as_token_ids: bool | None = None  # (vLLM's) logprobs name tokens "token_id:ID" (None: the server's)
     # token id (a JSON object's key, so a string) -> bias, clamped to OpenAI's [-100, 100] as vLLM does
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[Int64] | None = None  # (vLLM's)

@@ -155,30 +155,35 @@ def _logprob(entry: Logprob) -> float:
     return max(entry.logprob, -9999.0)
 
 
-def _token_str(entry: Logprob, token_id: int) -> str:
-    return entry.decoded_token if entry.decoded_token is not None else f"token_id:{token_id}"
+def _token_str(entry: Logprob | None, token_id: int, as_id: bool = False, tokenizer=None) -> str:
+    """A logprobs entry's token: its text, or (as_id: vLLM's --return-tokens-as-token-ids, for tokens whose text is
+    not valid on its own, e.g. part of a character) "token_id:ID". An entry-less position's text by the tokenizer."""
+    if as_id or entry is None and tokenizer is None or entry is not None and entry.decoded_token is None:
+        return f"token_id:{token_id}"
+    return entry.decoded_token if entry is not None else tokenizer.decode(token_id)
 
 
 def _completion_logprobs(token_ids: list[int], positions: list, k: int, p: _Progress, tokenizer=None,
-                         lp: api.CompletionLogprobs | None = None) -> api.CompletionLogprobs:
+                         lp: api.CompletionLogprobs | None = None, as_ids: bool = False) -> api.CompletionLogprobs:
     """Tokens and their positions' logprobs appended to lp: each token's, and its top k with it. A position
-    without logprobs (an echoed prompt's first) has nulls, its token named by the tokenizer."""
+    without logprobs (an echoed prompt's first) has nulls, its token named by the tokenizer. as_ids: tokens as
+    "token_id:ID"."""
     lp = lp or api.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for tid, pos in zip(token_ids, positions):
-        tok = _token_str(pos[tid], tid) if pos else tokenizer.decode(tid)
+        tok = _token_str(pos[tid] if pos else None, tid, as_ids, tokenizer)
         lp.tokens.append(tok)
         lp.token_logprobs.append(_logprob(pos[tid]) if pos else None)
         ranked = sorted(pos.items(), key=lambda item: item[1].rank)[:k] if pos else []
-        lp.top_logprobs.append({tok: _logprob(pos[tid])} | {_token_str(e, t): _logprob(e) for t, e in ranked}
+        lp.top_logprobs.append({tok: _logprob(pos[tid])} | {_token_str(e, t, as_ids): _logprob(e) for t, e in ranked}
                                if pos else None)
         lp.text_offset.append(p.offset)
         p.offset += len(tok)
     return lp
 
 
-def _chat_logprobs(c: CompletionOutput, start: int, k: int) -> api.ChatLogprobs:
+def _chat_logprobs(c: CompletionOutput, start: int, k: int, as_ids: bool = False) -> api.ChatLogprobs:
     def top(entry: Logprob, t: int) -> api.TopLogprob:
-        s = _token_str(entry, t)
+        s = _token_str(entry, t, as_ids)
         return api.TopLogprob(token=s, logprob=_logprob(entry), bytes=list(s.encode()))
 
     content = []
@@ -265,7 +270,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
               chat_template: str | None = None, reasoning_parser: str | None = None,
               prompt_tokens_details: bool = False, cors: dict | None = None,
               log_stats_interval: float | None = None, docs: bool = True,
-              request_id_headers: bool = False) -> FastAPI:
+              request_id_headers: bool = False, tokens_as_ids: bool = False) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
@@ -273,7 +278,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     CORSMiddleware's arguments (None: no CORS headers), outside the API key's check, so that a browser's
     preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none);
     docs: FastAPI's /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off);
-    api_key: one, or several (a request gives any one); request_id_headers: each response's X-Request-Id header.
+    api_key: one, or several (a request gives any one); request_id_headers: each response's X-Request-Id header;
+    tokens_as_ids: logprobs name tokens "token_id:ID" unless a request says otherwise (return_tokens_as_token_ids).
     model_name: the model's name in the API, or several (as vLLM's --served-model-name): a request may name any, and
     its response names the one it named (the first, if none)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -344,6 +350,10 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     async def internal_error(_, e: Exception):
         log.exception("internal error")
         return APIError(500, f"internal error: {e}", type="internal_error").response()
+
+    def as_ids(req: api.CompletionRequest | api.ChatCompletionRequest) -> bool:
+        given = req.return_tokens_as_token_ids
+        return tokens_as_ids if given is None else given
 
     def check_model(name: str | None) -> str:
         """The served name a request gives (an empty one is the first, as vLLM's)."""
@@ -522,11 +532,12 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                 if req.echo and first:  # the prompt first (alone with max_tokens 0: its computed token dropped)
                     text = texts[i] + ("" if req.echo_only else text)
                     if k is not None:
-                        lp = _completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, k, p, tokenizer)
+                        lp = _completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, k, p, tokenizer,
+                                                  as_ids=as_ids(req))
                 if req.echo_only:
                     p.tokens = 0
                 elif k is not None:
-                    lp = _completion_logprobs(c.token_ids[start:], c.logprobs[start:], k, p, lp=lp)
+                    lp = _completion_logprobs(c.token_ids[start:], c.logprobs[start:], k, p, lp=lp, as_ids=as_ids(req))
                 new.append(api.CompletionChoice(
                     index=i * params.n + c.index, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                     logprobs=lp, prompt_logprobs=_prompt_logprobs(out) if first else None))
@@ -563,7 +574,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         progress = [_Progress() for _ in range(params.n)]
 
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
-            return _chat_logprobs(c, start, params.logprobs) if c.logprobs is not None else None
+            return (_chat_logprobs(c, start, params.logprobs, as_ids(req)) if c.logprobs is not None
+                    else None)
 
         if req.stream:
             async def chunks():
@@ -798,7 +810,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                          allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
                     None if args.disable_log_stats else _log_stats_interval(), not args.disable_fastapi_docs,
-                    args.enable_request_id_headers)
+                    args.enable_request_id_headers, args.return_tokens_as_token_ids)
     # the server's own log (warnings, errors, the stats lines) on stderr beside uvicorn's, at info
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%m-%d %H:%M:%S"))
