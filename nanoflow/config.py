@@ -288,6 +288,19 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The device to run on (default: CUDA if there is one); ValueError naming it if it is not a usable one."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device torch knows (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: nanoflow runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch has no usable CUDA device")
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: str | None) -> torch.dtype:
     """'auto' means fp32 on the CPU and the checkpoint's half type (else bf16) on the GPU."""
     if isinstance(dtype, torch.dtype):
@@ -390,14 +403,18 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64:  # (torch.manual_seed's range)
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.kv_offload_gb and not self.enable_prefix_caching:
             raise ValueError("kv_offload_gb needs prefix caching (host blocks are found by prefix hash)")
 
 
 def read_json(path: str) -> dict:
+    """A JSON file's content ({} if there is none); ValueError naming the file if it is not JSON."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None

@@ -67,7 +67,10 @@ class Tokenizer:
         file = os.path.join(path, "tokenizer.json")
         if not os.path.exists(file):
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        tk = HFTokenizer.from_file(file)
+        try:
+            tk = HFTokenizer.from_file(file)
+        except Exception as e:  # (the tokenizers library raises a bare Exception for a file it cannot parse)
+            raise ValueError(f"malformed tokenizer {file}: {e}") from None
         cfg = read_json(os.path.join(path, "tokenizer_config.json"))
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates ({"name", "template"} each)

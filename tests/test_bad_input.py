@@ -280,9 +280,9 @@ def test_bad_engine_config(kw, name):
 
 @pytest.mark.parametrize("device, message", [("bogus", "not a device"), ("mps", "cpu or cuda")])
 def test_bad_device(device, message):
-    from nanoflow.engine.llm_engine import _device
+    from nanoflow.config import resolve_device
     with pytest.raises(ValueError, match=message):
-        _device(device)
+        resolve_device(device)
 
 
 def test_bench_output_in_a_missing_directory_is_refused_before_the_run(capsys):
@@ -388,13 +388,51 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     (["tune", "--max-nano-batches", "0"], "--max-nano-batches must be >= 1"),
     (["tune", "--context", "100000"], "--context 100000 leaves no room in the model's context length"),
     (["tune", "--output", "/no/such/dir/spec.json"], "--output /no/such/dir/spec.json: its directory"),
-    (["tune", "--save-candidates", "/dev/null"], "--save-candidates /dev/null: a file, not a folder")])
+    (["tune", "--save-candidates", "/dev/null"], "--save-candidates /dev/null: a file, not a folder"),
+    # a directory, or a path that cannot be written: refused before the run, which it would otherwise lose
+    (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--output", "/"],
+     "--output /: a directory, not a file"),
+    (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--plot", "/"],
+     "--plot /: a directory, not a file"),
+    (["bench", "plot", "r.json", "-o", "/"], "-o /: a directory, not a file"),
+    (["tune", "--output", "/proc/self"], "--output /proc/self: a directory, not a file"),
+    # tune's engine options as the engine refuses them, before the search (-tp 2: the default model's 9 heads)
+    (["tune", "-tp", "0"], "--tensor-parallel-size must be >= 1, not 0"),
+    (["tune", "-tp", "2"], "tensor_parallel_size 2 must divide the model's num_attention_heads (9)"),
+    (["tune", "--device", "mps"], "device 'mps': nanoflow runs on cpu or cuda"),
+    # the generation config's max_new_tokens checked as a request's max_tokens (0 was ignored: no bound at all)
+    (["generate", "Hi", "--override-generation-config", '{"max_new_tokens": 0}'],
+     "the generation config's default max_new_tokens=0: must be an integer >= 1"),
+    (["generate", "Hi", "--override-generation-config", '{"max_new_tokens": "abc"}'], "max_new_tokens='abc'"),
+    (["generate", "Hi", "--seed", "99999999999999999999"], "seed must be an integer in [-2**63, 2**64)"),
+    # sizes past the memory: the option that sizes them, not the allocator's traceback
+    (["generate", "Hi", "--num-kv-blocks", "1000000000"], "lower num_kv_blocks or kv_cache_gb"),
+    (["generate", "Hi", "--device", "cpu", "--max-num-batched-tokens", "100000000"],
+     "lower max_num_batched_tokens")])
 def test_bench_and_tune_refuse_bad_flags_before_any_work(capsys, argv, message):
     """Each a one-line error naming the flag, before a model loads, a replay runs or a server is asked (a bad path
     found after the run lost it; a rate of 0 divided by zero; an unreachable server printed a traceback)."""
     from nanoflow.entrypoints.cli import main
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_malformed_tokenizer_and_report_files_are_named(tmp_path, llama_dir, capsys):
+    """A tokenizer.json or tokenizer_config.json that does not parse, and a `bench plot` report without the fields
+    it draws: a one-line error naming the file (they were tracebacks)."""
+    from nanoflow.entrypoints.cli import main
+    (tmp_path / "tokenizer.json").write_text("{garbage")
+    with pytest.raises(ValueError, match=f"malformed tokenizer {tmp_path}/tokenizer.json: "):
+        LLM(llama_dir, tokenizer=str(tmp_path))
+    shutil.copy(os.path.join(llama_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"{tmp_path}/tokenizer_config.json is not JSON"):
+        LLM(llama_dir, tokenizer=str(tmp_path))
+    report = tmp_path / "min.json"
+    report.write_text(json.dumps({"results": [{"tokens_per_second": 1.0}]}))
+    assert main(["bench", "plot", str(report), "-o", str(tmp_path / "b.png")]) == 2
+    assert "is not a whole `bench throughput` report: it has no dtype, optimal_tokens_per_second" in \
+        capsys.readouterr().err
 
 
 def test_tune_refuses_an_fp8_kv_cache(capsys):

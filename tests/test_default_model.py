@@ -180,3 +180,27 @@ def test_cli_reports_bad_input():
     r = subprocess.run([sys.executable, "-m", "nanoflow.entrypoints.cli", "generate", "The capital of France is",
                         "--max-model-len", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == "" and "the prompt has" in r.stderr
+
+
+def test_cli_ends_quietly_when_interrupted_or_its_reader_goes(tmp_path):
+    """Ctrl-C: one line and 130 (a traceback of wherever it landed before); stdout's reader gone (| head): no
+    output on stderr, 141, as a shell tool. Words after "--" are arguments as given (a prompt's underscores were
+    taken for a flag's)."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "nanoflow.entrypoints.cli", "generate", "Once upon a time", "--max-tokens", "8000",
+           "--ignore-eos", "--max-model-len", "8192"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p.stdout.read(40)  # (generating)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.decode() == "nanoflow: interrupted\n", err.decode()[-2000:]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(40)
+    p.stdout.close()
+    time.sleep(0.5)
+    assert p.wait(120) == 141 and p.stderr.read() == b""
+    r = subprocess.run([*cmd[:4], "--max-tokens", "1", "--", "--snake_case"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("--snake_case"), r.stderr

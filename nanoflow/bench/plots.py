@@ -9,8 +9,15 @@ def check_outputs(files: dict[str, str | None], plots: dict[str, str | None]) ->
     """Before a run, so that a bad path does not lose it: {flag: path} of files to write, whose directory must
     exist, and of plots, which also need a format matplotlib writes."""
     for flag, path in (files | plots).items():
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
             raise ValueError(f"{flag} {path}: its directory does not exist (checked before the run, not after)")
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path}: a directory, not a file (checked before the run, not after)")
+        if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+            raise ValueError(f"{flag} {path}: not writable (checked before the run, not after)")
     if any(plots.values()):
         from matplotlib.figure import Figure
         formats = Figure().canvas.get_supported_filetypes()
@@ -34,6 +41,10 @@ def _throughput_report(path: str) -> dict:
                                                  for r in rep.get("results") or [])
         hint = " (a `bench schedule` replay: its --plot draws it)" if replayed else ""
         raise ValueError(f"{path} is not a `bench throughput` report: no results with tokens_per_second{hint}")
+    missing = sorted({"optimal_tokens_per_second", "dtype"} - rep.keys()) or sorted(
+        {k for r in rep["results"] for k in {"workload", "percent_of_optimal"} - r.keys()})
+    if missing:
+        raise ValueError(f"{path} is not a whole `bench throughput` report: it has no {', '.join(missing)}")
     return rep
 
 

@@ -12,7 +12,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from nanoflow.config import EngineConfig, resolve_dtype
+from nanoflow.config import EngineConfig, resolve_device, resolve_dtype
 from nanoflow.distributed.parallel_state import SINGLE
 from nanoflow.distributed.worker import WorkerArgs, Workers, check_size
 from nanoflow.engine.detokenizer import detokenize, find_stop, visible_text
@@ -51,7 +51,7 @@ class LLMEngine:
         check_load_format(self.source, load_format)
         cfg = self.source.config
         self.model_config = cfg
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
         self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_revision)
         eos, self.sampling_defaults = read_generation_config(self.source, generation_config, override_generation_config)
@@ -165,8 +165,11 @@ class LLMEngine:
         """What a request without params gets: the model's generation-config defaults, else SamplingParams()'s.
         Its max_new_tokens is a bound (max_tokens None here: see add_request), as on vLLM's server."""
         defaults = dict(self.sampling_defaults)
-        return SamplingParams(**defaults, max_tokens=None) if defaults.pop("max_tokens", None) else \
-            SamplingParams(**defaults)
+        if (bound := defaults.pop("max_tokens", None)) is None:
+            return SamplingParams(**defaults)
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Integral) or bound < 1:
+            raise ValueError(f"max_new_tokens={bound!r}: must be an integer >= 1")
+        return SamplingParams(**defaults, max_tokens=None)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     priority: int = 0) -> Request:
@@ -410,14 +413,3 @@ def is_token_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-def _device(name: str | None) -> torch.device:
-    """The device to run on (default: CUDA if there is one); ValueError naming it if it is not a usable one."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a device torch knows (cpu, cuda, cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: nanoflow runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: this torch has no usable CUDA device")
-    return device

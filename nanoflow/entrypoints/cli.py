@@ -53,12 +53,18 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
-        return super().parse_args([_dashed(a) for a in (sys.argv[1:] if args is None else args)], namespace)
+        return super().parse_args(_dashed(sys.argv[1:] if args is None else args), namespace)
 
 
-def _dashed(arg: str) -> str:
-    flag, eq, value = arg.partition("=")
-    return flag.replace("_", "-") + eq + value if arg.startswith("--") else arg
+def _dashed(words: list[str]) -> list[str]:
+    """Flags' underscores as dashes, up to a "--" (after it every word is an argument, e.g. a prompt)."""
+    end = words.index("--") if "--" in words else len(words)
+    return [_dashed_flag(w) for w in words[:end]] + list(words[end:])
+
+
+def _dashed_flag(word: str) -> str:
+    flag, eq, value = word.partition("=")
+    return flag.replace("_", "-") + eq + value if word.startswith("--") else word
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -170,7 +176,8 @@ def _bench_schedule(a: argparse.Namespace) -> int:
 
 
 def _bench_plot(a: argparse.Namespace) -> int:
-    from nanoflow.bench.plots import throughput_bars
+    from nanoflow.bench.plots import check_outputs, throughput_bars
+    check_outputs({}, {"-o": a.output})
     throughput_bars(a.reports, a.output)
     return 0
 
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     bs.set_defaults(func=_bench_serve)
     from nanoflow.entrypoints import tune
     tune.add_parser(sub)
-    words = [_dashed(w) for w in (sys.argv[1:] if argv is None else argv)]
+    words = _dashed(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["serve"]:
         try:
             _config_defaults(s, words[1:])
@@ -411,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # (Ctrl-C: a line, not the traceback of wherever it landed)
+        print("nanoflow: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # stdout's reader went away (| head): end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so that the flush at exit fails no more)
+        code = 141
     finally:
         # A tensor-parallel engine the command left running stops here, not at exit: if NCCL's teardown hangs,
         # finalizing the interpreter would abort (SIGABRT) on its thread, so the process then ends by os._exit.

@@ -47,10 +47,10 @@ def save_candidates(picks, best, folder: str) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
-    from nanoflow.config import resolve_dtype
+    from nanoflow.config import resolve_device, resolve_dtype
+    from nanoflow.distributed.worker import check_size
     from nanoflow.entrypoints.cli import engine_kwargs
     from nanoflow.executor.model_runner import batch_budget
     from nanoflow.models.loader import check_load_format, resolve
@@ -76,9 +76,15 @@ def main(a: argparse.Namespace) -> int:
               f"--kv-cache-dtype {a.kv_cache_dtype} (the spec it finds also serves an fp8 cache)", file=sys.stderr)
         return 2
     tp = a.tensor_parallel_size
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, not {tp}")
     source = resolve(a.model, a.num_layers, a.revision)
     check_load_format(source, a.load_format)  # (its candidates' timing builds the model, after the profile)
     cfg = source.config
+    device = resolve_device(a.device)  # (all refused before the search, as the engine refuses them)
+    cfg.shard(tp)
+    if tp > 1:
+        check_size(tp, device.type)
     for flag, value in (("--max-num-batched-tokens", a.max_num_batched_tokens), ("--context", a.context),
                         ("--top", a.top), ("--max-nano-batches", a.max_nano_batches)):
         if value is not None and value < 1:
@@ -88,7 +94,6 @@ def main(a: argparse.Namespace) -> int:
     check_outputs({"--output": a.output}, {})
     if a.save_candidates and os.path.exists(a.save_candidates) and not os.path.isdir(a.save_candidates):
         raise ValueError(f"--save-candidates {a.save_candidates}: a file, not a folder (checked before the run)")
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(a.dtype, device, cfg.torch_dtype)
     budget = batch_budget(a.max_num_batched_tokens, device)
     decode = budget // 3 if a.decode_rows is None else a.decode_rows

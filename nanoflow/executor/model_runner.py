@@ -34,6 +34,15 @@ CPU_KV_CACHE_GB = 1.0  # the KV cache's size on the CPU when neither num_kv_bloc
 GPU_BATCH_TOKENS = 2048
 
 
+def _host_free_bytes() -> int | None:
+    """The host's available memory (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def batch_budget(max_num_batched_tokens: int | None, device: torch.device) -> int:
     """The most tokens an iteration runs."""
     return max_num_batched_tokens or (GPU_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
@@ -122,12 +131,19 @@ class ModelRunner:
             raise ValueError("the KV cache holds no block of this model; raise num_kv_blocks or kv_cache_gb")
         c = self.cfg
         # one spare block past the last: padding rows write their KV there
-        model.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks + 1, self.block_size, c.num_kv_heads,
-                                     c.head_dim, dtype=self.kv_dtype, device=self.device)
+        model.kv_cache = self._allocate(
+            "the KV cache", (self.num_blocks + 1) * self._block_bytes(), "num_kv_blocks or kv_cache_gb",
+            lambda: torch.zeros(c.num_layers, 2, self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim,
+                                dtype=self.kv_dtype, device=self.device))
         self.pad_slot = self.num_blocks * self.block_size
         self.num_host_blocks = int(config.kv_offload_gb * 2**30) // self._block_bytes()
-        self.offload = KVOffload(model.kv_cache, self.num_host_blocks) if self.num_host_blocks else None
-        self.ws = Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device, self.tp.size)
+        self.offload = self._allocate(
+            "the KV cache's host tier", self.num_host_blocks * self._block_bytes(), "kv_offload_gb",
+            lambda: KVOffload(model.kv_cache, self.num_host_blocks), host=True) if self.num_host_blocks else None
+        self.ws = self._allocate(
+            "an iteration's activations", Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size),
+            "max_num_batched_tokens", lambda: Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device,
+                                                                 self.tp.size))
         if config.seed is not None:
             torch.manual_seed(config.seed)
         # with tensor parallelism each rank draws the race's noise for its vocabulary slice: streams of their own
@@ -159,6 +175,24 @@ class ModelRunner:
                                       self.pad_slot, capture=on_gpu)
             if on_gpu:
                 self.graphs.capture_all()
+
+    def _allocate(self, what: str, nbytes: int, knob: str, make, host: bool = False):
+        """make(), or ValueError naming what did not fit and the option that sizes it. In host memory (the CPU
+        device, the host tier) a size past what the host has free is refused before it is taken: the kernel's OOM
+        killer would end the process rather than the allocation fail."""
+        on_host = host or self.device.type == "cpu"
+        free = _host_free_bytes() if on_host else None
+        where = "the host" if on_host else "the GPU"
+        if free is not None and nbytes > free:
+            raise ValueError(f"{what}: {nbytes / 2**30:.2f} GiB, more than {where} has free "
+                             f"({free / 2**30:.2f} GiB); lower {knob}")
+        try:
+            return make()
+        except RuntimeError as e:  # (torch.OutOfMemoryError on a GPU; the CPU allocator's own error)
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            raise ValueError(f"{what} ({nbytes / 2**30:.2f} GiB) does not fit in {where}'s memory; lower "
+                             f"{knob}") from None
 
     def _block_bytes(self) -> int:
         return self.cfg.kv_bytes_per_token(self.kv_dtype) * self.block_size
