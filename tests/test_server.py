@@ -947,6 +947,18 @@ def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch):
         for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):
             r = client.request(method, path)
             assert (r.status_code, r.content) == (200, b""), path
+        # SageMaker's /invocations (outside /v1, as vLLM's): by its body, a chat completion or a completion
+        r = client.post("/invocations", json=body)
+        assert r.json()["object"] == "chat.completion" and r.json()["choices"][0]["message"]["content"] == "Paris."
+        assert client.post("/invocations", json={"prompt": "Hi"}).json()["object"] == "text_completion"
+        r = client.post("/invocations", json={"prompt": "Hi", "stream": True})
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in r.text.split("data: ")[1:-1]) == "Paris."
+        r = client.post("/invocations", json={"input": "Hi"})
+        assert r.status_code == 400 and "holds messages (a chat completion) or prompt" in r.json()["error"]["message"]
+        r = client.post("/invocations", json={"prompt": "Hi", "max_tokens": "many"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert client.post("/invocations", content=b"{", headers={"content-type": "application/json"}).status_code \
+            == 400
     with TestClient(build_app(Scripted(default_llm.tokenizer, "Paris."), "m")) as client:
         r = client.post("/v1/completions", json={"prompt": "Hi"})
         assert r.json()["id"].startswith("cmpl-") and "x-request-id" not in r.headers

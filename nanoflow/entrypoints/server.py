@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanoflow
@@ -639,6 +639,25 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         return api.ChatCompletionResponse(**head, choices=choices, usage=_usage(len(prompt), progress,
                                                                                 cached_tokens([out])),
                                           prompt_logprobs=_prompt_logprobs(out))
+
+    @app.post("/invocations", include_in_schema=False)
+    async def invocations(raw: Request):
+        """SageMaker's one route, as vLLM's: a body with messages is a chat completion, one with a prompt a
+        completion."""
+        try:
+            body = await raw.json()
+        except ValueError as e:
+            raise APIError(400, f"malformed JSON body: {e}") from None
+        kind = next((k for k in ("messages", "prompt") if isinstance(body, dict) and k in body), None)
+        if kind is None:
+            raise APIError(400, "an /invocations body holds messages (a chat completion) or prompt (a completion)")
+        model, handler = ((api.ChatCompletionRequest, chat_completions) if kind == "messages" else
+                          (api.CompletionRequest, completions))
+        try:
+            req = model.model_validate(body)
+        except ValidationError as e:  # (answered as a route's own body is: 400 naming the field)
+            raise RequestValidationError([err | {"loc": ("body", *err["loc"])} for err in e.errors()]) from None
+        return await handler(req, raw)
 
     return app
 
