@@ -15,6 +15,12 @@ def test_missing_model_path():
         LLM("/no/such/model")
 
 
+def test_the_largest_seed_runs(llama_dir):
+    """seed's range is torch's, and the samplers' generators seeded from it stay in it (seed + 1 overflowed)."""
+    llm = LLM(llama_dir, seed=2**64 - 1)
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids) == 2
+
+
 def test_a_model_file_is_read_by_its_content(tmp_path, default_model_path):
     """A GGUF file is one by its magic, whatever its name (as vLLM's check_gguf_file); another file is named as
     what it is ("model not found" was said of files that exist)."""

@@ -792,3 +792,8 @@ def test_a_hub_id_loads_from_the_local_cache(llama_dir, reference, tmp_path, mon
         LLM("org/not-cached")
     with pytest.raises(FileNotFoundError, match="in the local cache at revision 'v3'"):
         LLM("org/tiny-llama", revision="v3")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):  # (the model's tokenizer at that revision)
+        LLM("org/tiny-llama", tokenizer_revision="v3")
+    with pytest.raises(FileNotFoundError) as e:  # (a path, not an id: no download hint)
+        LLM(str(tmp_path / "no-such-dir"))
+    assert "hf download" not in str(e.value)

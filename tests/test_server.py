@@ -569,6 +569,7 @@ def test_tls_and_no_fastapi_docs(llama_dir, tmp_path, capsys):
     finally:
         assert stop_server(proc) == 0
     for flags, message in ((["--ssl-certfile", str(tmp_path / "none.pem")], "--ssl-certfile / --ssl-keyfile: "),
+                           (["--ssl-ca-certs", cert], "--ssl-ca-certs needs --ssl-certfile"),
                            (["--ssl-keyfile", key], "--ssl-keyfile needs --ssl-certfile"),
                            (["--ssl-certfile", key, "--ssl-keyfile", key], "--ssl-certfile / --ssl-keyfile: "),
                            (["--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-cert-reqs", "2"],
@@ -601,7 +602,8 @@ def test_serve_config_file(llama_dir, tmp_path, monkeypatch, capsys):
                           ("kv-cache-dtype: fp9", "'kv-cache-dtype' must be one of auto, fp8, fp8_e4m3, not 'fp9'"),
                           ("enforce-eager: 3", "'enforce-eager' is a switch: true or false, not 3"),
                           ("port:", "'port' has no value"), ("- port", "must map flags to values"),
-                          ("port: [", "is not YAML"), ("quantization: awq", "quantization='awq': nanoflow takes only")):
+                          ("port: [", "is not YAML"), ("quantization: awq", "quantization='awq': nanoflow takes only"),
+                          ("no-enable-prefix-caching: true", "write 'enable-prefix-caching' as true or false")):
         config.write_text(body)
         assert main(["serve", "--config", str(config)]) == 2
         assert message in capsys.readouterr().err
@@ -921,7 +923,7 @@ def test_several_served_model_names(default_llm, monkeypatch):
     assert (seen[0].served_model_name, seen[0].model_arg) == (["a", "b"], None)  # (b was taken as the MODEL)
 
 
-def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch):
+def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch, capsys):
     """As vLLM's: several --api-key values (any one opens /v1), the Bearer scheme in any case, $VLLM_API_KEY when no
     key is given; a response's id from the request's X-Request-Id header, else its body's request_id; with
     --enable-request-id-headers each response carries X-Request-Id (the request's, else a new one); /health and
@@ -962,6 +964,11 @@ def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch):
     with TestClient(build_app(Scripted(default_llm.tokenizer, "Paris."), "m")) as client:
         r = client.post("/v1/completions", json={"prompt": "Hi"})
         assert r.json()["id"].startswith("cmpl-") and "x-request-id" not in r.headers
+    # an empty key (an unset variable) would open /v1 to a bare "Bearer"; a MODEL after --api-key is taken for a
+    # key (it takes several, as vLLM's): both refused before the model loads
+    for argv, message in ((["serve", "--api-key", "k", ""], "--api-key: an empty key"),
+                          (["serve", "--api-key", "k", default_llm.engine.source.path], "looks like the model")):
+        assert main(argv) == 2 and message in capsys.readouterr().err
     monkeypatch.delenv("NANOFLOW_API_KEY", raising=False)
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
     proc, url = start_server(["--max-model-len", "64"], tmp_path / "log")

@@ -53,7 +53,9 @@ class LLMEngine:
         self.model_config = cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device, cfg.torch_dtype)
-        self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_revision)
+        # (vLLM's: a tokenizer_revision without a tokenizer is the model's tokenizer at that revision)
+        self.tokenizer = self._load_tokenizer(tokenizer or (model if tokenizer_revision else None),
+                                              tokenizer_revision)
         eos, self.sampling_defaults = read_generation_config(self.source, generation_config, override_generation_config)
         try:
             self.default_params()

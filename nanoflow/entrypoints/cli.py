@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from nanoflow.config import MODES, REASONING_PARSERS, SCHEDULE_POLICIES
+from nanoflow.config import MODES, PRESETS, REASONING_PARSERS, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
 from nanoflow.entrypoints import vllm_args
@@ -187,6 +187,11 @@ def _serve(a: argparse.Namespace) -> int:
     if a.model_arg is not None and a.model is not None and a.model_arg != a.model:
         raise ValueError(f"two models given: {a.model_arg!r} and --model {a.model!r}")
     a.model = a.model or a.model_arg or getattr(a, "config_model", None)
+    # --api-key takes several keys (as vLLM's), so a MODEL after it is taken for one: refuse rather than serve the
+    # default model behind a key that is a path
+    if a.model is None and (taken := [k for k in a.api_key or [] if os.path.exists(k) or k in PRESETS]):
+        raise ValueError(f"--api-key {taken[0]!r} looks like the model, not a key: --api-key takes several keys, so "
+                         f"give MODEL before it (nanoflow serve MODEL --api-key KEY) or as --model")
     return serve(a)
 
 
@@ -224,6 +229,8 @@ def _config_defaults(serve: argparse.ArgumentParser, argv: list[str]) -> None:
         action = serve._option_string_actions.get(flag)
         if action is None or flag in ("--config", "--help"):
             raise ValueError(f"--config {path}: {key!r} is not a flag of `nanoflow serve` (see nanoflow serve --help)")
+        if flag.startswith("--no-"):  # (its value would read backwards: `no-x: true` is x off)
+            raise ValueError(f"--config {path}: {key!r}: write {flag[5:]!r} as true or false")
         if action.nargs == 0:  # a switch: true or false
             if not isinstance(value, bool):
                 raise ValueError(f"--config {path}: {key!r} is a switch: true or false, not {value!r}")
@@ -253,6 +260,17 @@ def _config_value(path: str, key, action: argparse.Action, text: str):
         raise ValueError(f"--config {path}: {key!r} must be one of {', '.join(map(str, action.choices))}, "
                          f"not {value!r}")
     return value
+
+
+def _reader_gone(stream) -> bool:
+    """Whether the pipe a stream writes to has lost its reader (poll's POLLERR on the writing end)."""
+    import select
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # (no file descriptor, or no poll here)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # (Ctrl-C: a line, not the traceback of wherever it landed)
         print("nanoflow: interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:  # stdout's reader went away (| head): end quietly, as a shell tool does
+    except BrokenPipeError:
+        if not _reader_gone(sys.stdout):
+            raise
+        # stdout's reader went away (| head): end quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so that the flush at exit fails no more)
         code = 141
     finally:

@@ -9,6 +9,7 @@ request whose replica died after its output had started (in a stream: an error e
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -84,12 +85,14 @@ class _Gate:
 
     def __init__(self, app, api_keys: list[str], metrics: Metrics, request_id_headers: bool = False):
         self.app, self.metrics, self.request_id_headers = app, metrics, request_id_headers
-        self.keys = [k.encode() for k in api_keys]
+        self.keys = [hashlib.sha256(k.encode()).digest() for k in api_keys]
 
     def _authorized(self, headers: dict) -> bool:
         scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
-        # (every key compared: the time taken says nothing of which one nearly matched)
-        return scheme.lower() == b"bearer" and sum(secrets.compare_digest(key, k) for k in self.keys) > 0
+        # digests of one length, every key compared: the time taken tells neither a key's length nor which one
+        # nearly matched
+        given = hashlib.sha256(key).digest()
+        return scheme.lower() == b"bearer" and sum(secrets.compare_digest(given, k) for k in self.keys) > 0
 
     async def __call__(self, scope, receive, send):
         # the route's path: under --root-path, uvicorn passes the root path's prefix in scope["path"] too
@@ -306,8 +309,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
 
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan,
                   **({} if docs else dict(docs_url=None, redoc_url=None, openapi_url=None)))
-    app.add_middleware(_Gate, api_keys=[api_key] if isinstance(api_key, str) else list(api_key or []),
-                       metrics=metrics, request_id_headers=request_id_headers)
+    app.add_middleware(_Gate, api_keys=_checked_keys(api_key), metrics=metrics, request_id_headers=request_id_headers)
     if cors is not None:  # (added last: the outermost)
         app.add_middleware(CORSMiddleware, **cors)
     app.state.engine = engine
@@ -692,6 +694,7 @@ def serve(args) -> int:
         _log_stats_interval()  # (a bad $NANOFLOW_LOG_STATS_INTERVAL refused before the model loads)
     _keep_alive_on_engine_death()
     _check_ssl(args)
+    _api_keys(args)
     # Bound before the model loads (as vLLM does), so that a port in use is reported at once, not after the load
     sock = listen_socket(args.host, args.port)
     if args.api_server_count > 1:
@@ -768,6 +771,20 @@ def _keep_alive_on_engine_death() -> bool:
     return text.lower() in ("1", "true")
 
 
+def _checked_keys(given: str | list[str] | None) -> list[str]:
+    """The API keys as a list; an empty one refused (an unset variable in `--api-key "$K"`: a bare "Bearer" would
+    match it)."""
+    keys = [given] if isinstance(given, str) else list(given or [])
+    if "" in keys:
+        raise ValueError("--api-key: an empty key (an unset variable?) would let any request in")
+    return keys
+
+
+def _api_keys(args) -> list[str]:
+    """--api-key's, else $NANOFLOW_API_KEY, else vLLM's $VLLM_API_KEY (for its launch files)."""
+    return _checked_keys(args.api_key or os.environ.get("NANOFLOW_API_KEY") or os.environ.get("VLLM_API_KEY"))
+
+
 def _ssl(args) -> dict:
     """uvicorn's TLS settings from vLLM's --ssl-* flags (none: plain HTTP)."""
     return dict(ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
@@ -776,8 +793,10 @@ def _ssl(args) -> dict:
 
 def _check_ssl(args) -> None:
     """A TLS setting that cannot serve refused before the model loads, naming the flag and why."""
-    if args.ssl_keyfile and not args.ssl_certfile:
-        raise ValueError("--ssl-keyfile needs --ssl-certfile (the certificate of that key)")
+    for flag, given in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-ca-certs", args.ssl_ca_certs),
+                        ("--ssl-cert-reqs", args.ssl_cert_reqs)):
+        if given and not args.ssl_certfile:
+            raise ValueError(f"{flag} needs --ssl-certfile (the server's certificate: without it, plain HTTP)")
     if args.ssl_cert_reqs not in (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED):
         raise ValueError(f"--ssl-cert-reqs must be 0 (no client certificate), 1 (optional) or 2 (required), "
                          f"not {args.ssl_cert_reqs}")
@@ -822,8 +841,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                 self.should_exit = self.engine_died = True  # (its requests have failed: nothing waits)
             return await super().on_tick(counter)
 
-    env_key = os.environ.get("NANOFLOW_API_KEY") or os.environ.get("VLLM_API_KEY")  # (vLLM's, for its launch files)
-    app = build_app(engine, served_names(args), args.api_key or env_key,
+    app = build_app(engine, served_names(args), _api_keys(args),
                     args.tool_call_parser if args.enable_auto_tool_choice else None, args.chat_template,
                     args.reasoning_parser, args.enable_prompt_tokens_details,
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,

@@ -141,7 +141,8 @@ class ModelRunner:
             "the KV cache's host tier", self.num_host_blocks * self._block_bytes(), "kv_offload_gb",
             lambda: KVOffload(model.kv_cache, self.num_host_blocks), host=True) if self.num_host_blocks else None
         self.ws = self._allocate(
-            "an iteration's activations", Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size),
+            "an iteration's activations", Workspace.bytes_for(c, self.max_num_tokens, self.dtype, self.tp.size,
+                                                              self.model.k),
             "max_num_batched_tokens", lambda: Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device,
                                                                  self.tp.size))
         if config.seed is not None:
@@ -151,7 +152,7 @@ class ModelRunner:
         if config.seed is None:
             self.race_generator.seed()
         else:
-            self.race_generator.manual_seed(config.seed + 1 + self.tp.rank)
+            self.race_generator.manual_seed((config.seed + 1 + self.tp.rank) % 2**64)  # (within its range)
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
         self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
         self.clock: IterationClock | None = None  # set to measure the GPU's idle time and each iteration's phases

@@ -133,10 +133,12 @@ def _resolve(model: str | None, revision: str | None) -> ModelSource:
         if not os.path.exists(cfg_file):
             raise FileNotFoundError(f"model directory {path} has no config.json")
         return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
+    hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file, a preset "
                             f"({', '.join(sorted(PRESETS))}) or a Hugging Face hub id in the local cache"
-                            f"{f' at revision {revision!r}' if revision else ''} (nanoflow downloads nothing: fetch "
-                            f"it first, e.g. `hf download {path}`)")
+                            f"{f' at revision {revision!r}' if revision else ''}"
+                            + (f" (nanoflow downloads nothing: fetch it first, e.g. `hf download {path}`)"
+                               if hub_id else ""))
 
 
 def _gguf_magic(path: str) -> bool:
