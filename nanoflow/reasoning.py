@@ -6,11 +6,11 @@ a request's grammar (structured outputs, a named or required tool choice) holds 
   </think>, after a <think> the output may begin with, is reasoning; an output without </think> is all reasoning.
 - qwen3 (Qwen3, whose output opens with <think> when it thinks): reasoning only when the output begins with <think>
   (with enable_thinking false, or from an instruct model, it is all content); an output cut inside it is all
-  reasoning. (A model whose template opens <think> in the prompt wants deepseek_r1, as vLLM's docs say.)
+  reasoning. When the prompt itself leaves <think> open (Qwen3.5's template, the Thinking-2507 models'), the output
+  is read as deepseek_r1 reads it (`reading`): reasoning up to </think>, as vLLM's qwen3 reads such outputs.
 
 A stream sends the reasoning as it comes, holding back only what may begin </think>, then the content; it adds up to
-the unstreamed response. (vLLM's qwen3 differs in two cases: an output cut inside its reasoning is content there,
-and text before a </think> without <think> is reasoning there.)
+the unstreamed response. (vLLM's qwen3 differs in one case: an output cut inside its reasoning is content there.)
 """
 from __future__ import annotations
 
@@ -48,9 +48,22 @@ class ReasoningStream:
         return piece or None, content
 
 
-def ended(ids: list[int], start: list[int], end: list[int]) -> bool:
-    """Whether the reasoning has ended in ids (a prompt's token ids; start and end: the tags'): an end after the last
-    start, as a template that turns thinking off writes (Qwen3's empty <think></think>)."""
+def tag_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids of <think> and </think> in this tokenizer."""
+    return tuple(tokenizer.encode(t, add_special_tokens=False) for t in (START, END))
+
+
+def last_tag(ids: list[int], start: list[int], end: list[int]) -> str | None:
+    """The prompt's last reasoning tag (ids: its token ids; start and end: the tags'): END where it has ended (a
+    template that turns thinking off writes Qwen3's empty <think></think>), START where it leaves the reasoning
+    open (DeepSeek-R1's template, Qwen3.5's), None where it has neither."""
     def last(tag):
         return next((i for i in range(len(ids) - len(tag), -1, -1) if ids[i:i + len(tag)] == tag), -1)
-    return last(end) > last(start)
+    at_start, at_end = last(start), last(end)
+    return None if at_start == at_end == -1 else END if at_end > at_start else START
+
+
+def reading(parser: str, prompt_tag: str | None) -> str:
+    """How an output is read after a prompt whose last tag is prompt_tag: qwen3's outputs as deepseek_r1's when the
+    prompt opened the reasoning (the output then starts inside it, with no <think> of its own)."""
+    return "deepseek_r1" if parser == "qwen3" and prompt_tag == START else parser

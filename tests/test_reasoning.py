@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from nanoflow.entrypoints.async_engine import ACCEPTED, EngineClient
 from nanoflow.entrypoints.metrics import Metrics
-from nanoflow.reasoning import ReasoningStream, ended, split
+from nanoflow.reasoning import END, START, ReasoningStream, last_tag, reading, split
 from nanoflow.entrypoints.server import build_app
 from nanoflow.outputs import CompletionOutput, RequestOutput
 
@@ -39,13 +39,16 @@ def test_reasoning_is_told_from_content_and_streams_add_up(parser, text, reasoni
     assert (thought, said) == (reasoning or "", content)
 
 
-def test_a_prompt_has_ended_its_reasoning_when_an_end_tag_follows_the_last_start():
+def test_a_prompts_last_tag_says_how_its_output_is_read():
     start, end = [7, 8], [9]
-    assert not ended([1, 2, 7, 8], start, end)  # (DeepSeek-R1's template opens <think> in the prompt)
-    assert ended([1, 7, 8, 3, 9, 4], start, end)  # (Qwen3's with thinking off: <think></think>)
-    assert not ended([1, 2], start, end)  # (Qwen3's thinking: nothing in the prompt, the output opens it)
-    assert not ended([7, 8, 9, 5, 7, 8], start, end)  # (an earlier turn's reasoning, then this one's opened)
-    assert ended([9, 7], start, end)  # (an end without a start: ended, as vLLM's)
+    assert last_tag([1, 2, 7, 8], start, end) == START  # (DeepSeek-R1's template opens <think> in the prompt)
+    assert last_tag([1, 7, 8, 3, 9, 4], start, end) == END  # (Qwen3's with thinking off: <think></think>)
+    assert last_tag([1, 2], start, end) is None  # (Qwen3's thinking: nothing in the prompt, the output opens it)
+    assert last_tag([7, 8, 9, 5, 7, 8], start, end) == START  # (an earlier turn's reasoning, then this one's opened)
+    assert last_tag([9, 7], start, end) == END  # (an end without a start: ended, as vLLM's)
+    # qwen3 after a prompt that opened <think> (Qwen3.5's, the Thinking-2507 models'): read as deepseek_r1
+    assert [reading("qwen3", t) for t in (START, END, None)] == ["deepseek_r1", "qwen3", "qwen3"]
+    assert reading("deepseek_r1", None) == "deepseek_r1"
 
 
 def test_a_stream_holds_back_only_what_may_end_the_reasoning():
@@ -98,10 +101,10 @@ class Scripted(EngineClient):
         asyncio.ensure_future(play())
 
 
-def _chat(default_llm, text, body, reasoning_parser="deepseek_r1", tool_parser=None):
+def _chat(default_llm, text, body, reasoning_parser="deepseek_r1", tool_parser=None, chat_template=None):
     """(the unstreamed message and finish_reason, the streamed one added up as a client does)"""
     app = build_app(Scripted(default_llm.tokenizer, text), "m", tool_parser=tool_parser,
-                    reasoning_parser=reasoning_parser)
+                    reasoning_parser=reasoning_parser, chat_template=chat_template)
     body = {"messages": [{"role": "user", "content": "2 + 2?"}]} | body
     with TestClient(app) as client:
         r = client.post("/v1/chat/completions", json=body)
@@ -137,6 +140,11 @@ def test_the_server_sends_reasoning_apart(default_llm):
     # qwen3: an output that does not open with <think> is all content
     (message, _), (merged, _) = _chat(default_llm, "Just 4.", {}, "qwen3")
     assert message == merged == {"role": "assistant", "content": "Just 4."}
+    # ... unless the prompt opened <think> (a template such as Qwen3.5's): then reasoning up to </think>, as vLLM's
+    opens = "{% for m in messages %}{{ m.content }}\n\n{% endfor %}<think>"
+    (message, _), (merged, _) = _chat(default_llm, "Let me think.</think>\n\nIt is 4.", {}, "qwen3", None, opens)
+    assert message == merged == {"role": "assistant", "content": "\n\nIt is 4.", "reasoning": "Let me think.",
+                                 "reasoning_content": "Let me think."}
     # no parser: the tags are text
     (message, _), _ = _chat(default_llm, "a</think>b", {}, None)
     assert message == {"role": "assistant", "content": "a</think>b"}

@@ -201,5 +201,9 @@ def test_a_grammar_holds_only_what_follows_the_reasoning(tmp_path, tokenizer_dir
     opened = dataclasses.replace(params, logit_bias={think: 100.0, end: 200.0})
     out = qwen3.generate([PROMPT], opened, use_tqdm=False)[0].outputs[0]
     assert (out.token_ids[:2], out.text, out.finish_reason) == ([think, end], "<think></think>yes", "stop")
+    # qwen3 after a prompt that opened <think> (Qwen3.5's template): the output starts inside the reasoning, so the
+    # grammar waits for its </think>, as deepseek_r1's (the first token's mask held it to <think> or the grammar's)
+    out = qwen3.generate([PROMPT + [think]], params, use_tqdm=False)[0].outputs[0]
+    assert (out.token_ids[0], out.text, out.finish_reason) == (end, "</think>yes", "stop")
     with pytest.raises(ValueError, match="reasoning_parser must be one of"):
         LLM(str(path), reasoning_parser="o1")

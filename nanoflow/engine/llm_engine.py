@@ -24,8 +24,7 @@ from nanoflow.layers.sampler import LogprobRows
 from nanoflow.models.loader import build_model, check_load_format, local_path, read_generation_config, resolve
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from nanoflow.reasoning import END as END_THINK
-from nanoflow.reasoning import START as THINK
-from nanoflow.reasoning import ended as reasoning_ended
+from nanoflow.reasoning import last_tag, reading, tag_ids
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import Tokenizer
 
@@ -107,7 +106,7 @@ class LLMEngine:
         # the reasoning's tags as token ids: a grammar holds only what follows the reasoning (reasoning.py)
         self.think_ids = None
         if self.config.reasoning_parser is not None and self.tokenizer is not None:
-            self.think_ids = tuple(self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK, END_THINK))
+            self.think_ids = tag_ids(self.tokenizer)
 
     def lost_workers(self, wait_s: float = 0.0) -> list[str]:
         """The tensor-parallel workers that have exited (given wait_s to finish exiting): the engine can run no
@@ -242,9 +241,11 @@ class LLMEngine:
             if not future.done():
                 compiling.append((future, req))
             elif self.requests.get(req.request_id) is req:  # (not aborted meanwhile: its id may be a new one's now)
-                thinks = self.think_ids is not None and not reasoning_ended(req.prompt_token_ids, *self.think_ids)
-                # qwen3's output reasons only if it opens with <think>: its first token decides (Sequence.opening)
-                opens = thinks and self.config.reasoning_parser == "qwen3"
+                tag = self.think_ids and last_tag(req.prompt_token_ids, *self.think_ids)
+                thinks = self.think_ids is not None and tag != END_THINK
+                # qwen3's output reasons only if it opens with <think>: its first token decides (Sequence.opening);
+                # after a prompt that opened it, the output starts inside it (read as deepseek_r1's)
+                opens = thinks and reading(self.config.reasoning_parser, tag) == "qwen3"
                 try:
                     for seq in req.seqs:
                         seq.grammar = self.grammars.matcher(future.result())

@@ -43,7 +43,7 @@ from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
 from nanoflow.models.loader import default_model_path
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
-from nanoflow.reasoning import ReasoningStream
+from nanoflow.reasoning import ReasoningStream, last_tag, reading, tag_ids
 from nanoflow.reasoning import split as split_reasoning
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import compile_template
@@ -289,6 +289,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     metrics = engine.metrics
     # Tokenizing here keeps that work off the engine thread; HF tokenizers' encode is safe across threads.
     tokenizer = engine.tokenizer
+    think_ids = tag_ids(tokenizer) if reasoning_parser and tokenizer is not None else None
     started = int(time.time())
 
     @asynccontextmanager
@@ -574,6 +575,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                         submit([prompt], params, raw, "messages", grammar_source, req.priority))
         head = dict(id=f"chatcmpl-{_request_id(raw, req) or stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(params.n)]
+        # (qwen3 after a prompt that opened <think>: read as deepseek_r1, as the engine's grammar waits for it)
+        parser = reading(reasoning_parser, last_tag(prompt, *think_ids)) if think_ids else reasoning_parser
 
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
             return (_chat_logprobs(c, start, params.logprobs, as_ids(req)) if c.logprobs is not None
@@ -582,7 +585,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         if req.stream:
             async def chunks():
                 sent_prompt, out = False, None
-                streams = [(ReasoningStream(reasoning_parser) if reasoning_parser else None, tools.stream())
+                streams = [(ReasoningStream(parser) if parser else None, tools.stream())
                            for _ in range(params.n)]
                 async for _, out in stream:
                     for c in out.outputs:  # one choice a chunk, as OpenAI's and vLLM's
@@ -590,7 +593,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                             continue
                         _, start, first = piece
                         done = c.finished()
-                        thought, said = (streams[c.index][0].step(c.text, done) if reasoning_parser
+                        thought, said = (streams[c.index][0].step(c.text, done) if parser
                                          else (None, c.text))
                         thought = thought if req.include_reasoning else None
                         content, calls = streams[c.index][1].step(said, done) if said is not None else (None, [])
@@ -627,13 +630,13 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         choices = []
         for c in out.outputs:
             _advance(c, progress[c.index])
-            thought, said, _ = split_reasoning(reasoning_parser, c.text) if reasoning_parser else (None, c.text, 0)
+            thought, said, _ = split_reasoning(parser, c.text) if parser else (None, c.text, 0)
             content, calls = tools.read(said)
             thought = (thought or None) if req.include_reasoning else None
             made = [api.ToolCall(id=new_tool_call_id(),
                                  function=api.FunctionCall(name=call.name, arguments=call.arguments))
                     for call in calls]
-            message = api.ChatMessageOut(content=content or None if reasoning_parser else content,
+            message = api.ChatMessageOut(content=content or None if parser else content,
                                          tool_calls=made or None, reasoning=thought, reasoning_content=thought)
             choices.append(api.ChatChoice(index=c.index, message=message, logprobs=logprobs(c, 0),
                                           finish_reason=tools.finish_reason(c.finish_reason, calls),
