@@ -34,6 +34,12 @@ READS = [  # (mode, parser, text, content, calls)
      [Call("get_weather", '{"city": "Lyon", "unit": "F"}'), Call("get_time", "{}")]),
     ("auto", "llama3_json", '<|python_tag|>{"name": "get_time", "parameters": {}}', None, [Call("get_time", "{}")]),
     ("auto", "llama3_json", 'The answer is {"name": "x"}', 'The answer is {"name": "x"}', []),
+    # blank lines before the calls; both argument keys given: arguments (as vLLM's)
+    ("auto", "llama3_json", '\n\n{"name": "get_time", "parameters": {"tz": "UTC"}}', None,
+     [Call("get_time", '{"tz": "UTC"}')]),
+    ("auto", "llama3_json", '{"name": "f", "arguments": {"a": 1}, "parameters": {"b": 2}}', None,
+     [Call("f", '{"a": 1}')]),
+    ("auto", "llama3_json", '\n\nNo call.', '\n\nNo call.', []),
     ("auto", "llama3_json", '{"name": "get_time", "parameters": {}} and more', '{"name": "get_time", "parameters": {}} '
      'and more', []),
     ("required", None, '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}, '
@@ -78,6 +84,9 @@ def test_a_named_call_and_parallel_calls_turned_off():
     named = ToolChoice("named", name="get_time")
     assert named.read('{"tz": "UTC"}') == (None, [Call("get_time", '{"tz": "UTC"}')])
     assert named.finish_reason("stop", named.read("{}")[1]) == "stop"  # (OpenAI's: a forced call is no choice)
+    # required: "tool_calls" only for an output that ended by itself; one cut at max_tokens stays "length" (vLLM's)
+    required, calls = ToolChoice("required"), [Call("get_time", "{}")]
+    assert (required.finish_reason("stop", calls), required.finish_reason("length", calls)) == ("tool_calls", "length")
     one = ToolChoice("auto", parser="hermes", parallel=False)
     assert one.read(HERMES_TWO)[1] == [Call("get_weather", '{"city": "Paris", "unit": "C"}')]
 

@@ -8,9 +8,9 @@ the output to, and the calls read back from the generated text.
 - auto (the server's --enable-auto-tool-choice with a --tool-call-parser): the model writes calls in its own format,
   which the parser reads back; the text before them is the content. hermes (Hermes, Qwen2.5):
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several allowed; llama3_json (Llama 3.1 / 3.2):
-  `{"name": ..., "parameters": {...}}` objects separated by ';' making up the whole output, optionally after
-  `<|python_tag|>`. Text the parser cannot read is the content, as vLLM's; hermes drops text after the calls, as
-  vLLM's.
+  `{"name": ..., "parameters": {...}}` objects separated by ';' making up the whole output (blank lines before them
+  allowed), optionally after `<|python_tag|>`. Text the parser cannot read is the content, as vLLM's; hermes drops
+  text after the calls, as vLLM's.
 - none: the tools reach the chat template only.
 
 Where calls are read back (required, auto), finish_reason is "tool_calls" when there are some. A stream sends the
@@ -95,6 +95,7 @@ def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
 
 
 def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
+    text = text.lstrip()  # (a model may open with blank lines)
     body = text.removeprefix(_PYTHON_TAG)
     if body == text and not text.startswith("{"):
         return None
@@ -105,7 +106,7 @@ def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
         if i == len(body):
             return (None, calls) if calls else None
         obj, i = _DECODER.raw_decode(body, i)
-        calls.append(_call(obj, "parameters", "arguments"))
+        calls.append(_call(obj, "arguments", "parameters"))  # (both given: arguments, as vLLM's)
 
 
 def _required(text: str) -> tuple[str | None, list[Call]] | None:
@@ -121,6 +122,7 @@ def _hermes_content_end(text: str) -> int:
 
 
 def _llama3_content_end(text: str) -> int:
+    text = text.lstrip()
     calls_ahead = text.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(text)
     return 0 if calls_ahead else len(text)
 
@@ -187,6 +189,10 @@ class ToolChoice:
         return content, calls if self.parallel or self.mode == "required" else calls[:1]
 
     def finish_reason(self, reason: str | None, calls: list[Call]) -> str | None:
+        """"tool_calls" where calls were read (a required choice's only if it ended by itself, as vLLM's: one cut at
+        max_tokens stays "length")."""
+        if self.mode == "required" and reason != "stop":
+            return reason
         return "tool_calls" if reason is not None and calls and self.reads_calls else reason
 
     def stream(self) -> "ToolStream":
