@@ -7,18 +7,23 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 GRAMMAR_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+JSON_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")  # (vLLM's, for json and json_object)
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM's (logits / 1e-38 overflow float32)
 
 
 @dataclass(slots=True)
 class StructuredOutputsParams:
     """Exactly one of: json (a JSON schema, as a dict or its text), regex, choice (the output is one of these
-    strings), grammar (EBNF, as xgrammar and vLLM take it) or json_object=True (any JSON object)."""
+    strings), grammar (EBNF, as xgrammar and vLLM take it) or json_object=True (any JSON object). As vLLM's, for
+    JSON: disable_any_whitespace (no whitespace between its tokens but xgrammar's separators, ", " and ": "),
+    disable_additional_properties (no properties beyond the schema's, even where it allows them)."""
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
 
     def __post_init__(self):
         given = [k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False)]
@@ -33,6 +38,10 @@ class StructuredOutputsParams:
         v = getattr(self, kind)
         if not isinstance(v, types) or kind == "choice" and not (v and all(isinstance(c, str) for c in v)):
             raise ValueError(f"invalid sampling parameter structured_outputs.{kind}={v!r}: must be {what}")
+        for name in JSON_OPTIONS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"invalid sampling parameter structured_outputs.{name}={getattr(self, name)!r}: "
+                                 f"must be true or false")
 
     @property
     def kind(self) -> str:
@@ -118,9 +127,9 @@ class SamplingParams:
         check(self.bad_words is None or isinstance(self.bad_words, (list, tuple)) and all(
             isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", "must be a list of words")
         if isinstance(self.structured_outputs, dict):
-            if unknown := sorted(set(self.structured_outputs) - set(GRAMMAR_KINDS)):
+            if unknown := sorted(set(self.structured_outputs) - set(GRAMMAR_KINDS) - set(JSON_OPTIONS)):
                 raise ValueError(f"invalid sampling parameter structured_outputs: unknown field {unknown[0]!r} (the "
-                                 f"fields: {', '.join(GRAMMAR_KINDS)})")
+                                 f"fields: {', '.join(GRAMMAR_KINDS + JSON_OPTIONS)})")
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
               "structured_outputs", "must be StructuredOutputsParams")

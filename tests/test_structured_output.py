@@ -46,6 +46,32 @@ def test_a_json_object_and_a_plain_request_beside_it(llm):
     assert obj.outputs[0].text.startswith("{") and plain.outputs[0].token_ids == alone
 
 
+def test_vllms_json_options(llm):
+    """structured_outputs' disable_any_whitespace (compact JSON) and disable_additional_properties (no property past
+    the schema's, even where it allows them), as vLLM's: what each grammar takes, and a compact output."""
+    from nanoflow.engine.structured_output import Grammars
+    eng = llm.engine
+    grammars = Grammars(eng.tokenizer, eng.model_config.vocab_size, eng.eos_token_ids)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {
+        "c": {"type": "integer"}}}}, "required": ["a"], "additionalProperties": True}
+
+    def takes(text, **options):
+        return grammars.matcher(grammars.compile(Structured(json=schema, **options)).result()).accept_string(text)
+    assert takes('{"a": 1, "z": 2}') and not takes('{"a": 1, "z": 2}', disable_additional_properties=True)
+    assert not takes('{"a": 1, "b": {"c": 1, "z": 2}}', disable_additional_properties=True)  # (nested objects too)
+    assert takes('{"a": 1, "b": {"c": 1}}', disable_additional_properties=True)
+    # (xgrammar's fixed separators then, ", " and ": ", as vLLM's xgrammar backend gives)
+    assert takes('{ "a" : 1 }') and not takes('{ "a" : 1 }', disable_any_whitespace=True)
+    assert takes('{"a": 1, "b": {"c": 2}}', disable_any_whitespace=True)
+    compact = {"json": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+               "disable_any_whitespace": True}
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, structured_outputs=compact),
+                       use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch(r'\{"n": -?\d+\}', out.text), out.text
+    with pytest.raises(ValueError, match="structured_outputs.disable_any_whitespace='yes': must be true or false"):
+        SamplingParams(structured_outputs={"json_object": True, "disable_any_whitespace": "yes"})
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(regex="[0-9"), "structured_outputs.regex: Regex parsing error"),
     (dict(json='{"type": "nope"}'), "structured_outputs.json: Unsupported type"),

@@ -48,13 +48,14 @@ class Grammars:
         future's result makes matchers (`matcher`)."""
         g = self.xgr.Grammar
         try:
-            if p.json is not None:
-                schema = json.loads(p.json) if isinstance(p.json, str) else p.json
+            if p.json is not None or p.json_object:  # (an object, as vLLM's: xgrammar's any-JSON takes any value)
+                schema = {"type": "object"} if p.json is None else json.loads(p.json) if isinstance(p.json, str) \
+                    else p.json
                 if (why := unenforced(schema)) is not None:
                     raise ValueError(f"{why} is not supported (it would not be enforced)")
-                grammar = g.from_json_schema(p.json if isinstance(p.json, str) else json.dumps(p.json))
-            elif p.json_object:  # (an object, as vLLM's: xgrammar's built-in JSON grammar takes any value)
-                grammar = g.from_json_schema('{"type": "object"}')
+                if p.disable_additional_properties:
+                    schema = closed(schema)
+                grammar = g.from_json_schema(json.dumps(schema), any_whitespace=not p.disable_any_whitespace)
             elif p.regex is not None:
                 grammar = g.from_regex(p.regex)
             elif p.choice is not None:  # (EBNF's strings take JSON's escapes, but not its surrogate pairs)
@@ -69,6 +70,22 @@ class Grammars:
     def matcher(self, compiled):
         """A fresh matcher of a compiled grammar (one per sequence)."""
         return self.xgr.GrammarMatcher(compiled)
+
+
+NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def closed(schema):
+    """The schema with every object's additionalProperties false (vLLM's disable_additional_properties)."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: {name: closed(s) for name, s in v.items()} if k in NAMED_SCHEMAS and isinstance(v, dict) else closed(v)
+           for k, v in schema.items()}  # (a map of names to schemas: its names are no keywords)
+    if out.get("type") == "object" or "properties" in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def unenforced(schema, path: str = "$") -> str | None:
