@@ -156,6 +156,13 @@ def test_the_requests_tool_choice():
     named = _request(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     params = named.sampling_params({}, named.tool_choice_for(None))
     assert params.structured_outputs.json == WEATHER["function"]["parameters"]
+    # as vLLM's: a tool's and a named choice's "type" default to "function"; a role the template knows (Llama 3.1's
+    # ipython, a tool's result there) reaches it
+    untyped = api.ChatCompletionRequest(messages=USER + [{"role": "ipython", "content": "22 C"}],
+                                        tools=[{"function": WEATHER["function"]}],
+                                        tool_choice={"function": {"name": "get_weather"}})
+    assert untyped.tools[0].type == "function" and untyped.tool_choice_for(None).name == "get_weather"
+    assert untyped.messages[-1].for_template() == {"role": "ipython", "content": "22 C"}
     required = _request(tools=tools, tool_choice="required", parallel_tool_calls=False)
     params = required.sampling_params({}, required.tool_choice_for(None))
     assert params.structured_outputs.json == required_schema([api.ChatTool(**t) for t in tools], parallel=False)

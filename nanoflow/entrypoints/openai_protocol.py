@@ -265,7 +265,9 @@ class ToolCallIn(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # system, developer, user, assistant, tool; or another the model's template knows (Llama 3.1's ipython), as
+    # vLLM's custom roles
+    role: str = Field(min_length=1)
     content: Annotated[str | list[TextPart | RefusalPart] | None, one_of("a string or a list of text parts")] = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # (an assistant's)
@@ -302,7 +304,7 @@ class FunctionDefinition(_Request):
 
 
 class ChatTool(_Request):
-    type: Literal["function"]
+    type: Literal["function"] = "function"  # (vLLM's default)
     function: FunctionDefinition
 
 
@@ -316,7 +318,7 @@ class FunctionName(_Request):
 
 
 class NamedToolChoice(_Request):
-    type: Literal["function"]
+    type: Literal["function"] = "function"  # (vLLM's default)
     function: FunctionName
 
 
