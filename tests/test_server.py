@@ -675,6 +675,14 @@ def test_metrics(server):
     for h in ("time_to_first_token_seconds", "request_time_per_output_token_seconds", "e2e_request_latency_seconds"):
         assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] > 0
     # vLLM's names and its model_name label (the served name), so that its dashboards read them
+    for h in ("request_prompt_tokens", "request_generation_tokens"):  # (sizes of finished requests)
+        assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] >= m[f"vllm:{h}_count"]
+    assert m["vllm:num_preemptions_total"] >= 0
+    from nanoflow.entrypoints.metrics import EngineStats, Metrics
+    counted = Metrics("x")
+    for preempted in (3, 5, 5):  # (the engine's running count: the counter adds what is new)
+        counted.on_stats(EngineStats(preemptions=preempted))
+    assert counted.registry.get_sample_value("vllm:num_preemptions_total", {"model_name": "x"}) == 5
     name = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"]
     text = httpx.get(f"{server}/metrics").text
     assert f'vllm:num_requests_running{{model_name="{name}"}}' in text, text[:2000]

@@ -409,11 +409,13 @@ class RequestStream:
         return self._index[rid], item
 
     def _finished(self, rid: str, now: float) -> None:
-        outs = self._last[rid].outputs if rid in self._last else []
+        last = self._last.get(rid)
+        outs = last.outputs if last is not None else []
         reason = next((c.finish_reason for c in outs if c.finish_reason not in (None, "abort")), "abort")
         self._owner.metrics.on_finished(reason, sum(len(c.token_ids) for c in outs),
                                         max((len(c.token_ids) for c in outs), default=0), self._arrival,
-                                        self._first_token.get(rid), now)
+                                        self._first_token.get(rid), now,
+                                        len(last.prompt_token_ids or []) if last is not None else 0)
 
     def close(self, abort: bool = True) -> None:
         if self._watcher is not None and self._watcher is not asyncio.current_task():
