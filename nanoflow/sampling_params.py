@@ -14,9 +14,9 @@ GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM's (log
 @dataclass(slots=True)
 class StructuredOutputsParams:
     """Exactly one of: json (a JSON schema, as a dict or its text), regex, choice (the output is one of these
-    strings), grammar (EBNF, as xgrammar and vLLM take it) or json_object=True (any JSON object). As vLLM's, for
-    JSON: disable_any_whitespace (no whitespace between its tokens but xgrammar's separators, ", " and ": "),
-    disable_additional_properties (no properties beyond the schema's, even where it allows them)."""
+    strings), grammar (EBNF or Lark, as xgrammar and vLLM take them) or json_object=True (any JSON object). As
+    vLLM's, for JSON: disable_any_whitespace (no whitespace between its tokens but xgrammar's separators, ", " and
+    ": "), disable_additional_properties (no properties beyond the schema's, even where it allows them)."""
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None

@@ -17,6 +17,7 @@ CASES = [  # (the grammar, a test of the whole output)
     (Structured(choice=["yes", "no way", 'ü "q"']), lambda t: t in ("yes", "no way", 'ü "q"')),
     (Structured(json={"type": "string", "enum": ["red", "green"]}), lambda t: json.loads(t) in ("red", "green")),
     (Structured(grammar='root ::= "a" "b"? "c"'), lambda t: t in ("ac", "abc")),
+    (Structured(grammar='?start: answer\nanswer: "yes" | "no"'), lambda t: t in ("yes", "no")),  # (Lark, as vLLM's)
 ]
 
 
@@ -27,7 +28,7 @@ def llm(request, llama_dir):
     return LLM(llama_dir, async_scheduling=request.param)
 
 
-@pytest.mark.parametrize("grammar, check", CASES, ids=["regex", "choice", "json", "grammar"])
+@pytest.mark.parametrize("grammar, check", CASES, ids=["regex", "choice", "json", "grammar", "lark"])
 def test_outputs_follow_the_grammar(llm, grammar, check):
     params = [SamplingParams(temperature=0, max_tokens=12, structured_outputs=grammar),
               SamplingParams(temperature=1.0, seed=4, n=3, max_tokens=12, structured_outputs=grammar)]

@@ -60,8 +60,8 @@ class Grammars:
                 grammar = g.from_regex(p.regex)
             elif p.choice is not None:  # (EBNF's strings take JSON's escapes, but not its surrogate pairs)
                 grammar = g.from_ebnf("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False) for s in p.choice))
-            else:
-                grammar = g.from_ebnf(p.grammar)
+            else:  # (EBNF's rules are `name ::= ...`; Lark's `name: ...`, which vLLM also takes)
+                grammar = g.from_ebnf(p.grammar) if "::=" in p.grammar else g.from_lark(p.grammar)
         except (RuntimeError, ValueError, TypeError) as e:  # (xgrammar's errors on a bad schema, regex or grammar)
             why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip())  # (the C++ source's place)
             raise ValueError(f"invalid sampling parameter structured_outputs.{p.kind}: {why}") from None
