@@ -161,9 +161,9 @@ def _logprob(entry: Logprob) -> float:
 def _token_str(entry: Logprob | None, token_id: int, as_id: bool = False, tokenizer=None) -> str:
     """A logprobs entry's token: its text, or (as_id: vLLM's --return-tokens-as-token-ids, for tokens whose text is
     not valid on its own, e.g. part of a character) "token_id:ID". An entry-less position's text by the tokenizer."""
-    if as_id or entry is None and tokenizer is None or entry is not None and entry.decoded_token is None:
-        return f"token_id:{token_id}"
-    return entry.decoded_token if entry is not None else tokenizer.decode(token_id)
+    if entry is None and not as_id:
+        return tokenizer.decode(token_id)
+    return f"token_id:{token_id}" if as_id or entry.decoded_token is None else entry.decoded_token
 
 
 def _completion_logprobs(token_ids: list[int], positions: list, k: int, p: _Progress, tokenizer=None,
@@ -355,6 +355,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         return APIError(500, f"internal error: {e}", type="internal_error").response()
 
     def as_ids(req: api.CompletionRequest | api.ChatCompletionRequest) -> bool:
+        """Whether its logprobs name tokens "token_id:ID": the request's choice, else the server's."""
         given = req.return_tokens_as_token_ids
         return tokens_as_ids if given is None else given
 
@@ -522,7 +523,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                         submit(prompts, params, raw, "prompt", next(iter(req.grammar_sources), None), req.priority))
         head = dict(id=f"cmpl-{_request_id(raw, req) or stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(len(prompts) * params.n)]
-        k = params.logprobs
+        k, by_id = params.logprobs, as_ids(req)
 
         def choices(i: int, out: RequestOutput) -> list[api.CompletionChoice]:
             new = []
@@ -536,11 +537,11 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                     text = texts[i] + ("" if req.echo_only else text)
                     if k is not None:
                         lp = _completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, k, p, tokenizer,
-                                                  as_ids=as_ids(req))
+                                                  as_ids=by_id)
                 if req.echo_only:
                     p.tokens = 0
                 elif k is not None:
-                    lp = _completion_logprobs(c.token_ids[start:], c.logprobs[start:], k, p, lp=lp, as_ids=as_ids(req))
+                    lp = _completion_logprobs(c.token_ids[start:], c.logprobs[start:], k, p, lp=lp, as_ids=by_id)
                 new.append(api.CompletionChoice(
                     index=i * params.n + c.index, text=text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                     logprobs=lp, prompt_logprobs=_prompt_logprobs(out) if first else None))
@@ -578,9 +579,10 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         # (qwen3 after a prompt that opened <think>: read as deepseek_r1, as the engine's grammar waits for it)
         parser = reading(reasoning_parser, last_tag(prompt, *think_ids)) if think_ids else reasoning_parser
 
+        by_id = as_ids(req)
+
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
-            return (_chat_logprobs(c, start, params.logprobs, as_ids(req)) if c.logprobs is not None
-                    else None)
+            return _chat_logprobs(c, start, params.logprobs, by_id) if c.logprobs is not None else None
 
         if req.stream:
             async def chunks():
