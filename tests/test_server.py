@@ -672,8 +672,12 @@ def test_metrics(server):
     assert m["vllm:prompt_tokens_total"] > 0 and m["vllm:generation_tokens_total"] > 0
     assert m['vllm:request_success_total{finished_reason="length"}'] > 0
     assert m['nanoflow_http_responses_total{status="200"}'] > 0 and m['nanoflow_http_responses_total{status="400"}'] > 0
-    for h in ("time_to_first_token_seconds", "request_time_per_output_token_seconds", "e2e_request_latency_seconds"):
-        assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] > 0
+    for h in ("time_to_first_token_seconds", "request_time_per_output_token_seconds", "e2e_request_latency_seconds",
+              "inter_token_latency_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+              "request_inference_time_seconds"):
+        assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] > 0, h
+    assert m["vllm:request_queue_time_seconds_count"] == m["vllm:request_inference_time_seconds_count"]
+    assert m["vllm:request_max_num_generation_tokens_count"] == m["vllm:request_generation_tokens_count"]
     # vLLM's names and its model_name label (the served name), so that its dashboards read them
     for h in ("request_prompt_tokens", "request_generation_tokens"):  # (sizes of finished requests)
         assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] >= m[f"vllm:{h}_count"]
@@ -683,6 +687,22 @@ def test_metrics(server):
     for preempted in (3, 5, 5):  # (the engine's running count: the counter adds what is new)
         counted.on_stats(EngineStats(preemptions=preempted))
     assert counted.registry.get_sample_value("vllm:num_preemptions_total", {"model_name": "x"}) == 5
+    # a request's phases from the engine's clock; its inter-token latencies from the responses' arrivals
+    from nanoflow.outputs import CompletionOutput, RequestOutput
+    out = RequestOutput("r", None, [1, 2], [CompletionOutput(0, "", [5, 6, 7], finish_reason="length"),
+                                            CompletionOutput(1, "", [5], finish_reason="stop")], finished=True,
+                        metrics=dict(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.25,
+                                     last_token_time=13.0))
+    counted.on_finished(out, arrival=0.0, first_token=1.0, now=2.0)
+    counted.on_tokens(4, 0.2)
+    sample = lambda name: counted.registry.get_sample_value(name, {"model_name": "x"})  # noqa: E731
+    assert [sample(f"vllm:request_{k}_time_seconds_sum") for k in ("queue", "prefill", "decode", "inference")] == [
+        0.5, 0.75, 1.75, 2.5]
+    assert sample("vllm:request_max_num_generation_tokens_sum") == 3
+    assert sample("vllm:request_generation_tokens_sum") == 4 and sample("vllm:e2e_request_latency_seconds_sum") == 2
+    assert sample("vllm:request_time_per_output_token_seconds_sum") == 0.5  # (the longest: 3 tokens in 1 s)
+    assert sample("vllm:inter_token_latency_seconds_count") == 4
+    assert sample("vllm:inter_token_latency_seconds_sum") == pytest.approx(0.2)
     name = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"]
     text = httpx.get(f"{server}/metrics").text
     assert f'vllm:num_requests_running{{model_name="{name}"}}' in text, text[:2000]

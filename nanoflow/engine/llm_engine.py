@@ -310,6 +310,9 @@ class LLMEngine:
             previous, self.inflight = self.inflight, None
             outputs += self.postprocess(previous[0], self.runner.collect(previous[1]))
         out = self.scheduler.schedule()
+        now = time.monotonic()
+        for c in out.chunks:
+            c.seq.request.scheduled_time = c.seq.request.scheduled_time or now
         launch = None
         if not out.empty:
             launch = self.runner.launch(out)
@@ -336,7 +339,7 @@ class LLMEngine:
                 continue
             req = seq.request
             touched[req.request_id] = req
-            req.first_token_time = req.first_token_time or now
+            req.first_token_time, req.last_token_time = req.first_token_time or now, now
             seq.token_ids.append(token)
             if seq.opening is not None:  # (qwen3's first token: the opening tag, or the grammar's first token)
                 seq.reasoning, seq.opening = token == seq.opening, None
@@ -395,7 +398,8 @@ class LLMEngine:
                 index=seq.index, text=visible_text(seq, done), token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time}
+        metrics = {"arrival_time": req.arrival_time, "first_scheduled_time": req.scheduled_time,
+                   "first_token_time": req.first_token_time, "last_token_time": req.last_token_time}
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
                              req.finished, metrics, req.num_cached_tokens)
 

@@ -21,7 +21,8 @@ class Status(Enum):
 
 class Request:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "arrival_time",
-                 "prompt_logprobs", "prompt_logprobs_planned", "first_token_time", "bad_words_ids",
+                 "prompt_logprobs", "prompt_logprobs_planned", "scheduled_time", "first_token_time", "last_token_time",
+                 "bad_words_ids",
                  "num_cached_tokens", "priority")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -32,7 +33,10 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.arrival_time = time.monotonic()
+        # (the engine's clock, time.monotonic(): when it was first scheduled, its first and latest tokens)
+        self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         # positions whose prompt logprobs an iteration computes (ahead of prompt_logprobs, which fills in one

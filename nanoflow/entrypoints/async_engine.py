@@ -356,6 +356,7 @@ class RequestStream:
         self._arrival = time.monotonic()
         self._first_token: dict[str, float] = {}
         self._last: dict[str, RequestOutput] = {}
+        self._longest: dict[str, tuple[int, float]] = {}  # its longest sequence's tokens so far, and when they came
         self._watcher: asyncio.Task | None = None
         self._gone = False
         self._held = None  # an item taken from the queue while coalescing, not yet returned
@@ -394,13 +395,17 @@ class RequestStream:
             raise item
         rid, now = item.request_id, time.monotonic()
         self._last[rid] = item
-        has_token = any(c.token_ids for c in item.outputs)
-        if rid in self._no_token and (has_token or item.finished):
+        longest = max((len(c.token_ids) for c in item.outputs), default=0)
+        if rid in self._no_token and (longest or item.finished):
             self._no_token.discard(rid)
             self._owner.num_waiting -= 1
-            if has_token:
+            if longest:
                 self._first_token[rid] = now
                 self._owner.metrics.ttft.observe(now - self._arrival)
+        elif longest > (seen := self._longest.get(rid, (0, now)))[0]:
+            self._owner.metrics.on_tokens(longest - seen[0], now - seen[1])
+        if longest:
+            self._longest[rid] = longest, now
         if item.finished:
             self._unfinished.discard(rid)
             self._finished(rid, now)
@@ -409,13 +414,7 @@ class RequestStream:
         return self._index[rid], item
 
     def _finished(self, rid: str, now: float) -> None:
-        last = self._last.get(rid)
-        outs = last.outputs if last is not None else []
-        reason = next((c.finish_reason for c in outs if c.finish_reason not in (None, "abort")), "abort")
-        self._owner.metrics.on_finished(reason, sum(len(c.token_ids) for c in outs),
-                                        max((len(c.token_ids) for c in outs), default=0), self._arrival,
-                                        self._first_token.get(rid), now,
-                                        len(last.prompt_token_ids or []) if last is not None else 0)
+        self._owner.metrics.on_finished(self._last.get(rid), self._arrival, self._first_token.get(rid), now)
 
     def close(self, abort: bool = True) -> None:
         if self._watcher is not None and self._watcher is not asyncio.current_task():
