@@ -153,6 +153,7 @@ def test_the_requests_tool_choice():
     assert _request().tool_choice_for(None).mode is None
     assert _request(tools=tools, tool_choice="none").tool_choice_for(None).mode is None
     assert _request(tools=[], tool_choice="required").tool_choice_for(None).mode is None  # (vLLM's: no tools, none)
+    assert _request(tools=[], tool_choice="auto").tool_choice_for(None).mode is None
     named = _request(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     params = named.sampling_params({}, named.tool_choice_for(None))
     assert params.structured_outputs.json == WEATHER["function"]["parameters"]
@@ -183,7 +184,8 @@ def test_the_requests_tool_choice():
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "names the function 'nope', which is not among the tools"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "not among the tools"),
-    ({"tool_choice": "required"}, '"required" needs tools'),
+    ({"tool_choice": "required"}, "'required' needs tools"),
+    ({"tool_choice": "auto", "tools": None}, "'auto' needs tools"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, 'must be "none", "auto", "required" or {"type": "function"'),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "at least 1 character"),
     ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),

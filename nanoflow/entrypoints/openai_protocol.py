@@ -356,16 +356,16 @@ class ChatCompletionRequest(_SamplingRequest):
         if "tools" not in info.data:  # (the tools were refused: that error is the one to read)
             return v
         tools = info.data["tools"]
-        if v == "required" and tools is None:  # (an empty list: none, as vLLM's)
-            raise PydanticCustomError("tool_choice", '"required" needs tools')
+        if v in ("required", "auto") and tools is None:  # (as vLLM's and OpenAI's; an empty list: none, as vLLM's)
+            raise PydanticCustomError("tool_choice", "{v} needs tools", {"v": repr(v)})
         if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools or ()}:
             raise PydanticCustomError("tool_choice", "names the function {name}, which is not among the tools",
                                       {"name": repr(v.function.name)})
         return v
 
     def tool_choice_for(self, parser: str | None) -> ToolChoice:
-        """The request's tool choice (OpenAI's default: "auto" with tools, else "none"; with no tools, "auto" and
-        "required" ask for nothing, as vLLM's). "auto" needs the server's parser; "named" and "required" hold the
+        """The request's tool choice (OpenAI's default: "auto" with tools, else "none"; with an empty list of tools,
+        "auto" and "required" ask for nothing, as vLLM's). "auto" needs the server's parser; "named" and "required" hold the
         output to a schema, so they take no grammar of the request's own."""
         choice = self.tool_choice or ("auto" if self.tools else "none")
         if not self.tools or choice == "none":
