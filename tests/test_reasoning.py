@@ -91,7 +91,7 @@ class Scripted(EngineClient):
 
         async def play():
             text = self.text
-            for end in range(self.cut, len(text) + self.cut, self.cut):
+            for end in range(self.cut, len(text) + self.cut, self.cut) or [0]:  # (no text: one output, finished)
                 done = end >= len(text)
                 outs = [CompletionOutput(i, text[:end], list(range(min(end, len(text)))),
                                          finish_reason="stop" if done else None) for i in range(add.params.n)]

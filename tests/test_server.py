@@ -712,7 +712,8 @@ def test_metrics(server):
 def _bounded(path: str, body) -> None:
     """Keep generated requests cheap: a few tokens and samples each (other values stay as generated)."""
     if isinstance(body, dict):
-        max_tokens = "max_completion_tokens" if path.endswith("chat/completions") else "max_tokens"
+        max_tokens = {"/v1/chat/completions": "max_completion_tokens", "/v1/responses": "max_output_tokens"}.get(
+            path, "max_tokens")
         for key, cap in ((max_tokens, 4), ("n", 2)):
             if body.get(key) is None or (isinstance(body[key], int | float) and body[key] > cap):
                 body[key] = cap

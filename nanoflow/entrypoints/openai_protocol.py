@@ -264,6 +264,16 @@ class ToolCallIn(_Request):
     function: FunctionCallIn
 
 
+def json_arguments(text: str) -> str:
+    """A call's arguments as a request gives them: JSON text, else a validation error."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):  # (nesting deeper than Python's stack is refused too)
+        raise PydanticCustomError("json_arguments", "a call's arguments must be JSON text, got {arguments}",
+                                  {"arguments": repr(text)}) from None
+    return text
+
+
 class ChatMessage(_Request):
     # system, developer, user, assistant, tool; or another the model's template knows (Llama 3.1's ipython), as
     # vLLM's custom roles
@@ -281,11 +291,7 @@ class ChatMessage(_Request):
     @classmethod
     def _json_arguments(cls, v):
         for call in v or ():
-            try:
-                json.loads(call.function.arguments)
-            except (ValueError, RecursionError):  # (nesting deeper than Python's stack is refused too)
-                raise PydanticCustomError("json_arguments", "a call's arguments must be JSON text, got {arguments}",
-                                          {"arguments": repr(call.function.arguments)}) from None
+            json_arguments(call.function.arguments)
         return v
 
     def for_template(self) -> dict:
@@ -365,8 +371,8 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def tool_choice_for(self, parser: str | None) -> ToolChoice:
         """The request's tool choice (OpenAI's default: "auto" with tools, else "none"; with an empty list of tools,
-        "auto" and "required" ask for nothing, as vLLM's). "auto" needs the server's parser; "named" and "required" hold the
-        output to a schema, so they take no grammar of the request's own."""
+        "auto" and "required" ask for nothing, as vLLM's). "auto" needs the server's parser; "named" and "required"
+        hold the output to a schema, so they take no grammar of the request's own."""
         choice = self.tool_choice or ("auto" if self.tools else "none")
         if not self.tools or choice == "none":
             return ToolChoice(None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints.responses import Responder, ResponsesRequest, renamed
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
@@ -251,21 +253,30 @@ async def _finals(stream: RequestStream | _Finished) -> dict[int, RequestOutput]
     return final
 
 
-async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event."""
+async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator, responder: Responder | None = None
+               ) -> AsyncIterator[str]:
+    """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event. With a
+    responder, the chunks are its Responses events, each sent under its type's name, and no [DONE] (OpenAI's)."""
+    def failed(info: api.ErrorInfo) -> str:
+        return _named(responder.error(info)) if responder else _event(api.ErrorResponse(error=info))
     try:
         async for chunk in chunks:
-            yield _event(chunk)
+            yield _named(chunk) if responder else _event(chunk)
     except ClientDisconnected:
         return
     except Overloaded as e:
-        yield _event(api.ErrorResponse(error=_unavailable(e).info))
+        yield failed(_unavailable(e).info)
     except Exception as e:
         log.exception("stream failed")
-        yield _event(api.ErrorResponse(error=api.ErrorInfo(message=f"internal error: {e}", type="internal_error")))
+        yield failed(api.ErrorInfo(message=f"internal error: {e}", type="internal_error"))
     finally:
         stream.close()
-    yield "data: [DONE]\n\n"
+    if not responder:
+        yield "data: [DONE]\n\n"
+
+
+def _named(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | list[str] | None = None,
@@ -567,6 +578,29 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: api.ChatCompletionRequest, raw: Request):
+        result = await chat(req, raw)
+        return StreamingResponse(_sse(*result), media_type="text/event-stream") if req.stream else result
+
+    @app.post("/v1/responses", responses=ERRORS)
+    async def responses(req: ResponsesRequest, raw: Request):
+        """OpenAI's Responses API over chat completions (nanoflow.entrypoints.responses)."""
+        try:
+            as_chat = req.as_chat()
+            result = await chat(as_chat, raw)
+        except APIError as e:  # (named as this request names the field)
+            e.info.message, e.info.param = renamed(e.info.message), e.info.param and renamed(e.info.param)
+            raise
+        except ValueError as e:
+            raise _bad_input(e) from None
+        responder = Responder(req, check_model(req.model), _request_id(raw, as_chat) or uuid.uuid4().hex,
+                              lambda text: len(tokenizer.encode(text, False)))
+        if not req.stream:
+            return responder.whole(result)
+        stream, chunks = result
+        return StreamingResponse(_sse(stream, responder.events(chunks), responder), media_type="text/event-stream")
+
+    async def chat(req: api.ChatCompletionRequest, raw: Request):
+        """The chat completion, or with req.stream (its RequestStream, its chunks)."""
         served = check_model(req.model)
         tools = tool_choice(req)
         params = sampling_params(req, tools)
@@ -627,7 +661,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                 if req.include_usage:
                     usage = _usage(len(prompt), progress, cached_tokens([out] if out else []))
                     yield api.ChatCompletionChunk(**head, choices=[], usage=usage)
-            return StreamingResponse(_sse(stream, chunks()), media_type="text/event-stream")
+            return stream, chunks()
         out = (await _finals(stream))[0]
         choices = []
         for c in out.outputs:
