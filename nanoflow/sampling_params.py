@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -83,6 +84,12 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
+        for name in _SCALARS:  # (numpy's scalars too, as vLLM takes them: Python's own from here on)
+            v = getattr(self, name)
+            if integer(v) and type(v) is not int:
+                setattr(self, name, int(v))
+            elif isinstance(v, numbers.Real) and not isinstance(v, (bool, float, numbers.Integral)):
+                setattr(self, name, float(v))
         check(integer(self.n) and self.n >= 1, "n", "must be an integer >= 1")
         check(finite_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
         check(finite_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -162,9 +169,15 @@ class SamplingParams:
                 and self.top_p == 1 and self.min_p == 0 and self.seed is None and self.logprobs is None)
 
 
+_SCALARS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs",
+            "truncate_prompt_tokens")
+
+
 def integer(t) -> bool:
-    """An int, not a bool (True would pass for 1: logprobs=True, as OpenAI's chat API spells it, is not a count)."""
-    return isinstance(t, int) and not isinstance(t, bool)
+    """An integer, numpy's included, but not a bool (True would pass for 1: logprobs=True, as OpenAI's chat API spells
+    it, is not a count)."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def natural(t) -> bool:

@@ -50,6 +50,16 @@ def _token_text(tok) -> str | None:
     return tok
 
 
+class Encoding(dict):
+    """A call's result, read as a dict or by attribute (enc.input_ids), as HF's BatchEncoding."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, chat_template: str | dict[str, str] | None, bos_token: str | None,
                  eos_token: str | None, eos_token_ids: set[int]):
@@ -160,11 +170,11 @@ class Tokenizer:
         return self.tk.decode([ids] if isinstance(ids, int) else ids, skip_special_tokens=skip_special_tokens)
 
     # (what scripts call on vLLM's get_tokenizer(), an HF tokenizer: the same names, defaults and results)
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Encoding:
         ids = ([self.encode(t, add_special_tokens) for t in text] if isinstance(text, list)
                else self.encode(text, add_special_tokens))
         mask = [[1] * len(i) for i in ids] if isinstance(text, list) else [1] * len(ids)
-        return {"input_ids": ids, "attention_mask": mask}
+        return Encoding(input_ids=ids, attention_mask=mask)
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -196,6 +196,18 @@ def test_invalid_sampling_params(kw, name):
         SamplingParams(**kw)
 
 
+def test_numpy_scalars_are_numbers():
+    """(as vLLM takes them: a sweep's seeds from rng.integers, its temperatures from np.linspace), as Python's own"""
+    p = SamplingParams(temperature=np.float32(0.5), top_p=np.float16(0.5), max_tokens=np.int64(3), seed=np.int32(7),
+                       n=np.int8(2), stop_token_ids=[np.int64(5)])
+    assert (p.temperature, p.top_p, p.max_tokens, p.seed, p.n) == (0.5, 0.5, 3, 7, 2)
+    assert [type(v) for v in (p.temperature, p.top_p, p.max_tokens, p.seed, p.n)] == [float, float, int, int, int]
+    with pytest.raises(ValueError, match="max_tokens=3.0: must be an integer"):
+        SamplingParams(max_tokens=np.float32(3))
+    with pytest.raises(ValueError, match="n=np.True_: must be an integer"):  # (numpy's bool is no count either)
+        SamplingParams(n=np.bool_(True))
+
+
 def test_bad_prompts_leave_the_engine_usable(llama_dir):
     llm = LLM(llama_dir, max_model_len=64)
     ok = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

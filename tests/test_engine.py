@@ -198,8 +198,10 @@ def test_priority_needs_its_policy(llama_dir):
         llm.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False, priority=[1])
     with pytest.raises(ValueError, match="priority=True: must be an integer"):
         llm.engine.add_request("x", [5, 6], None, True)
-    with pytest.raises(ValueError, match="2 priorities for 1 prompts"):
+    with pytest.raises(ValueError, match="got 2 priorities for 1 prompts: give one each"):
         llm.generate([[5, 6]], use_tqdm=False, priority=[0, 0])
+    with pytest.raises(ValueError, match="got 1 sampling params for 2 prompts: give one each"):
+        llm.generate([[5, 6], [5, 7]], [SamplingParams()], use_tqdm=False)
     assert not llm.engine.requests
 
 
@@ -501,8 +503,13 @@ def test_a_stream_whose_end_another_call_took_raises(llama_dir):
 
 
 def test_completion_output_finished_is_a_method_as_vllms(llama_dir):
-    parts = list(LLM(llama_dir).stream([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
+    llm = LLM(llama_dir)
+    assert llm.llm_engine is llm.engine  # (vLLM's name)
+    parts = list(llm.stream([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1, prompt_logprobs=1)))
     assert [p.outputs[0].finished() for p in parts] == [False] * (len(parts) - 1) + [True] and len(parts) > 1
+    # each output keeps its step's logprobs (they were the engine's lists, which grew under earlier outputs)
+    assert [len(p.outputs[0].logprobs) for p in parts] == [len(p.outputs[0].token_ids) for p in parts] == [1, 2, 3]
+    assert [len(p.prompt_logprobs) for p in parts] == [3] * 3 and parts[0].prompt_logprobs is not parts[1].prompt_logprobs
 
 
 def test_cut_model_keeps_the_first_layers(llama_dir):

@@ -64,6 +64,7 @@ def test_the_hf_tokenizer_calls_scripts_make(tok, tokenizer_dir):
         assert tok.decode(spaced, clean_up_tokenization_spaces=clean) == hf.decode(
             spaced, clean_up_tokenization_spaces=clean)
     assert tok(text) == dict(hf(text)) and tok([text, "x"]) == dict(hf([text, "x"]))
+    assert tok(text).input_ids == hf(text).input_ids  # (by attribute too, as HF's BatchEncoding)
     assert tok(text, add_special_tokens=False) == dict(hf(text, add_special_tokens=False))
     assert tok.tokenize(text) == hf.tokenize(text)
     assert tok.convert_ids_to_tokens(ids) == hf.convert_ids_to_tokens(ids)

@@ -25,7 +25,7 @@ from nanoflow.models.loader import build_model, check_load_format, local_path, r
 from nanoflow.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from nanoflow.reasoning import END as END_THINK
 from nanoflow.reasoning import last_tag, reading, tag_ids
-from nanoflow.sampling_params import SamplingParams
+from nanoflow.sampling_params import SamplingParams, integer
 from nanoflow.tokenizer import Tokenizer
 
 Prompt = str | list[int] | dict
@@ -155,7 +155,7 @@ class LLMEngine:
                                  "command line, --tokenizer PATH)")
             return prompt, self.tokenize(self.tokenizer.encode(prompt))[1]  # (its ids checked as given ones)
         if isinstance(prompt, (list, tuple)):
-            if bad := [t for t in prompt if not is_token_id(t)]:
+            if bad := [t for t in prompt if not integer(t)]:
                 raise ValueError(f"a prompt's token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
             if bad := [t for t in prompt if not 0 <= t < self.model_config.vocab_size]:
                 raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.model_config.vocab_size})")
@@ -397,10 +397,11 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 index=seq.index, text=visible_text(seq, done), token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                logprobs=_copy(seq.logprobs), finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         metrics = {"arrival_time": req.arrival_time, "first_scheduled_time": req.scheduled_time,
                    "first_token_time": req.first_token_time, "last_token_time": req.last_token_time}
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.prompt_logprobs,
+        # (lists copied: an output handed out keeps its step's values while the engine goes on appending)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, _copy(req.prompt_logprobs),
                              req.finished, metrics, req.num_cached_tokens)
 
 
@@ -415,8 +416,5 @@ def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
     return ids[max(len(ids) - (max_model_len - 1 if k == -1 else k), 0):]
 
 
-def is_token_id(t) -> bool:
-    """An integer, numpy's included, but not a bool."""
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
-
-
+def _copy(entries: list | None) -> list | None:
+    return None if entries is None else list(entries)

@@ -7,10 +7,10 @@ from collections.abc import Iterator, Sequence
 from tqdm import tqdm
 
 from nanoflow.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from nanoflow.engine.llm_engine import LLMEngine, Prompt, is_token_id
+from nanoflow.engine.llm_engine import LLMEngine, Prompt
 from nanoflow.entrypoints import vllm_args
 from nanoflow.outputs import RequestOutput
-from nanoflow.sampling_params import SamplingParams
+from nanoflow.sampling_params import SamplingParams, integer
 
 
 class LLM:
@@ -27,7 +27,7 @@ class LLM:
                 raise ValueError("give schedule_policy or its vLLM name scheduling_policy, not both")
             kwargs["schedule_policy"] = kwargs.pop("scheduling_policy")
         kwargs = vllm_args.take(kwargs, vllm_args.ENGINE | vllm_args.LLM_ONLY)
-        self.engine = LLMEngine(model, **kwargs)
+        self.engine = self.llm_engine = LLMEngine(model, **kwargs)  # (llm_engine: vLLM's name for it)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -59,9 +59,9 @@ class LLM:
         prompts = _as_list(prompts)
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params] * len(prompts))
-        if len(params) != len(prompts) or priority is not None and len(priority) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params and {len(priority or prompts)} priorities for "
-                             f"{len(prompts)} prompts")
+        for name, given in (("sampling params", params), ("priorities", priority)):
+            if given is not None and len(given) != len(prompts):  # (vLLM's: one each, or one for all)
+                raise ValueError(f"got {len(given)} {name} for {len(prompts)} prompts: give one each")
         ids, done = [], {}
         try:
             for prompt, p, rank in zip(prompts, params, priority or [0] * len(prompts)):  # a bad one rejects all
@@ -152,7 +152,7 @@ def _no_lora(lora_request) -> None:
 def _as_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(is_token_id(t) for t in prompts):
+    if isinstance(prompts, (list, tuple)) and prompts and all(integer(t) for t in prompts):
         return [list(prompts)]  # one prompt of token ids
     try:
         return list(prompts)
