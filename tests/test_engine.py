@@ -281,6 +281,11 @@ def test_stop_token_ids_and_min_tokens(llama_dir, reference):
     late = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[ref[0]],
                                                      min_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(late.token_ids) >= 3 and ref[0] not in late.token_ids[:3]
+    # min_tokens holds the EOS back under ignore_eos too (vLLM's: its stop tokens always include the EOS)
+    eos = llm.engine.eos_token_id
+    held = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=6, min_tokens=3, ignore_eos=True,
+                                                     logit_bias={eos: 100.0}), use_tqdm=False)[0].outputs[0]
+    assert eos not in held.token_ids[:3] and held.token_ids[3:] == [eos] * 3
 
 
 def test_logit_bias_and_allowed_token_ids(llama_dir, reference):
@@ -509,7 +514,8 @@ def test_completion_output_finished_is_a_method_as_vllms(llama_dir):
     assert [p.outputs[0].finished() for p in parts] == [False] * (len(parts) - 1) + [True] and len(parts) > 1
     # each output keeps its step's logprobs (they were the engine's lists, which grew under earlier outputs)
     assert [len(p.outputs[0].logprobs) for p in parts] == [len(p.outputs[0].token_ids) for p in parts] == [1, 2, 3]
-    assert [len(p.prompt_logprobs) for p in parts] == [3] * 3 and parts[0].prompt_logprobs is not parts[1].prompt_logprobs
+    assert [len(p.prompt_logprobs) for p in parts] == [3] * 3
+    assert parts[0].prompt_logprobs is not parts[1].prompt_logprobs
 
 
 def test_cut_model_keeps_the_first_layers(llama_dir):

@@ -36,6 +36,13 @@ def test_top_k_restricts_support(logits):
     assert support == set(logits[0].topk(3).indices.tolist())
 
 
+def test_top_k_keeps_the_kths_ties():
+    """(as vLLM's: bf16 logits tie often; the tokens tied with the k-th all stay)"""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    assert set(draws(logits, md(1, top_k=2))) == {0, 1, 2, 3}
+    assert set(draws(logits, md(1, top_k=1))) == {0}
+
+
 def test_top_p_restricts_support_to_the_nucleus(logits):
     probs = logits[0].softmax(-1)
     p_sorted, order = probs.sort(descending=True)
@@ -182,3 +189,14 @@ def test_logprob_rows_rank_and_topk(logits):
     rows = logprob_rows(lp, target[None], 4).tolist()
     assert rows.rank == [3] and rows.logprob[0] == pytest.approx(lp[0, target].item())
     assert rows.top_ids[0] == lp[0].topk(4).indices.tolist()
+    # ties: the target's rank is the last place among them (vLLM's count of logprobs >= its own)
+    tied = torch.tensor([[1.0, 1.0, 0.0]]).log_softmax(-1)
+    assert logprob_rows(tied, torch.tensor([1]), 0).tolist().rank == [2]
+    # and one among the top k takes its place there: each rank once in an entry (the engine's, as vLLM's)
+    from types import SimpleNamespace
+
+    from nanoflow.engine.llm_engine import LLMEngine
+    for target, ranks in ((1, {1: 2, 0: 1}), (0, {0: 1, 1: 2})):
+        rows = logprob_rows(tied, torch.tensor([target]), 2).tolist()
+        entry = LLMEngine._position(SimpleNamespace(tokenizer=None), rows, 0, target, 2, False)
+        assert {t: lp.rank for t, lp in entry.items()} == ranks and next(iter(entry)) == target

@@ -385,9 +385,11 @@ class LLMEngine:
     def _position(self, rows: LogprobRows, j: int, target: int, k: int, text: bool) -> PositionLogprobs:
         """Row j as {token id: Logprob}: its top-k tokens and the target token (text: with their decoded strings)."""
         decode = self.tokenizer.decode if self.tokenizer and text else (lambda _: None)
-        entry = {target: Logprob(rows.logprob[j], rows.rank[j], decode(target))}  # first, as vLLM's
-        entry |= {t: Logprob(v, r + 1, decode(t))
-                  for r, (t, v) in enumerate(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k])) if t != target}
+        top = list(zip(rows.top_ids[j][:k], rows.top_logprobs[j][:k]))
+        # the target first, as vLLM's; one among the top k ranked by its place there (ties put it anywhere among them)
+        rank = next((r + 1 for r, (t, _) in enumerate(top) if t == target), rows.rank[j])
+        entry = {target: Logprob(rows.logprob[j], rank, decode(target))}
+        entry |= {t: Logprob(v, r + 1, decode(t)) for r, (t, v) in enumerate(top) if t != target}
         return entry
 
     def _output(self, req: Request) -> RequestOutput:

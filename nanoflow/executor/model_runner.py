@@ -430,7 +430,7 @@ class ModelRunner:
         if banned:
             md.banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=dev)
             for i, s in banned:
-                ids = list(s.params.stop_token_ids or []) + ([] if s.params.ignore_eos else self.eos_token_ids)
+                ids = list(s.params.stop_token_ids or []) + list(self.eos_token_ids)  # (with ignore_eos too: vLLM's)
                 md.banned[i, self._device(ids)] = True
         return md
 

@@ -73,8 +73,8 @@ def filter_probs(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         probs = probs.masked_fill(probs < md.min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     if md.use_top_k_p:
         sorted_p, order = probs.sort(-1, descending=True)
-        ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-        drop = (md.top_k[:, None] > 0) & (ranks >= md.top_k[:, None])
+        kth = sorted_p.gather(-1, (md.top_k[:, None] - 1).clamp(min=0))
+        drop = (md.top_k[:, None] > 0) & (sorted_p < kth)  # (the k-th's ties stay, as vLLM's)
         kept = sorted_p.masked_fill(drop, 0.0)
         # a token goes when the mass kept before it already reaches p of all kept (top_p = 1 drops nothing, whatever
         # the rounding)
@@ -109,8 +109,9 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 
 
 def logprob_rows(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> LogprobRows:
-    """logprobs [R, V] (log-softmaxed), targets [R] -> tensors on the same device."""
+    """logprobs [R, V] (log-softmaxed), targets [R] -> tensors on the same device. A target among the top k takes
+    its place there as its rank (the engine's _position), as vLLM's."""
     target_lp = logprobs.gather(-1, targets[:, None])
-    rank = (logprobs > target_lp).sum(-1) + 1
+    rank = (logprobs >= target_lp).sum(-1)  # (among ties the last place, as vLLM's)
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
     return LogprobRows(target_lp[:, 0], rank, top_ids, top_lp)
