@@ -84,7 +84,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
-        for name in _SCALARS:  # (numpy's scalars too, as vLLM takes them: Python's own from here on)
+        for name in _SCALARS:  # (numpy's scalars too, as vLLM takes them: as Python's int and float from here on)
             v = getattr(self, name)
             if integer(v) and type(v) is not int:
                 setattr(self, name, int(v))
@@ -187,4 +187,4 @@ def natural(t) -> bool:
 
 def finite_number(x) -> bool:
     """A finite number (not a bool): NaN and infinities would turn every logit into NaN."""
-    return not isinstance(x, bool) and (isinstance(x, int) or isinstance(x, float) and math.isfinite(x))
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)

@@ -31,16 +31,18 @@ def test_deltas_rebuild_the_cumulative_outputs():
     steps = [([""], [[7]], None), (["ab"], [[7, 8]], None), (["abc"], [[7, 8, 9]], "length")]
     sent = rebuilt = None
     for texts, ids, reason in steps:
-        outs = [CompletionOutput(i, texts[0], ids[0], -0.6, lp, reason) for i in range(2)]  # lp: all three, always
-        out = RequestOutput("s-0", "p", [1, 2], outs, [None, {2: Logprob(-1.0, 1)}], reason is not None,
-                            num_cached_tokens=32)
+        outs = [CompletionOutput(i, texts[0], ids[0], -0.6, lp[:len(ids[0])], reason) for i in range(2)]
+        done = reason is not None  # (the engine's timestamps go with the last delta)
+        out = RequestOutput("s-0", "p", [1, 2], outs, [None, {2: Logprob(-1.0, 1)}], done,
+                            {"arrival_time": 1.0} if done else {}, num_cached_tokens=32)
         rebuilt = patch(rebuilt, diff(out, sent), [1, 2])
         sent = [(len(c.text), len(c.token_ids)) for c in outs]
         for c, r in zip(outs, rebuilt.outputs):
             assert (r.index, r.text, r.token_ids, r.logprobs, r.finish_reason) == (
                 c.index, c.text, c.token_ids, lp[:len(c.token_ids)], c.finish_reason)
         assert (rebuilt.prompt, rebuilt.prompt_token_ids, rebuilt.prompt_logprobs, rebuilt.finished,
-                rebuilt.num_cached_tokens) == (out.prompt, out.prompt_token_ids, out.prompt_logprobs, out.finished, 32)
+                rebuilt.num_cached_tokens, rebuilt.metrics) == (out.prompt, out.prompt_token_ids, out.prompt_logprobs,
+                                                                 out.finished, 32, out.metrics)
 
 
 def test_an_abort_that_overtakes_its_add_drops_the_submission(llama_dir):
@@ -116,6 +118,8 @@ def test_requests_spread_and_outputs_equal_one_engine(server, default_llm):
     assert texts == [o.outputs[0].text for o in expected]
     after = metrics(server)
     assert all(routed(after, i) > routed(before, i) for i in (0, 1)), after
+    phase = "vllm:request_prefill_time_seconds_count"  # (the replicas' timestamps reach the router's metrics)
+    assert after[phase] - before.get(phase, 0) == len(PROMPTS)
     with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
                       json={"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]

@@ -11,7 +11,7 @@ from nanoflow.entrypoints.async_engine import ACCEPTED, EngineClient
 from nanoflow.entrypoints.metrics import Metrics
 from nanoflow.reasoning import END, START, ReasoningStream, last_tag, reading, split
 from nanoflow.entrypoints.server import build_app
-from nanoflow.outputs import CompletionOutput, RequestOutput
+from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 
 SPLITS = [  # (parser, whole output, reasoning, content)
     ("deepseek_r1", "Let me think.</think>The answer is 4.", "Let me think.", "The answer is 4."),
@@ -93,8 +93,10 @@ class Scripted(EngineClient):
             text = self.text
             for end in range(self.cut, len(text) + self.cut, self.cut) or [0]:  # (no text: one output, finished)
                 done = end >= len(text)
-                outs = [CompletionOutput(i, text[:end], list(range(min(end, len(text)))),
-                                         finish_reason="stop" if done else None) for i in range(add.params.n)]
+                ids = list(range(min(end, len(text))))  # (a token a character; logprobs when asked: -t / 100)
+                lps = None if add.params.logprobs is None else [{t: Logprob(-t / 100, 1, text[t])} for t in ids]
+                outs = [CompletionOutput(i, text[:end], ids, logprobs=lps, finish_reason="stop" if done else None)
+                        for i in range(add.params.n)]
                 for rid in add.request_ids:
                     add.sink.put(RequestOutput(rid, None, [1], outs, finished=done))
                 await asyncio.sleep(0.001)  # (the reader takes them one at a time, mostly)

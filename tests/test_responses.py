@@ -95,31 +95,44 @@ def _events(text: str) -> list[dict]:
     return events
 
 
-@pytest.mark.parametrize("text, reasoning_parser", [
-    ('<think>Let me think.</think>Paris. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
-     '</tool_call>', "deepseek_r1"),
-    ("Paris.", None),
-    ("", None),  # (no text: still a message, empty)
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+NAMED = {"tool_choice": {"type": "function", "name": "get_weather"}}
+LOGPROBS = {"include": ["message.output_text.logprobs"], "top_logprobs": 1}
+
+
+@pytest.mark.parametrize("text, reasoning_parser, body, kinds", [
+    ("<think>Let me think.</think>Paris. " + CALL, "deepseek_r1", {}, ["reasoning", "message", "function_call"]),
+    ("Paris.", None, {}, ["message"]),
+    ("", None, {}, []),  # (no text, no message: vLLM's)
+    ("<think>Still thinking", "deepseek_r1", {}, ["reasoning"]),  # (cut in its reasoning)
+    ('{"city": "Paris"}', None, NAMED, ["function_call"]),  # (a named call's arguments stream in pieces: one item)
+    # logprobs: all of the output's on its message (the reasoning's and the call's tokens' too), in the stream as well
+    ("<think>Hm.</think>Paris. " + CALL, "deepseek_r1", LOGPROBS, ["reasoning", "message", "function_call"]),
+    ("<think>Hm.</think>" + CALL, "deepseek_r1", LOGPROBS, ["reasoning", "function_call"]),
 ])
-def test_a_response_and_its_stream(default_llm, text, reasoning_parser):
+def test_a_response_and_its_stream(default_llm, text, reasoning_parser, body, kinds):
     app = build_app(Scripted(default_llm.tokenizer, text), "m", reasoning_parser=reasoning_parser,
                     tool_parser="hermes")
-    body = {"input": "Weather in Paris?", "tools": [WEATHER], "metadata": {"k": "v"}, "store": True}
+    body = {"input": "Weather in Paris?", "tools": [WEATHER], "metadata": {"k": "v"}, "store": True} | body
     with TestClient(app) as client:
         whole = client.post("/v1/responses", json=body).json()
         events = _events(client.post("/v1/responses", json=body | {"stream": True}).text)
     response = _checked(oai.Response, whole)
     assert whole["status"] == "completed" and whole["store"] is False and whole["metadata"] == {"k": "v"}
-    kinds = [item["type"] for item in whole["output"]]
-    if "<think>" in text:
-        assert kinds == ["reasoning", "message", "function_call"]
-        assert whole["output"][0]["content"][0]["text"] == "Let me think." and response.output_text == "Paris. "
-        assert whole["output"][2]["name"] == "get_weather" and json.loads(whole["output"][2]["arguments"]) == {
-            "city": "Paris"}
+    assert [item["type"] for item in whole["output"]] == kinds
+    items = {item["type"]: item for item in whole["output"]}
+    if "reasoning" in items:
+        thought = text[len("<think>"):].partition("</think>")[0]
+        assert items["reasoning"]["content"][0]["text"] == thought
         assert whole["usage"]["output_tokens_details"]["reasoning_tokens"] == len(
-            default_llm.tokenizer.encode("Let me think.", False))
-    else:
-        assert kinds == ["message"] and response.output_text == text
+            default_llm.tokenizer.encode(thought, False))
+    if "function_call" in items:
+        assert items["function_call"]["name"] == "get_weather"
+        assert json.loads(items["function_call"]["arguments"]) == {"city": "Paris"}
+    if "message" in items:
+        assert response.output_text == ("Paris." if text == "Paris." else "Paris. ")
+        lps = items["message"]["content"][0]["logprobs"]
+        assert [lp["logprob"] for lp in lps] == ([-t / 100 for t in range(len(text))] if body.get("include") else [])
     # the stream: numbered from 0, created first, the whole response last; its deltas add up to each item
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
@@ -128,11 +141,32 @@ def test_a_response_and_its_stream(default_llm, text, reasoning_parser):
     strip = lambda r: [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in r["output"]]  # noqa: E731
     assert strip(final) == strip(whole) and final["usage"] == whole["usage"]
     for at, item in enumerate(final["output"]):
-        pieces = "".join(e.get("delta", "") for e in events if e.get("output_index") == at and "delta" in e)
-        done = next(e for e in events if e["type"] == "response.output_item.done" and e["output_index"] == at)
-        assert done["item"] == item
-        assert pieces == {"reasoning": lambda: item["content"][0]["text"], "message": lambda: item["content"][0][
-            "text"], "function_call": lambda: item["arguments"]}[item["type"]]()
+        mine = [e for e in events if e.get("output_index") == at]
+        assert mine[0]["type"] == "response.output_item.added" and mine[-1]["type"] == "response.output_item.done"
+        assert mine[-1]["item"] == item and {e.get("item_id", item["id"]) for e in mine} == {item["id"]}
+        pieces = "".join(e["delta"] for e in mine if "delta" in e)
+        assert pieces == (item["arguments"] if item["type"] == "function_call" else item["content"][0]["text"])
+        if item["type"] == "message":
+            assert sum((e["logprobs"] for e in mine if "delta" in e), []) == item["content"][0]["logprobs"]
+
+
+def test_replayed_reasoning_goes_with_its_turn():
+    """Reasoning items go to the assistant message after them (several joined); a turn's reasoning with no
+    assistant output after it is dropped, not given to the next turn's."""
+    think = lambda t: {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": t}]}  # noqa
+    call = lambda c: {"type": "function_call", "call_id": c, "name": "f", "arguments": "{}"}  # noqa: E731
+    req = ResponsesRequest(input=[
+        {"role": "user", "content": "a"}, think("R0"), {"role": "user", "content": "b"},
+        think("R1"), call("c1"), think("R2"), call("c2"), {"type": "function_call_output", "call_id": "c1",
+                                                           "output": "x"}])
+    messages = req.messages()
+    assert [m["role"] for m in messages] == ["user", "user", "assistant", "tool"]
+    assert messages[2]["reasoning"] == "R1\n\nR2" and len(messages[2]["tool_calls"]) == 2
+    assert ResponsesRequest(input="Hi", instructions="").messages() == [{"role": "user", "content": "Hi"}]
+    # the Responses API's defaults and vLLM's sampling extras: "auto" without tools asks for nothing
+    chat = ResponsesRequest(input="Hi", tool_choice="auto", seed=3, top_k=5, stop=["x"], priority=2,
+                            reasoning={"effort": "xhigh"}, service_tier="flex").as_chat()
+    assert (chat.tool_choice, chat.seed, chat.top_k, chat.stop, chat.priority) == (None, 3, 5, ["x"], 2)
 
 
 @pytest.fixture(scope="module")

@@ -146,17 +146,18 @@ class Replica:
 def diff(out: RequestOutput, sent: list[tuple[int, int]] | None) -> RequestOutput:
     """What is new in out after (text length, token count) of each completion were sent (None: nothing was):
     the text and tokens past them, with their logprobs. The prompt's ids stay here (the router has them), its
-    logprobs go with the first delta, the engine's timestamps (of this process's clock) not at all."""
+    logprobs go with the first delta, the engine's timestamps with the last (this process's clock: the router's
+    metrics take only their differences)."""
     outs = []
     for c in out.outputs:
         chars, tokens = sent[c.index] if sent else (0, 0)
-        # (the engine appends to c.logprobs in place: cut it at the tokens this output has)
-        logprobs = None if c.logprobs is None else c.logprobs[tokens:len(c.token_ids)]
+        logprobs = None if c.logprobs is None else c.logprobs[tokens:]
         outs.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[tokens:], c.cumulative_logprob, logprobs,
                                      c.finish_reason, c.stop_reason))
     first = sent is None
     return RequestOutput(out.request_id, out.prompt if first else None, [], outs,
-                         out.prompt_logprobs if first else None, out.finished, num_cached_tokens=out.num_cached_tokens)
+                         out.prompt_logprobs if first else None, out.finished, out.metrics if out.finished else {},
+                         out.num_cached_tokens)
 
 
 def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: list[int]) -> RequestOutput:
@@ -170,7 +171,7 @@ def patch(prev: RequestOutput | None, delta: RequestOutput, prompt_token_ids: li
                                      logprobs, c.finish_reason, c.stop_reason))
     first = prev or delta
     return RequestOutput(delta.request_id, first.prompt, prompt_token_ids, outs, first.prompt_logprobs,
-                         delta.finished, num_cached_tokens=delta.num_cached_tokens)
+                         delta.finished, delta.metrics, delta.num_cached_tokens)
 
 
 def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, ray_address: str | None,

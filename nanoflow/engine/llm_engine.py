@@ -399,11 +399,16 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 index=seq.index, text=visible_text(seq, done), token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=_copy(seq.logprobs), finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                logprobs=None if seq.logprobs is None else list(seq.logprobs), finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason))
         metrics = {"arrival_time": req.arrival_time, "first_scheduled_time": req.scheduled_time,
                    "first_token_time": req.first_token_time, "last_token_time": req.last_token_time}
-        # (lists copied: an output handed out keeps its step's values while the engine goes on appending)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, _copy(req.prompt_logprobs),
+        # (lists copied: an output handed out keeps its step's values while the engine goes on appending; the prompt's
+        # logprobs only while they grow)
+        prompt_logprobs = req.prompt_logprobs
+        if prompt_logprobs is not None and len(prompt_logprobs) < len(req.prompt_token_ids):
+            prompt_logprobs = list(prompt_logprobs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, prompt_logprobs,
                              req.finished, metrics, req.num_cached_tokens)
 
 
@@ -416,7 +421,3 @@ def truncate(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
         raise ValueError(f"invalid sampling parameter truncate_prompt_tokens={k}: more than the model's context "
                          f"length, {max_model_len}")
     return ids[max(len(ids) - (max_model_len - 1 if k == -1 else k), 0):]
-
-
-def _copy(entries: list | None) -> list | None:
-    return None if entries is None else list(entries)

@@ -18,7 +18,10 @@ from nanoflow.entrypoints import openai_protocol as api
 
 INCLUDES = ("message.output_text.logprobs", "reasoning.encrypted_content")  # (no encrypted reasoning: nothing to add)
 RENAMED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-           "response_format": "text.format", "messages": "input", "top_logprobs": "top_logprobs"}
+           "response_format": "text.format", "messages": "input"}
+# (vLLM's: the sampling parameters chat takes that a Responses request may carry too)
+EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
+          "request_id", "priority")
 
 
 class InputText(api._Request):
@@ -124,7 +127,8 @@ class TextConfig(api._Request):
 
 
 class ReasoningConfig(api._Request):
-    effort: Literal["minimal", "low", "medium", "high"] | None = None  # the chat template's reasoning_effort
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None  # (the template's
+    # reasoning_effort)
     summary: Literal["auto", "concise", "detailed"] | None = None  # (echoed: the reasoning is given whole)
 
 
@@ -149,12 +153,19 @@ class ResponsesRequest(api._Request):
     store: bool | None = None  # (taken; nothing is kept, so the response says false)
     metadata: dict[str, str] | None = None
     user: str | None = None
-    service_tier: Literal["auto", "default"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None  # (echoed)
     truncation: Literal["disabled"] | None = None
     previous_response_id: api.only_default() = None
     background: api.only_default(False) = None
     request_id: str | None = None  # (vLLM's) the response's id is resp_ID
-    priority: api.Int64 = 0  # (vLLM's)
+    priority: api.Int64 | None = None  # (vLLM's, as the other EXTRAS)
+    top_k: api.Int64 | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: api.Int64 | None = None
+    stop: Annotated[str | list[str] | None, api.one_of("a string or a list of strings")] = None
 
     @field_validator("input")
     @classmethod
@@ -172,14 +183,16 @@ class ResponsesRequest(api._Request):
         return v
 
     def messages(self) -> list[dict]:
-        """The conversation as chat messages: instructions as the system message; an assistant's function calls
-        (and the reasoning before them) joined to its message, as chat completions carry them."""
-        out = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        thought = None
+        """The conversation as chat messages: instructions (unless empty) as the system message; an assistant's
+        function calls joined to its message, as chat completions carry them, and the reasoning items before them
+        as its reasoning (a turn's reasoning with no assistant output after it is dropped)."""
+        out = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        thoughts = []
         for item in self.input:
             if item.type == "reasoning":
-                thought = "".join(p.text for p in item.content or item.summary)
-            elif item.type == "function_call_output":
+                thoughts.append("".join(p.text for p in item.content or item.summary))
+                continue
+            if item.type == "function_call_output":
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": _joined(item.output)})
             elif item.type == "function_call":
                 call = {"id": item.call_id, "type": "function",
@@ -189,8 +202,9 @@ class ResponsesRequest(api._Request):
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": item.role, "content": _joined(item.content)})
-            if out and out[-1]["role"] == "assistant" and thought is not None:
-                out[-1]["reasoning"], thought = thought, None
+            if thoughts and out[-1]["role"] == "assistant":
+                out[-1]["reasoning"] = "\n\n".join(filter(None, [out[-1].get("reasoning"), *thoughts]))
+            thoughts = []
         return out
 
     def as_chat(self) -> api.ChatCompletionRequest:
@@ -199,12 +213,14 @@ class ResponsesRequest(api._Request):
         fmt = self.text.format if self.text else None
         body = dict(model=self.model, messages=self.messages(), max_completion_tokens=self.max_output_tokens,
                     temperature=self.temperature, top_p=self.top_p, parallel_tool_calls=self.parallel_tool_calls,
-                    user=self.user, request_id=self.request_id, priority=self.priority, stream=self.stream,
+                    user=self.user, stream=self.stream, **{k: getattr(self, k) for k in EXTRAS},
                     stream_options={"include_usage": True} if self.stream else None,
                     tools=[{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                            for t in self.tools] if self.tools is not None else None,
+                    # ("auto" without tools: the Responses API's default, which asks for nothing)
                     tool_choice=({"type": "function", "function": {"name": self.tool_choice.name}}
-                                 if isinstance(self.tool_choice, NamedFunction) else self.tool_choice),
+                                 if isinstance(self.tool_choice, NamedFunction) else
+                                 None if self.tools is None and self.tool_choice == "auto" else self.tool_choice),
                     response_format=fmt and ({"type": fmt.type} | ({"json_schema": {
                         "name": fmt.name or "response", "schema": fmt.json_schema, "description": fmt.description,
                         "strict": fmt.strict}} if fmt.type == "json_schema" else {})))
@@ -289,8 +305,8 @@ class Responder:
         choice = chat.choices[0]
         m, status = choice.message, "incomplete" if choice.finish_reason == "length" else "completed"
         output = [_reasoning(m.reasoning)] if m.reasoning else []
-        if m.content or not m.tool_calls:
-            output.append(_message(m.content or "", status, _logprobs(choice.logprobs)))
+        if m.content:  # (as vLLM's: no text, no message)
+            output.append(_message(m.content, status, _logprobs(choice.logprobs)))
         output += [_call(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()]
         return self.response(output, choice.finish_reason, self._usage(chat.usage, output))
 
@@ -303,77 +319,85 @@ class Responder:
         return dict(type=type, sequence_number=self.seq - 1, **fields)
 
     async def events(self, chunks: AsyncIterator[api.ChatCompletionChunk]) -> AsyncIterator[dict]:
-        """The Responses events of a chat stream (whose last chunk carries the usage)."""
+        """The Responses events of a chat stream (whose last chunk carries the usage). Items open as their first
+        piece comes (a function call's: the delta with its id) and close when another opens or the stream ends.
+        A message's logprobs are all of the output's, as the whole response's: those of tokens before its text go
+        with its first delta, those after its last with its close."""
         yield self._event("response.created", response=self.response([], None, None))
         yield self._event("response.in_progress", response=self.response([], None, None))
         output: list[dict] = []
-        open_kind, text, logprobs = None, "", []  # the item being streamed: "reasoning" or "message"
+        kind, text, logprobs, held = None, "", [], []  # the open item's kind, text and logprobs; logprobs not sent
         reason, usage = None, None
 
-        def add(item: dict):
-            output.append(item)
-            return self._event("response.output_item.added", output_index=len(output) - 1,
-                               item=item | ({"status": "in_progress"}))
+        def where() -> dict:
+            return dict(item_id=output[-1]["id"], output_index=len(output) - 1)
 
-        def close():
-            nonlocal open_kind, text, logprobs
+        def text_delta(piece: str) -> dict:
+            nonlocal text, logprobs, held
+            text, logprobs, held, sent = text + piece, logprobs + held, [], held
+            return self._event("response.output_text.delta", **where(), content_index=0, delta=piece, logprobs=sent)
+
+        def close() -> list[dict]:
+            nonlocal kind, text, logprobs
             at, item = len(output) - 1, output[-1]
-            where = dict(item_id=item["id"], output_index=at, content_index=0)
-            if open_kind == "reasoning":
+            if kind == "function_call":
+                output[at] = _call(item["call_id"], item["name"], text, item["id"])
+                events = [self._event("response.function_call_arguments.done", **where(), name=item["name"],
+                                      arguments=text)]
+            elif kind == "reasoning":
                 output[at] = _reasoning(text, item["id"])
-                events = [self._event("response.reasoning_text.done", **where, text=text),
-                          self._event("response.content_part.done", **where, part=output[at]["content"][0])]
+                events = [self._event("response.reasoning_text.done", **where(), content_index=0, text=text)]
             else:
+                events = [text_delta("")] if held else []
                 output[at] = _message(text, "incomplete" if reason == "length" else "completed", logprobs, item["id"])
-                events = [self._event("response.output_text.done", **where, text=text, logprobs=logprobs),
-                          self._event("response.content_part.done", **where, part=output[at]["content"][0])]
-            open_kind, text, logprobs = None, "", []
+                events.append(self._event("response.output_text.done", **where(), content_index=0, text=text,
+                                          logprobs=logprobs))
+            if kind != "function_call":
+                events.append(self._event("response.content_part.done", **where(), content_index=0,
+                                          part=output[at]["content"][0]))
+            kind, text, logprobs = None, "", []
             return events + [self._event("response.output_item.done", output_index=at, item=output[at])]
 
-        def open_(kind: str):
-            nonlocal open_kind
-            open_kind = kind
-            item = (dict(type="reasoning", id=_new("rs"), summary=[], content=[]) if kind == "reasoning" else
-                    dict(type="message", id=_new("msg"), role="assistant", content=[]))
-            part = dict(type="reasoning_text", text="") if kind == "reasoning" else dict(
-                type="output_text", text="", annotations=[], logprobs=[])
-            return [add(item), self._event("response.content_part.added", item_id=item["id"],
-                                           output_index=len(output) - 1, content_index=0, part=part)]
+        def open_(new: str, item: dict) -> list[dict]:
+            nonlocal kind
+            events = close() if kind else []
+            kind = new
+            output.append(item)
+            events.append(self._event("response.output_item.added", output_index=len(output) - 1,
+                                      item=item | {"status": "in_progress"}))
+            if new != "function_call":
+                part = (dict(type="reasoning_text", text="") if new == "reasoning" else
+                        dict(type="output_text", text="", annotations=[], logprobs=[]))
+                events.append(self._event("response.content_part.added", **where(), content_index=0, part=part))
+            return events
 
         async for chunk in chunks:
             if chunk.usage is not None and not chunk.choices:
                 usage = chunk.usage
                 continue
             choice = chunk.choices[0]
-            d = choice.delta
-            reason = choice.finish_reason or reason
-            for kind, piece in (("reasoning", d.reasoning), ("message", d.content)):
-                lp = _logprobs(choice.logprobs) if kind == "message" else []
-                if not piece and not lp:
-                    continue
-                if open_kind != kind:
-                    for e in (close() if open_kind else []) + open_(kind):
-                        yield e
-                text += piece or ""
-                logprobs += lp
-                where = dict(item_id=output[-1]["id"], output_index=len(output) - 1, content_index=0)
-                yield (self._event("response.reasoning_text.delta", **where, delta=piece) if kind == "reasoning" else
-                       self._event("response.output_text.delta", **where, delta=piece or "", logprobs=lp))
-            for call in d.tool_calls or ():
-                for e in close() if open_kind else []:
+            d, reason = choice.delta, choice.finish_reason or reason
+            held += _logprobs(choice.logprobs)
+            if d.reasoning:
+                for e in open_("reasoning", dict(type="reasoning", id=_new("rs"), summary=[], content=[])) \
+                        if kind != "reasoning" else []:
                     yield e
-                item = _call(call.id or _new("call"), call.function.name or "", call.function.arguments or "")
-                yield add(item | {"arguments": ""})
-                where = dict(item_id=item["id"], output_index=len(output) - 1)
-                yield self._event("response.function_call_arguments.delta", **where, delta=item["arguments"])
-                yield self._event("response.function_call_arguments.done", **where, name=item["name"],
-                                  arguments=item["arguments"])
-                output[-1] = item
-                yield self._event("response.output_item.done", output_index=len(output) - 1, item=item)
-        if open_kind is None and not any(i["type"] in ("message", "function_call") for i in output):
-            for e in open_(("message")):  # (an empty answer is still a message, as the whole response's)
-                yield e
-        for e in close() if open_kind else []:
+                text += d.reasoning
+                yield self._event("response.reasoning_text.delta", **where(), content_index=0, delta=d.reasoning)
+            if d.content:
+                for e in open_("message", dict(type="message", id=_new("msg"), role="assistant", content=[])) \
+                        if kind != "message" else []:
+                    yield e
+                yield text_delta(d.content)
+            for call in d.tool_calls or ():
+                if call.id is not None:  # (a call's first delta; a named call's arguments come in pieces after it)
+                    for e in open_("function_call", dict(type="function_call", id=_new("fc"), call_id=call.id,
+                                                         name=call.function.name or "", arguments="")):
+                        yield e
+                if piece := call.function.arguments:
+                    text += piece
+                    yield self._event("response.function_call_arguments.delta", **where(), delta=piece)
+        for e in close() if kind else []:
             yield e
         # (an incomplete one too, as vLLM's: the openai client's stream helper ends only at response.completed)
         yield self._event("response.completed", response=self.response(output, reason or "stop",
