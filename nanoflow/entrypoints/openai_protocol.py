@@ -101,11 +101,14 @@ class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
 
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise PydanticCustomError("json_schema", "json_schema goes with type json_schema, and only there")
-        return self
+    _schema_given = model_validator(mode="after")(lambda self: schema_with_its_type(self, "json_schema"))
+
+
+def schema_with_its_type(fmt, name: str):
+    """A format's schema (its json_schema attribute, given as name) comes with type json_schema, and only there."""
+    if (fmt.type == "json_schema") != (fmt.json_schema is not None):
+        raise PydanticCustomError(name, "{name} goes with type json_schema, and only there", {"name": name})
+    return fmt
 
 
 class _SamplingRequest(_Request):

@@ -114,11 +114,7 @@ class TextFormat(api._Request):
     description: str | None = None
     strict: bool | None = None
 
-    @model_validator(mode="after")
-    def _schema_given(self):
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise PydanticCustomError("schema", "schema goes with type json_schema, and only there")
-        return self
+    _schema_given = model_validator(mode="after")(lambda self: api.schema_with_its_type(self, "schema"))
 
 
 class TextConfig(api._Request):
