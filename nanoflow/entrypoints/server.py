@@ -1,7 +1,8 @@
 """`nanoflow serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over an EngineClient: the local
 engine (AsyncEngine) or, with --data-parallel-size, replicas on Ray behind a router (dp_router.Router).
 
-POST /v1/completions and /v1/chat/completions (SSE streaming), GET /v1/models, /health, /metrics.
+POST /v1/completions and /v1/chat/completions (SSE streaming), /v1/responses and /v1/messages over chat, GET
+/v1/models, /health, /metrics.
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}}: bad input is a 400 naming
 the parameter, an unknown model 404, a bad API key 401, a full waiting queue 503 with Retry-After, as is a
 request whose replica died after its output had started (in a stream: an error event).
@@ -39,6 +40,8 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints.messages import CountTokensRequest, MessagesRequest, Replier
+from nanoflow.entrypoints.messages import renamed as messages_renamed
 from nanoflow.entrypoints.responses import Responder, ResponsesRequest, renamed
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
@@ -56,6 +59,9 @@ RETRY_AFTER_S = 1
 ERRORS = {s: {"model": api.ErrorResponse} for s in (400, 401, 404, 503)}
 
 
+ANTHROPIC = "/v1/messages"  # (Anthropic's Messages API's routes)
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
@@ -63,8 +69,11 @@ class APIError(Exception):
         self.status, self.headers = status, headers
         self.info = api.ErrorInfo(message=message, type=type, param=param, code=code)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(api.ErrorResponse(error=self.info).model_dump(), self.status, self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        """OpenAI's error body; under Anthropic's routes with its "type": "error" too (both clients read either)."""
+        body = api.ErrorResponse(error=self.info).model_dump() | ({"type": "error"} if path.startswith(ANTHROPIC)
+                                                                   else {})
+        return JSONResponse(body, self.status, self.headers)
 
 
 def _bad_input(e: Exception, param: str | None = None) -> APIError:
@@ -81,16 +90,18 @@ def _unavailable(e: Overloaded) -> APIError:
 
 class _Gate:
     """Plain ASGI middleware (so streaming and disconnects pass untouched): the API keys of /v1 routes (any one of
-    them, after a Bearer scheme in any case, as vLLM's), the count of their responses by status, and with
-    request_id_headers each response's X-Request-Id: the request's, else a new one (vLLM's
-    --enable-request-id-headers)."""
+    them, after a Bearer scheme in any case, as vLLM's; on Anthropic's routes also as x-api-key), the count of their
+    responses by status, and with request_id_headers each response's X-Request-Id: the request's, else a new one
+    (vLLM's --enable-request-id-headers)."""
 
     def __init__(self, app, api_keys: list[str], metrics: Metrics, request_id_headers: bool = False):
         self.app, self.metrics, self.request_id_headers = app, metrics, request_id_headers
         self.keys = [hashlib.sha256(k.encode()).digest() for k in api_keys]
 
-    def _authorized(self, headers: dict) -> bool:
+    def _authorized(self, headers: dict, path: str) -> bool:
         scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+        if path.startswith(ANTHROPIC) and b"x-api-key" in headers:  # (Anthropic's clients send the key so)
+            scheme, key = b"bearer", headers[b"x-api-key"]
         # digests of one length, every key compared: the time taken tells neither a key's length nor which one
         # nearly matched
         given = hashlib.sha256(key).digest()
@@ -108,11 +119,11 @@ class _Gate:
             send = self._with_request_id(send, headers.get(b"x-request-id") or uuid.uuid4().hex.encode())
         if not path.startswith("/v1"):
             return await self.app(scope, receive, send)
-        if self.keys and not self._authorized(headers):
+        if self.keys and not self._authorized(headers, path):
             self.metrics.responses.labels("401").inc()
             error = APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                              type="authentication_error", code="invalid_api_key")
-            return await error.response()(scope, receive, send)
+            return await error.response(path)(scope, receive, send)
 
         async def counted(message):
             if message["type"] == "http.response.start":
@@ -253,10 +264,11 @@ async def _finals(stream: RequestStream | _Finished) -> dict[int, RequestOutput]
     return final
 
 
-async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator, responder: Responder | None = None
+async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator, responder: Responder | Replier | None = None
                ) -> AsyncIterator[str]:
     """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event. With a
-    responder, the chunks are its Responses events, each sent under its type's name, and no [DONE] (OpenAI's)."""
+    responder (the Responses API's, the Messages API's), the chunks are its events, each sent under its type's name,
+    and no [DONE] (as OpenAI's and Anthropic's)."""
     def failed(info: api.ErrorInfo) -> str:
         return _named(responder.error(info)) if responder else _event(api.ErrorResponse(error=info))
     try:
@@ -327,11 +339,11 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     app.state.engine = engine
 
     @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return e.response()
+    async def api_error(request: Request, e: APIError):
+        return e.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_, e: RequestValidationError):
+    async def invalid_request(request: Request, e: RequestValidationError):
         errors = e.errors()
         messages, param = [], None
         for err in errors[:3]:
@@ -346,24 +358,24 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                 messages.append(err["msg"])
             else:
                 messages.append(f"the body must be a JSON object sent as application/json ({err['msg']})")
-        return APIError(400, "; ".join(messages), param=param).response()
+        return APIError(400, "; ".join(messages), param=param).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, e: StarletteHTTPException):
-        return APIError(e.status_code, str(e.detail), headers=e.headers).response()
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), headers=e.headers).response(request.url.path)
 
     @app.exception_handler(Overloaded)
-    async def unavailable(_, e: Overloaded):
-        return _unavailable(e).response()
+    async def unavailable(request: Request, e: Overloaded):
+        return _unavailable(e).response(request.url.path)
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(_, e: ClientDisconnected):
         return Response(status_code=499)  # nobody reads it; the status shows in the metrics
 
     @app.exception_handler(Exception)
-    async def internal_error(_, e: Exception):
+    async def internal_error(request: Request, e: Exception):
         log.exception("internal error")
-        return APIError(500, f"internal error: {e}", type="internal_error").response()
+        return APIError(500, f"internal error: {e}", type="internal_error").response(request.url.path)
 
     def as_ids(req: api.CompletionRequest | api.ChatCompletionRequest) -> bool:
         """Whether its logprobs name tokens "token_id:ID": the request's choice, else the server's."""
@@ -598,6 +610,34 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             return responder.whole(result)
         stream, chunks = result
         return StreamingResponse(_sse(stream, responder.events(chunks), responder), media_type="text/event-stream")
+
+    @app.post(ANTHROPIC, responses=ERRORS)
+    async def messages(req: MessagesRequest, raw: Request):
+        """Anthropic's Messages API over chat completions (nanoflow.entrypoints.messages)."""
+        try:
+            as_chat = req.as_chat()
+            result = await chat(as_chat, raw)
+        except APIError as e:  # (named as this request names the field)
+            e.info.message, e.info.param = messages_renamed(e.info.message), e.info.param and messages_renamed(
+                e.info.param)
+            raise
+        except ValueError as e:
+            raise _bad_input(e) from None
+        replier = Replier(check_model(req.model), _request_id(raw, as_chat) or uuid.uuid4().hex)
+        if not req.stream:
+            return replier.whole(result)
+        stream, chunks = result
+        return StreamingResponse(_sse(stream, replier.events(chunks), replier), media_type="text/event-stream")
+
+    @app.post(f"{ANTHROPIC}/count_tokens", responses=ERRORS)
+    async def count_tokens(req: CountTokensRequest):
+        """The input tokens the same message request would take (its prompt through the chat template)."""
+        check_model(req.model)
+        try:
+            as_chat = req.as_chat(stream=False)
+        except ValueError as e:
+            raise _bad_input(e) from None
+        return {"input_tokens": len(chat_prompt(as_chat))}
 
     async def chat(req: api.ChatCompletionRequest, raw: Request):
         """The chat completion, or with req.stream (its RequestStream, its chunks)."""
