@@ -54,9 +54,15 @@ class ToolResultBlock(api._Request):
         return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
 
 
+def _block_type(v) -> str | None:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return kind.removeprefix("redacted_") if isinstance(kind, str) else None  # (None: refused, naming the block)
+
+
 Block = Annotated[Annotated[TextBlock, Tag("text")] | Annotated[ThinkingBlock, Tag("thinking")]
                   | Annotated[ToolUseBlock, Tag("tool_use")] | Annotated[ToolResultBlock, Tag("tool_result")],
-                  Discriminator(lambda v: (v.get("type") if isinstance(v, dict) else v.type).replace("redacted_", ""))]
+                  Discriminator(_block_type, custom_error_type="block_type", custom_error_message=(
+                      "a content block is an object of type text, thinking, tool_use or tool_result"))]
 
 
 class Message(api._Request):

@@ -91,7 +91,9 @@ def _item_type(v) -> str | None:
 
 Item = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
                  | Annotated[FunctionCallOutput, Tag("function_call_output")]
-                 | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
+                 | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type, custom_error_type="item_type",
+                 custom_error_message="an input item is a message or an object of type function_call, "
+                                      "function_call_output or reasoning")]
 
 
 class FunctionTool(api._Request):
