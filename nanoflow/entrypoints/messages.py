@@ -17,7 +17,7 @@ from nanoflow.entrypoints import openai_protocol as api
 
 # a chat completion's finish_reason as Anthropic's stop_reason ("stop" with a stop string: stop_sequence)
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "abort": "end_turn"}
-RENAMED = {"max_completion_tokens": "max_tokens", "messages": "messages", "stop": "stop_sequences"}
+RENAMED = {"max_completion_tokens": "max_tokens", "messages": "messages", "stop": "stop_sequences"}  # (chat's -> its)
 
 
 class TextBlock(api._Request):
@@ -155,19 +155,7 @@ class MessagesRequest(api._Request):
                     parallel_tool_calls=False if choice and choice.disable_parallel_tool_use else None,
                     chat_template_kwargs={"enable_thinking": self.thinking.type != "disabled"} if self.thinking
                     else None)
-        try:
-            return api.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
-        except api.ValidationError as e:
-            err = e.errors()[0]
-            where = RENAMED.get(str(err["loc"][0]), ".".join(str(x) for x in err["loc"]))
-            raise ValueError(f"invalid sampling parameter {where}: {err['msg']}") from None
-
-
-def renamed(text: str) -> str:
-    """A chat request's field names in an error, as this request names them."""
-    for chat, ours in RENAMED.items():
-        text = text.replace(chat, ours)
-    return text
+        return api.chat_request(body, RENAMED)
 
 
 def _input(arguments: str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -410,6 +411,26 @@ class ChatCompletionRequest(_SamplingRequest):
         elif tools is not None and tools.parser == "hermes" and self.skip_special_tokens is None:
             params = replace(params, skip_special_tokens=False)  # (its tags may be special tokens: vLLM's too)
         return params
+
+
+def chat_request(body: dict, names: dict[str, str]) -> ChatCompletionRequest:
+    """The chat request another API's request stands for (the Responses and Messages APIs'); body's None values
+    left out. A ValueError names the field as that API does (names: chat's field -> its own; a renamed field named
+    whole, since its items need not be the chat's one for one)."""
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        top = str(err["loc"][0])
+        where = names[top] if top in names else ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"invalid sampling parameter {where}: {err['msg']}") from None
+
+
+def renamed(text: str, names: dict[str, str]) -> str:
+    """An error's text with chat's parameter names as another API names them (a name before "=" or ":" only)."""
+    for chat, theirs in names.items():
+        text = re.sub(rf"\b{chat}(?=[=:]|$)", theirs, text)
+    return text
 
 
 class TokenizeRequest(_Request):

@@ -18,7 +18,7 @@ from nanoflow.entrypoints import openai_protocol as api
 
 INCLUDES = ("message.output_text.logprobs", "reasoning.encrypted_content")  # (no encrypted reasoning: nothing to add)
 RENAMED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-           "response_format": "text.format", "messages": "input"}
+           "response_format": "text.format", "messages": "input"}  # (chat's names -> this API's)
 # (vLLM's: the sampling parameters chat takes that a Responses request may carry too)
 EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
           "request_id", "priority")
@@ -226,19 +226,7 @@ class ResponsesRequest(api._Request):
             body |= dict(logprobs=True, top_logprobs=self.top_logprobs or 0)
         if self.reasoning and self.reasoning.effort:
             body["chat_template_kwargs"] = {"reasoning_effort": self.reasoning.effort}
-        try:
-            return api.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
-        except api.ValidationError as e:
-            err = e.errors()[0]  # (a message's index is not its item's: the input named whole)
-            where = "input" if err["loc"][0] == "messages" else renamed(".".join(str(x) for x in err["loc"]))
-            raise ValueError(f"invalid sampling parameter {where}: {err['msg']}") from None
-
-
-def renamed(text: str) -> str:
-    """A chat request's field names in an error, as this request names them."""
-    for chat, ours in RENAMED.items():
-        text = text.replace(chat, ours)
-    return text
+        return api.chat_request(body, RENAMED)
 
 
 def _new(prefix: str) -> str:

@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import jinja2
@@ -40,9 +40,10 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
+from nanoflow.entrypoints import messages as messages_api
+from nanoflow.entrypoints import responses as responses_api
 from nanoflow.entrypoints.messages import CountTokensRequest, MessagesRequest, Replier
-from nanoflow.entrypoints.messages import renamed as messages_renamed
-from nanoflow.entrypoints.responses import Responder, ResponsesRequest, renamed
+from nanoflow.entrypoints.responses import Responder, ResponsesRequest
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
@@ -593,41 +594,36 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         result = await chat(req, raw)
         return StreamingResponse(_sse(*result), media_type="text/event-stream") if req.stream else result
 
-    @app.post("/v1/responses", responses=ERRORS)
-    async def responses(req: ResponsesRequest, raw: Request):
-        """OpenAI's Responses API over chat completions (nanoflow.entrypoints.responses)."""
+    async def over_chat(req: ResponsesRequest | MessagesRequest, raw: Request, names: dict[str, str],
+                        answer: Callable[[str, str], Responder | Replier]):
+        """Another API's request answered by the chat completion it stands for (req.as_chat()): answer(model, id)
+        renders that completion whole, or its chunks as the API's events. Errors name fields as the API does."""
         try:
             as_chat = req.as_chat()
             result = await chat(as_chat, raw)
-        except APIError as e:  # (named as this request names the field)
-            e.info.message, e.info.param = renamed(e.info.message), e.info.param and renamed(e.info.param)
+        except APIError as e:
+            e.info.message, e.info.param = api.renamed(e.info.message, names), e.info.param and api.renamed(
+                e.info.param, names)
             raise
         except ValueError as e:
             raise _bad_input(e) from None
-        responder = Responder(req, check_model(req.model), _request_id(raw, as_chat) or uuid.uuid4().hex,
-                              lambda text: len(tokenizer.encode(text, False)))
+        answering = answer(check_model(req.model), _request_id(raw, as_chat) or uuid.uuid4().hex)
         if not req.stream:
-            return responder.whole(result)
+            return answering.whole(result)
         stream, chunks = result
-        return StreamingResponse(_sse(stream, responder.events(chunks), responder), media_type="text/event-stream")
+        return StreamingResponse(_sse(stream, answering.events(chunks), answering), media_type="text/event-stream")
+
+    @app.post("/v1/responses", responses=ERRORS)
+    async def responses(req: ResponsesRequest, raw: Request):
+        """OpenAI's Responses API (nanoflow.entrypoints.responses)."""
+        def count(text: str) -> int:  # (the reasoning's tokens, for the usage)
+            return len(tokenizer.encode(text, False))
+        return await over_chat(req, raw, responses_api.RENAMED, lambda model, rid: Responder(req, model, rid, count))
 
     @app.post(ANTHROPIC, responses=ERRORS)
     async def messages(req: MessagesRequest, raw: Request):
-        """Anthropic's Messages API over chat completions (nanoflow.entrypoints.messages)."""
-        try:
-            as_chat = req.as_chat()
-            result = await chat(as_chat, raw)
-        except APIError as e:  # (named as this request names the field)
-            e.info.message, e.info.param = messages_renamed(e.info.message), e.info.param and messages_renamed(
-                e.info.param)
-            raise
-        except ValueError as e:
-            raise _bad_input(e) from None
-        replier = Replier(check_model(req.model), _request_id(raw, as_chat) or uuid.uuid4().hex)
-        if not req.stream:
-            return replier.whole(result)
-        stream, chunks = result
-        return StreamingResponse(_sse(stream, replier.events(chunks), replier), media_type="text/event-stream")
+        """Anthropic's Messages API (nanoflow.entrypoints.messages)."""
+        return await over_chat(req, raw, messages_api.RENAMED, Replier)
 
     @app.post(f"{ANTHROPIC}/count_tokens", responses=ERRORS)
     async def count_tokens(req: CountTokensRequest):
