@@ -20,8 +20,10 @@ EVENT = TypeAdapter(ant.RawMessageStreamEvent)
 
 
 def test_the_request_as_chat_messages():
-    req = MessagesRequest(max_tokens=7, system=[{"type": "text", "text": "Be brief."}], messages=[
-        {"role": "user", "content": "Weather in Paris?"},
+    req = MessagesRequest(max_tokens=7, system=[  # (Claude Code's per-request header left out: the prefix cache's)
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2; cch=1;"},
+        {"type": "text", "text": "Be brief."}], messages=[
+        {"role": "user", "content": [{"type": "text", "text": "<reminder/>"}, {"type": "text", "text": "Weather?"}]},
         {"role": "assistant", "content": [
             {"type": "thinking", "thinking": "A tool.", "signature": "x"},
             {"type": "text", "text": "Let me look."},
@@ -38,7 +40,7 @@ def test_the_request_as_chat_messages():
         "name": "get_weather", "arguments": json.dumps({"city": city})}}]
     assert req.chat_messages() == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "user", "content": "<reminder/>\nWeather?"},  # (text blocks a line apart, as vLLM's)
         {"role": "assistant", "content": "Let me look.", "reasoning": "A tool.", "tool_calls": call("t1", "Paris")},
         {"role": "tool", "tool_call_id": "t1", "content": "22 C"},
         {"role": "user", "content": "And Lyon?"},
@@ -50,8 +52,18 @@ def test_the_request_as_chat_messages():
     assert (chat.max_completion_tokens, chat.stop, chat.top_k, chat.parallel_tool_calls) == (7, ["\n\n"], 5, False)
     assert chat.chat_template_kwargs == {"enable_thinking": False}
     any_ = MessagesRequest(max_tokens=1, messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
-                           tool_choice={"type": "any"})
-    assert any_.as_chat().tool_choice == "required"
+                           tool_choice={"type": "any"}, output_config={"format": {"type": "json_schema", "schema": {
+                               "type": "object"}}, "effort": "low"}, stream=True)
+    chat = any_.as_chat()
+    assert chat.tool_choice == "required" and chat.response_format.json_schema.json_schema == {"type": "object"}
+    assert chat.chat_template_kwargs == {"reasoning_effort": "low"} and chat.stream_options.continuous_usage_stats
+    assert any_.as_chat(stream=False).stream_options is None  # (count_tokens' of a streamed body)
+    # usage as Anthropic's: input_tokens leave out those read from the cache
+    from nanoflow.entrypoints import openai_protocol as api
+    from nanoflow.entrypoints.messages import Replier
+    usage = api.Usage(prompt_tokens=140, completion_tokens=5, total_tokens=145,
+                      prompt_tokens_details=api.PromptTokensDetails(cached_tokens=128))
+    assert Replier._usage(usage) == dict(input_tokens=12, output_tokens=5, cache_read_input_tokens=128)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -76,7 +88,8 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool
 @pytest.mark.parametrize("text, reasoning_parser, body, kinds, stop_reason", [
     ("<think>Let me think.</think>Paris. " + CALL, "deepseek_r1", {}, ["thinking", "text", "tool_use"], "tool_use"),
     ("Paris.", None, {}, ["text"], "end_turn"),
-    ('{"city": "Paris"}', None, {"tool_choice": {"type": "tool", "name": "get_weather"}}, ["tool_use"], "end_turn"),
+    # (a forced call ends as tool_use too, as Anthropic's: clients loop on it)
+    ('{"city": "Paris"}', None, {"tool_choice": {"type": "tool", "name": "get_weather"}}, ["tool_use"], "tool_use"),
 ])
 def test_a_message_and_its_stream(default_llm, text, reasoning_parser, body, kinds, stop_reason):
     app = build_app(Scripted(default_llm.tokenizer, text), "m", reasoning_parser=reasoning_parser,
@@ -148,5 +161,14 @@ def test_the_anthropic_client_against_chat_completions(client):
     # a stop sequence that ends it
     stopped = client.messages.create(**kw | {"max_tokens": 64, "stop_sequences": [message.content[0].text[-2:]]})
     assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", message.content[0].text[-2:])
+    # structured output, as the client's parse() asks for it (output_config.format)
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: Literal["Paris", "Lyon"]
+    parsed = client.messages.parse(**kw | {"max_tokens": 32}, output_format=City)
+    assert parsed.parsed_output.name in ("Paris", "Lyon")
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(**kw)

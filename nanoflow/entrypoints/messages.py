@@ -17,7 +17,8 @@ from nanoflow.entrypoints import openai_protocol as api
 
 # a chat completion's finish_reason as Anthropic's stop_reason ("stop" with a stop string: stop_sequence)
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "abort": "end_turn"}
-RENAMED = {"max_completion_tokens": "max_tokens", "messages": "messages", "stop": "stop_sequences"}  # (chat's -> its)
+RENAMED = {"max_completion_tokens": "max_tokens", "messages": "messages", "stop": "stop_sequences",
+           "response_format": "output_config.format"}  # (chat's names -> this API's)
 
 
 class TextBlock(api._Request):
@@ -51,7 +52,7 @@ class ToolResultBlock(api._Request):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(b.text for b in self.content)
 
 
 def _block_type(v) -> str | None:
@@ -91,6 +92,17 @@ class Thinking(api._Request):
     budget_tokens: api.Int64 | None = None  # (taken; max_tokens bounds the whole output)
 
 
+class OutputFormat(api._Request):
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(api._Request):
+    """(Anthropic's structured outputs, as the SDK's messages.parse sends them, and its reasoning effort)"""
+    format: OutputFormat | None = None
+    effort: str | None = None  # (the chat template's reasoning_effort)
+
+
 class MessagesRequest(api._Request):
     """(max_tokens is required, as Anthropic's)"""
     model: str | None = None
@@ -105,6 +117,7 @@ class MessagesRequest(api._Request):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None  # (the chat template's enable_thinking)
+    output_config: OutputConfig | None = None
     metadata: dict[str, Any] | None = None  # (user_id: taken, not used)
     service_tier: str | None = None  # (taken, not used)
 
@@ -116,13 +129,15 @@ class MessagesRequest(api._Request):
         return v
 
     def chat_messages(self) -> list[dict]:
-        """The conversation as chat messages: the system prompt first; an assistant's text, thinking and tool_use
-        blocks as one message; a user's tool_result blocks as tool messages (before its text, which follows them)."""
+        """The conversation as chat messages: the system prompt first (without Claude Code's per-request billing
+        header, which would defeat the prefix cache: vLLM's); an assistant's text, thinking and tool_use blocks as
+        one message; a user's tool_result blocks as tool messages (before its text, which follows them). Several
+        text blocks are one text, a line apart (vLLM's)."""
         system = self.system if isinstance(self.system, str) or self.system is None else "".join(
-            b.text for b in self.system)
+            b.text for b in self.system if not b.text.startswith("x-anthropic-billing-header"))
         out = [{"role": "system", "content": system}] if system else []
         for m in self.messages:
-            text = "".join(b.text for b in m.content if b.type == "text")
+            text = "\n".join(b.text for b in m.content if b.type == "text")
             if m.role == "assistant":
                 message = {"role": "assistant", "content": text or None}
                 if thought := "".join(b.thinking for b in m.content if b.type in ("thinking", "redacted_thinking")):
@@ -141,11 +156,14 @@ class MessagesRequest(api._Request):
 
     def as_chat(self, stream: bool | None = None) -> api.ChatCompletionRequest:
         """The chat completion this request stands for (ValueError, the field named as this request's)."""
-        choice = self.tool_choice
+        choice, stream, config = self.tool_choice, self.stream if stream is None else stream, self.output_config
+        effort = {"reasoning_effort": config.effort} if config and config.effort else {}
         body = dict(model=self.model, messages=self.chat_messages(), max_completion_tokens=self.max_tokens,
                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, stop=self.stop_sequences,
-                    stream=self.stream if stream is None else stream,
-                    stream_options={"include_usage": True, "continuous_usage_stats": True} if self.stream else None,
+                    stream=stream, stream_options={"include_usage": True, "continuous_usage_stats": True} if stream
+                    else None,
+                    response_format={"type": "json_schema", "json_schema": {
+                        "name": "output", "schema": config.format.json_schema}} if config and config.format else None,
                     tools=[{"type": "function", "function": {"name": t.name, "description": t.description,
                                                              "parameters": t.input_schema}}
                            for t in self.tools] if self.tools else None,
@@ -153,8 +171,8 @@ class MessagesRequest(api._Request):
                         {"type": "function", "function": {"name": choice.name}} if choice.type == "tool" else
                         {"any": "required"}.get(choice.type, choice.type)),
                     parallel_tool_calls=False if choice and choice.disable_parallel_tool_use else None,
-                    chat_template_kwargs={"enable_thinking": self.thinking.type != "disabled"} if self.thinking
-                    else None)
+                    chat_template_kwargs=effort | ({"enable_thinking": self.thinking.type != "disabled"}
+                                                   if self.thinking else {}) or None)
         return api.chat_request(body, RENAMED)
 
 
@@ -174,10 +192,13 @@ class Replier:
         self.head = dict(id=f"msg_{message_id}", type="message", role="assistant", model=model)
 
     @staticmethod
-    def _stop(finish_reason: str | None, stop_reason) -> dict:
-        """stop_reason and stop_sequence of a chat choice's end."""
+    def _stop(finish_reason: str | None, stop_reason, called: bool) -> dict:
+        """stop_reason and stop_sequence of a chat choice's end (called: with a tool_use block, whose stop_reason
+        is tool_use, as Anthropic's, also for a forced call: clients loop on it)."""
         if finish_reason == "stop" and isinstance(stop_reason, str):
             return dict(stop_reason="stop_sequence", stop_sequence=stop_reason)
+        if called and finish_reason == "stop":
+            finish_reason = "tool_calls"
         return dict(stop_reason=STOP_REASONS.get(finish_reason, "end_turn"), stop_sequence=None)
 
     @staticmethod
@@ -186,7 +207,8 @@ class Replier:
         if usage is None:
             return dict(input_tokens=0, output_tokens=0)
         cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None
-        return dict(input_tokens=usage.prompt_tokens,
+        # (Anthropic's input_tokens leave out those read from the cache: the prompt is their sum)
+        return dict(input_tokens=usage.prompt_tokens - (cached or 0),
                     output_tokens=usage.completion_tokens if output_tokens is None else output_tokens,
                     **({"cache_read_input_tokens": cached} if cached is not None else {}))
 
@@ -197,8 +219,8 @@ class Replier:
         content += [dict(type="text", text=m.content)] if m.content else []
         content += [dict(type="tool_use", id=c.id, name=c.function.name, input=_input(c.function.arguments))
                     for c in m.tool_calls or ()]
-        return self.head | dict(content=content, **self._stop(choice.finish_reason, choice.stop_reason),
-                                usage=self._usage(chat.usage))
+        return self.head | dict(content=content, **self._stop(choice.finish_reason, choice.stop_reason,
+                                                              bool(m.tool_calls)), usage=self._usage(chat.usage))
 
     def error(self, info: api.ErrorInfo) -> dict:
         """The event a failed stream ends with."""
@@ -208,7 +230,7 @@ class Replier:
         """The events of a chat stream whose chunks carry the usage so far (continuous_usage_stats). A block starts
         with its first piece and stops when another starts or the message ends; a tool_use block's input goes
         whole, as one input_json_delta, at its stop (an object, as the whole message's)."""
-        index, kind, finish, stop, usage, arguments = -1, None, None, None, None, ""
+        index, kind, finish, stop, usage, arguments, called = -1, None, None, None, None, "", False
 
         def stop_block() -> list[dict]:
             nonlocal arguments
@@ -247,13 +269,14 @@ class Replier:
                     yield dict(type="content_block_delta", index=index, delta=delta(piece))
             for call in d.tool_calls or ():
                 if call.id is not None:  # (a call's first delta; a named call's arguments follow in pieces)
+                    called = True
                     for e in start("tool_use", dict(type="tool_use", id=call.id, name=call.function.name or "",
                                                     input={})):
                         yield e
                 arguments += call.function.arguments or ""
         for e in stop_block():
             yield e
-        yield dict(type="message_delta", delta=self._stop(finish, stop), usage=self._usage(usage))
+        yield dict(type="message_delta", delta=self._stop(finish, stop, called), usage=self._usage(usage))
         yield dict(type="message_stop")
 
 
