@@ -42,8 +42,9 @@ Parts = Annotated[str | list[InputText], api.one_of("a string or a list of input
 
 
 def _joined(content: Parts) -> str:
-    return content if isinstance(content, str) else "".join(p.refusal if p.type == "refusal" else p.text
-                                                             for p in content)
+    """Parts as one text, a line apart (vLLM's join of a message's text parts)."""
+    return content if isinstance(content, str) else "\n".join(p.refusal if p.type == "refusal" else p.text
+                                                               for p in content)
 
 
 class InputMessage(api._Request):
