@@ -51,19 +51,21 @@ def test_the_request_as_chat_messages():
         "get_weather"
     assert (chat.max_completion_tokens, chat.stop, chat.top_k, chat.parallel_tool_calls) == (7, ["\n\n"], 5, False)
     assert chat.chat_template_kwargs == {"enable_thinking": False}
-    any_ = MessagesRequest(max_tokens=1, messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
-                           tool_choice={"type": "any"}, output_config={"format": {"type": "json_schema", "schema": {
-                               "type": "object"}}, "effort": "low"}, stream=True)
-    chat = any_.as_chat()
-    assert chat.tool_choice == "required" and chat.response_format.json_schema.json_schema == {"type": "object"}
+    user = [{"role": "user", "content": "x"}]
+    assert MessagesRequest(max_tokens=1, messages=user, tools=[WEATHER], tool_choice={"type": "any"}).as_chat(
+        ).tool_choice == "required"
+    formatted = MessagesRequest(max_tokens=1, messages=user, output_config={"format": {
+        "type": "json_schema", "schema": {"type": "object"}}, "effort": "low"}, stream=True)
+    chat = formatted.as_chat()
+    assert chat.response_format.json_schema.json_schema == {"type": "object"}
     assert chat.chat_template_kwargs == {"reasoning_effort": "low"} and chat.stream_options.continuous_usage_stats
-    assert any_.as_chat(stream=False).stream_options is None  # (count_tokens' of a streamed body)
+    assert formatted.as_chat(stream=False).stream_options is None  # (count_tokens' of a streamed body)
     # usage as Anthropic's: input_tokens leave out those read from the cache
     from nanoflow.entrypoints import openai_protocol as api
-    from nanoflow.entrypoints.messages import Replier
+    from nanoflow.entrypoints.messages import MessageRenderer
     usage = api.Usage(prompt_tokens=140, completion_tokens=5, total_tokens=145,
                       prompt_tokens_details=api.PromptTokensDetails(cached_tokens=128))
-    assert Replier._usage(usage) == dict(input_tokens=12, output_tokens=5, cache_read_input_tokens=128)
+    assert MessageRenderer._usage(usage) == dict(input_tokens=12, output_tokens=5, cache_read_input_tokens=128)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -74,12 +76,37 @@ def test_the_request_as_chat_messages():
     ({"tool_choice": {"type": "tool"}}, "name goes with type tool"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"stop_sequences": [""]}, "stop_sequences"),
+    ({"tool_choice": {"type": "auto"}}, "'auto' needs tools"),  # (Anthropic's and vLLM's chat: refused by name)
+    ({"tools": [WEATHER], "tool_choice": {"type": "any"}, "output_config": {"format": {
+        "type": "json_schema", "schema": {}}}}, "output_config.format: tool_choice 'any' holds the output"),
 ])
 def test_bad_requests_are_a_400_naming_the_field(default_llm, body, message):
     with TestClient(build_app(Scripted(default_llm.tokenizer, "Paris."), "m")) as client:
         r = client.post("/v1/messages", json={"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]} | body)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
     assert r.json()["type"] == "error"  # (Anthropic's error body; OpenAI's error object too)
+
+
+def test_errors_auth_and_prefill_as_anthropics(default_llm):
+    """Errors carry Anthropic's types (its clients retry on overloaded_error); a key in either header opens the
+    route (its clients may send both); a conversation that ends with the assistant's text is continued (prefill)."""
+    from nanoflow.entrypoints.messages import MessageRenderer
+    from nanoflow.entrypoints.openai_protocol import ErrorInfo
+    event = MessageRenderer("m", "x").error(ErrorInfo(message="busy", type="server_overloaded"))
+    assert event == {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    app = build_app(Scripted(default_llm.tokenizer, "Paris."), "m", api_key="k")
+    body = {"max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
+    with TestClient(app) as client:
+        r = client.post("/v1/messages", json=body | {"model": "claude"}, headers={"x-api-key": "k"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        for headers, status in (({"x-api-key": "no", "authorization": "Bearer k"}, 200),
+                                ({"x-api-key": "k", "authorization": "Bearer no"}, 200),
+                                ({"x-api-key": "no"}, 401)):
+            assert client.post("/v1/messages", json=body, headers=headers).status_code == status, headers
+        assert client.get("/v1/models", headers={"x-api-key": "k"}).status_code == 401  # (Anthropic's routes only)
+    prefill = MessagesRequest(max_tokens=8, messages=[{"role": "user", "content": "Capital of France?"},
+                                                      {"role": "assistant", "content": "The capital is"}]).as_chat()
+    assert prefill.continue_final_message and not prefill.add_generation_prompt
 
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'

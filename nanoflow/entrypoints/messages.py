@@ -8,17 +8,18 @@ Text, thinking, tool_use and tool_result blocks; images and Anthropic's server t
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, ClassVar, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from nanoflow.entrypoints import openai_protocol as api
 
 # a chat completion's finish_reason as Anthropic's stop_reason ("stop" with a stop string: stop_sequence)
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "abort": "end_turn"}
-RENAMED = {"max_completion_tokens": "max_tokens", "messages": "messages", "stop": "stop_sequences",
-           "response_format": "output_config.format"}  # (chat's names -> this API's)
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+# nanoflow's error types as Anthropic's (its clients retry on overloaded_error)
+ERROR_TYPES = {"internal_error": "api_error", "server_overloaded": "overloaded_error",
+               "service_unavailable": "overloaded_error", 404: "not_found_error"}
 
 
 class TextBlock(api._Request):
@@ -105,6 +106,10 @@ class OutputConfig(api._Request):
 
 class MessagesRequest(api._Request):
     """(max_tokens is required, as Anthropic's)"""
+    # chat's names -> this API's, in errors ("messages" too: chat's are not this request's one for one, so an error
+    # in one names the messages whole)
+    RENAMED: ClassVar[dict[str, str]] = {"max_completion_tokens": "max_tokens", "messages": "messages",
+                                         "stop": "stop_sequences", "response_format": "output_config.format"}
     model: str | None = None
     max_tokens: api.Int64
     messages: list[Message] = Field(min_length=1)
@@ -127,6 +132,21 @@ class MessagesRequest(api._Request):
         if v is not None and (v.type == "tool") != (v.name is not None):
             raise PydanticCustomError("tool_choice", "name goes with type tool, and only there")
         return v
+
+    @model_validator(mode="after")
+    def _one_grammar(self):
+        if self.output_config and self.output_config.format and self.tool_choice and self.tool_choice.type in (
+                "any", "tool"):
+            raise PydanticCustomError("output_config", "output_config.format: tool_choice {kind} holds the output to "
+                                      "the tools' schemas, and takes no other format",
+                                      {"kind": repr(self.tool_choice.type)})
+        return self
+
+    @property
+    def prefilled(self) -> bool:
+        """The conversation ends with the assistant's own start of its answer (Anthropic's prefill), which the
+        model continues."""
+        return self.messages[-1].role == "assistant" and all(b.type == "text" for b in self.messages[-1].content)
 
     def chat_messages(self) -> list[dict]:
         """The conversation as chat messages: the system prompt first (without Claude Code's per-request billing
@@ -167,13 +187,14 @@ class MessagesRequest(api._Request):
                     tools=[{"type": "function", "function": {"name": t.name, "description": t.description,
                                                              "parameters": t.input_schema}}
                            for t in self.tools] if self.tools else None,
-                    tool_choice=None if choice is None or not self.tools else (
+                    tool_choice=None if choice is None else (
                         {"type": "function", "function": {"name": choice.name}} if choice.type == "tool" else
                         {"any": "required"}.get(choice.type, choice.type)),
                     parallel_tool_calls=False if choice and choice.disable_parallel_tool_use else None,
+                    continue_final_message=self.prefilled or None, add_generation_prompt=not self.prefilled,
                     chat_template_kwargs=effort | ({"enable_thinking": self.thinking.type != "disabled"}
                                                    if self.thinking else {}) or None)
-        return api.chat_request(body, RENAMED)
+        return api.chat_request(body, self.RENAMED)
 
 
 def _input(arguments: str) -> dict:
@@ -185,7 +206,7 @@ def _input(arguments: str) -> dict:
     return value if isinstance(value, dict) else {"value": value}
 
 
-class Replier:
+class MessageRenderer:
     """One request's message: as a whole, or as Anthropic's stream of events."""
 
     def __init__(self, model: str, message_id: str):
@@ -224,13 +245,13 @@ class Replier:
 
     def error(self, info: api.ErrorInfo) -> dict:
         """The event a failed stream ends with."""
-        return dict(type="error", error=dict(type=info.type, message=info.message))
+        return dict(type="error", error=dict(type=ERROR_TYPES.get(info.type, info.type), message=info.message))
 
     async def events(self, chunks: AsyncIterator[api.ChatCompletionChunk]) -> AsyncIterator[dict]:
         """The events of a chat stream whose chunks carry the usage so far (continuous_usage_stats). A block starts
         with its first piece and stops when another starts or the message ends; a tool_use block's input goes
         whole, as one input_json_delta, at its stop (an object, as the whole message's)."""
-        index, kind, finish, stop, usage, arguments, called = -1, None, None, None, None, "", False
+        index, kind, finish, stop, usage, arguments, called, started = -1, None, None, None, None, "", False, False
 
         def stop_block() -> list[dict]:
             nonlocal arguments
@@ -249,7 +270,8 @@ class Replier:
             return events + [dict(type="content_block_start", index=index, content_block=block)]
 
         async for chunk in chunks:
-            if usage is None:  # (the first chunk: its usage tells the prompt's tokens)
+            if not started:  # (the first chunk: its usage tells the prompt's tokens)
+                started = True
                 yield dict(type="message_start", message=self.head | dict(
                     content=[], stop_reason=None, stop_sequence=None, usage=self._usage(chunk.usage, 0)))
             usage = chunk.usage or usage

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -17,8 +17,6 @@ from pydantic_core import PydanticCustomError
 from nanoflow.entrypoints import openai_protocol as api
 
 INCLUDES = ("message.output_text.logprobs", "reasoning.encrypted_content")  # (no encrypted reasoning: nothing to add)
-RENAMED = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-           "response_format": "text.format", "messages": "input"}  # (chat's names -> this API's)
 # (vLLM's: the sampling parameters chat takes that a Responses request may carry too)
 EXTRAS = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
           "request_id", "priority")
@@ -132,6 +130,10 @@ class ReasoningConfig(api._Request):
 
 
 class ResponsesRequest(api._Request):
+    # chat's names -> this API's, in errors (chat's messages are not the input's items one for one: named whole)
+    RENAMED: ClassVar[dict[str, str]] = {
+        "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+        "response_format": "text.format", "messages": "input"}
     model: str | None = None
     # (a string: one user message, OpenAI's shorthand)
     input: Annotated[list[Item], BeforeValidator(lambda v: [{"role": "user", "content": v}] if isinstance(v, str)
@@ -227,7 +229,7 @@ class ResponsesRequest(api._Request):
             body |= dict(logprobs=True, top_logprobs=self.top_logprobs or 0)
         if self.reasoning and self.reasoning.effort:
             body["chat_template_kwargs"] = {"reasoning_effort": self.reasoning.effort}
-        return api.chat_request(body, RENAMED)
+        return api.chat_request(body, self.RENAMED)
 
 
 def _new(prefix: str) -> str:
@@ -253,7 +255,7 @@ def _call(call_id: str, name: str, arguments: str, id: str | None = None) -> dic
                 status="completed")
 
 
-class Responder:
+class ResponseRenderer:
     """One request's Response: its fields as the request set them, then its output, as a whole or as events."""
 
     def __init__(self, req: ResponsesRequest, model: str, response_id: str, count: Callable[[str], int]):

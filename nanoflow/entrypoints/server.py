@@ -40,10 +40,9 @@ from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
                                                RequestStream)
 from nanoflow.entrypoints.metrics import Metrics
-from nanoflow.entrypoints import messages as messages_api
-from nanoflow.entrypoints import responses as responses_api
-from nanoflow.entrypoints.messages import CountTokensRequest, MessagesRequest, Replier
-from nanoflow.entrypoints.responses import Responder, ResponsesRequest
+from nanoflow.entrypoints.messages import ERROR_TYPES as ANTHROPIC_ERRORS
+from nanoflow.entrypoints.messages import CountTokensRequest, MessageRenderer, MessagesRequest
+from nanoflow.entrypoints.responses import ResponseRenderer, ResponsesRequest
 from nanoflow.entrypoints.tool_calls import PARSERS, ToolChoice
 from nanoflow.entrypoints.tool_calls import new_id as new_tool_call_id
 from nanoflow.executor.model_runner import settle_gc
@@ -71,9 +70,12 @@ class APIError(Exception):
         self.info = api.ErrorInfo(message=message, type=type, param=param, code=code)
 
     def response(self, path: str = "") -> JSONResponse:
-        """OpenAI's error body; under Anthropic's routes with its "type": "error" too (both clients read either)."""
-        body = api.ErrorResponse(error=self.info).model_dump() | ({"type": "error"} if path.startswith(ANTHROPIC)
-                                                                   else {})
+        """OpenAI's error body; under Anthropic's routes with its "type": "error" and error types (both clients read
+        either body)."""
+        body = api.ErrorResponse(error=self.info).model_dump()
+        if path.startswith(ANTHROPIC):
+            kind = ANTHROPIC_ERRORS.get(self.status, ANTHROPIC_ERRORS.get(self.info.type, self.info.type))
+            body = {"type": "error", "error": body["error"] | {"type": kind}}
         return JSONResponse(body, self.status, self.headers)
 
 
@@ -101,12 +103,13 @@ class _Gate:
 
     def _authorized(self, headers: dict, path: str) -> bool:
         scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
-        if path.startswith(ANTHROPIC) and b"x-api-key" in headers:  # (Anthropic's clients send the key so)
-            scheme, key = b"bearer", headers[b"x-api-key"]
+        given = [key] if scheme.lower() == b"bearer" else []
+        if path.startswith(ANTHROPIC) and b"x-api-key" in headers:  # (Anthropic's clients send the key so, or both)
+            given.append(headers[b"x-api-key"])
         # digests of one length, every key compared: the time taken tells neither a key's length nor which one
         # nearly matched
-        given = hashlib.sha256(key).digest()
-        return scheme.lower() == b"bearer" and sum(secrets.compare_digest(given, k) for k in self.keys) > 0
+        digests = [hashlib.sha256(g).digest() for g in given]
+        return sum(secrets.compare_digest(d, k) for d in digests for k in self.keys) > 0
 
     async def __call__(self, scope, receive, send):
         # the route's path: under --root-path, uvicorn passes the root path's prefix in scope["path"] too
@@ -265,16 +268,16 @@ async def _finals(stream: RequestStream | _Finished) -> dict[int, RequestOutput]
     return final
 
 
-async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator, responder: Responder | Replier | None = None
-               ) -> AsyncIterator[str]:
+async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator,
+               renderer: ResponseRenderer | MessageRenderer | None = None) -> AsyncIterator[str]:
     """Server-sent events of the chunks, then [DONE]; an engine failure ends the stream with an error event. With a
-    responder (the Responses API's, the Messages API's), the chunks are its events, each sent under its type's name,
+    renderer (the Responses API's, the Messages API's), the chunks are its events, each sent under its type's name,
     and no [DONE] (as OpenAI's and Anthropic's)."""
     def failed(info: api.ErrorInfo) -> str:
-        return _named(responder.error(info)) if responder else _event(api.ErrorResponse(error=info))
+        return _named(renderer.error(info)) if renderer else _event(api.ErrorResponse(error=info))
     try:
         async for chunk in chunks:
-            yield _named(chunk) if responder else _event(chunk)
+            yield _named(chunk) if renderer else _event(chunk)
     except ClientDisconnected:
         return
     except Overloaded as e:
@@ -284,7 +287,7 @@ async def _sse(stream: RequestStream | _Finished, chunks: AsyncIterator, respond
         yield failed(api.ErrorInfo(message=f"internal error: {e}", type="internal_error"))
     finally:
         stream.close()
-    if not responder:
+    if not renderer:
         yield "data: [DONE]\n\n"
 
 
@@ -594,36 +597,39 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         result = await chat(req, raw)
         return StreamingResponse(_sse(*result), media_type="text/event-stream") if req.stream else result
 
-    async def over_chat(req: ResponsesRequest | MessagesRequest, raw: Request, names: dict[str, str],
-                        answer: Callable[[str, str], Responder | Replier]):
-        """Another API's request answered by the chat completion it stands for (req.as_chat()): answer(model, id)
-        renders that completion whole, or its chunks as the API's events. Errors name fields as the API does."""
+    async def over_chat(req: ResponsesRequest | MessagesRequest, raw: Request,
+                        render: Callable[[str, str], ResponseRenderer | MessageRenderer]):
+        """Another API's request answered by the chat completion it stands for (req.as_chat()): render(model, id)
+        gives it whole, or its chunks as the API's events. Errors name fields as the API does (req.RENAMED)."""
         try:
             as_chat = req.as_chat()
-            result = await chat(as_chat, raw)
-        except APIError as e:
-            e.info.message, e.info.param = api.renamed(e.info.message, names), e.info.param and api.renamed(
-                e.info.param, names)
-            raise
         except ValueError as e:
             raise _bad_input(e) from None
-        answering = answer(check_model(req.model), _request_id(raw, as_chat) or uuid.uuid4().hex)
+        try:
+            result = await chat(as_chat, raw)
+        except APIError as e:
+            e.info.message, e.info.param = api.renamed(e.info.message, req.RENAMED), e.info.param and api.renamed(
+                e.info.param, req.RENAMED)
+            raise
+        stream, chunks = result if req.stream else (None, None)
+        # (the chat completion's id, as vLLM's: a client's request id, else the engine's)
+        renderer = render(check_model(req.model), _request_id(raw, as_chat) or (
+            stream.id if stream else result.id.removeprefix("chatcmpl-")))
         if not req.stream:
-            return answering.whole(result)
-        stream, chunks = result
-        return StreamingResponse(_sse(stream, answering.events(chunks), answering), media_type="text/event-stream")
+            return renderer.whole(result)
+        return StreamingResponse(_sse(stream, renderer.events(chunks), renderer), media_type="text/event-stream")
 
     @app.post("/v1/responses", responses=ERRORS)
     async def responses(req: ResponsesRequest, raw: Request):
         """OpenAI's Responses API (nanoflow.entrypoints.responses)."""
         def count(text: str) -> int:  # (the reasoning's tokens, for the usage)
             return len(tokenizer.encode(text, False))
-        return await over_chat(req, raw, responses_api.RENAMED, lambda model, rid: Responder(req, model, rid, count))
+        return await over_chat(req, raw, lambda model, rid: ResponseRenderer(req, model, rid, count))
 
     @app.post(ANTHROPIC, responses=ERRORS)
     async def messages(req: MessagesRequest, raw: Request):
         """Anthropic's Messages API (nanoflow.entrypoints.messages)."""
-        return await over_chat(req, raw, messages_api.RENAMED, Replier)
+        return await over_chat(req, raw, MessageRenderer)
 
     @app.post(f"{ANTHROPIC}/count_tokens", responses=ERRORS)
     async def count_tokens(req: CountTokensRequest):
