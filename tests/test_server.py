@@ -678,6 +678,7 @@ def test_metrics(server):
         assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] > 0, h
     assert m["vllm:request_queue_time_seconds_count"] == m["vllm:request_inference_time_seconds_count"]
     assert m["vllm:request_max_num_generation_tokens_count"] == m["vllm:request_generation_tokens_count"]
+    assert m["vllm:request_params_n_count"] >= m["vllm:request_generation_tokens_count"] > 0
     # vLLM's names and its model_name label (the served name), so that its dashboards read them
     for h in ("request_prompt_tokens", "request_generation_tokens"):  # (sizes of finished requests)
         assert m[f"vllm:{h}_count"] > 0 and m[f"vllm:{h}_sum"] >= m[f"vllm:{h}_count"]
@@ -701,6 +702,10 @@ def test_metrics(server):
     assert sample("vllm:request_max_num_generation_tokens_sum") == 3
     assert sample("vllm:request_generation_tokens_sum") == 4 and sample("vllm:e2e_request_latency_seconds_sum") == 2
     assert sample("vllm:request_time_per_output_token_seconds_sum") == 0.5  # (the longest: 3 tokens in 1 s)
+    from nanoflow import SamplingParams
+    counted.on_accepted([[1, 2, 3], [4]], SamplingParams(n=2, max_tokens=None), max_model_len=10)
+    assert (sample("vllm:request_params_n_sum"), sample("vllm:request_params_max_tokens_sum")) == (4, 7 + 9)
+    assert sample("vllm:prompt_tokens_total") == 4
     assert sample("vllm:inter_token_latency_seconds_count") == 4
     assert sample("vllm:inter_token_latency_seconds_sum") == pytest.approx(0.2)
     name = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"]

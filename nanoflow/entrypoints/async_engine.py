@@ -147,7 +147,7 @@ class EngineClient(abc.ABC):
         if answer is not ACCEPTED:
             stream.close(abort=False)  # the engine took none of them
             raise answer
-        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
+        self.metrics.on_accepted(prompts, params, self.max_model_len)
         if until_disconnected is not None:
             stream.watch(until_disconnected)
         return stream

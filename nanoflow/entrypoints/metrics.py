@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.engine.llm_engine import LLMEngine
 from nanoflow.outputs import RequestOutput
+from nanoflow.sampling_params import SamplingParams
 
 TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 5,000,000 (vLLM's 1-2-5)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
@@ -87,6 +88,9 @@ class Metrics:
                                        buckets=TOKEN_BUCKETS)
         self.request_longest = model(Histogram, "vllm:request_max_num_generation_tokens",
                                      "Generated tokens of a finished request's longest sequence", buckets=TOKEN_BUCKETS)
+        self.params_n = model(Histogram, "vllm:request_params_n", "A request's n", buckets=(1, 2, 5, 10, 20))
+        self.params_max_tokens = model(Histogram, "vllm:request_params_max_tokens",
+                                       "A request's max_tokens (unset: the context's room)", buckets=TOKEN_BUCKETS)
         self.preemptions = model(Counter, "vllm:num_preemptions", "Sequences preempted (to be recomputed)")
         self.preemptions_seen = 0
         # the prefix cache's counters, as cumulated by the block manager (on_stats adds what is new)
@@ -110,6 +114,14 @@ class Metrics:
         self.cache_seen = stats.cache
         self.preemptions.inc(stats.preemptions - self.preemptions_seen)
         self.preemptions_seen = stats.preemptions
+
+    def on_accepted(self, prompts: list[list[int]], params: SamplingParams, max_model_len: int) -> None:
+        """The engine took a request per prompt."""
+        self.prompt_tokens.inc(sum(map(len, prompts)))
+        for prompt in prompts:
+            self.params_n.observe(params.n)
+            self.params_max_tokens.observe(max_model_len - len(prompt) if params.max_tokens is None
+                                           else params.max_tokens)
 
     def on_finished(self, last: RequestOutput | None, arrival: float, first_token: float | None,
                     now: float) -> None:
