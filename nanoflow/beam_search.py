@@ -122,6 +122,14 @@ class Beams:
             self.ended[i] += [s for s in grown if s.finish_reason]
             self.live[i] = [s for s in grown if not s.finish_reason]
 
+    def abort(self) -> None:
+        """End the live beams now, aborted (as a step whose requests were aborted ends them)."""
+        for ended, live in zip(self.ended, self.live):
+            for beam in live:
+                beam.finish_reason = "abort"
+            ended += live
+        self.live = [[] for _ in self.live]
+
     def results(self, decode: Callable[[list[int]], str] | None = None) -> list[BeamSearchOutput]:
         """Each prompt's beam_width best ended beams, best first; decode: token ids to text (None: no text)."""
         results = []

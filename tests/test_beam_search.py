@@ -126,3 +126,30 @@ def test_the_servers_beam_search_takes_include_stop_str_in_output():
     for given in (None, True):
         req = api.CompletionRequest(model="m", prompt="x", n=2, use_beam_search=True, include_stop_str_in_output=given)
         assert req.beam_search_params(4, False).include_stop_str_in_output is bool(given)
+
+
+def test_a_server_shutting_down_between_steps_ends_the_search_aborted(tiny):
+    """The shutdown's drain refuses new requests: a beam search between two steps ends with its beams aborted (a
+    200, as the plain requests the drain aborts), not a search that runs on until the server is killed; a new
+    request is a 503."""
+    from fastapi.testclient import TestClient
+
+    from nanoflow.entrypoints.async_engine import AsyncEngine
+    from nanoflow.entrypoints.metrics import Metrics
+    from nanoflow.entrypoints.server import build_app
+    client = AsyncEngine(LLM(tiny[0], device="cpu").engine, Metrics(), 16)
+    submit, steps = client.submit, []
+
+    async def draining_before_the_third(*args, **kw):  # (the grace period ends between the second and third steps)
+        steps.append(len(args[0]))
+        if len(steps) == 3:
+            client.drain()
+        return await submit(*args, **kw)
+    client.submit = draining_before_the_third
+    body = {"prompt": PROMPTS[0], "n": 2, "use_beam_search": True, "max_tokens": 8, "ignore_eos": True}
+    with TestClient(build_app(client, "m")) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert len(steps) == 3 and [c["finish_reason"] for c in r.json()["choices"]] == ["abort", "abort"]
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]

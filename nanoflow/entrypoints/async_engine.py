@@ -43,6 +43,10 @@ class EngineLost(Overloaded):
     """The engine serving a request went away after its output had started (a replica died): retry it."""
 
 
+class ShuttingDown(Overloaded):
+    """The server is shutting down: it takes no new requests (a beam search's next step ends it, aborted)."""
+
+
 class ClientDisconnected(Exception):
     pass
 
@@ -88,6 +92,7 @@ class EngineClient(abc.ABC):
     sampling_defaults: dict  # from the model's generation config: what a request leaves unset
     eos_token_ids: set[int]  # the tokens that end a sequence (beam search ends beams at them)
     lost: str | None = None  # why the engine stopped for good, if it did (the server then exits)
+    shutting_down = False  # (drain() was called: new submissions are refused)
 
     def __init__(self, metrics: Metrics, max_waiting_requests: int):
         self.metrics = metrics
@@ -105,6 +110,12 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def abort_all(self) -> None:
         """End every request now with finish_reason "abort" (their streams end normally)."""
+
+    def drain(self) -> None:
+        """At shutdown, once the grace period is over: abort every request, and take no new one (a beam search
+        would otherwise go on with its next step)."""
+        self.shutting_down = True
+        self.abort_all()
 
     @property
     @abc.abstractmethod
@@ -129,6 +140,8 @@ class EngineClient(abc.ABC):
         base_id: the requests' ids are base_id-0, base_id-1, ... (default: a fresh one)."""
         if not self.alive:
             raise Overloaded("the engine is not running")
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down")
         if len(prompts) > self.max_waiting:
             raise ValueError(f"{len(prompts)} prompts are more than the server queues (--max-waiting-requests "
                              f"{self.max_waiting})")

@@ -38,7 +38,7 @@ from nanoflow.beam_search import Beams
 from nanoflow.engine.llm_engine import LLMEngine, truncate
 from nanoflow.entrypoints import openai_protocol as api
 from nanoflow.entrypoints.async_engine import (AsyncEngine, ClientDisconnected, EngineClient, EngineLost, Overloaded,
-                                               RequestStream)
+                                               RequestStream, ShuttingDown)
 from nanoflow.entrypoints.metrics import Metrics
 from nanoflow.entrypoints.messages import ERROR_TYPES as ANTHROPIC_ERRORS
 from nanoflow.entrypoints.messages import CountTokensRequest, MessageRenderer, MessagesRequest
@@ -462,7 +462,13 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         beams = Beams(prompts, beam, engine.eos_token_ids, engine.max_model_len, params.logprobs or 0)
         while not beams.done:
             step = beams.requests()
-            outs = await _finals(await submit(step, beams.step_params, raw, param, None, req.priority))
+            try:
+                outs = await _finals(await submit(step, beams.step_params, raw, param, None, req.priority))
+            except ShuttingDown:  # (between two steps: the search ends as its requests would, aborted)
+                if not beams.steps:
+                    raise
+                beams.abort()
+                break
             beams.advance([outs[i] for i in range(len(step))])
         decode = (lambda ids: tokenizer.decode(ids, params.skip_special_tokens)) if tokenizer else None
         return _Finished([RequestOutput(
@@ -911,7 +917,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
         def handle_exit(self, sig, frame):
             if not self.should_exit:  # uvicorn waits for the requests in flight; we bound that wait
                 loop = asyncio.get_event_loop()  # a signal handler runs between the loop's callbacks
-                loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, engine.abort_all)
+                loop.call_soon_threadsafe(loop.call_later, args.graceful_shutdown_timeout, engine.drain)
             super().handle_exit(sig, frame)
 
         engine_died = False  # (the exit is the engine's, not a signal's)
