@@ -68,6 +68,16 @@ READS = [  # (mode, parser, text, content, calls)
     ("auto", "hermes", "<tool_call>" + DEEP, "<tool_call>" + DEEP, []),
     ("auto", "llama3_json", '{"name": "f", "parameters": ' + DEEP, '{"name": "f", "parameters": ' + DEEP, []),
     ("required", None, DEEP, DEEP, []),
+    # qwen3_coder (Qwen3-Coder's XML); without the tools' schemas every value is a string, each value's first and
+    # last newline the tags'
+    ("auto", "qwen3_coder", 'Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n'
+     '</parameter>\n<parameter=unit>\nC\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>'
+     '\n</function>\n</tool_call>', "Let me check.\n",
+     [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
+    ("auto", "qwen3_coder", "<tool_call>\n<function=f>\n<parameter=code>\nx = 1\n\ny = 2\n</parameter>", None,
+     [Call("f", '{"code": "x = 1\\n\\ny = 2"}')]),  # (the last call unclosed, cut by max_tokens)
+    ("auto", "qwen3_coder", "<tool_call>\nno function</tool_call>", "<tool_call>\nno function</tool_call>", []),
+    ("auto", "qwen3_coder", "No tools.", "No tools.", []),
 ]
 
 
@@ -78,6 +88,23 @@ def test_calls_are_read_back_and_unreadable_text_is_content(mode, parser, text, 
     assert choice.read(text) == (content, calls)
     assert choice.finish_reason("stop", calls) == ("tool_calls" if calls else "stop")
     assert choice.finish_reason(None, calls) is None  # (not finished)
+
+
+def test_qwen3_coder_types_the_values_by_the_tools_schemas():
+    """As vLLM's: a string parameter stays as written (even "007"); numbers, booleans, null, objects and arrays are
+    read as JSON (text that is not JSON stays text); a parameter the tool lacks stays text."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"},
+                                               "o": {"type": "object"}, "b": {"type": "boolean"},
+                                               "x": {"type": ["number", "null"]}, "bad": {"type": "integer"}}}
+    req = _request(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    choice = req.tool_choice_for("qwen3_coder")
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in (
+        ("n", "5"), ("s", "007"), ("o", '{"a": [1]}'), ("b", "true"), ("x", "null"), ("bad", "five"),
+        ("extra", "hi")))
+    content, calls = choice.read(f"<tool_call>\n<function=f>\n{params}</function>\n</tool_call>")
+    assert content is None and json.loads(calls[0].arguments) == {
+        "n": 5, "s": "007", "o": {"a": [1]}, "b": True, "x": None, "bad": "five", "extra": "hi"}
+    assert req.sampling_params({}, choice).skip_special_tokens is False  # (its tags, as hermes')
 
 
 def test_a_named_call_and_parallel_calls_turned_off():

@@ -9,8 +9,10 @@ the output to, and the calls read back from the generated text.
   which the parser reads back; the text before them is the content. hermes (Hermes, Qwen2.5):
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several allowed; llama3_json (Llama 3.1 / 3.2):
   `{"name": ..., "parameters": {...}}` objects separated by ';' making up the whole output (blank lines before them
-  allowed), optionally after `<|python_tag|>`. Text the parser cannot read is the content, as vLLM's; hermes drops
-  text after the calls, as vLLM's.
+  allowed), optionally after `<|python_tag|>`; qwen3_coder (Qwen3-Coder's XML): `<tool_call><function=NAME>
+  <parameter=KEY>VALUE</parameter>...</function></tool_call>`, each value typed by the tool's schema (a string, or a
+  number, boolean, null, object or array read as JSON), as vLLM's. Text the parser cannot read is the content, as
+  vLLM's; hermes and qwen3_coder drop text after the calls, as vLLM's.
 - none: the tools reach the chat template only.
 
 Where calls are read back (required, auto), finish_reason is "tool_calls" when there are some. A stream sends the
@@ -29,7 +31,7 @@ from nanoflow.engine.detokenizer import marker_tail
 
 log = logging.getLogger(__name__)
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "qwen3_coder")
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _PYTHON_TAG = "<|python_tag|>"
@@ -94,6 +96,41 @@ def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
     return text[:at] or None, calls
 
 
+_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
+
+
+def _qwen3_coder(text: str, schemas: dict[str, dict]) -> tuple[str | None, list[Call]] | None:
+    """schemas: each tool's parameters (a JSON schema), which type its values."""
+    at = text.find(_HERMES_START)
+    if at < 0:
+        return None
+    calls = []
+    for block in text[at + len(_HERMES_START):].split(_HERMES_START):
+        function = _FUNCTION.search(block.split(_HERMES_END)[0])
+        if function is None:
+            raise ValueError(f"a tool call must name its <function=...>, got {block[:40]!r}")
+        name, body = function.group(1).strip(), function.group(2)
+        properties = schemas.get(name, {}).get("properties", {})
+        arguments = {key.strip(): _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key.strip()))
+                     for key, value in _PARAMETER.findall(body)}
+        calls.append(Call(name, _json_text(arguments)))
+    return text[:at] or None, calls
+
+
+def _typed(value: str, schema) -> object:
+    """A parameter's text as its schema's type says (vLLM's): a string stays as written; a number, boolean, null,
+    object or array is read as JSON, else kept as the text. No schema (a parameter the tool lacks): the text."""
+    kinds = (schema or {}).get("type", "string") if isinstance(schema, dict) else "string"
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    if "string" in kinds and value.strip() != "null":
+        return value
+    try:
+        return _DECODER.decode(value.strip())
+    except (ValueError, RecursionError):
+        return value
+
+
 def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
     text = text.lstrip()  # (a model may open with blank lines)
     body = text.removeprefix(_PYTHON_TAG)
@@ -128,7 +165,7 @@ def _llama3_content_end(text: str) -> int:
 
 
 _READ = {"hermes": (_hermes, _hermes_content_end), "llama3_json": (_llama3_json, _llama3_content_end),
-         "required": (_required, lambda text: 0)}
+         "qwen3_coder": (_qwen3_coder, _hermes_content_end), "required": (_required, lambda text: 0)}
 
 
 def parameters_schema(function) -> dict:
@@ -158,10 +195,12 @@ def required_schema(tools, parallel: bool = True) -> dict:
 class ToolChoice:
     """A request's tool choice, resolved: `mode` is "named", "required", "auto" or None (no calls are read), and for
     "auto" the parser. Makes each choice's message (and its stream)."""
-    __slots__ = ("mode", "name", "parallel", "parser")
+    __slots__ = ("mode", "name", "parallel", "parser", "schemas")
 
-    def __init__(self, mode: str | None, name: str | None = None, parser: str | None = None, parallel: bool = True):
-        self.mode, self.name, self.parser, self.parallel = mode, name, parser, parallel
+    def __init__(self, mode: str | None, name: str | None = None, parser: str | None = None, parallel: bool = True,
+                 schemas: dict[str, dict] | None = None):
+        """schemas: each tool's parameters, by name (qwen3_coder types its values by them)."""
+        self.mode, self.name, self.parser, self.parallel, self.schemas = mode, name, parser, parallel, schemas or {}
 
     @property
     def reads_calls(self) -> bool:
@@ -179,7 +218,8 @@ class ToolChoice:
         if not self.reads_calls:
             return text, []
         try:
-            found = self._format[0](text)
+            read = self._format[0]
+            found = read(text, self.schemas) if read is _qwen3_coder else read(text)
         except (ValueError, RecursionError) as e:  # (json's errors are ValueErrors; deep nesting recurses)
             log.warning("tool calls not read (the text is the content): %s", e)
             found = None
