@@ -394,7 +394,7 @@ def test_bad_tool_requests_are_a_400_naming_the_field(server, body, names):
 def test_serve_checks_its_tool_flags_before_loading(capsys, tmp_path):
     from nanoflow.entrypoints.cli import main
     assert main(["serve", "--enable-auto-tool-choice", "--port", "0"]) == 2
-    assert "--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json)" in capsys.readouterr().err
+    assert "--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json, qwen3_coder)" in capsys.readouterr().err
     assert main(["serve", "--chat-template", str(tmp_path / "missing.jinja"), "--port", "0"]) == 2
     assert "no such file, nor a template" in capsys.readouterr().err
     (tmp_path / "bad.jinja").write_text("{% for %}")
