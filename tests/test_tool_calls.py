@@ -78,6 +78,17 @@ READS = [  # (mode, parser, text, content, calls)
      [Call("f", '{"code": "x = 1\\n\\ny = 2"}')]),  # (the last call unclosed, cut by max_tokens)
     ("auto", "qwen3_coder", "<tool_call>\nno function</tool_call>", "<tool_call>\nno function</tool_call>", []),
     ("auto", "qwen3_coder", "No tools.", "No tools.", []),
+    # mistral: v0.3's array after [TOOL_CALLS], v11's NAME[ARGS]{...} (repeated); arguments given as an object's text
+    ("auto", "mistral", 'Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}, '
+     '{"name": "get_time", "arguments": {}}]', "Sure. ",
+     [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
+    ("auto", "mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon", "unit": "F"}[TOOL_CALLS]get_time[ARGS]{}',
+     None, [Call("get_weather", '{"city": "Lyon", "unit": "F"}'), Call("get_time", "{}")]),
+    ("auto", "mistral", '[TOOL_CALLS]{"name": "f", "arguments": "{\\"a\\": 2}"}', None, [Call("f", '{"a": 2}')]),
+    ("auto", "mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}] and more',
+     '[TOOL_CALLS][{"name": "f", "arguments": {}}] and more', []),
+    ("auto", "mistral", "[TOOL_CALLS][ARGS]{}", "[TOOL_CALLS][ARGS]{}", []),  # (no name)
+    ("auto", "mistral", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]f[ARGS]{", []),  # (cut: content)
 ]
 
 
@@ -394,7 +405,8 @@ def test_bad_tool_requests_are_a_400_naming_the_field(server, body, names):
 def test_serve_checks_its_tool_flags_before_loading(capsys, tmp_path):
     from nanoflow.entrypoints.cli import main
     assert main(["serve", "--enable-auto-tool-choice", "--port", "0"]) == 2
-    assert "--enable-auto-tool-choice needs --tool-call-parser (one of hermes, llama3_json, qwen3_coder)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs --tool-call-parser (one of hermes, llama3_json, mistral, qwen3_coder)" in err
     assert main(["serve", "--chat-template", str(tmp_path / "missing.jinja"), "--port", "0"]) == 2
     assert "no such file, nor a template" in capsys.readouterr().err
     (tmp_path / "bad.jinja").write_text("{% for %}")

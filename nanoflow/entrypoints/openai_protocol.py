@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from nanoflow.beam_search import BeamSearchParams
-from nanoflow.entrypoints.tool_calls import ToolChoice, parameters_schema, required_schema
+from nanoflow.entrypoints.tool_calls import TAGGED, ToolChoice, parameters_schema, required_schema
 from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # as OpenAI
@@ -409,7 +409,7 @@ class ChatCompletionRequest(_SamplingRequest):
             params = replace(params, structured_outputs={"json": parameters_schema(function)})
         elif tools is not None and tools.mode == "required":
             params = replace(params, structured_outputs={"json": required_schema(self.tools, tools.parallel)})
-        elif tools is not None and tools.parser in ("hermes", "qwen3_coder") and self.skip_special_tokens is None:
+        elif tools is not None and tools.parser in TAGGED and self.skip_special_tokens is None:
             params = replace(params, skip_special_tokens=False)  # (its tags may be special tokens: vLLM's too)
         return params
 

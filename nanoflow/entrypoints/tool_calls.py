@@ -11,8 +11,10 @@ the output to, and the calls read back from the generated text.
   `{"name": ..., "parameters": {...}}` objects separated by ';' making up the whole output (blank lines before them
   allowed), optionally after `<|python_tag|>`; qwen3_coder (Qwen3-Coder's XML): `<tool_call><function=NAME>
   <parameter=KEY>VALUE</parameter>...</function></tool_call>`, each value typed by the tool's schema (a string, or a
-  number, boolean, null, object or array read as JSON), as vLLM's. Text the parser cannot read is the content, as
-  vLLM's; hermes and qwen3_coder drop text after the calls, as vLLM's.
+  number, boolean, null, object or array read as JSON), as vLLM's; mistral (Mistral v0.3:
+  `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`; its v11 tokenizers: `[TOOL_CALLS]NAME[ARGS]{...}`,
+  repeated). Text the parser cannot read is the content, as vLLM's; hermes and qwen3_coder drop text after the
+  calls, as vLLM's.
 - none: the tools reach the chat template only.
 
 Where calls are read back (required, auto), finish_reason is "tool_calls" when there are some. A stream sends the
@@ -25,14 +27,17 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanoflow.engine.detokenizer import marker_tail
 
 log = logging.getLogger(__name__)
 
-PARSERS = ("hermes", "llama3_json", "qwen3_coder")
+PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder")
+TAGGED = ("hermes", "mistral", "qwen3_coder")  # (formats whose tags may be special tokens: kept in the text)
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
+_MISTRAL, _MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _PYTHON_TAG = "<|python_tag|>"
 
@@ -131,6 +136,23 @@ def _typed(value: str, schema) -> object:
         return value
 
 
+def _mistral(text: str) -> tuple[str | None, list[Call]] | None:
+    at = text.find(_MISTRAL)
+    if at < 0:
+        return None
+    calls = []
+    for part in text[at + len(_MISTRAL):].split(_MISTRAL):
+        name, given, args = part.partition(_MISTRAL_ARGS)
+        if given:  # (v11: NAME[ARGS]{...})
+            if not name.strip():
+                raise ValueError(f"a call's name goes before {_MISTRAL_ARGS}, got {part[:40]!r}")
+            calls.append(_call({"name": name.strip(), "arguments": _DECODER.decode(args.strip())}, "arguments"))
+            continue
+        items = _DECODER.decode(part.strip())  # (v0.3: an array of calls, or one)
+        calls += [_call(item, "arguments") for item in (items if isinstance(items, list) else [items])]
+    return text[:at] or None, calls
+
+
 def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
     text = text.lstrip()  # (a model may open with blank lines)
     body = text.removeprefix(_PYTHON_TAG)
@@ -153,9 +175,13 @@ def _required(text: str) -> tuple[str | None, list[Call]] | None:
     return None, [_call(item, "parameters") for item in items]
 
 
-def _hermes_content_end(text: str) -> int:
-    at = text.find(_HERMES_START)
-    return at if at >= 0 else len(text) - marker_tail(text, _HERMES_START)
+def _before(marker: str) -> Callable[[str], int]:
+    """Where the content surely ends in a partial text of a format whose calls open with marker: at the marker, or
+    before what may be its start."""
+    def end(text: str) -> int:
+        at = text.find(marker)
+        return at if at >= 0 else len(text) - marker_tail(text, marker)
+    return end
 
 
 def _llama3_content_end(text: str) -> int:
@@ -164,8 +190,9 @@ def _llama3_content_end(text: str) -> int:
     return 0 if calls_ahead else len(text)
 
 
-_READ = {"hermes": (_hermes, _hermes_content_end), "llama3_json": (_llama3_json, _llama3_content_end),
-         "qwen3_coder": (_qwen3_coder, _hermes_content_end), "required": (_required, lambda text: 0)}
+_READ = {"hermes": (_hermes, _before(_HERMES_START)), "llama3_json": (_llama3_json, _llama3_content_end),
+         "mistral": (_mistral, _before(_MISTRAL)), "qwen3_coder": (_qwen3_coder, _before(_HERMES_START)),
+         "required": (_required, lambda text: 0)}
 
 
 def parameters_schema(function) -> dict:
