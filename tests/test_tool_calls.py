@@ -89,6 +89,14 @@ READS = [  # (mode, parser, text, content, calls)
      '[TOOL_CALLS][{"name": "f", "arguments": {}}] and more', []),
     ("auto", "mistral", "[TOOL_CALLS][ARGS]{}", "[TOOL_CALLS][ARGS]{}", []),  # (no name)
     ("auto", "mistral", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]f[ARGS]{", []),  # (cut: content)
+    # pythonic: a Python list of calls, the whole output, arguments as literals; what JSON cannot carry is content
+    ("auto", "pythonic", '\n[get_weather(city="Paris", unit="C"), get_time()]', None,
+     [Call("get_weather", '{"city": "Paris", "unit": "C"}'), Call("get_time", "{}")]),
+    ("auto", "pythonic", "<|python_tag|>[f(a=(1, 2), b=None, c=True)]", None,
+     [Call("f", '{"a": [1, 2], "b": null, "c": true}')]),
+    *[("auto", "pythonic", text, text, []) for text in (
+        "[f(1)]", "[f(a=x)]", "[f(a={1, 2})]", "[f(a=1e999)]", '[f(**{"a": 1})]', "[1, 2]", "[f()] and more",
+        "[f(a=", "Hello [f()]")],
 ]
 
 
@@ -158,6 +166,8 @@ def test_a_stream_holds_back_only_what_may_be_a_call():
     assert s.step("Let me <tool_", False) == ("Let me ", [])
     assert s.step("Let me <tool_x", False) == ("<tool_x", [])  # (it was not the tag)
     assert s.step('Let me <tool_x <tool_call>{"name": "f"', False) == (" ", [])
+    s = ToolChoice("auto", parser="llama3_json").stream()
+    assert s.step("\n\nHi", False) == ("\n\nHi", [])  # (blank lines, then no call: all of it at once)
     s = ToolChoice("auto", parser="llama3_json").stream()
     assert s.step("<|python", False) == (None, [])  # (the tag, still arriving)
     assert s.step("<|pythonic", False) == ("<|pythonic", [])
@@ -406,7 +416,7 @@ def test_serve_checks_its_tool_flags_before_loading(capsys, tmp_path):
     from nanoflow.entrypoints.cli import main
     assert main(["serve", "--enable-auto-tool-choice", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert "needs --tool-call-parser (one of hermes, llama3_json, mistral, qwen3_coder)" in err
+    assert "needs --tool-call-parser (one of hermes, llama3_json, mistral, pythonic, qwen3_coder)" in err
     assert main(["serve", "--chat-template", str(tmp_path / "missing.jinja"), "--port", "0"]) == 2
     assert "no such file, nor a template" in capsys.readouterr().err
     (tmp_path / "bad.jinja").write_text("{% for %}")

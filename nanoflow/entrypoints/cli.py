@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the model's format of tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, "
                         "Qwen3), llama3_json (JSON objects: Llama 3.1 / 3.2), mistral ([TOOL_CALLS]...: Mistral), "
-                        "qwen3_coder (<tool_call><function=...> XML: Qwen3-Coder)")
+                        "pythonic ([f(a=1), ...]: Llama 3.2 / 4), qwen3_coder (<tool_call><function=...> XML: "
+                        "Qwen3-Coder)")
     s.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="each response's usage tells prompt_tokens_details.cached_tokens: its prompt's tokens found in "
                         "the prefix cache")

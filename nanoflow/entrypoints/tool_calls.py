@@ -13,7 +13,8 @@ the output to, and the calls read back from the generated text.
   <parameter=KEY>VALUE</parameter>...</function></tool_call>`, each value typed by the tool's schema (a string, or a
   number, boolean, null, object or array read as JSON), as vLLM's; mistral (Mistral v0.3:
   `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`; its v11 tokenizers: `[TOOL_CALLS]NAME[ARGS]{...}`,
-  repeated). Text the parser cannot read is the content, as vLLM's; hermes and qwen3_coder drop text after the
+  repeated); pythonic (Llama 3.2 / 4: `[get_weather(city="Paris"), ...]`, the whole output, arguments as Python
+  literals). Text the parser cannot read is the content, as vLLM's; hermes and qwen3_coder drop text after the
   calls, as vLLM's.
 - none: the tools reach the chat template only.
 
@@ -23,6 +24,7 @@ arguments stream as they come); the stream adds up to the response the same requ
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
@@ -34,7 +36,7 @@ from nanoflow.engine.detokenizer import marker_tail
 
 log = logging.getLogger(__name__)
 
-PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
 TAGGED = ("hermes", "mistral", "qwen3_coder")  # (formats whose tags may be special tokens: kept in the text)
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
 _MISTRAL, _MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -78,7 +80,7 @@ def _call(obj, *keys: str) -> Call:
 def _json_text(value) -> str:
     """value as JSON text, its characters as they are unless one is a lone surrogate (escaped then, as UTF-8 cannot
     carry it)."""
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)  # (NaN, Infinity: no JSON, a ValueError)
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -153,6 +155,26 @@ def _mistral(text: str) -> tuple[str | None, list[Call]] | None:
     return text[:at] or None, calls
 
 
+def _pythonic(text: str) -> tuple[str | None, list[Call]] | None:
+    body = text.strip().removeprefix(_PYTHON_TAG)
+    if not body.startswith("["):
+        return None
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"the calls are no Python list: {e}") from None
+    if not isinstance(tree, ast.List) or not all(isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+                                                 and not c.args for c in tree.elts):
+        raise ValueError(f"the calls must be a list of name(key=value, ...), got {body[:40]!r}")
+    if any(k.arg is None for c in tree.elts for k in c.keywords):
+        raise ValueError("a call's arguments must be key=value (no **)")
+    try:  # (a literal JSON has no form for, a set or bytes: a TypeError)
+        return None, [Call(c.func.id, _json_text({k.arg: ast.literal_eval(k.value) for k in c.keywords}))
+                      for c in tree.elts]
+    except TypeError as e:
+        raise ValueError(f"an argument JSON cannot carry: {e}") from None
+
+
 def _llama3_json(text: str) -> tuple[str | None, list[Call]] | None:
     text = text.lstrip()  # (a model may open with blank lines)
     body = text.removeprefix(_PYTHON_TAG)
@@ -184,14 +206,18 @@ def _before(marker: str) -> Callable[[str], int]:
     return end
 
 
-def _llama3_content_end(text: str) -> int:
-    text = text.lstrip()
-    calls_ahead = text.startswith(("{", _PYTHON_TAG)) or _PYTHON_TAG.startswith(text)
-    return 0 if calls_ahead else len(text)
+def _whole(opening: str) -> Callable[[str], int]:
+    """Where the content surely ends in a partial text of a format whose calls are the whole output (after blank
+    lines, maybe after <|python_tag|>), opening with `opening`: nowhere while they may be ahead, else at its end."""
+    def end(text: str) -> int:
+        head = text.lstrip()
+        return 0 if head.startswith((opening, _PYTHON_TAG)) or _PYTHON_TAG.startswith(head) else len(text)
+    return end
 
 
-_READ = {"hermes": (_hermes, _before(_HERMES_START)), "llama3_json": (_llama3_json, _llama3_content_end),
+_READ = {"hermes": (_hermes, _before(_HERMES_START)), "llama3_json": (_llama3_json, _whole("{")),
          "mistral": (_mistral, _before(_MISTRAL)), "qwen3_coder": (_qwen3_coder, _before(_HERMES_START)),
+         "pythonic": (_pythonic, _whole("[")),
          "required": (_required, lambda text: 0)}
 
 
