@@ -78,6 +78,15 @@ READS = [  # (mode, parser, text, content, calls)
      [Call("f", '{"code": "x = 1\\n\\ny = 2"}')]),  # (the last call unclosed, cut by max_tokens)
     ("auto", "qwen3_coder", "<tool_call>\nno function</tool_call>", "<tool_call>\nno function</tool_call>", []),
     ("auto", "qwen3_coder", "No tools.", "No tools.", []),
+    # the tag inside a value, or in prose before the call; two functions in a block; a function without the block
+    ("auto", "qwen3_coder", "<tool_call>\n<function=f>\n<parameter=s>\nsplit('<tool_call>')\n</parameter>\n"
+     "</function>\n</tool_call>", None, [Call("f", '{"s": "split(\'<tool_call>\')"}')]),
+    ("auto", "qwen3_coder", "Calls go in <tool_call> tags:\n<tool_call>\n<function=f>\n</function>\n</tool_call>",
+     "Calls go in ", [Call("f", "{}")]),
+    ("auto", "qwen3_coder", "<tool_call>\n<function=f>\n</function>\n<function=g>\n</function>\n</tool_call>",
+     None, [Call("f", "{}"), Call("g", "{}")]),
+    ("auto", "qwen3_coder", "Sure.\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>", "Sure.\n",
+     [Call("f", '{"a": "1"}')]),
     # mistral: v0.3's array after [TOOL_CALLS], v11's NAME[ARGS]{...} (repeated); arguments given as an object's text
     ("auto", "mistral", 'Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}, '
      '{"name": "get_time", "arguments": {}}]', "Sure. ",
@@ -85,8 +94,9 @@ READS = [  # (mode, parser, text, content, calls)
     ("auto", "mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon", "unit": "F"}[TOOL_CALLS]get_time[ARGS]{}',
      None, [Call("get_weather", '{"city": "Lyon", "unit": "F"}'), Call("get_time", "{}")]),
     ("auto", "mistral", '[TOOL_CALLS]{"name": "f", "arguments": "{\\"a\\": 2}"}', None, [Call("f", '{"a": 2}')]),
-    ("auto", "mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}] and more',
-     '[TOOL_CALLS][{"name": "f", "arguments": {}}] and more', []),
+    ("auto", "mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"s": "a [ARGS] b"}}]\n\nDone.</s>', None,
+     [Call("f", '{"s": "a [ARGS] b"}')]),  # (text after v0.3's array dropped, as vLLM's)
+    ("auto", "mistral", "Hi [TOOL_CALLS][]", "Hi [TOOL_CALLS][]", []),  # (no call: all content)
     ("auto", "mistral", "[TOOL_CALLS][ARGS]{}", "[TOOL_CALLS][ARGS]{}", []),  # (no name)
     ("auto", "mistral", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]f[ARGS]{", []),  # (cut: content)
     # pythonic: a Python list of calls, the whole output, arguments as literals; what JSON cannot carry is content
@@ -96,7 +106,7 @@ READS = [  # (mode, parser, text, content, calls)
      [Call("f", '{"a": [1, 2], "b": null, "c": true}')]),
     *[("auto", "pythonic", text, text, []) for text in (
         "[f(1)]", "[f(a=x)]", "[f(a={1, 2})]", "[f(a=1e999)]", '[f(**{"a": 1})]', "[1, 2]", "[f()] and more",
-        "[f(a=", "Hello [f()]")],
+        "[f(a=", "Hello [f()]", "[]", "[f(a=" + "-" * 100_000 + "1)]")],
 ]
 
 
@@ -109,21 +119,40 @@ def test_calls_are_read_back_and_unreadable_text_is_content(mode, parser, text, 
     assert choice.finish_reason(None, calls) is None  # (not finished)
 
 
-def test_qwen3_coder_types_the_values_by_the_tools_schemas():
-    """As vLLM's: a string parameter stays as written (even "007"); numbers, booleans, null, objects and arrays are
-    read as JSON (text that is not JSON stays text); a parameter the tool lacks stays text."""
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"},
-                                               "o": {"type": "object"}, "b": {"type": "boolean"},
-                                               "x": {"type": ["number", "null"]}, "bad": {"type": "integer"}}}
+@pytest.mark.parametrize("kind, value, typed", [
+    ("integer", "5", 5), ("integer", "5.0", "5.0"), ("integer", "true", "true"), ("integer", "five", "five"),
+    ("number", "3.0", 3), ("number", "2.5", 2.5), ("boolean", "True", True), ("boolean", "FALSE", False),
+    ("boolean", "yes", False), ("string", "007", "007"), ("string", "NULL", None), ("object", '{"a": [1]}', {"a": [1]}),
+    ("object", "{'k': 1}", {"k": 1}), ("array", "['a', 'b']", ["a", "b"]), (["number", "null"], "7", 7),
+    (None, "12", "12"), ([{"x": 1}], "12", "12")])
+def test_qwen3_coder_types_the_values_by_the_tools_schemas(kind, value, typed):
+    """As vLLM's _convert_param_value: null in any case is None; a string stays as written; integers and numbers as
+    Python reads them (a whole number an int); a boolean is "true" in any case; objects and arrays as JSON, else as
+    a Python literal; no type, or one it does not know: the text."""
+    schema = {"type": "object", "properties": {"p": {} if kind is None else {"type": kind}}}
     req = _request(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
     choice = req.tool_choice_for("qwen3_coder")
-    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in (
-        ("n", "5"), ("s", "007"), ("o", '{"a": [1]}'), ("b", "true"), ("x", "null"), ("bad", "five"),
-        ("extra", "hi")))
-    content, calls = choice.read(f"<tool_call>\n<function=f>\n{params}</function>\n</tool_call>")
-    assert content is None and json.loads(calls[0].arguments) == {
-        "n": 5, "s": "007", "o": {"a": [1]}, "b": True, "x": None, "bad": "five", "extra": "hi"}
+    content, calls = choice.read(f"<tool_call>\n<function=f>\n<parameter=p>\n{value}\n</parameter>\n"
+                                 f"<parameter=extra>\n{value}\n</parameter>\n</function>\n</tool_call>")
+    untyped = None if value.lower() == "null" else value  # (a parameter the tool lacks: the text, or null)
+    assert content is None and json.loads(calls[0].arguments) == {"p": typed, "extra": untyped}
     assert req.sampling_params({}, choice).skip_special_tokens is False  # (its tags, as hermes')
+
+
+def test_odd_schemas_and_mistral_ids():
+    """A tool schema the request takes whatever its shape (properties not an object) types nothing and breaks
+    nothing; Mistral's templates take only 9-letter ids (vLLM's), in a stream and unstreamed, under every mode."""
+    for schema in ({"type": "object", "properties": None}, {"type": "object", "properties": ["n"]}):
+        req = _request(tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
+        choice = req.tool_choice_for("qwen3_coder")
+        assert choice.read("<tool_call>\n<function=f>\n<parameter=n>\n1\n</parameter>\n</function>")[1] == [
+            Call("f", '{"n": "1"}')]
+    from nanoflow.entrypoints.tool_calls import new_id
+    assert len(new_id("mistral")) == 9 and new_id("mistral").isalnum() and new_id("hermes").startswith("chatcmpl-")
+    for choice in (ToolChoice("auto", parser="mistral"), ToolChoice("named", name="f", parser="mistral")):
+        _, calls = choice.stream().step('[TOOL_CALLS][{"name": "f", "arguments": {}}]' if choice.mode == "auto"
+                                        else "{}", True)
+        assert len(calls[0][1]) == 9
 
 
 def test_a_named_call_and_parallel_calls_turned_off():
@@ -158,7 +187,7 @@ def test_a_stream_adds_up_to_the_response(mode, parser, text, content, calls, cu
     choice = ToolChoice(mode, name="get_time", parser=parser)
     got_content, got_calls, raw = _streamed(choice, text, cut)
     assert (got_content, got_calls) == (content, calls)
-    assert all(c["id"].startswith("chatcmpl-tool-") for c in raw.values())
+    assert all(c["id"].startswith("chatcmpl-tool-") or parser == "mistral" and len(c["id"]) == 9 for c in raw.values())
 
 
 def test_a_stream_holds_back_only_what_may_be_a_call():

@@ -390,8 +390,8 @@ class ChatCompletionRequest(_SamplingRequest):
                              f"output to the tools' schemas, and takes no other grammar")
         parallel = self.parallel_tool_calls is not False
         if isinstance(choice, NamedToolChoice):
-            return ToolChoice("named", name=choice.function.name)
-        return ToolChoice(choice, parser=parser if choice == "auto" else None, parallel=parallel,
+            return ToolChoice("named", name=choice.function.name, parser=parser)
+        return ToolChoice(choice, parser=parser, parallel=parallel,
                           schemas={t.function.name: parameters_schema(t.function) for t in self.tools})
 
     def sampling_params(self, defaults: dict, tools: ToolChoice | None = None) -> SamplingParams:
@@ -409,7 +409,7 @@ class ChatCompletionRequest(_SamplingRequest):
             params = replace(params, structured_outputs={"json": parameters_schema(function)})
         elif tools is not None and tools.mode == "required":
             params = replace(params, structured_outputs={"json": required_schema(self.tools, tools.parallel)})
-        elif tools is not None and tools.parser in TAGGED and self.skip_special_tokens is None:
+        elif tools is not None and tools.mode == "auto" and tools.parser in TAGGED and self.skip_special_tokens is None:
             params = replace(params, skip_special_tokens=False)  # (its tags may be special tokens: vLLM's too)
         return params
 

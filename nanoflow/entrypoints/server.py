@@ -717,7 +717,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             thought, said, _ = split_reasoning(parser, c.text) if parser else (None, c.text, 0)
             content, calls = tools.read(said)
             thought = (thought or None) if req.include_reasoning else None
-            made = [api.ToolCall(id=new_tool_call_id(),
+            made = [api.ToolCall(id=new_tool_call_id(tools.parser),
                                  function=api.FunctionCall(name=call.name, arguments=call.arguments))
                     for call in calls]
             message = api.ChatMessageOut(content=content or None if parser else content,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -50,8 +51,9 @@ class Call:
     arguments: str  # JSON text, as OpenAI's tool calls carry it
 
 
-def new_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+def new_id(parser: str | None = None) -> str:
+    """A call's id; Mistral's templates take only 9 letters and digits (vLLM's mistral ids)."""
+    return uuid.uuid4().hex[:9] if parser == "mistral" else f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 def _not_json(constant: str):
@@ -103,39 +105,63 @@ def _hermes(text: str) -> tuple[str | None, list[Call]] | None:
     return text[:at] or None, calls
 
 
+_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_FUNCTION_START = "<function="
 _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.S)
+_NAMED_TYPES = {"string": str, "str": str, "text": str, "varchar": str, "char": str, "enum": str,
+                "integer": int, "int": int, "number": float, "float": float, "double": float, "boolean": bool,
+                "bool": bool, "object": object, "array": object, "dict": object, "list": object}
 
 
 def _qwen3_coder(text: str, schemas: dict[str, dict]) -> tuple[str | None, list[Call]] | None:
-    """schemas: each tool's parameters (a JSON schema), which type its values."""
-    at = text.find(_HERMES_START)
-    if at < 0:
-        return None
-    calls = []
-    for block in text[at + len(_HERMES_START):].split(_HERMES_START):
-        function = _FUNCTION.search(block.split(_HERMES_END)[0])
-        if function is None:
-            raise ValueError(f"a tool call must name its <function=...>, got {block[:40]!r}")
-        name, body = function.group(1).strip(), function.group(2)
-        properties = schemas.get(name, {}).get("properties", {})
-        arguments = {key.strip(): _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key.strip()))
-                     for key, value in _PARAMETER.findall(body)}
-        calls.append(Call(name, _json_text(arguments)))
-    return text[:at] or None, calls
+    """schemas: each tool's parameters (a JSON schema), which type its values. Each <tool_call> block's functions
+    (a <function=...> without the block too, as vLLM's back-off); the content is the text before the first."""
+    blocks = [(m.start(), m.group(1)) for m in _CALL_BLOCK.finditer(text)]
+    if not blocks and (at := text.find(_FUNCTION_START)) >= 0:
+        blocks = [(at, text[at:])]
+    calls, first = [], None
+    for at, block in blocks:
+        for name, body in _FUNCTION.findall(block):
+            first = at if first is None else first
+            properties = _properties(schemas.get(name.strip()))
+            calls.append(Call(name.strip(), _json_text({
+                key.strip(): _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key.strip()))
+                for key, value in _PARAMETER.findall(body)})))
+    return (text[:first] or None, calls) if calls else None
+
+
+def _properties(schema) -> dict:
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    return properties if isinstance(properties, dict) else {}
 
 
 def _typed(value: str, schema) -> object:
-    """A parameter's text as its schema's type says (vLLM's): a string stays as written; a number, boolean, null,
-    object or array is read as JSON, else kept as the text. No schema (a parameter the tool lacks): the text."""
-    kinds = (schema or {}).get("type", "string") if isinstance(schema, dict) else "string"
-    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
-    if "string" in kinds and value.strip() != "null":
-        return value
+    """A parameter's text as its schema's type says, as vLLM's: null (any case) is None; a string stays as written
+    (also without a schema, or a type it does not know); an integer or number as Python reads it (a whole float as
+    an int); a boolean is "true" (any case) or not; an object or array as JSON, else as a Python literal; what does
+    not read stays the text."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    kind = next((k for k in kind if k != "null"), None) if isinstance(kind, list) else kind
+    want = _NAMED_TYPES.get(kind.strip().lower(), str) if isinstance(kind, str) else str
+    if value.strip().lower() == "null":
+        return None
     try:
-        return _DECODER.decode(value.strip())
-    except (ValueError, RecursionError):
-        return value
+        if want is int:
+            return int(value.strip())
+        if want is float:
+            number = float(value.strip())
+            return int(number) if number.is_integer() and math.isfinite(number) else number
+        if want is bool:
+            return value.strip().lower() == "true"
+        if want is object:
+            try:
+                return _DECODER.decode(value.strip())
+            except ValueError:
+                return ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    return value
 
 
 def _mistral(text: str) -> tuple[str | None, list[Call]] | None:
@@ -144,14 +170,17 @@ def _mistral(text: str) -> tuple[str | None, list[Call]] | None:
         return None
     calls = []
     for part in text[at + len(_MISTRAL):].split(_MISTRAL):
+        if part.strip()[:1] in ("[", "{"):  # (v0.3: an array of calls, or one; text after it dropped, as vLLM's)
+            items = _DECODER.raw_decode(part.strip())[0]
+            calls += [_call(item, "arguments") for item in (items if isinstance(items, list) else [items])]
+            continue
         name, given, args = part.partition(_MISTRAL_ARGS)
         if given:  # (v11: NAME[ARGS]{...})
             if not name.strip():
                 raise ValueError(f"a call's name goes before {_MISTRAL_ARGS}, got {part[:40]!r}")
             calls.append(_call({"name": name.strip(), "arguments": _DECODER.decode(args.strip())}, "arguments"))
             continue
-        items = _DECODER.decode(part.strip())  # (v0.3: an array of calls, or one)
-        calls += [_call(item, "arguments") for item in (items if isinstance(items, list) else [items])]
+        raise ValueError(f"{_MISTRAL} must be followed by calls, got {part[:40]!r}")
     return text[:at] or None, calls
 
 
@@ -197,12 +226,11 @@ def _required(text: str) -> tuple[str | None, list[Call]] | None:
     return None, [_call(item, "parameters") for item in items]
 
 
-def _before(marker: str) -> Callable[[str], int]:
-    """Where the content surely ends in a partial text of a format whose calls open with marker: at the marker, or
-    before what may be its start."""
+def _before(*markers: str) -> Callable[[str], int]:
+    """Where the content surely ends in a partial text of a format whose calls open with one of markers: at the
+    first, or before what may be its start."""
     def end(text: str) -> int:
-        at = text.find(marker)
-        return at if at >= 0 else len(text) - marker_tail(text, marker)
+        return min(at if (at := text.find(m)) >= 0 else len(text) - marker_tail(text, m) for m in markers)
     return end
 
 
@@ -216,8 +244,8 @@ def _whole(opening: str) -> Callable[[str], int]:
 
 
 _READ = {"hermes": (_hermes, _before(_HERMES_START)), "llama3_json": (_llama3_json, _whole("{")),
-         "mistral": (_mistral, _before(_MISTRAL)), "qwen3_coder": (_qwen3_coder, _before(_HERMES_START)),
-         "pythonic": (_pythonic, _whole("[")),
+         "mistral": (_mistral, _before(_MISTRAL)), "pythonic": (_pythonic, _whole("[")),
+         "qwen3_coder": (_qwen3_coder, _before(_HERMES_START, _FUNCTION_START)),
          "required": (_required, lambda text: 0)}
 
 
@@ -246,8 +274,9 @@ def required_schema(tools, parallel: bool = True) -> dict:
 
 
 class ToolChoice:
-    """A request's tool choice, resolved: `mode` is "named", "required", "auto" or None (no calls are read), and for
-    "auto" the parser. Makes each choice's message (and its stream)."""
+    """A request's tool choice, resolved: `mode` is "named", "required", "auto" or None (no calls are read), and the
+    server's parser (the format "auto" reads; its calls' ids under every mode). Makes each choice's message (and its
+    stream)."""
     __slots__ = ("mode", "name", "parallel", "parser", "schemas")
 
     def __init__(self, mode: str | None, name: str | None = None, parser: str | None = None, parallel: bool = True,
@@ -273,10 +302,10 @@ class ToolChoice:
         try:
             read = self._format[0]
             found = read(text, self.schemas) if read is _qwen3_coder else read(text)
-        except (ValueError, RecursionError) as e:  # (json's errors are ValueErrors; deep nesting recurses)
+        except Exception as e:  # (the model's text, whatever it holds: json's ValueErrors, deep nesting, ast's limits)
             log.warning("tool calls not read (the text is the content): %s", e)
             found = None
-        if found is None:
+        if found is None or not found[1]:  # (an empty list of calls is no call: the text stays, as vLLM's)
             return text, []
         content, calls = found
         return content, calls if self.parallel or self.mode == "required" else calls[:1]
@@ -305,7 +334,7 @@ class ToolStream:
         c = self.choice
         if c.mode == "named":
             piece, self.sent = text[self.sent:], len(text)
-            first, self.id = self.id is None, self.id or new_id()
+            first, self.id = self.id is None, self.id or new_id(c.parser)
             return None, [(0, self.id if first else None, c.name if first else None, piece)] if piece or first else []
         if not c.reads_calls:
             piece, self.sent = text[self.sent:], len(text)
@@ -317,4 +346,4 @@ class ToolStream:
         content, calls = c.read(text)
         rest = (content or "")[self.sent:] if calls else text[self.sent:]
         self.sent = len(text)
-        return rest or None, [(i, new_id(), call.name, call.arguments) for i, call in enumerate(calls)]
+        return rest or None, [(i, new_id(c.parser), call.name, call.arguments) for i, call in enumerate(calls)]
