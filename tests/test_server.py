@@ -998,6 +998,19 @@ def test_api_keys_request_ids_and_ping(default_llm, tmp_path, monkeypatch, capsy
     with TestClient(build_app(Scripted(default_llm.tokenizer, "Paris."), "m")) as client:
         r = client.post("/v1/completions", json={"prompt": "Hi"})
         assert r.json()["id"].startswith("cmpl-") and "x-request-id" not in r.headers
+        assert client.get("/load").json() == {"server_load": 0}  # (not tracked)
+    # vLLM's --enable-server-load-tracking: /load tells the POST /v1 requests whose responses have not ended
+    import threading
+    with TestClient(build_app(Scripted(default_llm.tokenizer, "Paris. " * 60, cut=1), "m",
+                              load_tracking=True)) as client:
+        streaming = threading.Thread(target=client.post, args=("/v1/completions",),
+                                     kwargs={"json": {"prompt": "Hi", "stream": True}})
+        streaming.start()
+        seen = set()
+        while streaming.is_alive():
+            seen.add(client.get("/load").json()["server_load"])
+        streaming.join()
+        assert 1 in seen and client.get("/load").json() == {"server_load": 0}
     # an empty key (an unset variable) would open /v1 to a bare "Bearer"; a MODEL after --api-key is taken for a
     # key (it takes several, as vLLM's): both refused before the model loads
     for argv, message in ((["serve", "--api-key", "k", ""], "--api-key: an empty key"),

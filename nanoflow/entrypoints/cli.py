@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         'character); a request\'s return_tokens_as_token_ids overrides it')
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="each response carries an X-Request-Id header: the request's, else a new one")
+    s.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="GET /load tells the POST /v1 requests in flight (for a load balancer)")
     s.add_argument("--disable-fastapi-docs", action="store_true",
                    help="no /docs, /redoc or /openapi.json (FastAPI's schema and its pages)")
     s.add_argument("--config", default=None,

@@ -95,10 +95,12 @@ class _Gate:
     """Plain ASGI middleware (so streaming and disconnects pass untouched): the API keys of /v1 routes (any one of
     them, after a Bearer scheme in any case, as vLLM's; on Anthropic's routes also as x-api-key), the count of their
     responses by status, and with request_id_headers each response's X-Request-Id: the request's, else a new one
-    (vLLM's --enable-request-id-headers)."""
+    (vLLM's --enable-request-id-headers); with load, the POST /v1 requests in flight, their responses not yet ended
+    (vLLM's --enable-server-load-tracking, read at GET /load)."""
 
-    def __init__(self, app, api_keys: list[str], metrics: Metrics, request_id_headers: bool = False):
-        self.app, self.metrics, self.request_id_headers = app, metrics, request_id_headers
+    def __init__(self, app, api_keys: list[str], metrics: Metrics, request_id_headers: bool = False,
+                 load: list[int] | None = None):
+        self.app, self.metrics, self.request_id_headers, self.load = app, metrics, request_id_headers, load
         self.keys = [hashlib.sha256(k.encode()).digest() for k in api_keys]
 
     def _authorized(self, headers: dict, path: str) -> bool:
@@ -134,11 +136,17 @@ class _Gate:
                 self.metrics.responses.labels(str(message["status"])).inc()
             await send(message)
 
-        try:
+        tracked = self.load is not None and scope.get("method") == "POST"
+        if tracked:
+            self.load[0] += 1
+        try:  # (the app returns once the response, a stream's too, has ended)
             await self.app(scope, receive, counted)
         except Exception:  # answered with a 500 by the outermost middleware
             self.metrics.responses.labels("500").inc()
             raise
+        finally:
+            if tracked:
+                self.load[0] -= 1
 
     @staticmethod
     def _with_request_id(send, request_id: bytes):
@@ -300,7 +308,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
               chat_template: str | None = None, reasoning_parser: str | None = None,
               prompt_tokens_details: bool = False, cors: dict | None = None,
               log_stats_interval: float | None = None, docs: bool = True,
-              request_id_headers: bool = False, tokens_as_ids: bool = False) -> FastAPI:
+              request_id_headers: bool = False, tokens_as_ids: bool = False, load_tracking: bool = False) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
@@ -309,7 +317,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     preflight needs no key; log_stats_interval: seconds between the logged stats lines (vLLM's; None: none);
     docs: FastAPI's /docs, /redoc and /openapi.json (vLLM's --disable-fastapi-docs turns them off);
     api_key: one, or several (a request gives any one); request_id_headers: each response's X-Request-Id header;
-    tokens_as_ids: logprobs name tokens "token_id:ID" unless a request says otherwise (return_tokens_as_token_ids).
+    tokens_as_ids: logprobs name tokens "token_id:ID" unless a request says otherwise (return_tokens_as_token_ids);
+    load_tracking: GET /load tells the POST /v1 requests in flight (vLLM's --enable-server-load-tracking; else 0).
     model_name: the model's name in the API, or several (as vLLM's --served-model-name): a request may name any, and
     its response names the one it named (the first, if none)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -337,7 +346,9 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
 
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible API", lifespan=lifespan,
                   **({} if docs else dict(docs_url=None, redoc_url=None, openapi_url=None)))
-    app.add_middleware(_Gate, api_keys=_checked_keys(api_key), metrics=metrics, request_id_headers=request_id_headers)
+    load = [0] if load_tracking else None  # (the gate counts, /load reads)
+    app.add_middleware(_Gate, api_keys=_checked_keys(api_key), metrics=metrics, request_id_headers=request_id_headers,
+                       load=load)
     if cors is not None:  # (added last: the outermost)
         app.add_middleware(CORSMiddleware, **cors)
     app.state.engine = engine
@@ -488,6 +499,11 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     @app.get("/version")
     async def version():
         return {"version": nanoflow.__version__}
+
+    @app.get("/load")
+    async def server_load():
+        """(vLLM's, for load balancers: 0 unless --enable-server-load-tracking)"""
+        return {"server_load": load[0] if load else 0}
 
     @app.get("/metrics", response_class=Response)
     async def prometheus():
@@ -934,7 +950,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                     dict(allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                          allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
                     None if args.disable_log_stats else _log_stats_interval(), not args.disable_fastapi_docs,
-                    args.enable_request_id_headers, args.return_tokens_as_token_ids)
+                    args.enable_request_id_headers, args.return_tokens_as_token_ids, args.enable_server_load_tracking)
     # the server's own log (warnings, errors, the stats lines) on stderr beside uvicorn's, at info
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%m-%d %H:%M:%S"))
