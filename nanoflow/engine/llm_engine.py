@@ -168,7 +168,7 @@ class LLMEngine:
         defaults = dict(self.sampling_defaults)
         if (bound := defaults.pop("max_tokens", None)) is None:
             return SamplingParams(**defaults)
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Integral) or bound < 1:
+        if not integer(bound) or bound < 1:
             raise ValueError(f"max_new_tokens={bound!r}: must be an integer >= 1")
         return SamplingParams(**defaults, max_tokens=None)
 
@@ -310,9 +310,6 @@ class LLMEngine:
             previous, self.inflight = self.inflight, None
             outputs += self.postprocess(previous[0], self.runner.collect(previous[1]))
         out = self.scheduler.schedule()
-        now = time.monotonic()
-        for c in out.chunks:
-            c.seq.request.scheduled_time = c.seq.request.scheduled_time or now
         launch = None
         if not out.empty:
             launch = self.runner.launch(out)

@@ -15,6 +15,7 @@ block_manager.py), and the KV copies of the host tier ride on the SchedulerOutpu
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -240,7 +241,7 @@ class Scheduler:
         if not self.blocks.admit(seq, use_cache):
             return False
         if seq.request.num_cached_tokens is None:  # (as vLLM's: at the first admission, not a preempted one's)
-            seq.request.num_cached_tokens = seq.num_computed
+            seq.request.num_cached_tokens, seq.request.scheduled_time = seq.num_computed, time.monotonic()
         return True
 
     def _sibling_prefilling(self, seq: Sequence) -> bool:

@@ -33,7 +33,8 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.arrival_time = time.monotonic()
-        # (the engine's clock, time.monotonic(): when it was first scheduled, its first and latest tokens)
+        # (the engine's clock, time.monotonic(): when it was first admitted (the scheduler's), its first and latest
+        # tokens)
         self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None

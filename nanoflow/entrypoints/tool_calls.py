@@ -243,10 +243,16 @@ def _whole(opening: str) -> Callable[[str], int]:
     return end
 
 
-_READ = {"hermes": (_hermes, _before(_HERMES_START)), "llama3_json": (_llama3_json, _whole("{")),
-         "mistral": (_mistral, _before(_MISTRAL)), "pythonic": (_pythonic, _whole("[")),
+def _untyped(read: Callable) -> Callable:
+    """A format's reader that needs no tools' schemas, taking them as qwen3_coder's does."""
+    return lambda text, schemas: read(text)
+
+
+# each format's (reader of a whole text, given the tools' schemas; where content surely ends in a partial one)
+_READ = {"hermes": (_untyped(_hermes), _before(_HERMES_START)), "llama3_json": (_untyped(_llama3_json), _whole("{")),
+         "mistral": (_untyped(_mistral), _before(_MISTRAL)), "pythonic": (_untyped(_pythonic), _whole("[")),
          "qwen3_coder": (_qwen3_coder, _before(_HERMES_START, _FUNCTION_START)),
-         "required": (_required, lambda text: 0)}
+         "required": (_untyped(_required), lambda text: 0)}
 
 
 def parameters_schema(function) -> dict:
@@ -300,8 +306,7 @@ class ToolChoice:
         if not self.reads_calls:
             return text, []
         try:
-            read = self._format[0]
-            found = read(text, self.schemas) if read is _qwen3_coder else read(text)
+            found = self._format[0](text, self.schemas)
         except Exception as e:  # (the model's text, whatever it holds: json's ValueErrors, deep nesting, ast's limits)
             log.warning("tool calls not read (the text is the content): %s", e)
             found = None
