@@ -30,6 +30,21 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "high_freq_factor", "low_freq_factor",
                                                "original_max_position_embeddings")}
 
+# transformers' defaults by architecture for the fields a config may leave out (its config classes'; the others'
+# defaults are the same for all: rms_norm_eps 1e-6, rope_theta 1e4, head_dim hidden_size / heads, no window)
+HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096},
+    "mixtral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_local_experts": 8,
+                "num_experts_per_tok": 2},
+    "qwen2": {"max_position_embeddings": 32768},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "qwen2_moe": {"max_position_embeddings": 32768, "num_experts": 60, "num_experts_per_tok": 4,
+                  "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+    "qwen3_moe": {"max_position_embeddings": 32768, "num_experts": 128, "num_experts_per_tok": 8,
+                  "moe_intermediate_size": 768},
+}
+
 # the shape's fields, by the name a config.json gives them
 SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
                 "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -163,6 +178,7 @@ class ModelConfig:
             method = quant.get("quant_method") if isinstance(quant, dict) else quant
             raise ValueError(f"quantized checkpoints are not supported (quant_method {method!r}): load the model's "
                              f"unquantized weights, or a GGUF file of it")
+        cfg = HF_DEFAULTS[arch] | cfg
         try:
             heads = cfg["num_attention_heads"]
             hidden = cfg["hidden_size"]
@@ -172,7 +188,7 @@ class ModelConfig:
             if "type" in rope and "rope_type" not in rope:
                 rope["rope_type"] = rope.pop("type")
             if rope.get("rope_type") == "llama3":  # (transformers' default for it)
-                rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
+                rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
             # every supported architecture's MLP is SwiGLU: another activation would run as silu, silently
             if (act := cfg.get("hidden_act", "silu")) not in ("silu", "swish"):
                 raise ValueError(f"unsupported hidden_act {act!r}; supported: 'silu'")
@@ -210,7 +226,7 @@ class ModelConfig:
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=float(theta),
                 rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
-                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                max_position_embeddings=cfg["max_position_embeddings"],
                 tie_word_embeddings=cfg.get("tie_word_embeddings", False),
                 qkv_bias=qkv_biased or cfg.get("attention_bias", False),
                 o_bias=not qkv_biased and cfg.get("attention_bias", False),

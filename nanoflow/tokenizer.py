@@ -60,14 +60,20 @@ class Encoding(dict):
             raise AttributeError(name) from None
 
 
+# The special tokens HF names (its special_tokens_map), each a template variable of the same name
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, chat_template: str | dict[str, str] | None, bos_token: str | None,
-                 eos_token: str | None, eos_token_ids: set[int]):
-        """chat_template: the template's text, or named templates ({name: text}, as HF's lists of them)."""
+                 eos_token: str | None, eos_token_ids: set[int], special_tokens: dict | None = None):
+        """chat_template: the template's text, or named templates ({name: text}, as HF's lists of them);
+        special_tokens: the other named ones (SPECIAL_TOKENS, additional_special_tokens), for the template."""
         self.tk = tk
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.special_tokens = (special_tokens or {}) | {"bos_token": bos_token, "eos_token": eos_token}
         self.eos_token_ids = eos_token_ids  # every end-of-generation token it names (GGUF: llama.cpp's EOG set)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
 
@@ -75,13 +81,18 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
         file = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(file):
+        if os.path.exists(file):
+            try:
+                tk = HFTokenizer.from_file(file)
+            except Exception as e:  # (the tokenizers library raises a bare Exception for a file it cannot parse)
+                raise ValueError(f"malformed tokenizer {file}: {e}") from None
+        elif slow := [n for n in _SLOW_FILES if os.path.exists(os.path.join(path, n))]:
+            tk = _converted(path, slow)
+        else:
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        try:
-            tk = HFTokenizer.from_file(file)
-        except Exception as e:  # (the tokenizers library raises a bare Exception for a file it cannot parse)
-            raise ValueError(f"malformed tokenizer {file}: {e}") from None
         cfg = read_json(os.path.join(path, "tokenizer_config.json"))
+        if "added_tokens_decoder" not in cfg:  # the older layout: special_tokens_map.json's names win (as HF's)
+            cfg |= read_json(os.path.join(path, "special_tokens_map.json"))
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates ({"name", "template"} each)
             template = {t["name"]: t["template"] for t in template}
@@ -93,8 +104,10 @@ class Tokenizer:
         if os.path.isdir(named_dir):
             template = ({"default": template} if isinstance(template, str) else template or {}) | {
                 f.stem: f.read_text() for f in Path(named_dir).glob("*.jinja")}
-        bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
-        return cls(tk, template, bos, eos, cls._end_ids(tk, eos))
+        special = {k: _token_text(cfg.get(k)) for k in SPECIAL_TOKENS}
+        special["additional_special_tokens"] = [_token_text(t) for t in cfg.get("additional_special_tokens") or []]
+        bos, eos = special["bos_token"], special["eos_token"]
+        return cls(tk, template, bos, eos, cls._end_ids(tk, eos), special)
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
@@ -149,8 +162,9 @@ class Tokenizer:
             template = self.chat_template
             if isinstance(template, dict):
                 template = [{"name": n, "template": t} for n, t in template.items()]
-            json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": template,
-                       "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+            json.dump({k: v for k, v in self.special_tokens.items() if v} | {
+                "bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": template,
+                "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
 
     # -- use -------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -232,12 +246,18 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     chat_template: str | None = None, continue_final_message: bool = False,
-                    template_kwargs: dict | None = None, tools: list[dict] | None = None) -> str:
-        """The conversation as the template renders it. Content given as OpenAI's text parts is joined by newlines
-        (as vLLM's), a null content is empty. continue_final_message: the text ends inside the last message (no end
-        of turn), for the model to go on with it (as HF's and vLLM's). template_kwargs: the template's own
-        variables, which may also set the two options (vLLM's chat_template_kwargs); tools: OpenAI's tool objects,
-        the template's `tools` (as HF's)."""
+                    template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                    content_format: str = "auto") -> str:
+        """The conversation as the template renders it. content_format (vLLM's chat_template_content_format): each
+        message's content as a string, OpenAI's text parts joined by newlines ("string"), or as a list of text parts
+        ("openai", a string its one part); "auto" takes "openai" for a template that loops over a message's content
+        (as vLLM's detection), else "string". A null content is empty. continue_final_message: the text ends inside
+        the last message (no end of turn), for the model to go on with it (as HF's and vLLM's). template_kwargs: the
+        template's own variables, which may also set the two options (vLLM's chat_template_kwargs); tools: OpenAI's
+        tool objects, the template's `tools` (as HF's)."""
+        if content_format not in CONTENT_FORMATS:
+            raise ValueError(f"chat_template_content_format={content_format!r}: expected one of "
+                             f"{', '.join(map(repr, CONTENT_FORMATS))}")
         kwargs = ({"tools": tools} if tools else {}) | dict(template_kwargs or {})
         add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
         continue_final_message = kwargs.pop("continue_final_message", continue_final_message)
@@ -246,13 +266,23 @@ class Tokenizer:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true "
                              "(add_generation_prompt is true unless set false)")
-        messages = [_template_message(m) for m in messages]
+        source = self._template(chat_template, tools)
+        parts = content_format == "openai" or content_format == "auto" and loops_over_content(source)
+        messages = [_template_message(m, parts) for m in messages]
         if continue_final_message:
-            messages[-1] = messages[-1] | {"content": messages[-1].get("content", "") + _CONTINUE_TAG}
-        template = compile_template(self._template(chat_template, tools))
+            content = messages[-1]["content"]
+            if parts:  # (the tag at the end of the last part's text)
+                *before, last = content or [{"type": "text", "text": ""}]
+                content = before + [last | {"text": last["text"] + _CONTINUE_TAG}]
+            else:
+                content += _CONTINUE_TAG
+            messages[-1] = messages[-1] | {"content": content}
+        # the special tokens the tokenizer names (bos and eos always, empty where unnamed), then the caller's
+        special = {k: v for k, v in self.special_tokens.items() if v} | {
+            "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         try:
-            text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            text = compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   **special | kwargs)
         except (jinja2.TemplateError, TypeError) as e:  # e.g. a message without the 'content' the template reads
             raise ValueError(f"chat template error: {e}") from None
         return _cut_at_continue_tag(text) if continue_final_message else text
@@ -265,7 +295,8 @@ class Tokenizer:
             return named.get(given, given)
         if not named:
             if self.chat_template is None:
-                raise ValueError("this model has no chat template; pass chat_template=...")
+                raise ValueError("this model has no chat template: give one (chat_template=... in Python, or "
+                                 "`nanoflow serve --chat-template`)")
             return self.chat_template
         if tools and "tool_use" in named:
             return named["tool_use"]
@@ -280,19 +311,26 @@ _HF_ONLY = ("return_tensors", "padding", "truncation", "max_length", "documents"
             "tokenizer_kwargs")
 
 
-def _template_message(m) -> dict:
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+def _template_message(m, parts: bool) -> dict:
+    """The message as the template takes it: its content a string, or with parts a list of text parts."""
     if not isinstance(m, dict) or "role" not in m:
         raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
     m = dict(m)  # (the caller's stays as it was)
-    content = m.get("content", "")
-    if content is None:
-        m["content"] = ""
-    elif isinstance(content, list):  # text parts, and an assistant's refusal parts (their text, as vLLM's)
+    if "content" not in m:
+        return m  # (a template that reads it says so)
+    content = "" if m["content"] is None else m["content"]
+    if isinstance(content, list):  # text parts, and an assistant's refusal parts (their text, as vLLM's)
         if bad := [p for p in content if not isinstance(p, dict) or p.get("type") not in ("text", "refusal")
                    or not isinstance(p.get(p["type"]), str)]:
             raise ValueError(f"a message's content parts must be text parts ({{'type': 'text', 'text': ...}}) or "
                              f"refusals ({{'type': 'refusal', 'refusal': ...}}), got {bad[0]!r}")
-        m["content"] = "\n".join(p[p["type"]] for p in content)
+        texts = [p[p["type"]] for p in content]
+    else:
+        texts = [content] if content else []
+    m["content"] = [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
     if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
         m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
     return m
@@ -340,6 +378,39 @@ class _Generation(jinja2.ext.Extension):
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     """As HF's: JSON as is (jinja2's own escapes HTML), with json.dumps' options that templates use."""
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def loops_over_content(source: str) -> bool:
+    """Whether the template loops over a message's content (`for part in message['content']`, or `.content`):
+    one that takes OpenAI's list of parts (vLLM's "auto" detection of the content format)."""
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols", _Generation]).parse(source)
+    except jinja2.TemplateSyntaxError:
+        return False  # (rendering names the error)
+    return any(isinstance(loop.iter, jinja2.nodes.Getitem) and getattr(loop.iter.arg, "value", None) == "content"
+               or isinstance(loop.iter, jinja2.nodes.Getattr) and loop.iter.attr == "content"
+               for loop in tree.find_all(jinja2.nodes.For))
+
+
+# A directory's slow tokenizer files, which transformers converts to a fast tokenizer (tokenizer.json's)
+_SLOW_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _converted(path: str, files: list[str]) -> HFTokenizer:
+    """The fast tokenizer transformers builds from a slow one's files (what vLLM serves through AutoTokenizer)."""
+    named = ", ".join(files)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError(f"{path} has no tokenizer.json, only a slow tokenizer's files ({named}): install "
+                         "transformers to convert them, or save the tokenizer with its tokenizer.json") from None
+    try:
+        backend = AutoTokenizer.from_pretrained(path, local_files_only=True).backend_tokenizer
+    except Exception as e:  # (transformers raises many kinds here: a missing sentencepiece, a bad file)
+        raise ValueError(f"{path} has no tokenizer.json, and converting its slow tokenizer's files ({named}) "
+                         f"failed: {e}") from None
+    return HFTokenizer.from_str(backend.to_str())
 
 
 @functools.lru_cache(maxsize=16)  # (a template given with each call, as the server's --chat-template, compiles once)

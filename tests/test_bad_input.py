@@ -106,6 +106,15 @@ def test_corrupt_weights_files(tmp_path, llama_dir):
     w.close()
     with pytest.raises(ValueError, match="lacks the metadata llama.attention.head_count"):
         LLM(str(tmp_path / "nohead.gguf"))
+    # a tensor type the gguf package cannot dequantize (its NotImplementedError came through the CLI as a traceback)
+    from nanoflow.models.gguf_file import gguf_tensors, open_gguf
+    w = gguf.GGUFWriter(str(tmp_path / "f64.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), "float64"))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    with pytest.raises(ValueError, match="GGUF tensor 'token_embd.weight' is of type F64, which the gguf package "
+                                         "cannot dequantize"):
+        list(gguf_tensors(open_gguf(str(tmp_path / "f64.gguf"))))
 
 
 @pytest.mark.parametrize("index, message", [
@@ -153,6 +162,20 @@ def test_load_format_that_contradicts_the_model(llama_dir):
 def test_weights_that_do_not_fit_the_config(tmp_path, llama_dir):
     _copy(llama_dir, tmp_path / "m", intermediate_size=96)
     with pytest.raises(ValueError, match=r"weight .model.layers.0.mlp.*has shape"):
+        LLM(str(tmp_path / "m"))
+
+
+def test_missing_weights_are_named_as_the_checkpoint_names_them(tmp_path, llama_dir):
+    """(They were named by nanoflow's fused parameters: layers.1.qkv.k for model.layers.1.self_attn.k_proj.weight.)"""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(llama_dir, tmp_path / "m")
+    file = next((tmp_path / "m").glob("*.safetensors"))
+    state = load_file(file)
+    for name in ("model.layers.1.self_attn.k_proj.weight", "model.norm.weight", "model.layers.0.mlp.up_proj.weight"):
+        del state[name]
+    save_file(state, file)
+    with pytest.raises(ValueError, match=r"checkpoint is missing weights: model.layers.0.mlp.up_proj.weight, "
+                                         r"model.layers.1.self_attn.k_proj.weight, model.norm.weight$"):
         LLM(str(tmp_path / "m"))
 
 

@@ -704,9 +704,9 @@ def test_truncate_prompt_tokens(llama_dir):
 
 def test_scripts_written_for_vllms_llm_run(llama_dir):
     """vLLM's call forms: lora_request=None in generate, chat and beam_search (positionally too; an adapter is
-    refused), chat_template_content_format "string", beam_search's concurrency_limit, scheduling_policy, the
-    arguments that ask for what nanoflow does anyway (other values refused by name), SamplingParams' detokenize and
-    clone, and stop / stop_token_ids read back as lists."""
+    refused), chat_template_content_format "string" (an unknown one refused), beam_search's concurrency_limit,
+    scheduling_policy, the arguments that ask for what nanoflow does anyway (other values refused by name),
+    SamplingParams' detokenize and clone, and stop / stop_token_ids read back as lists."""
     from nanoflow import BeamSearchParams
     llm = LLM(llama_dir, scheduling_policy="priority", quantization=None, revision=None, tokenizer_mode="auto",
               enable_chunked_prefill=True, disable_log_stats=True)
@@ -720,8 +720,8 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
     msgs = [{"role": "user", "content": "Hi"}]
     said = llm.chat(msgs, p, False, None, None, "string")[0].outputs[0].token_ids
     assert said == llm.chat(msgs, p, use_tqdm=False)[0].outputs[0].token_ids
-    with pytest.raises(ValueError, match="chat_template_content_format='openai': nanoflow takes only 'auto' or 'str"):
-        llm.chat(msgs, p, chat_template_content_format="openai")
+    with pytest.raises(ValueError, match="chat_template_content_format='parts': expected one of 'auto', 'string'"):
+        llm.chat(msgs, p, chat_template_content_format="parts")
     beam = BeamSearchParams(beam_width=2, max_tokens=3)
     whole = llm.beam_search(PROMPTS[:3], beam)
     limited = llm.beam_search(PROMPTS[:3], beam, None, False, 2)  # (lora_request, use_tqdm, concurrency_limit)
@@ -772,11 +772,15 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
     for flags, message in ((["--quantization", "awq"], "quantization='awq': nanoflow takes only None"),
                            (["--no-enable-chunked-prefill"], "enable_chunked_prefill=False: nanoflow takes only True"),
                            (["-tp", "1", "--pipeline-parallel-size", "2"], "pipeline_parallel_size=2"),
-                           (["--chat-template-content-format", "openai"], "takes only 'auto' or 'string'")):
+                           ):
         assert cli.main(["serve", llama_dir, *flags]) == 2 and message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["serve", llama_dir, "--disable-log"])
-    assert "unrecognized arguments: --disable-log" in capsys.readouterr().err
+    for flags, message in ((["--disable-log"], "unrecognized arguments: --disable-log"),
+                           (["--chat-template-content-format", "parts"], "invalid choice: 'parts'")):
+        with pytest.raises(SystemExit):
+            cli.main(["serve", llama_dir, *flags])
+        assert message in capsys.readouterr().err
+    assert cli.main(["serve", llama_dir, "--chat-template-content-format", "openai"]) == 0
+    assert seen[-1].chat_template_content_format == "openai"
     assert LLM(llama_dir, generation_config="vllm", kv_cache_dtype="fp8_e4m3").engine.config.kv_cache_dtype == "fp8"
 
 

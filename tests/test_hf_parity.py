@@ -60,6 +60,28 @@ def test_sharded_safetensors(tmp_path, tokenizer_dir):
     assert out[0].outputs[0].token_ids == hf_greedy(model, PROMPTS[1], 8)
 
 
+def test_pytorch_bin_checkpoints(tmp_path, tokenizer_dir):
+    """pytorch_model*.bin files, where there are no safetensors (as vLLM loads them): the same model, read with
+    torch.load's weights_only; a directory with neither says what it looked for, a corrupt file is named."""
+    from conftest import make_hf_model
+    model = make_hf_model(str(tmp_path / "m"), "qwen2", tokenizer_dir, seed=4)
+    (tmp_path / "m" / "model.safetensors").unlink()
+    state = model.state_dict()
+    names = sorted(state)
+    torch.save({n: state[n] for n in names[:5]}, tmp_path / "m" / "pytorch_model-00001-of-00002.bin")
+    torch.save({n: state[n] for n in names[5:]}, tmp_path / "m" / "pytorch_model-00002-of-00002.bin")
+    out = LLM(str(tmp_path / "m"), device="cpu").generate(
+        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(model, PROMPTS[0], 8)
+    (tmp_path / "m" / "pytorch_model-00002-of-00002.bin").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read PyTorch weights file .*pytorch_model-00002-of-00002.bin"):
+        LLM(str(tmp_path / "m"), device="cpu")
+    for f in (tmp_path / "m").glob("*.bin"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="no weights in .*: no \\*.safetensors nor pytorch_model\\*.bin"):
+        LLM(str(tmp_path / "m"), device="cpu")
+
+
 @pytest.mark.parametrize("max_window_layers", [0, 1, 2])
 def test_qwen2_windows_only_the_layers_from_max_window_layers(tmp_path, max_window_layers):
     """Qwen2 windows layers >= max_window_layers (transformers >= 5 writes them as layer_types); the others attend to
@@ -119,3 +141,25 @@ def test_config_fields_read_as_transformers_reads_them():
     c = ModelConfig.from_hf(base | {"rope_scaling": rope})
     assert c.rope_scaling["original_max_position_embeddings"] == 1024 and "original_max_position_embeddings" not in rope
     assert ModelConfig.from_hf(base | {"hidden_act": "swish"}).hidden_size == 32
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"])
+def test_fields_a_config_leaves_out_take_transformers_defaults(arch):
+    """A config with its shape alone: the other fields as transformers' config class of that architecture gives
+    them (they were one default for all: Mixtral's rope_theta 1e4 and eps 1e-6, Mistral without its window, Qwen3
+    without its head_dim of 128, Mixtral's experts 0)."""
+    transformers = pytest.importorskip("transformers")
+    from nanoflow.config import ModelConfig
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    ours, hf = ModelConfig.from_hf(shape | {"model_type": arch}), transformers.AutoConfig.for_model(arch, **shape)
+    experts = getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", None) or 0
+    assert (ours.max_position_embeddings, ours.rms_norm_eps, ours.rope_theta, ours.num_experts,
+            ours.num_experts_per_tok) == (hf.max_position_embeddings, hf.rms_norm_eps,
+                                          hf.rope_parameters["rope_theta"], experts,
+                                          getattr(hf, "num_experts_per_tok", 0) if experts else 0)
+    assert ours.head_dim == (getattr(hf, "head_dim", None) or 8)
+    assert ours.sliding_window == (hf.sliding_window if arch == "mistral" else None)
+    if arch.endswith("moe"):
+        assert ours.intermediate_size == hf.moe_intermediate_size
+        assert ours.shared_expert_intermediate_size == getattr(hf, "shared_expert_intermediate_size", 0)

@@ -193,3 +193,89 @@ def test_a_gguf_llama3_vocabulary_takes_whole_words_over_merges(tmp_path):
         w.close()
         tk = Tokenizer.from_gguf(open_gguf(str(tmp_path / f"{pre}.gguf")))
         assert tk.encode(" abc", add_special_tokens=False) == expect, pre
+
+
+def _tokenizer_variant(tokenizer_dir, d, config=None, files=None, drop=()):
+    """A copy of the tokenizer's directory with config keys set (None: dropped) and files written or removed."""
+    import json
+    import shutil
+    shutil.copytree(tokenizer_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg = {k: v for k, v in (cfg | (config or {})).items() if v is not None}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for name, body in (files or {}).items():
+        (d / name).write_text(body if isinstance(body, str) else json.dumps(body))
+    for name in drop:
+        (d / name).unlink()
+    return str(d)
+
+
+def test_special_tokens_of_the_older_layout_and_every_named_one_in_the_template(tokenizer_dir, tmp_path):
+    """special_tokens_map.json names the special tokens where tokenizer_config.json has no added_tokens_decoder
+    (its names win there, as HF's); the template sees every named special token (pad_token, unk_token, ...), as
+    HF's: the prompt kept its BOS and end of turn, and the EOS its stop (it was None)."""
+    transformers = pytest.importorskip("transformers")
+    template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}"
+                "\n{% endfor %}[{{ pad_token }}|{{ unk_token }}|{{ sep_token is defined }}]")
+    old = _tokenizer_variant(tokenizer_dir, tmp_path / "old", {"bos_token": None, "eos_token": None,
+                                                                 "chat_template": template},
+                             {"special_tokens_map.json": {"bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                                                          "eos_token": {"content": "<|im_end|>"},
+                                                          "pad_token": "<|im_start|>"}})
+    new = _tokenizer_variant(tokenizer_dir, tmp_path / "new", {"chat_template": template, "pad_token": "<|im_end|>",
+                                                                 "added_tokens_decoder": {}},
+                             {"special_tokens_map.json": {"pad_token": "<|im_start|>", "eos_token": "<|im_start|>"}})
+    msgs = [{"role": "user", "content": "Hi"}]
+    for d in (old, new):
+        hf, ours = transformers.AutoTokenizer.from_pretrained(d), Tokenizer.from_dir(d)
+        assert ours.render_chat(msgs, False) == hf.apply_chat_template(msgs, tokenize=False), d
+        assert (ours.bos_token, ours.eos_token, ours.eos_token_id) == (hf.bos_token, hf.eos_token, hf.eos_token_id)
+    assert Tokenizer.from_dir(old).eos_token_ids == {Tokenizer.from_dir(old).tk.token_to_id("<|im_end|>")}
+
+
+def test_content_parts_for_a_template_that_loops_over_them(tok):
+    """chat_template_content_format: "auto" gives a template that loops over a message's content OpenAI's list of
+    text parts (a string content as its one part), as vLLM's detection (it rendered an empty message: the loop went
+    over a string's characters); other templates get the string (parts joined by newlines); "openai" and "string"
+    force either; continue_final_message ends inside the last part."""
+    loops = "{% for m in messages %}{{ m.role }}:{% for p in m['content'] %}<{{ p.text }}>{% endfor %};{% endfor %}"
+    loops_attr = "{% for m in messages %}{% for p in m.content %}<{{ p['text'] }}>{% endfor %}{% endfor %}"
+    plain = "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}"
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": None}]
+    assert tok.render_chat(msgs, False, loops) == "system:<Be brief.>;user:<Hello><there>;assistant:;"
+    assert tok.render_chat(msgs, False, loops_attr) == "<Be brief.><Hello><there>"
+    assert tok.render_chat(msgs, False, plain) == "system:Be brief.;user:Hello\nthere;assistant:;"
+    assert tok.render_chat(msgs, False, plain, content_format="openai").startswith(
+        "system:[{'type': 'text', 'text': 'Be brief.'}];")
+    assert tok.render_chat(msgs, False, loops, content_format="string") == (  # (a loop over characters)
+        f"system:{'<>' * 9};user:{'<>' * 11};assistant:;")
+    continued = tok.render_chat(msgs[:2], False, loops, continue_final_message=True)
+    assert continued == "system:<Be brief.>;user:<Hello><there"
+    with pytest.raises(ValueError, match="chat_template_content_format='list': expected one of 'auto', 'string', "):
+        tok.render_chat(msgs, False, plain, content_format="list")
+
+
+def test_a_slow_tokenizer_is_converted_as_transformers_does(tokenizer_dir, tmp_path, monkeypatch):
+    """A directory with vocab.json + merges.txt and no tokenizer.json (an older layout vLLM serves through
+    AutoTokenizer): transformers converts it, and it encodes as HF's does (it was taken for no tokenizer at all);
+    without transformers the error says what the files are and what to do."""
+    import json
+    import sys
+    transformers = pytest.importorskip("transformers")
+    model = json.loads(open(f"{tokenizer_dir}/tokenizer.json").read())["model"]
+    merges = "\n".join(m if isinstance(m, str) else " ".join(m) for m in model["merges"])
+    d = _tokenizer_variant(tokenizer_dir, tmp_path / "slow", {"tokenizer_class": "GPT2Tokenizer"},
+                           {"vocab.json": model["vocab"], "merges.txt": "#version: 0.2\n" + merges},
+                           drop=["tokenizer.json"])
+    hf, ours = transformers.AutoTokenizer.from_pretrained(d), Tokenizer.from_dir(d)
+    for text in ("Hello world", "it's 2024, wörld!\n  x"):
+        assert ours.encode(text) == hf(text)["input_ids"] and ours.decode(ours.encode(text)) == hf.decode(
+            hf(text)["input_ids"])
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ValueError, match=r"no tokenizer.json, only a slow tokenizer's files "
+                                         r"\(vocab.json, merges.txt\): install transformers"):
+        Tokenizer.from_dir(d)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        Tokenizer.from_dir(str(tmp_path))

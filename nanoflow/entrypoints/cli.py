@@ -12,6 +12,7 @@ from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
 from nanoflow.entrypoints import vllm_args
 from nanoflow.entrypoints.tool_calls import PARSERS
+from nanoflow.tokenizer import CONTENT_FORMATS
 
 
 def _json(text: str, ok, what: str):
@@ -334,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--chat-template", default=None,
                    help="a chat template (a file, or the template itself) in place of the model's, e.g. one that "
                         "renders tools")
+    s.add_argument("--chat-template-content-format", choices=CONTENT_FORMATS, default="auto",
+                   help="a message's content as the template gets it (vLLM's): a string (OpenAI's text parts joined "
+                        "by newlines), or openai's list of text parts; auto: the list for a template that loops over "
+                        "a message's content, else the string")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='tool_choice "auto" (the default with tools): the model calls tools as it sees fit, read back '
                         'from its text by --tool-call-parser')

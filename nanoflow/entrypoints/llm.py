@@ -120,27 +120,28 @@ class LLM:
              lora_request=None, chat_template: str | None = None, chat_template_content_format: str = "auto", *,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
-        """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt). chat_template_content_format:
-        "auto" or "string", which are the same here (the template gets each message's content as a string)."""
+        """One conversation or a list of them, as vLLM's LLM.chat (see chat_prompt)."""
         _no_lora(lora_request)
-        vllm_args.take({"chat_template_content_format": chat_template_content_format}, vllm_args.SERVER)
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.chat_prompt(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message,
-                                    chat_template_kwargs=chat_template_kwargs, tools=tools) for c in conversations]
+                                    chat_template_kwargs=chat_template_kwargs, tools=tools,
+                                    chat_template_content_format=chat_template_content_format)
+                   for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def chat_prompt(self, messages: list[dict], *, chat_template: str | None = None, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-                    tools: list[dict] | None = None) -> dict:
+                    tools: list[dict] | None = None, chat_template_content_format: str = "auto") -> dict:
         """Token ids of a conversation rendered by the chat template (special tokens come from the template).
         continue_final_message: end inside the last message, for the model to continue it (with
         add_generation_prompt=False); chat_template_kwargs: the template's own variables; tools: OpenAI's tool
-        objects, for a template that renders them (the calls the model then writes are its text)."""
+        objects, for a template that renders them (the calls the model then writes are its text);
+        chat_template_content_format: each message's content as a string or as OpenAI's parts (render_chat's)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         text = self.tokenizer.render_chat(messages, add_generation_prompt, chat_template, continue_final_message,
-                                          chat_template_kwargs, tools)
+                                          chat_template_kwargs, tools, chat_template_content_format)
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
 
 

@@ -30,8 +30,6 @@ ENGINE = {  # LLM() and the CLI's engine flags
 LLM_ONLY = {"disable_log_stats": AsIs((True,), "an offline run logs no stats")}
 SERVER = {  # `serve`
     "response_role": AsIs(("assistant",), "a response's role is the assistant's"),
-    "chat_template_content_format": AsIs(("auto", "string"),
-                                         "the template gets each message's content as a string"),
     "disable_log_requests": AsIs((), "requests are not logged", "switch"),
     "disable_uvicorn_access_log": AsIs((), "uvicorn's access log is off", "switch"),
 }

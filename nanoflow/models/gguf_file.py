@@ -95,5 +95,9 @@ def gguf_tensors(reader) -> Iterator[tuple[str, torch.Tensor]]:
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             data = np.array(t.data, dtype=np.float32)
         else:
-            data = quants.dequantize(t.data, t.tensor_type)
+            try:
+                data = quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise ValueError(f"GGUF tensor {t.name!r} is of type {t.tensor_type.name}, which the gguf package "
+                                 f"cannot dequantize (it reads F32, F16, BF16 and the Q, K and IQ quants)") from None
         yield t.name, torch.from_numpy(data.reshape(tuple(reversed([int(x) for x in t.shape]))))

@@ -334,10 +334,20 @@ def _load(model: LlamaModel, weights, top: dict, layer: dict, expert: re.Pattern
             raise ValueError(f"weight {name!r} has dtype {dtype}, not a float type (F16, BF16, F32)")
         _copy_whole(model, params[target], target, shard, tensor)
         loaded.add((target, shard))
-    missing = sorted(f"{t}{'.' + s if s else ''}" for t, s in expected - loaded)
+    missing = sorted(_checkpoint_name(t, s, top, layer, layer_re) for t, s in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}")
+
+
+def _checkpoint_name(target: str, shard: str | None, top: dict, layer: dict, layer_re: str) -> str:
+    """A parameter's piece by the checkpoint's name for it (an expert's by ours: its names vary by model)."""
+    if names := [n for n, t in top.items() if t == target]:
+        return names[0]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", target)
+    if m and (names := [n for n, v in layer.items() if v == (m.group(2), shard)]):
+        return layer_re.replace(r"\.", ".").replace(r"(\d+)", m.group(1)).replace("(.+)", names[0])
+    return f"{target}{'.' + shard if shard else ''}"
 
 
 def _shards_of(model: LlamaModel, name: str) -> tuple:
@@ -367,7 +377,8 @@ def _safetensors_weights(path: str):
     else:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        yield from _pytorch_weights(path)
+        return
     for file in tqdm(files, desc="loading weights", disable=len(files) < 2):
         try:
             f = safe_open(file, framework="pt")
@@ -376,6 +387,23 @@ def _safetensors_weights(path: str):
         with f:
             for name in f.keys():
                 yield name, f.get_slice(name)  # read by _copy_whole: only this rank's part
+
+
+def _pytorch_weights(path: str):
+    """An older checkpoint's pytorch_model*.bin files (what vLLM loads where there are no safetensors), read as
+    tensors only (torch.load's weights_only: no code runs)."""
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no weights in {path}: no *.safetensors nor pytorch_model*.bin files")
+    for file in tqdm(files, desc="loading weights", disable=len(files) < 2):
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # (pickle's, zipfile's and torch's errors on a corrupt or unsafe file)
+            raise ValueError(f"cannot read PyTorch weights file {file}: {e}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict of tensors")
+        yield from state.items()
+        del state
 
 
 def _gguf_weights(source: ModelSource):
