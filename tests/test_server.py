@@ -268,6 +268,30 @@ def test_echo(client, model, default_llm):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=0)
 
 
+def test_chat_echo_starts_each_choice_with_the_prefill(client, model):
+    """vLLM's chat echo: where the last message is the assistant's (a prefill the model continues), each choice's
+    content starts with it, streamed as a delta of its own after the role; otherwise it adds nothing (it was
+    ignored, with a warning)."""
+    prefill = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    kw = dict(model=model, messages=prefill, max_tokens=4, temperature=0, n=2,
+              extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    plain = client.chat.completions.create(**kw)
+    echoed = client.chat.completions.create(**kw | {"extra_body": kw["extra_body"] | {"echo": True}})
+    assert [c.message.content for c in echoed.choices] == ["Hi\nthere" + c.message.content for c in plain.choices]
+    assert echoed.usage == plain.usage
+    chunks = list(client.chat.completions.create(**kw | {"stream": True, "extra_body": kw["extra_body"] | {
+        "echo": True}}))
+    for i, choice in enumerate(echoed.choices):
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices and ch.choices[0].index == i]
+        assert deltas[0].role == "assistant" and deltas[1].content == "Hi\nthere"
+        assert "".join(d.content or "" for d in deltas) == choice.message.content
+    asked = client.chat.completions.create(model=model, messages=prefill[:1], max_tokens=4, temperature=0,
+                                           extra_body={"echo": True})
+    assert asked.choices[0].message.content == client.chat.completions.create(
+        model=model, messages=prefill[:1], max_tokens=4, temperature=0).choices[0].message.content
+
+
 def test_replayed_refusals_and_top_logprobs_0(server, client, model):
     """As vLLM's: an assistant's refusal part in the history is its text to the template (a 400 before), and
     top_logprobs 0 without logprobs asks for nothing (a 400 before)."""
@@ -376,6 +400,10 @@ BAD = [  # (route, body, status, what the error names)
     ("completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("completions", {"prompt": 5}, 400, "must be a string, a list of strings, a list of token ids"),
     ("completions", {"prompt": "x", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    # (the field the client sent: it was named max_tokens)
+    ("chat/completions", {"messages": USER, "max_completion_tokens": MAX_MODEL_LEN}, 400, "max_completion_tokens"),
+    ("chat/completions", {"messages": USER, "max_completion_tokens": MAX_MODEL_LEN, "use_beam_search": True}, 400,
+     "max_completion_tokens"),
     ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
     ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
@@ -667,6 +695,26 @@ def test_overload_is_503_and_every_accepted_request_completes(server):
     assert m["vllm:num_requests_waiting"] == 0 and m['nanoflow_http_responses_total{status="503"}'] >= len(busy)
 
 
+def test_token_counters_rise_as_the_engine_goes(server):
+    """vllm:generation_tokens_total counts each token once sampled, and vllm:prompt_tokens_total a prompt once its
+    first token came, as vLLM's: they counted a request's at its end (generation) or at its arrival (prompt), so the
+    stats line read 0 tokens/s of generation through long requests."""
+    before = wait_until_idle(server)
+    prompt = [random.Random(1).randrange(100, 30000) for _ in range(12)]
+    body = {"prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen == 6:
+                break
+        during = metrics(server)
+    after = wait_until_idle(server)
+    delta = lambda m, name: m[f"vllm:{name}_total"] - before[f"vllm:{name}_total"]  # noqa: E731
+    assert delta(during, "prompt_tokens") == len(prompt) == delta(after, "prompt_tokens")
+    assert 6 <= delta(during, "generation_tokens") < 400 and delta(after, "generation_tokens") >= 6
+
+
 def test_metrics(server):
     m = metrics(server)
     assert m["vllm:prompt_tokens_total"] > 0 and m["vllm:generation_tokens_total"] > 0
@@ -705,7 +753,10 @@ def test_metrics(server):
     from nanoflow import SamplingParams
     counted.on_accepted([[1, 2, 3], [4]], SamplingParams(n=2, max_tokens=None), max_model_len=10)
     assert (sample("vllm:request_params_n_sum"), sample("vllm:request_params_max_tokens_sum")) == (4, 7 + 9)
-    assert sample("vllm:prompt_tokens_total") == 4
+    assert sample("vllm:prompt_tokens_total") == sample("vllm:generation_tokens_total") == 0  # (the engine's count)
+    for prompted, generated in ((3, 0), (3, 2), (10, 9)):
+        counted.on_stats(EngineStats(preemptions=5, prompt_tokens=prompted, generation_tokens=generated))
+    assert (sample("vllm:prompt_tokens_total"), sample("vllm:generation_tokens_total")) == (10, 9)
     assert sample("vllm:inter_token_latency_seconds_count") == 4
     assert sample("vllm:inter_token_latency_seconds_sum") == pytest.approx(0.2)
     name = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["id"]

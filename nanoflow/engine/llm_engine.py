@@ -98,6 +98,8 @@ class LLMEngine:
             log.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): a sequence can grow only to "
                         "the cache, and a request whose max_tokens needs more is refused", cache, self.max_model_len)
         self.requests: dict[str, Request] = {}
+        # counted as vLLM's metrics count them: a request's prompt when its first token comes, each token sampled
+        self.num_prompt_tokens = self.num_generation_tokens = 0
         self.async_scheduling = (self.config.async_scheduling if self.config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.inflight = None  # (SchedulerOutput, launch) of the iteration whose results are not read yet
@@ -336,8 +338,11 @@ class LLMEngine:
                 continue
             req = seq.request
             touched[req.request_id] = req
+            if req.first_token_time is None:
+                self.num_prompt_tokens += len(req.prompt_token_ids)
             req.first_token_time, req.last_token_time = req.first_token_time or now, now
             seq.token_ids.append(token)
+            self.num_generation_tokens += 1
             if seq.opening is not None:  # (qwen3's first token: the opening tag, or the grammar's first token)
                 seq.reasoning, seq.opening = token == seq.opening, None
             if seq.reasoning:  # (its grammar starts after the reasoning's end tag, which the grammar never sees)

@@ -29,7 +29,6 @@ from prometheus_client import Counter, Gauge
 from ray.exceptions import RayActorError
 
 from nanoflow.distributed.replica import ReplicaInfo, launch_replicas, patch
-from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.async_engine import ACCEPTED, EngineClient, EngineLost, Overloaded, Submission
 from nanoflow.entrypoints.metrics import EngineStats, Metrics
 from nanoflow.outputs import RequestOutput
@@ -107,7 +106,7 @@ class Router(EngineClient):
         self.replicas = [_Replica(i, actor, about) for i, (actor, about) in enumerate(replicas)]
         self.affinity = _PrefixAffinity(info.block_size) if info.prefix_caching else None
         self.routes: dict[str, _Route] = {}  # by submission id
-        self.retired = CacheStats()  # the cache counters of replicas' past lives (the totals never decrease)
+        self.retired = EngineStats()  # the counters of replicas' past lives (the totals never decrease)
         self.readers: list[asyncio.Task] = []
         r = metrics.registry
         self.sent = Counter("nanoflow_router_requests", "Submissions sent to each replica", ["replica"], registry=r)
@@ -248,7 +247,7 @@ class Router(EngineClient):
             log.warning("replica %d failed, out of rotation until Ray restarts it: %s", r.index, error)
         r.up = False
         self._rotation(False, r)
-        self.retired += r.stats.cache
+        self.retired = self.retired.counted_with(r.stats)
         r.stats = EngineStats()
         for base, route in [(b, route) for b, route in self.routes.items() if route.replica is r]:
             self._end(base, route)
@@ -269,9 +268,7 @@ class Router(EngineClient):
     def _update_stats(self) -> None:
         if self.front:
             return
-        total = EngineStats.total([r.stats for r in self.replicas if r.up])
-        total.cache += self.retired
-        self.metrics.on_stats(total)
+        self.metrics.on_stats(EngineStats.total([r.stats for r in self.replicas if r.up]).counted_with(self.retired))
 
 
 def _submission(request_id: str) -> str:

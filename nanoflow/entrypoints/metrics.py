@@ -26,27 +26,39 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
 
 @dataclass(slots=True)
 class EngineStats:
-    """An engine's state after an iteration: what its gauges show and its prefix cache's cumulative counters.
-    Taken on the engine thread; a replica sends it to the data-parallel router, which adds them up."""
+    """An engine's state after an iteration: what its gauges show, and its counters since it started (its prefix
+    cache's, preemptions, tokens). Taken on the engine thread; a replica sends it to the data-parallel router, which
+    adds them up."""
     running: int = 0  # requests with a sequence in the running batch
     waiting: int = 0  # unfinished requests not in it
     kv_usage: float = 0.0  # share of the KV cache blocks in use
     cache: CacheStats = field(default_factory=CacheStats)
-    preemptions: int = 0  # since the engine started
+    preemptions: int = 0
+    prompt_tokens: int = 0  # LLMEngine's num_prompt_tokens: a request's prompt once its first token came
+    generation_tokens: int = 0  # tokens sampled
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineStats:
         sched = engine.scheduler
         running = len({s.request.request_id for s in sched.running})
         return cls(running, len(engine.requests) - running, 1 - sched.blocks.num_free / sched.blocks.num_blocks,
-                   dataclasses.replace(sched.blocks.stats), sched.num_preemptions)
+                   dataclasses.replace(sched.blocks.stats), sched.num_preemptions, engine.num_prompt_tokens,
+                   engine.num_generation_tokens)
 
     @classmethod
     def total(cls, parts: list[EngineStats]) -> EngineStats:
         """Of several engines: counts and counters add up, the KV use is their mean."""
         return cls(sum(p.running for p in parts), sum(p.waiting for p in parts),
                    sum(p.kv_usage for p in parts) / max(len(parts), 1), sum((p.cache for p in parts), CacheStats()),
-                   sum(p.preemptions for p in parts))
+                   *(sum(getattr(p, name) for p in parts) for name in COUNTERS))
+
+    def counted_with(self, other: EngineStats) -> EngineStats:
+        """These gauges, with the counters of both (a lost replica's past life: the totals never decrease)."""
+        return dataclasses.replace(self, cache=self.cache + other.cache,
+                                   **{name: getattr(self, name) + getattr(other, name) for name in COUNTERS})
+
+
+COUNTERS = ("preemptions", "prompt_tokens", "generation_tokens")  # EngineStats' own, beside the cache's
 
 
 class Metrics:
@@ -64,7 +76,8 @@ class Metrics:
         self.running = model(Gauge, "vllm:num_requests_running", "Requests with a sequence in the running batch")
         self.waiting = model(Gauge, "vllm:num_requests_waiting", "Unfinished requests not in the running batch")
         self.kv_usage = model(Gauge, "vllm:kv_cache_usage_perc", "Share of the KV cache blocks in use (0 to 1)")
-        self.prompt_tokens = model(Counter, "vllm:prompt_tokens", "Prompt tokens of accepted requests")
+        # (as vLLM's: counted as the engine goes, a prompt once its first token came, each token once sampled)
+        self.prompt_tokens = model(Counter, "vllm:prompt_tokens", "Prompt tokens of requests that began generating")
         self.generation_tokens = model(Counter, "vllm:generation_tokens", "Generated tokens")
         self.ttft = model(Histogram, "vllm:time_to_first_token_seconds", "Arrival to first token",
                           buckets=LATENCY_BUCKETS)
@@ -92,7 +105,6 @@ class Metrics:
         self.params_max_tokens = model(Histogram, "vllm:request_params_max_tokens",
                                        "A request's max_tokens (unset: the context's room)", buckets=TOKEN_BUCKETS)
         self.preemptions = model(Counter, "vllm:num_preemptions", "Sequences preempted (to be recomputed)")
-        self.preemptions_seen = 0
         # the prefix cache's counters, as cumulated by the block manager (on_stats adds what is new)
         self.cache = dict(
             queries=model(Counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
@@ -100,24 +112,24 @@ class Metrics:
             host_hits=Counter("nanoflow_prefix_cache_host_hits", "Prompt tokens found in the host tier (KV offload), "
                               "loaded", registry=r),
             saved=Counter("nanoflow_kv_offload_saved_blocks", "KV blocks copied to the host tier", registry=r))
-        self.cache_seen = CacheStats()
+        self.seen = EngineStats()  # the last on_stats' (its counters: what the metrics' counters hold of them)
         self.peers: list[str] = []  # the other API-server processes' own metrics (URLs): render() adds them up
         Gauge("nanoflow_api_servers", "API-server processes whose metrics these are", registry=r).set(1)
 
     def on_stats(self, stats: EngineStats) -> None:
-        """The engine's state after an iteration (its cache counters never decrease)."""
+        """The engine's state after an iteration: the gauges set, each counter raised by what is new (the
+        engine's counters never decrease)."""
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_usage)
         for name, counter in self.cache.items():
-            counter.inc(getattr(stats.cache, name) - getattr(self.cache_seen, name))
-        self.cache_seen = stats.cache
-        self.preemptions.inc(stats.preemptions - self.preemptions_seen)
-        self.preemptions_seen = stats.preemptions
+            counter.inc(getattr(stats.cache, name) - getattr(self.seen.cache, name))
+        for name in COUNTERS:
+            getattr(self, name).inc(getattr(stats, name) - getattr(self.seen, name))
+        self.seen = stats
 
     def on_accepted(self, prompts: list[list[int]], params: SamplingParams, max_model_len: int) -> None:
         """The engine took a request per prompt."""
-        self.prompt_tokens.inc(sum(map(len, prompts)))
         for prompt in prompts:
             self.params_n.observe(params.n)
             self.params_max_tokens.observe(max_model_len - len(prompt) if params.max_tokens is None
@@ -132,7 +144,6 @@ class Metrics:
         num_tokens = sum(len(c.token_ids) for c in outs)
         longest = max((len(c.token_ids) for c in outs), default=0)  # (the longest sequence's TPOT is the request's)
         self.finished(reason).inc()
-        self.generation_tokens.inc(num_tokens)
         self.request_prompt.observe(len(last.prompt_token_ids or []) if last is not None else 0)
         self.request_generated.observe(num_tokens)
         self.request_longest.observe(longest)

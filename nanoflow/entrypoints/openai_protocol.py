@@ -346,6 +346,7 @@ class ChatCompletionRequest(_SamplingRequest):
         '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}')] = None
     parallel_tool_calls: bool | None = None
     include_reasoning: bool = True  # (vLLM's) with the server's --reasoning-parser: false drops the reasoning
+    echo: bool = False  # (vLLM's) each choice's content starts with the last message's, where that is the assistant's
     functions: only_default([]) = None
     function_call: only_default("none", "auto") = None
 
@@ -372,6 +373,14 @@ class ChatCompletionRequest(_SamplingRequest):
             raise PydanticCustomError("tool_choice", "names the function {name}, which is not among the tools",
                                       {"name": repr(v.function.name)})
         return v
+
+    def echoed(self) -> str:
+        """With echo, the text each choice's content starts with: the last message's content where it is the
+        assistant's (a prefill the model continues), its text parts joined by newlines (as vLLM's)."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant" or last.content is None:
+            return ""
+        return last.content if isinstance(last.content, str) else "\n".join(getattr(p, p.type) for p in last.content)
 
     def tool_choice_for(self, parser: str | None) -> ToolChoice:
         """The request's tool choice (OpenAI's default: "auto" with tools, else "none"; with an empty list of tools,

@@ -438,17 +438,19 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         except ValueError as e:
             raise _bad_input(e) from None
 
-    def check_room(prompts: list[list[int]], max_tokens: int | None) -> None:
+    def check_room(prompts: list[list[int]], max_tokens: int | None, limit: str) -> None:
+        """limit: the request's field that gave max_tokens (chat's max_completion_tokens, or max_tokens)."""
         longest = max(map(len, prompts))  # (one that leaves no room at all is the engine's to refuse, as the prompt)
         if max_tokens is not None and longest + max_tokens > engine.max_model_len > longest:
             raise APIError(400, f"the model's context length is {engine.max_model_len} tokens, and this request asks "
                            f"for {longest + max_tokens}: {longest} in the prompt and {max_tokens} to generate; "
-                           f"shorten the prompt or lower max_tokens", param="max_tokens")
+                           f"shorten the prompt or lower {limit}", param=limit)
 
     async def submit(prompts: list[list[int]], params: SamplingParams, raw: Request, param: str,
-                     grammar_source: str | None, priority: int) -> RequestStream:
-        """grammar_source: the request's field its grammar came from, which names the grammar's errors."""
-        check_room(prompts, params.max_tokens)
+                     grammar_source: str | None, priority: int, limit: str = "max_tokens") -> RequestStream:
+        """grammar_source: the request's field its grammar came from, which names the grammar's errors; limit:
+        check_room's."""
+        check_room(prompts, params.max_tokens, limit)
         try:
             return await engine.submit(prompts, params, lambda: _disconnected(raw), priority=priority)
         except (ValueError, TypeError) as e:
@@ -457,12 +459,12 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             raise _bad_input(e, param) from None
 
     async def search(prompts: list[list[int]], params: SamplingParams, req: api.CompletionRequest |
-                     api.ChatCompletionRequest, raw: Request, param: str) -> _Finished:
+                     api.ChatCompletionRequest, raw: Request, param: str, limit: str = "max_tokens") -> _Finished:
         """use_beam_search: the search's steps through the engine (each live beam a one-token request), then
         every prompt's beams as the outputs of one finished request (params: the request's, for max_tokens,
         ignore_eos, logprobs and skip_special_tokens). Without max_tokens each beam may run to the context's end.
         Each step's requests count against --max-waiting-requests: a busy server may answer a later step with 503."""
-        check_room(prompts, params.max_tokens)
+        check_room(prompts, params.max_tokens, limit)
         try:  # (a prompt with no room left: the engine refuses it, by name, at the first step)
             beam = req.beam_search_params(params.max_tokens or max(engine.max_model_len - min(map(len, prompts)), 1),
                                           params.ignore_eos)
@@ -672,14 +674,16 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         params = sampling_params(req, tools)
         prompt, = truncated([chat_prompt(req)], params)
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
-        stream = await (search([prompt], params, req, raw, "messages") if req.use_beam_search else
-                        submit([prompt], params, raw, "messages", grammar_source, req.priority))
+        limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        stream = await (search([prompt], params, req, raw, "messages", limit) if req.use_beam_search else
+                        submit([prompt], params, raw, "messages", grammar_source, req.priority, limit))
         head = dict(id=f"chatcmpl-{_request_id(raw, req) or stream.id}", created=int(time.time()), model=served)
         progress = [_Progress() for _ in range(params.n)]
         # (qwen3 after a prompt that opened <think>: read as deepseek_r1, as the engine's grammar waits for it)
         parser = reading(reasoning_parser, last_tag(prompt, *think_ids)) if think_ids else reasoning_parser
 
         by_id = as_ids(req)
+        echo = req.echoed()
 
         def logprobs(c: CompletionOutput, start: int) -> api.ChatLogprobs | None:
             return _chat_logprobs(c, start, params.logprobs, by_id) if c.logprobs is not None else None
@@ -709,6 +713,9 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                                     role="assistant", content=""))], usage=usage,
                                 prompt_logprobs=None if sent_prompt else _prompt_logprobs(out))
                             sent_prompt = True
+                            if echo:  # (vLLM's: the echoed prefill, a delta of its own after the role)
+                                yield api.ChatCompletionChunk(**head, choices=[api.ChatStreamChoice(
+                                    index=c.index, delta=api.ChatDelta(content=echo))])
                         if not (thought or content or calls or lp or done):
                             continue  # (text held back while it may be a tool call or the end of the reasoning)
                         delta = api.ChatDelta(content=content, reasoning=thought, reasoning_content=thought,
@@ -738,6 +745,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             made = [api.ToolCall(id=new_tool_call_id(tools.parser),
                                  function=api.FunctionCall(name=call.name, arguments=call.arguments))
                     for call in calls]
+            if echo:
+                content = echo + (content or "")
             message = api.ChatMessageOut(content=content or None if parser else content,
                                          tool_calls=made or None, reasoning=thought, reasoning_content=thought)
             choices.append(api.ChatChoice(index=c.index, message=message, logprobs=logprobs(c, 0),
