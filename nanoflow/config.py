@@ -383,7 +383,7 @@ class EngineConfig:
     # ranks (processes; GPUs on CUDA) that the model's heads, MLP and vocabulary are split over
     tensor_parallel_size: int = 1
     num_layers: int | None = None  # only the model's first this many decoder layers (benchmarks)
-    seed: int = 0
+    seed: int = 0  # (None: 0, as vLLM V1's, which has no unseeded engine)
     # a thinking model's format (reasoning.py): a request's grammar then holds only what follows its reasoning
     reasoning_parser: str | None = None
 
@@ -419,8 +419,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64:  # (torch.manual_seed's range)
+        if self.seed is None:
+            self.seed = 0
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                or not -2**63 <= self.seed < 2**64):  # (torch.manual_seed's range)
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        self.seed = int(self.seed)  # (numpy's integers too)
         if self.kv_offload_gb and not self.enable_prefix_caching:
             raise ValueError("kv_offload_gb needs prefix caching (host blocks are found by prefix hash)")
 

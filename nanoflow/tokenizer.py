@@ -167,9 +167,12 @@ class Tokenizer:
                 "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
 
     # -- use -------------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, truncation: bool | None = None,
+               max_length: int | None = None) -> list[int]:
+        """max_length: the first max_length ids, unless truncation is False (HF's)."""
         try:
-            return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+            ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+            return ids[:max_length] if max_length is not None and truncation is not False else ids
         except TypeError:  # ("TextInputSequence must be str": a str with a lone surrogate, which JSON's escapes allow)
             at = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None) \
                 if isinstance(text, str) else None
@@ -180,20 +183,33 @@ class Tokenizer:
 
     def decode(self, ids: int | list[int], skip_special_tokens: bool = False,
                clean_up_tokenization_spaces: bool | None = None) -> str:
-        """(clean_up_tokenization_spaces: taken and, as transformers 5 does for BPE vocabularies, ignored)"""
+        """ids: a list, a token id, or a tensor or array of them. (clean_up_tokenization_spaces: taken and, as
+        transformers 5 does for BPE vocabularies, ignored)"""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # (torch's and numpy's)
         return self.tk.decode([ids] if isinstance(ids, int) else ids, skip_special_tokens=skip_special_tokens)
 
     # (what scripts call on vLLM's get_tokenizer(), an HF tokenizer: the same names, defaults and results)
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Encoding:
-        ids = ([self.encode(t, add_special_tokens) for t in text] if isinstance(text, list)
-               else self.encode(text, add_special_tokens))
-        mask = [[1] * len(i) for i in ids] if isinstance(text, list) else [1] * len(ids)
-        return Encoding(input_ids=ids, attention_mask=mask)
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, truncation: bool | None = None,
+                 max_length: int | None = None, return_tensors: str | None = None) -> Encoding:
+        """return_tensors: "pt" (torch) or "np" (numpy) tensors of one row a text (of equal lengths: no padding)."""
+        texts = text if isinstance(text, list) else [text]
+        ids = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
+        out = dict(input_ids=ids, attention_mask=[[1] * len(i) for i in ids])
+        if return_tensors is None:
+            return Encoding({k: v if isinstance(text, list) else v[0] for k, v in out.items()})
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' or 'np' (or None: lists)")
+        if len({len(i) for i in ids}) > 1:
+            raise ValueError("return_tensors: the texts' ids differ in length, and nanoflow's tokenizer does not pad")
+        import numpy as np
+        import torch
+        return Encoding({k: torch.tensor(v) if return_tensors == "pt" else np.array(v) for k, v in out.items()})
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        sequences = sequences.tolist() if hasattr(sequences, "tolist") else sequences
         return self.tk.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
 
     def tokenize(self, text: str) -> list[str]:
@@ -207,6 +223,36 @@ class Tokenizer:
 
     def get_vocab(self) -> dict[str, int]:
         return self.tk.get_vocab(with_added_tokens=True)
+
+    @property
+    def special_tokens_map(self) -> dict:
+        """The named special tokens (bos_token, eos_token, pad_token, ... and additional_special_tokens), as HF's."""
+        return {k: v for k, v in self.special_tokens.items() if v}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        named = [v for k, v in self.special_tokens_map.items() if k != "additional_special_tokens"]
+        return list(dict.fromkeys(named + self.special_tokens_map.get("additional_special_tokens", [])))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.tk.token_to_id(t) for t in self.all_special_tokens]
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens.get("pad_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tk.token_to_id(self.pad_token) if self.pad_token is not None else None
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.special_tokens.get("unk_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.tk.token_to_id(self.unk_token) if self.unk_token is not None else None
 
     @property
     def bos_token_id(self) -> int | None:

@@ -19,6 +19,10 @@ def test_the_largest_seed_runs(llama_dir):
     """seed's range is torch's, and the samplers' generators seeded from it stay in it (seed + 1 overflowed)."""
     llm = LLM(llama_dir, seed=2**64 - 1)
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids) == 2
+    # None is 0 (vLLM V1 has no unseeded engine: scripts pass seed=args.seed, None by default), numpy's ints taken
+    from nanoflow.config import EngineConfig
+    assert [EngineConfig(seed=s).seed for s in (None, np.int64(3))] == [0, 3]
+    assert type(EngineConfig(seed=np.int64(3)).seed) is int
 
 
 def test_a_model_file_is_read_by_its_content(tmp_path, default_model_path):
@@ -347,6 +351,12 @@ def test_vllm_constructor_options(llama_dir):
     llm = LLM(llama_dir, enforce_eager=True, trust_remote_code=True)
     assert llm.engine.config.cuda_graph is False and LLM(llama_dir).engine.config.cuda_graph is None
     assert str(LLM(llama_dir, dtype="float").engine.dtype) == "torch.float32"  # (vLLM's name for it)
+    # vLLM's options at the values scripts pass, asking for what nanoflow does anyway (each was an unknown option)
+    LLM(llama_dir, hf_token=None, cpu_offload_gb=0, task="generate", runner="auto", skip_tokenizer_init=False,
+        disable_custom_all_reduce=False, compilation_config=None)
+    for option, value in (("cpu_offload_gb", 4), ("task", "embed"), ("skip_tokenizer_init", True)):
+        with pytest.raises(ValueError, match=f"{option}={value!r}: nanoflow takes only"):
+            LLM(llama_dir, **{option: value})
 
 
 def test_a_pipeline_spec_without_its_mode_is_warned_of(llama_dir, caplog):

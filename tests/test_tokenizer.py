@@ -74,6 +74,24 @@ def test_the_hf_tokenizer_calls_scripts_make(tok, tokenizer_dir):
     assert tok.convert_tokens_to_ids(pieces[0]) == hf.convert_tokens_to_ids(pieces[0])
     assert len(tok) == len(hf) and tok.get_vocab() == hf.get_vocab()
     assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    # the special tokens' names and ids; tensors to decode, tensors back, truncation (each was an AttributeError or
+    # a TypeError)
+    import numpy as np
+    import torch
+    for name in ("special_tokens_map", "all_special_tokens", "all_special_ids", "pad_token", "pad_token_id",
+                 "unk_token", "unk_token_id"):
+        assert getattr(tok, name) == getattr(hf, name), name
+    assert tok.decode(torch.tensor(ids)) == hf.decode(torch.tensor(ids)) == tok.decode(np.array(ids))
+    assert tok.decode(torch.tensor(ids[0])) == hf.decode(torch.tensor(ids[0]))
+    assert tok.batch_decode(torch.tensor([ids, ids])) == hf.batch_decode(torch.tensor([ids, ids]))
+    for kw in ({"truncation": True, "max_length": 2}, {"max_length": 3}, {"truncation": False, "max_length": 2}):
+        assert tok.encode(text, **kw) == hf.encode(text, **kw), kw
+        assert tok(text, **kw) == dict(hf(text, **kw)), kw
+    for kind, same in (("pt", torch.equal), ("np", np.array_equal)):
+        ours, theirs = tok([text, text], return_tensors=kind), hf([text, text], return_tensors=kind)
+        assert set(ours) == set(theirs) and all(same(ours[k], theirs[k]) for k in ours), kind
+    with pytest.raises(ValueError, match="differ in length, and nanoflow's tokenizer does not pad"):
+        tok([text, "x"], return_tensors="pt")
     for option in (dict(return_tensors="pt"), dict(padding=True)):
         with pytest.raises(ValueError, match=f"{next(iter(option))} is not supported"):
             tok.apply_chat_template(msgs, **option)

@@ -26,6 +26,15 @@ ENGINE = {  # LLM() and the CLI's engine flags
     "distributed_executor_backend": AsIs((None, "mp", "uni"), "the tensor-parallel ranks are processes of this host"),
     "max_logprobs": AsIs((20,), "up to 20 logprobs a token", int),
     "swap_space": AsIs((), "preemption recomputes, as vLLM's V1 does: no swap space is used", float),
+    "hf_token": AsIs((None,), "it downloads nothing"),
+    "cpu_offload_gb": AsIs((0,), "the weights stay on the GPU", float),
+    "task": AsIs(("auto", "generate"), "it generates text"),
+    "runner": AsIs(("auto", "generate"), "it generates text"),
+    "skip_tokenizer_init": AsIs((False,), "the model's tokenizer loads with it (a model without one takes token "
+                                          "ids)", "switch"),
+    "disable_custom_all_reduce": AsIs((False,), "tensor parallelism's all-reduce is picked by size (symmetric "
+                                                "memory or NCCL)", "switch"),
+    "compilation_config": AsIs((None,), "it compiles the fusions it measured to win"),
 }
 LLM_ONLY = {"disable_log_stats": AsIs((True,), "an offline run logs no stats")}
 SERVER = {  # `serve`

@@ -145,14 +145,10 @@ class ModelRunner:
                                                               self.model.k),
             "max_num_batched_tokens", lambda: Workspace.allocate(c, self.max_num_tokens, self.dtype, self.device,
                                                                  self.tp.size))
-        if config.seed is not None:
-            torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)
         # with tensor parallelism each rank draws the race's noise for its vocabulary slice: streams of their own
         self.race_generator = torch.Generator(self.device)
-        if config.seed is None:
-            self.race_generator.seed()
-        else:
-            self.race_generator.manual_seed((config.seed + 1 + self.tp.rank) % 2**64)  # (within its range)
+        self.race_generator.manual_seed((config.seed + 1 + self.tp.rank) % 2**64)  # (within its range)
         self.last_tokens = torch.empty(0, dtype=torch.long, device=self.device)  # sampled by the last launch
         self.last_index: dict[int, int] = {}  # seq id -> its row in last_tokens
         self.clock: IterationClock | None = None  # set to measure the GPU's idle time and each iteration's phases
