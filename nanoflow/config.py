@@ -7,6 +7,7 @@ or from a named shape preset (for benchmarks with dummy weights).
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass, field, replace
@@ -403,22 +404,23 @@ class EngineConfig:
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.block_size is None:
             self.block_size = 32 if self.kv_cache_dtype == "fp8" else 16
-        if self.block_size <= 0 or self.max_num_seqs <= 0:
-            raise ValueError("block_size and max_num_seqs must be positive")
+        for name in ("block_size", "max_num_seqs"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.kv_offload_gb < 0:
-            raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
+        if not 0 <= self.kv_offload_gb < math.inf:  # (NaN fails it too)
+            raise ValueError(f"kv_offload_gb must be a number >= 0, got {self.kv_offload_gb}")
         for name in ("max_model_len", "num_kv_blocks", "predicted_output_len", "num_layers"):
             v = getattr(self, name)
             if v is not None and not _positive(v):
                 raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
-        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.kv_cache_gb is not None and not 0 < self.kv_cache_gb < math.inf:
+            raise ValueError(f"kv_cache_gb must be a number > 0, got {self.kv_cache_gb}")
         if self.seed is None:
             self.seed = 0
         if (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)

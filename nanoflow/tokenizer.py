@@ -316,7 +316,7 @@ class Tokenizer:
         parts = content_format == "openai" or content_format == "auto" and loops_over_content(source)
         messages = [_template_message(m, parts) for m in messages]
         if continue_final_message:
-            content = messages[-1]["content"]
+            content = messages[-1].get("content", [] if parts else "")
             if parts:  # (the tag at the end of the last part's text)
                 *before, last = content or [{"type": "text", "text": ""}]
                 content = before + [last | {"text": last["text"] + _CONTINUE_TAG}]
@@ -365,9 +365,15 @@ def _template_message(m, parts: bool) -> dict:
     if not isinstance(m, dict) or "role" not in m:
         raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
     m = dict(m)  # (the caller's stays as it was)
-    if "content" not in m:
-        return m  # (a template that reads it says so)
-    content = "" if m["content"] is None else m["content"]
+    if "content" in m:  # (a template that reads a missing one says so)
+        m["content"] = _template_content(m["content"], parts)
+    if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
+        m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
+    return m
+
+
+def _template_content(content, parts: bool) -> str | list[dict]:
+    content = "" if content is None else content
     if isinstance(content, list):  # text parts, and an assistant's refusal parts (their text, as vLLM's)
         if bad := [p for p in content if not isinstance(p, dict) or p.get("type") not in ("text", "refusal")
                    or not isinstance(p.get(p["type"]), str)]:
@@ -376,10 +382,7 @@ def _template_message(m, parts: bool) -> dict:
         texts = [p[p["type"]] for p in content]
     else:
         texts = [content] if content else []
-    m["content"] = [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
-    if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
-        m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
-    return m
+    return [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
 
 
 def _decoded_arguments(call):

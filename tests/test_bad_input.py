@@ -315,6 +315,11 @@ def test_a_predicted_output_len_past_the_cache_is_admitted(llama_dir):
     (dict(kv_cache_gb=-1), "kv_cache_gb"), (dict(predicted_output_len=-5), "predicted_output_len"),
     (dict(seed="x"), "seed"), (dict(num_layers=0), "num_layers"), (dict(num_layers=1.0), "num_layers"),
     (dict(num_layers=True), "num_layers"), (dict(max_model_len=True), "max_model_len"),
+    # (non-finite sizes reached the allocator: a traceback; the two counts were named together, without the value)
+    (dict(kv_cache_gb=float("inf")), "kv_cache_gb must be a number > 0, got inf"),
+    (dict(kv_offload_gb=float("nan")), "kv_offload_gb must be a number >= 0, got nan"),
+    (dict(block_size=0), "block_size must be a positive integer, got 0"),
+    (dict(max_num_seqs=-1), "max_num_seqs must be a positive integer, got -1"),
 ])
 def test_bad_engine_config(kw, name):
     """Refused by name before anything loads (0 was taken as unset; negatives failed deep inside)."""
@@ -455,11 +460,26 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     (["generate", "Hi", "--override-generation-config", '{"max_new_tokens": 0}'],
      "the generation config's default max_new_tokens=0: must be an integer >= 1"),
     (["generate", "Hi", "--override-generation-config", '{"max_new_tokens": "abc"}'], "max_new_tokens='abc'"),
+    (["generate", "Hi", "--override-generation-config", '{"temperature": "hot"}'], "(from --override-generation-"
+                                                                                     "config)"),
     (["generate", "Hi", "--seed", "99999999999999999999"], "seed must be an integer in [-2**63, 2**64)"),
     # sizes past the memory: the option that sizes them, not the allocator's traceback
     (["generate", "Hi", "--num-kv-blocks", "1000000000"], "lower num_kv_blocks or kv_cache_gb"),
     (["generate", "Hi", "--device", "cpu", "--max-num-batched-tokens", "100000000"],
-     "lower max_num_batched_tokens")])
+     "lower max_num_batched_tokens"),
+    # bench schedule's own numbers (a negative cache blamed the prompt; huge ones were tracebacks)
+    (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "-5"],
+     "--num-kv-blocks must be an integer in [1, 2,147,483,648], not -5"),
+    (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "99999999999999999999"],
+     "--num-kv-blocks must be an integer in"),
+    (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--max-model-len", "auto"],
+     "--max-model-len must be an integer in [1, 2,147,483,648], not None"),
+    (["bench", "schedule", "--workload", "const:8:2:99999999999", "--num-kv-blocks", "8"],
+     "at most 10,000,000 requests"),
+    (["generate", "Hi", "--kv-cache-gb", "inf"], "kv_cache_gb must be a number > 0, got inf"),
+    (["generate", "Hi", "--chat-template", "x"], "--chat-template is for --chat"),
+    (["serve", "--served-model-name", "foo", "/"], "--served-model-name '/' looks like the model: "
+                                                    "--served-model-name takes several values")])
 def test_bench_and_tune_refuse_bad_flags_before_any_work(capsys, argv, message):
     """Each a one-line error naming the flag, before a model loads, a replay runs or a server is asked (a bad path
     found after the run lost it; a rate of 0 divided by zero; an unreachable server printed a traceback)."""
@@ -484,6 +504,21 @@ def test_malformed_tokenizer_and_report_files_are_named(tmp_path, llama_dir, cap
     assert main(["bench", "plot", str(report), "-o", str(tmp_path / "b.png")]) == 2
     assert "is not a whole `bench throughput` report: it has no dtype, optimal_tokens_per_second" in \
         capsys.readouterr().err
+    # the fields it draws of the types it draws (a string drew a bar of 0; a null or a number failed in matplotlib
+    # or a format, naming nothing), and a file that is not text
+    whole = {"dtype": "bfloat16", "optimal_tokens_per_second": 10.0,
+             "results": [{"workload": "w", "tokens_per_second": 1.0, "percent_of_optimal": 10.0}]}
+    for change, message in (({"tokens_per_second": "fast"}, "tokens_per_second is 'fast', not a number"),
+                            ({"percent_of_optimal": None}, "percent_of_optimal is None, not a number"),
+                            ({"workload": 5}, "workload is 5, not a string")):
+        report.write_text(json.dumps(whole | {"results": [whole["results"][0] | change]}))
+        assert main(["bench", "plot", str(report), "-o", str(tmp_path / "b.png")]) == 2
+        assert f"{report}: {message}" in capsys.readouterr().err
+    report.write_bytes(b"\xff\xfe{")
+    assert main(["bench", "plot", str(report), "-o", str(tmp_path / "b.png")]) == 2
+    assert f"{report}: not JSON" in capsys.readouterr().err
+    report.write_text(json.dumps(whole))
+    assert main(["bench", "plot", str(report), "-o", str(tmp_path / "b.png")]) == 0
 
 
 def test_tune_refuses_an_fp8_kv_cache(capsys):

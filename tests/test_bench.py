@@ -85,6 +85,15 @@ def test_bench_throughput_cli(tmp_path, capsys):
         assert "need a GPU and CUDA graphs" in capsys.readouterr().err
 
 
+def test_gpu_only_views_are_refused_before_the_hf_baseline_runs(monkeypatch, capsys):
+    """(The refusal came after the whole HF baseline, minutes of it on a large model.)"""
+    from nanoflow.bench import throughput
+    monkeypatch.setattr(throughput, "_hf_baseline", lambda *a: pytest.fail("the HF baseline ran before the refusal"))
+    assert main(["bench", "throughput", "--workload", "const:24:6", "--device", "cpu", "--baseline", "hf",
+                 "--breakdown"]) == 2
+    assert "need a GPU and CUDA graphs" in capsys.readouterr().err
+
+
 def test_peak_running_counts_requests_as_scheduled(tmp_path):
     """One-token outputs end in the step that schedules them: the peak read after the step was 0 (synchronous
     scheduling, the CPU's default); it is the scheduler's, as bench schedule's replay reports it."""

@@ -1,4 +1,5 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+import os
 import subprocess
 import sys
 
@@ -204,3 +205,8 @@ def test_cli_ends_quietly_when_interrupted_or_its_reader_goes(tmp_path):
     r = subprocess.run([*cmd[:4], "--max-tokens", "1", "--", "--snake_case"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("--snake_case"), r.stderr
+    if os.path.exists("/dev/full"):  # a stdout that cannot be written: one line and 1 (it was a traceback)
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([*cmd[:5], "--max-tokens", "2"], stdout=full, stderr=subprocess.PIPE, text=True,
+                               timeout=300)
+        assert r.returncode == 1 and r.stderr == "nanoflow: error: [Errno 28] No space left on device\n", r.stderr

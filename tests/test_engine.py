@@ -763,10 +763,19 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
     ok = ["--trust-remote-code", "--enable-chunked-prefill", "--swap-space", "4", "--max-logprobs", "20",
           "--disable-log-requests", "--pipeline-parallel-size", "1", "--distributed-executor-backend", "mp",
           "--response-role", "assistant", "--chat-template-content-format", "string", "--tokenizer-mode", "auto",
-          "--scheduling-policy", "lof", "--kv-cache-dtype", "fp8_e4m3", "--max-model-len", "32k"]
+          "--scheduling-policy", "lof", "--kv-cache-dtype", "fp8_e4m3", "--max-model-len", "32k",
+          "--quantization", "None"]  # (None as launch files spell it: it was refused as the string 'None')
     assert cli.main(["serve", llama_dir, *ok]) == 0
     assert (seen[0].schedule_policy, seen[0].kv_cache_dtype, seen[0].max_model_len) == ("lof", "fp8_e4m3", 32000)
     assert cli.main(["serve", llama_dir, "--max-model-len", "2K"]) == 0 and seen[1].max_model_len == 2048
+    for given, taken in (("1.5k", 1500), ("auto", None), ("-1", None), ("0.5m", 500_000)):  # (vLLM's forms)
+        assert cli.main(["serve", llama_dir, "--max-model-len", given]) == 0 and seen.pop().max_model_len == taken
+    with pytest.raises(SystemExit):
+        cli.main(["serve", llama_dir, "--max-model-len", "1.5K"])  # (a binary unit takes whole numbers)
+    assert "'1.5K' is not a token count" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("nanoflow ")
     assert cli.main(["serve", llama_dir, "--max_num_seqs", "7", "--max_model_len=64"]) == 0  # (vLLM's underscores)
     assert (seen[2].max_num_seqs, seen[2].max_model_len) == (7, 64)
     for flags, message in ((["--quantization", "awq"], "quantization='awq': nanoflow takes only None"),

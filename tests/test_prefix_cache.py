@@ -214,6 +214,18 @@ def test_multiround_second_turns_hit_the_cache(llama_dir):
     assert r["total_prompt_tokens"] == prompt_tokens and r["num_requests"] == 5
     assert r["prefill_tokens_computed"] == expected < prompt_tokens
     assert r["prefix_cache_hit_rate"] == pytest.approx(1 - expected / prompt_tokens)
+    assert w.longest_prompt == 20 + 9 + 7 + 5 + 5 and Workload("c", [(20, 9), (7, 5)]).longest_prompt == 20
+
+
+def test_bench_refuses_a_turn_past_the_context_before_any_workload_runs(tmp_path, capsys):
+    """(A later turn past max_model_len failed mid-run: the report of the workloads done was lost, and the error
+    named no workload.)"""
+    longest = parse("multiround:lmsys:3:3").longest_prompt
+    argv = ["bench", "throughput", "--workload", "const:8:2:2", "--workload", "multiround:lmsys:3:3", "--num-layers",
+            "1", "--warmup-requests", "0", "--max-model-len", str(longest), "--output", str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    assert (f"workload multiround:lmsys:3:3: a prompt of {longest} tokens (a turn's: the conversation so far and its "
+            f"message) leaves no room in max_model_len {longest}") in capsys.readouterr().err
 
 
 def test_host_budget(llama_dir):

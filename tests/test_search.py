@@ -386,6 +386,15 @@ def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsy
     assert resolve_pipeline_spec("auto", "cpu", shard, torch.float32, 128).ops == TP_LAYER_OPS
 
 
+@pytest.mark.parametrize("content", ["not json", '{"gpu": 5}', "[1, 2]", "\udcff"])
+def test_a_cached_profile_that_is_not_one_is_named(tmp_path, content):
+    """(A corrupt profile, or another version's, gave JSON's or the constructor's error, naming no file.)"""
+    path = tmp_path / "p.json"
+    path.write_text(content, errors="surrogateescape")
+    with pytest.raises(ValueError, match=f"the cached profile {path} is not one this version reads .*: delete it"):
+        Profile.load(str(path))
+
+
 def test_tune_cli_on_cpu_for_mixtral(tmp_path, monkeypatch, capsys):
     """`nanoflow tune` of a MoE model: its profile, search and the tuned spec (of its ops) in the cache."""
     from conftest import make_hf_model

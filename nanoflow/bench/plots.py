@@ -31,7 +31,7 @@ def _throughput_report(path: str) -> dict:
     try:
         with open(path) as f:
             rep = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     except OSError as e:  # (a directory, no permission, no such file)
         raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
@@ -45,6 +45,13 @@ def _throughput_report(path: str) -> dict:
         {k for r in rep["results"] for k in {"workload", "percent_of_optimal"} - r.keys()})
     if missing:
         raise ValueError(f"{path} is not a whole `bench throughput` report: it has no {', '.join(missing)}")
+    number = (int, float)
+    for where, fields in ((rep, {"optimal_tokens_per_second": number}),
+                          *((r, {"workload": str, "tokens_per_second": number, "percent_of_optimal": number})
+                            for r in rep["results"])):
+        for name, kind in fields.items():
+            if not isinstance(where[name], kind) or isinstance(where[name], bool):
+                raise ValueError(f"{path}: {name} is {where[name]!r}, not a {'number' if kind is number else 'string'}")
     return rep
 
 

@@ -89,6 +89,11 @@ def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len
 
 def main(a: argparse.Namespace) -> int:
     check_outputs({"--output": a.output}, {"--plot": a.plot})
+    for flag, value, most in (("--num-kv-blocks", a.num_kv_blocks, 2**31), ("--block-size", a.block_size, 2**16),
+                              ("--max-num-seqs", a.max_num_seqs, 2**20), ("--max-model-len", a.max_model_len, 2**31),
+                              *(("--max-num-batched-tokens", b, 2**31) for b in a.max_num_batched_tokens)):
+        if value is None or not 1 <= value <= most:
+            raise ValueError(f"{flag} must be an integer in [1, {most:,}], not {value}")
     rows = []
     for spec in a.workload:
         w = parse(spec, a.num_requests, a.seed)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from nanoflow.bench import cost_model
 from nanoflow.bench.plots import check_outputs
 from nanoflow.bench.workloads import Workload, parse
+from nanoflow.config import resolve_device
 from nanoflow.engine.block_manager import CacheStats
 from nanoflow.entrypoints.llm import LLM
 from nanoflow.executor.model_runner import settle_gc
@@ -259,6 +260,10 @@ def _hf_baseline(args, workloads: list[Workload]) -> tuple[list[dict], dict]:
     return results, weights
 
 
+NEEDS_GRAPHS = ("--breakdown and --timeline time an iteration's CUDA graph: they need a GPU and CUDA graphs (not "
+                "--enforce-eager)")
+
+
 def throughput(args) -> dict:
     """Every workload through one engine (started once); returns the report."""
     from nanoflow.entrypoints.cli import engine_kwargs
@@ -267,6 +272,9 @@ def throughput(args) -> dict:
     if tp > 1 and (args.baseline == "hf" or args.breakdown):
         raise ValueError("--baseline hf and --breakdown run in rank 0's process only: not with "
                          "--tensor-parallel-size > 1 (--timeline runs on every rank)")
+    # (by the flags before the HF baseline's run, which this would otherwise follow; by the engine after it loads)
+    if (args.breakdown or args.timeline) and (args.enforce_eager or resolve_device(args.device).type != "cuda"):
+        raise ValueError(NEEDS_GRAPHS)
     report = {"command": args.command_line, "date": datetime.date.today().isoformat(), "commit": _commit(),
               "model": args.model, "load_format": args.load_format, "temperature": args.temperature}
     hf, hf_weights = _hf_baseline(args, workloads) if args.baseline == "hf" else ([], None)
@@ -277,8 +285,13 @@ def throughput(args) -> dict:
     report["model"] = args.model or os.path.basename(eng.source.path).removesuffix(".gguf")
     report["num_layers"] = args.num_layers
     if (args.breakdown or args.timeline) and eng.runner.graphs is None:
-        raise ValueError("--breakdown and --timeline time an iteration's CUDA graph: they need a GPU and CUDA graphs "
-                         "(not --enforce-eager)")
+        raise ValueError(NEEDS_GRAPHS)
+    # (before any workload runs: a later turn refused mid-run lost the report of those done)
+    if long := next((w for w in workloads if w.longest_prompt >= eng.max_model_len), None):
+        turn, fewer = (" (a turn's: the conversation so far and its message)", ", or give fewer rounds") \
+            if long.rounds else ("", "")
+        raise ValueError(f"workload {long.name}: a prompt of {long.longest_prompt} tokens{turn} leaves no room in "
+                         f"max_model_len {eng.max_model_len}: raise --max-model-len{fewer}")
     if hf_weights is not None:
         from nanoflow.models.loader import load_hf_weights
         load_hf_weights(eng.runner.model, hf_weights.items())

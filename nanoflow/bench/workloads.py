@@ -44,6 +44,18 @@ class Workload:
     def total_tokens(self) -> int:
         return sum(p + o for p, o in self.lengths)
 
+    @property
+    def longest_prompt(self) -> int:
+        """The longest prompt a request has (a multi-round turn's: the conversation so far and its message)."""
+        most, first = 0, 0
+        for k in self.rounds or [1] * len(self.lengths):
+            context = 0
+            for p, o in self.lengths[first:first + k]:
+                most = max(most, context + p)
+                context += p + o
+            first += k
+        return most
+
 
 def load_trace(name: str) -> list[tuple[int, int]]:
     if name not in TRACES:
@@ -73,6 +85,9 @@ def multiround(name: str, spec: str, conversations: int, rounds: int, seed: int)
     return Workload(spec, lengths, counts)
 
 
+MAX_REQUESTS = 10**7  # a workload's requests, conversations or rounds (more would not fit a host's memory)
+
+
 def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload:
     """'const:IN:OUT[:N]', 'trace:NAME[:N]' or 'multiround:NAME[:N[:ROUNDS]]'; N (else num_requests) requests,
     or conversations of ROUNDS turns (default 4), traces sampled without replacement (default: 1000 const
@@ -93,6 +108,8 @@ def parse(spec: str, num_requests: int | None = None, seed: int = 0) -> Workload
             raise ValueError
     except ValueError:
         raise ValueError(f"bad workload {spec!r}: counts must be positive integers") from None
+    if max([num_requests or 0, *counts]) > MAX_REQUESTS:
+        raise ValueError(f"bad workload {spec!r}: at most {MAX_REQUESTS:,} requests (a run holds them all)")
     if kind == "multiround" and len(counts) <= 2:
         return multiround(parts[0], spec, counts[0] if counts else num_requests or 250,
                           counts[1] if len(counts) > 1 else 4, seed)

@@ -59,8 +59,10 @@ class LLMEngine:
         try:
             self.default_params()
         except (ValueError, TypeError) as e:
-            raise ValueError(f"the generation config's default {e} (--generation-config nanoflow ignores them)") \
-                from None
+            overridden = any(f"{k}=" in str(e) for k in override_generation_config or {})
+            where = ("from --override-generation-config" if overridden else
+                     "from the model's generation config; --generation-config nanoflow ignores it")
+            raise ValueError(f"the generation config's default {e} ({where})") from None
         if self.sampling_defaults:  # (as vLLM says it)
             log.info("default sampling parameters from the model's generation config: %s (generation_config="
                      "'nanoflow', --generation-config nanoflow: nanoflow's defaults)", self.sampling_defaults)

@@ -37,13 +37,21 @@ def _json_object(text: str) -> dict:
     return _json(text, lambda v: isinstance(v, dict), 'a JSON object, e.g. \'{"temperature": 0.6}\'')
 
 
-def _tokens(text: str) -> int:
-    """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6) or M (2**20)."""
-    units = {"k": 1000, "K": 1024, "m": 10**6, "M": 2**20}
+def _tokens(text: str) -> int | None:
+    """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6), M (2**20), g (10**9) or G (2**30), a decimal
+    before a decimal unit (1.5k); auto (or -1): the model's."""
+    units = {"k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
+    if text in ("auto", "-1"):
+        return None
     try:
-        return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+        if text[-1:] not in units:
+            return int(text)
+        count = float(text[:-1]) * units[text[-1]] if text[-1].islower() else int(text[:-1]) * units[text[-1]]
+        if count != int(count):
+            raise ValueError
+        return int(count)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 32K)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 1.5k, 32K, auto)") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,7 +91,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "top_k, min_p, repetition_penalty, max_new_tokens), as vLLM's")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--max-model-len", type=_tokens, default=None, help="tokens; as vLLM's, 32k is 32,000, 32K 32,768")
+    p.add_argument("--max-model-len", type=_tokens, default=None,
+                   help="tokens; as vLLM's, 32k is 32,000, 32K 32,768, 1.5k 1,500; auto: the model's (the default)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="dense token budget per iteration")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=None, help="tokens a KV block (default: 16; 32 with an fp8 cache)")
@@ -153,7 +162,11 @@ def generate(a: argparse.Namespace) -> int:
         model["max_tokens"] = None
     params = SamplingParams(**dict(max_tokens=64, temperature=0.0) | model | given, seed=a.sample_seed,
                             stop=a.stop or None, ignore_eos=a.ignore_eos)
-    prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    if a.chat_template is not None and not a.chat:
+        raise ValueError("--chat-template is for --chat")
+    from nanoflow.entrypoints.server import read_chat_template
+    prompt = (llm.chat_prompt([{"role": "user", "content": a.prompt}],
+                              chat_template=read_chat_template(a.chat_template)) if a.chat else a.prompt)
     shown = 0
     for i, out in enumerate(llm.stream(prompt, params)):
         if i == 0 and not a.chat:  # (once the prompt is accepted: a refused one prints only the error)
@@ -190,9 +203,10 @@ def _serve(a: argparse.Namespace) -> int:
     a.model = a.model or a.model_arg or getattr(a, "config_model", None)
     # --api-key takes several keys (as vLLM's), so a MODEL after it is taken for one: refuse rather than serve the
     # default model behind a key that is a path
-    if a.model is None and (taken := [k for k in a.api_key or [] if os.path.exists(k) or k in PRESETS]):
-        raise ValueError(f"--api-key {taken[0]!r} looks like the model, not a key: --api-key takes several keys, so "
-                         f"give MODEL before it (nanoflow serve MODEL --api-key KEY) or as --model")
+    for flag, values in (("--api-key", a.api_key), ("--served-model-name", a.served_model_name)):
+        if a.model is None and (taken := [v for v in values or [] if os.path.exists(v) or v in PRESETS]):
+            raise ValueError(f"{flag} {taken[0]!r} looks like the model: {flag} takes several values, so give MODEL "
+                             f"before it (nanoflow serve MODEL {flag} ...) or as --model")
     return serve(a)
 
 
@@ -202,7 +216,10 @@ def _bench_serve(a: argparse.Namespace) -> int:
 
 
 def _rates(text: str) -> list[float]:
-    return [float(r) for r in text.split(",")]
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of request rates (e.g. 1,2,4,inf)") from None
 
 
 def _config_defaults(serve: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -263,6 +280,14 @@ def _config_value(path: str, key, action: argparse.Action, text: str):
     return value
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("nanoflow")
+    except PackageNotFoundError:  # (run from a source tree that was not installed)
+        return "(not installed)"
+
+
 def _reader_gone(stream) -> bool:
     """Whether the pipe a stream writes to has lost its reader (poll's POLLERR on the writing end)."""
     import select
@@ -276,6 +301,7 @@ def _reader_gone(stream) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="nanoflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     g.add_argument("prompt")
@@ -291,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--chat-template", default=None,
+                   help="with --chat: a chat template (a file, or the template itself) in place of the model's")
     g.set_defaults(func=generate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -400,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--admission", choices=["kv", "predicted"], default="predicted",
                     help="default: predicted, as the GPU runs it is compared with (the engine's own default is kv)")
     sc.add_argument("--max-num-seqs", type=int, default=1024)
-    sc.add_argument("--max-model-len", type=int, default=32768)
+    sc.add_argument("--max-model-len", type=_tokens, default=32768, help="as the engine's (32k, 32K)")
     sc.add_argument("--seed", type=int, default=0, help="the trace's sample")
     sc.add_argument("--output", help="write the rows as JSON")
     sc.add_argument("--plot", help="draw the iterations per budget and policy (PNG)")
@@ -445,15 +473,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)
         code = 2
+    except OSError as e:  # (writing the output to a full disk, say): a line, not a traceback
+        quiet = isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout)  # (| head: quietly, as a shell tool)
+        if not quiet:
+            print(f"nanoflow: error: {e}", file=sys.stderr)
+        code = 141 if quiet else 1
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout cannot take what it holds: nothing left for the flush at exit to fail on
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except KeyboardInterrupt:  # (Ctrl-C: a line, not the traceback of wherever it landed)
         print("nanoflow: interrupted", file=sys.stderr)
         code = 130
-    except BrokenPipeError:
-        if not _reader_gone(sys.stdout):
-            raise
-        # stdout's reader went away (| head): end quietly, as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so that the flush at exit fails no more)
-        code = 141
     finally:
         # A tensor-parallel engine the command left running stops here, not at exit: if NCCL's teardown hangs,
         # finalizing the interpreter would abort (SIGABRT) on its thread, so the process then ends by os._exit.

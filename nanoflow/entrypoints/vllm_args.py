@@ -57,8 +57,9 @@ def add_args(p, table: dict[str, AsIs]) -> None:
 
 
 def take_args(a: argparse.Namespace, table: dict[str, AsIs]) -> None:
-    """Refuses a flag of the table (those the command has) given at a value it does not take."""
-    take({name: v for name in table if (v := getattr(a, name, None)) is not None}, table)
+    """Refuses a flag of the table (those the command has) given at a value it does not take ("None" spells None on
+    the command line, as in launch files: --quantization None)."""
+    take({name: None if v == "None" else v for name in table if (v := getattr(a, name, None)) is not None}, table)
 
 
 def take(given: dict, table: dict[str, AsIs]) -> dict:

@@ -147,8 +147,13 @@ class Profile:
 
     @classmethod
     def load(cls, path: str) -> Profile:
-        with open(path) as f:
-            return cls(**json.load(f))
+        """ValueError naming the file where it is not a profile (corrupt, or another version's)."""
+        try:
+            with open(path) as f:
+                return cls(**json.load(f))
+        except (ValueError, TypeError) as e:  # (JSONDecodeError, UnicodeDecodeError; missing or unknown fields)
+            raise ValueError(f"the cached profile {path} is not one this version reads ({e}): delete it, and tune "
+                             f"measures the profile again") from None
 
 
 def _grid(n: int) -> list[int]:
