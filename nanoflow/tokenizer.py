@@ -238,30 +238,16 @@ class Tokenizer:
     def all_special_ids(self) -> list[int]:
         return [self.tk.token_to_id(t) for t in self.all_special_tokens]
 
-    @property
-    def pad_token(self) -> str | None:
-        return self.special_tokens.get("pad_token")
+    def _id(self, token: str | None) -> int | None:
+        return self.tk.token_to_id(token) if token is not None else None
 
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.tk.token_to_id(self.pad_token) if self.pad_token is not None else None
-
-    @property
-    def unk_token(self) -> str | None:
-        return self.special_tokens.get("unk_token")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.tk.token_to_id(self.unk_token) if self.unk_token is not None else None
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tk.token_to_id(self.bos_token) if self.bos_token is not None else None
-
-    @property
-    def eos_token_id(self) -> int | None:
-        """The one EOS (eos_token_ids: every end-of-generation token)."""
-        return self.tk.token_to_id(self.eos_token) if self.eos_token is not None else None
+    # HF's names of the special tokens and their ids (eos_token_id: the one EOS; eos_token_ids: every end token)
+    pad_token = property(lambda self: self.special_tokens.get("pad_token"))
+    unk_token = property(lambda self: self.special_tokens.get("unk_token"))
+    bos_token_id = property(lambda self: self._id(self.bos_token))
+    eos_token_id = property(lambda self: self._id(self.eos_token))
+    pad_token_id = property(lambda self: self._id(self.pad_token))
+    unk_token_id = property(lambda self: self._id(self.unk_token))
 
     def piece(self, token_id: int) -> str:
         """The vocabulary's own string for a token (e.g. 'Ġthe' in byte-level BPE), as HF's convert_ids_to_tokens."""
