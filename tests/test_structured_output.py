@@ -71,6 +71,21 @@ def test_vllms_json_options(llm):
     assert re.fullmatch(r'\{"n": -?\d+\}', out.text), out.text
     with pytest.raises(ValueError, match="structured_outputs.disable_any_whitespace='yes': must be true or false"):
         SamplingParams(structured_outputs={"json_object": True, "disable_any_whitespace": "yes"})
+    # a value in enum / const / default / examples stays as given (an object-like value was closed too, so the grammar
+    # took only the changed value, which the schema refuses)
+    from nanoflow.engine.structured_output import closed
+    literal = {"type": "object", "properties": {}}
+    valued = {"type": "object", "properties": {"f": {"const": literal, "default": literal}, "g": {"enum": [literal]}}}
+    assert closed(valued)["properties"] == valued["properties"] and closed(valued)["additionalProperties"] is False
+
+    def compiled(json_schema, **options):
+        return grammars.matcher(grammars.compile(Structured(json=json_schema, **options)).result())
+    assert compiled(valued, disable_additional_properties=True).accept_string(  # (xgrammar's const: compact)
+        '{"f": {"type":"object","properties":{}}}')
+    assert compiled({"type": "integer", "multipleOf": 5}).accept_string("15")  # (enforced on a bare integer: taken)
+    # min_tokens beside a grammar: refused (its EOS ban forced tokens past the grammar's end)
+    with pytest.raises(ValueError, match="invalid sampling parameter min_tokens=10: a grammar .* give min_tokens 0"):
+        SamplingParams(min_tokens=10, structured_outputs={"choice": ["yes", "no"]})
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -85,6 +100,10 @@ def test_vllms_json_options(llm):
     (dict(json={"type": "array", "items": [{"type": "integer", "not": {"const": 3}}]}),
      "not at $.items[0] is not supported"),
     (dict(json={"allOf": [{"type": "integer"}, {"minimum": 3}]}), "allOf of several schemas at $ is not supported"),
+    # (xgrammar drops multipleOf but on a bare integer: outputs broke it)
+    (dict(json={"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.25}}}),
+     "multipleOf of a non-integer at $.properties.price is not supported"),
+    (dict(json={"type": "integer", "minimum": 1, "multipleOf": 5}), "multipleOf beside a range at $ is not supported"),
 ])
 def test_a_bad_grammar_is_refused_by_name(llama_dir, kw, message):
     llm = LLM(llama_dir)

@@ -25,6 +25,8 @@ CACHE_BYTES = 512 * 2**20  # compiled grammars kept (xgrammar's cache is unbound
 # annotation, as JSON Schema has it by default: not refused.)
 UNENFORCED = ("uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
               "dependentRequired", "dependentSchemas")
+RANGE = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+VALUES = ("enum", "const", "default", "examples")  # a schema's keywords whose content is values, not schemas
 
 
 class Grammars:
@@ -81,8 +83,9 @@ def closed(schema):
         return [closed(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: {name: closed(s) for name, s in v.items()} if k in NAMED_SCHEMAS and isinstance(v, dict) else closed(v)
-           for k, v in schema.items()}  # (a map of names to schemas: its names are no keywords)
+    out = {k: v if k in VALUES else {name: closed(s) for name, s in v.items()}
+           if k in NAMED_SCHEMAS and isinstance(v, dict) else closed(v)
+           for k, v in schema.items()}  # (a map of names to schemas: its names are no keywords; values stay values)
     if out.get("type") == "object" or "properties" in out:
         out["additionalProperties"] = False
     return out
@@ -98,11 +101,14 @@ def unenforced(schema, path: str = "$") -> str | None:
         return f"{bad[0]} at {path}"
     if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:  # (one schema it takes as that schema)
         return f"allOf of several schemas at {path}"
+    # (xgrammar enforces multipleOf on a bare integer only)
+    if "multipleOf" in schema and (schema.get("type") != "integer" or any(k in schema for k in RANGE)):
+        return f"multipleOf {'beside a range' if schema.get('type') == 'integer' else 'of a non-integer'} at {path}"
     if ("pattern" in schema or "format" in schema) and (length := [k for k in ("minLength", "maxLength")
                                                                    if k in schema]):
         return f"{length[0]} beside {'pattern' if 'pattern' in schema else 'format'} at {path}"
     for k, v in schema.items():
-        if k in ("enum", "const", "default", "examples"):  # (values, not schemas)
+        if k in VALUES:
             continue
         if k in ("properties", "patternProperties", "$defs", "definitions") and isinstance(v, dict):  # names: schemas
             w = next((w for name, x in v.items() if (w := unenforced(x, f"{path}.{k}.{name}")) is not None), None)
