@@ -197,3 +197,11 @@ def test_the_openai_client_against_chat_completions(client):
         {"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes."},
         {"role": "user", "content": "Again."}], max_output_tokens=200, temperature=0)
     assert response.status == "completed" and response.output[0].status == "completed" and response.output_text
+    # a named call cut by the limit: its item incomplete too (it said completed, over arguments that are no JSON)
+    cut = dict(model="", input="Weather in Paris?", tools=[WEATHER], max_output_tokens=3, temperature=0,
+               tool_choice={"type": "function", "name": "get_weather"})
+    response = client.responses.create(**cut)
+    with client.responses.stream(**cut) as stream:
+        final = stream.get_final_response()
+    for r in (response, final):
+        assert r.status == "incomplete" and [(o.type, o.status) for o in r.output] == [("function_call", "incomplete")]

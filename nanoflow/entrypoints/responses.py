@@ -250,9 +250,10 @@ def _reasoning(text: str, id: str | None = None) -> dict:
                 status="completed")
 
 
-def _call(call_id: str, name: str, arguments: str, id: str | None = None) -> dict:
+def _call(call_id: str, name: str, arguments: str, id: str | None = None, status: str = "completed") -> dict:
+    """status: incomplete for a call the token limit cut (its arguments then are not whole JSON)."""
     return dict(type="function_call", id=id or _new("fc"), call_id=call_id, name=name, arguments=arguments,
-                status="completed")
+                status=status)
 
 
 class ResponseRenderer:
@@ -296,7 +297,9 @@ class ResponseRenderer:
         output = [_reasoning(m.reasoning)] if m.reasoning else []
         if m.content:  # (as vLLM's: no text, no message)
             output.append(_message(m.content, status, _logprobs(choice.logprobs)))
-        output += [_call(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+        calls = m.tool_calls or []
+        output += [_call(c.id, c.function.name, c.function.arguments, status=status if i == len(calls) - 1
+                         else "completed") for i, c in enumerate(calls)]  # (the limit cut the last one only)
         return self.response(output, choice.finish_reason, self._usage(chat.usage, output))
 
     def error(self, info: api.ErrorInfo) -> dict:
@@ -330,7 +333,8 @@ class ResponseRenderer:
             nonlocal kind, text, logprobs
             at, item = len(output) - 1, output[-1]
             if kind == "function_call":
-                output[at] = _call(item["call_id"], item["name"], text, item["id"])
+                output[at] = _call(item["call_id"], item["name"], text, item["id"],
+                                   "incomplete" if reason == "length" else "completed")
                 events = [self._event("response.function_call_arguments.done", **where(), name=item["name"],
                                       arguments=text)]
             elif kind == "reasoning":
