@@ -162,6 +162,12 @@ def test_tool_calls_are_read_from_the_content_after_the_reasoning(default_llm):
     assert streamed_reason == reason and merged["reasoning"] == message["reasoning"]
     assert merged["content"] == message["content"] and [c["function"] for c in merged["tool_calls"]] == \
         [c["function"] for c in message["tool_calls"]]
+    # a named call after a reasoning that never ended: no call (there was one, its arguments "", no JSON)
+    named = {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "w"}}}
+    (message, reason), streamed = _chat(default_llm, "still thinking", named)
+    assert message == {"role": "assistant", "reasoning": "still thinking", "reasoning_content": "still thinking"}
+    merged, streamed_reason = streamed  # (its role chunk's content is "")
+    assert merged == message | {"content": ""} and streamed_reason == reason == "stop"
 
 
 def test_an_assistants_earlier_reasoning_reaches_the_template(tokenizer_dir):

@@ -301,8 +301,8 @@ class ToolChoice:
 
     def read(self, text: str) -> tuple[str | None, list[Call]]:
         """(content, calls) of a choice's whole text; text no call can be read from is all content."""
-        if self.mode == "named":
-            return None, [Call(self.name, text)]
+        if self.mode == "named":  # (no text, as when a reasoning never ended: no call, rather than one without JSON)
+            return None, [Call(self.name, text)] if text else []
         if not self.reads_calls:
             return text, []
         try:
@@ -339,8 +339,10 @@ class ToolStream:
         c = self.choice
         if c.mode == "named":
             piece, self.sent = text[self.sent:], len(text)
+            if not piece:  # (the call opens with its first text: none, no call, as read's)
+                return None, []
             first, self.id = self.id is None, self.id or new_id(c.parser)
-            return None, [(0, self.id if first else None, c.name if first else None, piece)] if piece or first else []
+            return None, [(0, self.id if first else None, c.name if first else None, piece)]
         if not c.reads_calls:
             piece, self.sent = text[self.sent:], len(text)
             return piece, []
