@@ -140,9 +140,6 @@ class SamplingParams:
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
               "structured_outputs", "must be StructuredOutputsParams")
-        # (its EOS ban would force tokens past the grammar's end, which allows only the EOS there)
-        check(self.structured_outputs is None or not self.min_tokens, "min_tokens",
-              "a grammar (structured outputs, or tools' calls) decides where the output ends: give min_tokens 0")
         if self.top_k == -1:
             self.top_k = 0
         if self.temperature < GREEDY_BELOW:

@@ -359,7 +359,10 @@ def _template_message(m, parts: bool) -> dict:
 
 
 def _template_content(content, parts: bool) -> str | list[dict]:
-    content = "" if content is None else content
+    """A string (parts joined by newlines), or parts a list of text parts: a string its one part (an empty one too,
+    as vLLM's), None none."""
+    if content is None:
+        return [] if parts else ""
     if isinstance(content, list):  # text parts, and an assistant's refusal parts (their text, as vLLM's)
         if bad := [p for p in content if not isinstance(p, dict) or p.get("type") not in ("text", "refusal")
                    or not isinstance(p.get(p["type"]), str)]:
@@ -367,7 +370,7 @@ def _template_content(content, parts: bool) -> str | list[dict]:
                              f"refusals ({{'type': 'refusal', 'refusal': ...}}), got {bad[0]!r}")
         texts = [p[p["type"]] for p in content]
     else:
-        texts = [content] if content else []
+        texts = [content]
     return [{"type": "text", "text": t} for t in texts] if parts else "\n".join(texts)
 
 
@@ -415,6 +418,22 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def read_chat_template(given: str | None) -> str | None:
+    """--chat-template: a file's text, or the template itself (as vLLM's), checked before the model loads."""
+    if given is None:
+        return None
+    if os.path.isfile(given):
+        with open(given) as f:
+            given = f.read()
+    elif not any(tag in given for tag in ("{{", "{%")):
+        raise ValueError(f"--chat-template {given!r}: no such file, nor a template (it has no {{{{ or {{% tags)")
+    try:
+        compile_template(given)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"--chat-template: not a valid template: {e}") from None
+    return given
+
+
 @functools.lru_cache(maxsize=16)
 def loops_over_content(source: str) -> bool:
     """Whether the template loops over a message's content (`for part in message['content']`, or `.content`):
@@ -423,8 +442,14 @@ def loops_over_content(source: str) -> bool:
         tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols", _Generation]).parse(source)
     except jinja2.TemplateSyntaxError:
         return False  # (rendering names the error)
-    return any(isinstance(loop.iter, jinja2.nodes.Getitem) and getattr(loop.iter.arg, "value", None) == "content"
-               or isinstance(loop.iter, jinja2.nodes.Getattr) and loop.iter.attr == "content"
+
+    def content(node) -> bool:
+        return (isinstance(node, jinja2.nodes.Getitem) and getattr(node.arg, "value", None) == "content"
+                or isinstance(node, jinja2.nodes.Getattr) and node.attr == "content")
+    # (and a name set to it: {% set c = message['content'] %}{% for part in c %})
+    aliases = {a.target.name for a in tree.find_all(jinja2.nodes.Assign)
+               if isinstance(a.target, jinja2.nodes.Name) and content(a.node)}
+    return any(content(loop.iter) or isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name in aliases
                for loop in tree.find_all(jinja2.nodes.For))
 
 

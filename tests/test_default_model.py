@@ -210,3 +210,25 @@ def test_cli_ends_quietly_when_interrupted_or_its_reader_goes(tmp_path):
             r = subprocess.run([*cmd[:5], "--max-tokens", "2"], stdout=full, stderr=subprocess.PIPE, text=True,
                                timeout=300)
         assert r.returncode == 1 and r.stderr == "nanoflow: error: [Errno 28] No space left on device\n", r.stderr
+
+
+def test_an_os_error_that_is_not_the_outputs_keeps_its_traceback(monkeypatch):
+    """(The one-line error is for writing the output: a full disk, a closed pipe; a worker's reset connection, say,
+    needs the traceback that says where.)"""
+    from nanoflow.entrypoints import cli
+
+    def reset(a):
+        raise ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(cli, "generate", reset)
+    with pytest.raises(ConnectionResetError):
+        cli.main(["generate", "Hi"])
+
+
+def test_generate_runs_without_the_server_extra():
+    """`nanoflow generate` on a base install, without fastapi (the serve extra): it imported the server's module,
+    a ModuleNotFoundError traceback."""
+    code = ("import sys; sys.modules['fastapi'] = None; from nanoflow.entrypoints.cli import main; "
+            "sys.exit(main(['generate', 'Hi', '--max-tokens', '2', '--chat', '--chat-template', "
+            "'{% for m in messages %}{{ m.content }}{% endfor %}']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

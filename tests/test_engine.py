@@ -770,9 +770,11 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
     assert cli.main(["serve", llama_dir, "--max-model-len", "2K"]) == 0 and seen[1].max_model_len == 2048
     for given, taken in (("1.5k", 1500), ("auto", None), ("-1", None), ("0.5m", 500_000)):  # (vLLM's forms)
         assert cli.main(["serve", llama_dir, "--max-model-len", given]) == 0 and seen.pop().max_model_len == taken
-    with pytest.raises(SystemExit):
-        cli.main(["serve", llama_dir, "--max-model-len", "1.5K"])  # (a binary unit takes whole numbers)
-    assert "'1.5K' is not a token count" in capsys.readouterr().err
+    # (a binary unit takes whole numbers; a count is whole; infk was an OverflowError's traceback, 1e3k a million)
+    for odd in ("1.5K", "1.0005k", "infk", "1e3k", "1_000k", " 2k"):
+        with pytest.raises(SystemExit):
+            cli.main(["serve", llama_dir, "--max-model-len", odd])
+        assert f"{odd!r} is not a token count" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.startswith("nanoflow ")

@@ -205,3 +205,7 @@ def test_the_openai_client_against_chat_completions(client):
         final = stream.get_final_response()
     for r in (response, final):
         assert r.status == "incomplete" and [(o.type, o.status) for o in r.output] == [("function_call", "incomplete")]
+    # (a call read whole before the limit is complete: the last chunk closed every call with its finish reason)
+    from nanoflow.entrypoints.responses import _call
+    assert [_call("c", "f", args, reason=reason)["status"] for args, reason in (
+        ('{"a": 1}', "length"), ('{"a', "length"), ('{"a', "stop"))] == ["completed", "incomplete", "completed"]

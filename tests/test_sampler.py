@@ -174,6 +174,19 @@ def test_allowed_tokens_alone_are_drawn(logits, kw):
     assert drawn <= {3, 7, 40} and len(drawn) >= 2
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_min_tokens_ban_yields_where_it_would_leave_no_token(temperature):
+    """Row 0: the ban takes token 3 of {3, 7}: 7. Row 1: a grammar allows only its end (token 3), which the ban
+    takes too: 3, not a token outside the grammar (-inf everywhere drew any)."""
+    logits = torch.full((2, V), float("-inf"))
+    logits[0, [3, 7]] = 1.0
+    logits[1, 3] = 1.0
+    m = md(2, temperature=temperature)
+    m.banned = torch.zeros(2, V, dtype=torch.bool)
+    m.banned[:, 3] = True
+    assert sample(logits, m).tolist() == [7, 3]
+
+
 def test_seeded_rows_are_reproducible(logits):
     m = md(3)
     m.generators = [torch.Generator().manual_seed(5), None, torch.Generator().manual_seed(5)]

@@ -83,9 +83,16 @@ def test_vllms_json_options(llm):
     assert compiled(valued, disable_additional_properties=True).accept_string(  # (xgrammar's const: compact)
         '{"f": {"type":"object","properties":{}}}')
     assert compiled({"type": "integer", "multipleOf": 5}).accept_string("15")  # (enforced on a bare integer: taken)
-    # min_tokens beside a grammar: refused (its EOS ban forced tokens past the grammar's end)
-    with pytest.raises(ValueError, match="invalid sampling parameter min_tokens=10: a grammar .* give min_tokens 0"):
-        SamplingParams(min_tokens=10, structured_outputs={"choice": ["yes", "no"]})
+    # min_tokens past the grammar's end: the grammar ends it (the EOS ban forced tokens past the grammar's end); where
+    # the grammar allows more (an integer's digits), min_tokens holds
+    so = {"choice": ["yes", "no"]}
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40, min_tokens=30, structured_outputs=so),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop" and len(out.token_ids) < 30, out
+    digits = {"json": {"type": "integer"}, "disable_any_whitespace": True}
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=12, min_tokens=8, structured_outputs=digits),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 8 and re.fullmatch(r"-?\d+", out.text), out
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -273,6 +273,13 @@ def test_content_parts_for_a_template_that_loops_over_them(tok):
     assert continued == "system:<Be brief.>;user:<Hello><there"
     with pytest.raises(ValueError, match="chat_template_content_format='list': expected one of 'auto', 'string', "):
         tok.render_chat(msgs, False, plain, content_format="list")
+    # a loop over a name set to the content is one too; an empty string is one empty part (vLLM's), so that a
+    # template reading its first part renders (it was no part: an error)
+    aliased = "{% for m in messages %}{% set c = m['content'] %}{% for p in c %}<{{ p.text }}>{% endfor %}{% endfor %}"
+    assert tok.render_chat(msgs[:2], False, aliased) == "<Be brief.><Hello><there>"
+    first = "{% for m in messages %}{% if m.content is string %}{{ m.content }}{% else %}[{{ m.content[0].text }}]" \
+            "{% for p in m.content %}{% endfor %}{% endif %}{% endfor %}"
+    assert tok.render_chat([{"role": "system", "content": ""}, msgs[1]], False, first) == "[][Hello]"
 
 
 def test_a_slow_tokenizer_is_converted_as_transformers_does(tokenizer_dir, tmp_path, monkeypatch):

@@ -369,11 +369,11 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params, n = seq.params, seq.num_output_tokens
         reason = stop = None
-        if n >= params.min_tokens:  # (the sampler bans them before)
-            if token in self.eos_token_ids and not params.ignore_eos:
-                reason, stop = "stop", None if token == self.eos_token_id else token
-            elif params.stop_token_ids and token in params.stop_token_ids:
-                reason, stop = "stop", token
+        # (the sampler bans them before min_tokens unless nothing else was allowed, as at a grammar's end: they end it)
+        if token in self.eos_token_ids and not params.ignore_eos:
+            reason, stop = "stop", None if token == self.eos_token_id else token
+        elif params.stop_token_ids and token in params.stop_token_ids:
+            reason, stop = "stop", token
         # As vLLM's: a stop token's text is left out unless include_stop_str_in_output, and a stop string must
         # reach past the first min_tokens tokens' text (find_stop looks only at matches that reach the new text).
         if self.tokenizer and params.detokenize and (reason is None or params.include_stop_str_in_output):

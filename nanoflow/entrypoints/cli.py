@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -40,18 +42,14 @@ def _json_object(text: str) -> dict:
 def _tokens(text: str) -> int | None:
     """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6), M (2**20), g (10**9) or G (2**30), a decimal
     before a decimal unit (1.5k); auto (or -1): the model's."""
-    units = {"k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
+    units = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
     if text in ("auto", "-1"):
         return None
-    try:
-        if text[-1:] not in units:
-            return int(text)
-        count = float(text[:-1]) * units[text[-1]] if text[-1].islower() else int(text[:-1]) * units[text[-1]]
-        if count != int(count):
-            raise ValueError
-        return int(count)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 1.5k, 32K, auto)") from None
+    m = re.fullmatch(r"(\d+)(?:\.(\d+))?([kKmMgG]?)", text)
+    # (a decimal before a decimal unit only, giving a whole count)
+    if m is None or m[2] and not m[3].islower() or m[2] and int(m[2]) * units[m[3]] % 10 ** len(m[2]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 1.5k, 32K, auto)")
+    return int(m[1]) * units[m[3]] + (int(m[2]) * units[m[3]] // 10 ** len(m[2]) if m[2] else 0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,6 +150,10 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
 
 def generate(a: argparse.Namespace) -> int:
     from nanoflow import LLM, SamplingParams
+    from nanoflow.tokenizer import read_chat_template
+    if a.chat_template is not None and not a.chat:
+        raise ValueError("--chat-template is for --chat")
+    template = read_chat_template(a.chat_template)  # (before the model loads)
     llm = LLM(a.model, **engine_kwargs(a))
     # each flag given, else the model's generation config (its max_new_tokens a bound, as the engine takes it for
     # max_tokens None), else greedy and 64 tokens
@@ -162,11 +164,7 @@ def generate(a: argparse.Namespace) -> int:
         model["max_tokens"] = None
     params = SamplingParams(**dict(max_tokens=64, temperature=0.0) | model | given, seed=a.sample_seed,
                             stop=a.stop or None, ignore_eos=a.ignore_eos)
-    if a.chat_template is not None and not a.chat:
-        raise ValueError("--chat-template is for --chat")
-    from nanoflow.entrypoints.server import read_chat_template
-    prompt = (llm.chat_prompt([{"role": "user", "content": a.prompt}],
-                              chat_template=read_chat_template(a.chat_template)) if a.chat else a.prompt)
+    prompt = llm.chat_prompt([{"role": "user", "content": a.prompt}], chat_template=template) if a.chat else a.prompt
     shown = 0
     for i, out in enumerate(llm.stream(prompt, params)):
         if i == 0 and not a.chat:  # (once the prompt is accepted: a refused one prints only the error)
@@ -278,6 +276,10 @@ def _config_value(path: str, key, action: argparse.Action, text: str):
         raise ValueError(f"--config {path}: {key!r} must be one of {', '.join(map(str, action.choices))}, "
                          f"not {value!r}")
     return value
+
+
+# errors of writing the output (a closed pipe, a full disk or quota): a line, not a traceback
+WRITE_ERRNOS = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 def _version() -> str:
@@ -473,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)
         code = 2
-    except OSError as e:  # (writing the output to a full disk, say): a line, not a traceback
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:  # (another cause: its traceback says where)
+            raise
         quiet = isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout)  # (| head: quietly, as a shell tool)
         if not quiet:
             print(f"nanoflow: error: {e}", file=sys.stderr)

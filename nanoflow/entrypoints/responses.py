@@ -7,6 +7,7 @@ are refused by name. Only function tools; text and refusal parts in input messag
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, AsyncIterator, Callable, ClassVar, Literal
@@ -250,10 +251,20 @@ def _reasoning(text: str, id: str | None = None) -> dict:
                 status="completed")
 
 
-def _call(call_id: str, name: str, arguments: str, id: str | None = None, status: str = "completed") -> dict:
-    """status: incomplete for a call the token limit cut (its arguments then are not whole JSON)."""
+def _call(call_id: str, name: str, arguments: str, id: str | None = None, reason: str | None = None) -> dict:
+    """reason: the choice's finish reason. A call is incomplete where the token limit cut its arguments (they are no
+    whole JSON then; the calls read whole before it are complete)."""
+    cut = reason == "length" and not _json(arguments)
     return dict(type="function_call", id=id or _new("fc"), call_id=call_id, name=name, arguments=arguments,
-                status=status)
+                status="incomplete" if cut else "completed")
+
+
+def _json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ResponseRenderer:
@@ -297,9 +308,8 @@ class ResponseRenderer:
         output = [_reasoning(m.reasoning)] if m.reasoning else []
         if m.content:  # (as vLLM's: no text, no message)
             output.append(_message(m.content, status, _logprobs(choice.logprobs)))
-        calls = m.tool_calls or []
-        output += [_call(c.id, c.function.name, c.function.arguments, status=status if i == len(calls) - 1
-                         else "completed") for i, c in enumerate(calls)]  # (the limit cut the last one only)
+        output += [_call(c.id, c.function.name, c.function.arguments, reason=choice.finish_reason)
+                   for c in m.tool_calls or ()]
         return self.response(output, choice.finish_reason, self._usage(chat.usage, output))
 
     def error(self, info: api.ErrorInfo) -> dict:
@@ -333,8 +343,7 @@ class ResponseRenderer:
             nonlocal kind, text, logprobs
             at, item = len(output) - 1, output[-1]
             if kind == "function_call":
-                output[at] = _call(item["call_id"], item["name"], text, item["id"],
-                                   "incomplete" if reason == "length" else "completed")
+                output[at] = _call(item["call_id"], item["name"], text, item["id"], reason)
                 events = [self._event("response.function_call_arguments.done", **where(), name=item["name"],
                                       arguments=text)]
             elif kind == "reasoning":

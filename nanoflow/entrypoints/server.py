@@ -51,7 +51,7 @@ from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.reasoning import ReasoningStream, last_tag, reading, tag_ids
 from nanoflow.reasoning import split as split_reasoning
 from nanoflow.sampling_params import SamplingParams
-from nanoflow.tokenizer import compile_template
+from nanoflow.tokenizer import read_chat_template
 
 log = logging.getLogger("nanoflow.server")
 LOG_STATS_INTERVAL_S = 10.0  # as vLLM's
@@ -826,22 +826,6 @@ def serve(args) -> int:
                                    args.max_waiting_requests, args.stream_interval, served_names(args)[0])
         # (an engine thread stuck on a dead peer left the group behind: the CLI then ends the process by os._exit)
         return run_http(engine, args, sock)
-
-
-def read_chat_template(given: str | None) -> str | None:
-    """--chat-template: a file's text, or the template itself (as vLLM's), checked before the model loads."""
-    if given is None:
-        return None
-    if os.path.isfile(given):
-        with open(given) as f:
-            given = f.read()
-    elif not any(tag in given for tag in ("{{", "{%")):
-        raise ValueError(f"--chat-template {given!r}: no such file, nor a template (it has no {{{{ or {{% tags)")
-    try:
-        compile_template(given)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"--chat-template: not a valid template: {e}") from None
-    return given
 
 
 def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:

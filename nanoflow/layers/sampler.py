@@ -29,7 +29,7 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None  # [R, V] bool: token occurs in the prompt
     output_counts: torch.Tensor | None = None  # [R, V] float: occurrences in the output so far
-    banned: torch.Tensor | None = None  # [R, V] bool: tokens not allowed yet (min_tokens)
+    banned: torch.Tensor | None = None  # [R, V] bool: tokens not allowed yet (min_tokens), unless they alone are
     # known on the host, so that sampling never waits for the GPU to answer a question
     all_greedy: bool = False
     any_greedy: bool = True
@@ -91,7 +91,9 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         logits = logits + md.logit_bias
     logits = apply_penalties(logits, md)
     if md.banned is not None:
-        logits = logits.masked_fill(md.banned, float("-inf"))
+        kept = logits.masked_fill(md.banned, float("-inf"))
+        # a row the ban would leave no token (a grammar that allows only its end there): the ban yields
+        logits = torch.where((kept == float("-inf")).all(-1, keepdim=True), logits, kept)
     if md.all_greedy:
         return logits.argmax(-1)
     filtered = md.use_min_p or md.use_top_k_p

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass, replace
 
 import torch
@@ -397,7 +398,8 @@ def _pytorch_weights(path: str):
         raise FileNotFoundError(f"no weights in {path}: no *.safetensors nor pytorch_model*.bin files")
     for file in tqdm(files, desc="loading weights", disable=len(files) < 2):
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            # (mapped, where the file is torch's zip format; the legacy format is read whole)
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
         except Exception as e:  # (pickle's, zipfile's and torch's errors on a corrupt or unsafe file)
             raise ValueError(f"cannot read PyTorch weights file {file}: {e}") from None
         if not isinstance(state, dict):
