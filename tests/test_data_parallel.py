@@ -63,6 +63,38 @@ def test_an_abort_that_overtakes_its_add_drops_the_submission(llama_dir):
     replica.engine.stop()
 
 
+def test_a_replicas_counters_count_once_through_a_lost_connection_and_a_restart():
+    """A replica lost to its connection, whose actor lives on, reports the same life's counters again: they were
+    retired at the loss and counted a second time. Only a new life (its counters start again) retires the last."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayActorError
+
+    from nanoflow.entrypoints.dp_router import _Replica
+    router = Router.__new__(Router)
+    router.front, router.routes, router.metrics, router.retired = 0, {}, Metrics("x"), EngineStats()
+    router.in_rotation = SimpleNamespace(labels=lambda *_: SimpleNamespace(set=lambda _: None))
+    router.replicas = [_Replica(i, None, None) for i in range(2)]
+
+    def report(i: int, tokens: int) -> None:
+        router.replicas[i].up = True
+        router._take(router.replicas[i], EngineStats(running=1, generation_tokens=tokens))
+        router._update_stats()
+
+    def sample(name: str) -> float:
+        return router.metrics.registry.get_sample_value(name, {"model_name": "x"})
+    report(0, 10)
+    report(1, 5)
+    router._lost(router.replicas[0], RayActorError())
+    assert (sample("vllm:generation_tokens_total"), sample("vllm:num_requests_running")) == (15, 1)
+    report(0, 12)  # the same life again: 2 tokens more
+    assert sample("vllm:generation_tokens_total") == 17
+    router._lost(router.replicas[0], RayActorError())
+    report(0, 3)  # a new life (Ray restarted it): its 3 tokens beside the last life's 12
+    assert sample("vllm:generation_tokens_total") == 20
+    assert EngineStats(generation_tokens=3).restarted_since(EngineStats(generation_tokens=12))
+
+
 def test_routing_by_load_with_bounded_prefix_affinity():
     info = ReplicaInfo(None, 4096, "m", {}, kv_tokens=1000, block_size=4, prefix_caching=True)
     router = Router([(None, info), (None, info)], Metrics(), 8)

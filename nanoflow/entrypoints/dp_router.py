@@ -211,13 +211,20 @@ class Router(EngineClient):
                         log.warning("replica %d is back in rotation", r.index)
                         r.up = True
                         self._rotation(True, r)
-                    r.stats = stats
+                    self._take(r, stats)
                     for base, item in items:
                         self._dispatch(r, base, item)
                     self._update_stats()
             except RayActorError as e:
                 self._lost(r, e)
             await asyncio.sleep(RESUBSCRIBE_S)
+
+    def _take(self, r: _Replica, stats: EngineStats) -> None:
+        """A replica's report. A new life of it (Ray restarted the actor: its counters start again) retires its last
+        life's counters, kept until then (a lost connection to an actor that lives on does not start them again)."""
+        if stats.restarted_since(r.stats):
+            self.retired = self.retired.counted_with(r.stats)
+        r.stats = stats
 
     def _dispatch(self, r: _Replica, base: str, item) -> None:
         route = self.routes.get(base)
@@ -247,8 +254,6 @@ class Router(EngineClient):
             log.warning("replica %d failed, out of rotation until Ray restarts it: %s", r.index, error)
         r.up = False
         self._rotation(False, r)
-        self.retired = self.retired.counted_with(r.stats)
-        r.stats = EngineStats()
         for base, route in [(b, route) for b, route in self.routes.items() if route.replica is r]:
             self._end(base, route)
             r.actor.abort.remote(base)  # in case the actor lives on (a lost connection): no work twice
@@ -268,7 +273,9 @@ class Router(EngineClient):
     def _update_stats(self) -> None:
         if self.front:
             return
-        self.metrics.on_stats(EngineStats.total([r.stats for r in self.replicas if r.up]).counted_with(self.retired))
+        # the gauges of the replicas in rotation; the counters of all, and of their past lives
+        down = EngineStats.total([r.stats for r in self.replicas if not r.up]).counted_with(self.retired)
+        self.metrics.on_stats(EngineStats.total([r.stats for r in self.replicas if r.up]).counted_with(down))
 
 
 def _submission(request_id: str) -> str:

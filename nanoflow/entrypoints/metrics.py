@@ -52,6 +52,11 @@ class EngineStats:
                    sum(p.kv_usage for p in parts) / max(len(parts), 1), sum((p.cache for p in parts), CacheStats()),
                    *(sum(getattr(p, name) for p in parts) for name in COUNTERS))
 
+    def restarted_since(self, last: EngineStats) -> bool:
+        """Whether these are a new life's (a counter fell below the last report's: the engine started again)."""
+        return any(getattr(self.cache, f.name) < getattr(last.cache, f.name) for f in dataclasses.fields(CacheStats)) \
+            or any(getattr(self, name) < getattr(last, name) for name in COUNTERS)
+
     def counted_with(self, other: EngineStats) -> EngineStats:
         """These gauges, with the counters of both (a lost replica's past life: the totals never decrease)."""
         return dataclasses.replace(self, cache=self.cache + other.cache,
