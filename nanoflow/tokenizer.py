@@ -162,7 +162,7 @@ class Tokenizer:
             template = self.chat_template
             if isinstance(template, dict):
                 template = [{"name": n, "template": t} for n, t in template.items()]
-            json.dump({k: v for k, v in self.special_tokens.items() if v} | {
+            json.dump(self.special_tokens_map | {
                 "bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": template,
                 "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
 
@@ -310,8 +310,7 @@ class Tokenizer:
                 content += _CONTINUE_TAG
             messages[-1] = messages[-1] | {"content": content}
         # the special tokens the tokenizer names (bos and eos always, empty where unnamed), then the caller's
-        special = {k: v for k, v in self.special_tokens.items() if v} | {
-            "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        special = self.special_tokens_map | {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         try:
             text = compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                    **special | kwargs)
@@ -352,13 +351,13 @@ def _template_message(m, parts: bool) -> dict:
         raise ValueError(f"each message needs a 'role' (and 'content'), got {m!r}")
     m = dict(m)  # (the caller's stays as it was)
     if "content" in m:  # (a template that reads a missing one says so)
-        m["content"] = _template_content(m["content"], parts)
+        m["content"] = template_content(m["content"], parts)
     if isinstance(m.get("tool_calls"), list):  # earlier calls' arguments as objects, as HF's tool-use templates take
         m["tool_calls"] = [_decoded_arguments(c) for c in m["tool_calls"]]
     return m
 
 
-def _template_content(content, parts: bool) -> str | list[dict]:
+def template_content(content, parts: bool) -> str | list[dict]:
     """A string (parts joined by newlines), or parts a list of text parts: a string its one part (an empty one too,
     as vLLM's), None none."""
     if content is None:

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import traceback
+from fractions import Fraction
 
 from nanoflow.config import MODES, PRESETS, REASONING_PARSERS, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
@@ -45,11 +46,12 @@ def _tokens(text: str) -> int | None:
     units = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
     if text in ("auto", "-1"):
         return None
-    m = re.fullmatch(r"(\d+)(?:\.(\d+))?([kKmMgG]?)", text)
+    m = re.fullmatch(r"(\d+(\.\d+)?)([kKmMgG]?)", text)
+    count = Fraction(m[1]) * units[m[3]] if m else None
     # (a decimal before a decimal unit only, giving a whole count)
-    if m is None or m[2] and not m[3].islower() or m[2] and int(m[2]) * units[m[3]] % 10 ** len(m[2]):
+    if m is None or m[2] and not m[3].islower() or count.denominator != 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 1.5k, 32K, auto)")
-    return int(m[1]) * units[m[3]] + (int(m[2]) * units[m[3]] // 10 ** len(m[2]) if m[2] else 0)
+    return int(count)
 
 
 class _Parser(argparse.ArgumentParser):

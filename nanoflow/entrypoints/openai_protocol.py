@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 from nanoflow.beam_search import BeamSearchParams
 from nanoflow.entrypoints.tool_calls import TAGGED, ToolChoice, parameters_schema, required_schema
 from nanoflow.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanoflow.tokenizer import template_content
 
 MAX_N = 128  # as OpenAI
 log = logging.getLogger(__name__)
@@ -268,13 +269,19 @@ class ToolCallIn(_Request):
     function: FunctionCallIn
 
 
-def json_arguments(text: str) -> str:
-    """A call's arguments as a request gives them: JSON text, else a validation error."""
+def is_json(text: str) -> bool:
     try:
         json.loads(text)
-    except (ValueError, RecursionError):  # (nesting deeper than Python's stack is refused too)
+    except (ValueError, RecursionError):  # (nesting deeper than Python's stack is no JSON here either)
+        return False
+    return True
+
+
+def json_arguments(text: str) -> str:
+    """A call's arguments as a request gives them: JSON text, else a validation error."""
+    if not is_json(text):
         raise PydanticCustomError("json_arguments", "a call's arguments must be JSON text, got {arguments}",
-                                  {"arguments": repr(text)}) from None
+                                  {"arguments": repr(text)})
     return text
 
 
@@ -378,9 +385,9 @@ class ChatCompletionRequest(_SamplingRequest):
         """With echo, the text each choice's content starts with: the last message's content where it is the
         assistant's (a prefill the model continues), its text parts joined by newlines (as vLLM's)."""
         last = self.messages[-1]
-        if not self.echo or last.role != "assistant" or last.content is None:
+        if not self.echo or last.role != "assistant":
             return ""
-        return last.content if isinstance(last.content, str) else "\n".join(getattr(p, p.type) for p in last.content)
+        return template_content(last.for_template()["content"], parts=False)
 
     def tool_choice_for(self, parser: str | None) -> ToolChoice:
         """The request's tool choice (OpenAI's default: "auto" with tools, else "none"; with an empty list of tools,

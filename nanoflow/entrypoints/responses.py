@@ -7,7 +7,6 @@ are refused by name. Only function tools; text and refusal parts in input messag
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Any, AsyncIterator, Callable, ClassVar, Literal
@@ -254,17 +253,9 @@ def _reasoning(text: str, id: str | None = None) -> dict:
 def _call(call_id: str, name: str, arguments: str, id: str | None = None, reason: str | None = None) -> dict:
     """reason: the choice's finish reason. A call is incomplete where the token limit cut its arguments (they are no
     whole JSON then; the calls read whole before it are complete)."""
-    cut = reason == "length" and not _json(arguments)
+    cut = reason == "length" and not api.is_json(arguments)
     return dict(type="function_call", id=id or _new("fc"), call_id=call_id, name=name, arguments=arguments,
                 status="incomplete" if cut else "completed")
-
-
-def _json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 class ResponseRenderer:
