@@ -26,10 +26,11 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {name: name for name in ARCHITECTURES.values()}
 QWEN = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")  # (their configs' window fields)
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # the parameters each rope scaling type needs (transformers refuses a config without them)
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "high_freq_factor", "low_freq_factor",
-                                               "original_max_position_embeddings")}
+                                               "original_max_position_embeddings"),
+             "yarn": ("factor", "original_max_position_embeddings")}
 
 # transformers' defaults by architecture for the fields a config may leave out (its config classes'; the others'
 # defaults are the same for all: rms_norm_eps 1e-6, rope_theta 1e4, head_dim hidden_size / heads, no window)
@@ -112,11 +113,15 @@ class ModelConfig:
 
     @property
     def context_length(self) -> int:
-        """The longest sequence the model takes: max_position_embeddings, times the factor of linear rope scaling
-        (as vLLM derives it: a linear-scaled checkpoint keeps its original max_position_embeddings)."""
-        linear = (self.rope_scaling or {}).get("rope_type") == "linear"
-        return int(self.max_position_embeddings * self.rope_scaling["factor"]) if linear else \
-            self.max_position_embeddings
+        """The longest sequence the model takes, as vLLM derives it: max_position_embeddings times the factor of
+        linear rope scaling (a linear-scaled checkpoint keeps its original max_position_embeddings); YaRN's
+        original_max_position_embeddings times its factor."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "linear":
+            return int(self.max_position_embeddings * scaling["factor"])
+        if scaling.get("rope_type") == "yarn":
+            return int(scaling["original_max_position_embeddings"] * scaling["factor"])
+        return self.max_position_embeddings
 
     @property
     def q_size(self) -> int:
@@ -188,8 +193,10 @@ class ModelConfig:
             theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
             if "type" in rope and "rope_type" not in rope:
                 rope["rope_type"] = rope.pop("type")
-            if rope.get("rope_type") == "llama3":  # (transformers' default for it)
-                rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+            if rope.get("rope_type") in ("llama3", "yarn"):  # (transformers' defaults for them; a top-level
+                # original_max_position_embeddings first, as transformers takes it)
+                original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                rope["original_max_position_embeddings"] = original or cfg["max_position_embeddings"]
             # every supported architecture's MLP is SwiGLU: another activation would run as silu, silently
             if (act := cfg.get("hidden_act", "silu")) not in ("silu", "swish"):
                 raise ValueError(f"unsupported hidden_act {act!r}; supported: 'silu'")
@@ -247,7 +254,8 @@ class ModelConfig:
             raise ValueError(f"malformed model config: missing field {e.args[0]!r}") from None
 
     @classmethod
-    def from_file(cls, path: str) -> "ModelConfig":
+    def from_file(cls, path: str, overrides: dict | None = None) -> "ModelConfig":
+        """overrides: fields set over the file's, as vLLM's hf_overrides (a rope dict replaces the file's)."""
         try:
             with open(path) as f:
                 cfg = json.load(f)
@@ -255,7 +263,13 @@ class ModelConfig:
             raise ValueError(f"malformed model config {path}: {e}") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"malformed model config {path}: expected a JSON object")
-        return cls.from_hf(cfg)
+        if overrides and {"rope_scaling", "rope_parameters"} & overrides.keys():
+            # (either name replaces the rope dict, whichever the file used; its rope_theta stays)
+            old = cfg.pop("rope_parameters", None) or cfg.pop("rope_scaling", None) or {}
+            cfg.pop("rope_scaling", None)
+            if "rope_theta" in old:
+                cfg.setdefault("rope_theta", old["rope_theta"])
+        return cls.from_hf(cfg | (overrides or {}))
 
 
 def _preset(arch, vocab, hidden, inter, layers, heads, kv, theta, max_pos, eps, **kw) -> ModelConfig:

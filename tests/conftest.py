@@ -50,8 +50,10 @@ ARCH_CONFIGS = {
     # Qwen2-MoE: 4 experts, top-2, weights not renormalized, a gated shared expert, qkv bias
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                       shared_expert_intermediate_size=80, rope_theta=1000000.0),
-    # Qwen3: each head's q and k RMS-normalized, no qkv bias, a head_dim other than hidden / heads (as Qwen3-0.6B's)
-    "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0),
+    # Qwen3: each head's q and k RMS-normalized, no qkv bias, a head_dim other than hidden / heads (as Qwen3-0.6B's);
+    # YaRN rope scaling, as Qwen3's model cards extend the context (it scales cos and sin too)
+    "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0,
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
     # Qwen3-MoE: 4 experts, top-2, weights renormalized, no shared expert
     "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                       norm_topk_prob=True, head_dim=32, rope_theta=1000000.0),

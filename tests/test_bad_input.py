@@ -77,6 +77,7 @@ def test_unsupported_architecture(tmp_path, llama_dir):
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "rope scaling 'linear' lacks factor"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
      "rope scaling 'llama3' lacks high_freq_factor, low_freq_factor"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope scaling 'yarn' lacks factor"),
     # (a TypeError deep in the model's build, or a string's // before)
     (dict(hidden_size="64"), "model config: hidden_size must be a positive integer, got '64'"),
     (dict(num_attention_heads=0), "model config: num_attention_heads must be a positive integer, got 0"),
@@ -539,8 +540,9 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_by_id(tmp_path, tok
 
 
 def test_rope_scaling_the_context_must_follow(tmp_path):
-    """Linear rope scaling stretches the context by its factor (as vLLM derives max_model_len); a GGUF file's yarn
-    is refused, as config.json's is (plain rope would be wrong past the original length)."""
+    """Linear rope scaling stretches the context by its factor (as vLLM derives max_model_len); a GGUF file's yarn is
+    read as config.json's (its original context times its factor), and llama.cpp's YaRN knobs that transformers
+    lacks are refused by name (they would be ignored)."""
     import numpy as np
     from conftest import make_hf_model
     from nanoflow.models.gguf_file import config_from_gguf, open_gguf
@@ -551,19 +553,28 @@ def test_rope_scaling_the_context_must_follow(tmp_path):
     assert len(llm.generate([list(range(1, 200))], SamplingParams(max_tokens=2), use_tqdm=False)[0]
                .outputs[0].token_ids) == 2
     gguf = pytest.importorskip("gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "yarn.gguf"), "llama")
-    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2),
-                   (w.add_feed_forward_length, 16), (w.add_context_length, 64)):
-        add(v)
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(4.0)
-    w.add_tensor("token_embd.weight", np.zeros((37, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn' in the GGUF file"):
-        config_from_gguf(open_gguf(str(tmp_path / "yarn.gguf")))
+
+    def yarn_file(name, **knobs):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2),
+                       (w.add_feed_forward_length, 16), (w.add_context_length, 64)):
+            add(v)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(32)
+        for key, v in knobs.items():
+            w.add_float32(f"llama.rope.scaling.{key}", v)
+        w.add_tensor("token_embd.weight", np.zeros((37, 8), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return config_from_gguf(open_gguf(str(tmp_path / name)))
+    c = yarn_file("yarn.gguf", yarn_beta_fast=16.0)
+    assert (c.rope_scaling["factor"], c.rope_scaling["original_max_position_embeddings"],
+            c.rope_scaling["beta_fast"], c.context_length) == (4.0, 32, 16.0, 128)
+    with pytest.raises(ValueError, match="unsupported YaRN parameters in the GGUF file: yarn_ext_factor"):
+        yarn_file("knob.gguf", yarn_ext_factor=0.5)
 
 
 def test_text_without_a_tokenizer_says_how_to_give_one(tmp_path):

@@ -1,5 +1,8 @@
 """The plain model equals HF transformers on the same weights (fp32, on the CPU even where a GPU is: the GPU's
 bf16 models are held to the CPU's in test_gpu.py)."""
+import argparse
+import json
+
 import pytest
 import torch
 
@@ -126,6 +129,75 @@ def test_windowed_layers_follow_transformers_without_layer_types(arch, max_windo
     c = ModelConfig.from_hf(cfg | {"architectures": [hf.architectures[0]] if hf.architectures else []} |
                             {"model_type": arch})
     assert [i for i in range(5) if c.window(i) is not None] == windowed
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "factor": 8.0, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.707},
+    {"rope_type": "yarn", "factor": 2.0, "attention_factor": 1.3},
+])
+def test_rope_frequencies_and_scale_as_transformers(rope):
+    """Each rope scaling's frequencies and cos/sin scale equal transformers' (YaRN's attention factor included), for
+    the config as from_hf reads it; the context is vLLM's (YaRN's: its original length times its factor)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from nanoflow.config import ModelConfig
+    from nanoflow.layers.rotary import attention_factor, cos_sin_table, inv_frequencies
+    shape = dict(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=2048, rope_theta=1e6)
+    hf = AutoConfig.for_model("qwen2", **shape, rope_scaling=dict(rope))
+    freqs, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
+    c = ModelConfig.from_hf(shape | {"model_type": "qwen2", "rope_scaling": dict(rope)})
+    torch.testing.assert_close(inv_frequencies(c), freqs, rtol=1e-6, atol=0)
+    assert attention_factor(c) == pytest.approx(scale, rel=1e-9)
+    table = cos_sin_table(c, 8, torch.device("cpu"))
+    assert table[0, 0] == pytest.approx(scale) and table[3, 0] ** 2 + table[3, 64] ** 2 == pytest.approx(scale ** 2)
+    yarn = rope.get("original_max_position_embeddings", 2048) * rope["factor"]
+    assert c.context_length == {"linear": 8192, "llama3": 2048, "yarn": yarn}[rope["rope_type"]]
+
+
+def test_hf_overrides_set_config_fields(tmp_path):
+    """hf_overrides (vLLM's): YaRN set over a config without it gives the model saved with it (and another output than
+    without it), its context included; a rope dict replaces the file's under either name, its rope_theta kept; a
+    GGUF file or a preset is refused (they have no config.json), as is an override that is no dict."""
+    from conftest import ARCH_CONFIGS, make_hf_model
+    from nanoflow.config import ModelConfig
+    from nanoflow.entrypoints.cli import add_engine_args, engine_kwargs
+    yarn = ARCH_CONFIGS["qwen3"]["rope_scaling"]
+    make_hf_model(str(tmp_path / "plain"), "qwen3", None, seed=3, rope_scaling=None, max_position_embeddings=128)
+    make_hf_model(str(tmp_path / "yarn"), "qwen3", None, seed=3, max_position_embeddings=128)
+    prompts, params = [list(range(5, 90)), [7, 8, 9]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def run(path, **kw):
+        llm = LLM(str(tmp_path / path), **kw)
+        return llm.engine.max_model_len, [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                                         use_tqdm=False)]
+    (plain_len, plain), (yarn_len, want) = run("plain"), run("yarn")
+    assert (plain_len, yarn_len) == (128, 512) and plain != want
+    assert run("plain", hf_overrides={"rope_scaling": yarn}) == (512, want)
+    assert run("plain", hf_overrides={"rope_parameters": yarn | {"rope_theta": 1e6}}) == (512, want)
+    # (rope_parameters in the file, rope_scaling in the override: the override's, with the file's rope_theta)
+    cfg = tmp_path / "yarn" / "config.json"
+    written = json.loads(cfg.read_text())
+    assert "rope_parameters" in written and written["rope_parameters"]["rope_theta"] == 1e6
+    c = ModelConfig.from_file(str(cfg), {"rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert (c.rope_scaling, c.rope_theta, c.context_length) == ({"rope_type": "linear", "factor": 2.0}, 1e6, 256)
+    assert ModelConfig.from_file(str(cfg), {"rope_scaling": {"rope_type": "default"}}).rope_scaling is None
+    with pytest.raises(ValueError, match="hf_overrides sets fields of an HF model directory's config.json; "
+                                         "'llama-3-8b' is a preset"):
+        LLM("llama-3-8b", load_format="dummy", hf_overrides={"rope_theta": 1.0})
+    with pytest.raises(TypeError, match="hf_overrides must be a dict of config.json fields, not str"):
+        LLM(str(tmp_path / "plain"), hf_overrides="rope_theta=1")
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args(["--hf-overrides", json.dumps({"rope_scaling": yarn})]))["hf_overrides"] == \
+        {"rope_scaling": yarn}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--hf-overrides", "[1]"])
 
 
 def test_config_fields_read_as_transformers_reads_them():

@@ -156,6 +156,21 @@ def test_tp2_qwen2_pipeline_spec_with_network_unit(tmp_path, tokenizer_dir, gath
         llm.shutdown()
 
 
+def test_tp2_takes_hf_overrides(tmp_path):
+    """hf_overrides reach every rank: YaRN set over a config without it, at TP = 2, gives the outputs of the model
+    saved with it (a rank that built plain rope would diverge)."""
+    from conftest import ARCH_CONFIGS, make_hf_model
+    yarn = ARCH_CONFIGS["qwen3"]["rope_scaling"]
+    make_hf_model(str(tmp_path / "plain"), "qwen3", None, seed=3, rope_scaling=None)
+    make_hf_model(str(tmp_path / "yarn"), "qwen3", None, seed=3)
+    refs = LLM(str(tmp_path / "yarn"), **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(str(tmp_path / "plain"), tensor_parallel_size=2, hf_overrides={"rope_scaling": yarn}, **ENGINE)
+    try:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), refs)
+    finally:
+        llm.shutdown()
+
+
 def assert_expert_shards(whole, source, load_format="auto"):
     """Each rank holds every expert's slice: its rows of gate and of up, the matching columns of down (the shared
     expert's too, if any); the router and the shared expert's gate whole."""

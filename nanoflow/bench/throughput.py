@@ -245,7 +245,7 @@ def _hf_baseline(args, workloads: list[Workload]) -> tuple[list[dict], dict]:
     from nanoflow.models.loader import resolve
     if any(not w.name.startswith("const:") for w in workloads):
         raise ValueError("--baseline hf takes const:IN:OUT workloads (generate_batch has one max_new_tokens)")
-    cfg = resolve(args.model, args.num_layers, args.revision).config
+    cfg = resolve(args.model, args.num_layers, args.revision, args.hf_overrides).config
     if cfg.architecture not in hf_baseline.HF_CLASSES:
         raise ValueError(f"--baseline hf builds {', '.join(hf_baseline.HF_CLASSES)} models, not "
                          f"{cfg.architecture!r}")

@@ -183,7 +183,7 @@ def launch_replicas(model: str | None, engine_kwargs: dict, num_replicas: int, r
     namespace (other API-server processes find them by name), and wait for them to load. Ray restarts a replica
     that dies, in its bundle."""
     # a wrong model fails here, plainly, rather than in every replica (the nodes see the same paths)
-    resolve(model, revision=engine_kwargs.get("revision"))
+    resolve(model, revision=engine_kwargs.get("revision"), hf_overrides=engine_kwargs.get("hf_overrides"))
     env = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     ray.init(address=ray_address, namespace=namespace, runtime_env={"env_vars": env},
              include_dashboard=False)  # (if it starts Ray)

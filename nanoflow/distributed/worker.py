@@ -40,6 +40,7 @@ class WorkerArgs:
     device_type: str
     config: EngineConfig
     max_model_len: int
+    hf_overrides: dict | None = None
 
 
 def rank_device(device_type: str, rank: int) -> torch.device:
@@ -147,8 +148,8 @@ def _worker(rank: int, size: int, init_method: str, args: WorkerArgs, started) -
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = init_group(rank, size, init_method, device)
     try:
-        model = build_model(resolve(args.model, args.config.num_layers), args.load_format, args.dtype, device,
-                            args.max_model_len, args.config.seed, tp)
+        source = resolve(args.model, args.config.num_layers, hf_overrides=args.hf_overrides)
+        model = build_model(source, args.load_format, args.dtype, device, args.max_model_len, args.config.seed, tp)
         runner = ModelRunner(model, args.config, set(), args.max_model_len)
         settle_gc()
         while (step := broadcast_object(tp)) is not None:

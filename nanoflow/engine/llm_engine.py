@@ -34,19 +34,19 @@ log = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, model: str | None = None, *, tokenizer: str | None = None, revision: str | None = None,
-                 tokenizer_revision: str | None = None, load_format: str = "auto",
+                 tokenizer_revision: str | None = None, hf_overrides: dict | None = None, load_format: str = "auto",
                  dtype: str | torch.dtype = "auto", device: str | None = None, generation_config: str = "auto",
                  override_generation_config: dict | None = None, **engine_args):
         if unknown := sorted(set(engine_args) - {f.name for f in fields(EngineConfig)}):
             raise TypeError(f"unknown engine option {unknown[0]!r}; the options are tokenizer, revision, "
-                            f"tokenizer_revision, load_format, dtype, device, generation_config, "
+                            f"tokenizer_revision, hf_overrides, load_format, dtype, device, generation_config, "
                             f"override_generation_config and "
                             f"{', '.join(f.name for f in fields(EngineConfig))}")
         self.config = EngineConfig(**engine_args)
         if self.config.mode == "non-overlap" and self.config.pipeline_spec != "auto":
             log.warning("pipeline_spec %r is not used: it shapes the modes nanobatch-only and pipeline, and the mode "
                         "is non-overlap", self.config.pipeline_spec)
-        self.source = resolve(model, self.config.num_layers, revision)
+        self.source = resolve(model, self.config.num_layers, revision, hf_overrides)
         check_load_format(self.source, load_format)
         cfg = self.source.config
         self.model_config = cfg
@@ -80,7 +80,7 @@ class LLMEngine:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", 0)
             self.workers = Workers(tp_size, WorkerArgs(self.source.path, load_format, self.dtype, self.device.type,
-                                                       self.config, self.max_model_len))
+                                                       self.config, self.max_model_len, hf_overrides))
             tp = self.workers.group
         self.eos_token_ids = set(cfg.eos_token_ids) | eos | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         # as vLLM's: the tokenizer's EOS ends a sequence with no stop_reason; the others (the generation config's,

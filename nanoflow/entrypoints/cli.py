@@ -82,6 +82,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None,
                    help="a hub id's branch, tag or commit in the local cache (default: main)")
     p.add_argument("--tokenizer-revision", default=None, help="--tokenizer's, as --revision")
+    p.add_argument("--hf-overrides", type=_json_object, default=None,
+                   help="a JSON object of config.json fields set over the model's, as vLLM's, e.g. "
+                        "'{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                        "\"original_max_position_embeddings\": 32768}}'")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"])
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that leave them unset: auto, the model's "
@@ -136,6 +140,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(tokenizer=a.tokenizer, revision=a.revision, tokenizer_revision=a.tokenizer_revision,
+                hf_overrides=a.hf_overrides,
                 load_format=a.load_format, generation_config=a.generation_config,
                 override_generation_config=a.override_generation_config,
                 dtype=a.dtype, device=a.device,

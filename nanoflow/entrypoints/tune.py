@@ -78,7 +78,7 @@ def main(a: argparse.Namespace) -> int:
     tp = a.tensor_parallel_size
     if tp < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, not {tp}")
-    source = resolve(a.model, a.num_layers, a.revision)
+    source = resolve(a.model, a.num_layers, a.revision, a.hf_overrides)
     check_load_format(source, a.load_format)  # (its candidates' timing builds the model, after the profile)
     cfg = source.config
     device = resolve_device(a.device)  # (all refused before the search, as the engine refuses them)

@@ -9,6 +9,7 @@ import torch
 from nanoflow.config import ModelConfig
 
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+YARN_KNOBS = ("attn_factor", "yarn_log_multiplier", "yarn_ext_factor", "yarn_attn_factor")
 
 
 def open_gguf(path: str):
@@ -41,8 +42,15 @@ def config_from_gguf(reader) -> ModelConfig:
     rope, scaling = None, g("rope.scaling.type", "none")
     if scaling == "linear":
         rope = {"rope_type": "linear", "factor": g("rope.scaling.factor")}
-    elif scaling != "none":  # (yarn: llama.cpp applies it; plain rope would be wrong past the original length)
-        raise ValueError(f"unsupported rope scaling type {scaling!r} in the GGUF file (supported: none, linear)")
+    elif scaling == "yarn":
+        # (llama.cpp's attention-factor and extrapolation knobs have no transformers counterpart: refused by name)
+        if knobs := [k for k in YARN_KNOBS if g(f"rope.scaling.{k}") is not None]:
+            raise ValueError(f"unsupported YaRN parameters in the GGUF file: {', '.join(knobs)}")
+        rope = {"rope_type": "yarn", "factor": g("rope.scaling.factor"),
+                "original_max_position_embeddings": g("rope.scaling.original_context_length", g("context_length")),
+                "beta_fast": g("rope.scaling.yarn_beta_fast"), "beta_slow": g("rope.scaling.yarn_beta_slow")}
+    elif scaling != "none":  # (plain rope would be wrong past the original length)
+        raise ValueError(f"unsupported rope scaling type {scaling!r} in the GGUF file (supported: none, linear, yarn)")
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     tokens = field(reader, "tokenizer.ggml.tokens")
     experts = g("expert_count", 0)

@@ -93,10 +93,14 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
-def resolve(model: str | None, num_layers: int | None = None, revision: str | None = None) -> ModelSource:
+def resolve(model: str | None, num_layers: int | None = None, revision: str | None = None,
+            hf_overrides: dict | None = None) -> ModelSource:
     """num_layers: keep only the first this many decoder layers (benchmarks of a cut model, as NanoFlow's own
-    "fewer layers" variants); revision: a hub id's branch, tag or commit in the local cache (local_path)."""
-    source = _resolve(model, revision)
+    "fewer layers" variants); revision: a hub id's branch, tag or commit in the local cache (local_path);
+    hf_overrides: config.json's fields set over (vLLM's, e.g. a rope_scaling that extends the context)."""
+    if hf_overrides is not None and not isinstance(hf_overrides, dict):
+        raise TypeError(f"hf_overrides must be a dict of config.json fields, not {type(hf_overrides).__name__}")
+    source = _resolve(model, revision, hf_overrides)
     if num_layers is None:
         return source
     if not 0 < num_layers <= source.config.num_layers:
@@ -119,8 +123,11 @@ def local_path(name: str, revision: str | None = None) -> str:
         return name
 
 
-def _resolve(model: str | None, revision: str | None) -> ModelSource:
+def _resolve(model: str | None, revision: str | None, hf_overrides: dict | None) -> ModelSource:
     path = default_model_path() if model is None else local_path(model, revision)
+    if hf_overrides and not os.path.isdir(path):
+        raise ValueError(f"hf_overrides sets fields of an HF model directory's config.json; {path!r} is "
+                         f"{'a preset' if path in PRESETS else 'not a directory'}")
     if path in PRESETS:
         return ModelSource("preset", path, preset(path))
     if os.path.isfile(path):
@@ -133,7 +140,7 @@ def _resolve(model: str | None, revision: str | None) -> ModelSource:
         cfg_file = os.path.join(path, "config.json")
         if not os.path.exists(cfg_file):
             raise FileNotFoundError(f"model directory {path} has no config.json")
-        return ModelSource("hf", path, ModelConfig.from_file(cfg_file))
+        return ModelSource("hf", path, ModelConfig.from_file(cfg_file, hf_overrides))
     hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     raise FileNotFoundError(f"model not found: {path!r} is not a directory, a .gguf file, a preset "
                             f"({', '.join(sorted(PRESETS))}) or a Hugging Face hub id in the local cache"
