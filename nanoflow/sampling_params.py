@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import numbers
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+log = logging.getLogger(__name__)
 GRAMMAR_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 JSON_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")  # (vLLM's, for json and json_object)
-GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM's (logits / 1e-38 overflow float32)
+MIN_TEMPERATURE = 0.01  # a lower one (but 0) is raised to it, as vLLM's (logits / 1e-38 overflow float32)
 
 
 @dataclass(slots=True)
@@ -53,7 +55,7 @@ class StructuredOutputsParams:
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 (or under GREEDY_BELOW) = greedy
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
@@ -84,6 +86,11 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
 
+        for name in ("logprobs", "prompt_logprobs"):  # (as vLLM's: True asks for the sampled token's; False, none)
+            if isinstance(v := getattr(self, name), bool):
+                setattr(self, name, 1 if v else None)
+        if self.seed == -1:  # (vLLM's: no seed)
+            self.seed = None
         for name in _SCALARS:  # (numpy's scalars too, as vLLM takes them: as Python's int and float from here on)
             v = getattr(self, name)
             if integer(v) and type(v) is not int:
@@ -142,8 +149,12 @@ class SamplingParams:
               "structured_outputs", "must be StructuredOutputsParams")
         if self.top_k == -1:
             self.top_k = 0
-        if self.temperature < GREEDY_BELOW:
-            self.temperature = 0.0
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            log.warning("temperature %s is below %s, which may overflow the logits: raised to %s (as vLLM does)",
+                        self.temperature, MIN_TEMPERATURE, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
+        check(self.n == 1 or not self.greedy, "n", "must be 1 when sampling greedily (temperature 0): the samples "
+                                                   "would be one and the same")
 
     def clone(self) -> SamplingParams:
         """A deep copy, as vLLM's."""

@@ -212,8 +212,8 @@ def test_unknown_preset_and_format(capsys):
     (dict(logit_bias=[5]), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
     (dict(allowed_token_ids=[-1]), "allowed_token_ids"), (dict(bad_words=["ok", " "]), "bad_words"),
     (dict(bad_words="x"), "bad_words"),
-    # True is no count: logprobs=True (as OpenAI's chat API spells it) would otherwise fail inside the step
-    (dict(logprobs=True), "logprobs"), (dict(prompt_logprobs=True), "prompt_logprobs"), (dict(n=True), "n"),
+    # True is no count (but logprobs=True is 1, as vLLM's: test_vllm_spellings_of_sampling_params)
+    (dict(n=True), "n"), (dict(n=2, temperature=0), "n"), (dict(n=3, temperature=0.0), "n"),
     (dict(top_k=True), "top_k"), (dict(max_tokens=True), "max_tokens"), (dict(min_tokens=True), "min_tokens"),
     (dict(seed=False), "seed"), (dict(skip_special_tokens=None), "skip_special_tokens"),
     (dict(skip_special_tokens=0), "skip_special_tokens"), (dict(ignore_eos="yes"), "ignore_eos"),

@@ -448,16 +448,32 @@ def test_fractional_sampling_parameters_reach_the_sampler(llama_dir):
     assert [t.item() for t in got] == pytest.approx([0.7, 0.9, 0.05, 1.3, 0.5])
 
 
-def test_a_temperature_near_zero_is_greedy(llama_dir):
-    """Under 1e-5 a temperature samples greedily, as vLLM's: logits / 1e-40 overflow float32 (they sampled EOS or
-    junk), so such a request gets the greedy tokens, seeded or not."""
+def test_a_temperature_near_zero_is_raised_to_a_hundredth(llama_dir, caplog):
+    """Between 0 and 0.01 a temperature is 0.01, with a warning, as vLLM's: logits / 1e-40 overflow float32 (they
+    sampled EOS or junk); only 0 is greedy. Such a request samples as one at 0.01 with its seed."""
     llm = LLM(llama_dir)
-    greedy = llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0].token_ids
-    for t in (1e-40, 1e-38, 1e-6):
-        p = SamplingParams(temperature=t, max_tokens=8, ignore_eos=True, seed=3, top_k=5, logprobs=1)
-        assert p.greedy
-        assert llm.generate(["hello there"], p, use_tqdm=False)[0].outputs[0].token_ids == greedy, t
+    kw = dict(max_tokens=8, ignore_eos=True, seed=3, logprobs=1)
+    want = llm.generate(["hello there"], SamplingParams(temperature=0.01, **kw), use_tqdm=False)[0].outputs[0]
+    for t in (1e-40, 1e-38, 1e-6, 0.005):
+        with caplog.at_level("WARNING", logger="nanoflow.sampling_params"):
+            p = SamplingParams(temperature=t, **kw)
+        assert (p.temperature, p.greedy) == (0.01, False) and f"temperature {t} is below 0.01" in caplog.text
+        got = llm.generate(["hello there"], p, use_tqdm=False)[0].outputs[0]
+        assert got.token_ids == want.token_ids and got.cumulative_logprob == pytest.approx(want.cumulative_logprob)
+    assert SamplingParams(temperature=0.02).temperature == 0.02 and SamplingParams(temperature=0).greedy
+
+
+def test_vllm_spellings_of_sampling_params(llama_dir):
+    """As vLLM's SamplingParams: seed=-1 is no seed; logprobs=True (and prompt_logprobs=True) is 1, False none (they
+    were refused); n > 1 with greedy sampling is refused (test_bad_input)."""
+    p = SamplingParams(seed=-1, logprobs=True, prompt_logprobs=True, max_tokens=3, ignore_eos=True)
+    assert (p.seed, p.logprobs, p.prompt_logprobs) == (None, 1, 1)
+    assert (SamplingParams(logprobs=False).logprobs, SamplingParams(prompt_logprobs=False).prompt_logprobs) == \
+        (None, None)
+    out = LLM(llama_dir).generate([[5, 6, 7]], p, use_tqdm=False)[0]
+    # (the top token, and the sampled one where it is another)
+    assert len(out.outputs[0].logprobs) == 3 and all(1 <= len(step) <= 2 for step in out.outputs[0].logprobs)
+    assert out.prompt_logprobs[0] is None and all(1 <= len(s) <= 2 for s in out.prompt_logprobs[1:])
 
 
 def test_any_integer_seed_samples(llama_dir):

@@ -152,14 +152,15 @@ def test_n_and_shared_prefixes_under_preemption(llama_dir, async_):
                                 dict(TINY, async_scheduling=True, max_num_batched_tokens=3)],
                          ids=["sync", "async-host-tier", "async-chunked"])
 def test_aborts_leave_the_others_unchanged(llama_dir, ample, kw):
-    """Requests arriving and aborted at random steps (waiting, prefilling, decoding, preempted): the others' greedy
-    outputs equal a run without the aborted ones, each request ends once, and every block comes back."""
+    """Requests arriving and aborted at random steps (waiting, prefilling, decoding, preempted): the others'
+    outputs (greedy, or n = 2 seeded samples) equal a run without the aborted ones, each request ends once, and every
+    block comes back."""
     rng = random.Random(3)
     eng = LLM(llama_dir, **kw).engine
     for case in range(10):
         prompts = random_prompts(rng, rng.randrange(3, 7))
-        params = [SamplingParams(temperature=0, n=rng.choice([1, 1, 2]), max_tokens=rng.randrange(1, 12),
-                                 ignore_eos=True) for _ in prompts]
+        params = [SamplingParams(temperature=0 if n == 1 else 0.8, seed=7, n=n, max_tokens=rng.randrange(1, 12),
+                                 ignore_eos=True) for n in (rng.choice([1, 1, 2]) for _ in prompts)]
         ids = [f"{case}-{i}" for i in range(len(prompts))]
         abort_at = {rid: rng.randrange(12) for rid in rng.sample(ids, rng.randrange(1, len(ids)))}
         arrivals = list(zip(ids, prompts, params))
@@ -196,11 +197,13 @@ def test_lengths_at_the_edges(llama_dir, ample, kw):
     prompts = [[7] * n for n in (1, 2, limit - 1, limit - 12, 16, 15)] + [STEM[:n] for n in (1, limit - 1, 8)]
     params = ([SamplingParams(temperature=0, max_tokens=limit - len(p), ignore_eos=True) for p in prompts]
               + [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True) for _ in prompts]
-              + [SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, n=2) for _ in prompts])
+              + [SamplingParams(temperature=0.8, seed=i, max_tokens=None, ignore_eos=True, n=2)
+                 for i, _ in enumerate(prompts)])
     lengths = [sp.max_tokens or limit - len(p) for p, sp in zip(prompts * 3, params)]
     outs = results(llm.generate(prompts * 3, params, use_tqdm=False))
     assert_drained(llm)
-    # greedy: the ample engine's first tokens, stopped at the same length
-    reference = ample.generate(prompts * 3, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, n=sp.n)
+    # greedy or seeded: the ample engine's first tokens, stopped at the same length
+    reference = ample.generate(prompts * 3, [SamplingParams(temperature=sp.temperature, seed=sp.seed, max_tokens=n,
+                                                            ignore_eos=True, n=sp.n)
                                              for n, sp in zip(lengths, params)], use_tqdm=False)
     assert outs == results(reference)

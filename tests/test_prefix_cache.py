@@ -183,7 +183,8 @@ def test_churn_keeps_bookkeeping_right(llama_dir, async_):
     for i in range(120):
         if rng.random() < 0.35:
             prompt = rng.choice(stems) + [rng.randrange(1000) for _ in range(rng.randrange(1, 6))]
-            eng.add_request(str(i), prompt, SamplingParams(n=rng.choice([1, 1, 2]), temperature=0,
+            n = rng.choice([1, 1, 2])  # (n = 2 samples: greedy takes n = 1 only)
+            eng.add_request(str(i), prompt, SamplingParams(n=n, temperature=0 if n == 1 else 1.0, seed=i,
                                                            max_tokens=rng.randrange(1, 12), ignore_eos=True))
         if eng.requests and rng.random() < 0.1:
             eng.abort_request(rng.choice(list(eng.requests)))

@@ -271,17 +271,18 @@ def test_echo(client, model, default_llm):
 def test_chat_echo_starts_each_choice_with_the_prefill(client, model):
     """vLLM's chat echo: where the last message is the assistant's (a prefill the model continues), each choice's
     content starts with it, streamed as a delta of its own after the role; otherwise it adds nothing (it was
-    ignored, with a warning)."""
+    ignored, with a warning). With continuous usage stats, that delta carries the usage too, as every chunk's."""
     prefill = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": [
         {"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
-    kw = dict(model=model, messages=prefill, max_tokens=4, temperature=0, n=2,
+    kw = dict(model=model, messages=prefill, max_tokens=4, temperature=0.8, seed=5, n=2,
               extra_body={"continue_final_message": True, "add_generation_prompt": False})
     plain = client.chat.completions.create(**kw)
     echoed = client.chat.completions.create(**kw | {"extra_body": kw["extra_body"] | {"echo": True}})
     assert [c.message.content for c in echoed.choices] == ["Hi\nthere" + c.message.content for c in plain.choices]
     assert echoed.usage == plain.usage
     chunks = list(client.chat.completions.create(**kw | {"stream": True, "extra_body": kw["extra_body"] | {
-        "echo": True}}))
+        "echo": True}, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    assert all(ch.usage is not None for ch in chunks)
     for i, choice in enumerate(echoed.choices):
         deltas = [ch.choices[0].delta for ch in chunks if ch.choices and ch.choices[0].index == i]
         assert deltas[0].role == "assistant" and deltas[1].content == "Hi\nthere"

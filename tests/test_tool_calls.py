@@ -373,7 +373,7 @@ def test_the_openai_clients_stream_helper_takes_the_calls_and_logprobs(client):
             "type": "function", "function": {"name": "get_weather"}}) as s:
         (call,) = s.get_final_completion().choices[0].message.tool_calls
     assert (call.type, call.function.name) == ("function", "get_weather") and json.loads(call.function.arguments)
-    with client.chat.completions.stream(**kw | {"max_tokens": 6}, n=2, logprobs=True,
+    with client.chat.completions.stream(**kw | {"max_tokens": 6, "temperature": 0.8, "seed": 1}, n=2, logprobs=True,
                                         extra_body={"ignore_eos": True}) as s:  # (no EOS: its text is not content)
         try:
             choices = s.get_final_completion().choices

@@ -89,7 +89,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"])
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that leave them unset: auto, the model's "
-                        "generation_config.json; nanoflow, nanoflow's own; or a directory holding one")
+                        "generation_config.json; nanoflow (or vllm), nanoflow's own; or a directory holding one")
     p.add_argument("--override-generation-config", type=_json_object, default=None,
                    help="a JSON object of generation-config fields set over the chosen one's (temperature, top_p, "
                         "top_k, min_p, repetition_penalty, max_new_tokens), as vLLM's")
@@ -112,7 +112,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-policy", "--scheduling-policy", choices=SCHEDULE_POLICIES, default="fcfs",
                    help="the waiting request admitted next: fcfs, in arrival order; lof, the longest output "
                         "(max_tokens) first (offline batches: the run does not end on a few long decodes); slack, "
-                        "arrival order but for outputs that would outlast the work in hand, which go first")
+                        "arrival order but for outputs that would outlast the work in hand, which go first; priority, "
+                        "by each request's priority (lowest value first; the lowest-priority running sequence is "
+                        "preempted)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule iteration i + 1 while the GPU runs i (default: on for CUDA)")
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--temperature", type=float, default=1.0)
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--output", help="write the report as JSON")
-    bs.add_argument("--plot", help="draw latency vs request rate (PNG)")
+    bs.add_argument("--plot", help="draw normalized latency vs achieved throughput, each point its offered rate (PNG)")
     bs.set_defaults(func=_bench_serve)
     from nanoflow.entrypoints import tune
     tune.add_parser(sub)

@@ -179,6 +179,8 @@ class _SamplingRequest(_Request):
                  "structured_outputs", "bad_words", "truncate_prompt_tokens")
         given = {k: v for k, v in defaults.items() if k != "max_tokens"}
         given |= {k: v for k in names if (v := getattr(self, k)) is not None}
+        if self.use_beam_search:  # (its n beams are ranked by raw logprobs: no temperature, so no greedy n = 1 rule)
+            given["temperature"] = 1.0
         sources = self.grammar_sources
         if len(sources) > 1:
             raise ValueError(f"invalid sampling parameter {sources[1]}: give one of {' and '.join(sources)}, not both")

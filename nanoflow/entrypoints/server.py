@@ -715,7 +715,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                             sent_prompt = True
                             if echo:  # (vLLM's: the echoed prefill, a delta of its own after the role)
                                 yield api.ChatCompletionChunk(**head, choices=[api.ChatStreamChoice(
-                                    index=c.index, delta=api.ChatDelta(content=echo))])
+                                    index=c.index, delta=api.ChatDelta(content=echo))], usage=usage)
                         if not (thought or content or calls or lp or done):
                             continue  # (text held back while it may be a tool call or the end of the reasoning)
                         delta = api.ChatDelta(content=content, reasoning=thought, reasoning_content=thought,
