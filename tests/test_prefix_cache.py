@@ -200,7 +200,8 @@ def test_churn_keeps_bookkeeping_right(llama_dir, async_):
 
 def test_multiround_second_turns_hit_the_cache(llama_dir):
     """Turn k + 1 computes only what turn k left uncomputed: the new message, the tail of the last full block and
-    the answer's last token (sampled, never fed back)."""
+    the answer's last token (sampled, never fed back). The tokens the cache served are no computed tokens: % of
+    optimal counts the others (it counted every prompt token, which a cache could lift past 100 %)."""
     w = Workload("multiround", [(20, 9), (7, 5), (5, 3), (30, 6), (3, 4)], rounds=[3, 2])
     bs = 16
     llm = LLM(llama_dir, block_size=bs)
@@ -215,6 +216,8 @@ def test_multiround_second_turns_hit_the_cache(llama_dir):
     assert r["total_prompt_tokens"] == prompt_tokens and r["num_requests"] == 5
     assert r["prefill_tokens_computed"] == expected < prompt_tokens
     assert r["prefix_cache_hit_rate"] == pytest.approx(1 - expected / prompt_tokens)
+    assert r["cached_prompt_tokens"] == prompt_tokens - expected
+    assert r["computed_tokens_per_second"] == pytest.approx((expected + r["total_output_tokens"]) / r["elapsed_time"])
     assert w.longest_prompt == 20 + 9 + 7 + 5 + 5 and Workload("c", [(20, 9), (7, 5)]).longest_prompt == 20
 
 

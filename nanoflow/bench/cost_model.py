@@ -1,13 +1,16 @@
-"""NanoFlow's cost model: optimal throughput = C / (2 P) tokens/s, C the dense GEMM rate measured on
-this device at the model's layer shapes, P the parameter count (with mixture of experts, the active parameters: a
-token uses only its top-k experts). Throughput counts prompt + output."""
+"""NanoFlow's cost model: optimal throughput = C / (2 P) tokens/s, C the dense GEMM rate measured on this device
+(at the model's layer shapes, or a reference set's where those run faster), P the parameter count (with mixture of
+experts, the active parameters: a token uses only its top-k experts). Throughput counts prompt + output tokens (the
+ones computed: a prompt's prefix served by the cache costs no FLOPs)."""
 from __future__ import annotations
 
 import time
 
 import torch
 
-from nanoflow.config import ModelConfig
+from nanoflow.config import ModelConfig, preset
+
+REFERENCE = ("llama-3-8b", 2048)  # DESIGN's measure of C: Llama-3-8B's layer GEMMs at 2,048 rows
 
 
 def layer_gemms(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
@@ -50,6 +53,17 @@ def gemm_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.d
         flops += 2 * m * n * k
         secs += t
     return {"rate": flops / secs, "per_gemm": per_gemm, "tokens": tokens}
+
+
+def device_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
+    """C: the higher of the model's own layer GEMMs' rate at its token budget and, on a GPU, the REFERENCE set's. C
+    is the device's rate: a narrow model's or a small budget's GEMMs run slower (506 TFLOP/s for Qwen3-30B-A3B's
+    against 722-759 on the same H200s), and a C that low would overstate every % of optimal."""
+    rate = gemm_rate(cfg, tokens, dtype, device)["rate"]
+    if device.type == "cuda":
+        name, rows = REFERENCE
+        rate = max(rate, gemm_rate(preset(name), rows, dtype, device)["rate"])
+    return rate
 
 
 def optimal_throughput(rate: float, cfg: ModelConfig) -> float:
