@@ -414,6 +414,11 @@ class EngineConfig:
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
+        if isinstance(self.pipeline_spec, os.PathLike):  # (a pathlib.Path to a spec file)
+            self.pipeline_spec = os.fspath(self.pipeline_spec)
+        if not isinstance(self.pipeline_spec, str):
+            raise ValueError(f"pipeline_spec must be 'auto', a spec file's path or a shipped spec's name, got "
+                             f"{type(self.pipeline_spec).__name__} {self.pipeline_spec!r}")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.block_size is None:

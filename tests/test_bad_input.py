@@ -391,6 +391,24 @@ def test_a_bad_pipeline_spec_is_named_before_the_weights_load(tmp_path, llama_di
         LLM(llama_dir, mode="pipeline", pipeline_spec=str(path))
 
 
+def test_a_pipeline_spec_is_a_path_or_a_name(llama_dir, tmp_path):
+    """A pathlib.Path works as its string does (it was a TypeError inside the error message); another type is named
+    (None was a stat error; an int read a spec from that file descriptor, 0: stdin)."""
+    import pathlib
+    from nanoflow.pipeline.spec import non_overlap
+    path = tmp_path / "spec.json"
+    non_overlap(512).save(str(path))
+    want = LLM(llama_dir, mode="nanobatch-only", pipeline_spec=str(path)).generate([[5, 6, 7]], SamplingParams(
+        temperature=0, max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
+    got = LLM(llama_dir, mode="nanobatch-only", pipeline_spec=pathlib.Path(path)).generate([[5, 6, 7]], SamplingParams(
+        temperature=0, max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want and len(got) == 3
+    for bad in (None, 0, non_overlap(512)):
+        with pytest.raises(ValueError, match="pipeline_spec must be 'auto', a spec file's path or a shipped spec's "
+                                             f"name, got {type(bad).__name__}"):
+            LLM(llama_dir, mode="nanobatch-only", pipeline_spec=bad)
+
+
 def test_bad_engine_options(llama_dir):
     with pytest.raises(ValueError, match="admission"):
         LLM(llama_dir, admission="magic")
@@ -474,7 +492,7 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys):
     (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "99999999999999999999"],
      "--num-kv-blocks must be an integer in"),
     (["bench", "schedule", "--workload", "const:8:4:2", "--num-kv-blocks", "8", "--max-model-len", "auto"],
-     "--max-model-len must be an integer in [1, 2,147,483,648], not None"),
+     "--max-model-len auto takes the model's context length, and bench schedule replays no model"),
     (["bench", "schedule", "--workload", "const:8:2:99999999999", "--num-kv-blocks", "8"],
      "at most 10,000,000 requests"),
     (["generate", "Hi", "--kv-cache-gb", "inf"], "kv_cache_gb must be a number > 0, got inf"),

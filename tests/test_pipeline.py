@@ -68,6 +68,11 @@ def test_dependencies():
     (lambda s: setattr(s.nano_ops[0], "unit", "tpu"), "unknown unit"),
     (lambda s: setattr(s.units[0], "kind", "fast"), "kind"),
     (lambda s: s.nano_ops.insert(0, s.nano_ops.pop(5)), "issued before its input"),
+    # a stray op of the other kind of layer is named (the valid ops were: "unknown op 'gate_up'")
+    (lambda s: s.nano_ops.append(NanoOp("router", 0, 32, s.units[0].name)),
+     r"has a dense MLP's ops \['gate_up', 'act', 'down'\] and a mixture of experts' \['router'\]"),
+    (lambda s: s.nano_ops.append(NanoOp("down_allreduce", 0, 32, s.units[0].name)),
+     r"places \['down_allreduce'\] but no o_allreduce or o_allgather"),
 ])
 def test_invalid_specs_are_rejected(change, message):
     spec = four_way()

@@ -232,6 +232,17 @@ def test_profiler_and_search_on_cpu_for_mixtral(tmp_path, monkeypatch):
     assert best.period_us == pytest.approx(sum(p.time(op, 0, 300, 1) for op in p.ops))
 
 
+def test_candidates_have_distinct_names(tmp_path):
+    """A spec's name tells its order and SM shares, not its cuts: two candidates of other cuts shared one here, and
+    tune's --save-candidates wrote the second over the first. The later ones now take -2, -3, ..."""
+    from nanoflow.entrypoints.tune import save_candidates
+    ranked = search(synthetic(512, 256, two_ops(20)), max_k=3, wait_us=0).candidates
+    names = [c.spec.name for c in ranked]
+    assert len(set(names)) == len(names) and "tuned-2nb-rev-lag1-c80-m20-2" in names
+    save_candidates(ranked, ranked[0], str(tmp_path))
+    assert len(os.listdir(tmp_path)) == len(ranked) + 1  # (and ranking.json)
+
+
 def test_tuned_cache_and_resolve(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     l3, qwen = preset("llama-3-8b"), preset("qwen2-7b")
@@ -368,7 +379,8 @@ def test_collectives_timed_in_processes():
 
 def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsys):
     """`tune -tp 2`: a shard's ops profiled, the collectives timed by two processes, the candidates timed on both
-    ranks; the spec is saved where a rank's `auto` finds it, all-reduces included."""
+    ranks; the spec is saved where a rank's `auto` finds it, all-reduces included, and where TP = 1 of a model with
+    the shard's shape does not (it found the TP spec, and failed on its all-reduces)."""
     from nanoflow.config import ModelConfig
     from nanoflow.models.llama import TP_LAYER_OPS
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
@@ -383,7 +395,8 @@ def test_tune_cli_tensor_parallel_on_cpu(llama_dir, tmp_path, monkeypatch, capsy
                                              torch.float32, 128, 42, 16, 2))
     assert prof.tp_size == 2 and not prof.missing_collectives() and prof.times["o_gathered"]["1"][0] > 0
     shard = ModelConfig.from_file(os.path.join(llama_dir, "config.json")).shard(2)
-    assert resolve_pipeline_spec("auto", "cpu", shard, torch.float32, 128).ops == TP_LAYER_OPS
+    assert resolve_pipeline_spec("auto", "cpu", shard, torch.float32, 128, 2).ops == TP_LAYER_OPS
+    assert resolve_pipeline_spec("auto", "cpu", shard, torch.float32, 128) == non_overlap(128)
 
 
 @pytest.mark.parametrize("content", ["not json", '{"gpu": 5}', "[1, 2]", "\udcff"])
@@ -393,6 +406,23 @@ def test_a_cached_profile_that_is_not_one_is_named(tmp_path, content):
     path.write_text(content, errors="surrogateescape")
     with pytest.raises(ValueError, match=f"the cached profile {path} is not one this version reads .*: delete it"):
         Profile.load(str(path))
+
+
+@pytest.mark.parametrize("edit", [lambda d: d["times"].pop("act"), lambda d: d["times"]["qkv"]["20"].pop(),
+                                  lambda d: d["times"]["down"]["100"].__setitem__(0, "1.5"),
+                                  lambda d: d["rows"]["gate_up"].pop()])
+def test_a_cached_profile_with_broken_tables_is_named(tmp_path, edit):
+    """(A hand-edited profile lacking an op's times raised a KeyError deep in the search; a string time or a row
+    list of the wrong length, numpy's error naming no file.)"""
+    path = str(tmp_path / "p.json")
+    synthetic(256, 64, two_ops(20)).save(path)
+    assert Profile.load(path).times["act"]
+    d = json.loads(open(path).read())
+    edit(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(ValueError, match=f"the cached profile {path} is not one this version reads .*: delete it"):
+        Profile.load(path)
 
 
 def test_tune_cli_on_cpu_for_mixtral(tmp_path, monkeypatch, capsys):

@@ -89,6 +89,9 @@ def run(workload: Workload, config: EngineConfig, num_blocks: int, max_model_len
 
 def main(a: argparse.Namespace) -> int:
     check_outputs({"--output": a.output}, {"--plot": a.plot})
+    if a.max_model_len is None:  # (the shared parser's auto / -1, the model's length: here there is no model)
+        raise ValueError("--max-model-len auto takes the model's context length, and bench schedule replays no "
+                         "model: give a number of tokens")
     for flag, value, most in (("--num-kv-blocks", a.num_kv_blocks, 2**31), ("--block-size", a.block_size, 2**16),
                               ("--max-num-seqs", a.max_num_seqs, 2**20), ("--max-model-len", a.max_model_len, 2**31),
                               *(("--max-num-batched-tokens", b, 2**31) for b in a.max_num_batched_tokens)):

@@ -143,7 +143,7 @@ def main(a: argparse.Namespace) -> int:
                       + ("" if c.measured_s is None else f", {c.measured_s * 1e3:.2f} ms/iteration measured")
                       for c in picks)
     chosen = replace(best.spec, notes=f"{best.spec.notes} Chosen by nanoflow tune, the fastest {how}: {table}.".strip())
-    path = save_tuned(chosen, cache_key(gpu_name(device), cfg.shard(tp), dtype, budget))  # as a rank resolves it
+    path = save_tuned(chosen, cache_key(gpu_name(device), cfg.shard(tp), dtype, budget, tp))  # as a rank finds it
     print(f"saved: {path} (found by --pipeline-spec auto)")
     if a.output:
         chosen.save(a.output)

@@ -53,7 +53,8 @@ def pipeline_spec(config: EngineConfig, cfg: ModelConfig, device: torch.device, 
     """The spec that cuts and places a nano-batching mode's layers, checked against the layer's ops (cfg: one
     rank's shape)."""
     spec = resolve_pipeline_spec(config.pipeline_spec, gpu_name(device), cfg, dtype,
-                                 batch_budget(config.max_num_batched_tokens, device)).for_tensor_parallel(tp_size)
+                                 batch_budget(config.max_num_batched_tokens, device), tp_size
+                                 ).for_tensor_parallel(tp_size)
     if spec.ops != (ops := layer_ops(tp_size, cfg.is_moe)):
         raise ValueError(f"pipeline spec {spec.name!r} has the ops {spec.ops}; this model's layer has {ops}")
     return spec

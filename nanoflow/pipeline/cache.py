@@ -42,9 +42,11 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cache_key(gpu_name: str, cfg: ModelConfig, dtype: torch.dtype | str, budget: int) -> str:
+def cache_key(gpu_name: str, cfg: ModelConfig, dtype: torch.dtype | str, budget: int, tp_size: int = 1) -> str:
+    """(cfg: one rank's shape; with tensor parallelism the degree too: a TP = 2 shard may have another model's shape,
+    and its spec places all-reduces that model's layer lacks)"""
     gpu = re.sub(r"[^A-Za-z0-9.]+", "-", gpu_name).strip("-")
-    return f"{gpu}--{shape_key(cfg)}--{dtype_name(dtype)}--{budget}"
+    return f"{gpu}--{shape_key(cfg)}--{dtype_name(dtype)}--{budget}" + (f"--tp{tp_size}" if tp_size > 1 else "")
 
 
 def fits_hand_spec(cfg: ModelConfig) -> bool:
@@ -58,13 +60,14 @@ def save_tuned(spec: PipelineSpec, key: str) -> str:
     return path
 
 
-def find_tuned(gpu_name: str, cfg: ModelConfig, dtype: torch.dtype | str, budget: int) -> PipelineSpec | None:
-    path = os.path.join(cache_dir("tuned"), f"{cache_key(gpu_name, cfg, dtype, budget)}.json")
+def find_tuned(gpu_name: str, cfg: ModelConfig, dtype: torch.dtype | str, budget: int,
+               tp_size: int = 1) -> PipelineSpec | None:
+    path = os.path.join(cache_dir("tuned"), f"{cache_key(gpu_name, cfg, dtype, budget, tp_size)}.json")
     return PipelineSpec.load(path) if os.path.exists(path) else None
 
 
 def resolve_pipeline_spec(name: str, gpu_name: str, cfg: ModelConfig, dtype: torch.dtype | str,
-                          budget: int) -> PipelineSpec:
+                          budget: int, tp_size: int = 1) -> PipelineSpec:
     """'auto': the tuned spec of this GPU, shape, dtype and budget; else the hand spec for a
     Llama-3-8B-shaped model; else the non-overlap spec. 'non-overlap', a file or a shipped spec's name:
     that spec."""
@@ -72,7 +75,7 @@ def resolve_pipeline_spec(name: str, gpu_name: str, cfg: ModelConfig, dtype: tor
         return non_overlap(budget, moe=cfg.is_moe)
     if name != "auto":
         return load_spec(name)
-    tuned = find_tuned(gpu_name, cfg, dtype, budget)
+    tuned = find_tuned(gpu_name, cfg, dtype, budget, tp_size)
     if tuned is not None:
         return tuned
     return load_spec(HAND) if fits_hand_spec(cfg) else non_overlap(budget, moe=cfg.is_moe)

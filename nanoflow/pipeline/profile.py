@@ -139,6 +139,19 @@ class Profile:
         done = self.interference.get("compute|memory", {})
         return [p for p in self.splits() if str(p[0]) not in done]
 
+    def check(self) -> None:
+        """ValueError where the tables are not a profile's (a hand edit, a stale file): every op of the layer timed
+        at every SM count, one number (or None) a row count."""
+        timed = self.times.keys() & self.rows.keys()
+        if missing := [op for op in profiled_ops(self.tp_size, self.moe) if op not in timed]:
+            raise ValueError(f"no times of the ops {missing}")
+        for op, by_sms in self.times.items():
+            for s in self.sms:
+                ts = by_sms.get(str(s)) if isinstance(by_sms, dict) else None
+                if not isinstance(ts, list) or len(ts) != len(self.rows.get(op, ())) or not all(
+                        t is None or isinstance(t, (int, float)) and not isinstance(t, bool) for t in ts):
+                    raise ValueError(f"{op}'s times on {s} SMs are not {len(self.rows.get(op, ()))} numbers")
+
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -150,7 +163,9 @@ class Profile:
         """ValueError naming the file where it is not a profile (corrupt, or another version's)."""
         try:
             with open(path) as f:
-                return cls(**json.load(f))
+                p = cls(**json.load(f))
+            p.check()
+            return p
         except (ValueError, TypeError) as e:  # (JSONDecodeError, UnicodeDecodeError; missing or unknown fields)
             raise ValueError(f"the cached profile {path} is not one this version reads ({e}): delete it, and tune "
                              f"measures the profile again") from None

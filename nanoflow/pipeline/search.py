@@ -32,6 +32,7 @@ an SM split, which #5 measured to cost more than it hides on a single GPU). Its 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
@@ -356,6 +357,11 @@ def search(p: Profile, max_k: int = MAX_K, wait_us: float = WAIT_US, time_limit:
              else stage2(p, o, list(cuts), wait_us, time_limit))
         found.setdefault((c.spec.name, cuts), c)
     candidates = sorted([base, *found.values()], key=lambda c: c.period_us)
+    named = Counter()
+    for c in candidates:  # (a name tells the order and shares, not the cuts: tune saves each spec by its name)
+        named[c.spec.name] += 1
+        if named[c.spec.name] > 1:
+            c.spec = replace(c.spec, name=f"{c.spec.name}-{named[c.spec.name]}")
     tp = (f", with tensor parallelism x {len(GATHER)} choices of the nano-batches that all-gather instead of "
           f"all-reduce the attention output's projection {GATHER}") if p.tp_size > 1 else ""
     n_orders = len(orders(max_k, p.tp_size > 1))

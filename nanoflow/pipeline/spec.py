@@ -19,7 +19,7 @@ import os
 from importlib import resources
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from nanoflow.models.llama import MOE_OPS, NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, layer_ops
+from nanoflow.models.llama import LAYER_OPS, MOE_OPS, NETWORK_OPS, O_ALLGATHER, O_ALLREDUCE, layer_ops
 
 UNIT_KINDS = ("compute", "memory", "network", "other")
 ALIGN = 8
@@ -90,6 +90,15 @@ class PipelineSpec:
                                  f"kinds: {UNIT_KINDS}")
             if u.sms < 0:
                 raise ValueError(f"pipeline spec {self.name!r}: unit {u.name!r} has {u.sms} SMs")
+        # (the layer's kind is read from the ops present: a stray op of the other kind is named, not the others)
+        present = {n.op for n in self.nano_ops}
+        dense = [op for op in LAYER_OPS[7:] if op in present]
+        if dense and (moe := [op for op in MOE_OPS if op in present]):
+            raise ValueError(f"pipeline spec {self.name!r} has a dense MLP's ops {dense} and a mixture of experts' "
+                             f"{moe}: a layer has one or the other")
+        if (network := [op for op in NETWORK_OPS if op in present]) and not {"o_allreduce", "o_allgather"} & present:
+            raise ValueError(f"pipeline spec {self.name!r} places {network} but no o_allreduce or o_allgather: a "
+                             f"tensor-parallel spec projects every nano-batch's attention output by one of them")
         tp = "o_allreduce" in self.ops
         allowed = self.ops + (O_ALLGATHER if tp else ())
         for n in self.nano_ops:
