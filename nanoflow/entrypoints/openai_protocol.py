@@ -159,7 +159,7 @@ class _SamplingRequest(_Request):
         if v is None:
             return v
         if bad := next((k for k in v if not k.strip().isdigit()), None):
-            raise PydanticCustomError("token_key", "keys must be token ids, got {key!r}", {"key": bad})
+            raise PydanticCustomError("token_key", "keys must be token ids, got {key}", {"key": repr(bad)})
         return {int(k): min(100.0, max(-100.0, b)) for k, b in v.items()}
 
     @field_validator("stream_options")

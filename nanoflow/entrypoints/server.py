@@ -406,11 +406,12 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
                            f"{' or '.join(map(repr, names))}", param="model", code="model_not_found")
         return name or names[0]
 
-    def encode(text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+    async def encode(text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """On a thread of its own (as vLLM's): a large prompt took seconds on the event loop, every stream stalled."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
         try:
-            return tokenizer.encode(text, add_special_tokens)
+            return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
         except ValueError as e:  # (text that is not valid Unicode)
             raise APIError(400, f"{param}: {e}", param=param) from None
 
@@ -513,19 +514,22 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def chat_prompt(req: api.ChatCompletionRequest | api.TokenizeRequest, add_special_tokens=False) -> list[int]:
-        """The messages through the model's chat template, encoded (the template writes its own special tokens)."""
+    async def chat_prompt(req: api.ChatCompletionRequest | api.TokenizeRequest, add_special_tokens=False
+                          ) -> list[int]:
+        """The messages through the model's chat template, encoded (the template writes its own special tokens);
+        off the event loop, as encode."""
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer, hence no chat template", param="messages")
         try:
-            text = tokenizer.render_chat([m.for_template() for m in req.messages], req.add_generation_prompt,
-                                         chat_template, req.continue_final_message, req.chat_template_kwargs,
-                                         api.template_tools(req.tools), content_format)
+            text = await asyncio.to_thread(
+                tokenizer.render_chat, [m.for_template() for m in req.messages], req.add_generation_prompt,
+                chat_template, req.continue_final_message, req.chat_template_kwargs, api.template_tools(req.tools),
+                content_format)
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             if str(e).startswith("continue_final_message"):  # (the two options, given or as template variables)
                 raise APIError(400, str(e), param="continue_final_message") from None
             raise APIError(400, f"the messages do not fit the model's chat template: {e}", param="messages") from None
-        return encode(text, add_special_tokens, "messages")
+        return await encode(text, add_special_tokens, "messages")
 
     def card(name: str) -> api.ModelCard:
         return api.ModelCard(id=name, created=started, root=engine.model_path, max_model_len=engine.max_model_len)
@@ -543,9 +547,9 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         """As vLLM's: the ids a completion (prompt) or chat (messages) request would send to the model."""
         check_model(req.model)
         if req.prompt is not None:
-            tokens = encode(req.prompt, req.add_special_tokens is not False)
+            tokens = await encode(req.prompt, req.add_special_tokens is not False)
         else:
-            tokens = chat_prompt(req, bool(req.add_special_tokens))
+            tokens = await chat_prompt(req, bool(req.add_special_tokens))
         return api.TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens,
                                     token_strs=[tokenizer.piece(t) for t in tokens] if req.return_token_strs else None)
 
@@ -567,7 +571,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt")
         texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
-        prompts = truncated([encode(x) for x in texts] if texts else [p] if isinstance(p[0], int) else p, params)
+        prompts = truncated([await encode(x) for x in texts] if texts else [p] if isinstance(p[0], int) else p,
+                            params)
         if req.echo and (texts is None or params.truncate_prompt_tokens is not None):  # ids echo as their text
             if tokenizer is None:
                 raise APIError(400, "echo of token ids needs a tokenizer, and this model has none", param="echo")
@@ -665,14 +670,14 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
             as_chat = req.as_chat(stream=False)
         except ValueError as e:
             raise _bad_input(e) from None
-        return {"input_tokens": len(chat_prompt(as_chat))}
+        return {"input_tokens": len(await chat_prompt(as_chat))}
 
     async def chat(req: api.ChatCompletionRequest, raw: Request):
         """The chat completion, or with req.stream (its RequestStream, its chunks)."""
         served = check_model(req.model)
         tools = tool_choice(req)
         params = sampling_params(req, tools)
-        prompt, = truncated([chat_prompt(req)], params)
+        prompt, = truncated([await chat_prompt(req)], params)
         grammar_source = "tools" if tools.mode in ("named", "required") else next(iter(req.grammar_sources), None)
         limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         stream = await (search([prompt], params, req, raw, "messages", limit) if req.use_beam_search else
@@ -961,5 +966,8 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server = Server(config)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:  # (a second signal force-quits uvicorn past the app's shutdown: an engine thread still stepping then
+        engine.stop()  # met the interpreter's exit, and the process died by SIGABRT)
     return 1 if server.engine_died else 0
