@@ -269,6 +269,10 @@ class ModelConfig:
             cfg.pop("rope_scaling", None)
             if "rope_theta" in old:
                 cfg.setdefault("rope_theta", old["rope_theta"])
+        if overrides and "rope_theta" in overrides:  # (over the file's, wherever it keeps it: transformers >= 5 in
+            for name in ("rope_parameters", "rope_scaling"):  # rope_parameters, which from_hf reads first)
+                if isinstance(rope := cfg.get(name), dict):
+                    cfg[name] = {k: v for k, v in rope.items() if k != "rope_theta"}
         return cls.from_hf(cfg | (overrides or {}))
 
 

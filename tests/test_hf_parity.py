@@ -187,6 +187,9 @@ def test_hf_overrides_set_config_fields(tmp_path):
     c = ModelConfig.from_file(str(cfg), {"rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     assert (c.rope_scaling, c.rope_theta, c.context_length) == ({"rope_type": "linear", "factor": 2.0}, 1e6, 256)
     assert ModelConfig.from_file(str(cfg), {"rope_scaling": {"rope_type": "default"}}).rope_scaling is None
+    # (a rope_theta over the one in the file's rope_parameters: it was ignored)
+    theta = ModelConfig.from_file(str(cfg), {"rope_theta": 5e6})
+    assert (theta.rope_theta, theta.rope_scaling["rope_type"]) == (5e6, "yarn")
     with pytest.raises(ValueError, match="hf_overrides sets fields of an HF model directory's config.json; "
                                          "'llama-3-8b' is a preset"):
         LLM("llama-3-8b", load_format="dummy", hf_overrides={"rope_theta": 1.0})

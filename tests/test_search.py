@@ -450,6 +450,22 @@ def test_steady_batch_reuses_blocks_past_the_cache():
     assert torch.equal(cut.positions, whole.positions) and cut.seq_lens == whole.seq_lens
 
 
+def test_candidates_timed_with_hf_overrides(llama_dir):
+    """tune's timing engine takes the engine options as given, dicts included (hf_overrides made its cache key
+    unhashable: tune failed after its profile and search); one engine serves the candidates."""
+    from nanoflow.pipeline import measure
+    kw = dict(max_num_batched_tokens=128, num_kv_blocks=64, block_size=4, device="cpu",
+              hf_overrides={"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+              override_generation_config={"temperature": 0.5})
+    try:
+        for _ in range(2):
+            assert measure.time_iteration(kw, llama_dir, non_overlap(128), 20, 16, 128, reps=2) > 0
+        (engine,) = measure._engines.values()
+        assert engine.model_config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    finally:
+        measure.close()
+
+
 def test_tp_candidates_timed_on_every_rank(llama_dir):
     """A candidate with collectives, the all-gather form in one nano-batch, timed by a TP = 2 engine (gloo): every
     rank runs it (or the collectives would hang), and the engine then still generates as TP = 1 does."""

@@ -10,6 +10,7 @@ that every rank captures and replays the same iteration, collectives included; a
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass
 
@@ -42,11 +43,12 @@ class TimelineSpec:
 _engines: dict = {}  # (model, engine kwargs) -> the LLMEngine whose model and KV cache the candidates share
 
 
-def _engine(model: str, kwargs: tuple):
-    if (model, kwargs) not in _engines:
+def _engine(model: str, kwargs: dict):
+    key = model, json.dumps(kwargs, sort_keys=True, default=str)  # (values may be dicts: hf_overrides)
+    if key not in _engines:
         from nanoflow.engine.llm_engine import LLMEngine
-        _engines[model, kwargs] = LLMEngine(model, **{**dict(kwargs), "cuda_graph": False, "mode": "non-overlap"})
-    return _engines[model, kwargs]
+        _engines[key] = LLMEngine(model, **{**kwargs, "cuda_graph": False, "mode": "non-overlap"})
+    return _engines[key]
 
 
 def close() -> None:
@@ -61,7 +63,7 @@ def time_iteration(engine_kwargs: dict, model: str, spec: PipelineSpec, decode_r
     kwargs = {k: v for k, v in engine_kwargs.items()
               if k not in ("mode", "pipeline_spec", "cuda_graph", "override_generation_config")}  # (no timing's)
     kwargs["max_num_seqs"] = max(kwargs.get("max_num_seqs", 1), budget)  # room for the steady batch's sequences
-    runner = _engine(model, tuple(sorted(kwargs.items()))).runner
+    runner = _engine(model, kwargs).runner
     t = TimeSpec(spec.for_tensor_parallel(runner.tp.size), decode_rows, context, budget, reps)
     if runner.tp.size > 1:
         broadcast_object(runner.tp, t)
