@@ -127,10 +127,12 @@ def test_n_and_shared_prefixes_under_preemption(llama_dir, async_):
     cache = 48
     for case in range(8):
         prompts = random_prompts(rng, rng.randrange(2, 6))
-        params = [SamplingParams(temperature=rng.choice([0, 1.0]), seed=rng.randrange(99), n=rng.choice([1, 2, 3, 4]),
-                                 max_tokens=rng.choice([None, rng.randrange(1, 12)]), min_tokens=rng.randrange(0, 2),
-                                 stop_token_ids=STOPS if rng.random() < 0.5 else None, ignore_eos=rng.random() < 0.5)
-                  for _ in prompts]
+        def draw():  # (greedy takes n = 1 only: the n samples of a greedy draw are sampled at temperature 1)
+            t, seed, n = rng.choice([0, 1.0]), rng.randrange(99), rng.choice([1, 2, 3, 4])
+            return SamplingParams(temperature=t if n == 1 else 1.0, seed=seed, n=n,
+                                  max_tokens=rng.choice([None, rng.randrange(1, 12)]), min_tokens=rng.randrange(0, 2),
+                                  stop_token_ids=STOPS if rng.random() < 0.5 else None, ignore_eos=rng.random() < 0.5)
+        params = [draw() for _ in prompts]
         for i, (p, sp) in enumerate(zip(prompts, params)):
             eng.add_request(f"{case}-{i}", p, sp)
         finished = {}
