@@ -66,11 +66,13 @@ def test_c_is_the_devices_rate(monkeypatch):
         return {"rate": {2048: 500e12, 4096: 750e12}[cfg.hidden_size]}
     monkeypatch.setattr(cost_model, "gemm_rate", rate)
     narrow, wide = preset("qwen3-30b-a3b"), preset("mixtral-8x7b")
-    assert cost_model.device_rate(narrow, 512, torch.bfloat16, torch.device("cuda")) == 750e12
+    assert cost_model.device_rate(narrow, 512, torch.bfloat16, torch.device("cuda")) == {
+        "rate": 750e12, "model": 500e12, "reference": 750e12}
     assert timed == [(2048, 512), (4096, 2048)]
-    assert cost_model.device_rate(narrow, 512, torch.float32, torch.device("cpu")) == 500e12
+    assert cost_model.device_rate(narrow, 512, torch.float32, torch.device("cpu")) == {
+        "rate": 500e12, "model": 500e12, "reference": None}
     monkeypatch.setattr(cost_model, "gemm_rate", lambda cfg, tokens, *a: {"rate": 800e12 if tokens == 4096 else 1})
-    assert cost_model.device_rate(wide, 4096, torch.bfloat16, torch.device("cuda")) == 800e12  # (the model's own)
+    assert cost_model.device_rate(wide, 4096, torch.bfloat16, torch.device("cuda"))["rate"] == 800e12  # (its own)
 
 
 def test_bench_throughput_cli(tmp_path, capsys):
@@ -92,6 +94,8 @@ def test_bench_throughput_cli(tmp_path, capsys):
     assert r["steady_iterations"] == 0 and r["steady_tokens_per_second"] is None  # all 6 fit at once
     assert len(r["gc_collections"]) == 3 and "host GC pauses" in printed
     assert len(report["gemm_tflops_measured"]) == 2 and report["gemm_tflops"] == max(report["gemm_tflops_measured"])
+    assert report["gemm_tflops_model_shapes"] == report["gemm_tflops_measured"]  # (on the CPU, the model's own)
+    assert report["gemm_tflops_reference"] == [None, None]
     assert (report["mode"], report["pipeline_spec"]) == ("non-overlap", None)
     # a workload run twice in one report is two bars, not one; a folder is no report
     from nanoflow.bench.plots import _run_names

@@ -55,15 +55,14 @@ def gemm_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.d
     return {"rate": flops / secs, "per_gemm": per_gemm, "tokens": tokens}
 
 
-def device_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> float:
-    """C: the higher of the model's own layer GEMMs' rate at its token budget and, on a GPU, the REFERENCE set's. C
-    is the device's rate: a narrow model's or a small budget's GEMMs run slower (506 TFLOP/s for Qwen3-30B-A3B's
-    against 722-759 on the same H200s), and a C that low would overstate every % of optimal."""
-    rate = gemm_rate(cfg, tokens, dtype, device)["rate"]
-    if device.type == "cuda":
-        name, rows = REFERENCE
-        rate = max(rate, gemm_rate(preset(name), rows, dtype, device)["rate"])
-    return rate
+def device_rate(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """C ("rate"): the higher of the model's own layer GEMMs' rate at its token budget ("model") and, on a GPU, the
+    REFERENCE set's ("reference", else None). C is the device's rate: a narrow model's or a small budget's GEMMs run
+    slower (506 TFLOP/s for Qwen3-30B-A3B's against 722 on the same H200), and a C that low would overstate every
+    % of optimal."""
+    model = gemm_rate(cfg, tokens, dtype, device)["rate"]
+    reference = gemm_rate(preset(REFERENCE[0]), REFERENCE[1], dtype, device)["rate"] if device.type == "cuda" else None
+    return {"rate": max(model, reference or 0.0), "model": model, "reference": reference}
 
 
 def optimal_throughput(rate: float, cfg: ModelConfig) -> float:

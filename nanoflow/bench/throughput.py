@@ -348,8 +348,11 @@ def throughput(args) -> dict:
     # C is measured before and after the workloads and the higher taken (the stricter optimum): one run measured it
     # 10 % low at its start (BENCHMARKS #9), which would overstate every percentage
     rates.append(gemm_rate())
-    optimal = tp * cost_model.optimal_throughput(max(rates), cfg)
-    report.update({"gemm_tflops": max(rates) / 1e12, "gemm_tflops_measured": [x / 1e12 for x in rates],
+    optimal = tp * cost_model.optimal_throughput(max(r["rate"] for r in rates), cfg)
+    report.update({"gemm_tflops": max(r["rate"] for r in rates) / 1e12,
+                   "gemm_tflops_measured": [r["rate"] / 1e12 for r in rates],
+                   "gemm_tflops_model_shapes": [r["model"] / 1e12 for r in rates],
+                   "gemm_tflops_reference": [r["reference"] and r["reference"] / 1e12 for r in rates],
                    "optimal_tokens_per_second": optimal})
     for r in report["results"]:
         r["percent_of_optimal"] = 100 * r["computed_tokens_per_second"] / optimal
