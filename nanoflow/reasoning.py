@@ -48,17 +48,24 @@ class ReasoningStream:
         return piece or None, content
 
 
-def tag_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """The token ids of <think> and </think> in this tokenizer."""
-    return tuple(tokenizer.encode(t, add_special_tokens=False) for t in (START, END))
+def tag_ids(tokenizer) -> tuple[list[int], list[int], frozenset[int]]:
+    """The token ids of <think> and </think> in this tokenizer, and its control tokens (the added tokens marked
+    special, such as a turn's <|im_start|>), the tags' aside."""
+    start, end = (tokenizer.encode(t, add_special_tokens=False) for t in (START, END))
+    control = {i for i, t in tokenizer.tk.get_added_tokens_decoder().items() if t.special}
+    return start, end, frozenset(control - set(start) - set(end))
 
 
-def last_tag(ids: list[int], start: list[int], end: list[int]) -> str | None:
-    """The prompt's last reasoning tag (ids: its token ids; start and end: the tags'): END where it has ended (a
-    template that turns thinking off writes Qwen3's empty <think></think>), START where it leaves the reasoning
-    open (DeepSeek-R1's template, Qwen3.5's), None where it has neither."""
+def last_tag(ids: list[int], start: list[int], end: list[int], control: frozenset[int] = frozenset()) -> str | None:
+    """The last reasoning tag of the prompt's last turn (ids: its token ids; start and end: the tags'; control: the
+    tokens that open and close turns), the one being generated: END where it has ended (a template that turns
+    thinking off writes Qwen3's empty <think></think>), START where it leaves the reasoning open (DeepSeek-R1's
+    template, Qwen3.5's, a prefill inside it), None where it has neither. A tag in an earlier turn (a user's or a
+    tool's text that says "<think>") does not count: it made the output all reasoning."""
+    first = next((i + 1 for i in range(len(ids) - 1, -1, -1) if ids[i] in control), 0)
+
     def last(tag):
-        return next((i for i in range(len(ids) - len(tag), -1, -1) if ids[i:i + len(tag)] == tag), -1)
+        return next((i for i in range(len(ids) - len(tag), first - 1, -1) if ids[i:i + len(tag)] == tag), -1)
     at_start, at_end = last(start), last(end)
     return None if at_start == at_end == -1 else END if at_end > at_start else START
 

@@ -46,6 +46,11 @@ def test_a_prompts_last_tag_says_how_its_output_is_read():
     assert last_tag([1, 2], start, end) is None  # (Qwen3's thinking: nothing in the prompt, the output opens it)
     assert last_tag([7, 8, 9, 5, 7, 8], start, end) == START  # (an earlier turn's reasoning, then this one's opened)
     assert last_tag([9, 7], start, end) == END  # (an end without a start: ended, as vLLM's)
+    # only the last turn's tags count, after the last control token (a turn's start or end): a user's "<think>"
+    # before it does not; a prefill inside the reasoning does
+    assert last_tag([1, 7, 8, 3, 5, 6, 2], start, end, frozenset({5, 6})) is None
+    assert last_tag([1, 7, 8, 3, 5, 6, 2, 7, 8, 4], start, end, frozenset({5, 6})) == START
+    assert last_tag([1, 9, 5, 7, 8, 9, 2], start, end, frozenset({5})) == END
     # qwen3 after a prompt that opened <think> (Qwen3.5's, the Thinking-2507 models'): read as deepseek_r1
     assert [reading("qwen3", t) for t in (START, END, None)] == ["deepseek_r1", "qwen3", "qwen3"]
     assert reading("deepseek_r1", None) == "deepseek_r1"
@@ -147,6 +152,11 @@ def test_the_server_sends_reasoning_apart(default_llm):
     (message, _), (merged, _) = _chat(default_llm, "Let me think.</think>\n\nIt is 4.", {}, "qwen3", None, opens)
     assert message == merged == {"role": "assistant", "content": "\n\nIt is 4.", "reasoning": "Let me think.",
                                  "reasoning_content": "Let me think."}
+    # a user's (or a tool's) text that says <think> is an earlier turn's, behind the template's turn tokens: the
+    # output is read as qwen3's still (it was all reasoning, its content and tool calls lost)
+    asks = {"messages": [{"role": "user", "content": "Explain this tag:\n<think>"}]}  # (the tag's own tokens here)
+    (message, _), (merged, _) = _chat(default_llm, "It marks reasoning.", asks, "qwen3")
+    assert message == merged == {"role": "assistant", "content": "It marks reasoning."}
     # no parser: the tags are text
     (message, _), _ = _chat(default_llm, "a</think>b", {}, None)
     assert message == {"role": "assistant", "content": "a</think>b"}
