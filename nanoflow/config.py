@@ -27,6 +27,7 @@ ARCHITECTURES = {
 MODEL_TYPES = {name: name for name in ARCHITECTURES.values()}
 QWEN = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")  # (their configs' window fields)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_NUM_SEQS = 1024  # a dense 2048-token batch of const 1024/512 runs ~683 decode sequences
 # the parameters each rope scaling type needs (transformers refuses a config without them)
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "high_freq_factor", "low_freq_factor",
                                                "original_max_position_embeddings"),
@@ -361,7 +362,7 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the model'
 class EngineConfig:
     """Knobs of the engine; defaults follow vLLM's where the meaning is the same."""
     max_num_batched_tokens: int | None = None  # dense token budget per iteration
-    max_num_seqs: int = 1024  # a dense 2048-token batch of const 1024/512 runs ~683 decode sequences
+    max_num_seqs: int = MAX_NUM_SEQS
     max_model_len: int | None = None
     # tokens a KV block (a page of decode attention); None: 16, or 32 over an fp8 cache, whose decode kernel is bound
     # by its per-page work: pages of 32 ran Mixtral 1.007-1.019x faster on an H200 (BENCHMARKS.md #10, session 24)
@@ -418,6 +419,11 @@ class EngineConfig:
             raise ValueError(f"admission must be 'kv' or 'predicted', got {self.admission!r}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
+        # (None, where vLLM's own default is None or one nanoflow takes: "the default")
+        if self.enable_prefix_caching is None:
+            self.enable_prefix_caching = True
+        if self.max_num_seqs is None:
+            self.max_num_seqs = MAX_NUM_SEQS
         if isinstance(self.pipeline_spec, os.PathLike):  # (a pathlib.Path to a spec file)
             self.pipeline_spec = os.fspath(self.pipeline_spec)
         if not isinstance(self.pipeline_spec, str):
@@ -430,7 +436,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive")

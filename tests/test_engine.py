@@ -745,7 +745,7 @@ def test_scripts_written_for_vllms_llm_run(llama_dir):
     assert all(s.text == llm.get_tokenizer().decode(s.tokens) for o in whole for s in o.sequences)  # (as vLLM's)
     with pytest.raises(ValueError, match="concurrency_limit must be an integer >= 1"):
         llm.beam_search(PROMPTS[:1], beam, concurrency_limit=0)
-    with pytest.raises(ValueError, match=r"quantization='awq': nanoflow takes only None \(it loads unquantized"):
+    with pytest.raises(ValueError, match=r"quantization='awq': nanoflow takes only None or 'gguf' \(it loads unquant"):
         LLM(llama_dir, quantization="awq")
     with pytest.raises(ValueError, match="not both"):
         LLM(llama_dir, scheduling_policy="fcfs", schedule_policy="fcfs")
@@ -809,6 +809,55 @@ def test_vllm_serve_flags_port(llama_dir, monkeypatch, capsys):
     assert cli.main(["serve", llama_dir, "--chat-template-content-format", "openai"]) == 0
     assert seen[-1].chat_template_content_format == "openai"
     assert LLM(llama_dir, generation_config="vllm", kv_cache_dtype="fp8_e4m3").engine.config.kv_cache_dtype == "fp8"
+
+
+def test_more_vllm_launch_flags_port(llama_dir, monkeypatch, capsys):
+    """Flags common in vLLM launch files (found by a survey of public scripts): their older spelling with a value
+    (`--enable-chunked-prefill False` became the MODEL argument); vLLM's names of nanoflow's options
+    (--num-gpu-blocks-override, --kv-cache-memory-bytes, --rope-scaling / --rope-theta as hf_overrides, -pp); values
+    that ask for what nanoflow does anyway; features it lacks refused by name (they were "unrecognized
+    arguments"); and --data-parallel-size 1 as vLLM's default, one engine in this process (it started Ray)."""
+    from nanoflow.entrypoints import cli, server
+    seen = []
+    monkeypatch.setattr(cli, "_serve", lambda a: seen.append(a) or 0)
+    ok = ["--enforce-eager", "True", "--trust-remote-code", "true", "--enable-chunked-prefill=True", "-pp", "1",
+          "--enable-prefix-caching", "False", "--preemption-mode", "recompute", "--num-scheduler-steps", "1",
+          "--model-impl", "auto", "--max-lora-rank", "64", "--max-seq-len-to-capture", "8192",
+          "--guided-decoding-backend", "xgrammar", "--disable-frontend-multiprocessing", "--num-gpu-blocks-override",
+          "64", "--kv-cache-memory-bytes", "1G", "--rope-scaling", '{"rope_type": "linear", "factor": 2.0}',
+          "--rope-theta", "20000", "--quantization", "gguf"]
+    assert cli.main(["serve", llama_dir, *ok]) == 0, capsys.readouterr().err
+    a = seen.pop()
+    assert (a.enforce_eager, a.enable_prefix_caching, a.num_kv_blocks, a.kv_cache_gb) == (True, False, 64, 1.0)
+    assert a.hf_overrides == {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 20000.0}
+    for flags, message in ((["--enable-chunked-prefill", "False"], "enable_chunked_prefill=False: nanoflow takes "
+                                                                   "only True (prefills are always chunked)"),
+                           (["--enable-lora", "--lora-modules", "a=/x"], "enable_lora=True: nanoflow takes only "
+                                                                         "False (LoRA adapters are not supported)"),
+                           (["--limit-mm-per-prompt", "image=2"], "limit_mm_per_prompt='image=2': nanoflow takes "
+                                                                  "only None (its models take text only"),
+                           (["--speculative-config", "{}"], "there is no speculative decoding"),
+                           (["--download-dir", "/data"], "set $HF_HUB_CACHE"),
+                           (["--kv-cache-gb", "1", "--kv-cache-memory-bytes", "8G"], "not both")):
+        assert cli.main(["serve", llama_dir, *flags]) == 2, flags
+        assert message in capsys.readouterr().err
+    # the Python API: the same names, None as vLLM's defaults
+    llm = LLM(llama_dir, enable_prefix_caching=None, max_num_seqs=None, enable_chunked_prefill=None,
+              num_gpu_blocks_override=40, kv_cache_memory_bytes=2**29, rope_theta=20000.0, data_parallel_size=1,
+              enable_sleep_mode=False, preemption_mode="recompute")
+    c = llm.engine.config
+    assert (c.enable_prefix_caching, c.max_num_seqs, c.num_kv_blocks, c.kv_cache_gb) == (True, 1024, 40, 0.5)
+    assert llm.engine.model_config.rope_theta == 20000.0
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        LLM(llama_dir, gpu_memory_utilization=None)
+    with pytest.raises(ValueError, match="generation_config must be 'auto'"):
+        LLM(llama_dir, generation_config=None)
+    # --data-parallel-size 1 (and no Ray address): the engine in this process
+    monkeypatch.setattr(cli, "_serve", server.serve)
+    engines = []
+    monkeypatch.setattr(server, "run_http", lambda engine, args, sock: engines.append(engine) or 0)
+    assert cli.main(["serve", llama_dir, "--data-parallel-size", "1", "--device", "cpu", "--port", "0"]) == 0
+    assert type(engines[0]).__name__ == "AsyncEngine"
 
 
 def test_a_hub_id_loads_from_the_local_cache(llama_dir, reference, tmp_path, monkeypatch):

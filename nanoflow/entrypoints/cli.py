@@ -10,7 +10,7 @@ import sys
 import traceback
 from fractions import Fraction
 
-from nanoflow.config import MODES, PRESETS, REASONING_PARSERS, SCHEDULE_POLICIES
+from nanoflow.config import MAX_NUM_SEQS, MODES, PRESETS, REASONING_PARSERS, SCHEDULE_POLICIES
 from nanoflow.distributed.parallel_state import group_abandoned
 from nanoflow.distributed.worker import shutdown_all
 from nanoflow.entrypoints import vllm_args
@@ -40,6 +40,14 @@ def _json_object(text: str) -> dict:
     return _json(text, lambda v: isinstance(v, dict), 'a JSON object, e.g. \'{"temperature": 0.6}\'')
 
 
+def _bytes(text: str) -> int | None:
+    """A size in bytes, with vLLM's suffixes (as _tokens': 8G is 2**33, 8g 8 * 10**9)."""
+    try:
+        return _tokens(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 8G, 8589934592)") from None
+
+
 def _tokens(text: str) -> int | None:
     """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6), M (2**20), g (10**9) or G (2**30), a decimal
     before a decimal unit (1.5k); auto (or -1): the model's."""
@@ -62,7 +70,42 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
-        return super().parse_args(_dashed(sys.argv[1:] if args is None else args), namespace)
+        return super().parse_args(_valued_switches(_dashed(sys.argv[1:] if args is None else args), _switches(self)),
+                                  namespace)
+
+
+def _switches(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every flag that takes no value, in this parser and its subcommands'."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _switches(sub)
+        elif action.nargs == 0 and not isinstance(action, argparse._HelpAction):
+            found |= {s: action for s in action.option_strings}
+    return found
+
+
+def _valued_switches(words: list[str], switches: dict[str, argparse.Action]) -> list[str]:
+    """vLLM's older spelling of a switch with a value, `--enforce-eager True` or `--enable-chunked-prefill=False`, as
+    the switch or its absence (--no-x where it has one): the value became the MODEL argument, or an unknown one."""
+    out, i, end = [], 0, words.index("--") if "--" in words else len(words)
+    while i < end:
+        flag, eq, value = words[i].partition("=")
+        if not eq and i + 1 < end:
+            value = words[i + 1]
+        action = switches.get(flag)
+        if action is None or value.lower() not in ("true", "false") or flag.startswith("--no-"):
+            out.append(words[i])
+            i += 1
+            continue
+        negated = f"--no-{flag[2:]}"
+        if value.lower() == "true":
+            out.append(flag)
+        elif negated in action.option_strings:
+            out.append(negated)
+        i += 1 if eq else 2
+    return out + words[end:]
 
 
 def _dashed(words: list[str]) -> list[str]:
@@ -86,6 +129,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a JSON object of config.json fields set over the model's, as vLLM's, e.g. "
                         "'{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0, "
                         "\"original_max_position_embeddings\": 32768}}'")
+    p.add_argument("--rope-scaling", type=_json_object, default=None,
+                   help="vLLM's older flag: config.json's rope_scaling, as --hf-overrides sets it")
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="vLLM's older flag: config.json's rope_theta, as --hf-overrides sets it")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"])
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that leave them unset: auto, the model's "
@@ -98,13 +145,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=_tokens, default=None,
                    help="tokens; as vLLM's, 32k is 32,000, 32K 32,768, 1.5k 1,500; auto: the model's (the default)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="dense token budget per iteration")
-    p.add_argument("--max-num-seqs", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
     p.add_argument("--block-size", type=int, default=None, help="tokens a KV block (default: 16; 32 with an fp8 cache)")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="the KV cache's size in GiB (ignores --gpu-memory-utilization); default: on a GPU what "
                         "--gpu-memory-utilization leaves, on the CPU 1")
+    p.add_argument("--kv-cache-memory-bytes", type=_bytes, default=None,
+                   help="vLLM's: the KV cache's size in bytes (8G, 8589934592), as --kv-cache-gb")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
                    help="auto: the model's dtype; fp8 (fp8_e4m3): float8 e4m3, unscaled (half the bytes: twice the "
                         "KV tokens)")
@@ -438,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--schedule-policy", choices=SCHEDULE_POLICIES, nargs="+", default=["fcfs"])
     sc.add_argument("--admission", choices=["kv", "predicted"], default="predicted",
                     help="default: predicted, as the GPU runs it is compared with (the engine's own default is kv)")
-    sc.add_argument("--max-num-seqs", type=int, default=1024)
+    sc.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS)
     sc.add_argument("--max-model-len", type=_tokens, default=32768, help="as the engine's (32k, 32K)")
     sc.add_argument("--seed", type=int, default=0, help="the trace's sample")
     sc.add_argument("--output", help="write the rows as JSON")
@@ -480,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         vllm_args.take_args(a, vllm_args.ENGINE | vllm_args.SERVER)
+        names = ("kv_cache_memory_bytes", "kv_cache_gb", *vllm_args.ROPE, "hf_overrides")
+        if given := {k: getattr(a, k) for k in names if hasattr(a, k)}:  # (vLLM's names, as every command's own)
+            for k, v in vllm_args.translate(given).items():
+                setattr(a, k, v)
         code = a.func(a)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanoflow: error: {e}", file=sys.stderr)

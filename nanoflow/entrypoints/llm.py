@@ -17,16 +17,13 @@ class LLM:
     def __init__(self, model: str | None = None, *, enforce_eager: bool = False, **kwargs):
         """model: an HF directory, a .gguf file, a shape preset (with load_format='dummy'), or None for the
         embedded default (SmolLM2-135M-Instruct). kwargs: see LLMEngine and EngineConfig. As vLLM's:
-        enforce_eager, no CUDA graphs (cuda_graph=False); scheduling_policy, schedule_policy's vLLM name; and
-        vLLM's arguments that ask for what nanoflow does anyway (vllm_args: trust_remote_code, quantization=None,
-        ...; other values refused by name)."""
+        enforce_eager, no CUDA graphs (cuda_graph=False); vLLM's names of nanoflow's options (vllm_args.translate:
+        scheduling_policy, num_gpu_blocks_override, kv_cache_memory_bytes, rope_scaling, rope_theta); and vLLM's
+        arguments that ask for what nanoflow does anyway (vllm_args: trust_remote_code, quantization=None, ...;
+        other values refused by name)."""
         if enforce_eager:
             kwargs["cuda_graph"] = False
-        if "scheduling_policy" in kwargs:
-            if "schedule_policy" in kwargs:
-                raise ValueError("give schedule_policy or its vLLM name scheduling_policy, not both")
-            kwargs["schedule_policy"] = kwargs.pop("scheduling_policy")
-        kwargs = vllm_args.take(kwargs, vllm_args.ENGINE | vllm_args.LLM_ONLY)
+        kwargs = vllm_args.take(vllm_args.translate(kwargs), vllm_args.ENGINE | vllm_args.LLM_ONLY)
         self.engine = self.llm_engine = LLMEngine(model, **kwargs)  # (llm_engine: vLLM's name for it)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -799,6 +800,11 @@ def serve(args) -> int:
                                    ("--port", args.port, 0, 65535)):
         if value < low or high is not None and value > high:
             raise ValueError(f"{flag} must be >= {low}{f' and <= {high}' if high else ''}, not {value}")
+    if args.data_parallel_size == 1 and args.ray_address is None and args.api_server_count == 1:
+        args.data_parallel_size = None  # (vLLM's default: the one engine in this process, no Ray)
+    if args.data_parallel_size is not None and importlib.util.find_spec("ray") is None:
+        raise ValueError("--data-parallel-size runs its replicas on Ray, which is not installed: pip install "
+                         "'nanoflow[ray]'")
     if args.api_server_count < 1 or args.api_server_count > 1 and args.data_parallel_size is None:
         raise ValueError(f"--api-server-count must be >= 1 ({args.api_server_count} given), and above 1 only with "
                          f"--data-parallel-size")

@@ -172,7 +172,7 @@ def read_generation_config(source: ModelSource, choice: str = "auto",
     model_file = _generation_file(source.path) if source.kind == "hf" else {}
     if choice in ("auto", "nanoflow", "vllm"):
         chosen = model_file if choice == "auto" else {}
-    elif os.path.isfile(os.path.join(choice, "generation_config.json")):
+    elif isinstance(choice, (str, os.PathLike)) and os.path.isfile(os.path.join(choice, "generation_config.json")):
         chosen = _generation_file(choice, strict=True)
     else:
         raise ValueError(f"generation_config must be 'auto', 'nanoflow' ('vllm') or a directory holding "
