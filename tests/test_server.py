@@ -896,6 +896,29 @@ def test_prompts_are_tokenized_off_the_event_loop(default_llm):
     assert seen == ["thread"] * 6
 
 
+def test_default_chat_template_kwargs(default_llm, monkeypatch):
+    """vLLM's --default-chat-template-kwargs: the template's variables for every request (a Qwen3 server's
+    {"enable_thinking": false}), a request's own chat_template_kwargs over them."""
+    from fastapi.testclient import TestClient
+    from test_reasoning import Scripted
+
+    from nanoflow.entrypoints import cli, server
+    template = "{{ greeting | default('none') }}:{% for m in messages %}{{ m.content }}{% endfor %}"
+    app = server.build_app(Scripted(default_llm.tokenizer, "x"), "m", chat_template=template,
+                           chat_template_kwargs={"greeting": "hello"})
+    messages = [{"role": "user", "content": "Hi"}]
+    with TestClient(app) as c:
+        def rendered(body):
+            tokens = c.post("/tokenize", json={"messages": messages} | body).json()["tokens"]
+            return default_llm.tokenizer.decode(tokens)
+        assert rendered({}) == "hello:Hi"
+        assert rendered({"chat_template_kwargs": {"greeting": "bye"}}) == "bye:Hi"
+    seen = []
+    monkeypatch.setattr(cli, "_serve", lambda a: seen.append(a) or 0)
+    assert cli.main(["serve", "--default-chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert seen[0].default_chat_template_kwargs == {"enable_thinking": False}
+
+
 def test_a_second_signal_quits_without_a_crash(tmp_path):
     """SIGTERM then SIGINT with a request running: uvicorn force-quits past the app's shutdown, and the engine thread,
     still stepping, met the interpreter's exit: the process died by SIGABRT ("terminate called without an active

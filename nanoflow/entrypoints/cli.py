@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--chat-template", default=None,
                    help="a chat template (a file, or the template itself) in place of the model's, e.g. one that "
                         "renders tools")
+    s.add_argument("--default-chat-template-kwargs", type=_json_object, default=None,
+                   help="the chat template's variables for every request, a request's chat_template_kwargs over "
+                        "them, as vLLM's (e.g. '{\"enable_thinking\": false}')")
     s.add_argument("--chat-template-content-format", choices=CONTENT_FORMATS, default="auto",
                    help="a message's content as the template gets it (vLLM's): a string (OpenAI's text parts joined "
                         "by newlines), or openai's list of text parts; auto: the list for a template that loops over "

@@ -310,7 +310,7 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
               prompt_tokens_details: bool = False, cors: dict | None = None,
               log_stats_interval: float | None = None, docs: bool = True,
               request_id_headers: bool = False, tokens_as_ids: bool = False, load_tracking: bool = False,
-              content_format: str = "auto") -> FastAPI:
+              content_format: str = "auto", chat_template_kwargs: dict | None = None) -> FastAPI:
     """tool_parser: the calls format read back under tool_choice "auto" (tool_calls.PARSERS; None: "auto" is
     refused, as vLLM's without --enable-auto-tool-choice); chat_template: one in place of the model's;
     reasoning_parser: how a thinking model's reasoning is told from its content (config.REASONING_PARSERS);
@@ -321,7 +321,9 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
     api_key: one, or several (a request gives any one); request_id_headers: each response's X-Request-Id header;
     tokens_as_ids: logprobs name tokens "token_id:ID" unless a request says otherwise (return_tokens_as_token_ids);
     load_tracking: GET /load tells the POST /v1 requests in flight (vLLM's --enable-server-load-tracking; else 0);
-    content_format: a message's content as the chat template gets it (Tokenizer.render_chat's).
+    content_format: a message's content as the chat template gets it (Tokenizer.render_chat's);
+    chat_template_kwargs: the template's variables for every request, a request's own over them (vLLM's
+    --default-chat-template-kwargs, e.g. {"enable_thinking": false}).
     model_name: the model's name in the API, or several (as vLLM's --served-model-name): a request may name any, and
     its response names the one it named (the first, if none)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -524,7 +526,8 @@ def build_app(engine: EngineClient, model_name: str | list[str], api_key: str | 
         try:
             text = await asyncio.to_thread(
                 tokenizer.render_chat, [m.for_template() for m in req.messages], req.add_generation_prompt,
-                chat_template, req.continue_final_message, req.chat_template_kwargs, api.template_tools(req.tools),
+                chat_template, req.continue_final_message,
+                {**(chat_template_kwargs or {}), **(req.chat_template_kwargs or {})}, api.template_tools(req.tools),
                 content_format)
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             if str(e).startswith("continue_final_message"):  # (the two options, given or as template variables)
@@ -957,7 +960,7 @@ def run_http(engine: EngineClient, args, sock: socket.socket) -> int:
                          allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
                     None if args.disable_log_stats else _log_stats_interval(), not args.disable_fastapi_docs,
                     args.enable_request_id_headers, args.return_tokens_as_token_ids, args.enable_server_load_tracking,
-                    args.chat_template_content_format)
+                    args.chat_template_content_format, args.default_chat_template_kwargs)
     # the server's own log (warnings, errors, the stats lines) on stderr beside uvicorn's, at info
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%m-%d %H:%M:%S"))
