@@ -16,7 +16,8 @@ rates=${RATES:-10,20}  # integers
 for n in ${*:-1 2}; do
   python3 -m nanoflow.entrypoints.cli serve --model llama-3-8b --load-format dummy --admission predicted \
     --data-parallel-size "$n" --max-waiting-requests 100000 --stream-interval "${STREAM_INTERVAL:-1}" \
-    --api-server-count "${API_SERVERS:-1}" --port 8000 > "$out/issue12-serve-dp$n.log" 2>&1 &
+    --api-server-count "${API_SERVERS:-1}" --port 8000 $([ "$n" = 1 ] && echo --ray-address local) \
+    > "$out/issue12-serve-dp$n.log" 2>&1 &  # (N = 1 on Ray too, the baseline: without an address it runs in-process)
   server=$!
   for _ in $(seq 600); do
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null && break; sleep 1

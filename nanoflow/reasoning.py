@@ -61,7 +61,9 @@ def last_tag(ids: list[int], start: list[int], end: list[int], control: frozense
     tokens that open and close turns), the one being generated: END where it has ended (a template that turns
     thinking off writes Qwen3's empty <think></think>), START where it leaves the reasoning open (DeepSeek-R1's
     template, Qwen3.5's, a prefill inside it), None where it has neither. A tag in an earlier turn (a user's or a
-    tool's text that says "<think>") does not count: it made the output all reasoning."""
+    tool's text that says "<think>") does not count: it made the output all reasoning. (Where a template's turn
+    markers are no special tokens, as DeepSeek-R1's <｜User｜> / <｜Assistant｜>, the last turn starts at the last
+    special token before it: an earlier turn's tags may still count there.)"""
     first = next((i + 1 for i in range(len(ids) - 1, -1, -1) if ids[i] in control), 0)
 
     def last(tag):

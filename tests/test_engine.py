@@ -841,6 +841,18 @@ def test_more_vllm_launch_flags_port(llama_dir, monkeypatch, capsys):
                            (["--kv-cache-gb", "1", "--kv-cache-memory-bytes", "8G"], "not both")):
         assert cli.main(["serve", llama_dir, *flags]) == 2, flags
         assert message in capsys.readouterr().err
+    # the rope flags over hf_overrides' own, as vLLM's; an empty --rope-scaling asks for nothing; sizes as vLLM's
+    assert cli.main(["serve", llama_dir, "--hf-overrides", '{"rope_theta": 5e5}', "--rope-theta", "1e6",
+                     "--rope-scaling", "{}", "--kv-cache-memory-bytes", "1T"]) == 0
+    a = seen.pop()
+    assert (a.hf_overrides, a.kv_cache_gb) == ({"rope_theta": 1e6}, 1024.0)
+    for size in ("auto", "-1", "1.5K"):
+        with pytest.raises(SystemExit):
+            cli.main(["serve", llama_dir, "--kv-cache-memory-bytes", size])
+        assert f"{size!r} is not a size in bytes" in capsys.readouterr().err
+    # (only serve's words: generate's prompt may be the word itself)
+    monkeypatch.setattr(cli, "generate", lambda a: seen.append(a) or 0)
+    assert cli.main(["generate", "--chat", "true"]) == 0 and (seen[-1].chat, seen[-1].prompt) == (True, "true")
     # the Python API: the same names, None as vLLM's defaults
     llm = LLM(llama_dir, enable_prefix_caching=None, max_num_seqs=None, enable_chunked_prefill=None,
               num_gpu_blocks_override=40, kv_cache_memory_bytes=2**29, rope_theta=20000.0, data_parallel_size=1,

@@ -40,25 +40,25 @@ def _json_object(text: str) -> dict:
     return _json(text, lambda v: isinstance(v, dict), 'a JSON object, e.g. \'{"temperature": 0.6}\'')
 
 
-def _bytes(text: str) -> int | None:
-    """A size in bytes, with vLLM's suffixes (as _tokens': 8G is 2**33, 8g 8 * 10**9)."""
-    try:
-        return _tokens(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 8G, 8589934592)") from None
+def _bytes(text: str) -> int:
+    """A size in bytes, with vLLM's suffixes, as _count's (8G is 2**33, 8g 8 * 10**9, 1T 2**40)."""
+    return _count(text, "a size in bytes (e.g. 8G, 8589934592)")
 
 
 def _tokens(text: str) -> int | None:
-    """A token count; as vLLM's, with k (1,000), K (1,024), m (10**6), M (2**20), g (10**9) or G (2**30), a decimal
-    before a decimal unit (1.5k); auto (or -1): the model's."""
-    units = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
-    if text in ("auto", "-1"):
-        return None
-    m = re.fullmatch(r"(\d+(\.\d+)?)([kKmMgG]?)", text)
+    """A token count, as _count's; auto (or -1): the model's."""
+    return None if text in ("auto", "-1") else _count(text, "a token count (e.g. 4096, 32k, 1.5k, 32K, auto)")
+
+
+def _count(text: str, what: str) -> int:
+    """As vLLM's human-readable integers: k (1,000), K (1,024), m (10**6), M (2**20), g (10**9), G (2**30), t (10**12)
+    or T (2**40), a decimal before a decimal unit (1.5k)."""
+    units = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30, "t": 10**12, "T": 2**40}
+    m = re.fullmatch(r"(\d+(\.\d+)?)([kKmMgGtT]?)", text)
     count = Fraction(m[1]) * units[m[3]] if m else None
     # (a decimal before a decimal unit only, giving a whole count)
     if m is None or m[2] and not m[3].islower() or count.denominator != 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 4096, 32k, 1.5k, 32K, auto)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return int(count)
 
 
@@ -70,8 +70,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
-        return super().parse_args(_valued_switches(_dashed(sys.argv[1:] if args is None else args), _switches(self)),
-                                  namespace)
+        words = _dashed(sys.argv[1:] if args is None else args)
+        if words[:1] == ["serve"]:  # (launch files' spellings; generate's prompt may be the word "true")
+            words = _valued_switches(words, _switches(self))
+        return super().parse_args(words, namespace)
 
 
 def _switches(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -454,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                         "all the replicas) on the same port; one process streams ~8,000 tokens a second")
     s.add_argument("--data-parallel-size", "-dp", type=int, default=None,
                    help="serve N engine replicas (each with its own GPUs: one, or a tensor-parallel group) as Ray "
-                        "actors behind one router; 1 runs the one replica on Ray too (default: the engine in-process)")
+                        "actors behind one router; 1 is vLLM's default, the engine in-process, unless --ray-address "
+                        "is given (--ray-address local: one replica on a new local Ray, a scaling baseline)")
     s.add_argument("--ray-address", default=None,
                    help="the Ray cluster for the replicas: HOST:PORT of its head, or auto: the one `ray start` "
                         "began on this machine (default: that one if there is one, else a new local one)")

@@ -805,9 +805,6 @@ def serve(args) -> int:
             raise ValueError(f"{flag} must be >= {low}{f' and <= {high}' if high else ''}, not {value}")
     if args.data_parallel_size == 1 and args.ray_address is None and args.api_server_count == 1:
         args.data_parallel_size = None  # (vLLM's default: the one engine in this process, no Ray)
-    if args.data_parallel_size is not None and importlib.util.find_spec("ray") is None:
-        raise ValueError("--data-parallel-size runs its replicas on Ray, which is not installed: pip install "
-                         "'nanoflow[ray]'")
     if args.api_server_count < 1 or args.api_server_count > 1 and args.data_parallel_size is None:
         raise ValueError(f"--api-server-count must be >= 1 ({args.api_server_count} given), and above 1 only with "
                          f"--data-parallel-size")
@@ -815,6 +812,9 @@ def serve(args) -> int:
         raise ValueError("--ray-address is for --data-parallel-size")
     if args.data_parallel_size is not None and args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be >= 1, not {args.data_parallel_size}")
+    if args.data_parallel_size is not None and importlib.util.find_spec("ray") is None:
+        raise ValueError("--data-parallel-size runs its replicas on Ray, which is not installed: pip install "
+                         "'nanoflow[ray]'")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {', '.join(PARSERS)})")
     args.chat_template = read_chat_template(args.chat_template)

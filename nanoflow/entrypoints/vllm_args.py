@@ -90,8 +90,9 @@ def translate(given: dict) -> dict:
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be a positive integer, got {size!r}")
         out["kv_cache_gb"] = size / 2**30
-    if rope := {k: v for k in ROPE if (v := out.pop(k, None)) is not None}:
-        out["hf_overrides"] = rope | (out.get("hf_overrides") or {})
+    # (as vLLM's: over hf_overrides' own; an empty --rope-scaling asks for nothing)
+    if rope := {k: v for k in ROPE if (v := out.pop(k, None)) not in (None, {})}:
+        out["hf_overrides"] = (out.get("hf_overrides") or {}) | rope
     return out
 
 
