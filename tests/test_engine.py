@@ -823,7 +823,8 @@ def test_more_vllm_launch_flags_port(llama_dir, monkeypatch, capsys):
     ok = ["--enforce-eager", "True", "--trust-remote-code", "true", "--enable-chunked-prefill=True", "-pp", "1",
           "--enable-prefix-caching", "False", "--preemption-mode", "recompute", "--num-scheduler-steps", "1",
           "--model-impl", "auto", "--max-lora-rank", "64", "--max-seq-len-to-capture", "8192",
-          "--guided-decoding-backend", "xgrammar", "--disable-frontend-multiprocessing", "--num-gpu-blocks-override",
+          "--guided-decoding-backend", "xgrammar", "--disable-frontend-multiprocessing", "--cuda-graph-sizes", "16",
+          "32", "64", "--no-enable-log-requests", "--num-gpu-blocks-override",
           "64", "--kv-cache-memory-bytes", "1G", "--rope-scaling", '{"rope_type": "linear", "factor": 2.0}',
           "--rope-theta", "20000", "--quantization", "gguf"]
     assert cli.main(["serve", llama_dir, *ok]) == 0, capsys.readouterr().err

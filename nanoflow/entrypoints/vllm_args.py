@@ -11,7 +11,7 @@ from dataclasses import dataclass
 class AsIs:
     values: tuple  # the values taken; () any
     why: str
-    arg: type | str = str  # its command-line value: a type, "switch" (a flag) or "bool" (--x / --no-x)
+    arg: type | str = str  # its command-line value: a type, "switch" (a flag), "bool" (--x / --no-x) or "list"
 
 
 ENGINE = {  # LLM() and the CLI's engine flags
@@ -51,7 +51,7 @@ ENGINE = {  # LLM() and the CLI's engine flags
     "enable_expert_parallel": AsIs((False,), "tensor parallelism splits every expert", "switch"),
     "disable_sliding_window": AsIs((False,), "a sliding window applies where the model's config puts it", "switch"),
     "max_seq_len_to_capture": AsIs((), "CUDA graphs are captured for every token bucket up to the budget", int),
-    "cuda_graph_sizes": AsIs((), "CUDA graphs are captured for the engine's token buckets"),
+    "cuda_graph_sizes": AsIs((), "CUDA graphs are captured for the engine's token buckets", "list"),
     "max_parallel_loading_workers": AsIs((), "the weights load in one process a rank", int),
     "guided_decoding_backend": AsIs(("xgrammar", "auto"), "xgrammar compiles every grammar"),
     "long_prefill_token_threshold": AsIs((0,), "a prefill takes what the token budget leaves", int),
@@ -64,7 +64,7 @@ SERVER = {  # `serve`
     "response_role": AsIs(("assistant",), "a response's role is the assistant's"),
     "disable_log_requests": AsIs((), "requests are not logged", "switch"),
     "disable_uvicorn_access_log": AsIs((), "uvicorn's access log is off", "switch"),
-    "enable_log_requests": AsIs((False,), "requests are not logged", "switch"),
+    "enable_log_requests": AsIs((False,), "requests are not logged", "bool"),
     "disable_frontend_multiprocessing": AsIs((), "the API server runs beside the engine in one process", "switch"),
     "middleware": AsIs((None,), "it adds no ASGI middleware of the user's"),
 }
@@ -105,6 +105,8 @@ def add_args(p, table: dict[str, AsIs]) -> None:
             p.add_argument(*flag, action="store_const", const=True, default=None, help=help_)
         elif rule.arg == "bool":
             p.add_argument(*flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif rule.arg == "list":
+            p.add_argument(*flag, nargs="+", default=None, help=help_)
         else:
             p.add_argument(*flag, type=rule.arg, default=None, help=help_)
 
