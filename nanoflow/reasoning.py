@@ -72,7 +72,12 @@ def last_tag(ids: list[int], start: list[int], end: list[int], control: frozense
     return None if at_start == at_end == -1 else END if at_end > at_start else START
 
 
-def reading(parser: str, prompt_tag: str | None) -> str:
+def reading(parser: str, prompt_tag: str | None) -> str | None:
     """How an output is read after a prompt whose last tag is prompt_tag: qwen3's outputs as deepseek_r1's when the
-    prompt opened the reasoning (the output then starts inside it, with no <think> of its own)."""
+    prompt opened the reasoning (the output then starts inside it, with no <think> of its own); None (all content)
+    after a prompt that ended it, whatever the parser (Qwen3's template with enable_thinking false: deepseek_r1 read
+    it all as reasoning, a grammar's output and tool calls with it; vLLM's server, and the engine's grammar, take it
+    all as content)."""
+    if prompt_tag == END:
+        return None
     return "deepseek_r1" if parser == "qwen3" and prompt_tag == START else parser

@@ -52,8 +52,9 @@ def test_a_prompts_last_tag_says_how_its_output_is_read():
     assert last_tag([1, 7, 8, 3, 5, 6, 2, 7, 8, 4], start, end, frozenset({5, 6})) == START
     assert last_tag([1, 9, 5, 7, 8, 9, 2], start, end, frozenset({5})) == END
     # qwen3 after a prompt that opened <think> (Qwen3.5's, the Thinking-2507 models'): read as deepseek_r1
-    assert [reading("qwen3", t) for t in (START, END, None)] == ["deepseek_r1", "qwen3", "qwen3"]
-    assert reading("deepseek_r1", None) == "deepseek_r1"
+    assert [reading("qwen3", t) for t in (START, END, None)] == ["deepseek_r1", None, "qwen3"]
+    # (a prompt that ended the reasoning: all content, whatever the parser; deepseek_r1 read it all as reasoning)
+    assert [reading("deepseek_r1", t) for t in (START, END, None)] == ["deepseek_r1", None, "deepseek_r1"]
 
 
 def test_a_stream_holds_back_only_what_may_end_the_reasoning():
@@ -157,6 +158,12 @@ def test_the_server_sends_reasoning_apart(default_llm):
     asks = {"messages": [{"role": "user", "content": "Explain this tag:\n<think>"}]}  # (the tag's own tokens here)
     (message, _), (merged, _) = _chat(default_llm, "It marks reasoning.", asks, "qwen3")
     assert message == merged == {"role": "assistant", "content": "It marks reasoning."}
+    # after a prompt that ended the reasoning (Qwen3's template with enable_thinking false), all content, for
+    # deepseek_r1 too (it was all reasoning: a grammar's output and tool calls lost)
+    ended = "{% for m in messages %}{{ m.content }}\n\n{% endfor %}<think>\n\n</think>\n\n"  # (Qwen3's words)
+    for parser in ("deepseek_r1", "qwen3"):
+        (message, _), (merged, _) = _chat(default_llm, "Just 4.", {}, parser, None, ended)
+        assert message == merged == {"role": "assistant", "content": "Just 4."}, parser
     # no parser: the tags are text
     (message, _), _ = _chat(default_llm, "a</think>b", {}, None)
     assert message == {"role": "assistant", "content": "a</think>b"}
