@@ -303,9 +303,9 @@ def throughput(args) -> dict:
         del hf_weights
     cfg = eng.model_config
     # with tensor parallelism each GPU runs its shard's GEMMs, and the optimum of tp GPUs is tp times one's
-    def gemm_rate():
+    def device_rate():
         return cost_model.device_rate(eng.runner.model.cfg, eng.runner.max_num_tokens, eng.dtype, eng.device)
-    rates = [gemm_rate()]
+    rates = [device_rate()]
     report.update({
         "device": gpu_name(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
         "params": cfg.num_params(), "active_params": cfg.active_params(), "tensor_parallel_size": tp,
@@ -347,9 +347,10 @@ def throughput(args) -> dict:
                                     "peak_allocated": torch.cuda.max_memory_allocated(eng.device) / 2**30}
     # C is measured before and after the workloads and the higher taken (the stricter optimum): one run measured it
     # 10 % low at its start (BENCHMARKS #9), which would overstate every percentage
-    rates.append(gemm_rate())
-    optimal = tp * cost_model.optimal_throughput(max(r["rate"] for r in rates), cfg)
-    report.update({"gemm_tflops": max(r["rate"] for r in rates) / 1e12,
+    rates.append(device_rate())
+    c = max(r["rate"] for r in rates)
+    optimal = tp * cost_model.optimal_throughput(c, cfg)
+    report.update({"gemm_tflops": c / 1e12,
                    "gemm_tflops_measured": [r["rate"] / 1e12 for r in rates],
                    "gemm_tflops_model_shapes": [r["model"] / 1e12 for r in rates],
                    "gemm_tflops_reference": [r["reference"] and r["reference"] / 1e12 for r in rates],
